@@ -1,0 +1,85 @@
+"""The gateway's own gRPC server: reflection for the public API, and health.
+
+Envoy routes `grpc.reflection.*` and `grpc.health.v1.Health` here, so `grpcurl <gateway> list`
+shows exactly the public Parley services whatever process hosts them. The rate-limit service will
+live here too.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+from gateway.render import is_public_service, read_descriptor_set
+
+logger = logging.getLogger(__name__)
+
+
+def public_descriptor_pool(descriptor_set: descriptor_pb2.FileDescriptorSet) -> descriptor_pool.DescriptorPool:
+    """A pool holding every file of the set with internal services removed.
+
+    Reflection answers `describe` from whole files, so an internal service defined next to a public
+    one would otherwise leak its schema to anyone who asks for the file. Messages stay: public RPCs
+    may share them.
+    """
+    pool = descriptor_pool.DescriptorPool()
+    known_files = {file.name for file in descriptor_set.file}
+    for file in descriptor_set.file:
+        public_file = descriptor_pb2.FileDescriptorProto()
+        public_file.CopyFrom(file)
+        kept = [
+            service
+            for service in file.service
+            if not file.package.startswith("parley.") or is_public_service(f"{file.package}.{service.name}")
+        ]
+        if len(kept) != len(file.service):
+            del public_file.service[:]
+            public_file.service.extend(kept)
+            # Source locations point at service indexes that no longer exist.
+            public_file.ClearField("source_code_info")
+        pool.Add(public_file)
+    # The edge's own services, so `grpcurl describe grpc.health.v1.Health` works as well.
+    for own_file in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
+        if own_file.name not in known_files:
+            own_proto = descriptor_pb2.FileDescriptorProto()
+            own_file.CopyToProto(own_proto)
+            pool.Add(own_proto)
+    return pool
+
+
+def public_service_names(descriptor_set: descriptor_pb2.FileDescriptorSet) -> list[str]:
+    return sorted(
+        f"{file.package}.{service.name}"
+        for file in descriptor_set.file
+        for service in file.service
+        if is_public_service(f"{file.package}.{service.name}")
+    )
+
+
+async def create_edge_server(descriptor_set: bytes, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    """Build, bind and start the edge server; port 0 picks a free port, which is returned."""
+    parsed = read_descriptor_set(descriptor_set)
+    services = public_service_names(parsed)
+    server = grpc.aio.server()
+
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    # The edge answers for itself only: the overall server status is its own liveness.
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+
+    reflection.enable_server_reflection(
+        [*services, reflection.SERVICE_NAME, health.SERVICE_NAME],
+        server,
+        pool=public_descriptor_pool(parsed),
+    )
+
+    bound_port = server.add_insecure_port(f"{host}:{port}")
+    if bound_port == 0:
+        raise OSError(f"the edge gRPC server could not bind {host}:{port}")
+    await server.start()
+    logger.info("edge gRPC server listening", extra={"host": host, "port": bound_port, "services": services})
+    return server, bound_port

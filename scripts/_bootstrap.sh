@@ -1,0 +1,48 @@
+# Sourced by scripts/*: makes .venv when missing and installs the project from the pinned constraints.
+# Re-installs only when pyproject.toml or constraints.txt changed since the last install.
+set -euo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$REPO_ROOT/.venv"
+export PATH="$VENV/bin:$PATH"
+
+pick_python() {
+    local candidate
+    for candidate in python3.13 python3.12 python3.11 python3; do
+        if command -v "$candidate" >/dev/null 2>&1 &&
+            "$candidate" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; then
+            echo "$candidate"
+            return 0
+        fi
+    done
+    echo "Parley needs Python 3.11 or newer on PATH." >&2
+    return 1
+}
+
+ensure_venv() {
+    if [[ ! -x "$VENV/bin/python" ]]; then
+        echo "==> creating $VENV" >&2
+        "$(pick_python)" -m venv "$VENV"
+    fi
+    local stamp="$VENV/.parley-install-stamp"
+    local want
+    want="$(cat "$REPO_ROOT/pyproject.toml" "$REPO_ROOT/constraints.txt" | sha256sum | cut -d' ' -f1)"
+    if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
+        echo "==> installing Parley and its pinned dependencies into .venv" >&2
+        "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade "pip==$(grep -E '^pip==' "$REPO_ROOT/constraints.txt" | cut -d= -f3)"
+        PIP_CONSTRAINT="$REPO_ROOT/constraints.txt" "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+            -c "$REPO_ROOT/constraints.txt" -e "$REPO_ROOT[dev]"
+        echo "$want" >"$stamp"
+    fi
+}
+
+# Codegen is stale when any proto or generator input is newer than what produced gen/.
+ensure_codegen() {
+    local stamp="$REPO_ROOT/gen/.inputs.sha256"
+    local want
+    want="$("$REPO_ROOT/scripts/gen" --inputs-digest)"
+    if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
+        echo "==> regenerating gen/ (protos changed)" >&2
+        "$REPO_ROOT/scripts/gen"
+    fi
+}

@@ -1,0 +1,226 @@
+"""The one interceptor chain every Parley server runs, outermost first:
+
+1. OpenTelemetry (opentelemetry-instrumentation-grpc), added by `create_server`.
+2. `MetricsInterceptor`: request id, RED metrics.
+3. `IdentityInterceptor`: gateway headers or a verified JWT.
+4. `ValidationInterceptor`: contract rules on the request message.
+5. `ErrorMappingInterceptor`: domain errors become `google.rpc.Status` with `ErrorInfo`.
+
+Each interceptor wraps the handler's behaviour; the four handler kinds share one wrapping helper.
+"""
+
+from __future__ import annotations
+
+import abc
+import inspect
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+import grpc
+from google.protobuf.message import Message
+
+from services.common.call_context import current_identity, current_method, current_request_id
+from services.common.errors import Internal, ParleyError, Unimplemented, to_status, trailing_metadata_for
+from services.common.identity import IdentityResolver
+from services.common.metrics import RpcMetrics
+from services.common.validation import RequestValidator
+
+logger = logging.getLogger(__name__)
+
+Behavior = Callable[..., Any]
+HandlerCallDetails = grpc.HandlerCallDetails
+Continuation = Callable[[HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
+
+
+async def abort_with(context: grpc.aio.ServicerContext, error: ParleyError) -> None:
+    """End the call with `error` as a rich status; raises grpc's AbortError."""
+    status = to_status(error, request_id=current_request_id.get())
+    await context.abort(error.code, error.message, trailing_metadata_for(status))
+
+
+def split_method(full_method: str) -> tuple[str, str]:
+    """'/pkg.Service/Method' -> ('pkg.Service', 'Method')."""
+    _, service, method = full_method.split("/", 2) if full_method.count("/") >= 2 else ("", full_method, "")
+    return service, method
+
+
+async def _drive(result: object) -> AsyncIterator[Any]:
+    """Normalise a streaming behaviour's result: an async generator, or a coroutine using context.write."""
+    if inspect.isasyncgen(result):
+        async for item in result:
+            yield item
+    elif inspect.isawaitable(result):
+        await result
+
+
+def _rebuild(
+    handler: grpc.RpcMethodHandler,
+    wrap_unary_response: Callable[[Behavior], Behavior],
+    wrap_streaming_response: Callable[[Behavior], Behavior],
+) -> grpc.RpcMethodHandler:
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(
+            wrap_unary_response(handler.unary_unary),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            wrap_streaming_response(handler.unary_stream),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(
+            wrap_unary_response(handler.stream_unary),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    return grpc.stream_stream_rpc_method_handler(
+        wrap_streaming_response(handler.stream_stream),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+class ScopeInterceptor(grpc.aio.ServerInterceptor, abc.ABC):  # type: ignore[misc]
+    """Base for interceptors that run code around every call, whatever its kind.
+
+    A subclass implements `scope` as an async context manager: code before its `yield` runs before
+    the rest of the chain, an exception from the chain is raised at the `yield`, and for
+    streaming responses the scope stays open until the stream ends.
+    """
+
+    @abc.abstractmethod
+    def scope(
+        self, method: str, request: Any, context: grpc.aio.ServicerContext
+    ) -> AbstractAsyncContextManager[None]:
+        """The context that wraps one call."""
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method: str = handler_call_details.method
+        request_streaming = bool(handler.request_streaming)
+
+        def wrap_unary(behavior: Behavior) -> Behavior:
+            async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                async with self.scope(method, None if request_streaming else request, context):
+                    result = behavior(request, context)
+                    return await result if inspect.isawaitable(result) else result
+
+            return wrapped
+
+        def wrap_streaming(behavior: Behavior) -> Behavior:
+            async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                async with self.scope(method, None if request_streaming else request, context):
+                    async for item in _drive(behavior(request, context)):
+                        yield item
+
+            return wrapped
+
+        return _rebuild(handler, wrap_unary, wrap_streaming)
+
+
+class MetricsInterceptor(ScopeInterceptor):
+    """Assigns the request id and records rate, errors by code and latency per RPC."""
+
+    def __init__(self, metrics: RpcMetrics) -> None:
+        self._metrics = metrics
+
+    @asynccontextmanager
+    async def scope(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        metadata = dict(context.invocation_metadata() or ())
+        current_request_id.set(str(metadata.get("x-request-id") or uuid.uuid4()))
+        current_method.set(method)
+        service, name = split_method(method)
+        in_flight = self._metrics.in_flight.labels(service, name)
+        in_flight.inc()
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            yield
+            code = context.code() or grpc.StatusCode.OK
+        except BaseException:
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        finally:
+            in_flight.dec()
+            self._metrics.latency.labels(service, name).observe(time.perf_counter() - started)
+            self._metrics.requests.labels(service, name, _code_name(code)).inc()
+
+
+def _code_name(code: object) -> str:
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if isinstance(code, int):
+        for candidate in grpc.StatusCode:
+            if candidate.value[0] == code:
+                return candidate.name
+    return grpc.StatusCode.UNKNOWN.name
+
+
+class IdentityInterceptor(ScopeInterceptor):
+    """Establishes who is calling; a bad credential ends the call as UNAUTHENTICATED."""
+
+    def __init__(self, resolver: IdentityResolver) -> None:
+        self._resolver = resolver
+
+    @asynccontextmanager
+    async def scope(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        metadata = {key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)}
+        try:
+            identity = self._resolver.resolve(metadata)
+        except ParleyError as error:
+            await abort_with(context, error)
+            return
+        current_identity.set(identity)
+        yield
+
+
+class ValidationInterceptor(ScopeInterceptor):
+    """Refuses a request that breaks its contract before any domain code runs."""
+
+    def __init__(self, validator: RequestValidator) -> None:
+        self._validator = validator
+
+    @asynccontextmanager
+    async def scope(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        if isinstance(request, Message):
+            try:
+                self._validator.check(request)
+            except ParleyError as error:
+                await abort_with(context, error)
+                return
+        yield
+
+
+class ErrorMappingInterceptor(ScopeInterceptor):
+    """Turns domain errors, unimplemented methods and crashes into typed statuses, never tracebacks."""
+
+    @asynccontextmanager
+    async def scope(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        try:
+            yield
+        except ParleyError as error:
+            await abort_with(context, error)
+        except NotImplementedError:
+            await abort_with(
+                context,
+                Unimplemented(
+                    f"{method.lstrip('/')} is part of the contract but not implemented yet.",
+                    metadata={"method": method.lstrip("/")},
+                ),
+            )
+        except (grpc.aio.AbortError, grpc.aio.UsageError):
+            raise
+        except Exception:
+            logger.exception("unhandled error in %s", method)
+            await abort_with(context, Internal("An internal error occurred; it has been logged."))

@@ -1,0 +1,410 @@
+"""The transactional outbox: events are written in the same transaction as the state change they
+describe, and a relay later hands them, in order, to a dispatcher (Redis Streams, or in-process
+handlers when embedded).
+
+Delivery is at least once: an event is marked relayed only after the dispatcher returned, so a crash
+in between delivers it again. Consumers deduplicate on `Event.id`.
+
+Order: events are relayed in `sequence` order, and the relay never skips past an event that failed;
+it retries that one (with backoff) before anything behind it. On SQLite the sequence is the commit
+order (writers are serialized). On PostgreSQL it is the insert order; events about one subject keep
+their order as long as the state change that emits them holds the subject's row lock, which every
+update of that row does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Final, Protocol
+from uuid import uuid4
+
+from google.protobuf.message import DecodeError, Message
+from opentelemetry.context import Context
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from parley.events.v1 import events_pb2
+from sqlalchemy import BigInteger, Index, Integer, LargeBinary, String, Text, func, select, text, update
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Mapped, mapped_column
+
+from services.common.db import Database
+from services.common.events import event_type_for, payload_field_for
+from services.common.models import UUID_LENGTH, Base, UTCDateTime, utc_now
+
+logger = logging.getLogger(__name__)
+
+# Key of the PostgreSQL advisory lock that lets one relay at a time work on the outbox. Advisory
+# lock keys are one shared bigint space per database, so derive ours from a name nobody else uses.
+RELAY_ADVISORY_LOCK_KEY: Final = int.from_bytes(
+    hashlib.sha256(b"parley.outbox.relay").digest()[:8], "big", signed=True
+)
+
+_LAST_ERROR_MAX_CHARS: Final = 2000
+
+
+class OutboxEvent(Base):
+    """One event waiting to be relayed (or already relayed, until pruned)."""
+
+    __tablename__ = "outbox_events"
+    __table_args__ = (
+        # Only unrelayed rows are indexed: the relay's scan stays small however long the history gets.
+        Index(
+            "ix_outbox_events_unrelayed",
+            "sequence",
+            postgresql_where=text("relayed_at IS NULL"),
+            sqlite_where=text("relayed_at IS NULL"),
+        ),
+        # AUTOINCREMENT: SQLite must never reuse the sequence of a deleted row.
+        {"sqlite_autoincrement": True},
+    )
+
+    # SQLite only auto-increments a column declared exactly INTEGER PRIMARY KEY.
+    sequence: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    )
+    event_id: Mapped[str] = mapped_column(String(UUID_LENGTH), unique=True)
+    source: Mapped[str] = mapped_column(String(64))
+    event_type: Mapped[str] = mapped_column(String(128))
+    subject: Mapped[str] = mapped_column(String(255))
+    # The serialized `parley.events.v1.Event`, envelope included: exactly what consumers receive.
+    payload: Mapped[bytes] = mapped_column(LargeBinary())
+    occurred_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    relayed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    attempts: Mapped[int] = mapped_column(Integer(), default=0, server_default=text("0"))
+    last_error: Mapped[str | None] = mapped_column(Text())
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+def current_trace_context() -> events_pb2.TraceContext | None:
+    """The W3C trace context of the current OpenTelemetry span, or None outside any recorded trace."""
+    carrier: dict[str, str] = {}
+    # The W3C propagator itself rather than the global one: the envelope's fields are W3C headers.
+    TraceContextTextMapPropagator().inject(carrier)
+    traceparent = carrier.get("traceparent")
+    if not traceparent:
+        return None
+    return events_pb2.TraceContext(traceparent=traceparent, tracestate=carrier.get("tracestate", ""))
+
+
+def trace_context_of(event: events_pb2.Event) -> Context:
+    """An OpenTelemetry context that continues the trace the event was produced in (for consumers)."""
+    carrier = {"traceparent": event.trace_context.traceparent}
+    if event.trace_context.tracestate:
+        carrier["tracestate"] = event.trace_context.tracestate
+    return TraceContextTextMapPropagator().extract(carrier)
+
+
+def add_event(
+    session: AsyncSession,
+    *,
+    source: str,
+    subject: str,
+    payload: Message,
+    trace_context: events_pb2.TraceContext | None = None,
+) -> events_pb2.Event:
+    """Put an event in the outbox as part of the caller's transaction, and return its envelope.
+
+    Never commits: the event becomes visible to the relay exactly when, and only if, the caller's
+    unit of work commits. Without `trace_context`, the current OpenTelemetry span's is used.
+    """
+    field = payload_field_for(payload)
+    occurred_at = utc_now()
+    event = events_pb2.Event(id=str(uuid4()), type=event_type_for(payload), source=source, subject=subject)
+    event.time.FromDatetime(occurred_at)
+    context = trace_context if trace_context is not None else current_trace_context()
+    if context is not None:
+        event.trace_context.CopyFrom(context)
+    getattr(event, field).CopyFrom(payload)
+    session.add(
+        OutboxEvent(
+            event_id=event.id,
+            source=source,
+            event_type=event.type,
+            subject=subject,
+            payload=event.SerializeToString(),
+            occurred_at=occurred_at,
+        )
+    )
+    return event
+
+
+class PartialDispatch(Exception):  # noqa: N818 - it reports an outcome, not a programming error.
+    """Raised by a dispatcher when only the first `delivered` events of the batch were delivered.
+
+    Raise it `from` the underlying error. The relay marks those events relayed and retries from the
+    next one.
+    """
+
+    def __init__(self, delivered: int, message: str = "") -> None:
+        super().__init__(message or f"delivered {delivered} event(s) before failing")
+        self.delivered = delivered
+
+
+class EventDispatcher(Protocol):
+    """Where the relay hands events: Redis Streams in microservices mode, handlers in process when embedded.
+
+    `dispatch` delivers the events in the given order. Returning means every event was delivered.
+    Raising `PartialDispatch(n)` means the first n were delivered and the rest were not. Raising
+    anything else means none of them counts as delivered: all are dispatched again later, which
+    consumers tolerate because they deduplicate on the event id.
+    """
+
+    async def dispatch(self, events: Sequence[events_pb2.Event]) -> None: ...
+
+
+EventHandler = Callable[[events_pb2.Event], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class _Subscription:
+    consumer: str
+    handler: EventHandler
+    event_types: frozenset[str] | None
+
+    def wants(self, event_type: str) -> bool:
+        return self.event_types is None or event_type in self.event_types
+
+
+class InProcessDispatcher:
+    """Delivers events to handlers in this process (embedded mode): each event, in order, to every
+    subscriber that wants its type, before the next event.
+
+    A handler that raises stops the batch there (`PartialDispatch`): that event goes to every
+    subscriber again on the next attempt, including the ones that already handled it.
+    """
+
+    def __init__(self) -> None:
+        self._subscriptions: list[_Subscription] = []
+
+    def subscribe(
+        self,
+        consumer: str,
+        handler: EventHandler,
+        event_types: Collection[str] | None = None,
+    ) -> None:
+        """Register `handler` under the name `consumer`, for `event_types` (every type when None)."""
+        if any(subscription.consumer == consumer for subscription in self._subscriptions):
+            raise ValueError(f"consumer {consumer!r} is already subscribed")
+        wanted = None if event_types is None else frozenset(event_types)
+        self._subscriptions.append(_Subscription(consumer, handler, wanted))
+
+    async def dispatch(self, events: Sequence[events_pb2.Event]) -> None:
+        for delivered, event in enumerate(events):
+            for subscription in self._subscriptions:
+                if not subscription.wants(event.type):
+                    continue
+                try:
+                    await subscription.handler(event)
+                except Exception as error:
+                    raise PartialDispatch(
+                        delivered, f"consumer {subscription.consumer!r} failed on event {event.id} ({event.type})"
+                    ) from error
+
+
+@dataclass(frozen=True)
+class _PendingEvent:
+    sequence: int
+    event_id: str
+    attempts: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    delivered: int
+    error: BaseException | None
+
+
+class OutboxRelay:
+    """Moves committed outbox events to the dispatcher, in order, at least once.
+
+    On PostgreSQL several relays (one per replica) may run: each batch happens under a
+    transaction-level advisory lock, so only one relay works at a time and none delivers an event
+    another already delivered. On SQLite run one relay per database file (embedded mode does).
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        dispatcher: EventDispatcher,
+        *,
+        batch_size: int = 500,
+        idle_poll_s: float = 0.5,
+        retry_base_s: float = 0.5,
+        retry_max_s: float = 60.0,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self._db = db
+        self._dispatcher = dispatcher
+        self._batch_size = batch_size
+        self._idle_poll_s = idle_poll_s
+        self._retry_base_s = retry_base_s
+        self._retry_max_s = retry_max_s
+        # One batch at a time per relay, whoever calls relay_once.
+        self._batch_lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        """Make a waiting `run` loop poll now (call it after committing events; event-loop thread only)."""
+        self._wake.set()
+
+    async def relay_once(self) -> int:
+        """Relay one batch; returns how many events were delivered and marked relayed.
+
+        Returns 0 when nothing is due, or when another relay holds the PostgreSQL lock. A dispatch
+        failure does not raise: it is recorded on the event (attempts, last_error, next_attempt_at),
+        and that event and everything behind it wait for the retry. Database errors do raise.
+        """
+        async with self._batch_lock:
+            if self._db.dialect_name == "postgresql":
+                return await self._relay_under_advisory_lock()
+            return await self._relay_in_two_transactions()
+
+    async def _relay_under_advisory_lock(self) -> int:
+        # The transaction spans the dispatch, so the lock is held until the marks are committed:
+        # the next relay to get it sees them, and cannot deliver the same events again.
+        async with self._db.unit_of_work() as session:
+            locked = await session.scalar(select(func.pg_try_advisory_xact_lock(RELAY_ADVISORY_LOCK_KEY)))
+            if not locked:
+                return 0
+            pending = await self._due_events(session)
+            if not pending:
+                return 0
+            outcome = await self._dispatch(pending)
+            await self._record(session, pending, outcome)
+        return outcome.delivered
+
+    async def _relay_in_two_transactions(self) -> int:
+        # SQLite has one writer per file: holding a write transaction across the dispatch would
+        # block every handler that writes (in-process consumers do) until it timed out. So read,
+        # dispatch with no transaction open, then record in a short write transaction.
+        async with self._db.unit_of_work(read_only=True) as session:
+            pending = await self._due_events(session)
+        if not pending:
+            return 0
+        outcome = await self._dispatch(pending)
+        async with self._db.unit_of_work() as session:
+            await self._record(session, pending, outcome)
+        return outcome.delivered
+
+    async def _due_events(self, session: AsyncSession) -> list[_PendingEvent]:
+        rows = await session.execute(
+            select(
+                OutboxEvent.sequence,
+                OutboxEvent.event_id,
+                OutboxEvent.attempts,
+                OutboxEvent.payload,
+                OutboxEvent.next_attempt_at,
+            )
+            .where(OutboxEvent.relayed_at.is_(None))
+            .order_by(OutboxEvent.sequence)
+            .limit(self._batch_size)
+        )
+        now = utc_now()
+        due: list[_PendingEvent] = []
+        for sequence, event_id, attempts, payload, next_attempt_at in rows:
+            if next_attempt_at is not None and next_attempt_at > now:
+                break  # still backing off; nothing behind it may overtake it
+            due.append(_PendingEvent(sequence, event_id, attempts, payload))
+        return due
+
+    async def _dispatch(self, pending: Sequence[_PendingEvent]) -> _Outcome:
+        events: list[events_pb2.Event] = []
+        undecodable: BaseException | None = None
+        for item in pending:
+            try:
+                events.append(events_pb2.Event.FromString(item.payload))
+            except DecodeError as error:
+                undecodable = error
+                break  # the events before it still go out; this one is retried (and alerts via lag)
+        try:
+            if events:
+                await self._dispatcher.dispatch(events)
+        except PartialDispatch as partial:
+            delivered = min(max(partial.delivered, 0), len(events))
+            return _Outcome(delivered, partial.__cause__ or partial)
+        except Exception as error:  # noqa: BLE001 - any dispatcher failure is recorded and retried.
+            return _Outcome(0, error)
+        return _Outcome(len(events), undecodable)
+
+    async def _record(self, session: AsyncSession, pending: Sequence[_PendingEvent], outcome: _Outcome) -> None:
+        now = utc_now()
+        delivered = [item.sequence for item in pending[: outcome.delivered]]
+        if delivered:
+            await session.execute(
+                update(OutboxEvent)
+                .where(OutboxEvent.sequence.in_(delivered), OutboxEvent.relayed_at.is_(None))
+                .values(relayed_at=now, next_attempt_at=None)
+                .execution_options(synchronize_session=False)
+            )
+        if outcome.error is None or outcome.delivered >= len(pending):
+            return
+        failed = pending[outcome.delivered]
+        attempts = failed.attempts + 1
+        retry_in = self._retry_delay_s(attempts)
+        error_text = f"{type(outcome.error).__name__}: {outcome.error}"[:_LAST_ERROR_MAX_CHARS]
+        await session.execute(
+            update(OutboxEvent)
+            .where(OutboxEvent.sequence == failed.sequence)
+            .values(attempts=attempts, last_error=error_text, next_attempt_at=now + timedelta(seconds=retry_in))
+            .execution_options(synchronize_session=False)
+        )
+        logger.warning(
+            "outbox event %s failed to dispatch (attempt %d), retrying in %.1fs: %s",
+            failed.event_id,
+            attempts,
+            retry_in,
+            error_text,
+        )
+
+    def _retry_delay_s(self, attempts: int) -> float:
+        """Exponential backoff with jitter, so relays on several replicas do not retry in lockstep."""
+        ceiling = min(self._retry_max_s, self._retry_base_s * 2 ** min(attempts - 1, 32))
+        return ceiling * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not security.
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Relay until `stop` is set. Never raises: errors are logged and retried with backoff."""
+        consecutive_failures = 0
+        while not stop.is_set():
+            self._wake.clear()
+            try:
+                relayed = await self.relay_once()
+            except Exception:
+                consecutive_failures += 1
+                pause_s = self._retry_delay_s(consecutive_failures)
+                logger.exception("outbox relay failed; retrying in %.1fs", pause_s)
+            else:
+                consecutive_failures = 0
+                if relayed >= self._batch_size:
+                    continue  # a full batch: more are probably waiting
+                pause_s = self._idle_poll_s
+            await self._pause(stop, pause_s)
+
+    async def _pause(self, stop: asyncio.Event, seconds: float) -> None:
+        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
+
+
+async def outbox_lag_seconds(db: Database) -> float:
+    """How long the oldest unrelayed event has been waiting, in seconds; 0 when none is."""
+    async with db.unit_of_work(read_only=True) as session:
+        oldest = await session.scalar(
+            select(OutboxEvent.occurred_at)
+            .where(OutboxEvent.relayed_at.is_(None))
+            .order_by(OutboxEvent.sequence)
+            .limit(1)
+        )
+    if oldest is None:
+        return 0.0
+    return max(0.0, (utc_now() - oldest).total_seconds())

@@ -1,0 +1,132 @@
+"""Process settings, read from `PARLEY_*` environment variables and validated at startup."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ServiceName = Literal["auth", "chat", "billing", "analytics"]
+SERVICE_NAMES: tuple[ServiceName, ...] = ("auth", "chat", "billing", "analytics")
+
+# Ports for microservices mode on one machine; k8s gives every service its own address instead.
+DEFAULT_SERVICE_PORTS: dict[ServiceName, int] = {"auth": 50061, "chat": 50062, "billing": 50063, "analytics": 50064}
+DEFAULT_SERVICE_METRICS_PORTS: dict[ServiceName, int] = {
+    "auth": 9471,
+    "chat": 9472,
+    "billing": 9473,
+    "analytics": 9474,
+}
+
+Port = int
+
+
+class Settings(BaseSettings):
+    """Everything a Parley process can be told from its environment.
+
+    Nested names use `__`, e.g. nothing nested exists yet; every field maps to `PARLEY_<FIELD>`.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="PARLEY_", extra="ignore", frozen=True)
+
+    data_dir: Path = Field(default=Path("var"), description="Where embedded mode keeps SQLite and files.")
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy async URL; defaults to SQLite under data_dir.",
+    )
+    grpc_host: str = Field(default="127.0.0.1", description="Address the gRPC server binds.")
+    grpc_port: Port = Field(default=50051, ge=0, le=65535)
+    metrics_host: str = Field(default="127.0.0.1")
+    metrics_port: Port = Field(default=9464, ge=0, le=65535, description="Prometheus /metrics; 0 = off.")
+    http_port: Port = Field(default=8080, ge=0, le=65535, description="The gateway's public HTTP port.")
+    http_host: str = Field(default="127.0.0.1", description="Address the gateway listener binds.")
+    envoy_admin_port: Port = Field(default=9901, ge=0, le=65535)
+    edge_port: Port = Field(default=50052, ge=0, le=65535, description="The gateway's own gRPC sidecar.")
+    gateway_secret: SecretStr | None = Field(
+        default=None,
+        description="Shared secret that proves a hop came from the gateway; random per run when unset.",
+    )
+    max_request_bytes: int = Field(default=1024 * 1024, gt=0, le=64 * 1024 * 1024)
+    shutdown_grace_s: float = Field(default=5.0, ge=0, le=120)
+    health_probe_interval_s: float = Field(default=2.0, gt=0, le=60)
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "console"] = "json"
+
+    jwt_issuer: str = Field(default="parley", min_length=1)
+    jwt_audience: str = Field(default="parley-api", min_length=1)
+    jwks_path: Path | None = Field(
+        default=None,
+        description="A JWKS file whose keys verify direct-call JWTs until the auth service serves them.",
+    )
+
+    otlp_endpoint: str | None = Field(default=None, description="OTLP/gRPC endpoint; no export when unset.")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_log_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _async_driver_only(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        allowed = ("sqlite+aiosqlite://", "postgresql+asyncpg://", "postgresql+psycopg://")
+        if not value.startswith(allowed):
+            raise ValueError(f"must start with one of {', '.join(allowed)} (an async SQLAlchemy driver)")
+        return value
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> Settings:
+        ports = {
+            "grpc_port": self.grpc_port,
+            "metrics_port": self.metrics_port,
+            "http_port": self.http_port,
+            "envoy_admin_port": self.envoy_admin_port,
+            "edge_port": self.edge_port,
+        }
+        used: dict[int, str] = {}
+        for name, port in ports.items():
+            if port == 0:
+                continue
+            if port in used:
+                raise ValueError(f"{name} and {used[port]} are both {port}; each listener needs its own port")
+            used[port] = name
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'parley.db').resolve()}"
+
+    def resolved_gateway_secret(self) -> str:
+        """The configured secret, or a fresh random one (only meaningful for a single embedded run)."""
+        if self.gateway_secret is not None:
+            return self.gateway_secret.get_secret_value()
+        return secrets.token_urlsafe(32)
+
+
+class SettingsError(Exception):
+    """Settings failed validation; the message lists every bad variable in plain words."""
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read and validate settings, turning pydantic's error into one readable message."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as error:
+        lines = ["Invalid Parley settings:"]
+        for problem in error.errors():
+            field = ".".join(str(part) for part in problem["loc"]) or "settings"
+            variable = f"PARLEY_{field.upper()}" if problem["loc"] else "settings"
+            given = problem.get("input")
+            # Never echo a secret back into logs or terminals.
+            hidden = isinstance(given, dict) or "secret" in field
+            shown = "" if hidden else f" (got {given!r})"
+            lines.append(f"  {variable}: {problem['msg']}{shown}")
+        raise SettingsError("\n".join(lines)) from None

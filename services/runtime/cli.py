@@ -1,0 +1,136 @@
+"""The one `parley` entry point: up, serve, gateway, migrate."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from services.common.settings import (
+    DEFAULT_SERVICE_METRICS_PORTS,
+    DEFAULT_SERVICE_PORTS,
+    SERVICE_NAMES,
+    ServiceName,
+    SettingsError,
+    load_settings,
+)
+
+EXIT_BAD_SETTINGS = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="parley", description="Parley: AI-chat SaaS backend.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = commands.add_parser("up", help="run everything in one process with SQLite and an Envoy gateway")
+    up.add_argument("--data-dir", type=Path, help="where to keep data (default: PARLEY_DATA_DIR or ./var)")
+    up.add_argument("--http-port", type=int, help="gateway port (default 8080)")
+    up.add_argument("--grpc-port", type=int, help="gRPC port for every service (default 50051)")
+
+    serve = commands.add_parser("serve", help="run one service alone (microservices mode)")
+    serve.add_argument("service", choices=SERVICE_NAMES)
+    serve.add_argument("--port", type=int, help="gRPC port (default: PARLEY_GRPC_PORT or the service's own)")
+
+    gateway = commands.add_parser("gateway", help="render the Envoy config for a topology and run Envoy")
+    gateway.add_argument("--topology", choices=("local", "k8s", "embedded"), default="local")
+    gateway.add_argument("--render", type=Path, metavar="PATH", help="only write the config to PATH and exit")
+    gateway.add_argument(
+        "--upstream",
+        action="append",
+        default=[],
+        metavar="SERVICE=HOST:PORT",
+        help="override one upstream address (repeatable)",
+    )
+
+    migrate = commands.add_parser("migrate", help="apply database migrations (Alembic) and exit")
+    migrate.add_argument("--database-url", help="default: PARLEY_DATABASE_URL or SQLite under the data dir")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = _parser().parse_args(argv)
+    try:
+        return _dispatch(arguments)
+    except SettingsError as error:
+        sys.stderr.write(f"{error}\n")
+        return EXIT_BAD_SETTINGS
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(arguments: argparse.Namespace) -> int:
+    if arguments.command == "up":
+        settings = load_settings(
+            **_given(data_dir=arguments.data_dir, http_port=arguments.http_port, grpc_port=arguments.grpc_port)
+        )
+        from services.runtime.embedded import run_embedded
+
+        return _run(run_embedded(settings))
+    if arguments.command == "serve":
+        return _serve(arguments.service, arguments.port)
+    if arguments.command == "gateway":
+        return _gateway(arguments.topology, arguments.render, arguments.upstream)
+    settings = load_settings(**_given(database_url=arguments.database_url))
+    from services.common.migrate import upgrade
+
+    if settings.database_url is None:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.resolved_database_url)
+    sys.stdout.write(f"migrated {_redacted(settings.resolved_database_url)}\n")
+    return 0
+
+
+def _serve(service: ServiceName, port: int | None) -> int:
+    settings = load_settings()
+    overrides: dict[str, object] = {}
+    if port is not None:
+        overrides["grpc_port"] = port
+    elif "grpc_port" not in settings.model_fields_set:
+        overrides["grpc_port"] = DEFAULT_SERVICE_PORTS[service]
+    if "metrics_port" not in settings.model_fields_set:
+        overrides["metrics_port"] = DEFAULT_SERVICE_METRICS_PORTS[service]
+    settings = load_settings(**overrides) if overrides else settings
+    from services.runtime.standalone import serve_service
+
+    return _run(serve_service(service, settings))
+
+
+def _gateway(topology_name: str, render_to: Path | None, upstream_overrides: list[str]) -> int:
+    settings = load_settings()
+    from services.runtime.topologies import topology_from_settings
+
+    topology = topology_from_settings(topology_name, settings, upstream_overrides)
+    if render_to is not None:
+        from gateway.render import write_envoy_config
+
+        write_envoy_config(topology, render_to)
+        sys.stdout.write(f"wrote {render_to}\n")
+        return 0
+    from services.runtime.standalone import run_gateway
+
+    return _run(run_gateway(topology, settings))
+
+
+def _given(**values: object) -> dict[str, object]:
+    """Only the flags the user actually passed, so env and defaults fill the rest."""
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def _redacted(url: str) -> str:
+    scheme, _, rest = url.partition("://")
+    _, at, host = rest.rpartition("@")
+    return f"{scheme}://{'***@' if at else ''}{host}"
+
+
+def _run(coroutine: Coroutine[Any, Any, None]) -> int:
+    import uvloop
+
+    uvloop.run(coroutine)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

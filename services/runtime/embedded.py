@@ -1,0 +1,135 @@
+"""`parley up`: every servicer in one process on SQLite, the workers as tasks, Envoy as a child."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.edge import create_edge_server
+from gateway.envoy_process import EnvoyProcess
+from gateway.render import embedded_topology
+from services.common.contracts import descriptor_set_bytes, descriptor_set_path
+from services.common.db import Database
+from services.common.health import DependencyProbe
+from services.common.metrics import serve_metrics
+from services.common.migrate import upgrade_async
+from services.common.outbox import InProcessDispatcher, OutboxRelay
+from services.common.server import ServerDeps, create_server
+from services.common.settings import SERVICE_NAMES, Settings
+from services.runtime.process import (
+    all_registrations,
+    connectable_host,
+    identity_resolver_for,
+    install_stop_signals,
+    until_stopped_or_exited,
+    set_up_observability,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EmbeddedAddresses:
+    """Where a running embedded Parley listens."""
+
+    gateway_url: str
+    grpc_target: str
+    edge_target: str
+    metrics_url: str | None
+    envoy_admin_url: str
+    data_dir: Path
+    database_url: str
+
+
+async def run_embedded(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
+    """Run until `stop` is set (or SIGINT/SIGTERM arrives), then shut everything down in order."""
+    observability = set_up_observability(settings, process_name="embedded")
+    stop = stop or asyncio.Event()
+    install_stop_signals(stop)
+
+    data_dir = settings.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    database_url = settings.resolved_database_url
+    await upgrade_async(database_url)
+    database = Database(database_url)
+    gateway_secret = settings.resolved_gateway_secret()
+
+    dispatcher = InProcessDispatcher()
+    relay = OutboxRelay(database, dispatcher)
+    server, grpc_port = create_server(
+        settings,
+        ServerDeps(
+            services=all_registrations(SERVICE_NAMES, database),
+            identity=identity_resolver_for(settings, gateway_secret),
+            registry=observability.registry,
+            tracer_provider=observability.tracer_provider,
+            probes=[DependencyProbe("database", database.ping)],
+        ),
+    )
+    edge_server, edge_port = await create_edge_server(
+        descriptor_set_bytes(), host="127.0.0.1", port=settings.edge_port
+    )
+    topology = embedded_topology(
+        grpc_port,
+        edge_port,
+        settings.http_port,
+        settings.envoy_admin_port,
+        gateway_secret,
+        descriptor_set_path=descriptor_set_path(),
+        listen_address=settings.http_host,
+        grpc_host=connectable_host(settings.grpc_host),
+        max_request_bytes=settings.max_request_bytes,
+    )
+    envoy = EnvoyProcess(topology, config_dir=data_dir / "envoy")
+
+    metrics = serve_metrics(observability.registry, settings.metrics_host, settings.metrics_port) if (
+        settings.metrics_port
+    ) else None
+    relay_task = asyncio.create_task(relay.run(stop), name="outbox-relay")
+    try:
+        await server.start()
+        await edge_server.start()
+        await envoy.start()
+        addresses = EmbeddedAddresses(
+            gateway_url=f"http://{settings.http_host}:{topology.http_port}",
+            grpc_target=f"{settings.grpc_host}:{grpc_port}",
+            edge_target=f"127.0.0.1:{edge_port}",
+            metrics_url=f"http://{settings.metrics_host}:{metrics.port}/metrics" if metrics else None,
+            envoy_admin_url=f"http://127.0.0.1:{topology.admin_port}",
+            data_dir=data_dir,
+            database_url=database_url,
+        )
+        announce(addresses)
+        await until_stopped_or_exited(stop, envoy)
+    finally:
+        stop.set()
+        await envoy.stop()
+        await server.stop()
+        await edge_server.stop(settings.shutdown_grace_s)
+        with contextlib.suppress(asyncio.CancelledError):
+            await relay_task
+        if metrics is not None:
+            metrics.close()
+        await database.dispose()
+        observability.tracer_provider.shutdown()
+        logger.info("parley stopped")
+
+
+def announce(addresses: EmbeddedAddresses) -> None:
+    """Tell the person at the terminal where everything listens (stdout, not the JSON log)."""
+    lines = [
+        "Parley is up (embedded mode).",
+        f"  Gateway (JSON/REST, gRPC, SSE)  {addresses.gateway_url}   e.g. curl {addresses.gateway_url}/v1/billing/plans",
+        f"  gRPC, every service, direct      {addresses.grpc_target}   e.g. grpcurl -plaintext {addresses.grpc_target} list",
+        f"  Health                           {addresses.gateway_url}/healthz",
+        f"  Metrics (Prometheus)             {addresses.metrics_url or 'off'}",
+        f"  Envoy admin                      {addresses.envoy_admin_url}",
+        f"  Data                             {addresses.data_dir} ({addresses.database_url.split('://', 1)[0]})",
+        "Press Ctrl-C to stop.",
+    ]
+    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.flush()

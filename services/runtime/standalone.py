@@ -1,0 +1,87 @@
+"""Microservices mode: `parley serve <service>` and `parley gateway`, one process each."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+
+from gateway.edge import create_edge_server
+from gateway.envoy_process import EnvoyProcess
+from gateway.render import Topology
+from services.common.contracts import descriptor_set_bytes
+from services.common.db import Database
+from services.common.health import DependencyProbe
+from services.common.metrics import serve_metrics
+from services.common.server import ServerDeps, create_server
+from services.common.settings import ServiceName, Settings
+from services.runtime.process import (
+    identity_resolver_for,
+    install_stop_signals,
+    service_registrations,
+    set_up_observability,
+    until_stopped_or_exited,
+)
+
+logger = logging.getLogger(__name__)
+
+
+async def serve_service(name: ServiceName, settings: Settings, *, stop: asyncio.Event | None = None) -> None:
+    """Host one service's gRPC servers until stopped; schema changes are `parley migrate`'s job."""
+    observability = set_up_observability(settings, process_name=name)
+    stop = stop or asyncio.Event()
+    install_stop_signals(stop)
+    database = Database(settings.resolved_database_url)
+    if settings.gateway_secret is None:
+        logger.warning("PARLEY_GATEWAY_SECRET is unset: identity headers from a gateway will be refused")
+    server, port = create_server(
+        settings,
+        ServerDeps(
+            services=service_registrations(name, database),
+            identity=identity_resolver_for(
+                settings, settings.gateway_secret.get_secret_value() if settings.gateway_secret else None
+            ),
+            registry=observability.registry,
+            tracer_provider=observability.tracer_provider,
+            probes=[DependencyProbe("database", database.ping)],
+        ),
+    )
+    metrics = serve_metrics(observability.registry, settings.metrics_host, settings.metrics_port) if (
+        settings.metrics_port
+    ) else None
+    try:
+        await server.start()
+        logger.info("serving %s", name, extra={"grpc_port": port, "metrics_port": metrics.port if metrics else None})
+        sys.stdout.write(f"parley {name} serving gRPC on {settings.grpc_host}:{port}\n")
+        sys.stdout.flush()
+        await stop.wait()
+    finally:
+        await server.stop()
+        if metrics is not None:
+            metrics.close()
+        await database.dispose()
+        observability.tracer_provider.shutdown()
+
+
+async def run_gateway(topology: Topology, settings: Settings, *, stop: asyncio.Event | None = None) -> None:
+    """Run Envoy for `topology` plus the edge gRPC server that answers reflection and health."""
+    observability = set_up_observability(settings, process_name="gateway")
+    stop = stop or asyncio.Event()
+    install_stop_signals(stop)
+    edge_server, _edge_port = await create_edge_server(
+        descriptor_set_bytes(), host=topology.edge.host, port=topology.edge.port
+    )
+    envoy = EnvoyProcess(topology, config_dir=settings.data_dir / "envoy")
+    try:
+        await edge_server.start()
+        await envoy.start()
+        sys.stdout.write(f"parley gateway ({topology.name}) listening on http://{topology.listen_address}:"
+                         f"{topology.http_port}\n")
+        sys.stdout.flush()
+        await until_stopped_or_exited(stop, envoy)
+    finally:
+        await envoy.stop()
+        with contextlib.suppress(Exception):
+            await edge_server.stop(settings.shutdown_grace_s)
+        observability.tracer_provider.shutdown()
