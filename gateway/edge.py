@@ -14,12 +14,14 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from gateway.render import is_public_service, read_descriptor_set
+from gateway.render import is_public_service, public_services, read_descriptor_set
 
 logger = logging.getLogger(__name__)
 
 
-def public_descriptor_pool(descriptor_set: descriptor_pb2.FileDescriptorSet) -> descriptor_pool.DescriptorPool:
+def public_descriptor_pool(
+    descriptor_set: descriptor_pb2.FileDescriptorSet,
+) -> descriptor_pool.DescriptorPool:
     """A pool holding every file of the set with internal services removed.
 
     Reflection answers `describe` from whole files, so an internal service defined next to a public
@@ -51,19 +53,10 @@ def public_descriptor_pool(descriptor_set: descriptor_pb2.FileDescriptorSet) -> 
     return pool
 
 
-def public_service_names(descriptor_set: descriptor_pb2.FileDescriptorSet) -> list[str]:
-    return sorted(
-        f"{file.package}.{service.name}"
-        for file in descriptor_set.file
-        for service in file.service
-        if is_public_service(f"{file.package}.{service.name}")
-    )
-
-
 async def create_edge_server(descriptor_set: bytes, host: str, port: int) -> tuple[grpc.aio.Server, int]:
     """Build, bind and start the edge server; port 0 picks a free port, which is returned."""
     parsed = read_descriptor_set(descriptor_set)
-    services = public_service_names(parsed)
+    services = [service.full_name for service in public_services(parsed)]
     server = grpc.aio.server()
 
     health_servicer = health.aio.HealthServicer()

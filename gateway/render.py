@@ -81,10 +81,14 @@ class GatewaySettings:
     request_headers_timeout_s: int
     downstream_idle_timeout_s: int
     health_check_interval_ms: int
+    health_check_unhealthy_interval_ms: int
     health_check_timeout_ms: int
     health_check_unhealthy_threshold: int
     health_check_healthy_threshold: int
+    healthy_panic_threshold_percent: float
     healthz_path: str
+    healthz_not_serving_message: str
+    max_downstream_connections: int
     max_request_headers_kb: int
     max_concurrent_streams: int
     upstream_max_connections: int
@@ -118,10 +122,14 @@ def load_gateway_settings(path: Path = SETTINGS_FILE) -> GatewaySettings:
             request_headers_timeout_s=int(timeouts["request_headers_s"]),
             downstream_idle_timeout_s=int(timeouts["downstream_idle_s"]),
             health_check_interval_ms=int(health["interval_ms"]),
+            health_check_unhealthy_interval_ms=int(health["unhealthy_interval_ms"]),
             health_check_timeout_ms=int(health["timeout_ms"]),
             health_check_unhealthy_threshold=int(health["unhealthy_threshold"]),
             health_check_healthy_threshold=int(health["healthy_threshold"]),
+            healthy_panic_threshold_percent=float(health["healthy_panic_threshold_percent"]),
             healthz_path=str(raw["healthz"]["path"]),
+            healthz_not_serving_message=str(raw["healthz"]["not_serving_message"]),
+            max_downstream_connections=int(limits["max_downstream_connections"]),
             max_request_headers_kb=int(limits["max_request_headers_kb"]),
             max_concurrent_streams=int(limits["max_concurrent_streams"]),
             upstream_max_connections=int(limits["upstream_max_connections"]),
@@ -172,7 +180,8 @@ class Topology:
     upstreams: Mapping[str, Upstream]
     # The gateway's own gRPC server: reflection and health (and later rate limiting).
     edge: Upstream
-    gateway_secret: str
+    # Kept out of repr so a logged or printed topology never shows it.
+    gateway_secret: str = field(repr=False)
     descriptor_set_path: Path
     max_request_bytes: int = MIB
     # None: JSON access log lines go to Envoy's stdout.
@@ -185,8 +194,10 @@ class Topology:
         missing = sorted(set(UPSTREAM_AREAS) - set(self.upstreams))
         if missing:
             raise GatewayConfigError(f"topology {self.name!r} has no upstream for {', '.join(missing)}")
-        if not self.gateway_secret:
-            raise GatewayConfigError("the gateway secret must not be empty")
+        if not self.gateway_secret or not self.gateway_secret.isprintable():
+            raise GatewayConfigError(
+                "the gateway secret must be non-empty printable text (it is a header value)"
+            )
         if self.max_request_bytes <= 0:
             raise GatewayConfigError("max_request_bytes must be positive")
         if not 0.0 <= self.min_healthy_percent <= 100.0:
@@ -319,9 +330,7 @@ def public_services(descriptor_set: descriptor_pb2.FileDescriptorSet) -> list[Pu
             if not is_public_service(full_name):
                 continue
             streaming = tuple(
-                method.name
-                for method in service.method
-                if method.server_streaming or method.client_streaming
+                method.name for method in service.method if method.server_streaming or method.client_streaming
             )
             found.append(PublicService(full_name, file.package.split(".")[1], streaming))
     return sorted(found, key=lambda service: service.full_name)
@@ -345,7 +354,10 @@ def _status_filter(op: Literal["EQ", "GE", "LE"], status: int) -> dict[str, Any]
         "status_code_filter": {
             "comparison": {
                 "op": op,
-                "value": {"default_value": status, "runtime_key": f"parley.local_reply.{op.lower()}_{status}"},
+                "value": {
+                    "default_value": status,
+                    "runtime_key": f"parley.local_reply.{op.lower()}_{status}",
+                },
             }
         }
     }
@@ -363,7 +375,11 @@ def _status_range_filter(low: int, high: int) -> dict[str, Any]:
 _GRPC_CLIENT_FILTER: dict[str, Any] = {
     "and_filter": {
         "filters": [
-            {"header_filter": {"header": {"name": "content-type", "string_match": {"prefix": "application/grpc"}}}},
+            {
+                "header_filter": {
+                    "header": {"name": "content-type", "string_match": {"prefix": "application/grpc"}}
+                }
+            },
             {
                 "header_filter": {
                     "header": {"name": "x-envoy-original-path", "present_match": True, "invert_match": True}
@@ -409,7 +425,7 @@ def _local_reply_mappers(topology: Topology) -> list[dict[str, Any]]:
             "body_format_override": {
                 "json_format": error_body(
                     14,
-                    "The gateway is not serving: an upstream service is not healthy.",
+                    settings.healthz_not_serving_message,
                     "UPSTREAM_UNAVAILABLE",
                     {},
                 )
@@ -421,7 +437,10 @@ def _local_reply_mappers(topology: Topology) -> list[dict[str, Any]]:
             {
                 "filter": {
                     "and_filter": {
-                        "filters": [_status_range_filter(reply.status_low, reply.status_high), _GRPC_CLIENT_FILTER]
+                        "filters": [
+                            _status_range_filter(reply.status_low, reply.status_high),
+                            _GRPC_CLIENT_FILTER,
+                        ]
                     }
                 },
                 "body_format_override": {"text_format_source": {"inline_string": reply.message}},
@@ -442,20 +461,29 @@ def _local_reply_mappers(topology: Topology) -> list[dict[str, Any]]:
 
 def _cluster_for(service: PublicService, upstreams: Mapping[str, Upstream]) -> str:
     if service.area not in upstreams:
-        raise GatewayConfigError(f"{service.full_name} belongs to area {service.area!r}, which has no upstream")
+        raise GatewayConfigError(
+            f"{service.full_name} belongs to area {service.area!r}, which has no upstream"
+        )
     return service.area
 
 
 def _health_service_by_area(services: Sequence[PublicService]) -> dict[str, str]:
-    """The service name each cluster's gRPC health check asks about (`parley.billing.v1.BillingService`)."""
-    chosen: dict[str, str] = {}
+    """The service each cluster's gRPC health check names: `parley.billing.v1.BillingService` for
+    billing, i.e. the area's conventionally named service, else its first public service."""
+    names_by_area: dict[str, list[str]] = {}
     for service in services:
-        preferred = service.full_name.rsplit(".", 1)[1] == f"{service.area.capitalize()}Service"
-        if service.area not in chosen or preferred:
-            chosen.setdefault(service.area, service.full_name)
-            if preferred:
-                chosen[service.area] = service.full_name
-    return chosen
+        names_by_area.setdefault(service.area, []).append(service.full_name)
+    return {
+        area: next((name for name in names if name.endswith(f".{area.capitalize()}Service")), names[0])
+        for area, names in names_by_area.items()
+    }
+
+
+class _PlainDumper(yaml.SafeDumper):
+    """Writes shared sub-structures out in full instead of as YAML anchors and aliases."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 def render_envoy_config(topology: Topology, *, template_dir: Path = ENVOY_DIR) -> str:
@@ -463,7 +491,9 @@ def render_envoy_config(topology: Topology, *, template_dir: Path = ENVOY_DIR) -
     try:
         descriptor_bytes = topology.descriptor_set_path.read_bytes()
     except OSError as error:
-        raise GatewayConfigError(f"cannot read descriptor set {topology.descriptor_set_path}: {error}") from error
+        raise GatewayConfigError(
+            f"cannot read descriptor set {topology.descriptor_set_path}: {error}"
+        ) from error
     services = public_services(read_descriptor_set(descriptor_bytes))
     if not services:
         raise GatewayConfigError(f"{topology.descriptor_set_path} holds no public Parley service")
@@ -483,7 +513,11 @@ def render_envoy_config(topology: Topology, *, template_dir: Path = ENVOY_DIR) -
         if area in UPSTREAM_AREAS
     ]
     routes = [
-        {"service": service.full_name, "cluster": _cluster_for(service, topology.upstreams), "methods": service}
+        {
+            "service": service.full_name,
+            "cluster": _cluster_for(service, topology.upstreams),
+            "streaming_methods": service.streaming_methods,
+        }
         for service in services
     ]
 
@@ -495,6 +529,10 @@ def render_envoy_config(topology: Topology, *, template_dir: Path = ENVOY_DIR) -
     )
     # JSON is valid YAML and escapes every string safely; structured values go through it.
     environment.filters["tojson"] = lambda value: json.dumps(value, sort_keys=False)
+    # Block YAML for larger structures, so the rendered file stays readable when debugging it.
+    environment.filters["toyaml"] = lambda value: yaml.dump(
+        value, Dumper=_PlainDumper, default_flow_style=False, sort_keys=False, width=1000
+    ).rstrip("\n")
     environment.filters["duration_ms"] = _duration_ms
     template = environment.get_template(TEMPLATE_NAME)
     return template.render(

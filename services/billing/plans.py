@@ -76,7 +76,9 @@ class PlanCatalog:
         after = _plan_sort_key(cursor) if cursor else None
         async with self._stores() as store:
             # One extra row tells whether another page exists without a COUNT query.
-            found = list(await store.list_after(after=after, limit=limit + 1, include_retired=include_retired))
+            found = list(
+                await store.list_after(after=after, limit=limit + 1, include_retired=include_retired)
+            )
         page, more = found[:limit], len(found) > limit
         next_token = ""
         if more:
@@ -90,4 +92,6 @@ def _plan_sort_key(cursor: PageCursor) -> tuple[int, str]:
         sort_order, plan_id = cursor.after
         return int(sort_order), plan_id
     except ValueError:
-        raise InvalidArgument("page_token is not a token this server issued.", reason="INVALID_PAGE_TOKEN") from None
+        raise InvalidArgument(
+            "page_token is not a token this server issued.", reason="INVALID_PAGE_TOKEN"
+        ) from None

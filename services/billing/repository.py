@@ -10,8 +10,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.billing.models import PlanRecord
 from services.billing.plans import Plan
-from services.common.money import Money
 from services.common.db import Database
+from services.common.money import Money
 
 
 class SqlPlanStore:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from parley.billing.v1 import billing_pb2, billing_pb2_grpc
+
 from services.billing.plans import PlanCatalog
 from services.billing.repository import PlanStoreOpener
 from services.billing.servicer import BillingServicer
@@ -17,4 +18,7 @@ def registrations(database: Database) -> list[ServiceRegistration]:
         servicer=BillingServicer(PlanCatalog(PlanStoreOpener(database))),  # type: ignore[abstract]
         add_to_server=billing_pb2_grpc.add_BillingServiceServicer_to_server,
     )
-    return [public, *contract_only_services(billing_pb2, billing_pb2_grpc, except_services=["BillingService"])]
+    return [
+        public,
+        *contract_only_services(billing_pb2, billing_pb2_grpc, except_services=["BillingService"]),
+    ]

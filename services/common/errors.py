@@ -174,4 +174,3 @@ def details_of(status: status_pb2.Status) -> dict[str, object]:
                 detail.Unpack(message)
                 found[message_type.DESCRIPTOR.name] = message
     return found
-

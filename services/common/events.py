@@ -21,11 +21,47 @@ PAYLOAD_ONEOF: Final = "payload"
 EVENT_TYPES: Final[Mapping[str, str]] = MappingProxyType(
     {
         "user_registered": "user.registered",
+        "user_email_verified": "user.email_verified",
+        "user_login_succeeded": "user.login_succeeded",
+        "user_login_failed": "user.login_failed",
+        "user_locked": "user.locked",
+        "session_revoked": "session.revoked",
+        "session_reuse_detected": "session.reuse_detected",
+        "user_password_changed": "user.password_changed",
+        "user_password_reset": "user.password_reset",
+        "api_key_created": "api_key.created",
+        "api_key_revoked": "api_key.revoked",
+        "user_role_changed": "user.role_changed",
+        "user_disabled": "user.disabled",
+        "user_enabled": "user.enabled",
+        "email_requested": "email.requested",
+        "email_sent": "email.sent",
+        "email_failed": "email.failed",
+        "conversation_created": "conversation.created",
+        "message_created": "message.created",
+        "generation_completed": "generation.completed",
+        "generation_failed": "generation.failed",
+        "subscription_changed": "subscription.changed",
+        "invoice_created": "invoice.created",
+        "invoice_paid": "invoice.paid",
+        "invoice_uncollectible": "invoice.uncollectible",
+        "payment_succeeded": "payment.succeeded",
+        "payment_failed": "payment.failed",
+        "payment_refunded": "payment.refunded",
+        "credits_granted": "credits.granted",
+        "credits_reserved": "credits.reserved",
+        "credits_settled": "credits.settled",
+        "credits_released": "credits.released",
+        "credits_topped_up": "credits.topped_up",
+        "usage_recorded": "usage.recorded",
+        "usage_threshold_crossed": "usage.threshold_crossed",
     }
 )
 
 # The event type string → the payload field name.
-PAYLOAD_FIELDS: Final[Mapping[str, str]] = MappingProxyType({value: key for key, value in EVENT_TYPES.items()})
+PAYLOAD_FIELDS: Final[Mapping[str, str]] = MappingProxyType(
+    {value: key for key, value in EVENT_TYPES.items()}
+)
 
 
 class UnknownEventPayload(ValueError):  # noqa: N818 - named for the condition, like KeyError.
@@ -36,6 +72,8 @@ def _payload_fields_by_message() -> Mapping[str, str]:
     """Full message name → oneof field name, read from the descriptor (one field per message type)."""
     by_message: dict[str, str] = {}
     for field in events_pb2.Event.DESCRIPTOR.oneofs_by_name[PAYLOAD_ONEOF].fields:
+        if field.message_type is None:
+            raise RuntimeError(f"Event.payload field {field.name} is not a message")
         message_name = field.message_type.full_name
         if message_name in by_message:
             raise RuntimeError(f"{message_name} appears twice in Event.payload; the type would be ambiguous")
@@ -62,7 +100,9 @@ def event_type_for(payload: Message) -> str:
     try:
         return EVENT_TYPES[field]
     except KeyError:
-        raise UnknownEventPayload(f"Event.payload field {field!r} has no type string in EVENT_TYPES") from None
+        raise UnknownEventPayload(
+            f"Event.payload field {field!r} has no type string in EVENT_TYPES"
+        ) from None
 
 
 def payload_of(event: events_pb2.Event) -> Message:

@@ -15,7 +15,7 @@ from jwt import PyJWK
 from services.common.errors import PermissionDenied, Unauthenticated
 
 # The header family only the gateway may set; Envoy strips any client-sent copy before routing.
-GATEWAY_SECRET_HEADER = "x-parley-gateway-secret"
+GATEWAY_SECRET_HEADER = "x-parley-gateway-secret"  # noqa: S105 - a header name, not a secret
 USER_ID_HEADER = "x-parley-user-id"
 SESSION_ID_HEADER = "x-parley-session-id"
 PLAN_HEADER = "x-parley-plan"
@@ -49,8 +49,9 @@ class Identity:
     def require_role(self, role: str) -> Identity:
         self.require_user()
         if role not in self.roles:
-            raise PermissionDenied(f"This call needs the {role!r} role.", reason="ROLE_REQUIRED",
-                                   metadata={"role": role})
+            raise PermissionDenied(
+                f"This call needs the {role!r} role.", reason="ROLE_REQUIRED", metadata={"role": role}
+            )
         return self
 
 
@@ -79,7 +80,7 @@ class JwksTokenVerifier:
     def __init__(self, jwks: Mapping[str, object], *, issuer: str, audience: str) -> None:
         keys = jwks.get("keys")
         if not isinstance(keys, list):
-            raise ValueError("a JWKS needs a 'keys' list")
+            raise TypeError("a JWKS needs a 'keys' list")
         self._keys: dict[str, PyJWK] = {}
         for raw in keys:
             key = PyJWK.from_dict(raw)
@@ -103,7 +104,9 @@ class JwksTokenVerifier:
             raise Unauthenticated("The bearer token's signing key is unknown.", reason="TOKEN_KEY_UNKNOWN")
         algorithm = header.get("alg")
         if algorithm not in ALLOWED_JWT_ALGORITHMS or algorithm != key.algorithm_name:
-            raise Unauthenticated("The bearer token's algorithm is not accepted.", reason="TOKEN_ALGORITHM_REJECTED")
+            raise Unauthenticated(
+                "The bearer token's algorithm is not accepted.", reason="TOKEN_ALGORITHM_REJECTED"
+            )
         try:
             claims = jwt.decode(
                 token,
@@ -152,7 +155,9 @@ class IdentityResolver:
             return ANONYMOUS
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthenticated("The authorization header must be 'Bearer <token>'.", reason="TOKEN_MALFORMED")
+            raise Unauthenticated(
+                "The authorization header must be 'Bearer <token>'.", reason="TOKEN_MALFORMED"
+            )
         return self._token_verifier.verify(token.strip())
 
     @staticmethod

@@ -32,8 +32,7 @@ from services.common.validation import RequestValidator
 logger = logging.getLogger(__name__)
 
 Behavior = Callable[..., Any]
-HandlerCallDetails = grpc.HandlerCallDetails
-Continuation = Callable[[HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
 
 
 async def abort_with(context: grpc.aio.ServicerContext, error: ParleyError) -> None:
@@ -87,7 +86,7 @@ def _rebuild(
     )
 
 
-class ScopeInterceptor(grpc.aio.ServerInterceptor, abc.ABC):  # type: ignore[misc]
+class ScopeInterceptor(grpc.aio.ServerInterceptor, abc.ABC):
     """Base for interceptors that run code around every call, whatever its kind.
 
     A subclass implements `scope` as an async context manager: code before its `yield` runs before
@@ -102,7 +101,7 @@ class ScopeInterceptor(grpc.aio.ServerInterceptor, abc.ABC):  # type: ignore[mis
         """The context that wraps one call."""
 
     async def intercept_service(
-        self, continuation: Continuation, handler_call_details: HandlerCallDetails
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(handler_call_details)
         if handler is None:
@@ -136,7 +135,9 @@ class MetricsInterceptor(ScopeInterceptor):
         self._metrics = metrics
 
     @asynccontextmanager
-    async def scope(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    async def scope(
+        self, method: str, request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[None]:
         metadata = dict(context.invocation_metadata() or ())
         current_request_id.set(str(metadata.get("x-request-id") or uuid.uuid4()))
         current_method.set(method)
@@ -159,12 +160,12 @@ class MetricsInterceptor(ScopeInterceptor):
 
 def _code_name(code: object) -> str:
     if isinstance(code, grpc.StatusCode):
-        return code.name
+        return str(code.name)
     if isinstance(code, int):
         for candidate in grpc.StatusCode:
             if candidate.value[0] == code:
-                return candidate.name
-    return grpc.StatusCode.UNKNOWN.name
+                return str(candidate.name)
+    return "UNKNOWN"
 
 
 class IdentityInterceptor(ScopeInterceptor):
@@ -174,8 +175,12 @@ class IdentityInterceptor(ScopeInterceptor):
         self._resolver = resolver
 
     @asynccontextmanager
-    async def scope(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        metadata = {key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)}
+    async def scope(
+        self, method: str, request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[None]:
+        metadata = {
+            key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)
+        }
         try:
             identity = self._resolver.resolve(metadata)
         except ParleyError as error:
@@ -192,7 +197,9 @@ class ValidationInterceptor(ScopeInterceptor):
         self._validator = validator
 
     @asynccontextmanager
-    async def scope(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    async def scope(
+        self, method: str, request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[None]:
         if isinstance(request, Message):
             try:
                 self._validator.check(request)
@@ -206,7 +213,9 @@ class ErrorMappingInterceptor(ScopeInterceptor):
     """Turns domain errors, unimplemented methods and crashes into typed statuses, never tracebacks."""
 
     @asynccontextmanager
-    async def scope(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    async def scope(
+        self, method: str, request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[None]:
         try:
             yield
         except ParleyError as error:

@@ -19,6 +19,7 @@ import importlib.util
 import logging
 import os
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
@@ -47,6 +48,11 @@ MIGRATION_ADVISORY_LOCK_KEY: Final = int.from_bytes(
     hashlib.sha256(b"parley.migrations").digest()[:8], "big", signed=True
 )
 
+# Alembic installs `alembic.context` and `alembic.op` as module-level proxies for the duration of a
+# command, so two commands at once in one process (e.g. two upgrades in worker threads) corrupt each
+# other. This lock is process-wide because that state is; across processes the database locks serialize.
+_ALEMBIC_COMMAND_LOCK: Final = threading.Lock()
+
 FILE_TEMPLATE: Final = "%(year)d_%(month).2d_%(day).2d_%(rev)s_%(slug)s"
 
 
@@ -72,7 +78,9 @@ def alembic_config(
 ) -> Config:
     """The Alembic configuration, built in code; `extra_version_locations` adds branches (tests use it)."""
     locations = service_version_locations()
-    locations += [Path(path).resolve() for path in extra_version_locations if Path(path).resolve() not in locations]
+    locations += [
+        Path(path).resolve() for path in extra_version_locations if Path(path).resolve() not in locations
+    ]
     config = Config()
     config.set_main_option("script_location", _ini_value(str(MIGRATIONS_DIR)))
     config.set_main_option("path_separator", "os")
@@ -85,7 +93,9 @@ def alembic_config(
     for hook, options in (("ruff_fix", "check --fix --quiet"), ("ruff_format", "format --quiet")):
         config.set_section_option("post_write_hooks", f"{hook}.type", "module")
         config.set_section_option("post_write_hooks", f"{hook}.module", "ruff")
-        config.set_section_option("post_write_hooks", f"{hook}.options", f"{options} REVISION_SCRIPT_FILENAME")
+        config.set_section_option(
+            "post_write_hooks", f"{hook}.options", f"{options} REVISION_SCRIPT_FILENAME"
+        )
     if database_url is not None:
         config.attributes[DATABASE_URL_ATTRIBUTE] = database_url
     return config
@@ -127,7 +137,9 @@ def upgrade(
     from several processes at once (PostgreSQL takes an advisory lock, SQLite its write lock).
     """
     _refuse_inside_event_loop("upgrade")
-    command.upgrade(alembic_config(database_url, extra_version_locations=extra_version_locations), target)
+    config = alembic_config(database_url, extra_version_locations=extra_version_locations)
+    with _ALEMBIC_COMMAND_LOCK:
+        command.upgrade(config, target)
 
 
 async def upgrade_async(
@@ -183,20 +195,25 @@ def create_revision(
     can propose changes to other services' tables too: keep only this branch's.
     """
     if versions_dir is None:
-        versions_dir = COMMON_VERSIONS_DIR if branch == COMMON_BRANCH else SERVICES_DIR / branch / "migrations" / "versions"
+        versions_dir = (
+            COMMON_VERSIONS_DIR
+            if branch == COMMON_BRANCH
+            else SERVICES_DIR / branch / "migrations" / "versions"
+        )
     versions_dir.mkdir(parents=True, exist_ok=True)
     config = alembic_config(database_url, extra_version_locations=[versions_dir])
     script = ScriptDirectory.from_config(config)
     existing_labels = {label for revision in script.walk_revisions() for label in revision.branch_labels}
     starts_branch = branch not in existing_labels
-    written = command.revision(
-        config,
-        message=message,
-        autogenerate=autogenerate,
-        head="base" if starts_branch else f"{branch}@head",
-        branch_label=branch if starts_branch else None,
-        version_path=str(versions_dir),
-    )
+    with _ALEMBIC_COMMAND_LOCK:
+        written = command.revision(
+            config,
+            message=message,
+            autogenerate=autogenerate,
+            head="base" if starts_branch else f"{branch}@head",
+            branch_label=branch if starts_branch else None,
+            version_path=str(versions_dir),
+        )
     if written is None or isinstance(written, list):
         raise RuntimeError("alembic wrote no single revision")
     return Path(written.path)

@@ -13,7 +13,11 @@ class Money:
     amount_minor: int
 
     def __post_init__(self) -> None:
-        if len(self.currency_code) != 3 or not self.currency_code.isascii() or not self.currency_code.isupper():
+        if (
+            len(self.currency_code) != 3
+            or not self.currency_code.isascii()
+            or not self.currency_code.isupper()
+        ):
             raise ValueError(f"currency_code must be an upper-case ISO 4217 code, got {self.currency_code!r}")
         if isinstance(self.amount_minor, bool) or not isinstance(self.amount_minor, int):
             raise TypeError("amount_minor must be an int (minor units), never a float")

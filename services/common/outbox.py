@@ -202,7 +202,8 @@ class InProcessDispatcher:
                     await subscription.handler(event)
                 except Exception as error:
                     raise PartialDispatch(
-                        delivered, f"consumer {subscription.consumer!r} failed on event {event.id} ({event.type})"
+                        delivered,
+                        f"consumer {subscription.consumer!r} failed on event {event.id} ({event.type})",
                     ) from error
 
 
@@ -333,7 +334,9 @@ class OutboxRelay:
             return _Outcome(0, error)
         return _Outcome(len(events), undecodable)
 
-    async def _record(self, session: AsyncSession, pending: Sequence[_PendingEvent], outcome: _Outcome) -> None:
+    async def _record(
+        self, session: AsyncSession, pending: Sequence[_PendingEvent], outcome: _Outcome
+    ) -> None:
         now = utc_now()
         delivered = [item.sequence for item in pending[: outcome.delivered]]
         if delivered:
@@ -352,7 +355,9 @@ class OutboxRelay:
         await session.execute(
             update(OutboxEvent)
             .where(OutboxEvent.sequence == failed.sequence)
-            .values(attempts=attempts, last_error=error_text, next_attempt_at=now + timedelta(seconds=retry_in))
+            .values(
+                attempts=attempts, last_error=error_text, next_attempt_at=now + timedelta(seconds=retry_in)
+            )
             .execution_options(synchronize_session=False)
         )
         logger.warning(
@@ -365,7 +370,7 @@ class OutboxRelay:
 
     def _retry_delay_s(self, attempts: int) -> float:
         """Exponential backoff with jitter, so relays on several replicas do not retry in lockstep."""
-        ceiling = min(self._retry_max_s, self._retry_base_s * 2 ** min(attempts - 1, 32))
+        ceiling = min(self._retry_max_s, self._retry_base_s * 2.0 ** min(attempts - 1, 32))
         return ceiling * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not security.
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -399,7 +404,7 @@ class OutboxRelay:
 async def outbox_lag_seconds(db: Database) -> float:
     """How long the oldest unrelayed event has been waiting, in seconds; 0 when none is."""
     async with db.unit_of_work(read_only=True) as session:
-        oldest = await session.scalar(
+        oldest: datetime | None = await session.scalar(
             select(OutboxEvent.occurred_at)
             .where(OutboxEvent.relayed_at.is_(None))
             .order_by(OutboxEvent.sequence)

@@ -128,9 +128,9 @@ def create_server(settings: Settings, deps: ServerDeps) -> tuple[ParleyServer, i
     return ParleyServer(server, monitor, grace_s=settings.shutdown_grace_s), port
 
 
-def contract_only(full_name: str, servicer_base: type[Any], add_to_server: Callable[[Any, grpc.aio.Server], None]) -> (
-    ServiceRegistration
-):
+def contract_only(
+    full_name: str, servicer_base: type[Any], add_to_server: Callable[[Any, grpc.aio.Server], None]
+) -> ServiceRegistration:
     """Register a service whose RPCs are specified but not built yet.
 
     The generated base class raises NotImplementedError for every method, which the error-mapping

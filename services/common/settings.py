@@ -13,7 +13,12 @@ ServiceName = Literal["auth", "chat", "billing", "analytics"]
 SERVICE_NAMES: tuple[ServiceName, ...] = ("auth", "chat", "billing", "analytics")
 
 # Ports for microservices mode on one machine; k8s gives every service its own address instead.
-DEFAULT_SERVICE_PORTS: dict[ServiceName, int] = {"auth": 50061, "chat": 50062, "billing": 50063, "analytics": 50064}
+DEFAULT_SERVICE_PORTS: dict[ServiceName, int] = {
+    "auth": 50061,
+    "chat": 50062,
+    "billing": 50063,
+    "analytics": 50064,
+}
 DEFAULT_SERVICE_METRICS_PORTS: dict[ServiceName, int] = {
     "auth": 9471,
     "chat": 9472,

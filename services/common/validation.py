@@ -13,7 +13,10 @@ MessageRule = Callable[[Message], Iterable[FieldViolation]]
 
 def _page_size_not_negative(request: Message) -> Iterable[FieldViolation]:
     # HOUSE-STYLE: an oversize page_size is capped by the server; a negative one is a client bug.
-    if "page_size" in request.DESCRIPTOR.fields_by_name and getattr(request, "page_size") < 0:
+    page_size: int = (
+        getattr(request, "page_size", 0) if "page_size" in request.DESCRIPTOR.fields_by_name else 0
+    )
+    if page_size < 0:
         yield FieldViolation("page_size", "must be zero (server default) or positive", "PAGE_SIZE_NEGATIVE")
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
+import os
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Parley forks only to exec Envoy, never to run Python that uses gRPC; grpc's fork handlers would
+    # just log "skipping fork() handlers" noise on every child start.
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     arguments = _parser().parse_args(argv)
     try:
         return _dispatch(arguments)
@@ -64,7 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(arguments: argparse.Namespace) -> int:
     if arguments.command == "up":
         settings = load_settings(
-            **_given(data_dir=arguments.data_dir, http_port=arguments.http_port, grpc_port=arguments.grpc_port)
+            **_given(
+                data_dir=arguments.data_dir, http_port=arguments.http_port, grpc_port=arguments.grpc_port
+            )
         )
         from services.runtime.embedded import run_embedded
 

@@ -25,8 +25,8 @@ from services.runtime.process import (
     connectable_host,
     identity_resolver_for,
     install_stop_signals,
-    until_stopped_or_exited,
     set_up_observability,
+    until_stopped_or_exited,
 )
 
 logger = logging.getLogger(__name__)
@@ -86,9 +86,11 @@ async def run_embedded(settings: Settings, *, stop: asyncio.Event | None = None)
     )
     envoy = EnvoyProcess(topology, config_dir=data_dir / "envoy")
 
-    metrics = serve_metrics(observability.registry, settings.metrics_host, settings.metrics_port) if (
-        settings.metrics_port
-    ) else None
+    metrics = (
+        serve_metrics(observability.registry, settings.metrics_host, settings.metrics_port)
+        if (settings.metrics_port)
+        else None
+    )
     relay_task = asyncio.create_task(relay.run(stop), name="outbox-relay")
     try:
         await server.start()
@@ -121,14 +123,16 @@ async def run_embedded(settings: Settings, *, stop: asyncio.Event | None = None)
 
 def announce(addresses: EmbeddedAddresses) -> None:
     """Tell the person at the terminal where everything listens (stdout, not the JSON log)."""
+    gateway, grpc_target = addresses.gateway_url, addresses.grpc_target
+    database_kind = addresses.database_url.split("://", 1)[0]
     lines = [
         "Parley is up (embedded mode).",
-        f"  Gateway (JSON/REST, gRPC, SSE)  {addresses.gateway_url}   e.g. curl {addresses.gateway_url}/v1/billing/plans",
-        f"  gRPC, every service, direct      {addresses.grpc_target}   e.g. grpcurl -plaintext {addresses.grpc_target} list",
-        f"  Health                           {addresses.gateway_url}/healthz",
-        f"  Metrics (Prometheus)             {addresses.metrics_url or 'off'}",
-        f"  Envoy admin                      {addresses.envoy_admin_url}",
-        f"  Data                             {addresses.data_dir} ({addresses.database_url.split('://', 1)[0]})",
+        f"  Gateway: JSON/REST, gRPC, SSE   {gateway}      try: curl {gateway}/v1/billing/plans",
+        f"  gRPC, every service, direct     {grpc_target}  try: grpcurl -plaintext {grpc_target} list",
+        f"  Health                          {gateway}/healthz",
+        f"  Metrics (Prometheus)            {addresses.metrics_url or 'off'}",
+        f"  Envoy admin (loopback only)     {addresses.envoy_admin_url}",
+        f"  Data                            {addresses.data_dir} ({database_kind})",
         "Press Ctrl-C to stop.",
     ]
     sys.stdout.write("\n".join(lines) + "\n")

@@ -43,7 +43,9 @@ def token_verifier_for(settings: Settings) -> TokenVerifier:
     """The verifier for direct-call JWTs: a configured JWKS file, or one that refuses every token."""
     if settings.jwks_path is None:
         return NoTokenVerifier()
-    return JwksTokenVerifier.from_file(settings.jwks_path, issuer=settings.jwt_issuer, audience=settings.jwt_audience)
+    return JwksTokenVerifier.from_file(
+        settings.jwks_path, issuer=settings.jwt_issuer, audience=settings.jwt_audience
+    )
 
 
 def identity_resolver_for(settings: Settings, gateway_secret: str | None) -> IdentityResolver:

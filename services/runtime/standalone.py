@@ -47,12 +47,16 @@ async def serve_service(name: ServiceName, settings: Settings, *, stop: asyncio.
             probes=[DependencyProbe("database", database.ping)],
         ),
     )
-    metrics = serve_metrics(observability.registry, settings.metrics_host, settings.metrics_port) if (
-        settings.metrics_port
-    ) else None
+    metrics = (
+        serve_metrics(observability.registry, settings.metrics_host, settings.metrics_port)
+        if (settings.metrics_port)
+        else None
+    )
     try:
         await server.start()
-        logger.info("serving %s", name, extra={"grpc_port": port, "metrics_port": metrics.port if metrics else None})
+        logger.info(
+            "serving %s", name, extra={"grpc_port": port, "metrics_port": metrics.port if metrics else None}
+        )
         sys.stdout.write(f"parley {name} serving gRPC on {settings.grpc_host}:{port}\n")
         sys.stdout.flush()
         await stop.wait()
@@ -76,8 +80,10 @@ async def run_gateway(topology: Topology, settings: Settings, *, stop: asyncio.E
     try:
         await edge_server.start()
         await envoy.start()
-        sys.stdout.write(f"parley gateway ({topology.name}) listening on http://{topology.listen_address}:"
-                         f"{topology.http_port}\n")
+        sys.stdout.write(
+            f"parley gateway ({topology.name}) listening on http://{topology.listen_address}:"
+            f"{topology.http_port}\n"
+        )
         sys.stdout.flush()
         await until_stopped_or_exited(stop, envoy)
     finally:

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 from gateway.render import Topology, Upstream, embedded_topology, k8s_topology, local_topology
 from services.common.contracts import descriptor_set_path
-from services.common.settings import DEFAULT_SERVICE_PORTS, SERVICE_NAMES, Settings, SettingsError
+from services.common.settings import SERVICE_NAMES, Settings, SettingsError
 
 
 def topology_from_settings(name: str, settings: Settings, upstream_overrides: Sequence[str]) -> Topology:
@@ -18,16 +18,17 @@ def topology_from_settings(name: str, settings: Settings, upstream_overrides: Se
             "must be started with the same value"
         )
     secret = settings.gateway_secret.get_secret_value()
-    common = {
-        "descriptor_set_path": descriptor_set_path(),
-        "http_port": settings.http_port,
-        "admin_port": settings.envoy_admin_port,
-        "edge_port": settings.edge_port,
-        "max_request_bytes": settings.max_request_bytes,
-    }
+    descriptors = descriptor_set_path()
     topology: Topology
     if name == "k8s":
-        topology = k8s_topology(secret, **common)  # type: ignore[arg-type]
+        topology = k8s_topology(
+            secret,
+            descriptor_set_path=descriptors,
+            http_port=settings.http_port,
+            admin_port=settings.envoy_admin_port,
+            edge_port=settings.edge_port,
+            max_request_bytes=settings.max_request_bytes,
+        )
     elif name == "embedded":
         topology = embedded_topology(
             settings.grpc_port,
@@ -35,13 +36,20 @@ def topology_from_settings(name: str, settings: Settings, upstream_overrides: Se
             settings.http_port,
             settings.envoy_admin_port,
             secret,
-            descriptor_set_path=descriptor_set_path(),
+            descriptor_set_path=descriptors,
             listen_address=settings.http_host,
             max_request_bytes=settings.max_request_bytes,
         )
     else:
+        # Upstream ports are `parley serve`'s defaults (DEFAULT_SERVICE_PORTS); --upstream overrides them.
         topology = local_topology(
-            secret, service_ports=DEFAULT_SERVICE_PORTS, listen_address=settings.http_host, **common  # type: ignore[arg-type]
+            secret,
+            descriptor_set_path=descriptors,
+            http_port=settings.http_port,
+            admin_port=settings.envoy_admin_port,
+            edge_port=settings.edge_port,
+            listen_address=settings.http_host,
+            max_request_bytes=settings.max_request_bytes,
         )
     return _with_overrides(topology, upstream_overrides)
 
@@ -53,8 +61,8 @@ def _with_overrides(topology: Topology, overrides: Sequence[str]) -> Topology:
         host, _, port = address.rpartition(":")
         if service not in SERVICE_NAMES or not host or not port.isdigit():
             raise SettingsError(
-                f"Invalid Parley settings:\n  --upstream {override!r}: expected SERVICE=HOST:PORT with SERVICE one "
-                f"of {', '.join(SERVICE_NAMES)}"
+                f"Invalid Parley settings:\n  --upstream {override!r}: expected SERVICE=HOST:PORT "
+                f"with SERVICE one of {', '.join(SERVICE_NAMES)}"
             )
         upstreams[service] = Upstream(service, host, int(port))
     return replace(topology, upstreams=upstreams) if overrides else topology

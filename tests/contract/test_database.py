@@ -60,14 +60,14 @@ async def test_unit_of_work_commits_on_success(db: Database) -> None:
 
 
 async def test_unit_of_work_rolls_back_and_reraises_on_error(db: Database) -> None:
-    class Boom(Exception):
+    class BoomError(Exception):
         pass
 
-    with pytest.raises(Boom):
+    with pytest.raises(BoomError):
         async with db.unit_of_work() as session:
             await session.execute(insert(notes).values(id="b", body="discarded"))
             await session.flush()
-            raise Boom
+            raise BoomError
     assert await _count_notes(db) == 0
 
 
@@ -107,7 +107,9 @@ async def test_utc_datetime_round_trips_as_aware_utc(db: Database) -> None:
         read = await session.scalar(select(notes.c.noted_at).where(notes.c.id == "t"))
         # Comparisons in SQL see the same instant, whatever zone the bound value is in.
         later = await session.scalar(
-            select(func.count()).select_from(notes).where(notes.c.noted_at > written - timedelta(microseconds=1))
+            select(func.count())
+            .select_from(notes)
+            .where(notes.c.noted_at > written - timedelta(microseconds=1))
         )
     assert read == written
     assert read is not None

@@ -12,10 +12,11 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from prometheus_client import CollectorRegistry
-
 from parley.billing.v1 import billing_pb2, billing_pb2_grpc
 from parley.chat.v1 import chat_pb2, chat_pb2_grpc
+from prometheus_client import CollectorRegistry
+from sqlalchemy.engine import make_url
+
 from services.common.db import Database
 from services.common.health import DependencyProbe
 from services.common.identity import IdentityResolver, NoTokenVerifier
@@ -91,7 +92,11 @@ def rich_status(error: grpc.aio.AioRpcError) -> dict[str, object]:
     assert status.code == error.code().value[0]
     found: dict[str, object] = {"message": status.message}
     for detail in status.details:
-        for kind in (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest, error_details_pb2.RequestInfo):
+        for kind in (
+            error_details_pb2.ErrorInfo,
+            error_details_pb2.BadRequest,
+            error_details_pb2.RequestInfo,
+        ):
             if detail.Is(kind.DESCRIPTOR):
                 unpacked = kind()
                 detail.Unpack(unpacked)
@@ -135,7 +140,9 @@ async def test_negative_page_size_is_a_typed_invalid_argument(running: RunningSe
     assert (info.reason, info.domain) == ("INVALID_REQUEST_FIELDS", "parley.dev")
     bad_request = status["BadRequest"]
     assert isinstance(bad_request, error_details_pb2.BadRequest)
-    assert [(v.field, v.reason) for v in bad_request.field_violations] == [("page_size", "PAGE_SIZE_NEGATIVE")]
+    assert [(v.field, v.reason) for v in bad_request.field_violations] == [
+        ("page_size", "PAGE_SIZE_NEGATIVE")
+    ]
     request_info = status["RequestInfo"]
     assert isinstance(request_info, error_details_pb2.RequestInfo)
     assert request_info.request_id == "req-123"
@@ -174,7 +181,9 @@ async def test_server_streaming_rpcs_go_through_the_same_chain(running: RunningS
 
 async def test_identity_headers_without_the_gateway_secret_are_refused(running: RunningServer) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await running.billing.ListPlans(billing_pb2.ListPlansRequest(), metadata=(("x-parley-user-id", "admin"),))
+        await running.billing.ListPlans(
+            billing_pb2.ListPlansRequest(), metadata=(("x-parley-user-id", "admin"),)
+        )
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
     info = rich_status(caught.value)["ErrorInfo"]
     assert isinstance(info, error_details_pb2.ErrorInfo)
@@ -206,7 +215,9 @@ async def test_health_and_reflection_are_registered(running: RunningServer) -> N
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
     reflection = reflection_pb2_grpc.ServerReflectionStub(running.channel)
-    responses = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    responses = reflection.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+    )
     names = set()
     async for response in responses:
         names = {service.name for service in response.list_services_response.service}
@@ -268,13 +279,13 @@ async def test_unexpected_crash_is_internal_without_leaking_details(sqlite_url: 
 async def test_health_follows_database_reachability(postgres_url: str) -> None:
     """NOT_SERVING while PostgreSQL cannot be reached, SERVING again once it returns."""
     await upgrade_async(postgres_url)
-    from sqlalchemy.engine import make_url
-
     target = make_url(postgres_url)
     proxy = TcpProxy(target.host or "127.0.0.1", target.port or 5432)
     await proxy.start()
-    database = Database(target.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False),
-                        connect_timeout_s=1.0)
+    database = Database(
+        target.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False),
+        connect_timeout_s=1.0,
+    )
     server, port, _registry = await start_server(database, probe_interval_s=0.2)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:

@@ -168,7 +168,9 @@ def test_role_requirements() -> None:
     with pytest.raises(Unauthenticated):
         ANONYMOUS.require_user()
     resolver = IdentityResolver(gateway_secret="s", token_verifier=NoTokenVerifier())
-    user = resolver.resolve({"x-parley-gateway-secret": "s", "x-parley-user-id": "u", "x-parley-roles": "user"})
+    user = resolver.resolve(
+        {"x-parley-gateway-secret": "s", "x-parley-user-id": "u", "x-parley-roles": "user"}
+    )
     with pytest.raises(PermissionDenied) as error:
         user.require_role("admin")
     assert error.value.reason == "ROLE_REQUIRED"

@@ -7,6 +7,7 @@ must be called from a thread without a running loop (`migrate.upgrade_async` doe
 from __future__ import annotations
 
 import asyncio
+from typing import Any, Literal
 
 from alembic import context
 from alembic.autogenerate.api import AutogenContext
@@ -27,7 +28,7 @@ def _database_url() -> str:
     return str(url)
 
 
-def _render_item(kind: str, item: object, autogen_context: AutogenContext) -> str | bool:
+def _render_item(kind: str, item: Any, autogen_context: AutogenContext) -> str | Literal[False]:
     """Write application column types as the plain SQLAlchemy types they store, so a revision keeps
     working after the Python type it was generated from changes or moves."""
     if kind == "type" and isinstance(item, UTCDateTime):
@@ -35,7 +36,7 @@ def _render_item(kind: str, item: object, autogen_context: AutogenContext) -> st
     return False
 
 
-def _configure(**options: object) -> None:
+def _configure(**options: Any) -> None:
     context.configure(
         target_metadata=target_metadata,
         compare_type=True,
@@ -48,7 +49,9 @@ def _configure(**options: object) -> None:
 
 def run_migrations_offline() -> None:
     """`--sql` mode: print the SQL instead of running it."""
-    _configure(url=async_database_url(_database_url()), literal_binds=True, dialect_opts={"paramstyle": "named"})
+    _configure(
+        url=async_database_url(_database_url()), literal_binds=True, dialect_opts={"paramstyle": "named"}
+    )
     with context.begin_transaction():
         context.run_migrations()
 
@@ -62,7 +65,9 @@ def _migrate(connection: Connection) -> None:
     with context.begin_transaction():
         if connection.dialect.name == "postgresql":
             # Replicas starting together queue here; each then sees what the previous one applied.
-            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_ADVISORY_LOCK_KEY})
+            connection.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_ADVISORY_LOCK_KEY}
+            )
         context.run_migrations()
     if connection.dialect.name == "sqlite":
         # Foreign keys were off for the table rebuilds; prove the data still satisfies them.

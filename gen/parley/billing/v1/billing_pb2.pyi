@@ -42,7 +42,7 @@ class _SubscriptionStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Su
     """Waiting for the first payment of a paid plan."""
     SUBSCRIPTION_STATUS_PAST_DUE: _SubscriptionStatus.ValueType  # 3
     """A renewal payment failed and is being retried (dunning)."""
-    SUBSCRIPTION_STATUS_CANCELED: _SubscriptionStatus.ValueType  # 4
+    SUBSCRIPTION_STATUS_CANCELLED: _SubscriptionStatus.ValueType  # 4
     """Ended; the user is back on the free plan with a new subscription."""
 
 class SubscriptionStatus(_SubscriptionStatus, metaclass=_SubscriptionStatusEnumTypeWrapper):
@@ -56,7 +56,7 @@ SUBSCRIPTION_STATUS_INCOMPLETE: SubscriptionStatus.ValueType  # 2
 """Waiting for the first payment of a paid plan."""
 SUBSCRIPTION_STATUS_PAST_DUE: SubscriptionStatus.ValueType  # 3
 """A renewal payment failed and is being retried (dunning)."""
-SUBSCRIPTION_STATUS_CANCELED: SubscriptionStatus.ValueType  # 4
+SUBSCRIPTION_STATUS_CANCELLED: SubscriptionStatus.ValueType  # 4
 """Ended; the user is back on the free plan with a new subscription."""
 Global___SubscriptionStatus: _TypeAlias = SubscriptionStatus  # noqa: Y015
 

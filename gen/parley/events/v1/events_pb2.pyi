@@ -169,7 +169,7 @@ class _SubscriptionChangeKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper
     """A cancellation was scheduled for period end."""
     SUBSCRIPTION_CHANGE_KIND_RESUMED: _SubscriptionChangeKind.ValueType  # 6
     """A scheduled cancellation or downgrade was undone."""
-    SUBSCRIPTION_CHANGE_KIND_CANCELED: _SubscriptionChangeKind.ValueType  # 7
+    SUBSCRIPTION_CHANGE_KIND_CANCELLED: _SubscriptionChangeKind.ValueType  # 7
     """The subscription ended."""
     SUBSCRIPTION_CHANGE_KIND_RENEWED: _SubscriptionChangeKind.ValueType  # 8
     """A new period started and the allowance reset."""
@@ -195,7 +195,7 @@ SUBSCRIPTION_CHANGE_KIND_CANCEL_SCHEDULED: SubscriptionChangeKind.ValueType  # 5
 """A cancellation was scheduled for period end."""
 SUBSCRIPTION_CHANGE_KIND_RESUMED: SubscriptionChangeKind.ValueType  # 6
 """A scheduled cancellation or downgrade was undone."""
-SUBSCRIPTION_CHANGE_KIND_CANCELED: SubscriptionChangeKind.ValueType  # 7
+SUBSCRIPTION_CHANGE_KIND_CANCELLED: SubscriptionChangeKind.ValueType  # 7
 """The subscription ended."""
 SUBSCRIPTION_CHANGE_KIND_RENEWED: SubscriptionChangeKind.ValueType  # 8
 """A new period started and the allowance reset."""
@@ -1034,7 +1034,7 @@ class EmailRequested(_message.Message):
     """The recipient's user id, if any."""
     @_builtins.property
     def params(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """The template's parameters; secrets such as tokens appear only here and never in logs."""
+        """The template's parameters, which may hold single-use tokens: only the email worker reads them, and no consumer logs or persists them."""
 
     @_builtins.property
     def send_after_time(self) -> _timestamp_pb2.Timestamp:

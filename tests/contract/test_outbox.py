@@ -1,0 +1,326 @@
+"""Contract of the transactional outbox and its relay, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import UTC, timedelta
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from parley.events.v1 import events_pb2
+from sqlalchemy import select, text, update
+
+from services.common.db import Database
+from services.common.events import payload_of
+from services.common.migrate import upgrade_async
+from services.common.models import utc_now
+from services.common.outbox import (
+    InProcessDispatcher,
+    OutboxEvent,
+    OutboxRelay,
+    add_event,
+    outbox_lag_seconds,
+)
+
+
+class RecordingDispatcher:
+    """Delivers into a list; can be told to fail its next calls, or to take its time."""
+
+    def __init__(self, *, failures: int = 0, delay_s: float = 0.0, log: list[str] | None = None) -> None:
+        self.failures_left = failures
+        self.delay_s = delay_s
+        self.calls = 0
+        self.delivered: list[str] = [] if log is None else log
+
+    async def dispatch(self, events: Sequence[events_pb2.Event]) -> None:
+        self.calls += 1
+        if self.failures_left > 0:
+            self.failures_left -= 1
+            raise ConnectionError("stream unavailable")
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        self.delivered.extend(event.id for event in events)
+
+
+def registered(user: str) -> events_pb2.UserRegistered:
+    return events_pb2.UserRegistered(user_id=user, email=f"{user}@example.com", display_name=user.title())
+
+
+async def commit_events(db: Database, users: Sequence[str]) -> list[str]:
+    """One transaction adding one event per user; returns the event ids in the order added."""
+    async with db.unit_of_work() as session:
+        return [
+            add_event(session, source="auth", subject=user, payload=registered(user)).id for user in users
+        ]
+
+
+async def relay_until_idle(relay: OutboxRelay) -> int:
+    total = 0
+    while relayed := await relay.relay_once():
+        total += relayed
+    return total
+
+
+async def outbox_rows(db: Database) -> list[OutboxEvent]:
+    async with db.unit_of_work(read_only=True) as session:
+        return list(await session.scalars(select(OutboxEvent).order_by(OutboxEvent.sequence)))
+
+
+async def eventually(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def running(relay: OutboxRelay) -> AsyncIterator[asyncio.Task[None]]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(relay.run(stop))
+    try:
+        yield task
+    finally:
+        stop.set()
+        async with asyncio.timeout(5):
+            await task
+
+
+async def test_event_of_a_rolled_back_transaction_never_appears(database: Database) -> None:
+    dispatcher = RecordingDispatcher()
+    with pytest.raises(RuntimeError):
+        async with database.unit_of_work() as session:
+            add_event(session, source="auth", subject="u1", payload=registered("u1"))
+            await session.flush()
+            raise RuntimeError("the state change failed")
+    assert await OutboxRelay(database, dispatcher).relay_once() == 0
+    assert dispatcher.delivered == []
+    assert await outbox_rows(database) == []
+    assert await outbox_lag_seconds(database) == 0.0
+
+
+async def test_committed_events_are_relayed_exactly_once_in_commit_order(database: Database) -> None:
+    expected: list[str] = []
+    for users in (["a"], ["b", "c", "d"], ["e", "f"], ["g", "h", "i", "j", "k"]):
+        expected += await commit_events(database, users)
+    dispatcher = RecordingDispatcher()
+    relay = OutboxRelay(database, dispatcher, batch_size=3)
+
+    assert await relay_until_idle(relay) == len(expected)
+    assert await relay.relay_once() == 0
+    assert dispatcher.delivered == expected
+    rows = await outbox_rows(database)
+    assert all(row.relayed_at is not None and row.relayed_at.tzinfo is UTC for row in rows)
+    assert all(row.attempts == 0 for row in rows)
+
+
+async def test_envelope_carries_the_event(database: Database) -> None:
+    received: list[events_pb2.Event] = []
+
+    async def consumer(event: events_pb2.Event) -> None:
+        received.append(event)
+
+    dispatcher = InProcessDispatcher()
+    dispatcher.subscribe("recorder", consumer)
+    tracer = TracerProvider().get_tracer("test")
+    before = utc_now()
+    with tracer.start_as_current_span("register") as span:
+        async with database.unit_of_work() as session:
+            returned = add_event(session, source="auth", subject="user-1", payload=registered("user-1"))
+    explicit = events_pb2.TraceContext(
+        traceparent="00-" + "ab" * 16 + "-" + "cd" * 8 + "-01", tracestate="k=v"
+    )
+    async with database.unit_of_work() as session:
+        add_event(
+            session, source="auth", subject="user-2", payload=registered("user-2"), trace_context=explicit
+        )
+        add_event(session, source="auth", subject="user-3", payload=registered("user-3"))
+
+    await relay_until_idle(OutboxRelay(database, dispatcher))
+
+    first, second, untraced = received
+    assert first == returned
+    assert first.type == "user.registered"
+    assert first.source == "auth"
+    assert first.subject == "user-1"
+    assert first.WhichOneof("payload") == "user_registered"
+    assert payload_of(first) == registered("user-1")
+    assert before <= first.time.ToDatetime(tzinfo=UTC) <= utc_now()
+    trace_id = f"{span.get_span_context().trace_id:032x}"
+    assert first.trace_context.traceparent.split("-")[1] == trace_id
+    assert second.trace_context == explicit
+    assert not untraced.HasField("trace_context")
+    rows = await outbox_rows(database)
+    assert [row.event_type for row in rows] == ["user.registered"] * 3
+    assert rows[0].occurred_at == first.time.ToDatetime(tzinfo=UTC)
+
+
+async def test_failed_dispatch_is_recorded_and_retried_after_backoff(database: Database) -> None:
+    expected = await commit_events(database, ["a", "b"])
+    dispatcher = RecordingDispatcher(failures=2)
+    # Backoff of 0.3-0.6s (jitter): long enough that the immediate second attempt is surely early.
+    relay = OutboxRelay(database, dispatcher, retry_base_s=0.6, retry_max_s=0.6)
+
+    assert await relay.relay_once() == 0
+    head, second = await outbox_rows(database)
+    assert head.relayed_at is None
+    assert head.attempts == 1
+    assert head.last_error == "ConnectionError: stream unavailable"
+    assert head.next_attempt_at is not None
+    assert head.next_attempt_at > utc_now()
+    assert second.attempts == 0
+    assert second.relayed_at is None
+
+    # Still backing off: the dispatcher is not even called, and nothing overtakes the failed event.
+    assert await relay.relay_once() == 0
+    assert dispatcher.calls == 1
+
+    await asyncio.sleep(0.65)
+    assert await relay.relay_once() == 0
+    head, _ = await outbox_rows(database)
+    assert head.attempts == 2
+
+    await asyncio.sleep(0.65)
+    assert await relay.relay_once() == 2
+    assert dispatcher.delivered == expected
+    head, second = await outbox_rows(database)
+    assert head.relayed_at is not None
+    assert second.relayed_at is not None
+    assert head.next_attempt_at is None
+    assert head.attempts == 2
+
+
+async def test_a_partial_dispatch_marks_what_was_delivered(database: Database) -> None:
+    expected = await commit_events(database, ["a", "b", "c", "d"])
+    seen: list[str] = []
+    fail_on = {expected[2]}
+
+    async def consumer(event: events_pb2.Event) -> None:
+        if event.id in fail_on:
+            fail_on.discard(event.id)
+            raise ValueError("consumer hiccup")
+        seen.append(event.id)
+
+    dispatcher = InProcessDispatcher()
+    dispatcher.subscribe("flaky", consumer)
+    relay = OutboxRelay(database, dispatcher, retry_base_s=0.01, retry_max_s=0.01)
+
+    assert await relay.relay_once() == 2
+    rows = await outbox_rows(database)
+    assert [row.relayed_at is not None for row in rows] == [True, True, False, False]
+    assert rows[2].attempts == 1
+    assert rows[2].last_error == "ValueError: consumer hiccup"
+
+    await asyncio.sleep(0.03)
+    assert await relay.relay_once() == 2
+    assert seen == expected
+
+
+async def test_in_process_dispatcher_delivers_each_event_to_every_matching_consumer(
+    database: Database,
+) -> None:
+    expected = await commit_events(database, ["a", "b"])
+    log: list[tuple[str, str]] = []
+
+    def recorder(name: str) -> Callable[[events_pb2.Event], Awaitable[None]]:
+        async def handle(event: events_pb2.Event) -> None:
+            log.append((name, event.id))
+
+        return handle
+
+    dispatcher = InProcessDispatcher()
+    dispatcher.subscribe("everything", recorder("everything"))
+    dispatcher.subscribe("registrations", recorder("registrations"), event_types=["user.registered"])
+    dispatcher.subscribe("other", recorder("other"), event_types={"chat.message_sent"})
+    with pytest.raises(ValueError, match="already subscribed"):
+        dispatcher.subscribe("other", recorder("other"))
+
+    await relay_until_idle(OutboxRelay(database, dispatcher))
+
+    assert log == [
+        ("everything", expected[0]),
+        ("registrations", expected[0]),
+        ("everything", expected[1]),
+        ("registrations", expected[1]),
+    ]
+
+
+async def test_a_new_relay_picks_up_what_is_pending(database: Database) -> None:
+    first_batch = await commit_events(database, ["a", "b"])
+    crashed = OutboxRelay(database, RecordingDispatcher(failures=1), retry_base_s=0.01, retry_max_s=0.01)
+    assert await crashed.relay_once() == 0
+    second_batch = await commit_events(database, ["c"])
+
+    await asyncio.sleep(0.03)
+    dispatcher = RecordingDispatcher()
+    assert await relay_until_idle(OutboxRelay(database, dispatcher)) == 3
+    assert dispatcher.delivered == first_batch + second_batch
+
+
+async def test_run_relays_when_woken_and_survives_errors(database: Database) -> None:
+    dispatcher = RecordingDispatcher(failures=1)
+    # A long idle poll: only wake() can explain a prompt delivery.
+    relay = OutboxRelay(database, dispatcher, idle_poll_s=60, retry_base_s=0.01, retry_max_s=0.05)
+    async with running(relay) as task:
+        await asyncio.sleep(0.05)
+        first = await commit_events(database, ["a"])
+        relay.wake()
+        await eventually(lambda: dispatcher.calls >= 1)
+        relay.wake()
+        await eventually(lambda: dispatcher.delivered == first)
+
+        # The outbox table vanishing (a database error, not a dispatch failure) must not end the loop.
+        async with database.unit_of_work() as session:
+            await session.execute(text("ALTER TABLE outbox_events RENAME TO outbox_events_away"))
+        relay.wake()
+        await asyncio.sleep(0.2)
+        assert not task.done()
+        async with database.unit_of_work() as session:
+            await session.execute(text("ALTER TABLE outbox_events_away RENAME TO outbox_events"))
+
+        second = await commit_events(database, ["b", "c"])
+        started = time.monotonic()
+        relay.wake()
+        await eventually(lambda: dispatcher.delivered == first + second)
+        assert time.monotonic() - started < 5
+    assert task.done()
+
+
+async def test_outbox_lag_is_the_age_of_the_oldest_unrelayed_event(database: Database) -> None:
+    assert await outbox_lag_seconds(database) == 0.0
+    await commit_events(database, ["a", "b"])
+    async with database.unit_of_work() as session:
+        await session.execute(
+            update(OutboxEvent)
+            .where(OutboxEvent.subject == "a")
+            .values(occurred_at=utc_now() - timedelta(seconds=30))
+        )
+    lag = await outbox_lag_seconds(database)
+    assert 30 <= lag < 40
+    await relay_until_idle(OutboxRelay(database, RecordingDispatcher()))
+    assert await outbox_lag_seconds(database) == 0.0
+
+
+@pytest.mark.postgres
+async def test_concurrent_relays_on_postgres_deliver_each_event_once_in_order(postgres_url: str) -> None:
+    await upgrade_async(postgres_url)
+    db = Database(postgres_url)
+    log: list[str] = []
+    relays = [
+        OutboxRelay(db, RecordingDispatcher(delay_s=0.005, log=log), batch_size=4, idle_poll_s=0.005)
+        for _ in range(3)
+    ]
+    expected: list[str] = []
+    try:
+        async with running(relays[0]), running(relays[1]), running(relays[2]):
+            for round_ in range(25):
+                expected += await commit_events(db, [f"u{round_}-{index}" for index in range(round_ % 4 + 1)])
+                for relay in relays:
+                    relay.wake()
+            await eventually(lambda: len(log) >= len(expected), timeout_s=20)
+            await asyncio.sleep(0.1)  # room for a wrong duplicate delivery to show up
+        assert log == expected
+        assert await outbox_lag_seconds(db) == 0.0
+    finally:
+        await db.dispose()

@@ -1,0 +1,209 @@
+"""Run the real gateway (Envoy child + edge gRPC server) on free ports, for e2e tests.
+
+Everything here is asynchronous and must run on the event loop that serves the gRPC servers, so a
+test module using it runs its fixtures and tests on one loop, e.g.:
+
+    pytestmark = [pytest.mark.envoy, pytest.mark.asyncio(loop_scope="module")]
+
+    @pytest_asyncio.fixture(loop_scope="module", scope="module")
+    async def gateway() -> AsyncIterator[RunningGateway]:
+        upstream = await start_health_upstream(public_service_names())
+        async with running_gateway(embedded_test_topology(upstream.port)) as gateway:
+            yield gateway
+        await upstream.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+import sys
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import httpx
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from gateway.edge import create_edge_server
+from gateway.envoy_process import EnvoyProcess
+from gateway.render import (
+    GatewaySettings,
+    Topology,
+    embedded_topology,
+    load_gateway_settings,
+    public_services,
+    read_descriptor_set,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DESCRIPTOR_SET_PATH = REPO_ROOT / "gen" / "parley" / "descriptor_set.binpb"
+GRPCURL = Path(sys.executable).parent / "grpcurl"
+TEST_GATEWAY_SECRET = "test-gateway-secret"
+
+
+def free_port() -> int:
+    """A port that was free a moment ago (the usual small race is acceptable in tests)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def public_service_names(descriptor_set_path: Path = DESCRIPTOR_SET_PATH) -> list[str]:
+    return [
+        service.full_name
+        for service in public_services(read_descriptor_set(descriptor_set_path.read_bytes()))
+    ]
+
+
+def internal_service_names(descriptor_set_path: Path = DESCRIPTOR_SET_PATH) -> list[str]:
+    descriptor_set = read_descriptor_set(descriptor_set_path.read_bytes())
+    return sorted(
+        f"{file.package}.{service.name}"
+        for file in descriptor_set.file
+        for service in file.service
+        if file.package.startswith("parley.") and service.name.endswith("InternalService")
+    )
+
+
+def fast_settings(**overrides: object) -> GatewaySettings:
+    """Production settings with health checks fast enough for a test to watch a status change."""
+    defaults: dict[str, object] = {
+        "health_check_interval_ms": 200,
+        "health_check_unhealthy_interval_ms": 200,
+        "health_check_timeout_ms": 500,
+    }
+    return dataclasses.replace(load_gateway_settings(), **{**defaults, **overrides})  # type: ignore[arg-type]
+
+
+def embedded_test_topology(
+    grpc_port: int,
+    *,
+    descriptor_set_path: Path = DESCRIPTOR_SET_PATH,
+    secret: str = TEST_GATEWAY_SECRET,
+    settings: GatewaySettings | None = None,
+    max_request_bytes: int | None = None,
+) -> Topology:
+    """The embedded topology on free ports, every upstream at `grpc_port` on loopback."""
+    topology = embedded_topology(
+        grpc_port=grpc_port,
+        edge_port=free_port(),
+        http_port=free_port(),
+        admin_port=free_port(),
+        secret=secret,
+        descriptor_set_path=descriptor_set_path,
+        settings=settings or fast_settings(),
+    )
+    if max_request_bytes is not None:
+        topology = dataclasses.replace(topology, max_request_bytes=max_request_bytes)
+    return topology
+
+
+@dataclass
+class RunningGateway:
+    """Envoy plus the edge server, both up; `http_url` is where clients connect (JSON and gRPC)."""
+
+    topology: Topology
+    envoy: EnvoyProcess
+    edge_server: grpc.aio.Server
+
+    @property
+    def http_url(self) -> str:
+        return self.envoy.http_url
+
+    @property
+    def grpc_target(self) -> str:
+        """host:port for gRPC clients such as grpcurl (plaintext, HTTP/2 prior knowledge)."""
+        return self.http_url.removeprefix("http://")
+
+
+@asynccontextmanager
+async def running_gateway(topology: Topology, *, stdout: int | None = None) -> AsyncIterator[RunningGateway]:
+    """Start the edge server on the topology's edge port, then Envoy; stop both on exit."""
+    edge_server, _ = await create_edge_server(
+        topology.descriptor_set_path.read_bytes(), topology.edge.host, topology.edge.port
+    )
+    envoy = EnvoyProcess(topology, stdout=stdout)
+    try:
+        await envoy.start()
+        yield RunningGateway(topology=topology, envoy=envoy, edge_server=edge_server)
+    finally:
+        await envoy.stop()
+        await edge_server.stop(grace=None)
+
+
+@dataclass
+class HealthUpstream:
+    """A real gRPC server on loopback answering grpc.health.v1 for the given service names.
+
+    It stands in for the Parley services where a test only needs Envoy's health checks to pass;
+    more handlers (grpc.GenericRpcHandler) can be passed to answer specific RPCs.
+    """
+
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+
+    async def set_status(self, service: str, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        await self.health.set(service, status)
+
+    async def stop(self) -> None:
+        await self.server.stop(grace=None)
+
+
+async def start_health_upstream(
+    serving: Iterable[str], *, handlers: Iterable[grpc.GenericRpcHandler] = ()
+) -> HealthUpstream:
+    server = grpc.aio.server()
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers(tuple(handlers))
+    for name in ("", *serving):
+        await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return HealthUpstream(server=server, port=port, health=servicer)
+
+
+@dataclass(frozen=True)
+class GrpcurlResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+async def grpcurl(*args: str, timeout_s: float = 30.0) -> GrpcurlResult:
+    """The real grpcurl binary, run without blocking the event loop that serves the test's servers."""
+    process = await asyncio.create_subprocess_exec(
+        str(GRPCURL),
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=timeout_s)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    assert process.returncode is not None
+    return GrpcurlResult(process.returncode, stdout.decode(), stderr.decode())
+
+
+async def wait_for_healthz(url: str, expected_status: int, *, timeout_s: float = 10.0) -> None:
+    """Poll GET /healthz until it answers `expected_status` (Envoy's health checks run on a timer)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    last: int | None = None
+    async with httpx.AsyncClient(timeout=2.0) as client:
+        while loop.time() < deadline:
+            last = (await client.get(f"{url}/healthz")).status_code
+            if last == expected_status:
+                return
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"/healthz stayed {last}, expected {expected_status} within {timeout_s}s")

@@ -1,0 +1,120 @@
+"""Run the real `parley` CLI as a child process for end-to-end tests, on free ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from tests.support.gateway import free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PARLEY = Path(sys.executable).parent / "parley"
+
+
+@dataclass
+class EmbeddedPorts:
+    http: int = field(default_factory=free_port)
+    grpc: int = field(default_factory=free_port)
+    edge: int = field(default_factory=free_port)
+    admin: int = field(default_factory=free_port)
+    metrics: int = field(default_factory=free_port)
+
+    def env(self) -> dict[str, str]:
+        return {
+            "PARLEY_HTTP_PORT": str(self.http),
+            "PARLEY_GRPC_PORT": str(self.grpc),
+            "PARLEY_EDGE_PORT": str(self.edge),
+            "PARLEY_ENVOY_ADMIN_PORT": str(self.admin),
+            "PARLEY_METRICS_PORT": str(self.metrics),
+        }
+
+
+class ParleyProcess:
+    """`parley <args>` in its own process group, with its output captured to a log file."""
+
+    def __init__(self, args: list[str], *, env: Mapping[str, str], log_path: Path) -> None:
+        self.args = args
+        self._env = {**os.environ, **env}
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [str(PARLEY), *self.args],
+                env=self._env,
+                cwd=REPO_ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_until_http_ok(self, url: str, *, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise AssertionError(
+                    f"parley exited with {self.process.returncode}:\n{self.output()[-4000:]}"
+                )
+            try:
+                if httpx.get(url, timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"{url} did not answer 200 within {timeout_s}s:\n{self.output()[-4000:]}")
+
+    def terminate(self, *, signum: int = signal.SIGTERM, timeout_s: float = 20.0) -> int:
+        """Send `signum` (SIGTERM, or SIGINT as Ctrl-C does) and wait; returns the exit code."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+        try:
+            return self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            tail = self.output()[-4000:]
+            raise AssertionError(f"parley did not stop within {timeout_s}s of the signal:\n{tail}") from None
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct child pids, read from /proc (Linux)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # The command name is in parentheses and may contain spaces; the ppid follows the state field.
+        after_name = stat.rsplit(")", 1)[1].split()
+        if int(after_name[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie has exited; only its parent's wait() is missing.
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
