@@ -27,6 +27,8 @@ import httpx
 import pytest
 import redis
 
+from services.common.db import Database
+from services.common.migrate import upgrade_async
 from tests.support.databases import (
     PostgresUnavailableError,
     drop_abandoned_test_databases,
@@ -162,3 +164,26 @@ def clickhouse_url() -> str:
     if failure is not None:
         pytest.fail(failure, pytrace=False)
     return url
+
+
+# Every port with a SQLite and a PostgreSQL adapter is tested on both through these two fixtures.
+DIALECTS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(params=DIALECTS)
+def database_url(request: pytest.FixtureRequest) -> str:
+    """URL of a fresh, empty database: a SQLite file under tmp_path, or a new PostgreSQL database."""
+    fixture = "sqlite_url" if request.param == "sqlite" else "postgres_url"
+    url: str = request.getfixturevalue(fixture)
+    return url
+
+
+@pytest.fixture
+async def database(database_url: str) -> AsyncIterator[Database]:
+    """A `Database` on a fresh database migrated to every branch's head."""
+    await upgrade_async(database_url)
+    db = Database(database_url, connect_timeout_s=3.0)
+    try:
+        yield db
+    finally:
+        await db.dispose()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Final
@@ -16,6 +16,7 @@ from typing import Any, Final
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import Session
 from sqlalchemy.pool import ConnectionPoolEntry
 
 logger = logging.getLogger(__name__)
@@ -148,19 +149,30 @@ class Database:
             raise ValueError("connect_timeout_s must be positive")
         self._connect_timeout_s = connect_timeout_s
         self.engine: AsyncEngine = create_engine_for(url, echo=echo, connect_timeout_s=connect_timeout_s)
+        # A Session class of this Database's own, so commit hooks fire for its sessions only.
+        self._session_class: type[Session] = type("ParleySession", (Session,), {})
         self.sessions: async_sessionmaker[AsyncSession] = async_sessionmaker(
-            self.engine, expire_on_commit=False
+            self.engine, expire_on_commit=False, sync_session_class=self._session_class
         )
         # Shares the engine's pool; only the transaction's characteristics differ.
         read_only_options: dict[str, Any] = {_READ_ONLY_OPTION: True}
         if self.dialect_name == "postgresql":
             read_only_options["postgresql_readonly"] = True
         self._read_only_engine = self.engine.execution_options(**read_only_options)
-        self._read_only_sessions = async_sessionmaker(self._read_only_engine, expire_on_commit=False)
+        self._read_only_sessions = async_sessionmaker(
+            self._read_only_engine, expire_on_commit=False, sync_session_class=self._session_class
+        )
         # SQLite: writing units of work in this process queue here, first come first served, instead
         # of polling the file lock through busy_timeout's sleeps (tens of times slower under contention).
         # BEGIN IMMEDIATE still guards sessions opened directly and other processes.
         self._sqlite_writer_turn = asyncio.Lock() if self.dialect_name == "sqlite" else None
+
+    def after_commit(self, hook: Callable[[Session], None]) -> None:
+        """Call `hook(session)` after every commit of this Database's sessions, on the committing thread.
+
+        The outbox relay uses it to wake up as soon as a unit of work that wrote events commits.
+        """
+        event.listen(self._session_class, "after_commit", hook)
 
     @property
     def dialect_name(self) -> str:

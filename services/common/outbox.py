@@ -30,7 +30,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from parley.events.v1 import events_pb2
 from sqlalchemy import BigInteger, Index, Integer, LargeBinary, String, Text, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from services.common.db import Database
 from services.common.events import event_type_for, payload_field_for
@@ -45,6 +45,8 @@ RELAY_ADVISORY_LOCK_KEY: Final = int.from_bytes(
 )
 
 _LAST_ERROR_MAX_CHARS: Final = 2000
+# Session.info key set by add_event, so a commit hook knows the transaction wrote events.
+EVENTS_ADDED: Final = "parley.outbox.events_added"
 
 
 class OutboxEvent(Base):
@@ -120,6 +122,7 @@ def add_event(
     if context is not None:
         event.trace_context.CopyFrom(context)
     getattr(event, field).CopyFrom(payload)
+    session.info[EVENTS_ADDED] = True
     session.add(
         OutboxEvent(
             event_id=event.id,
@@ -250,6 +253,12 @@ class OutboxRelay:
         # One batch at a time per relay, whoever calls relay_once.
         self._batch_lock = asyncio.Lock()
         self._wake = asyncio.Event()
+        # Events committed in this process are relayed at once instead of at the next idle poll.
+        db.after_commit(self._wake_if_events_committed)
+
+    def _wake_if_events_committed(self, session: Session) -> None:
+        if session.info.pop(EVENTS_ADDED, False):
+            self.wake()
 
     def wake(self) -> None:
         """Make a waiting `run` loop poll now (call it after committing events; event-loop thread only)."""

@@ -287,6 +287,21 @@ async def test_run_relays_when_woken_and_survives_errors(database: Database) -> 
     assert task.done()
 
 
+async def test_a_commit_that_wrote_events_wakes_the_relay(database: Database) -> None:
+    dispatcher = RecordingDispatcher()
+    # The idle poll is far longer than the bound below, so only the commit hook can deliver in time.
+    relay = OutboxRelay(database, dispatcher, idle_poll_s=600)
+    async with running(relay):
+        await asyncio.sleep(0.05)
+        first = await commit_events(database, ["a", "b"])
+        await eventually(lambda: dispatcher.delivered == first)
+        # A commit without events does not wake it; a later one with events does.
+        async with database.unit_of_work() as session:
+            await session.execute(text("SELECT 1"))
+        second = await commit_events(database, ["c"])
+        await eventually(lambda: dispatcher.delivered == first + second)
+
+
 async def test_outbox_lag_is_the_age_of_the_oldest_unrelayed_event(database: Database) -> None:
     assert await outbox_lag_seconds(database) == 0.0
     await commit_events(database, ["a", "b"])

@@ -61,20 +61,6 @@ async def start_server(
     return server, port, registry
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def database_url(request: pytest.FixtureRequest) -> str:
-    url: str = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "postgres_url")
-    return url
-
-
-@pytest.fixture
-async def database(database_url: str) -> AsyncIterator[Database]:
-    await upgrade_async(database_url)
-    database = Database(database_url)
-    yield database
-    await database.dispose()
-
-
 @pytest.fixture
 async def running(database: Database) -> AsyncIterator[RunningServer]:
     server, port, registry = await start_server(database)

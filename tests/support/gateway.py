@@ -19,7 +19,7 @@ import asyncio
 import dataclasses
 import socket
 import sys
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,7 +141,9 @@ class HealthUpstream:
     """A real gRPC server on loopback answering grpc.health.v1 for the given service names.
 
     It stands in for the Parley services where a test only needs Envoy's health checks to pass;
-    more handlers (grpc.GenericRpcHandler) can be passed to answer specific RPCs.
+    more handlers (grpc.GenericRpcHandler) can be passed to answer specific RPCs, and generated
+    servicers through their `add_*_to_server` function, e.g.
+    `functools.partial(chat_pb2_grpc.add_ChatServiceServicer_to_server, servicer)`.
     """
 
     server: grpc.aio.Server
@@ -156,12 +158,17 @@ class HealthUpstream:
 
 
 async def start_health_upstream(
-    serving: Iterable[str], *, handlers: Iterable[grpc.GenericRpcHandler] = ()
+    serving: Iterable[str],
+    *,
+    handlers: Iterable[grpc.GenericRpcHandler] = (),
+    servicers: Iterable[Callable[[grpc.aio.Server], None]] = (),
 ) -> HealthUpstream:
     server = grpc.aio.server()
     servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     server.add_generic_rpc_handlers(tuple(handlers))
+    for add_to_server in servicers:
+        add_to_server(server)
     for name in ("", *serving):
         await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     port = server.add_insecure_port("127.0.0.1:0")

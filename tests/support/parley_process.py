@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -88,6 +89,81 @@ class ParleyProcess:
             self.process.wait()
             tail = self.output()[-4000:]
             raise AssertionError(f"parley did not stop within {timeout_s}s of the signal:\n{tail}") from None
+
+    # Async variants, for tests whose event loop also runs servers or proxies the child talks to:
+    # the sync helpers above would block that loop while they wait.
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None, "start() first"
+        return self.process.pid
+
+    def exited(self) -> bool:
+        return self.process is not None and self.process.poll() is not None
+
+    def _failure(self, what: str) -> AssertionError:
+        assert self.process is not None
+        state = "running" if self.process.poll() is None else f"exited with {self.process.returncode}"
+        return AssertionError(f"parley {' '.join(self.args)} ({state}): {what}:\n{self.output()[-4000:]}")
+
+    async def wait_for_output(self, text: str, *, timeout_s: float = 20.0) -> None:
+        """Wait until `text` appears in the process's output; fail early if the process exits."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while text not in self.output():
+            if self.exited():
+                raise self._failure(f"exited before printing {text!r}")
+            if loop.time() >= deadline:
+                raise self._failure(f"did not print {text!r} within {timeout_s}s")
+            await asyncio.sleep(0.05)
+
+    async def wait_for_http_status(
+        self, url: str, expected_status: int = 200, *, timeout_s: float = 20.0
+    ) -> httpx.Response:
+        """Poll GET `url` until it answers `expected_status`; returns that response."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        last = "no answer"
+        async with httpx.AsyncClient(timeout=2.0) as client:
+            while True:
+                if self.exited():
+                    raise self._failure(f"exited while waiting for {expected_status} from {url}")
+                try:
+                    response = await client.get(url)
+                    if response.status_code == expected_status:
+                        return response
+                    last = f"{response.status_code} {response.text[:500]}"
+                except httpx.HTTPError as error:
+                    last = f"{type(error).__name__}: {error}"
+                if loop.time() >= deadline:
+                    raise self._failure(
+                        f"{url} did not answer {expected_status} within {timeout_s}s (last: {last})"
+                    )
+                await asyncio.sleep(0.1)
+
+    async def wait_for_exit(self, *, timeout_s: float = 20.0) -> int:
+        """Wait for the process to exit on its own; returns the exit code."""
+        assert self.process is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while (code := self.process.poll()) is None:
+            if loop.time() >= deadline:
+                raise self._failure(f"did not exit within {timeout_s}s")
+            await asyncio.sleep(0.05)
+        return code
+
+    async def stop(self, *, signum: int = signal.SIGTERM, timeout_s: float = 20.0) -> int:
+        """`terminate` without blocking the event loop: send `signum`, wait, return the exit code."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+        return await self.wait_for_exit(timeout_s=timeout_s)
+
+    def kill(self) -> None:
+        """SIGKILL if still running (cleanup after a failure); Envoy children die with it (pdeathsig)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
 
 
 def children_of(pid: int) -> list[int]:
