@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from parley.analytics.v1 import analytics_pb2, analytics_pb2_grpc
-
 from services.common.db import Database
 from services.common.server import ServiceRegistration, contract_only_services
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from parley.auth.v1 import auth_pb2, auth_pb2_grpc
-
 from services.common.db import Database
 from services.common.server import ServiceRegistration, contract_only_services
 

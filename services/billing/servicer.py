@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import grpc
+
 from parley.billing.v1 import billing_pb2, billing_pb2_grpc
 from parley.common.v1 import common_pb2
-
 from services.billing.plans import Plan, PlanCatalog
 from services.common.encoding import money_to_proto, timestamp_to_proto
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from parley.billing.v1 import billing_pb2, billing_pb2_grpc
-
 from services.billing.plans import PlanCatalog
 from services.billing.repository import PlanStoreOpener
 from services.billing.servicer import BillingServicer

@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from parley.common.v1 import common_pb2
 
+from parley.common.v1 import common_pb2
 from services.common.money import Money
 
 

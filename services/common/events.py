@@ -13,6 +13,7 @@ from types import MappingProxyType
 from typing import Final
 
 from google.protobuf.message import Message
+
 from parley.events.v1 import events_pb2
 
 PAYLOAD_ONEOF: Final = "payload"

@@ -27,11 +27,11 @@ from uuid import uuid4
 from google.protobuf.message import DecodeError, Message
 from opentelemetry.context import Context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from parley.events.v1 import events_pb2
 from sqlalchemy import BigInteger, Index, Integer, LargeBinary, String, Text, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
+from parley.events.v1 import events_pb2
 from services.common.db import Database
 from services.common.events import event_type_for, payload_field_for
 from services.common.models import UUID_LENGTH, Base, UTCDateTime, utc_now

@@ -10,9 +10,9 @@ from datetime import UTC, timedelta
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
-from parley.events.v1 import events_pb2
 from sqlalchemy import select, text, update
 
+from parley.events.v1 import events_pb2
 from services.common.db import Database
 from services.common.events import payload_of
 from services.common.migrate import upgrade_async

@@ -83,7 +83,9 @@ async def test_each_rpc_gets_a_server_span_that_continues_the_callers_trace(
     spans, channel = traced
     stub = billing_pb2_grpc.BillingServiceStub(channel)
     with pytest.raises(grpc.aio.AioRpcError):
-        await stub.GetPlan(billing_pb2.GetPlanRequest(plan_id="pro"), metadata=(("traceparent", TRACEPARENT),))
+        await stub.GetPlan(
+            billing_pb2.GetPlanRequest(plan_id="pro"), metadata=(("traceparent", TRACEPARENT),)
+        )
     (span,) = [s for s in spans.get_finished_spans() if s.name.endswith("BillingService/GetPlan")]
     assert span.kind == SpanKind.SERVER
     assert format(span.context.trace_id, "032x") == TRACE_ID

@@ -12,11 +12,11 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from parley.billing.v1 import billing_pb2, billing_pb2_grpc
-from parley.chat.v1 import chat_pb2, chat_pb2_grpc
 from prometheus_client import CollectorRegistry
 from sqlalchemy.engine import make_url
 
+from parley.billing.v1 import billing_pb2, billing_pb2_grpc
+from parley.chat.v1 import chat_pb2, chat_pb2_grpc
 from services.common.db import Database
 from services.common.health import DependencyProbe
 from services.common.identity import IdentityResolver, NoTokenVerifier

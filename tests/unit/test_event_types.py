@@ -9,8 +9,8 @@ import pytest
 from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
-from parley.events.v1 import events_pb2
 
+from parley.events.v1 import events_pb2
 from services.common.events import (
     EVENT_TYPES,
     PAYLOAD_FIELDS,
