@@ -19,6 +19,20 @@ pick_python() {
     return 1
 }
 
+# Only what changes the installed environment: the project metadata and the pins, not tool settings.
+install_inputs_digest() {
+    "$VENV/bin/python" - "$REPO_ROOT" <<'PY'
+import hashlib, json, pathlib, sys, tomllib
+root = pathlib.Path(sys.argv[1])
+project = tomllib.loads((root / "pyproject.toml").read_text())
+relevant = {key: project.get(key) for key in ("build-system", "project")}
+relevant["hatch-build"] = project.get("tool", {}).get("hatch", {})
+digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode())
+digest.update((root / "constraints.txt").read_bytes())
+print(digest.hexdigest())
+PY
+}
+
 ensure_venv() {
     if [[ ! -x "$VENV/bin/python" ]]; then
         echo "==> creating $VENV" >&2
@@ -26,7 +40,7 @@ ensure_venv() {
     fi
     local stamp="$VENV/.parley-install-stamp"
     local want
-    want="$(cat "$REPO_ROOT/pyproject.toml" "$REPO_ROOT/constraints.txt" | sha256sum | cut -d' ' -f1)"
+    want="$(install_inputs_digest)"
     if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
         echo "==> installing Parley and its pinned dependencies into .venv" >&2
         "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade "pip==$(grep -E '^pip==' "$REPO_ROOT/constraints.txt" | cut -d= -f3)"

@@ -14,10 +14,13 @@ from pathlib import Path
 from typing import Any, Final
 
 from sqlalchemy import event, text
+from sqlalchemy import exc as sqlalchemy_errors
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import ConnectionPoolEntry
+
+from services.common.errors import Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +140,16 @@ def _configure_sqlite(engine: AsyncEngine, *, foreign_keys: bool) -> None:
         connection.exec_driver_sql("BEGIN DEFERRED" if read_only else "BEGIN IMMEDIATE")
 
 
+def _is_connection_failure(error: BaseException) -> bool:
+    """True when `error` says the database could not be reached, rather than that a statement failed."""
+    if isinstance(error, sqlalchemy_errors.DBAPIError):
+        # SQLAlchemy flags the errors its dialect recognises as a lost connection.
+        return error.connection_invalidated
+    # Drivers raise the socket's own errors (refused, reset) and timeouts while connecting, and the
+    # pool raises its TimeoutError when no connection frees up in time.
+    return isinstance(error, ConnectionError | TimeoutError | sqlalchemy_errors.TimeoutError)
+
+
 class Database:
     """The process's connection to its relational database.
 
@@ -221,9 +234,17 @@ class Database:
             try:
                 yield session
                 await session.commit()
-            except BaseException:
+            except BaseException as error:
                 # BaseException: a cancelled RPC must roll back too, not leave it to connection reset.
                 await session.rollback()
+                if _is_connection_failure(error):
+                    # An outage is UNAVAILABLE (retry later) for the caller, not an INTERNAL bug.
+                    logger.warning("the database is unavailable: %s", error or type(error).__name__)
+                    raise Unavailable(
+                        "The database is unavailable; try again shortly.",
+                        reason="SERVICE_UNAVAILABLE",
+                        metadata={"dependency": "database"},
+                    ) from error
                 raise
 
     async def ping(self) -> None:

@@ -39,7 +39,8 @@ class ParleyError(Exception):
     """A failure the caller can act on; never carries a stack trace to the client."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
-    default_reason = "INTERNAL"
+    # None: every raise site must name a specific reason (no catch-all exists for that code).
+    default_reason: str | None = "INTERNAL"
 
     def __init__(
         self,
@@ -51,8 +52,12 @@ class ParleyError(Exception):
         quota_violations: Iterable[QuotaViolation] = (),
     ) -> None:
         super().__init__(message)
+        chosen = reason or self.default_reason
+        if chosen is None:
+            kind = type(self).__name__
+            raise TypeError(f"{kind} needs an explicit reason from parley.common.v1.ErrorReason")
         self.message = message
-        self.reason = reason or self.default_reason
+        self.reason = chosen
         self.metadata = dict(metadata or {})
         self.field_violations = tuple(field_violations)
         self.quota_violations = tuple(quota_violations)
@@ -70,12 +75,12 @@ class NotFound(ParleyError):
 
 class AlreadyExists(ParleyError):
     code = grpc.StatusCode.ALREADY_EXISTS
-    default_reason = "ALREADY_EXISTS"
+    default_reason = None
 
 
 class FailedPrecondition(ParleyError):
     code = grpc.StatusCode.FAILED_PRECONDITION
-    default_reason = "FAILED_PRECONDITION"
+    default_reason = None
 
 
 class Unauthenticated(ParleyError):
@@ -90,12 +95,12 @@ class PermissionDenied(ParleyError):
 
 class ResourceExhausted(ParleyError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    default_reason = "RESOURCE_EXHAUSTED"
+    default_reason = None
 
 
 class Unavailable(ParleyError):
     code = grpc.StatusCode.UNAVAILABLE
-    default_reason = "UNAVAILABLE"
+    default_reason = "SERVICE_UNAVAILABLE"
 
 
 class Unimplemented(ParleyError):

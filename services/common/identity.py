@@ -43,14 +43,14 @@ class Identity:
 
     def require_user(self) -> Identity:
         if not self.is_authenticated:
-            raise Unauthenticated("This call needs a signed-in user.", reason="AUTHENTICATION_REQUIRED")
+            raise Unauthenticated("This call needs a signed-in user.", reason="UNAUTHENTICATED")
         return self
 
     def require_role(self, role: str) -> Identity:
         self.require_user()
         if role not in self.roles:
             raise PermissionDenied(
-                f"This call needs the {role!r} role.", reason="ROLE_REQUIRED", metadata={"role": role}
+                f"This call needs the {role!r} role.", reason="PERMISSION_DENIED", metadata={"role": role}
             )
         return self
 
@@ -70,7 +70,8 @@ class NoTokenVerifier:
     def verify(self, token: str) -> Identity:
         raise Unauthenticated(
             "Bearer tokens cannot be verified on this server: no JWKS is configured.",
-            reason="TOKEN_VERIFICATION_UNAVAILABLE",
+            reason="TOKEN_INVALID",
+            metadata={"cause": "no_verification_keys"},
         )
 
 
@@ -98,14 +99,22 @@ class JwksTokenVerifier:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
-            raise Unauthenticated("The bearer token is malformed.", reason="TOKEN_MALFORMED") from None
+            raise Unauthenticated(
+                "The bearer token is malformed.", reason="TOKEN_INVALID", metadata={"cause": "malformed"}
+            ) from None
         key = self._keys.get(str(header.get("kid", "")))
         if key is None:
-            raise Unauthenticated("The bearer token's signing key is unknown.", reason="TOKEN_KEY_UNKNOWN")
+            raise Unauthenticated(
+                "The bearer token's signing key is unknown.",
+                reason="TOKEN_INVALID",
+                metadata={"cause": "unknown_kid"},
+            )
         algorithm = header.get("alg")
         if algorithm not in ALLOWED_JWT_ALGORITHMS or algorithm != key.algorithm_name:
             raise Unauthenticated(
-                "The bearer token's algorithm is not accepted.", reason="TOKEN_ALGORITHM_REJECTED"
+                "The bearer token's algorithm is not accepted.",
+                reason="TOKEN_INVALID",
+                metadata={"cause": "algorithm"},
             )
         try:
             claims = jwt.decode(
@@ -119,7 +128,11 @@ class JwksTokenVerifier:
         except jwt.ExpiredSignatureError:
             raise Unauthenticated("The bearer token has expired.", reason="TOKEN_EXPIRED") from None
         except jwt.PyJWTError:
-            raise Unauthenticated("The bearer token is not valid.", reason="TOKEN_INVALID") from None
+            raise Unauthenticated(
+                "The bearer token is not valid.",
+                reason="TOKEN_INVALID",
+                metadata={"cause": "signature_or_claims"},
+            ) from None
         roles = claims.get("roles", [])
         return Identity(
             user_id=str(claims["sub"]),
@@ -143,12 +156,18 @@ class IdentityResolver:
             if self._gateway_secret is None or not hmac.compare_digest(
                 presented_secret.encode(), self._gateway_secret
             ):
-                raise Unauthenticated("The gateway credential is not valid.", reason="GATEWAY_SECRET_INVALID")
+                raise Unauthenticated(
+                    "The gateway credential is not valid.",
+                    reason="UNTRUSTED_IDENTITY",
+                    metadata={"cause": "gateway_secret"},
+                )
             return self._from_gateway_headers(metadata)
         if any(name in metadata for name in IDENTITY_HEADERS):
             # Only the gateway may assert an identity by header; a direct caller must present a token.
             raise Unauthenticated(
-                "Identity headers are accepted only from the gateway.", reason="UNTRUSTED_IDENTITY_HEADERS"
+                "Identity headers are accepted only from the gateway.",
+                reason="UNTRUSTED_IDENTITY",
+                metadata={"cause": "identity_headers"},
             )
         authorization = metadata.get("authorization", "")
         if not authorization:
@@ -156,7 +175,9 @@ class IdentityResolver:
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthenticated(
-                "The authorization header must be 'Bearer <token>'.", reason="TOKEN_MALFORMED"
+                "The authorization header must be 'Bearer <token>'.",
+                reason="TOKEN_INVALID",
+                metadata={"cause": "malformed"},
             )
         return self._token_verifier.verify(token.strip())
 

@@ -26,8 +26,8 @@ def effective_page_size(
     if requested < 0:
         raise InvalidArgument(
             "page_size must not be negative.",
-            reason="PAGE_SIZE_NEGATIVE",
-            field_violations=[FieldViolation("page_size", "must be zero or positive", "PAGE_SIZE_NEGATIVE")],
+            reason="INVALID_PAGE_SIZE",
+            field_violations=[FieldViolation("page_size", "must be zero or positive", "INVALID_PAGE_SIZE")],
         )
     if requested == 0:
         return default

@@ -17,7 +17,7 @@ def _page_size_not_negative(request: Message) -> Iterable[FieldViolation]:
         getattr(request, "page_size", 0) if "page_size" in request.DESCRIPTOR.fields_by_name else 0
     )
     if page_size < 0:
-        yield FieldViolation("page_size", "must be zero (server default) or positive", "PAGE_SIZE_NEGATIVE")
+        yield FieldViolation("page_size", "must be zero (server default) or positive", "INVALID_PAGE_SIZE")
 
 
 GENERIC_RULES: tuple[MessageRule, ...] = (_page_size_not_negative,)
@@ -43,6 +43,5 @@ class RequestValidator:
         if found:
             raise InvalidArgument(
                 "The request has invalid fields: " + ", ".join(v.field for v in found) + ".",
-                reason="INVALID_REQUEST_FIELDS",
                 field_violations=found,
             )

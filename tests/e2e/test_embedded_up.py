@@ -96,7 +96,7 @@ def test_json_call_reaches_a_servicer_and_comes_back_transcoded(gateway: httpx.C
 
 def test_service_errors_come_back_as_typed_json(gateway: httpx.Client) -> None:
     invalid = gateway.get("/v1/billing/plans", params={"page_size": -1})
-    body = assert_error_body(invalid, status=400, grpc_code=3, reason="INVALID_REQUEST_FIELDS")
+    body = assert_error_body(invalid, status=400, grpc_code=3, reason="INVALID_ARGUMENT")
     details = body["details"]
     assert isinstance(details, list)
     bad_request = next(d for d in details if d["@type"].endswith("google.rpc.BadRequest"))

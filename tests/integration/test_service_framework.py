@@ -123,11 +123,11 @@ async def test_negative_page_size_is_a_typed_invalid_argument(running: RunningSe
     status = rich_status(caught.value)
     info = status["ErrorInfo"]
     assert isinstance(info, error_details_pb2.ErrorInfo)
-    assert (info.reason, info.domain) == ("INVALID_REQUEST_FIELDS", "parley.dev")
+    assert (info.reason, info.domain) == ("INVALID_ARGUMENT", "parley.dev")
     bad_request = status["BadRequest"]
     assert isinstance(bad_request, error_details_pb2.BadRequest)
     assert [(v.field, v.reason) for v in bad_request.field_violations] == [
-        ("page_size", "PAGE_SIZE_NEGATIVE")
+        ("page_size", "INVALID_PAGE_SIZE")
     ]
     request_info = status["RequestInfo"]
     assert isinstance(request_info, error_details_pb2.RequestInfo)
@@ -173,7 +173,7 @@ async def test_identity_headers_without_the_gateway_secret_are_refused(running: 
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
     info = rich_status(caught.value)["ErrorInfo"]
     assert isinstance(info, error_details_pb2.ErrorInfo)
-    assert info.reason == "UNTRUSTED_IDENTITY_HEADERS"
+    assert info.reason == "UNTRUSTED_IDENTITY"
 
     reply = await running.billing.ListPlans(
         billing_pb2.ListPlansRequest(),

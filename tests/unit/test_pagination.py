@@ -25,7 +25,7 @@ def test_page_size_defaults_and_caps() -> None:
     assert effective_page_size(MAX_PAGE_SIZE * 10) == MAX_PAGE_SIZE
     with pytest.raises(InvalidArgument) as error:
         effective_page_size(-1)
-    assert error.value.reason == "PAGE_SIZE_NEGATIVE"
+    assert error.value.reason == "INVALID_PAGE_SIZE"
     assert error.value.field_violations[0].field == "page_size"
 
 
