@@ -15,54 +15,21 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from parley.billing.v1 import billing_pb2, billing_pb2_grpc
-from services.common.db import Database
-from services.common.identity import IdentityResolver, NoTokenVerifier
 from services.common.logs import JsonFormatter
-from services.common.metrics import new_registry
-from services.common.server import ServerDeps, ServiceRegistration, create_server
-from services.common.settings import load_settings
 from services.common.telemetry import create_tracer_provider
-from services.runtime.process import service_registrations
+from tests.support.servers import crashing_billing, serving
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
 
 
-class _FailingBilling(billing_pb2_grpc.BillingServiceServicer):
-    """Application code with a bug, so the error path logs inside the RPC's span."""
-
-    async def GetPlan(
-        self, request: billing_pb2.GetPlanRequest, context: grpc.aio.ServicerContext
-    ) -> billing_pb2.GetPlanResponse:
-        raise RuntimeError("boom")
-
-
 @pytest.fixture
-async def traced(database: Database) -> AsyncIterator[tuple[InMemorySpanExporter, grpc.aio.Channel]]:
+async def traced() -> AsyncIterator[tuple[InMemorySpanExporter, grpc.aio.Channel]]:
     spans = InMemorySpanExporter()
     provider = create_tracer_provider(service="test", otlp_endpoint=None)
     provider.add_span_processor(SimpleSpanProcessor(spans))
-    server, port = create_server(
-        load_settings(grpc_port=0, metrics_port=0),
-        ServerDeps(
-            services=[
-                *service_registrations("billing", database)[1:],
-                ServiceRegistration(
-                    "parley.billing.v1.BillingService",
-                    _FailingBilling(),  # type: ignore[abstract]
-                    billing_pb2_grpc.add_BillingServiceServicer_to_server,
-                ),
-            ],
-            identity=IdentityResolver(gateway_secret=None, token_verifier=NoTokenVerifier()),
-            registry=new_registry(),
-            tracer_provider=provider,
-        ),
-    )
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    yield spans, channel
-    await channel.close()
-    await server.stop()
+    async with serving([crashing_billing()], tracer_provider=provider) as running:
+        yield spans, running.channel
     provider.shutdown()
 
 
@@ -112,4 +79,4 @@ async def test_log_lines_inside_an_rpc_carry_trace_and_request_ids(
     assert crash["rpc"] == "/parley.billing.v1.BillingService/GetPlan"
     assert crash["level"] == "error"
     assert crash["service"] == "billing"
-    assert "RuntimeError: boom" in crash["exception"]
+    assert "RuntimeError: secret internals" in crash["exception"]

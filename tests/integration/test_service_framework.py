@@ -5,93 +5,36 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from prometheus_client import CollectorRegistry
 from sqlalchemy.engine import make_url
 
 from parley.billing.v1 import billing_pb2, billing_pb2_grpc
 from parley.chat.v1 import chat_pb2, chat_pb2_grpc
 from services.common.db import Database
 from services.common.health import DependencyProbe
-from services.common.identity import IdentityResolver, NoTokenVerifier
-from services.common.metrics import new_registry
 from services.common.migrate import upgrade_async
-from services.common.server import ParleyServer, ServerDeps, ServiceRegistration, create_server
-from services.common.settings import load_settings
-from services.common.telemetry import create_tracer_provider
-from services.runtime.process import all_registrations
+from services.runtime.process import all_registrations, service_registrations
+from tests.support.servers import GATEWAY_SECRET, RunningServer, crashing_billing, rich_status, serving
 from tests.support.tcp_proxy import TcpProxy
 
-GATEWAY_SECRET = "test-gateway-secret"
 
-
-@dataclass
-class RunningServer:
-    server: ParleyServer
-    channel: grpc.aio.Channel
-    registry: CollectorRegistry
-
-    @property
-    def billing(self) -> billing_pb2_grpc.BillingServiceAsyncStub:
-        return billing_pb2_grpc.BillingServiceStub(self.channel)  # type: ignore[return-value]
-
-
-async def start_server(
-    database: Database, *, extra: list[ServiceRegistration] | None = None, probe_interval_s: float = 60
-) -> tuple[ParleyServer, int, CollectorRegistry]:
-    settings = load_settings(grpc_port=0, metrics_port=0, health_probe_interval_s=probe_interval_s)
-    registry = new_registry()
-    server, port = create_server(
-        settings,
-        ServerDeps(
-            services=[*all_registrations(("billing", "chat"), database), *(extra or [])],
-            identity=IdentityResolver(gateway_secret=GATEWAY_SECRET, token_verifier=NoTokenVerifier()),
-            registry=registry,
-            tracer_provider=create_tracer_provider(service="test", otlp_endpoint=None),
-            probes=[DependencyProbe("database", database.ping, timeout_s=1.0)],
-        ),
-    )
-    await server.start()
-    return server, port, registry
+def billing(running: RunningServer) -> billing_pb2_grpc.BillingServiceAsyncStub:
+    return billing_pb2_grpc.BillingServiceStub(running.channel)  # type: ignore[return-value]
 
 
 @pytest.fixture
 async def running(database: Database) -> AsyncIterator[RunningServer]:
-    server, port, registry = await start_server(database)
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    yield RunningServer(server, channel, registry)
-    await channel.close()
-    await server.stop()
-
-
-def rich_status(error: grpc.aio.AioRpcError) -> dict[str, object]:
-    """The google.rpc.Status details a client can read off the trailers, keyed by type name."""
-    raw = dict(error.trailing_metadata() or ()).get("grpc-status-details-bin")
-    assert isinstance(raw, bytes), "every error must carry grpc-status-details-bin"
-    status = status_pb2.Status.FromString(raw)
-    assert status.code == error.code().value[0]
-    found: dict[str, object] = {"message": status.message}
-    for detail in status.details:
-        for kind in (
-            error_details_pb2.ErrorInfo,
-            error_details_pb2.BadRequest,
-            error_details_pb2.RequestInfo,
-        ):
-            if detail.Is(kind.DESCRIPTOR):
-                unpacked = kind()
-                detail.Unpack(unpacked)
-                found[kind.DESCRIPTOR.name] = unpacked
-    return found
+    async with serving(all_registrations(("billing", "chat"), database)) as running:
+        yield running
 
 
 async def test_list_plans_reads_the_seeded_catalog(running: RunningServer) -> None:
-    reply = await running.billing.ListPlans(billing_pb2.ListPlansRequest())
+    reply = await billing(running).ListPlans(billing_pb2.ListPlansRequest())
     assert [plan.id for plan in reply.plans] == ["free", "pro", "team"]
     pro = reply.plans[1]
     assert (pro.monthly_price.currency_code, pro.monthly_price.amount_minor) == ("USD", 2000)
@@ -104,10 +47,10 @@ async def test_list_plans_reads_the_seeded_catalog(running: RunningServer) -> No
 
 
 async def test_pagination_walks_every_plan_once(running: RunningServer) -> None:
-    first = await running.billing.ListPlans(billing_pb2.ListPlansRequest(page_size=2))
+    first = await billing(running).ListPlans(billing_pb2.ListPlansRequest(page_size=2))
     assert [plan.id for plan in first.plans] == ["free", "pro"]
     assert first.next_page_token
-    second = await running.billing.ListPlans(
+    second = await billing(running).ListPlans(
         billing_pb2.ListPlansRequest(page_size=2, page_token=first.next_page_token)
     )
     assert [plan.id for plan in second.plans] == ["team"]
@@ -116,7 +59,7 @@ async def test_pagination_walks_every_plan_once(running: RunningServer) -> None:
 
 async def test_negative_page_size_is_a_typed_invalid_argument(running: RunningServer) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await running.billing.ListPlans(
+        await billing(running).ListPlans(
             billing_pb2.ListPlansRequest(page_size=-1), metadata=(("x-request-id", "req-123"),)
         )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -126,9 +69,7 @@ async def test_negative_page_size_is_a_typed_invalid_argument(running: RunningSe
     assert (info.reason, info.domain) == ("INVALID_ARGUMENT", "parley.dev")
     bad_request = status["BadRequest"]
     assert isinstance(bad_request, error_details_pb2.BadRequest)
-    assert [(v.field, v.reason) for v in bad_request.field_violations] == [
-        ("page_size", "INVALID_PAGE_SIZE")
-    ]
+    assert [(v.field, v.reason) for v in bad_request.field_violations] == [("page_size", "INVALID_PAGE_SIZE")]
     request_info = status["RequestInfo"]
     assert isinstance(request_info, error_details_pb2.RequestInfo)
     assert request_info.request_id == "req-123"
@@ -136,7 +77,7 @@ async def test_negative_page_size_is_a_typed_invalid_argument(running: RunningSe
 
 async def test_forged_page_token_is_refused(running: RunningServer) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await running.billing.ListPlans(billing_pb2.ListPlansRequest(page_token="forged"))
+        await billing(running).ListPlans(billing_pb2.ListPlansRequest(page_token="forged"))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     info = rich_status(caught.value)["ErrorInfo"]
     assert isinstance(info, error_details_pb2.ErrorInfo)
@@ -145,7 +86,7 @@ async def test_forged_page_token_is_refused(running: RunningServer) -> None:
 
 async def test_contract_only_rpcs_answer_unimplemented_honestly(running: RunningServer) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await running.billing.GetSubscription(billing_pb2.GetSubscriptionRequest())
+        await billing(running).GetSubscription(billing_pb2.GetSubscriptionRequest())
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
     info = rich_status(caught.value)["ErrorInfo"]
     assert isinstance(info, error_details_pb2.ErrorInfo)
@@ -167,7 +108,7 @@ async def test_server_streaming_rpcs_go_through_the_same_chain(running: RunningS
 
 async def test_identity_headers_without_the_gateway_secret_are_refused(running: RunningServer) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await running.billing.ListPlans(
+        await billing(running).ListPlans(
             billing_pb2.ListPlansRequest(), metadata=(("x-parley-user-id", "admin"),)
         )
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -175,7 +116,7 @@ async def test_identity_headers_without_the_gateway_secret_are_refused(running: 
     assert isinstance(info, error_details_pb2.ErrorInfo)
     assert info.reason == "UNTRUSTED_IDENTITY"
 
-    reply = await running.billing.ListPlans(
+    reply = await billing(running).ListPlans(
         billing_pb2.ListPlansRequest(),
         metadata=(("x-parley-gateway-secret", GATEWAY_SECRET), ("x-parley-user-id", "u1")),
     )
@@ -183,9 +124,9 @@ async def test_identity_headers_without_the_gateway_secret_are_refused(running: 
 
 
 async def test_metrics_count_each_rpc_by_code(running: RunningServer) -> None:
-    await running.billing.ListPlans(billing_pb2.ListPlansRequest())
+    await billing(running).ListPlans(billing_pb2.ListPlansRequest())
     with pytest.raises(grpc.aio.AioRpcError):
-        await running.billing.ListPlans(billing_pb2.ListPlansRequest(page_size=-5))
+        await billing(running).ListPlans(billing_pb2.ListPlansRequest(page_size=-5))
     labels = {"grpc_service": "parley.billing.v1.BillingService", "grpc_method": "ListPlans"}
     sample = running.registry.get_sample_value
     assert sample("parley_rpc_server_handled_total", {**labels, "grpc_code": "OK"}) == 1
@@ -216,49 +157,16 @@ async def test_health_and_reflection_are_registered(running: RunningServer) -> N
     } <= names
 
 
-class _CrashingBilling(billing_pb2_grpc.BillingServiceServicer):
-    """Application code with a bug, to show that a crash reaches the client as a clean INTERNAL."""
-
-    async def GetPlan(
-        self, request: billing_pb2.GetPlanRequest, context: grpc.aio.ServicerContext
-    ) -> billing_pb2.GetPlanResponse:
-        raise RuntimeError("secret internals: /srv/app.py line 42")
-
-
-async def test_unexpected_crash_is_internal_without_leaking_details(sqlite_url: str) -> None:
-    await upgrade_async(sqlite_url)
-    database = Database(sqlite_url)
-    settings = load_settings(grpc_port=0, metrics_port=0)
-    server, port = create_server(
-        settings,
-        ServerDeps(
-            services=[
-                ServiceRegistration(
-                    "parley.billing.v1.BillingService",
-                    _CrashingBilling(),  # type: ignore[abstract]
-                    billing_pb2_grpc.add_BillingServiceServicer_to_server,
-                )
-            ],
-            identity=IdentityResolver(gateway_secret=None, token_verifier=NoTokenVerifier()),
-            registry=new_registry(),
-            tracer_provider=create_tracer_provider(service="test", otlp_endpoint=None),
-        ),
-    )
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = billing_pb2_grpc.BillingServiceStub(channel)
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await stub.GetPlan(billing_pb2.GetPlanRequest(plan_id="pro"))
-        assert caught.value.code() == grpc.StatusCode.INTERNAL
-        assert "secret internals" not in (caught.value.details() or "")
-        assert "Traceback" not in (caught.value.details() or "")
-        info = rich_status(caught.value)["ErrorInfo"]
-        assert isinstance(info, error_details_pb2.ErrorInfo)
-        assert info.reason == "INTERNAL"
-    finally:
-        await server.stop()
-        await database.dispose()
+async def test_unexpected_crash_is_internal_without_leaking_details() -> None:
+    async with serving([crashing_billing()]) as running:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await billing(running).GetPlan(billing_pb2.GetPlanRequest(plan_id="pro"))
+    assert caught.value.code() == grpc.StatusCode.INTERNAL
+    assert "secret internals" not in (caught.value.details() or "")
+    assert "Traceback" not in (caught.value.details() or "")
+    info = rich_status(caught.value)["ErrorInfo"]
+    assert isinstance(info, error_details_pb2.ErrorInfo)
+    assert info.reason == "INTERNAL"
 
 
 @pytest.mark.postgres
@@ -272,10 +180,12 @@ async def test_health_follows_database_reachability(postgres_url: str) -> None:
         target.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False),
         connect_timeout_s=1.0,
     )
-    server, port, _registry = await start_server(database, probe_interval_s=0.2)
+    probes = [DependencyProbe("database", database.ping, timeout_s=1.0)]
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            health = health_pb2_grpc.HealthStub(channel)
+        async with serving(
+            service_registrations("billing", database), probes=probes, probe_interval_s=0.2
+        ) as running:
+            health = health_pb2_grpc.HealthStub(running.channel)
             service = "parley.billing.v1.BillingService"
 
             async def status() -> int:
@@ -288,7 +198,6 @@ async def test_health_follows_database_reachability(postgres_url: str) -> None:
             await proxy.restore()
             await _eventually(status, health_pb2.HealthCheckResponse.SERVING)
     finally:
-        await server.stop()
         await database.dispose()
         await proxy.close()
 

@@ -1,0 +1,86 @@
+"""Start the production gRPC server factory in-process for tests: port 0, the real interceptor chain."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import grpc
+from google.rpc import status_pb2
+from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import CollectorRegistry
+
+from parley.billing.v1 import billing_pb2, billing_pb2_grpc
+from services.common.errors import details_of
+from services.common.health import DependencyProbe
+from services.common.identity import IdentityResolver, NoTokenVerifier
+from services.common.metrics import new_registry
+from services.common.server import ParleyServer, ServerDeps, ServiceRegistration, create_server
+from services.common.settings import load_settings
+from services.common.telemetry import create_tracer_provider
+
+GATEWAY_SECRET = "test-gateway-secret"
+
+
+@dataclass
+class RunningServer:
+    server: ParleyServer
+    port: int
+    registry: CollectorRegistry
+    channel: grpc.aio.Channel
+
+
+@asynccontextmanager
+async def serving(
+    services: Sequence[ServiceRegistration],
+    *,
+    probes: Sequence[DependencyProbe] = (),
+    tracer_provider: TracerProvider | None = None,
+    probe_interval_s: float = 60,
+) -> AsyncIterator[RunningServer]:
+    """A started server for `services` and a channel to it; both closed afterwards."""
+    registry = new_registry()
+    server, port = create_server(
+        load_settings(grpc_port=0, metrics_port=0, health_probe_interval_s=probe_interval_s),
+        ServerDeps(
+            services=services,
+            identity=IdentityResolver(gateway_secret=GATEWAY_SECRET, token_verifier=NoTokenVerifier()),
+            registry=registry,
+            tracer_provider=tracer_provider or create_tracer_provider(service="test", otlp_endpoint=None),
+            probes=probes,
+        ),
+    )
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield RunningServer(server, port, registry, channel)
+    finally:
+        await channel.close()
+        await server.stop()
+
+
+def rich_status(error: grpc.aio.AioRpcError) -> dict[str, object]:
+    """The google.rpc.Status a client reads off the trailers: its message and details by type name."""
+    raw = dict(error.trailing_metadata() or ()).get("grpc-status-details-bin")
+    assert isinstance(raw, bytes), "every error must carry grpc-status-details-bin"
+    status = status_pb2.Status.FromString(raw)
+    assert status.code == error.code().value[0]
+    return {"message": status.message, **details_of(status)}
+
+
+class CrashingBilling(billing_pb2_grpc.BillingServiceServicer):
+    """Application code with a bug: GetPlan raises, to exercise the error path end to end."""
+
+    async def GetPlan(
+        self, request: billing_pb2.GetPlanRequest, context: grpc.aio.ServicerContext
+    ) -> billing_pb2.GetPlanResponse:
+        raise RuntimeError("secret internals: /srv/app.py line 42")
+
+
+def crashing_billing() -> ServiceRegistration:
+    return ServiceRegistration(
+        "parley.billing.v1.BillingService",
+        CrashingBilling(),  # type: ignore[abstract]
+        billing_pb2_grpc.add_BillingServiceServicer_to_server,
+    )
