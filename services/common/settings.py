@@ -80,7 +80,7 @@ class Settings(BaseSettings):
     def _async_driver_only(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        allowed = ("sqlite+aiosqlite://", "postgresql+asyncpg://", "postgresql+psycopg://")
+        allowed = ("sqlite+aiosqlite://", "postgresql+asyncpg://")
         if not value.startswith(allowed):
             raise ValueError(f"must start with one of {', '.join(allowed)} (an async SQLAlchemy driver)")
         return value

@@ -1,0 +1,499 @@
+"""Microservices mode end to end: `parley migrate`, `parley serve <service>` and `parley gateway`.
+
+Real processes started through the installed `parley` script, real PostgreSQL, the real Envoy and
+the real grpcurl. Every test is async so that nothing blocks the event loop: one of them runs a TCP
+proxy (between billing and PostgreSQL) on that loop while the child processes talk through it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import signal
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+from sqlalchemy.engine import make_url
+
+from gateway.envoy_process import envoy_binary_path
+from gateway.render import load_gateway_settings
+from services.common.settings import SERVICE_NAMES, ServiceName
+from tests.support.databases import asyncpg_dsn
+from tests.support.gateway import free_port, grpcurl, internal_service_names, public_service_names
+from tests.support.parley_process import PARLEY, REPO_ROOT, ParleyProcess, children_of, pid_alive
+from tests.support.tcp_proxy import TcpProxy
+
+pytestmark = pytest.mark.envoy
+
+# Every wait in this module is bounded by this, and fails with the output tail of the process.
+WAIT_S = 20.0
+SHUTDOWN_GRACE_S = 3.0
+# Interpreter start-up aside, a stopped process may take this long beyond its grace period to exit.
+EXIT_SLACK_S = 3.0
+LIST_PLANS = "parley.billing.v1.BillingService/ListPlans"
+BILLING_SERVICE = "parley.billing.v1.BillingService"
+SEEDED_PLANS = ["free", "pro", "team"]
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def describe(self) -> str:
+        return f"exit {self.returncode}\n--- stdout\n{self.stdout[-3000:]}\n--- stderr\n{self.stderr[-3000:]}"
+
+
+def cli_env(overrides: Mapping[str, str]) -> dict[str, str]:
+    """This environment without any PARLEY_* variable, plus `overrides`: only what a test sets counts."""
+    inherited = {name: value for name, value in os.environ.items() if not name.startswith("PARLEY_")}
+    return {**inherited, **overrides}
+
+
+async def run_parley(*args: str, env: Mapping[str, str], timeout_s: float = 60.0) -> CliResult:
+    """Run a `parley` command that is meant to finish, without blocking the event loop."""
+    process = await asyncio.create_subprocess_exec(
+        str(PARLEY),
+        *args,
+        env=cli_env(env),
+        cwd=REPO_ROOT,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=timeout_s)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise AssertionError(f"parley {' '.join(args)} did not finish within {timeout_s}s") from None
+    assert process.returncode is not None
+    return CliResult(process.returncode, stdout.decode(errors="replace"), stderr.decode(errors="replace"))
+
+
+async def migrate(database_url: str) -> CliResult:
+    result = await run_parley("migrate", "--database-url", database_url, env={})
+    assert result.returncode == 0, result.describe()
+    return result
+
+
+def billing_service_names() -> set[str]:
+    return {
+        name
+        for name in (*public_service_names(), *internal_service_names())
+        if name.startswith("parley.billing.v1.")
+    }
+
+
+@dataclass
+class Microservices:
+    """Four `parley serve` processes and one `parley gateway` (local topology) on free ports."""
+
+    services: dict[ServiceName, ParleyProcess]
+    grpc_ports: dict[ServiceName, int]
+    gateway: ParleyProcess
+    http_port: int
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def grpc_target(self, service: ServiceName) -> str:
+        return f"127.0.0.1:{self.grpc_ports[service]}"
+
+    @property
+    def processes(self) -> list[ParleyProcess]:
+        return [*self.services.values(), self.gateway]
+
+    def output_tails(self) -> str:
+        return "\n".join(
+            f"=== parley {' '.join(process.args)}\n{process.output()[-2000:]}" for process in self.processes
+        )
+
+
+@asynccontextmanager
+async def running_microservices(
+    directory: Path,
+    database_url: str,
+    *,
+    database_urls: Mapping[ServiceName, str] | None = None,
+    service_env: Mapping[ServiceName, Mapping[str, str]] | None = None,
+) -> AsyncIterator[Microservices]:
+    """Start all five processes at once and yield when each has said it is listening.
+
+    `database_urls` replaces the database URL of single services (e.g. billing behind a proxy);
+    `service_env` adds variables to single services. Whatever is still running at the end is killed.
+    """
+    secret = secrets.token_urlsafe(24)
+    grpc_ports = {name: free_port() for name in SERVICE_NAMES}
+    services = {
+        name: ParleyProcess(
+            ["serve", name, "--port", str(grpc_ports[name])],
+            env={
+                "PARLEY_DATABASE_URL": (database_urls or {}).get(name, database_url),
+                "PARLEY_GATEWAY_SECRET": secret,
+                "PARLEY_METRICS_PORT": str(free_port()),
+                "PARLEY_SHUTDOWN_GRACE_S": str(SHUTDOWN_GRACE_S),
+                **(service_env or {}).get(name, {}),
+            },
+            log_path=directory / f"{name}.log",
+        )
+        for name in SERVICE_NAMES
+    }
+    http_port = free_port()
+    gateway = ParleyProcess(
+        [
+            "gateway",
+            "--topology",
+            "local",
+            *(f"--upstream={name}=127.0.0.1:{port}" for name, port in grpc_ports.items()),
+        ],
+        env={
+            "PARLEY_GATEWAY_SECRET": secret,
+            "PARLEY_HTTP_PORT": str(http_port),
+            "PARLEY_ENVOY_ADMIN_PORT": str(free_port()),
+            "PARLEY_EDGE_PORT": str(free_port()),
+            "PARLEY_DATA_DIR": str(directory / "gateway-data"),
+            "PARLEY_SHUTDOWN_GRACE_S": str(SHUTDOWN_GRACE_S),
+        },
+        log_path=directory / "gateway.log",
+    )
+    running = Microservices(services, grpc_ports, gateway, http_port)
+    try:
+        for process in running.processes:
+            process.start()
+        await asyncio.gather(
+            *(
+                services[name].wait_for_output(
+                    f"parley {name} serving gRPC on 127.0.0.1:{grpc_ports[name]}", timeout_s=WAIT_S
+                )
+                for name in SERVICE_NAMES
+            ),
+            gateway.wait_for_output(
+                f"parley gateway (local) listening on http://127.0.0.1:{http_port}", timeout_s=WAIT_S
+            ),
+        )
+        yield running
+    finally:
+        for process in running.processes:
+            process.kill()
+
+
+async def wait_for_grpc_health(target: str, service: str, expected: str, *, owner: ParleyProcess) -> None:
+    """Poll grpc.health.v1.Health/Check with grpcurl until it reports `expected`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT_S
+    request = json.dumps({"service": service})
+    last = ""
+    while True:
+        check = await grpcurl("-plaintext", "-d", request, target, "grpc.health.v1.Health/Check", timeout_s=5)
+        last = check.stdout + check.stderr
+        if check.returncode == 0 and json.loads(check.stdout).get("status") == expected:
+            return
+        if owner.exited() or loop.time() >= deadline:
+            raise AssertionError(
+                f"health of {service} at {target} is not {expected} within {WAIT_S}s (last: {last})\n"
+                f"{owner.output()[-4000:]}"
+            )
+        await asyncio.sleep(0.1)
+
+
+def assert_parley_error(
+    response: httpx.Response, *, status: int, grpc_code: int, reasons: Collection[str]
+) -> None:
+    """The JSON error shape every gateway and service error shares, with one of `reasons`."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json"), response.headers
+    body = response.json()
+    assert body["code"] == grpc_code, body
+    assert body["message"], body
+    info = next(detail for detail in body["details"] if detail["@type"].endswith("google.rpc.ErrorInfo"))
+    assert info["domain"] == "parley.dev", body
+    assert info["reason"] in reasons, body
+    assert "Traceback" not in response.text
+
+
+def envoy_health_check_interval_s() -> float:
+    settings = load_gateway_settings()
+    assert settings.health_check_unhealthy_threshold >= 2, "the early-call check below assumes this"
+    return settings.health_check_interval_ms / 1000
+
+
+def plan_ids(response: httpx.Response) -> list[str]:
+    assert response.status_code == 200, response.text
+    return [plan["id"] for plan in response.json()["plans"]]
+
+
+# --- parley migrate ------------------------------------------------------------------------------
+
+
+Fingerprint = tuple[list[str], list[str], list[tuple[object, ...]]]
+
+
+async def postgres_fingerprint(database_url: str) -> Fingerprint:
+    """(tables, applied Alembic revisions, every plan row) of a PostgreSQL database."""
+    connection = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        tables = await connection.fetch(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1"
+        )
+        revisions = await connection.fetch("SELECT version_num FROM alembic_version ORDER BY 1")
+        plans = await connection.fetch("SELECT * FROM plans ORDER BY id")
+    finally:
+        await connection.close()
+    return [row[0] for row in tables], [row[0] for row in revisions], [tuple(row) for row in plans]
+
+
+def sqlite_fingerprint(database_url: str) -> Fingerprint:
+    """(tables, applied Alembic revisions, every plan row) of a SQLite database."""
+    database_file = make_url(database_url).database
+    assert database_file is not None
+    with contextlib.closing(sqlite3.connect(database_file)) as connection:
+        tables = connection.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY 1"
+        ).fetchall()
+        revisions = connection.execute("SELECT version_num FROM alembic_version ORDER BY 1").fetchall()
+        plans = connection.execute("SELECT * FROM plans ORDER BY id").fetchall()
+    return [row[0] for row in tables], [row[0] for row in revisions], [tuple(row) for row in plans]
+
+
+async def test_migrate_creates_the_schema_once_on_postgres_and_sqlite(
+    postgres_url: str, sqlite_url: str
+) -> None:
+    async def sqlite_fingerprint_async(url: str) -> Fingerprint:
+        return sqlite_fingerprint(url)
+
+    async def migrate_twice(
+        url: str, fingerprint: Callable[[str], Awaitable[Fingerprint]]
+    ) -> tuple[Fingerprint, Fingerprint]:
+        await migrate(url)
+        first = await fingerprint(url)
+        again = await migrate(url)
+        assert "Traceback" not in again.stderr, again.describe()
+        return first, await fingerprint(url)
+
+    (postgres_first, postgres_again), (sqlite_first, sqlite_again) = await asyncio.gather(
+        migrate_twice(postgres_url, postgres_fingerprint),
+        migrate_twice(sqlite_url, sqlite_fingerprint_async),
+    )
+
+    tables, revisions, plans = postgres_first
+    assert {"alembic_version", "plans", "outbox_events"} <= set(tables)
+    assert revisions, "no Alembic revision recorded"
+    assert [plan[0] for plan in plans] == SEEDED_PLANS
+    sqlite_tables, sqlite_revisions, sqlite_plans = sqlite_first
+    assert sqlite_tables == tables
+    assert sqlite_revisions == revisions
+    assert [plan[0] for plan in sqlite_plans] == SEEDED_PLANS
+    # The second run is a no-op: same tables, same revisions, the seed rows untouched (timestamps too).
+    assert postgres_again == postgres_first
+    assert sqlite_again == sqlite_first
+
+
+# --- microservices topology ----------------------------------------------------------------------
+
+
+async def test_microservices_serve_json_and_grpc_through_the_gateway(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    await migrate(postgres_url)
+    async with running_microservices(tmp_path, postgres_url) as mesh:
+        try:
+            await mesh.gateway.wait_for_http_status(f"{mesh.gateway_url}/healthz", 200, timeout_s=WAIT_S)
+
+            async with httpx.AsyncClient(base_url=mesh.gateway_url, timeout=10.0) as client:
+                healthz = await client.get("/healthz")
+                assert healthz.json() == {"status": "SERVING"}
+                plans = await client.get("/v1/billing/plans")
+            assert plans.headers["content-type"].startswith("application/json")
+            assert plan_ids(plans) == SEEDED_PLANS
+            # Transcoded with proto field names and int64 as strings.
+            pro = plans.json()["plans"][1]
+            assert pro["monthly_price"]["currency_code"] == "USD"
+            assert isinstance(pro["included_tokens"], str)
+
+            public, internal = set(public_service_names()), set(internal_service_names())
+            through_gateway = await grpcurl("-plaintext", f"127.0.0.1:{mesh.http_port}", "list")
+            assert through_gateway.returncode == 0, through_gateway.stderr
+            listed = set(through_gateway.stdout.split())
+            assert public <= listed
+            assert not internal & listed
+
+            direct = await grpcurl("-plaintext", mesh.grpc_target("billing"), "list")
+            assert direct.returncode == 0, direct.stderr
+            direct_parley = {name for name in direct.stdout.split() if name.startswith("parley.")}
+            assert direct_parley == billing_service_names()
+            assert "parley.billing.v1.BillingInternalService" in direct_parley
+
+            for target in (mesh.grpc_target("billing"), f"127.0.0.1:{mesh.http_port}"):
+                call = await grpcurl("-plaintext", "-d", "{}", target, LIST_PLANS)
+                assert call.returncode == 0, call.stderr
+                assert [plan["id"] for plan in json.loads(call.stdout)["plans"]] == SEEDED_PLANS
+        except AssertionError as failure:
+            raise AssertionError(f"{failure}\n{mesh.output_tails()}") from None
+
+
+# --- health follows the database -----------------------------------------------------------------
+
+
+async def test_health_follows_the_database_end_to_end(postgres_url: str, tmp_path: Path) -> None:
+    await migrate(postgres_url)
+    database = make_url(postgres_url)
+    proxy = TcpProxy(database.host or "127.0.0.1", database.port or 5432)
+    await proxy.start()
+    billing_url = database.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    try:
+        async with running_microservices(
+            tmp_path,
+            postgres_url,
+            database_urls={"billing": billing_url},
+            service_env={"billing": {"PARLEY_HEALTH_PROBE_INTERVAL_S": "0.3"}},
+        ) as mesh:
+            billing = mesh.services["billing"]
+            healthz_url = f"{mesh.gateway_url}/healthz"
+            try:
+                await wait_for_grpc_health(
+                    mesh.grpc_target("billing"), BILLING_SERVICE, "SERVING", owner=billing
+                )
+                await mesh.gateway.wait_for_http_status(healthz_url, 200, timeout_s=WAIT_S)
+
+                loop = asyncio.get_running_loop()
+                await proxy.cut()
+                cut_at = loop.time()
+                await wait_for_grpc_health(
+                    mesh.grpc_target("billing"), BILLING_SERVICE, "NOT_SERVING", owner=billing
+                )
+                async with httpx.AsyncClient(base_url=mesh.gateway_url, timeout=10.0) as client:
+                    # Until Envoy's health checks catch up, calls still reach billing, whose database is
+                    # gone: that must be UNAVAILABLE from the service too, never INTERNAL (a 500).
+                    early = await client.get("/v1/billing/plans")
+                    # Envoy needs two failed checks, one interval apart, before it stops routing.
+                    billing_answered = loop.time() - cut_at < envoy_health_check_interval_s()
+                    assert_parley_error(
+                        early,
+                        status=503,
+                        grpc_code=14,
+                        reasons=(
+                            {"SERVICE_UNAVAILABLE"}
+                            if billing_answered
+                            else {"SERVICE_UNAVAILABLE", "UPSTREAM_UNAVAILABLE"}
+                        ),
+                    )
+
+                    unhealthy = await mesh.gateway.wait_for_http_status(healthz_url, 503, timeout_s=WAIT_S)
+                    assert_parley_error(unhealthy, status=503, grpc_code=14, reasons={"UPSTREAM_UNAVAILABLE"})
+                    refused = await client.get("/v1/billing/plans")
+                    assert_parley_error(refused, status=503, grpc_code=14, reasons={"UPSTREAM_UNAVAILABLE"})
+
+                    await proxy.restore()
+                    await wait_for_grpc_health(
+                        mesh.grpc_target("billing"), BILLING_SERVICE, "SERVING", owner=billing
+                    )
+                    await mesh.gateway.wait_for_http_status(healthz_url, 200, timeout_s=WAIT_S)
+                    assert plan_ids(await client.get("/v1/billing/plans")) == SEEDED_PLANS
+            except AssertionError as failure:
+                raise AssertionError(f"{failure}\n{mesh.output_tails()}") from None
+    finally:
+        await proxy.close()
+
+
+# --- bad settings --------------------------------------------------------------------------------
+
+
+async def test_the_cli_refuses_bad_settings_clearly(tmp_path: Path) -> None:
+    ports = {
+        "PARLEY_HTTP_PORT": str(free_port()),
+        "PARLEY_ENVOY_ADMIN_PORT": str(free_port()),
+        "PARLEY_EDGE_PORT": str(free_port()),
+        "PARLEY_METRICS_PORT": str(free_port()),
+        "PARLEY_DATA_DIR": str(tmp_path / "data"),
+    }
+    bad_port, no_secret, bad_database = await asyncio.gather(
+        run_parley("up", env={**ports, "PARLEY_GRPC_PORT": "not-a-port"}),
+        run_parley("gateway", "--topology", "local", env=ports),
+        run_parley(
+            "serve", "billing", "--port", str(free_port()), env={**ports, "PARLEY_DATABASE_URL": "mysql://x"}
+        ),
+    )
+
+    for result in (bad_port, no_secret, bad_database):
+        assert result.returncode == 2, result.describe()
+        assert result.stderr.startswith("Invalid Parley settings:"), result.describe()
+        assert "Traceback" not in result.stderr + result.stdout, result.describe()
+    assert "PARLEY_GRPC_PORT" in bad_port.stderr
+    assert "not-a-port" in bad_port.stderr
+    assert "PARLEY_GATEWAY_SECRET" in no_secret.stderr
+    assert "PARLEY_DATABASE_URL" in bad_database.stderr
+    assert "mysql://x" in bad_database.stderr
+    # Nothing was started, so nothing was written.
+    assert not (tmp_path / "data").exists()
+
+
+# --- k8s config ----------------------------------------------------------------------------------
+
+
+async def test_the_rendered_k8s_config_passes_envoy_validation(tmp_path: Path) -> None:
+    config = tmp_path / "k8s.yaml"
+    rendered = await run_parley(
+        "gateway",
+        "--topology",
+        "k8s",
+        "--render",
+        str(config),
+        env={"PARLEY_GATEWAY_SECRET": secrets.token_urlsafe(24)},
+    )
+    assert rendered.returncode == 0, rendered.describe()
+    assert rendered.stdout.strip() == f"wrote {config}"
+    text = config.read_text()
+    for name in SERVICE_NAMES:
+        assert f"{name}.parley.svc.cluster.local" in text
+
+    validate = await asyncio.create_subprocess_exec(
+        str(envoy_binary_path()),
+        "--mode",
+        "validate",
+        "--disable-hot-restart",
+        "-c",
+        str(config),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(validate.communicate(), timeout=WAIT_S)
+    assert validate.returncode == 0, output.decode(errors="replace")[-4000:]
+    assert b"OK" in output
+
+
+# --- shutdown ------------------------------------------------------------------------------------
+
+
+async def test_sigterm_stops_every_process_cleanly(postgres_url: str, tmp_path: Path) -> None:
+    await migrate(postgres_url)
+    async with running_microservices(tmp_path, postgres_url) as mesh:
+        envoy_pids = children_of(mesh.gateway.pid)
+        assert envoy_pids, f"parley gateway should run Envoy as a child:\n{mesh.gateway.output()[-4000:]}"
+        assert all("envoy" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace") for pid in envoy_pids)
+
+        names = [" ".join(process.args[:2]) for process in mesh.processes]
+        exit_codes = await asyncio.gather(
+            *(
+                process.stop(signum=signal.SIGTERM, timeout_s=SHUTDOWN_GRACE_S + EXIT_SLACK_S)
+                for process in mesh.processes
+            )
+        )
+
+        assert dict(zip(names, exit_codes, strict=True)) == dict.fromkeys(names, 0), mesh.output_tails()
+        assert not any(pid_alive(pid) for pid in envoy_pids), "Envoy outlived parley gateway"
