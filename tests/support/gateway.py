@@ -45,12 +45,22 @@ GRPCURL = Path(sys.executable).parent / "grpcurl"
 TEST_GATEWAY_SECRET = "test-gateway-secret"
 
 
+_HANDED_OUT_PORTS: set[int] = set()
+
+
 def free_port() -> int:
-    """A port that was free a moment ago (the usual small race is acceptable in tests)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+    """A port that was free a moment ago and that this test process has not handed out before.
+
+    The OS may offer the same ephemeral port twice in a row once the probe socket is closed; a
+    test that asks for several ports at once must not get duplicates.
+    """
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            port: int = probe.getsockname()[1]
+        if port not in _HANDED_OUT_PORTS:
+            _HANDED_OUT_PORTS.add(port)
+            return port
 
 
 def public_service_names(descriptor_set_path: Path = DESCRIPTOR_SET_PATH) -> list[str]:
