@@ -1,18 +1,32 @@
-"""Who is calling: identity from gateway-set headers or from a JWT verified on a direct call."""
+"""Who is calling: identity from gateway-set headers, or from an access JWT verified on a direct call
+(as a bearer token or in the browser's access cookie, with a CSRF check on state-changing calls)."""
 
 from __future__ import annotations
 
+import abc
+import asyncio
 import hmac
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import jwt
+from google.api import annotations_pb2
+from google.protobuf import descriptor_pool
 from jwt import PyJWK
 
-from services.common.errors import PermissionDenied, Unauthenticated
+from services.common.errors import PermissionDenied, Unauthenticated, Unavailable
+from services.common.models import utc_now
+
+if TYPE_CHECKING:
+    from services.common.revocation import RevocationList
+
+logger = logging.getLogger(__name__)
 
 # The header family only the gateway may set; Envoy strips any client-sent copy before routing.
 GATEWAY_SECRET_HEADER = "x-parley-gateway-secret"  # noqa: S105 - a header name, not a secret
@@ -23,13 +37,29 @@ ROLES_HEADER = "x-parley-roles"
 AUTH_METHOD_HEADER = "x-parley-auth-method"
 IDENTITY_HEADERS = (USER_ID_HEADER, SESSION_ID_HEADER, PLAN_HEADER, ROLES_HEADER, AUTH_METHOD_HEADER)
 
+# Browser sessions (login with TOKEN_DELIVERY_COOKIE). `__Host-` makes the browser insist on Secure,
+# Path=/ and no Domain, so no sibling host can plant them. The auth servicer sets them at login.
+ACCESS_TOKEN_COOKIE: Final = "__Host-parley-access"  # noqa: S105 - a cookie name
+REFRESH_TOKEN_COOKIE: Final = "__Host-parley-refresh"  # noqa: S105 - a cookie name
+CSRF_COOKIE: Final = "__Host-parley-csrf"
+# Double-submit: a state-changing call authenticated by cookie repeats the CSRF cookie in this header,
+# which another site's page can neither read nor set.
+CSRF_HEADER: Final = "x-csrf-token"
+
 # Asymmetric algorithms only: a verifier that accepted HS* could be fed a token signed with the public key.
 ALLOWED_JWT_ALGORITHMS = ("EdDSA", "ES256", "RS256")
+REQUIRED_CLAIMS = ("exp", "iat", "sub", "iss", "aud")
+# How far a token's `iat` may lie in the future: clocks of different hosts drift a little.
+DEFAULT_MAX_CLOCK_SKEW_S: Final = 60.0
 
 
 @dataclass(frozen=True)
 class Identity:
-    """The authenticated principal of one call; `user_id` is empty for anonymous callers."""
+    """The authenticated principal of one call; `user_id` is empty for anonymous callers.
+
+    `auth_method` is "anonymous", "jwt" (bearer token), "cookie" (browser session), or whatever the
+    gateway asserted (e.g. "api_key").
+    """
 
     user_id: str = ""
     session_id: str = ""
@@ -59,15 +89,15 @@ ANONYMOUS = Identity()
 
 
 class TokenVerifier(Protocol):
-    """Turns a bearer token into an identity, or raises `Unauthenticated`."""
+    """Turns an access token into an identity, or raises `Unauthenticated`."""
 
-    def verify(self, token: str) -> Identity: ...
+    async def verify(self, token: str) -> Identity: ...
 
 
 class NoTokenVerifier:
-    """Used until a JWKS is configured: every bearer token is refused, honestly."""
+    """Used when no keys are configured: every token is refused, honestly."""
 
-    def verify(self, token: str) -> Identity:
+    async def verify(self, token: str) -> Identity:
         raise Unauthenticated(
             "Bearer tokens cannot be verified on this server: no JWKS is configured.",
             reason="TOKEN_INVALID",
@@ -75,64 +105,142 @@ class NoTokenVerifier:
         )
 
 
-class JwksTokenVerifier:
-    """Verifies access JWTs against a JWKS (RFC 7517) with a pinned issuer and audience."""
+def _invalid(message: str, cause: str, **extra: str) -> Unauthenticated:
+    return Unauthenticated(message, reason="TOKEN_INVALID", metadata={"cause": cause, **extra})
 
-    def __init__(self, jwks: Mapping[str, object], *, issuer: str, audience: str) -> None:
-        keys = jwks.get("keys")
-        if not isinstance(keys, list):
-            raise TypeError("a JWKS needs a 'keys' list")
-        self._keys: dict[str, PyJWK] = {}
-        for raw in keys:
+
+def parse_jwks(jwks: Mapping[str, Any], *, strict: bool) -> dict[str, PyJWK]:
+    """The verification keys of a JWK Set by kid.
+
+    Only signature keys for `ALLOWED_JWT_ALGORITHMS` with a `kid` are kept. `strict` (a configured
+    file) raises on any other key; otherwise (a fetched set) such keys are skipped with a warning,
+    so one odd key cannot take verification down.
+    """
+    raw_keys = jwks.get("keys")
+    if not isinstance(raw_keys, list):
+        raise TypeError("a JWKS needs a 'keys' list")
+    keys: dict[str, PyJWK] = {}
+    for raw in raw_keys:
+        problem: str | None = None
+        key: PyJWK | None = None
+        try:
             key = PyJWK.from_dict(raw)
+        except (jwt.PyJWTError, TypeError, ValueError, KeyError, AttributeError) as error:
+            problem = f"unusable key ({type(error).__name__})"
+        if key is not None:
             if not key.key_id:
-                raise ValueError("every JWKS key needs a 'kid'")
-            self._keys[key.key_id] = key
+                problem = "every JWKS key needs a 'kid'"
+            elif key.algorithm_name not in ALLOWED_JWT_ALGORITHMS:
+                problem = f"key {key.key_id!r} is for {key.algorithm_name}, not an accepted algorithm"
+            elif isinstance(raw, Mapping) and raw.get("use", "sig") != "sig":
+                problem = f"key {key.key_id!r} is not a signature key"
+        if problem is not None or key is None:
+            if strict:
+                raise ValueError(problem)
+            logger.warning("skipping a JWKS key: %s", problem)
+            continue
+        keys[str(key.key_id)] = key
+    return keys
+
+
+def _numeric_date(claims: Mapping[str, Any], name: str) -> float:
+    value = claims[name]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _invalid(f"The token's {name!r} claim is not a time.", "claims", claim=name)
+    return float(value)
+
+
+class _JwtVerifier(abc.ABC):
+    """The checks every access-token verifier makes; subclasses say where keys come from.
+
+    In order: a parseable header; an accepted asymmetric `alg`; a `kid` naming a known key whose own
+    algorithm is the header's; a valid signature; `iss`, `aud`, `exp`, `iat` and `sub` present and
+    right; not expired, not issued in the future; and not revoked. Each failure has its own `cause`.
+    """
+
+    def __init__(
+        self,
+        *,
+        issuer: str,
+        audience: str,
+        revocations: RevocationList | None,
+        clock: Callable[[], datetime],
+        max_clock_skew_s: float,
+    ) -> None:
         self._issuer = issuer
         self._audience = audience
+        self._revocations = revocations
+        self._clock = clock
+        self._max_clock_skew_s = max_clock_skew_s
 
-    @classmethod
-    def from_file(cls, path: Path, *, issuer: str, audience: str) -> JwksTokenVerifier:
-        return cls(json.loads(path.read_text()), issuer=issuer, audience=audience)
+    @abc.abstractmethod
+    async def _key_for(self, kid: str) -> PyJWK | None:
+        """The verification key named `kid`, or None if there is none."""
 
-    def verify(self, token: str) -> Identity:
+    async def verify(self, token: str) -> Identity:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
-            raise Unauthenticated(
-                "The bearer token is malformed.", reason="TOKEN_INVALID", metadata={"cause": "malformed"}
-            ) from None
-        key = self._keys.get(str(header.get("kid", "")))
-        if key is None:
-            raise Unauthenticated(
-                "The bearer token's signing key is unknown.",
-                reason="TOKEN_INVALID",
-                metadata={"cause": "unknown_kid"},
-            )
+            raise _invalid("The token is malformed.", "malformed") from None
         algorithm = header.get("alg")
-        if algorithm not in ALLOWED_JWT_ALGORITHMS or algorithm != key.algorithm_name:
-            raise Unauthenticated(
-                "The bearer token's algorithm is not accepted.",
-                reason="TOKEN_INVALID",
-                metadata={"cause": "algorithm"},
-            )
+        if algorithm not in ALLOWED_JWT_ALGORITHMS:
+            raise _invalid("The token's algorithm is not accepted.", "algorithm")
+        kid = header.get("kid")
+        if not isinstance(kid, str) or not kid:
+            raise _invalid("The token does not name its signing key.", "missing_kid")
+        key = await self._key_for(kid)
+        if key is None:
+            raise _invalid("The token's signing key is unknown.", "unknown_kid")
+        if algorithm != key.algorithm_name:
+            raise _invalid("The token's algorithm is not accepted.", "algorithm")
+        claims = self._verified_claims(token, key)
+        identity = self._identity_from(claims)
+        await self._refuse_if_revoked(identity, claims)
+        return identity
+
+    def _verified_claims(self, token: str, key: PyJWK) -> dict[str, Any]:
         try:
-            claims = jwt.decode(
+            claims: dict[str, Any] = jwt.decode(
                 token,
                 key=key.key,
                 algorithms=[key.algorithm_name],
                 issuer=self._issuer,
                 audience=self._audience,
-                options={"require": ["exp", "iat", "sub", "iss", "aud"]},
+                # Times are checked below against the injectable clock.
+                options={
+                    "require": list(REQUIRED_CLAIMS),
+                    "verify_exp": False,
+                    "verify_iat": False,
+                    "verify_nbf": False,
+                },
             )
-        except jwt.ExpiredSignatureError:
-            raise Unauthenticated("The bearer token has expired.", reason="TOKEN_EXPIRED") from None
-        except jwt.PyJWTError:
-            raise Unauthenticated(
-                "The bearer token is not valid.",
-                reason="TOKEN_INVALID",
-                metadata={"cause": "signature_or_claims"},
+        except jwt.InvalidSignatureError:
+            raise _invalid("The token's signature is not valid.", "signature") from None
+        except jwt.MissingRequiredClaimError as error:
+            raise _invalid(
+                f"The token lacks the {error.claim!r} claim.", "missing_claim", claim=error.claim
             ) from None
+        except jwt.InvalidIssuerError:
+            raise _invalid("The token was issued by someone else.", "issuer") from None
+        except jwt.InvalidAudienceError:
+            raise _invalid("The token is meant for another audience.", "audience") from None
+        except jwt.DecodeError:
+            raise _invalid("The token is malformed.", "malformed") from None
+        except jwt.PyJWTError:
+            raise _invalid("The token's claims are not valid.", "claims") from None
+        now = self._clock().timestamp()
+        if _numeric_date(claims, "exp") <= now:
+            raise Unauthenticated("The token has expired.", reason="TOKEN_EXPIRED")
+        if _numeric_date(claims, "iat") > now + self._max_clock_skew_s:
+            raise _invalid("The token claims to be issued in the future.", "issued_in_future")
+        if "nbf" in claims and _numeric_date(claims, "nbf") > now + self._max_clock_skew_s:
+            raise _invalid("The token is not valid yet.", "not_yet_valid")
+        if not isinstance(claims["sub"], str) or not claims["sub"]:
+            raise _invalid("The token's subject is empty.", "claims", claim="sub")
+        return claims
+
+    @staticmethod
+    def _identity_from(claims: Mapping[str, Any]) -> Identity:
         roles = claims.get("roles", [])
         return Identity(
             user_id=str(claims["sub"]),
@@ -142,15 +250,194 @@ class JwksTokenVerifier:
             auth_method="jwt",
         )
 
+    async def _refuse_if_revoked(self, identity: Identity, claims: Mapping[str, Any]) -> None:
+        if self._revocations is None:
+            return
+        issued_at = datetime.fromtimestamp(_numeric_date(claims, "iat"), UTC)
+        if await self._revocations.is_revoked(identity.session_id, identity.user_id, issued_at):
+            raise Unauthenticated(
+                "This session has been signed out; sign in again.", reason="SESSION_REVOKED"
+            )
+
+
+class JwksTokenVerifier(_JwtVerifier):
+    """Verifies access JWTs against a fixed JWKS (RFC 7517), e.g. a file, with pinned issuer and audience."""
+
+    def __init__(
+        self,
+        jwks: Mapping[str, Any],
+        *,
+        issuer: str,
+        audience: str,
+        revocations: RevocationList | None = None,
+        clock: Callable[[], datetime] = utc_now,
+        max_clock_skew_s: float = DEFAULT_MAX_CLOCK_SKEW_S,
+    ) -> None:
+        super().__init__(
+            issuer=issuer,
+            audience=audience,
+            revocations=revocations,
+            clock=clock,
+            max_clock_skew_s=max_clock_skew_s,
+        )
+        self._keys = parse_jwks(jwks, strict=True)
+
+    @classmethod
+    def from_file(cls, path: Path, *, issuer: str, audience: str) -> JwksTokenVerifier:
+        return cls(json.loads(path.read_text()), issuer=issuer, audience=audience)
+
+    async def _key_for(self, kid: str) -> PyJWK | None:
+        return self._keys.get(kid)
+
+
+JwksFetcher = Callable[[], Awaitable[Mapping[str, Any]]]
+
+
+class CachedJwksVerifier(_JwtVerifier):
+    """Verifies access JWTs against the auth service's JWKS, fetched on demand and cached.
+
+    The set is refetched when older than `cache_ttl_s`, and when a token names an unknown kid (how a
+    rotation is noticed) - but never more than once per `min_refetch_interval_s`, so tokens with
+    made-up kids cannot hammer the auth service. A failed fetch keeps the previous keys in use;
+    with no keys at all, verification answers UNAVAILABLE rather than blaming the token.
+    """
+
+    def __init__(
+        self,
+        fetch_jwks: JwksFetcher,
+        *,
+        issuer: str,
+        audience: str,
+        cache_ttl_s: float = 300,
+        min_refetch_interval_s: float = 5,
+        revocations: RevocationList | None = None,
+        clock: Callable[[], datetime] = utc_now,
+        monotonic: Callable[[], float] = time.monotonic,
+        max_clock_skew_s: float = DEFAULT_MAX_CLOCK_SKEW_S,
+    ) -> None:
+        super().__init__(
+            issuer=issuer,
+            audience=audience,
+            revocations=revocations,
+            clock=clock,
+            max_clock_skew_s=max_clock_skew_s,
+        )
+        self._fetch_jwks = fetch_jwks
+        self._cache_ttl_s = cache_ttl_s
+        self._min_refetch_interval_s = min_refetch_interval_s
+        self._monotonic = monotonic
+        self._keys: dict[str, PyJWK] = {}
+        self._fetched_at: float | None = None
+        self._attempted_at: float | None = None
+        self._fetching = asyncio.Lock()
+
+    def _may_fetch(self) -> bool:
+        """Whether the refetch budget allows a fetch now."""
+        return (
+            self._attempted_at is None
+            or self._monotonic() - self._attempted_at >= self._min_refetch_interval_s
+        )
+
+    async def _key_for(self, kid: str) -> PyJWK | None:
+        stale = self._fetched_at is None or self._monotonic() - self._fetched_at >= self._cache_ttl_s
+        if stale and self._may_fetch():
+            await self._refetch()
+        if self._fetched_at is None:
+            raise Unavailable(
+                "Tokens cannot be verified right now: the signing keys are unavailable.",
+                reason="SERVICE_UNAVAILABLE",
+                metadata={"dependency": "jwks"},
+            )
+        key = self._keys.get(kid)
+        if key is None and self._may_fetch():
+            await self._refetch()
+            key = self._keys.get(kid)
+        return key
+
+    async def _refetch(self) -> None:
+        wanted_at = self._monotonic()
+        async with self._fetching:
+            if self._attempted_at is not None and self._attempted_at >= wanted_at:
+                return  # someone fetched while this call waited for the lock
+            self._attempted_at = self._monotonic()
+            try:
+                keys = parse_jwks(await self._fetch_jwks(), strict=False)
+            # Whatever the fetch raises (transport, JSON, shape), the keys already cached stay in use.
+            except Exception as error:  # noqa: BLE001
+                logger.warning("fetching the JWKS failed: %s: %s", type(error).__name__, error)
+                return
+            self._keys = keys
+            self._fetched_at = self._attempted_at
+
+
+class StateChangingMethods:
+    """Whether an RPC may change state, read from its `google.api.http` rule in the descriptor pool.
+
+    Only a GET rule marks a method safe; a method with another verb, with no HTTP rule, or unknown
+    to the pool counts as state-changing. Answers are remembered per method.
+    """
+
+    def __init__(self, pool: descriptor_pool.DescriptorPool | None = None) -> None:
+        self._pool = pool or descriptor_pool.Default()
+        self._answers: dict[str, bool] = {}
+
+    def __call__(self, full_method: str) -> bool:
+        answer = self._answers.get(full_method)
+        if answer is None:
+            answer = self._is_state_changing(full_method)
+            self._answers[full_method] = answer
+        return answer
+
+    def _is_state_changing(self, full_method: str) -> bool:
+        _, service, method = full_method.split("/", 2) if full_method.count("/") == 2 else ("", "", "")
+        if not service or not method:
+            return True
+        try:
+            descriptor = self._pool.FindMethodByName(f"{service}.{method}")
+        except KeyError:
+            return True
+        options = descriptor.GetOptions()
+        if not options.HasExtension(annotations_pb2.http):
+            return True
+        return bool(options.Extensions[annotations_pb2.http].WhichOneof("pattern") != "get")
+
+
+def parse_cookies(header: str) -> dict[str, list[str]]:
+    """Cookie header values (RFC 6265 `name=value; name2=value2`) by name, in order of appearance."""
+    cookies: dict[str, list[str]] = {}
+    for pair in header.split(";"):
+        name, separator, value = pair.partition("=")
+        name = name.strip()
+        if not separator or not name:
+            continue
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = value[1:-1]
+        cookies.setdefault(name, []).append(value)
+    return cookies
+
 
 class IdentityResolver:
-    """Decides which identity a call carries, from its invocation metadata."""
+    """Decides which identity a call carries, from its invocation metadata and method.
 
-    def __init__(self, *, gateway_secret: str | None, token_verifier: TokenVerifier) -> None:
+    In order: the gateway's headers with its secret; identity headers without it (refused); an
+    `authorization: Bearer` token; the access cookie, with the CSRF double-submit check on
+    state-changing methods; otherwise anonymous.
+    """
+
+    def __init__(
+        self,
+        *,
+        gateway_secret: str | None,
+        token_verifier: TokenVerifier,
+        state_changing: Callable[[str], bool] | None = None,
+    ) -> None:
         self._gateway_secret = gateway_secret.encode() if gateway_secret else None
         self._token_verifier = token_verifier
+        self._is_state_changing = state_changing or StateChangingMethods()
 
-    def resolve(self, metadata: Mapping[str, str]) -> Identity:
+    async def resolve(self, metadata: Mapping[str, str], method: str = "") -> Identity:
+        """The caller of `method` (`/pkg.Service/Method`; empty counts as state-changing)."""
         presented_secret = metadata.get(GATEWAY_SECRET_HEADER)
         if presented_secret is not None:
             if self._gateway_secret is None or not hmac.compare_digest(
@@ -170,16 +457,21 @@ class IdentityResolver:
                 metadata={"cause": "identity_headers"},
             )
         authorization = metadata.get("authorization", "")
-        if not authorization:
+        if authorization:
+            scheme, _, token = authorization.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise _invalid("The authorization header must be 'Bearer <token>'.", "malformed")
+            return await self._token_verifier.verify(token.strip())
+        cookies = parse_cookies(metadata.get("cookie", ""))
+        access_token = _single_cookie(cookies, ACCESS_TOKEN_COOKIE)
+        if access_token is None:
             return ANONYMOUS
-        scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthenticated(
-                "The authorization header must be 'Bearer <token>'.",
-                reason="TOKEN_INVALID",
-                metadata={"cause": "malformed"},
-            )
-        return self._token_verifier.verify(token.strip())
+        if not access_token:
+            raise _invalid("The access cookie is empty.", "malformed")
+        identity = replace(await self._token_verifier.verify(access_token), auth_method="cookie")
+        if self._is_state_changing(method):
+            _check_csrf(metadata.get(CSRF_HEADER), _single_cookie(cookies, CSRF_COOKIE))
+        return identity
 
     @staticmethod
     def _from_gateway_headers(metadata: Mapping[str, str]) -> Identity:
@@ -193,4 +485,39 @@ class IdentityResolver:
             plan=metadata.get(PLAN_HEADER, ""),
             roles=roles,
             auth_method=metadata.get(AUTH_METHOD_HEADER, "jwt") or "jwt",
+        )
+
+
+def _single_cookie(cookies: Mapping[str, list[str]], name: str) -> str | None:
+    """The cookie's value; several different values are refused, since which one counts is ambiguous."""
+    values = cookies.get(name)
+    if not values:
+        return None
+    if len(set(values)) > 1:
+        if name == CSRF_COOKIE:
+            raise PermissionDenied(
+                "The request carries conflicting CSRF cookies.",
+                reason="CSRF_TOKEN_MISMATCH",
+                metadata={"cause": "duplicate_cookie"},
+            )
+        raise _invalid(f"The request carries conflicting {name} cookies.", "duplicate_cookie")
+    return values[0]
+
+
+def _check_csrf(header_token: str | None, cookie_token: str | None) -> None:
+    if not header_token:
+        raise PermissionDenied(
+            f"A state-changing request signed in by cookie needs the {CSRF_HEADER} header.",
+            reason="CSRF_TOKEN_MISSING",
+            metadata={"cause": "header"},
+        )
+    if not cookie_token:
+        raise PermissionDenied(
+            f"A state-changing request signed in by cookie needs the {CSRF_COOKIE} cookie.",
+            reason="CSRF_TOKEN_MISSING",
+            metadata={"cause": "cookie"},
+        )
+    if not hmac.compare_digest(header_token.encode(), cookie_token.encode()):
+        raise PermissionDenied(
+            f"The {CSRF_HEADER} header does not match the CSRF cookie.", reason="CSRF_TOKEN_MISMATCH"
         )

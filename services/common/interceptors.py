@@ -2,7 +2,7 @@
 
 1. OpenTelemetry (opentelemetry-instrumentation-grpc), added by `create_server`.
 2. `MetricsInterceptor`: request id, RED metrics.
-3. `IdentityInterceptor`: gateway headers or a verified JWT.
+3. `IdentityInterceptor`: gateway headers, or a verified JWT (bearer or cookie, with CSRF).
 4. `ValidationInterceptor`: contract rules on the request message.
 5. `ErrorMappingInterceptor`: domain errors become `google.rpc.Status` with `ErrorInfo`.
 
@@ -178,11 +178,17 @@ class IdentityInterceptor(ScopeInterceptor):
     async def scope(
         self, method: str, request: Any, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[None]:
-        metadata = {
-            key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)
-        }
+        metadata: dict[str, str] = {}
+        for key, value in context.invocation_metadata() or ():
+            if not isinstance(value, str):
+                continue
+            if key == "cookie" and key in metadata:
+                # HTTP/2 lets a client split its cookies over several headers (RFC 9113 8.2.3).
+                metadata[key] = f"{metadata[key]}; {value}"
+            else:
+                metadata[key] = value
         try:
-            identity = self._resolver.resolve(metadata)
+            identity = await self._resolver.resolve(metadata, method)
         except ParleyError as error:
             await abort_with(context, error)
             return

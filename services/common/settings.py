@@ -70,6 +70,27 @@ class Settings(BaseSettings):
 
     otlp_endpoint: str | None = Field(default=None, description="OTLP/gRPC endpoint; no export when unset.")
 
+    auth_key_encryption_key: SecretStr | None = Field(
+        default=None,
+        description="32 random bytes, base64url: encrypts the stored token-signing keys (the KEK).",
+    )
+    auth_key_encryption_key_file: Path | None = Field(
+        default=None,
+        description="A file holding the KEK instead (a k8s Secret mount); embedded mode makes one if unset.",
+    )
+    auth_signing_key_file: Path | None = Field(
+        default=None,
+        description="A PEM Ed25519 private key that becomes the active signing key at start if new.",
+    )
+    access_token_ttl_s: int = Field(default=900, ge=60, le=24 * 3600, description="Access JWT lifetime.")
+    refresh_token_ttl_s: int = Field(
+        default=30 * 24 * 3600, ge=3600, le=365 * 24 * 3600, description="Refresh token lifetime."
+    )
+    auth_target: str | None = Field(
+        default=None,
+        description="host:port of the auth gRPC service, where other services fetch the JWKS.",
+    )
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_log_level(cls, value: object) -> object:
@@ -131,7 +152,7 @@ def load_settings(**overrides: object) -> Settings:
             variable = f"PARLEY_{field.upper()}" if problem["loc"] else "settings"
             given = problem.get("input")
             # Never echo a secret back into logs or terminals.
-            hidden = isinstance(given, dict) or "secret" in field
+            hidden = isinstance(given, dict) or "secret" in field or "encryption_key" in field
             shown = "" if hidden else f" (got {given!r})"
             lines.append(f"  {variable}: {problem['msg']}{shown}")
         raise SettingsError("\n".join(lines)) from None

@@ -49,3 +49,33 @@ def test_secrets_are_never_echoed(monkeypatch: pytest.MonkeyPatch) -> None:
         load_settings(gateway_secret=["hunter2-marker"])
     assert "PARLEY_GATEWAY_SECRET" in str(error.value)
     assert "hunter2-marker" not in str(error.value)
+
+
+def test_auth_settings_have_defaults_and_read_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    settings = load_settings()
+    assert settings.access_token_ttl_s == 900
+    assert settings.refresh_token_ttl_s == 30 * 24 * 3600
+    assert settings.auth_key_encryption_key is None
+    assert settings.auth_target is None
+    monkeypatch.setenv("PARLEY_AUTH_KEY_ENCRYPTION_KEY", "kek-marker")
+    monkeypatch.setenv("PARLEY_AUTH_KEY_ENCRYPTION_KEY_FILE", str(tmp_path / "kek"))
+    monkeypatch.setenv("PARLEY_AUTH_SIGNING_KEY_FILE", str(tmp_path / "signing.pem"))
+    monkeypatch.setenv("PARLEY_AUTH_TARGET", "auth:50061")
+    settings = load_settings()
+    assert settings.auth_key_encryption_key is not None
+    assert settings.auth_key_encryption_key.get_secret_value() == "kek-marker"
+    assert "kek-marker" not in repr(settings)
+    assert settings.auth_key_encryption_key_file == tmp_path / "kek"
+    assert settings.auth_signing_key_file == tmp_path / "signing.pem"
+    assert settings.auth_target == "auth:50061"
+
+
+def test_the_key_encryption_key_is_never_echoed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PARLEY_ACCESS_TOKEN_TTL_S", "5")
+    with pytest.raises(SettingsError) as error:
+        load_settings(auth_key_encryption_key=["kek-marker"])
+    assert "PARLEY_AUTH_KEY_ENCRYPTION_KEY" in str(error.value)
+    assert "PARLEY_ACCESS_TOKEN_TTL_S" in str(error.value)
+    assert "kek-marker" not in str(error.value)

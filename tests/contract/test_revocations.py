@@ -1,0 +1,144 @@
+"""Contract of the access-token revocation list: one suite, run against every adapter.
+
+Expiry is checked against real time (Redis expires keys on its own clock), with lifetimes of a few
+hundred milliseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import pytest
+from redis.asyncio import Redis
+
+from services.common.errors import Unavailable
+from services.common.models import utc_now
+from services.common.revocation import InMemoryRevocationList, RedisRevocationList, RevocationList
+
+ADAPTERS = ["memory", pytest.param("redis", marks=pytest.mark.redis)]
+LONG = timedelta(minutes=15)
+
+
+@pytest.fixture(params=ADAPTERS)
+async def revocations(request: pytest.FixtureRequest) -> AsyncIterator[RevocationList]:
+    if request.param == "memory":
+        yield InMemoryRevocationList()
+        return
+    redis_url: str = request.getfixturevalue("redis_url")
+    client = Redis.from_url(redis_url)
+    prefix = f"parley-test:{uuid.uuid4().hex}:revoked:"
+    try:
+        yield RedisRevocationList(client, key_prefix=prefix)
+    finally:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+
+
+async def test_nothing_is_revoked_at_first(revocations: RevocationList) -> None:
+    assert not await revocations.is_revoked("s1", "u1", utc_now())
+    assert not await revocations.is_revoked("", "", utc_now())
+
+
+async def test_a_revoked_session_refuses_its_tokens_only(revocations: RevocationList) -> None:
+    now = utc_now()
+    await revocations.revoke_session("s1", now + LONG)
+    assert await revocations.is_revoked("s1", "u1", now)
+    assert await revocations.is_revoked("s1", "u1", now + timedelta(minutes=1))  # any token of it
+    assert not await revocations.is_revoked("s2", "u1", now)
+    assert not await revocations.is_revoked("", "u1", now)
+
+
+async def test_a_user_cutoff_refuses_tokens_issued_before_it(revocations: RevocationList) -> None:
+    moment = utc_now().replace(microsecond=0)
+    await revocations.revoke_user_tokens_before("u1", moment, moment + LONG)
+    assert await revocations.is_revoked("s1", "u1", moment - timedelta(seconds=1))
+    assert await revocations.is_revoked("s9", "u1", moment - timedelta(minutes=10))
+    assert not await revocations.is_revoked("s1", "u1", moment)
+    assert not await revocations.is_revoked("s1", "u1", moment + timedelta(seconds=1))
+    assert not await revocations.is_revoked("s1", "u2", moment - timedelta(seconds=1))
+
+
+async def test_a_cutoff_inside_a_second_refuses_tokens_of_that_second(revocations: RevocationList) -> None:
+    # `iat` is whole seconds: a token stamped with the cutoff's second may predate it, so it goes.
+    second = utc_now().replace(microsecond=0)
+    await revocations.revoke_user_tokens_before("u1", second + timedelta(milliseconds=400), second + LONG)
+    assert await revocations.is_revoked("s1", "u1", second)
+    assert not await revocations.is_revoked("s1", "u1", second + timedelta(seconds=1))
+
+
+async def test_the_latest_cutoff_and_the_longest_lifetime_win(revocations: RevocationList) -> None:
+    now = utc_now().replace(microsecond=0)
+    later = now + timedelta(seconds=30)
+    await revocations.revoke_user_tokens_before("u1", later, now + LONG)
+    # An older cutoff arriving late must not shorten the later one's reach...
+    await revocations.revoke_user_tokens_before("u1", now, now + timedelta(milliseconds=300))
+    assert await revocations.is_revoked("s1", "u1", later - timedelta(seconds=1))
+    # ...nor its lifetime.
+    await asyncio.sleep(0.5)
+    assert await revocations.is_revoked("s1", "u1", later - timedelta(seconds=1))
+
+    await revocations.revoke_session("s1", utc_now() + LONG)
+    await revocations.revoke_session("s1", utc_now() + timedelta(milliseconds=300))
+    await asyncio.sleep(0.5)
+    assert await revocations.is_revoked("s1", "u2", now)
+
+
+async def test_entries_vanish_when_the_tokens_they_refuse_have_expired(revocations: RevocationList) -> None:
+    now = utc_now()
+    await revocations.revoke_session("s1", now + timedelta(milliseconds=300))
+    await revocations.revoke_user_tokens_before("u1", now, now + timedelta(milliseconds=300))
+    assert await revocations.is_revoked("s1", "u9", now)
+    assert await revocations.is_revoked("s9", "u1", now - timedelta(seconds=1))
+    await asyncio.sleep(0.6)
+    assert not await revocations.is_revoked("s1", "u9", now)
+    assert not await revocations.is_revoked("s9", "u1", now - timedelta(seconds=1))
+
+
+async def test_a_revocation_that_ends_in_the_past_is_a_no_op(revocations: RevocationList) -> None:
+    now = utc_now()
+    await revocations.revoke_session("s1", now - timedelta(seconds=1))
+    await revocations.revoke_user_tokens_before("u1", now, now - timedelta(seconds=1))
+    assert not await revocations.is_revoked("s1", "u1", now - timedelta(minutes=1))
+
+
+@pytest.mark.redis
+async def test_revocations_are_shared_by_every_instance_on_the_same_store(redis_url: str) -> None:
+    prefix = f"parley-test:{uuid.uuid4().hex}:revoked:"
+    first_client, second_client = Redis.from_url(redis_url), Redis.from_url(redis_url)
+    try:
+        writer = RedisRevocationList(first_client, key_prefix=prefix)
+        reader = RedisRevocationList(second_client, key_prefix=prefix)
+        other_namespace = RedisRevocationList(second_client, key_prefix=f"{prefix}other:")
+        await writer.revoke_session("s1", utc_now() + LONG)
+        assert await reader.is_revoked("s1", "u1", utc_now())
+        assert not await other_namespace.is_revoked("s1", "u1", utc_now())
+        ttl_ms = await second_client.pttl(f"{prefix}session:s1")
+        assert 0 < ttl_ms <= LONG.total_seconds() * 1000
+    finally:
+        keys = [key async for key in first_client.scan_iter(match=f"{prefix}*")]
+        if keys:
+            await first_client.delete(*keys)
+        await first_client.aclose()
+        await second_client.aclose()
+
+
+async def test_an_unreachable_redis_fails_closed_as_unavailable() -> None:
+    # Port 1 on loopback refuses connections at once.
+    client = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=1)
+    try:
+        revocations = RedisRevocationList(client, key_prefix="unreachable:")
+        with pytest.raises(Unavailable) as checking:
+            await revocations.is_revoked("s1", "u1", utc_now())
+        assert (checking.value.reason, checking.value.metadata) == (
+            "SERVICE_UNAVAILABLE",
+            {"dependency": "redis"},
+        )
+        with pytest.raises(Unavailable):
+            await revocations.revoke_session("s1", utc_now() + LONG)
+    finally:
+        await client.aclose()
