@@ -6,18 +6,16 @@ from parley.billing.v1 import billing_pb2, billing_pb2_grpc
 from services.billing.plans import PlanCatalog
 from services.billing.repository import PlanStoreOpener
 from services.billing.servicer import BillingServicer
-from services.common.db import Database
+from services.common.context import ServiceBundle, ServiceContext
 from services.common.server import ServiceRegistration, contract_only_services
 
 
-def registrations(database: Database) -> list[ServiceRegistration]:
+def build(context: ServiceContext) -> ServiceBundle:
     public = ServiceRegistration(
         full_name=billing_pb2.DESCRIPTOR.services_by_name["BillingService"].full_name,
         # The RPCs BillingServicer does not override yet answer UNIMPLEMENTED (see contract_only).
-        servicer=BillingServicer(PlanCatalog(PlanStoreOpener(database))),  # type: ignore[abstract]
+        servicer=BillingServicer(PlanCatalog(PlanStoreOpener(context.database))),  # type: ignore[abstract]
         add_to_server=billing_pb2_grpc.add_BillingServiceServicer_to_server,
     )
-    return [
-        public,
-        *contract_only_services(billing_pb2, billing_pb2_grpc, except_services=["BillingService"]),
-    ]
+    others = contract_only_services(billing_pb2, billing_pb2_grpc, except_services=["BillingService"])
+    return ServiceBundle(registrations=[public, *others])

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from parley.chat.v1 import chat_pb2, chat_pb2_grpc
-from services.common.db import Database
-from services.common.server import ServiceRegistration, contract_only_services
+from services.common.context import ServiceBundle, ServiceContext
+from services.common.server import contract_only_services
 
 
-def registrations(database: Database) -> list[ServiceRegistration]:
-    return contract_only_services(chat_pb2, chat_pb2_grpc)
+def build(context: ServiceContext) -> ServiceBundle:
+    return ServiceBundle(registrations=contract_only_services(chat_pb2, chat_pb2_grpc))

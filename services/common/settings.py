@@ -86,6 +86,10 @@ class Settings(BaseSettings):
     refresh_token_ttl_s: int = Field(
         default=30 * 24 * 3600, ge=3600, le=365 * 24 * 3600, description="Refresh token lifetime."
     )
+    redis_url: str | None = Field(
+        default=None,
+        description="redis:// URL for state shared by replicas (token revocations); in-process when unset.",
+    )
     auth_target: str | None = Field(
         default=None,
         description="host:port of the auth gRPC service, where other services fetch the JWKS.",

@@ -97,6 +97,9 @@ def _serve(service: ServiceName, port: int | None) -> int:
         overrides["grpc_port"] = DEFAULT_SERVICE_PORTS[service]
     if "metrics_port" not in settings.model_fields_set:
         overrides["metrics_port"] = DEFAULT_SERVICE_METRICS_PORTS[service]
+    if service != "auth" and "auth_target" not in settings.model_fields_set:
+        # Where `parley serve auth` listens by default; its JWKS verifies this service's callers.
+        overrides["auth_target"] = f"127.0.0.1:{DEFAULT_SERVICE_PORTS['auth']}"
     settings = load_settings(**overrides) if overrides else settings
     from services.runtime.standalone import serve_service
 

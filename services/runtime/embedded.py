@@ -12,6 +12,7 @@ from pathlib import Path
 from gateway.edge import create_edge_server
 from gateway.envoy_process import EnvoyProcess
 from gateway.render import embedded_topology
+from services.common.context import ServiceContext
 from services.common.contracts import descriptor_set_bytes, descriptor_set_path
 from services.common.db import Database
 from services.common.health import DependencyProbe
@@ -21,11 +22,14 @@ from services.common.outbox import InProcessDispatcher, OutboxRelay
 from services.common.server import ServerDeps, create_server
 from services.common.settings import SERVICE_NAMES, Settings
 from services.runtime.process import (
-    all_registrations,
+    build_services,
     connectable_host,
-    identity_resolver_for,
+    identity_for,
     install_stop_signals,
+    registrations_of,
+    revocation_list_for,
     set_up_observability,
+    start_services,
     until_stopped_or_exited,
 )
 
@@ -60,11 +64,14 @@ async def run_embedded(settings: Settings, *, stop: asyncio.Event | None = None)
 
     dispatcher = InProcessDispatcher()
     relay = OutboxRelay(database, dispatcher)
+    context = ServiceContext(settings, database, revocation_list_for(settings), embedded=True)
+    bundles = build_services(SERVICE_NAMES, context)
+    identity = identity_for(settings, bundles, context, gateway_secret)
     server, grpc_port = create_server(
         settings,
         ServerDeps(
-            services=all_registrations(SERVICE_NAMES, database),
-            identity=identity_resolver_for(settings, gateway_secret),
+            services=registrations_of(bundles),
+            identity=identity.resolver,
             registry=observability.registry,
             tracer_provider=observability.tracer_provider,
             probes=[DependencyProbe("database", database.ping)],
@@ -93,8 +100,8 @@ async def run_embedded(settings: Settings, *, stop: asyncio.Event | None = None)
     )
     relay_task = asyncio.create_task(relay.run(stop), name="outbox-relay")
     try:
+        await start_services(bundles)
         await server.start()
-        await edge_server.start()
         await envoy.start()
         addresses = EmbeddedAddresses(
             gateway_url=f"http://{settings.http_host}:{topology.http_port}",
@@ -112,6 +119,7 @@ async def run_embedded(settings: Settings, *, stop: asyncio.Event | None = None)
         await envoy.stop()
         await server.stop()
         await edge_server.stop(settings.shutdown_grace_s)
+        await identity.close()
         with contextlib.suppress(asyncio.CancelledError):
             await relay_task
         if metrics is not None:

@@ -8,14 +8,24 @@ import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import grpc
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
+from redis.asyncio import Redis
 
 from gateway.envoy_process import EnvoyProcess
-from services.common.db import Database
-from services.common.identity import IdentityResolver, JwksTokenVerifier, NoTokenVerifier, TokenVerifier
+from services.common.context import ServiceBundle, ServiceContext
+from services.common.identity import (
+    CachedJwksVerifier,
+    IdentityResolver,
+    JwksTokenVerifier,
+    NoTokenVerifier,
+    TokenVerifier,
+)
+from services.common.jwks_client import grpc_jwks_fetcher
 from services.common.logs import configure_logging
 from services.common.metrics import new_registry
+from services.common.revocation import InMemoryRevocationList, RedisRevocationList, RevocationList
 from services.common.server import ServiceRegistration
 from services.common.settings import ServiceName, Settings
 from services.common.telemetry import create_tracer_provider
@@ -39,35 +49,77 @@ def set_up_observability(settings: Settings, *, process_name: str) -> Observabil
     )
 
 
-def token_verifier_for(settings: Settings) -> TokenVerifier:
-    """The verifier for direct-call JWTs: a configured JWKS file, or one that refuses every token."""
-    if settings.jwks_path is None:
-        return NoTokenVerifier()
-    return JwksTokenVerifier.from_file(
-        settings.jwks_path, issuer=settings.jwt_issuer, audience=settings.jwt_audience
-    )
+def revocation_list_for(settings: Settings) -> RevocationList:
+    """Redis when configured (shared by every replica and service), else this process's memory."""
+    if settings.redis_url is None:
+        return InMemoryRevocationList()
+    return RedisRevocationList(Redis.from_url(settings.redis_url), key_prefix="parley:revoked:")
 
 
-def identity_resolver_for(settings: Settings, gateway_secret: str | None) -> IdentityResolver:
-    return IdentityResolver(gateway_secret=gateway_secret, token_verifier=token_verifier_for(settings))
+def build_services(names: Sequence[ServiceName], context: ServiceContext) -> list[ServiceBundle]:
+    """Each named service's wiring; imported lazily so `serve auth` loads only auth."""
+    builders: list[Callable[[ServiceContext], ServiceBundle]] = []
+    for name in names:
+        if name == "auth":
+            from services.auth.wiring import build as builder
+        elif name == "chat":
+            from services.chat.wiring import build as builder
+        elif name == "billing":
+            from services.billing.wiring import build as builder
+        else:
+            from services.analytics.wiring import build as builder
+        builders.append(builder)
+    return [builder(context) for builder in builders]
 
 
-def service_registrations(name: ServiceName, database: Database) -> list[ServiceRegistration]:
-    """The gRPC services one Parley service hosts; imported lazily so `serve auth` loads only auth."""
-    builder: Callable[[Database], list[ServiceRegistration]]
-    if name == "auth":
-        from services.auth.wiring import registrations as builder
-    elif name == "chat":
-        from services.chat.wiring import registrations as builder
-    elif name == "billing":
-        from services.billing.wiring import registrations as builder
+@dataclass
+class Identity:
+    """The identity resolver of one process and the channel its JWKS fetches use, if any."""
+
+    resolver: IdentityResolver
+    channel: grpc.aio.Channel | None
+
+    async def close(self) -> None:
+        if self.channel is not None:
+            await self.channel.close()
+
+
+def identity_for(
+    settings: Settings, bundles: Sequence[ServiceBundle], context: ServiceContext, gateway_secret: str | None
+) -> Identity:
+    """How this process verifies callers: its own signing keys when it hosts auth, else auth's JWKS."""
+    channel = None
+    verifier: TokenVerifier
+    local_jwks = next((bundle.jwks for bundle in bundles if bundle.jwks is not None), None)
+    if settings.jwks_path is not None:
+        verifier = JwksTokenVerifier.from_file(
+            settings.jwks_path, issuer=settings.jwt_issuer, audience=settings.jwt_audience
+        )
+    elif local_jwks is not None or settings.auth_target is not None:
+        if local_jwks is None:
+            assert settings.auth_target is not None
+            channel = grpc.aio.insecure_channel(settings.auth_target)
+            local_jwks = grpc_jwks_fetcher(channel)
+        verifier = CachedJwksVerifier(
+            local_jwks,
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+            revocations=context.revocations,
+        )
     else:
-        from services.analytics.wiring import registrations as builder
-    return builder(database)
+        logger.warning("no PARLEY_AUTH_TARGET: bearer tokens cannot be verified by this process")
+        verifier = NoTokenVerifier()
+    return Identity(IdentityResolver(gateway_secret=gateway_secret, token_verifier=verifier), channel)
 
 
-def all_registrations(names: Sequence[ServiceName], database: Database) -> list[ServiceRegistration]:
-    return [registration for name in names for registration in service_registrations(name, database)]
+def registrations_of(bundles: Sequence[ServiceBundle]) -> list[ServiceRegistration]:
+    return [registration for bundle in bundles for registration in bundle.registrations]
+
+
+async def start_services(bundles: Sequence[ServiceBundle]) -> None:
+    for bundle in bundles:
+        for step in bundle.on_start:
+            await step()
 
 
 def install_stop_signals(stop: asyncio.Event) -> None:

@@ -10,6 +10,7 @@ import sys
 from gateway.edge import create_edge_server
 from gateway.envoy_process import EnvoyProcess
 from gateway.render import Topology
+from services.common.context import ServiceContext
 from services.common.contracts import descriptor_set_bytes
 from services.common.db import Database
 from services.common.health import DependencyProbe
@@ -17,10 +18,13 @@ from services.common.metrics import serve_metrics
 from services.common.server import ServerDeps, create_server
 from services.common.settings import ServiceName, Settings
 from services.runtime.process import (
-    identity_resolver_for,
+    build_services,
+    identity_for,
     install_stop_signals,
-    service_registrations,
+    registrations_of,
+    revocation_list_for,
     set_up_observability,
+    start_services,
     until_stopped_or_exited,
 )
 
@@ -35,13 +39,15 @@ async def serve_service(name: ServiceName, settings: Settings, *, stop: asyncio.
     database = Database(settings.resolved_database_url)
     if settings.gateway_secret is None:
         logger.warning("PARLEY_GATEWAY_SECRET is unset: identity headers from a gateway will be refused")
+    context = ServiceContext(settings, database, revocation_list_for(settings), embedded=False)
+    bundles = build_services([name], context)
+    gateway_secret = settings.gateway_secret.get_secret_value() if settings.gateway_secret else None
+    identity = identity_for(settings, bundles, context, gateway_secret)
     server, port = create_server(
         settings,
         ServerDeps(
-            services=service_registrations(name, database),
-            identity=identity_resolver_for(
-                settings, settings.gateway_secret.get_secret_value() if settings.gateway_secret else None
-            ),
+            services=registrations_of(bundles),
+            identity=identity.resolver,
             registry=observability.registry,
             tracer_provider=observability.tracer_provider,
             probes=[DependencyProbe("database", database.ping)],
@@ -53,6 +59,7 @@ async def serve_service(name: ServiceName, settings: Settings, *, stop: asyncio.
         else None
     )
     try:
+        await start_services(bundles)
         await server.start()
         logger.info(
             "serving %s", name, extra={"grpc_port": port, "metrics_port": metrics.port if metrics else None}
@@ -62,6 +69,7 @@ async def serve_service(name: ServiceName, settings: Settings, *, stop: asyncio.
         await stop.wait()
     finally:
         await server.stop()
+        await identity.close()
         if metrics is not None:
             metrics.close()
         await database.dispose()

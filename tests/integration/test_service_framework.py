@@ -18,8 +18,14 @@ from parley.chat.v1 import chat_pb2, chat_pb2_grpc
 from services.common.db import Database
 from services.common.health import DependencyProbe
 from services.common.migrate import upgrade_async
-from services.runtime.process import all_registrations, service_registrations
-from tests.support.servers import GATEWAY_SECRET, RunningServer, crashing_billing, rich_status, serving
+from tests.support.servers import (
+    GATEWAY_SECRET,
+    RunningServer,
+    crashing_billing,
+    hosted,
+    rich_status,
+    serving,
+)
 from tests.support.tcp_proxy import TcpProxy
 
 
@@ -29,7 +35,7 @@ def billing(running: RunningServer) -> billing_pb2_grpc.BillingServiceAsyncStub:
 
 @pytest.fixture
 async def running(database: Database) -> AsyncIterator[RunningServer]:
-    async with serving(all_registrations(("billing", "chat"), database)) as running:
+    async with serving(hosted(("billing", "chat"), database)) as running:
         yield running
 
 
@@ -182,9 +188,7 @@ async def test_health_follows_database_reachability(postgres_url: str) -> None:
     )
     probes = [DependencyProbe("database", database.ping, timeout_s=1.0)]
     try:
-        async with serving(
-            service_registrations("billing", database), probes=probes, probe_interval_s=0.2
-        ) as running:
+        async with serving(hosted(("billing",), database), probes=probes, probe_interval_s=0.2) as running:
             health = health_pb2_grpc.HealthStub(running.channel)
             service = "parley.billing.v1.BillingService"
 

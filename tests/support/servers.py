@@ -12,15 +12,25 @@ from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
 from parley.billing.v1 import billing_pb2, billing_pb2_grpc
+from services.common.context import ServiceContext
+from services.common.db import Database
 from services.common.errors import details_of
 from services.common.health import DependencyProbe
 from services.common.identity import IdentityResolver, NoTokenVerifier
 from services.common.metrics import new_registry
+from services.common.revocation import InMemoryRevocationList
 from services.common.server import ParleyServer, ServerDeps, ServiceRegistration, create_server
-from services.common.settings import load_settings
+from services.common.settings import ServiceName, load_settings
 from services.common.telemetry import create_tracer_provider
+from services.runtime.process import build_services, registrations_of
 
 GATEWAY_SECRET = "test-gateway-secret"
+
+
+def hosted(names: Sequence[ServiceName], database: Database) -> list[ServiceRegistration]:
+    """The registrations the named services' wiring builds, as `parley serve` would host them."""
+    context = ServiceContext(load_settings(), database, InMemoryRevocationList(), embedded=False)
+    return registrations_of(build_services(names, context))
 
 
 @dataclass

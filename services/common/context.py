@@ -1,0 +1,35 @@
+"""What the composition root hands every service's wiring: its settings and shared infrastructure."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from services.common.db import Database
+from services.common.identity import JwksFetcher
+from services.common.revocation import RevocationList
+from services.common.server import ServiceRegistration
+from services.common.settings import Settings
+
+
+@dataclass(frozen=True)
+class ServiceContext:
+    """One process's shared dependencies, built once by `services.runtime` and passed down."""
+
+    settings: Settings
+    database: Database
+    # Where token revocations are written (auth) and read (every verifier): Redis or in-process.
+    revocations: RevocationList
+    # True in `parley up`: one process, SQLite, secrets generated into the data dir when not given.
+    embedded: bool
+
+
+@dataclass
+class ServiceBundle:
+    """What one service's wiring builds: its gRPC services and what the process must do for it."""
+
+    registrations: list[ServiceRegistration]
+    # Set by the service that owns the signing keys (auth); every other process fetches over gRPC.
+    jwks: JwksFetcher | None = None
+    # Awaited once before the server starts serving (e.g. make sure a signing key exists).
+    on_start: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
