@@ -1,0 +1,482 @@
+"""Contract of API keys (services.auth.api_keys over SQL), on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import AsyncIterator, Awaitable
+from datetime import UTC, datetime, timedelta
+from typing import TypeVar
+
+import pytest
+from google.protobuf.message import Message
+from sqlalchemy import select, update
+
+from parley.events.v1 import events_pb2
+from services.auth.api_keys import ALLOWED_SCOPES, KEY_LENGTH, ApiKeyManager, ApiKeyStore
+from services.auth.models import ApiKeyRecord, UserRecord
+from services.auth.opaque import secret_hash
+from services.auth.session_repository import SqlApiKeyStores
+from services.common.db import Database
+from services.common.errors import (
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    ParleyError,
+    PermissionDenied,
+    Unauthenticated,
+)
+from services.common.events import event_type_for, payload_of
+from services.common.outbox import OutboxEvent
+
+PayloadT = TypeVar("PayloadT", bound=Message)
+
+START = datetime(2031, 3, 1, 12, 0, tzinfo=UTC)
+KEY_FORMAT = re.compile(r"pk_[a-z2-7]{12}_[A-Za-z0-9_-]{43}")
+CACHE_TTL_S = 30.0
+
+
+class Clock:
+    def __init__(self, now: datetime = START) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, delta: timedelta) -> None:
+        self.now += delta
+
+
+class CountingStores:
+    """The real SQL stores, counting the units of work opened (to prove what skips the database)."""
+
+    def __init__(self, database: Database) -> None:
+        self._stores = SqlApiKeyStores(database)
+        self.reads = 0
+        self.writes = 0
+
+    @contextlib.asynccontextmanager
+    async def write(self) -> AsyncIterator[ApiKeyStore]:
+        self.writes += 1
+        async with self._stores.write() as store:
+            yield store
+
+    @contextlib.asynccontextmanager
+    async def read(self) -> AsyncIterator[ApiKeyStore]:
+        self.reads += 1
+        async with self._stores.read() as store:
+            yield store
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def stores(database: Database) -> CountingStores:
+    return CountingStores(database)
+
+
+@pytest.fixture
+def keys(stores: CountingStores, clock: Clock) -> ApiKeyManager:
+    return ApiKeyManager(stores, clock=clock, cache_ttl_s=CACHE_TTL_S)
+
+
+async def add_user(database: Database, name: str) -> str:
+    async with database.unit_of_work() as session:
+        user = UserRecord(
+            email=f"{name}@example.com",
+            display_name=name.title(),
+            password_hash="not-a-real-hash",
+            roles=["user"],
+            plan_id="team",
+        )
+        session.add(user)
+        await session.flush()
+        return user.id
+
+
+async def set_disabled(database: Database, user_id: str, disabled: bool) -> None:
+    async with database.unit_of_work() as session:
+        await session.execute(
+            update(UserRecord).where(UserRecord.id == user_id).values(disabled_at=START if disabled else None)
+        )
+
+
+@pytest.fixture
+async def alice(database: Database) -> str:
+    return await add_user(database, "alice")
+
+
+@pytest.fixture
+async def bob(database: Database) -> str:
+    return await add_user(database, "bob")
+
+
+async def events(database: Database, payload_type: type[PayloadT]) -> list[PayloadT]:
+    async with database.unit_of_work(read_only=True) as session:
+        rows = await session.scalars(
+            select(OutboxEvent)
+            .where(OutboxEvent.event_type == event_type_for(payload_type()))
+            .order_by(OutboxEvent.sequence)
+        )
+        found: list[PayloadT] = []
+        for row in rows:
+            event = events_pb2.Event.FromString(row.payload)
+            payload = payload_of(event)
+            assert isinstance(payload, payload_type)
+            assert (event.source, event.subject) == ("auth", getattr(payload, "user_id"))  # noqa: B009
+            found.append(payload)
+        return found
+
+
+async def key_row(database: Database, key_id: str) -> ApiKeyRecord:
+    async with database.unit_of_work(read_only=True) as session:
+        return (await session.scalars(select(ApiKeyRecord).where(ApiKeyRecord.id == key_id))).one()
+
+
+async def fails_with(call: Awaitable[object], error_type: type[ParleyError], reason: str) -> ParleyError:
+    with pytest.raises(error_type) as caught:
+        await call
+    assert caught.value.reason == reason
+    return caught.value
+
+
+# --- create ---------------------------------------------------------------------------------------
+
+
+async def test_create_shows_the_secret_once_and_stores_only_its_hash(
+    keys: ApiKeyManager, database: Database, alice: str
+) -> None:
+    expiry = START + timedelta(days=90)
+
+    created = await keys.create(
+        alice, name=" CI deploys ", scopes=["chat", "billing:read", "chat"], expires_at=expiry
+    )
+
+    plaintext, api_key = created.plaintext, created.api_key
+    assert KEY_FORMAT.fullmatch(plaintext)
+    assert len(plaintext) == KEY_LENGTH
+    assert api_key.name == "CI deploys"
+    assert plaintext.startswith(api_key.display_prefix + "_")
+    assert api_key.display_prefix == f"pk_{api_key.prefix}"
+    assert api_key.last_four == plaintext[-4:]
+    assert api_key.scopes == ("billing:read", "chat")
+    assert (api_key.created_at, api_key.expires_at, api_key.last_used_at, api_key.revoked_at) == (
+        START,
+        expiry,
+        None,
+        None,
+    )
+    row = await key_row(database, api_key.id)
+    assert row.secret_hash == secret_hash(plaintext)
+    assert (row.prefix, row.last_four, row.user_id) == (api_key.prefix, api_key.last_four, alice)
+    secret = plaintext[len("pk_") + 12 + 1 :]
+    assert len(secret) == 43
+    assert all(secret not in str(value) for value in vars(row).values())
+    expected_event = events_pb2.ApiKeyCreated(
+        user_id=alice,
+        api_key_id=api_key.id,
+        name="CI deploys",
+        prefix=api_key.display_prefix,
+        scopes=["billing:read", "chat"],
+    )
+    expected_event.expire_time.FromDatetime(expiry)
+    assert await events(database, events_pb2.ApiKeyCreated) == [expected_event]
+
+
+@pytest.mark.parametrize(
+    ("scopes", "stored"),
+    [([], ("*",)), (["*"], ("*",)), (["chat", "*"], ("*",)), (["analytics:read"], ("analytics:read",))],
+)
+async def test_scopes_are_normalized(
+    keys: ApiKeyManager, alice: str, scopes: list[str], stored: tuple[str, ...]
+) -> None:
+    created = await keys.create(alice, name="key", scopes=scopes)
+    assert created.api_key.scopes == stored
+    identity = await keys.check(created.plaintext)
+    assert identity.scopes == stored
+    assert identity.allows("chat") == ("*" in stored or "chat" in stored)
+
+
+async def test_the_allowed_scopes_are_documented() -> None:
+    assert set(ALLOWED_SCOPES) == {"*", "chat", "chat:read", "billing:read", "analytics:read"}
+
+
+async def test_create_reports_every_invalid_field(
+    keys: ApiKeyManager, stores: CountingStores, database: Database, alice: str
+) -> None:
+    error = await fails_with(
+        keys.create(alice, name="   ", scopes=["chat", "admin", "billing:write"], expires_at=START),
+        InvalidArgument,
+        "INVALID_ARGUMENT",
+    )
+
+    assert [v.field for v in error.field_violations] == ["name", "scopes[1]", "scopes[2]", "expire_time"]
+    assert all(v.reason == "INVALID_FIELD" for v in error.field_violations)
+    too_long = await fails_with(keys.create(alice, name="n" * 101), InvalidArgument, "INVALID_ARGUMENT")
+    assert too_long.field_violations == (FieldViolation("name", "The name must be at most 100 characters."),)
+    assert (await keys.create(alice, name="n" * 100)).api_key.name == "n" * 100
+    naive = await fails_with(
+        keys.create(alice, name="k", expires_at=datetime(2040, 1, 1)), InvalidArgument, "INVALID_ARGUMENT"
+    )
+    assert [v.field for v in naive.field_violations] == ["expire_time"]
+    assert stores.writes == 1  # only the valid key reached the database
+    assert len(await events(database, events_pb2.ApiKeyCreated)) == 1
+
+
+# --- list -----------------------------------------------------------------------------------------
+
+
+async def test_list_shows_the_owners_keys_newest_first_without_secrets(
+    keys: ApiKeyManager, clock: Clock, alice: str, bob: str
+) -> None:
+    await keys.create(alice, name="old")
+    clock.advance(timedelta(minutes=1))
+    expiring = await keys.create(alice, name="expiring", expires_at=clock.now + timedelta(hours=1))
+    clock.advance(timedelta(minutes=1))
+    revoked = await keys.create(alice, name="revoked")
+    clock.advance(timedelta(minutes=1))
+    new = await keys.create(alice, name="new")
+    await keys.create(bob, name="bob's")
+    await keys.revoke(alice, revoked.api_key.id)
+    await keys.check(new.plaintext)
+
+    page = await keys.list_keys(alice)
+
+    assert [k.name for k in page.api_keys] == ["new", "expiring", "old"]
+    assert page.next_page_token == ""
+    listed_new = page.api_keys[0]
+    assert (listed_new.prefix, listed_new.last_four) == (new.api_key.prefix, new.plaintext[-4:])
+    assert listed_new.last_used_at == clock.now
+    assert all(new.plaintext[16:] not in repr(k) for k in page.api_keys)
+
+    clock.advance(timedelta(hours=2))
+    assert [k.name for k in (await keys.list_keys(alice)).api_keys] == ["new", "old"]
+    everything = await keys.list_keys(alice, show_revoked=True)
+    assert [k.name for k in everything.api_keys] == ["new", "revoked", "expiring", "old"]
+    assert everything.api_keys[1].revoked_at is not None
+
+    first = await keys.list_keys(alice, page_size=2, show_revoked=True)
+    second = await keys.list_keys(alice, page_size=2, show_revoked=True, page_token=first.next_page_token)
+    assert [k.name for k in first.api_keys + second.api_keys] == ["new", "revoked", "expiring", "old"]
+    assert second.next_page_token == ""
+    await fails_with(
+        keys.list_keys(alice, page_size=2, page_token=first.next_page_token),
+        InvalidArgument,
+        "INVALID_PAGE_TOKEN",
+    )
+    assert expiring.api_key.id not in {k.id for k in (await keys.list_keys(bob)).api_keys}
+
+
+# --- revoke ---------------------------------------------------------------------------------------
+
+
+async def test_revoke_is_for_the_owner_only_and_happens_once(
+    keys: ApiKeyManager, database: Database, clock: Clock, alice: str, bob: str
+) -> None:
+    created = await keys.create(alice, name="key")
+    key_id = created.api_key.id
+    await keys.check(created.plaintext)  # now cached
+
+    await fails_with(keys.revoke(bob, key_id), NotFound, "NOT_FOUND")
+    await fails_with(keys.revoke(alice, "no-such-key"), NotFound, "NOT_FOUND")
+    await keys.check(created.plaintext)
+
+    revoked = await keys.revoke(alice, key_id)
+
+    assert revoked.revoked_at == clock.now
+    assert (await key_row(database, key_id)).revoked_at == clock.now
+    assert await events(database, events_pb2.ApiKeyRevoked) == [
+        events_pb2.ApiKeyRevoked(user_id=alice, api_key_id=key_id, actor_user_id=alice)
+    ]
+    # Evicted from this process's cache at once.
+    await fails_with(keys.check(created.plaintext), Unauthenticated, "API_KEY_REVOKED")
+    again = await keys.revoke(alice, key_id, actor_user_id="admin-1")
+    assert again.revoked_at == revoked.revoked_at
+    assert len(await events(database, events_pb2.ApiKeyRevoked)) == 1
+
+
+# --- check ----------------------------------------------------------------------------------------
+
+
+async def test_check_answers_with_the_keys_identity(keys: ApiKeyManager, alice: str) -> None:
+    created = await keys.create(alice, name="key", scopes=["chat"])
+
+    identity = await keys.check(created.plaintext)
+
+    assert identity.user_id == alice
+    assert identity.key_id == created.api_key.id
+    assert identity.scopes == ("chat",)
+    assert (identity.plan_id, identity.roles, identity.email_verified) == ("team", ("user",), False)
+    assert identity.allows("chat")
+    assert not identity.allows("billing:read")
+
+
+@pytest.mark.parametrize(
+    "presented",
+    [
+        "",
+        "pk_",
+        "sk_abcdefghijkl_" + "a" * 43,
+        "pk_ABCDEFGHIJKL_" + "a" * 43,  # upper case is not in the prefix alphabet
+        "pk_abcdefghijk1_" + "a" * 43,  # nor are 0, 1, 8 and 9
+        "pk_abcdefghijkl-" + "a" * 43,
+        "pk_abcdefghijkl_" + "a" * 42,
+        "pk_abcdefghijkl_" + "a" * 44,
+        "pk_abcdefghijkl_" + "a" * 42 + "=",
+        "pk_abcdefghijkl_" + "a" * 10_000,
+        " pk_abcdefghijkl_" + "a" * 43,
+    ],
+)
+async def test_malformed_keys_are_refused_without_touching_the_database(
+    keys: ApiKeyManager, stores: CountingStores, presented: str
+) -> None:
+    error = await fails_with(keys.check(presented), Unauthenticated, "API_KEY_INVALID")
+    assert error.metadata == {"cause": "malformed"}
+    assert (stores.reads, stores.writes) == (0, 0)
+
+
+async def test_unknown_or_wrong_secret_is_invalid(keys: ApiKeyManager, alice: str) -> None:
+    created = await keys.create(alice, name="key")
+    plaintext = created.plaintext
+    tampered = plaintext[:-1] + ("A" if plaintext[-1] != "A" else "B")
+    unknown_prefix = "pk_" + "a" * 12 + plaintext[15:]
+
+    for presented in (tampered, unknown_prefix):
+        error = await fails_with(keys.check(presented), Unauthenticated, "API_KEY_INVALID")
+        assert error.metadata == {"cause": "unknown"}
+    await keys.check(plaintext)
+
+
+async def test_expired_keys_are_refused_even_from_the_cache(
+    keys: ApiKeyManager, stores: CountingStores, clock: Clock, alice: str
+) -> None:
+    created = await keys.create(alice, name="key", expires_at=START + timedelta(seconds=10))
+    await keys.check(created.plaintext)  # cached
+    clock.advance(timedelta(seconds=10))
+
+    await fails_with(keys.check(created.plaintext), Unauthenticated, "API_KEY_EXPIRED")
+    reads = stores.reads
+    await fails_with(keys.check(created.plaintext), Unauthenticated, "API_KEY_EXPIRED")
+    assert stores.reads == reads + 1  # the expired entry left the cache; the database says expired
+
+
+async def test_a_disabled_users_keys_are_refused(
+    database: Database, stores: CountingStores, clock: Clock, alice: str
+) -> None:
+    keys = ApiKeyManager(stores, clock=clock, cache_ttl_s=CACHE_TTL_S)
+    created = await keys.create(alice, name="key")
+    await keys.check(created.plaintext)
+    await set_disabled(database, alice, True)
+
+    # This replica forgets the user's cached checks when told; the others within the TTL.
+    assert keys.forget_user(alice) == 1
+    await fails_with(keys.check(created.plaintext), PermissionDenied, "ACCOUNT_DISABLED")
+
+    other_replica = ApiKeyManager(stores, clock=clock, cache_ttl_s=CACHE_TTL_S)
+    await fails_with(other_replica.check(created.plaintext), PermissionDenied, "ACCOUNT_DISABLED")
+    await set_disabled(database, alice, False)
+    assert (await keys.check(created.plaintext)).user_id == alice
+
+
+async def test_last_used_is_written_at_most_once_a_minute(
+    database: Database, stores: CountingStores, clock: Clock, alice: str
+) -> None:
+    for cache_ttl_s in (0.0, CACHE_TTL_S):
+        keys = ApiKeyManager(stores, clock=clock, cache_ttl_s=cache_ttl_s)
+        created = await keys.create(alice, name=f"cache {cache_ttl_s}")
+        key_id = created.api_key.id
+        first_use = clock.now
+        writes = stores.writes
+
+        await keys.check(created.plaintext)
+        assert (await key_row(database, key_id)).last_used_at == first_use
+        assert stores.writes == writes + 1
+        for _ in range(5):
+            clock.advance(timedelta(seconds=10))
+            await keys.check(created.plaintext)
+        assert (await key_row(database, key_id)).last_used_at == first_use
+        assert stores.writes == writes + 1
+
+        clock.advance(timedelta(seconds=10))  # a minute after the first use
+        await keys.check(created.plaintext)
+        assert (await key_row(database, key_id)).last_used_at == clock.now
+        assert stores.writes == writes + 2
+
+
+async def test_another_replica_does_not_rewrite_a_fresh_last_used(
+    database: Database, stores: CountingStores, clock: Clock, alice: str
+) -> None:
+    first = ApiKeyManager(stores, clock=clock, cache_ttl_s=0)
+    created = await first.create(alice, name="key")
+    await first.check(created.plaintext)
+    used_at = clock.now
+    clock.advance(timedelta(seconds=20))
+
+    second = ApiKeyManager(stores, clock=clock, cache_ttl_s=0)
+    writes = stores.writes
+    await second.check(created.plaintext)  # it reads last_used_at 20 s ago, so it does not write
+
+    assert stores.writes == writes
+    assert (await key_row(database, created.api_key.id)).last_used_at == used_at
+
+
+async def test_the_cache_skips_the_database_until_its_ttl_passes(
+    keys: ApiKeyManager, stores: CountingStores, clock: Clock, alice: str
+) -> None:
+    created = await keys.create(alice, name="key")
+    assert keys.cache_enabled
+    assert keys.cache_ttl == timedelta(seconds=CACHE_TTL_S)
+
+    await keys.check(created.plaintext)
+    reads = stores.reads
+    for _ in range(10):
+        await keys.check(created.plaintext)
+    assert stores.reads == reads
+
+    clock.advance(timedelta(seconds=CACHE_TTL_S))
+    await keys.check(created.plaintext)
+    assert stores.reads == reads + 1
+
+
+async def test_the_cache_can_be_turned_off(stores: CountingStores, clock: Clock, alice: str) -> None:
+    keys = ApiKeyManager(stores, clock=clock, cache_ttl_s=0)
+    created = await keys.create(alice, name="key")
+    assert not keys.cache_enabled
+
+    for _ in range(3):
+        await keys.check(created.plaintext)
+
+    assert stores.reads == 3
+
+
+async def test_the_cache_is_bounded(stores: CountingStores, clock: Clock, alice: str) -> None:
+    keys = ApiKeyManager(stores, clock=clock, cache_ttl_s=CACHE_TTL_S, cache_max_entries=2)
+    created = [await keys.create(alice, name=f"key {n}") for n in range(3)]
+    for key in created:
+        await keys.check(key.plaintext)  # the third evicts the least recently used, the first
+    reads = stores.reads
+
+    await keys.check(created[2].plaintext)
+    await keys.check(created[1].plaintext)
+    assert stores.reads == reads
+    await keys.check(created[0].plaintext)
+    assert stores.reads == reads + 1
+
+
+async def test_other_replicas_see_a_revocation_within_the_cache_ttl(
+    stores: CountingStores, clock: Clock, alice: str
+) -> None:
+    here = ApiKeyManager(stores, clock=clock, cache_ttl_s=CACHE_TTL_S)
+    elsewhere = ApiKeyManager(stores, clock=clock, cache_ttl_s=CACHE_TTL_S)
+    created = await here.create(alice, name="key")
+    await elsewhere.check(created.plaintext)
+
+    await here.revoke(alice, created.api_key.id)
+
+    await fails_with(here.check(created.plaintext), Unauthenticated, "API_KEY_REVOKED")
+    assert (await elsewhere.check(created.plaintext)).key_id == created.api_key.id  # the documented window
+    clock.advance(timedelta(seconds=CACHE_TTL_S))
+    await fails_with(elsewhere.check(created.plaintext), Unauthenticated, "API_KEY_REVOKED")
