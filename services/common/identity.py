@@ -420,7 +420,7 @@ def parse_cookies(header: str) -> dict[str, list[str]]:
 class IdentityResolver:
     """Decides which identity a call carries, from its invocation metadata and method.
 
-    In order: the gateway's headers with its secret; identity headers without it (refused); an
+    In order: the gateway's identity headers with its secret; identity headers without it (refused); an
     `authorization: Bearer` token; the access cookie, with the CSRF double-submit check on
     state-changing methods; otherwise anonymous.
     """
@@ -448,8 +448,11 @@ class IdentityResolver:
                     reason="UNTRUSTED_IDENTITY",
                     metadata={"cause": "gateway_secret"},
                 )
-            return self._from_gateway_headers(metadata)
-        if any(name in metadata for name in IDENTITY_HEADERS):
+            if metadata.get(USER_ID_HEADER):
+                return self._from_gateway_headers(metadata)
+            # The gateway vouched for no one (an open route, or a credential it leaves to the
+            # services): the request's own token or cookie decides, exactly as on a direct call.
+        elif any(name in metadata for name in IDENTITY_HEADERS):
             # Only the gateway may assert an identity by header; a direct caller must present a token.
             raise Unauthenticated(
                 "Identity headers are accepted only from the gateway.",
@@ -475,9 +478,7 @@ class IdentityResolver:
 
     @staticmethod
     def _from_gateway_headers(metadata: Mapping[str, str]) -> Identity:
-        user_id = metadata.get(USER_ID_HEADER, "")
-        if not user_id:
-            return ANONYMOUS
+        user_id = metadata[USER_ID_HEADER]
         roles = frozenset(role for role in metadata.get(ROLES_HEADER, "").split(",") if role)
         return Identity(
             user_id=user_id,

@@ -866,3 +866,15 @@ async def test_the_auth_process_can_verify_with_its_own_store(
 ) -> None:
     local = CachedJwksVerifier(keys.jwks, issuer=ISSUER, audience=AUDIENCE, clock=clock)
     assert (await local.verify(await _issue(issuer))).user_id == "user-1"
+
+
+async def test_a_request_the_gateway_vouches_for_without_identity_uses_its_own_token(
+    signing_key: Ed25519PrivateKey, static_verifier: JwksTokenVerifier
+) -> None:
+    """Until the gateway authenticates at the edge, it forwards the bearer token with only its secret."""
+    resolver = IdentityResolver(gateway_secret="s3cret", token_verifier=static_verifier)
+    identity = await resolver.resolve(
+        {"x-parley-gateway-secret": "s3cret", "authorization": f"Bearer {_token(signing_key, _claims())}"}
+    )
+    assert identity.user_id == "user-1"
+    assert await resolver.resolve({"x-parley-gateway-secret": "s3cret"}) is ANONYMOUS
