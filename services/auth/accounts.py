@@ -1,0 +1,1022 @@
+"""Accounts: registration, email verification, the sign-in credential check, passwords and profile.
+
+The application service of auth's account side. It owns the rules (email and display-name shape,
+single-use tokens, throttling, who may sign in) and runs each operation as units of work over the
+repositories; gRPC stays in the servicer. Hashing (argon2, tens of milliseconds) never happens inside
+a writing unit of work: on SQLite that would hold the database's only write turn for the whole hash.
+
+Existence of accounts: `sign_in`/`authenticate` and `forgot_password` answer the same, in the same
+time, for unknown and known emails; `register` says EMAIL_ALREADY_REGISTERED (see docs/auth.md,
+"Accounts", for why).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import time
+import unicodedata
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Final
+from urllib.parse import urlencode
+
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from parley.common.v1 import common_pb2
+from parley.events.v1 import events_pb2
+from services.auth.models import EMAIL_MAX, UserRecord
+from services.auth.opaque import new_secret, secret_hash
+from services.auth.passwords import PasswordHasher, PasswordPolicy
+from services.auth.repository import (
+    EmailTaken,
+    LoginThrottleRepository,
+    OneTimeTokenRepository,
+    UserRepository,
+)
+from services.auth.session_repository import SqlSessionStore
+from services.auth.sessions import (
+    AuthMethod,
+    RevokedSessions,
+    RevokeReason,
+    SessionManager,
+    StartedSession,
+)
+from services.auth.throttle import (
+    ActiveLock,
+    LockScope,
+    LoginThrottle,
+    LoginThrottleSettings,
+    ThrottleKeys,
+)
+from services.common.db import Database
+from services.common.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    QuotaViolation,
+    ResourceExhausted,
+    Unauthenticated,
+)
+from services.common.models import utc_now
+from services.common.outbox import add_event
+
+EVENT_SOURCE: Final = "auth"
+
+ROLE_USER: Final = "user"
+ROLE_ADMIN: Final = "admin"
+ROLES: Final = frozenset({ROLE_USER, ROLE_ADMIN})
+# Role name → `parley.common.v1.Role`, for events and for the servicer's replies.
+ROLE_VALUES: Final[dict[str, common_pb2.Role.ValueType]] = {
+    ROLE_USER: common_pb2.ROLE_USER,
+    ROLE_ADMIN: common_pb2.ROLE_ADMIN,
+}
+DEFAULT_PLAN_ID: Final = "free"
+
+# `one_time_tokens.purpose` values.
+VERIFY_EMAIL_PURPOSE: Final = "verify_email"
+RESET_PASSWORD_PURPOSE: Final = "reset_password"  # noqa: S105 - a purpose name, not a password
+# `EmailRequested.template` values (names from the contract's list in events.proto).
+VERIFY_EMAIL_TEMPLATE: Final = "verify_email"
+PASSWORD_RESET_TEMPLATE: Final = "password_reset"  # noqa: S105 - a template name, not a password
+
+DISPLAY_NAME_MAX: Final = 100
+LOCAL_PART_MAX: Final = 64
+# Far longer than any `opaque.new_secret()`; longer input is refused before it is hashed.
+_TOKEN_MAX: Final = 256
+# `outbox_events.subject` holds 255 characters.
+_SUBJECT_MAX: Final = 255
+
+# The fields of `parley.auth.v1.User`; only these may be updated by their owner.
+USER_FIELDS: Final = frozenset(
+    {
+        "id",
+        "email",
+        "display_name",
+        "email_verified",
+        "roles",
+        "plan_id",
+        "disabled",
+        "create_time",
+        "update_time",
+        "email_verify_time",
+        "last_login_time",
+        "disable_time",
+    }
+)
+MUTABLE_PROFILE_FIELDS: Final = frozenset({"display_name"})
+
+# One message for every sign-in refused for its credentials, known email or not.
+INVALID_CREDENTIALS_MESSAGE: Final = "The email address or password is incorrect."
+
+Clock = Callable[[], datetime]
+
+
+# --------------------------------------------------------------------------------------------------
+# Users and their fields
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class User:
+    """An account as the rest of the service sees it; the password hash never leaves the repository."""
+
+    id: str
+    email: str
+    display_name: str
+    roles: tuple[str, ...]
+    plan_id: str
+    email_verified_at: datetime | None
+    last_login_at: datetime | None
+    disabled_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+
+    @property
+    def email_verified(self) -> bool:
+        return self.email_verified_at is not None
+
+    @property
+    def disabled(self) -> bool:
+        return self.disabled_at is not None
+
+    @property
+    def is_admin(self) -> bool:
+        return ROLE_ADMIN in self.roles
+
+
+def to_user(record: UserRecord) -> User:
+    return User(
+        id=record.id,
+        email=record.email,
+        display_name=record.display_name,
+        roles=ordered_roles(record.roles),
+        plan_id=record.plan_id,
+        email_verified_at=record.email_verified_at,
+        last_login_at=record.last_login_at,
+        disabled_at=record.disabled_at,
+        created_at=record.created_at,
+        updated_at=record.updated_at,
+    )
+
+
+def ordered_roles(roles: Sequence[str]) -> tuple[str, ...]:
+    """Roles without duplicates, in the contract's order (user, admin)."""
+    held = set(roles)
+    return tuple(role for role in (ROLE_USER, ROLE_ADMIN) if role in held)
+
+
+def role_values(roles: Sequence[str]) -> list[common_pb2.Role.ValueType]:
+    return [ROLE_VALUES[role] for role in ordered_roles(roles)]
+
+
+# Local part: anything printable but whitespace and "@" (quoted forms are not supported). Domain:
+# dot-separated LDH labels, at least two (internationalised domains in their xn-- form).
+_LOCAL_PART = re.compile(r"[^\s@\"(),:;<>\[\]\\]+")
+_DOMAIN_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def normalize_email(value: str) -> str:
+    """The stored form of an address: surrounding whitespace removed, lower-cased."""
+    return value.strip().lower()
+
+
+def email_violations(normalized: str, *, field_name: str = "email") -> list[FieldViolation]:
+    """Why `normalized` (see `normalize_email`) is not an address we accept; empty when it is."""
+
+    def violation(description: str) -> list[FieldViolation]:
+        return [FieldViolation(field=field_name, description=description, reason="INVALID_ARGUMENT")]
+
+    if not normalized:
+        return violation("An email address is required.")
+    if len(normalized) > EMAIL_MAX:
+        return violation(f"The email address must be at most {EMAIL_MAX} characters.")
+    local, at, domain = normalized.rpartition("@")
+    labels = domain.split(".")
+    if (
+        not at
+        or not local
+        or len(local) > LOCAL_PART_MAX
+        or _LOCAL_PART.fullmatch(local) is None
+        or any(not character.isprintable() for character in local)
+        or len(domain) > 253
+        or len(labels) < 2
+        or any(_DOMAIN_LABEL.fullmatch(label) is None for label in labels)
+    ):
+        return violation("This is not a valid email address.")
+    return []
+
+
+def checked_email(value: str, *, field_name: str = "email") -> str:
+    """The normalized address; INVALID_ARGUMENT with a field violation when it is malformed."""
+    normalized = normalize_email(value)
+    violations = email_violations(normalized, field_name=field_name)
+    if violations:
+        raise InvalidArgument(violations[0].description, field_violations=violations)
+    return normalized
+
+
+# Bidirectional overrides and isolates can make a name render as something else ("spoofing").
+_BIDI_CONTROLS: Final = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def clean_display_name(value: str) -> str:
+    return unicodedata.normalize("NFC", value.strip())
+
+
+def display_name_violations(cleaned: str, *, field_name: str = "display_name") -> list[FieldViolation]:
+    """Why a cleaned display name (see `clean_display_name`) is not acceptable; empty when it is."""
+
+    def violation(description: str) -> list[FieldViolation]:
+        return [FieldViolation(field=field_name, description=description, reason="INVALID_ARGUMENT")]
+
+    if not cleaned:
+        return violation("A display name is required.")
+    if len(cleaned) > DISPLAY_NAME_MAX:
+        return violation(f"The display name must be at most {DISPLAY_NAME_MAX} characters.")
+    for character in cleaned:
+        category = unicodedata.category(character)
+        # Cc: control characters (newlines, tabs, NUL); Zl/Zp: line and paragraph separators.
+        if category in ("Cc", "Zl", "Zp") or character in _BIDI_CONTROLS:
+            return violation("The display name must not contain control characters.")
+    return []
+
+
+def invalid_fields(violations: Sequence[FieldViolation]) -> InvalidArgument:
+    """INVALID_ARGUMENT for bad input fields; PASSWORD_POLICY_VIOLATION when only passwords are bad."""
+    only_passwords = all(violation.reason.startswith("PASSWORD_") for violation in violations)
+    if only_passwords:
+        return InvalidArgument(
+            "The password does not meet the password policy: "
+            + " ".join(violation.description for violation in violations),
+            reason="PASSWORD_POLICY_VIOLATION",
+            field_violations=violations,
+        )
+    fields = sorted({violation.field for violation in violations})
+    return InvalidArgument(
+        "The request has invalid fields: " + ", ".join(fields) + ".",
+        reason="INVALID_ARGUMENT",
+        field_violations=violations,
+    )
+
+
+def user_not_found(user_id: str) -> NotFound:
+    return NotFound("No such user.", reason="NOT_FOUND", metadata={"resource": "user", "id": user_id})
+
+
+def _timestamp(moment: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def event_subject(value: str) -> str:
+    """An outbox subject for `value`: itself when it fits the column, else a stable digest."""
+    if len(value) <= _SUBJECT_MAX:
+        return value
+    return "sha256:" + hashlib.sha256(value.encode()).hexdigest()
+
+
+def record_event(session: AsyncSession, *, subject: str, payload: Message) -> None:
+    add_event(session, source=EVENT_SOURCE, subject=event_subject(subject), payload=payload)
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings and results
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AccountSettings:
+    """Tunables of the account flows; the defaults are what the product ships with."""
+
+    # How long an email-verification link works.
+    verification_token_ttl: timedelta = timedelta(hours=24)
+    # How long a password-reset link works.
+    reset_token_ttl: timedelta = timedelta(hours=1)
+    # The least time between two verification (or two reset) emails to one user.
+    email_cooldown: timedelta = timedelta(seconds=60)
+    # Features (free-form names such as "chat" or "api_keys") that need a verified email address.
+    require_verified_email_for: frozenset[str] = frozenset()
+    # Paths of the web pages the emailed links open; the email worker puts its base URL in front.
+    verify_email_link_path: str = "/verify-email"
+    reset_password_link_path: str = "/reset-password"  # noqa: S105 - a path, not a password
+    # `forgot_password` never replies sooner than this after it started, so the database write
+    # made for a real account does not show in the reply's timing. Keep it above that write's
+    # worst time; 0 turns the floor off (tests).
+    forgot_password_min_duration: timedelta = timedelta(milliseconds=250)
+    # Backoff and lockout of failed sign-ins.
+    throttle: LoginThrottleSettings = field(default_factory=LoginThrottleSettings)
+
+    def __post_init__(self) -> None:
+        for name in ("verification_token_ttl", "reset_token_ttl"):
+            if getattr(self, name) <= timedelta(0):
+                raise ValueError(f"{name} must be positive")
+        if self.email_cooldown < timedelta(0) or self.forgot_password_min_duration < timedelta(0):
+            raise ValueError("email_cooldown and forgot_password_min_duration must not be negative")
+
+
+@dataclass(frozen=True)
+class SignedIn:
+    """A successful sign-in: the user and the session started for them (tokens in plaintext, once)."""
+
+    user: User
+    started: StartedSession
+
+
+@dataclass(frozen=True)
+class PasswordChanged:
+    """A changed password; `revoked` lists the user's other sessions, already ended and propagated."""
+
+    user: User
+    revoked: RevokedSessions
+
+
+@dataclass(frozen=True)
+class PasswordReset:
+    """A password set with a reset token; every session of the user was ended and propagated."""
+
+    user: User
+    revoked: RevokedSessions
+
+
+# --------------------------------------------------------------------------------------------------
+# The service
+# --------------------------------------------------------------------------------------------------
+
+
+class AccountService:
+    """Registration, verification, sign-in credential checks, password changes and the profile."""
+
+    def __init__(
+        self,
+        database: Database,
+        *,
+        hasher: PasswordHasher,
+        policy: PasswordPolicy,
+        sessions: SessionManager,
+        settings: AccountSettings | None = None,
+        clock: Clock = utc_now,
+    ) -> None:
+        self._db = database
+        self._hasher = hasher
+        self._policy = policy
+        self._sessions = sessions
+        self.settings = settings or AccountSettings()
+        self._clock = clock
+        self._throttle = LoginThrottle(self.settings.throttle, clock=clock)
+
+    # ---- registration and verification ---------------------------------------------------------
+
+    async def register(self, email: str, password: str, display_name: str) -> User:
+        """Create an unverified user with roles ["user"] on the free plan; write `user.registered`
+        and an `email.requested` (verify_email) carrying a single-use verification token.
+
+        Raises INVALID_ARGUMENT (field violations on email / display_name, or
+        PASSWORD_POLICY_VIOLATION when only the password is bad) before touching the database, and
+        ALREADY_EXISTS / EMAIL_ALREADY_REGISTERED when the address is taken, also when a concurrent
+        registration of the same address won the race.
+        """
+        address = normalize_email(email)
+        name = clean_display_name(display_name)
+        violations = [
+            *email_violations(address),
+            *display_name_violations(name),
+            *self._policy.violations(password, email=address, field="password"),
+        ]
+        if violations:
+            raise invalid_fields(violations)
+        password_hash = await self._hasher.hash_async(password)
+        now = self._clock()
+        async with self._db.unit_of_work() as session:
+            try:
+                record = await UserRepository(session).add(
+                    email=address,
+                    display_name=name,
+                    password_hash=password_hash,
+                    roles=[ROLE_USER],
+                    plan_id=DEFAULT_PLAN_ID,
+                    email_verified_at=None,
+                    now=now,
+                )
+            except EmailTaken:
+                raise email_already_registered() from None
+            user = to_user(record)
+            record_event(
+                session,
+                subject=user.id,
+                payload=events_pb2.UserRegistered(
+                    user_id=user.id, email=user.email, display_name=user.display_name
+                ),
+            )
+            await self._send_verification(session, user, now=now)
+        return user
+
+    async def verify_email(self, token: str) -> User:
+        """Mark the token's user verified and write `user.email_verified` (once per user).
+
+        An unknown, used or expired token is INVALID_ARGUMENT / VERIFICATION_TOKEN_INVALID: one
+        answer for all three, so tokens cannot be probed.
+        """
+        if not token or len(token) > _TOKEN_MAX:
+            raise _verification_token_invalid()
+        now = self._clock()
+        async with self._db.unit_of_work() as session:
+            tokens = OneTimeTokenRepository(session)
+            found = await tokens.find(secret_hash(token), VERIFY_EMAIL_PURPOSE)
+            if found is None or not await tokens.consume(found.id, now=now):
+                raise _verification_token_invalid()
+            users = UserRepository(session)
+            record = await users.by_id(found.user_id, for_update=True)
+            if record is None:  # the row cascades with its user; kept for type narrowing
+                raise _verification_token_invalid()
+            if record.email_verified_at is None:
+                record.email_verified_at = now
+                await users.save(record, now=now)
+                record_event(
+                    session,
+                    subject=record.id,
+                    payload=events_pb2.UserEmailVerified(user_id=record.id, email=record.email),
+                )
+            return to_user(record)
+
+    async def resend_verification(self, user_id: str) -> datetime:
+        """Send the (signed-in) user a fresh verification email, invalidating earlier links; returns
+        when the new link expires.
+
+        Raises NOT_FOUND for an unknown user, FAILED_PRECONDITION / EMAIL_ALREADY_VERIFIED, and
+        RESOURCE_EXHAUSTED / RATE_LIMITED (metadata retry_after_s) within `email_cooldown` of the
+        previous verification email.
+        """
+        now = self._clock()
+        async with self._db.unit_of_work() as session:
+            record = await UserRepository(session).by_id(user_id, for_update=True)
+            if record is None:
+                raise user_not_found(user_id)
+            if record.email_verified_at is not None:
+                raise FailedPrecondition(
+                    "This email address is already verified.", reason="EMAIL_ALREADY_VERIFIED"
+                )
+            retry_after = await self._cooldown_left(session, record.id, VERIFY_EMAIL_PURPOSE, now)
+            if retry_after is not None:
+                raise _email_rate_limited(retry_after)
+            return await self._send_verification(session, to_user(record), now=now)
+
+    async def _send_verification(self, session: AsyncSession, user: User, *, now: datetime) -> datetime:
+        return await self._send_token(
+            session,
+            user,
+            purpose=VERIFY_EMAIL_PURPOSE,
+            template=VERIFY_EMAIL_TEMPLATE,
+            ttl=self.settings.verification_token_ttl,
+            link_path=self.settings.verify_email_link_path,
+            now=now,
+        )
+
+    async def _send_token(
+        self,
+        session: AsyncSession,
+        user: User,
+        *,
+        purpose: str,
+        template: str,
+        ttl: timedelta,
+        link_path: str,
+        now: datetime,
+    ) -> datetime:
+        """Replace the user's unused tokens of `purpose` with a new one and queue the email for it.
+
+        The token exists in plaintext only inside the `email.requested` event, which only the email
+        worker reads; the table keeps its SHA-256.
+        """
+        tokens = OneTimeTokenRepository(session)
+        await tokens.discard_unused(user.id, purpose)
+        secret = new_secret()
+        expires_at = now + ttl
+        await tokens.add(
+            user_id=user.id, purpose=purpose, token_hash=secret_hash(secret), expires_at=expires_at, now=now
+        )
+        record_event(
+            session,
+            subject=user.id,
+            payload=events_pb2.EmailRequested(
+                template=template,
+                recipient=user.email,
+                user_id=user.id,
+                params={
+                    "token": secret,
+                    "link_path": f"{link_path}?{urlencode({'token': secret})}",
+                    "display_name": user.display_name,
+                    "expire_time": expires_at.isoformat(),
+                },
+            ),
+        )
+        return expires_at
+
+    async def _cooldown_left(
+        self, session: AsyncSession, user_id: str, purpose: str, now: datetime
+    ) -> timedelta | None:
+        latest = await OneTimeTokenRepository(session).latest_issued_at(user_id, purpose)
+        if latest is None:
+            return None
+        left = latest + self.settings.email_cooldown - now
+        return left if left > timedelta(0) else None
+
+    # ---- sign-in --------------------------------------------------------------------------------
+
+    async def sign_in(
+        self,
+        email: str,
+        password: str,
+        *,
+        client_ip: str,
+        auth_method: AuthMethod | str = AuthMethod.JWT,
+        device_name: str = "",
+        user_agent: str = "",
+    ) -> SignedIn:
+        """Check the credentials (see `authenticate`), start a session and write
+        `user.login_succeeded` with its id. Issuing the access token is the caller's."""
+        user = await self._check_credentials(email, password, client_ip=client_ip)
+        started = await self._sessions.start(
+            user.id,
+            auth_method=auth_method,
+            device_name=device_name,
+            user_agent=user_agent,
+            ip_address=client_ip,
+        )
+        async with self._db.unit_of_work() as session:
+            new_device = not await UserRepository(session).has_other_session_on(
+                user.id, device=started.session.device, except_session_id=started.session.id
+            )
+            record_event(
+                session,
+                subject=user.id,
+                payload=events_pb2.UserLoginSucceeded(
+                    user_id=user.id,
+                    session_id=started.session.id,
+                    ip_address=started.session.ip_address,
+                    device=started.session.device,
+                    new_device=new_device,
+                ),
+            )
+        return SignedIn(user=user, started=started)
+
+    async def authenticate(self, email: str, password: str, *, client_ip: str) -> User:
+        """Check a sign-in's credentials without starting a session; writes `user.login_succeeded`
+        with no session id. `sign_in` is the Login RPC's entry point.
+
+        Refusals, in the order they are decided:
+
+        - RESOURCE_EXHAUSTED / ACCOUNT_LOCKED (metadata retry_after_s, a QuotaFailure) while the
+          account key or the client IP is locked, for unknown emails exactly as for known ones;
+          no password is checked then.
+        - UNAUTHENTICATED / INVALID_CREDENTIALS, one message, for an unknown email (after a dummy
+          hash of the same cost) and for a wrong password: counted, backed off, locked.
+        - PERMISSION_DENIED / ACCOUNT_DISABLED for a disabled user, only after the right password.
+        """
+        user = await self._check_credentials(email, password, client_ip=client_ip)
+        async with self._db.unit_of_work() as session:
+            record_event(
+                session,
+                subject=user.id,
+                payload=events_pb2.UserLoginSucceeded(user_id=user.id, ip_address=_clean_ip(client_ip)),
+            )
+        return user
+
+    async def _check_credentials(self, email: str, password: str, *, client_ip: str) -> User:
+        address = normalize_email(email)
+        ip = _clean_ip(client_ip)
+        keys = self._throttle.keys(address, ip)
+        async with self._db.unit_of_work(read_only=True) as session:
+            lock = await self._throttle.active_lock(LoginThrottleRepository(session), keys)
+            # Looked up even when locked, so a locked reply costs the same for every email.
+            stored = await UserRepository(session).by_email(address) if len(address) <= EMAIL_MAX else None
+        user = to_user(stored) if stored is not None else None
+        if lock is not None:
+            await self._record_locked_attempt(user, keys, lock, ip)
+            raise self._throttle.locked_error(lock)
+
+        if stored is None or user is None:
+            await self._hasher.verify_dummy_async(password)
+            await self._record_failed_attempt(None, keys, ip)
+            raise invalid_credentials()
+        if not await self._hasher.verify_async(stored.password_hash, password):
+            await self._record_failed_attempt(user, keys, ip)
+            raise invalid_credentials()
+        if user.disabled:
+            await self._record_disabled_attempt(user, ip)
+            raise account_disabled()
+        upgraded_hash = None
+        if self._hasher.needs_rehash(stored.password_hash):
+            upgraded_hash = await self._hasher.hash_async(password)
+        return await self._record_success(user, stored.password_hash, keys, upgraded_hash)
+
+    async def _record_success(
+        self, user: User, checked_hash: str, keys: ThrottleKeys, upgraded_hash: str | None
+    ) -> User:
+        now = self._clock()
+        async with self._db.unit_of_work() as session:
+            users = UserRepository(session)
+            record = await users.by_id(user.id, for_update=True)
+            # Changed while we hashed: the password just checked is no longer the account's, or
+            # the account was disabled meanwhile. Nothing is counted; the client simply retries.
+            if record is None or record.password_hash != checked_hash:
+                raise invalid_credentials()
+            if record.disabled_at is not None:
+                raise account_disabled()
+            record.last_login_at = now
+            if upgraded_hash is not None:
+                record.password_hash = upgraded_hash
+            await users.save(record, now=now)
+            await self._throttle.clear_account(LoginThrottleRepository(session), keys)
+            return to_user(record)
+
+    async def _record_locked_attempt(
+        self, user: User | None, keys: ThrottleKeys, lock: ActiveLock, ip: str
+    ) -> None:
+        async with self._db.unit_of_work() as session:
+            record_event(
+                session,
+                subject=_attempt_subject(user, keys),
+                payload=events_pb2.UserLoginFailed(
+                    user_id=user.id if user else "",
+                    ip_address=ip,
+                    reason=events_pb2.LOGIN_FAILURE_REASON_LOCKED,
+                    failed_attempts=lock.failures,
+                ),
+            )
+
+    async def _record_failed_attempt(self, user: User | None, keys: ThrottleKeys, ip: str) -> None:
+        async with self._db.unit_of_work() as session:
+            outcome = await self._throttle.record_failure(LoginThrottleRepository(session), keys)
+            # The proto counts the account's failures, or the client's for unknown emails.
+            failures = outcome.account_failures
+            if user is None and keys.client_ip is not None:
+                failures = outcome.client_ip_failures
+            record_event(
+                session,
+                subject=_attempt_subject(user, keys),
+                payload=events_pb2.UserLoginFailed(
+                    user_id=user.id if user else "",
+                    ip_address=ip,
+                    reason=events_pb2.LOGIN_FAILURE_REASON_INVALID_CREDENTIALS,
+                    failed_attempts=failures,
+                ),
+            )
+            _record_lockouts(session, outcome.locks_started, user=user, keys=keys, ip=ip)
+
+    async def _record_disabled_attempt(self, user: User, ip: str) -> None:
+        async with self._db.unit_of_work() as session:
+            record_event(
+                session,
+                subject=user.id,
+                payload=events_pb2.UserLoginFailed(
+                    user_id=user.id, ip_address=ip, reason=events_pb2.LOGIN_FAILURE_REASON_DISABLED
+                ),
+            )
+
+    def require_verified(self, user: User, feature: str) -> None:
+        """FAILED_PRECONDITION / EMAIL_NOT_VERIFIED when `feature` needs a verified email
+        (`AccountSettings.require_verified_email_for`) and the user has none."""
+        if feature in self.settings.require_verified_email_for and not user.email_verified:
+            raise FailedPrecondition(
+                "Verify your email address to use this feature.",
+                reason="EMAIL_NOT_VERIFIED",
+                metadata={"feature": feature},
+            )
+
+    # ---- passwords ------------------------------------------------------------------------------
+
+    async def forgot_password(self, email: str) -> None:
+        """Email a single-use reset token (`reset_token_ttl`, 1 h) if an enabled account has this
+        address; always returns the same (nothing), no sooner than `forgot_password_min_duration`.
+
+        Within `email_cooldown` of the previous reset email nothing is sent, also silently.
+        """
+        started = time.monotonic()
+        address = normalize_email(email)
+        now = self._clock()
+        async with self._db.unit_of_work() as session:
+            record = await UserRepository(session).by_email(address) if len(address) <= EMAIL_MAX else None
+            if record is not None and record.disabled_at is None:
+                retry_after = await self._cooldown_left(session, record.id, RESET_PASSWORD_PURPOSE, now)
+                if retry_after is None:
+                    await self._send_token(
+                        session,
+                        to_user(record),
+                        purpose=RESET_PASSWORD_PURPOSE,
+                        template=PASSWORD_RESET_TEMPLATE,
+                        ttl=self.settings.reset_token_ttl,
+                        link_path=self.settings.reset_password_link_path,
+                        now=now,
+                    )
+            else:
+                # What making the token costs, so both paths do the same work before replying.
+                secret_hash(new_secret())
+        remaining = self.settings.forgot_password_min_duration.total_seconds() - (time.monotonic() - started)
+        if remaining > 0:
+            await asyncio.sleep(remaining)
+
+    async def reset_password(self, token: str, new_password: str) -> PasswordReset:
+        """Set a new password with a reset token: the token is spent, other reset links die, every
+        session of the user ends (reason password_reset; access tokens are listed as revoked), the
+        account's failed sign-ins are forgotten, and `user.password_reset` is written. The email is
+        marked verified too: the token arrived there.
+
+        Raises INVALID_ARGUMENT / RESET_TOKEN_INVALID for an unknown, used or expired token (one
+        answer for all three) and PASSWORD_POLICY_VIOLATION (field `new_password`) before any write.
+        """
+        if not token or len(token) > _TOKEN_MAX:
+            raise _reset_token_invalid()
+        token_hash = secret_hash(token)
+        async with self._db.unit_of_work(read_only=True) as session:
+            found = await OneTimeTokenRepository(session).find(token_hash, RESET_PASSWORD_PURPOSE)
+            if found is None or found.used_at is not None or found.expires_at <= self._clock():
+                raise _reset_token_invalid()
+            owner = await UserRepository(session).by_id(found.user_id)
+            if owner is None:
+                raise _reset_token_invalid()
+            token_id, email = found.id, owner.email
+        self._policy.check(new_password, email=email, field="new_password")
+        password_hash = await self._hasher.hash_async(new_password)
+
+        now = self._clock()
+        async with self._db.unit_of_work() as session:
+            tokens = OneTimeTokenRepository(session)
+            if not await tokens.consume(token_id, now=now):
+                raise _reset_token_invalid()
+            users = UserRepository(session)
+            record = await users.by_id(found.user_id, for_update=True)
+            if record is None:
+                raise _reset_token_invalid()
+            record.password_hash = password_hash
+            newly_verified = record.email_verified_at is None
+            if newly_verified:
+                record.email_verified_at = now
+            await users.save(record, now=now)
+            await tokens.discard_unused(record.id, RESET_PASSWORD_PURPOSE)
+            await LoginThrottleRepository(session).clear(self._throttle.keys(record.email, "").account)
+            revoked = await self._sessions.revoke_all_within(
+                SqlSessionStore(session), record.id, reason=RevokeReason.PASSWORD_RESET
+            )
+            if newly_verified:
+                record_event(
+                    session,
+                    subject=record.id,
+                    payload=events_pb2.UserEmailVerified(user_id=record.id, email=record.email),
+                )
+            record_event(
+                session,
+                subject=record.id,
+                payload=events_pb2.UserPasswordReset(user_id=record.id, revoked_session_count=revoked.count),
+            )
+            user = to_user(record)
+        await self._sessions.propagate(revoked)
+        return PasswordReset(user=user, revoked=revoked)
+
+    async def change_password(
+        self,
+        user_id: str,
+        current_password: str,
+        new_password: str,
+        *,
+        current_session_id: str | None = None,
+    ) -> PasswordChanged:
+        """Change the password given the current one; every other session of the user ends (reason
+        password_changed), `current_session_id` stays, and `user.password_changed` is written.
+
+        A wrong current password is INVALID_ARGUMENT / CURRENT_PASSWORD_INCORRECT (field
+        `current_password`) and counts as a failed sign-in for the account, so a stolen session
+        cannot be used to guess the password faster than the login form allows; while the account
+        is locked the answer is ACCOUNT_LOCKED. Then the policy (field `new_password`).
+        """
+        async with self._db.unit_of_work(read_only=True) as session:
+            stored = await UserRepository(session).by_id(user_id)
+            if stored is None:
+                raise user_not_found(user_id)
+            keys = ThrottleKeys(account=self._throttle.keys(stored.email, "").account, client_ip=None)
+            lock = await self._throttle.active_lock(LoginThrottleRepository(session), keys)
+        if lock is not None:
+            raise self._throttle.locked_error(lock)
+        user = to_user(stored)
+        if not await self._hasher.verify_async(stored.password_hash, current_password):
+            async with self._db.unit_of_work() as session:
+                outcome = await self._throttle.record_failure(
+                    LoginThrottleRepository(session), keys, scopes=[LockScope.ACCOUNT]
+                )
+                _record_lockouts(session, outcome.locks_started, user=user, keys=keys, ip="")
+            raise _current_password_incorrect()
+        self._policy.check(new_password, email=user.email, field="new_password")
+        password_hash = await self._hasher.hash_async(new_password)
+
+        now = self._clock()
+        async with self._db.unit_of_work() as session:
+            users = UserRepository(session)
+            record = await users.by_id(user_id, for_update=True)
+            if record is None:
+                raise user_not_found(user_id)
+            if record.password_hash != stored.password_hash:
+                # Changed by someone else while we hashed: what was given is no longer current.
+                raise _current_password_incorrect()
+            record.password_hash = password_hash
+            await users.save(record, now=now)
+            await OneTimeTokenRepository(session).discard_unused(record.id, RESET_PASSWORD_PURPOSE)
+            await self._throttle.clear_account(LoginThrottleRepository(session), keys)
+            revoked = await self._sessions.revoke_all_within(
+                SqlSessionStore(session),
+                record.id,
+                reason=RevokeReason.PASSWORD_CHANGED,
+                except_session_id=current_session_id or None,
+                actor_user_id=record.id,
+            )
+            record_event(
+                session,
+                subject=record.id,
+                payload=events_pb2.UserPasswordChanged(
+                    user_id=record.id, revoked_session_count=revoked.count
+                ),
+            )
+            user = to_user(record)
+        await self._sessions.propagate(revoked)
+        return PasswordChanged(user=user, revoked=revoked)
+
+    # ---- profile --------------------------------------------------------------------------------
+
+    async def get_user(self, user_id: str) -> User:
+        """The user; NOT_FOUND when there is none."""
+        async with self._db.unit_of_work(read_only=True) as session:
+            record = await UserRepository(session).by_id(user_id)
+        if record is None:
+            raise user_not_found(user_id)
+        return to_user(record)
+
+    async def update_profile(self, user_id: str, *, display_name: str, update_mask: Sequence[str]) -> User:
+        """Update the owner-editable fields named in `update_mask` (AIP-134).
+
+        Only `display_name` is editable. An empty mask means "every editable field the request
+        sets" (an empty display_name is then "not set" and nothing changes); `*` means every
+        editable field, so display_name must then be valid. Any other path, known but read-only
+        (email, roles, ...) or unknown, is INVALID_ARGUMENT / INVALID_UPDATE_MASK.
+        """
+        paths = _mask_paths(update_mask)
+        if not paths:
+            paths = {"display_name"} if display_name.strip() else set()
+        changes: dict[str, str] = {}
+        if "display_name" in paths:
+            name = clean_display_name(display_name)
+            violations = display_name_violations(name, field_name="user.display_name")
+            if violations:
+                raise invalid_fields(violations)
+            changes["display_name"] = name
+        now = self._clock()
+        async with self._db.unit_of_work(read_only=not changes) as session:
+            users = UserRepository(session)
+            record = await users.by_id(user_id, for_update=bool(changes))
+            if record is None:
+                raise user_not_found(user_id)
+            if changes and record.display_name != changes["display_name"]:
+                record.display_name = changes["display_name"]
+                await users.save(record, now=now)
+            return to_user(record)
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _mask_paths(update_mask: Sequence[str]) -> set[str]:
+    paths: set[str] = set()
+    bad: list[str] = []
+    for raw in update_mask:
+        path = raw.strip()
+        if path == "*":
+            paths |= MUTABLE_PROFILE_FIELDS
+        elif path in MUTABLE_PROFILE_FIELDS:
+            paths.add(path)
+        else:
+            bad.append(path)
+    if bad:
+        described = ", ".join(sorted(repr(path) for path in bad))
+        known_read_only = all(path in USER_FIELDS for path in bad)
+        why = "read-only" if known_read_only else "not fields of User"
+        message = (
+            f"update_mask may name only display_name; {described} {'is' if len(bad) == 1 else 'are'} {why}."
+        )
+        raise InvalidArgument(
+            message,
+            reason="INVALID_UPDATE_MASK",
+            field_violations=[
+                FieldViolation(field="update_mask", description=message, reason="INVALID_UPDATE_MASK")
+            ],
+        )
+    return paths
+
+
+def _clean_ip(client_ip: str) -> str:
+    # sessions.ip_address holds 64 characters; an address never needs more.
+    return client_ip.strip()[:64]
+
+
+def _attempt_subject(user: User | None, keys: ThrottleKeys) -> str:
+    if user is not None:
+        return user.id
+    return keys.client_ip or keys.account
+
+
+def _record_lockouts(
+    session: AsyncSession,
+    locks: Sequence[ActiveLock],
+    *,
+    user: User | None,
+    keys: ThrottleKeys,
+    ip: str,
+) -> None:
+    """`user.locked` for each lockout a failure started; short backoff steps write no event."""
+    for lock in locks:
+        if not lock.lockout:
+            continue
+        account = lock.scope is LockScope.ACCOUNT
+        record_event(
+            session,
+            subject=(user.id if user is not None and account else lock.key),
+            payload=events_pb2.UserLocked(
+                user_id=user.id if user is not None and account else "",
+                ip_address=ip,
+                scope=events_pb2.LOCK_SCOPE_ACCOUNT if account else events_pb2.LOCK_SCOPE_CLIENT_IP,
+                locked_until_time=_timestamp(lock.until),
+                failed_attempts=lock.failures,
+            ),
+        )
+
+
+def invalid_credentials() -> Unauthenticated:
+    return Unauthenticated(INVALID_CREDENTIALS_MESSAGE, reason="INVALID_CREDENTIALS")
+
+
+def account_disabled() -> PermissionDenied:
+    return PermissionDenied("This account has been disabled.", reason="ACCOUNT_DISABLED")
+
+
+def email_already_registered() -> AlreadyExists:
+    return AlreadyExists(
+        "An account with this email address already exists.",
+        reason="EMAIL_ALREADY_REGISTERED",
+        field_violations=[
+            FieldViolation(
+                field="email",
+                description="An account with this email address already exists.",
+                reason="EMAIL_ALREADY_REGISTERED",
+            )
+        ],
+    )
+
+
+def _verification_token_invalid() -> InvalidArgument:
+    message = "The verification link is invalid, already used or expired; request a new one."
+    return InvalidArgument(
+        message,
+        reason="VERIFICATION_TOKEN_INVALID",
+        field_violations=[
+            FieldViolation(field="token", description=message, reason="VERIFICATION_TOKEN_INVALID")
+        ],
+    )
+
+
+def _reset_token_invalid() -> InvalidArgument:
+    message = "The password-reset link is invalid, already used or expired; request a new one."
+    return InvalidArgument(
+        message,
+        reason="RESET_TOKEN_INVALID",
+        field_violations=[FieldViolation(field="token", description=message, reason="RESET_TOKEN_INVALID")],
+    )
+
+
+def _current_password_incorrect() -> InvalidArgument:
+    message = "The current password is incorrect."
+    return InvalidArgument(
+        message,
+        reason="CURRENT_PASSWORD_INCORRECT",
+        field_violations=[
+            FieldViolation(field="current_password", description=message, reason="CURRENT_PASSWORD_INCORRECT")
+        ],
+    )
+
+
+def _email_rate_limited(retry_after: timedelta) -> ResourceExhausted:
+    seconds = max(1, int(retry_after.total_seconds() + 0.999))
+    return ResourceExhausted(
+        "A verification email was sent moments ago; wait before asking for another.",
+        reason="RATE_LIMITED",
+        metadata={"retry_after_s": str(seconds)},
+        quota_violations=[
+            QuotaViolation(subject="verification_email", description=f"Try again in {seconds} seconds.")
+        ],
+    )

@@ -1,0 +1,396 @@
+"""Account administration: listing users, disabling and enabling them, roles, and the first admin.
+
+Every operation here is for callers already checked to hold the admin role (the servicer's
+`require_role("admin")`), except `create_admin`, which the `parley admin create-admin` command runs
+with database access instead of credentials.
+
+The invariant kept throughout: the system never ends up without an enabled administrator. Changes
+that could break it lock the rows of every enabled admin first (PostgreSQL; SQLite serializes
+writers), so two admins demoting or disabling each other at the same moment cannot both succeed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from parley.events.v1 import events_pb2
+from services.auth.accounts import (
+    DEFAULT_PLAN_ID,
+    ROLE_ADMIN,
+    ROLE_USER,
+    ROLES,
+    User,
+    clean_display_name,
+    display_name_violations,
+    email_already_registered,
+    email_violations,
+    invalid_fields,
+    normalize_email,
+    ordered_roles,
+    record_event,
+    role_values,
+    to_user,
+    user_not_found,
+)
+from services.auth.models import EMAIL_MAX, UserRecord
+from services.auth.passwords import PasswordHasher, PasswordPolicy
+from services.auth.repository import EmailTaken, UserQuery, UserRepository
+from services.auth.session_repository import SqlSessionStore
+from services.auth.sessions import RevokedSessions, RevokeReason, SessionManager
+from services.common.db import Database
+from services.common.errors import FailedPrecondition, FieldViolation, InvalidArgument
+from services.common.models import utc_now
+from services.common.pagination import (
+    PageCursor,
+    decode_page_token,
+    effective_page_size,
+    encode_page_token,
+    query_fingerprint,
+)
+
+__all__ = ["AccountAdmin", "AdminBootstrap", "DisabledUser", "UserPage", "UserQuery"]
+
+Clock = Callable[[], datetime]
+
+
+@dataclass(frozen=True)
+class UserPage:
+    users: tuple[User, ...]
+    next_page_token: str
+
+
+@dataclass(frozen=True)
+class DisabledUser:
+    """A disabled user; `revoked` lists the sessions ended with it (already propagated to the
+    revocation list, together with every access token the user held)."""
+
+    user: User
+    revoked: RevokedSessions
+
+
+@dataclass(frozen=True)
+class AdminBootstrap:
+    """What `create_admin` did: `created` a new account, or promoted an existing one (`changed`
+    is False when it was already an enabled admin)."""
+
+    user: User
+    created: bool
+    changed: bool
+
+
+class AccountAdmin:
+    """The admin RPCs' domain: user listing, disable/enable, roles, and the bootstrap."""
+
+    def __init__(
+        self,
+        database: Database,
+        *,
+        hasher: PasswordHasher,
+        policy: PasswordPolicy,
+        sessions: SessionManager,
+        clock: Clock = utc_now,
+    ) -> None:
+        self._db = database
+        self._hasher = hasher
+        self._policy = policy
+        self._sessions = sessions
+        self._clock = clock
+
+    async def list_users(
+        self, *, page_size: int = 0, page_token: str = "", filters: UserQuery | None = None
+    ) -> UserPage:
+        """Users matching `filters`, newest first (created_at, then id, descending), page by page.
+
+        A role other than "user"/"admin", or a creation range whose start is not before its end, is
+        INVALID_ARGUMENT; a page token from another filter set is INVALID_PAGE_TOKEN.
+        """
+        query = filters or UserQuery()
+        _check_query(query)
+        limit = effective_page_size(page_size)
+        fingerprint = query_fingerprint(
+            "admin_users",
+            query.text.lower(),
+            query.role,
+            query.plan_id,
+            query.disabled,
+            query.email_verified,
+            query.created_at_or_after.isoformat() if query.created_at_or_after else None,
+            query.created_before.isoformat() if query.created_before else None,
+        )
+        cursor = decode_page_token(page_token, expected_query=fingerprint)
+        after = _user_cursor(cursor) if cursor else None
+        async with self._db.unit_of_work(read_only=True) as session:
+            found = await UserRepository(session).list_after(query, after=after, limit=limit + 1)
+        page, more = found[:limit], len(found) > limit
+        next_token = ""
+        if more:
+            last = page[-1]
+            next_token = encode_page_token(
+                PageCursor(after=(last.created_at.isoformat(), last.id), query=fingerprint)
+            )
+        return UserPage(users=tuple(to_user(record) for record in page), next_page_token=next_token)
+
+    async def get_user(self, user_id: str) -> User:
+        """The user; NOT_FOUND when there is none."""
+        async with self._db.unit_of_work(read_only=True) as session:
+            record = await UserRepository(session).by_id(user_id)
+        if record is None:
+            raise user_not_found(user_id)
+        return to_user(record)
+
+    async def disable_user(self, user_id: str, *, actor_id: str, reason: str = "") -> DisabledUser:
+        """Disable a user: set disabled_at, end every session (reason user_disabled, with the
+        actor), refuse every access token issued so far, and write `user.disabled`.
+
+        Disabling an already disabled user changes nothing and writes nothing. Disabling the last
+        enabled admin (yourself included) is FAILED_PRECONDITION / LAST_ADMIN. API keys are not
+        revoked: they are refused while their owner is disabled and work again after `enable_user`.
+        """
+        now = self._clock()
+        async with self._db.unit_of_work() as session:
+            users = UserRepository(session)
+            admins = await users.enabled_admin_ids(for_update=True)
+            record = await users.by_id(user_id, for_update=True)
+            if record is None:
+                raise user_not_found(user_id)
+            if record.disabled_at is not None:
+                return DisabledUser(
+                    user=to_user(record),
+                    revoked=RevokedSessions(
+                        user_id=record.id, session_ids=(), all_sessions=False, revoked_at=now
+                    ),
+                )
+            if record.id in admins and len(admins) == 1:
+                raise _last_admin("disable")
+            record.disabled_at = now
+            await users.save(record, now=now)
+            revoked = await self._sessions.revoke_all_within(
+                SqlSessionStore(session), record.id, reason=RevokeReason.USER_DISABLED, actor_user_id=actor_id
+            )
+            record_event(
+                session,
+                subject=record.id,
+                payload=events_pb2.UserDisabled(
+                    user_id=record.id, actor_user_id=actor_id, reason=reason[:500]
+                ),
+            )
+            user = to_user(record)
+        await self._sessions.propagate(revoked)
+        return DisabledUser(user=user, revoked=revoked)
+
+    async def enable_user(self, user_id: str, *, actor_id: str) -> User:
+        """Re-enable a disabled user and write `user.enabled`; they must sign in again (their
+        sessions stay ended). Enabling an enabled user changes nothing and writes nothing."""
+        now = self._clock()
+        async with self._db.unit_of_work() as session:
+            users = UserRepository(session)
+            record = await users.by_id(user_id, for_update=True)
+            if record is None:
+                raise user_not_found(user_id)
+            if record.disabled_at is not None:
+                await _enable(session, users, record, actor_id=actor_id, now=now)
+            return to_user(record)
+
+    async def set_roles(self, user_id: str, roles: Collection[str], *, actor_id: str) -> User:
+        """Replace a user's roles ("user" is always kept) and write `user.role_changed`.
+
+        Unknown role names are INVALID_ARGUMENT (field `roles`); taking the admin role from the last
+        enabled admin is FAILED_PRECONDITION / LAST_ADMIN. When the admin role is taken away, every
+        access token the user holds is refused from now on, so their next request must refresh and
+        gets a token without it (their sessions stay signed in). No change writes nothing.
+        """
+        unknown = sorted(set(roles) - ROLES)
+        if unknown:
+            message = f"Unknown role(s) {', '.join(map(repr, unknown))}; roles are 'user' and 'admin'."
+            raise InvalidArgument(
+                message,
+                reason="INVALID_ARGUMENT",
+                field_violations=[
+                    FieldViolation(field="roles", description=message, reason="INVALID_ARGUMENT")
+                ],
+            )
+        wanted = ordered_roles([ROLE_USER, *roles])
+        now = self._clock()
+        demoted = False
+        async with self._db.unit_of_work() as session:
+            users = UserRepository(session)
+            admins = await users.enabled_admin_ids(for_update=True)
+            record = await users.by_id(user_id, for_update=True)
+            if record is None:
+                raise user_not_found(user_id)
+            previous = ordered_roles(record.roles)
+            if previous != wanted:
+                demoted = ROLE_ADMIN in previous and ROLE_ADMIN not in wanted
+                if demoted and record.id in admins and len(admins) == 1:
+                    raise _last_admin("remove the admin role from")
+                record.roles = list(wanted)
+                await users.save(record, now=now)
+                _role_changed(session, record.id, previous, wanted, actor_id=actor_id)
+            user = to_user(record)
+        if demoted:
+            # No session ends: the tokens already issued still say "admin", so they are refused and
+            # the client's refresh mints new ones from the stored roles.
+            await self._sessions.propagate(
+                RevokedSessions(user_id=user.id, session_ids=(), all_sessions=True, revoked_at=now)
+            )
+        return user
+
+    async def create_admin(self, email: str, password: str, display_name: str) -> AdminBootstrap:
+        """The `parley admin create-admin` bootstrap; safe to run again.
+
+        No account with this email: create it verified, with roles user and admin (password policy
+        applies; writes `user.registered`, `user.email_verified` and `user.role_changed` with no
+        actor). An account exists: give it the admin role and re-enable it if disabled (writing
+        `user.role_changed` / `user.enabled` with no actor); its password and name stay as they are.
+        """
+        address = normalize_email(email)
+        name = clean_display_name(display_name)
+        shape = [*email_violations(address), *display_name_violations(name)]
+        if shape:
+            raise invalid_fields(shape)
+        async with self._db.unit_of_work(read_only=True) as session:
+            exists = await UserRepository(session).by_email(address) is not None
+        if exists:
+            return await self._promote(address)
+        self._policy.check(password, email=address, field="password")
+        password_hash = await self._hasher.hash_async(password)
+        now = self._clock()
+        try:
+            async with self._db.unit_of_work() as session:
+                record = await UserRepository(session).add(
+                    email=address,
+                    display_name=name,
+                    password_hash=password_hash,
+                    roles=[ROLE_USER, ROLE_ADMIN],
+                    plan_id=DEFAULT_PLAN_ID,
+                    email_verified_at=now,
+                    now=now,
+                )
+                record_event(
+                    session,
+                    subject=record.id,
+                    payload=events_pb2.UserRegistered(
+                        user_id=record.id, email=record.email, display_name=record.display_name
+                    ),
+                )
+                record_event(
+                    session,
+                    subject=record.id,
+                    payload=events_pb2.UserEmailVerified(user_id=record.id, email=record.email),
+                )
+                _role_changed(session, record.id, (), ordered_roles(record.roles), actor_id="")
+                user = to_user(record)
+        except EmailTaken:
+            # Registered between our look-up and our insert: promote that account instead.
+            return await self._promote(address)
+        return AdminBootstrap(user=user, created=True, changed=True)
+
+    async def _promote(self, address: str) -> AdminBootstrap:
+        now = self._clock()
+        async with self._db.unit_of_work() as session:
+            users = UserRepository(session)
+            record = await users.by_email(address, for_update=True)
+            if record is None:  # deleted meanwhile; nothing sensible to promote
+                raise email_already_registered()
+            changed = False
+            previous = ordered_roles(record.roles)
+            if ROLE_ADMIN not in previous:
+                wanted = ordered_roles([*previous, ROLE_USER, ROLE_ADMIN])
+                record.roles = list(wanted)
+                await users.save(record, now=now)
+                _role_changed(session, record.id, previous, wanted, actor_id="")
+                changed = True
+            if record.disabled_at is not None:
+                await _enable(session, users, record, actor_id="", now=now)
+                changed = True
+            return AdminBootstrap(user=to_user(record), created=False, changed=changed)
+
+
+async def _enable(
+    session: AsyncSession, users: UserRepository, record: UserRecord, *, actor_id: str, now: datetime
+) -> None:
+    record.disabled_at = None
+    await users.save(record, now=now)
+    record_event(
+        session, subject=record.id, payload=events_pb2.UserEnabled(user_id=record.id, actor_user_id=actor_id)
+    )
+
+
+def _role_changed(
+    session: AsyncSession,
+    user_id: str,
+    previous: Collection[str],
+    roles: Collection[str],
+    *,
+    actor_id: str,
+) -> None:
+    record_event(
+        session,
+        subject=user_id,
+        payload=events_pb2.UserRoleChanged(
+            user_id=user_id,
+            previous_roles=role_values(list(previous)),
+            roles=role_values(list(roles)),
+            actor_user_id=actor_id,
+        ),
+    )
+
+
+def _last_admin(action: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"Cannot {action} the last enabled administrator; make another user an admin first.",
+        reason="LAST_ADMIN",
+    )
+
+
+def _check_query(query: UserQuery) -> None:
+    violations: list[FieldViolation] = []
+    if query.role is not None and query.role not in ROLES:
+        violations.append(
+            FieldViolation(
+                field="role", description="role must be 'user' or 'admin'.", reason="INVALID_ARGUMENT"
+            )
+        )
+    if len(query.text) > EMAIL_MAX:
+        violations.append(
+            FieldViolation(
+                field="query",
+                description=f"query must be at most {EMAIL_MAX} characters.",
+                reason="INVALID_ARGUMENT",
+            )
+        )
+    if violations:
+        raise invalid_fields(violations)
+    after, before = query.created_at_or_after, query.created_before
+    if after is not None and before is not None and after >= before:
+        message = "create_time_after must be before create_time_before."
+        raise InvalidArgument(
+            message,
+            reason="INVALID_TIME_RANGE",
+            field_violations=[
+                FieldViolation(field="create_time_after", description=message, reason="INVALID_TIME_RANGE")
+            ],
+        )
+
+
+def _user_cursor(cursor: PageCursor) -> tuple[datetime, str]:
+    moment: datetime | None
+    try:
+        created_at, user_id = cursor.after
+        moment = datetime.fromisoformat(created_at)
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        message = "page_token is not a token this server issued."
+        raise InvalidArgument(
+            message,
+            reason="INVALID_PAGE_TOKEN",
+            field_violations=[
+                FieldViolation(field="page_token", description=message, reason="INVALID_PAGE_TOKEN")
+            ],
+        )
+    return moment, user_id
