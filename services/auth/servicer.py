@@ -229,6 +229,9 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         self, request: auth_pb2.CreateApiKeyRequest, context: grpc.aio.ServicerContext
     ) -> auth_pb2.CreateApiKeyResponse:
         caller = current_identity.get().require_user()
+        self._domain.accounts.require_verified(
+            await self._domain.accounts.get_user(caller.user_id), "api_keys"
+        )
         expires = request.expire_time.ToDatetime(tzinfo=UTC) if request.HasField("expire_time") else None
         created = await self._domain.api_keys.create(
             caller.user_id, name=request.name, scopes=list(request.scopes), expires_at=expires

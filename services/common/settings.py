@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import secrets
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import SettingsError as EnvParseError
 
 ServiceName = Literal["auth", "chat", "billing", "analytics"]
 SERVICE_NAMES: tuple[ServiceName, ...] = ("auth", "chat", "billing", "analytics")
@@ -90,10 +91,22 @@ class Settings(BaseSettings):
         default=None,
         description="redis:// URL for state shared by replicas (token revocations); in-process when unset.",
     )
+    # NoDecode: the variable is a comma-separated list, not JSON.
+    auth_require_verified_email_for: Annotated[frozenset[Literal["api_keys", "chat", "billing"]], NoDecode] = Field(
+        default=frozenset(),
+        description="Features an unverified account may not use, comma separated, e.g. api_keys,chat.",
+    )
     auth_target: str | None = Field(
         default=None,
         description="host:port of the auth gRPC service, where other services fetch the JWKS.",
     )
+
+    @field_validator("auth_require_verified_email_for", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return frozenset(part.strip() for part in value.split(",") if part.strip())
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -160,3 +173,6 @@ def load_settings(**overrides: object) -> Settings:
             shown = "" if hidden else f" (got {given!r})"
             lines.append(f"  {variable}: {problem['msg']}{shown}")
         raise SettingsError("\n".join(lines)) from None
+    except EnvParseError as error:
+        # A variable that could not even be parsed (e.g. malformed JSON for a structured field).
+        raise SettingsError(f"Invalid Parley settings:\n  {error}") from None

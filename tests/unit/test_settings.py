@@ -79,3 +79,11 @@ def test_the_key_encryption_key_is_never_echoed(monkeypatch: pytest.MonkeyPatch)
     assert "PARLEY_AUTH_KEY_ENCRYPTION_KEY" in str(error.value)
     assert "PARLEY_ACCESS_TOKEN_TTL_S" in str(error.value)
     assert "kek-marker" not in str(error.value)
+
+
+def test_feature_lists_are_comma_separated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PARLEY_AUTH_REQUIRE_VERIFIED_EMAIL_FOR", "api_keys, chat")
+    assert load_settings().auth_require_verified_email_for == frozenset({"api_keys", "chat"})
+    monkeypatch.setenv("PARLEY_AUTH_REQUIRE_VERIFIED_EMAIL_FOR", "api_keys,teleport")
+    with pytest.raises(SettingsError, match="PARLEY_AUTH_REQUIRE_VERIFIED_EMAIL_FOR"):
+        load_settings()
