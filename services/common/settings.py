@@ -28,6 +28,8 @@ DEFAULT_SERVICE_METRICS_PORTS: dict[ServiceName, int] = {
 }
 
 Port = int
+# Product features that can be reserved for accounts with a verified email address.
+VerifiableFeature = Literal["api_keys", "chat", "billing"]
 
 
 class Settings(BaseSettings):
@@ -92,7 +94,7 @@ class Settings(BaseSettings):
         description="redis:// URL for state shared by replicas (token revocations); in-process when unset.",
     )
     # NoDecode: the variable is a comma-separated list, not JSON.
-    auth_require_verified_email_for: Annotated[frozenset[Literal["api_keys", "chat", "billing"]], NoDecode] = Field(
+    auth_require_verified_email_for: Annotated[frozenset[VerifiableFeature], NoDecode] = Field(
         default=frozenset(),
         description="Features an unverified account may not use, comma separated, e.g. api_keys,chat.",
     )
