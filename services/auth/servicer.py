@@ -379,7 +379,9 @@ class AuthAdminServicer(auth_pb2_grpc.AuthAdminServiceServicer):
             request.user_id, actor_id=actor.user_id, reason=request.reason
         )
         self._api_keys.forget_user(request.user_id)
-        return auth_pb2.DisableUserResponse(user=user_to_proto(disabled.user))
+        return auth_pb2.DisableUserResponse(
+            user=user_to_proto(disabled.user), revoked_session_count=disabled.revoked.count
+        )
 
     async def EnableUser(
         self, request: auth_pb2.EnableUserRequest, context: grpc.aio.ServicerContext

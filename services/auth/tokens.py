@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import math
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -12,6 +14,7 @@ import jwt
 
 from services.auth.signing_keys import SIGNING_ALGORITHM, SigningKey
 from services.common.models import utc_now
+from services.common.revocation import RevocationList
 
 
 class SigningKeySource(Protocol):
@@ -43,7 +46,9 @@ class AccessTokenIssuer:
         issuer: str,
         audience: str,
         ttl: timedelta,
+        revocations: RevocationList | None = None,
         clock: Callable[[], datetime] = utc_now,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         if ttl <= timedelta(0):
             raise ValueError("an access token needs a positive lifetime")
@@ -51,12 +56,15 @@ class AccessTokenIssuer:
         self._issuer = issuer
         self._audience = audience
         self._ttl_s = int(ttl.total_seconds())
+        self._revocations = revocations
         self._clock = clock
+        self._sleep = sleep
 
     async def issue(
         self, user_id: str, session_id: str, plan: str, roles: Iterable[str]
     ) -> IssuedAccessToken:
         key = await self._keys.active_signing_key()
+        await self._clear_of_cutoff(user_id)
         issued_at = int(self._clock().timestamp())
         expires_at = issued_at + self._ttl_s
         jti = uuid.uuid4().hex
@@ -75,3 +83,20 @@ class AccessTokenIssuer:
             claims, key.private_key, algorithm=SIGNING_ALGORITHM, headers={"kid": key.kid, "typ": "JWT"}
         )
         return IssuedAccessToken(token=token, expires_at=datetime.fromtimestamp(expires_at, UTC), jti=jti)
+
+    async def _clear_of_cutoff(self, user_id: str) -> None:
+        """Wait out the rest of a revocation cutoff's second before signing.
+
+        `iat` is whole seconds and verifiers refuse a token stamped with a cutoff's own second (it
+        may predate the cutoff). A sign-in right after a password reset, an enable or a role change
+        therefore waits, at most a second, so its token is stamped after the cutoff and works.
+        """
+        if self._revocations is None:
+            return
+        cutoff = await self._revocations.user_cutoff(user_id)
+        if cutoff is None:
+            return
+        first_clear_second = math.floor(cutoff.timestamp()) + 1
+        remaining = first_clear_second - self._clock().timestamp()
+        if 0 < remaining <= 1:
+            await self._sleep(remaining)

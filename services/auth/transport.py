@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 
 import grpc
 
+from services.common.call_context import current_via_gateway
 from services.common.identity import (
     ACCESS_TOKEN_COOKIE,
     CSRF_COOKIE,
@@ -40,7 +41,9 @@ def caller_of(context: grpc.aio.ServicerContext) -> Caller:
     for key, value in context.invocation_metadata() or ():
         if isinstance(value, str):
             metadata.setdefault(key, []).append(value)
-    forwarded = ",".join(metadata.get("x-forwarded-for", []))
+    # X-Forwarded-For is believed only from the gateway, which appends the peer it saw; a direct
+    # caller could otherwise pick a new address per attempt and walk past the per-IP throttle.
+    forwarded = ",".join(metadata.get("x-forwarded-for", [])) if current_via_gateway.get() else ""
     hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
     ip_address = hops[-1] if hops else _peer_ip(context.peer() or "")
     user_agent = (metadata.get("user-agent") or [""])[0]

@@ -1,13 +1,19 @@
-"""What the auth service hosts, built from the process's settings and shared infrastructure."""
+"""What the auth service hosts, built from the process's settings and shared infrastructure.
+
+`build` is the service's wiring. The smaller builders it is made of (`signing_key_store`,
+`account_parts`) are public too: the `parley admin` commands use the same ones, so an
+operator command and the running service never construct these pieces differently.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import timedelta
 
 from parley.auth.v1 import auth_pb2, auth_pb2_grpc
-from services.auth.accounts import AccountService
+from services.auth.accounts import AccountService, AccountSettings
 from services.auth.admin import AccountAdmin
-from services.auth.api_keys import ApiKeyManager
+from services.auth.api_keys import DEFAULT_CACHE_TTL_S, ApiKeyManager
 from services.auth.passwords import Argon2Parameters, CommonPasswords, PasswordHasher, PasswordPolicy
 from services.auth.servicer import AuthAdminServicer, AuthDomain, AuthInternalServicer, AuthServicer
 from services.auth.session_repository import SqlApiKeyStores, SqlSessionStores
@@ -15,46 +21,103 @@ from services.auth.sessions import SessionManager
 from services.auth.signing_keys import KeyEncryptionKeyError, SigningKeyStore, load_kek
 from services.auth.tokens import AccessTokenIssuer
 from services.common.context import ServiceBundle, ServiceContext
+from services.common.db import Database
 from services.common.identity import CachedJwksVerifier
+from services.common.revocation import RevocationList
 from services.common.server import ServiceRegistration
-from services.common.settings import SettingsError
+from services.common.settings import Settings, SettingsError
 
 _SERVICES = auth_pb2.DESCRIPTOR.services_by_name
 
 
-def build(context: ServiceContext) -> ServiceBundle:
-    settings = context.settings
-    database = context.database
+def key_encryption_key(settings: Settings, *, embedded: bool) -> bytes:
+    """The KEK from settings; embedded mode falls back to (and creates) `<data_dir>/secrets/kek`.
+
+    A missing or malformed KEK is a `SettingsError`, reported like any other bad variable.
+    """
     try:
-        kek = load_kek(
+        return load_kek(
             settings.auth_key_encryption_key.get_secret_value() if settings.auth_key_encryption_key else None,
             settings.auth_key_encryption_key_file,
-            embedded_data_dir=settings.data_dir if context.embedded else None,
+            embedded_data_dir=settings.data_dir if embedded else None,
         )
     except KeyEncryptionKeyError as error:
         raise SettingsError(f"Invalid Parley settings:\n  PARLEY_AUTH_KEY_ENCRYPTION_KEY: {error}") from None
-    access_ttl = timedelta(seconds=settings.access_token_ttl_s)
-    signing_keys = SigningKeyStore(database, kek, access_token_ttl=access_ttl)
-    common_passwords = CommonPasswords()
-    hasher = PasswordHasher(Argon2Parameters())
-    policy = PasswordPolicy(common_passwords)
-    sessions = SessionManager(
-        SqlSessionStores(database),
-        context.revocations,
-        refresh_ttl=timedelta(seconds=settings.refresh_token_ttl_s),
-        access_ttl=access_ttl,
+
+
+def signing_key_store(settings: Settings, database: Database, *, embedded: bool) -> SigningKeyStore:
+    """The token-signing keys, sealed under the KEK, published for `access_token_ttl_s` after retirement."""
+    return SigningKeyStore(
+        database,
+        key_encryption_key(settings, embedded=embedded),
+        access_token_ttl=timedelta(seconds=settings.access_token_ttl_s),
     )
-    api_keys = ApiKeyManager(SqlApiKeyStores(database))
+
+
+@dataclass(frozen=True)
+class AccountParts:
+    """What changing accounts needs: password hashing and policy, and the session manager."""
+
+    common_passwords: CommonPasswords
+    hasher: PasswordHasher
+    policy: PasswordPolicy
+    sessions: SessionManager
+
+    def admin(self, database: Database) -> AccountAdmin:
+        return AccountAdmin(database, hasher=self.hasher, policy=self.policy, sessions=self.sessions)
+
+
+def account_parts(settings: Settings, database: Database, revocations: RevocationList) -> AccountParts:
+    common_passwords = CommonPasswords()
+    return AccountParts(
+        common_passwords=common_passwords,
+        hasher=PasswordHasher(Argon2Parameters()),
+        policy=PasswordPolicy(common_passwords),
+        sessions=SessionManager(
+            SqlSessionStores(database),
+            revocations,
+            refresh_ttl=timedelta(seconds=settings.refresh_token_ttl_s),
+            access_ttl=timedelta(seconds=settings.access_token_ttl_s),
+        ),
+    )
+
+
+def build(context: ServiceContext) -> ServiceBundle:
+    """The auth services as every Parley process hosts them."""
+    return build_bundle(context)
+
+
+def build_bundle(
+    context: ServiceContext, *, api_key_cache_ttl_s: float = DEFAULT_CACHE_TTL_S
+) -> ServiceBundle:
+    """`build` with its tunable parts exposed: `api_key_cache_ttl_s=0` turns the API-key check cache
+    off (the auth benchmark compares both)."""
+    settings = context.settings
+    database = context.database
+    signing_keys = signing_key_store(settings, database, embedded=context.embedded)
+    parts = account_parts(settings, database, context.revocations)
+    api_keys = ApiKeyManager(SqlApiKeyStores(database), cache_ttl_s=api_key_cache_ttl_s)
     domain = AuthDomain(
-        accounts=AccountService(database, hasher=hasher, policy=policy, sessions=sessions),
-        sessions=sessions,
+        accounts=AccountService(
+            database,
+            hasher=parts.hasher,
+            policy=parts.policy,
+            sessions=parts.sessions,
+            settings=AccountSettings(
+                require_verified_email_for=frozenset(settings.auth_require_verified_email_for)
+            ),
+        ),
+        sessions=parts.sessions,
         api_keys=api_keys,
         issuer=AccessTokenIssuer(
-            signing_keys, issuer=settings.jwt_issuer, audience=settings.jwt_audience, ttl=access_ttl
+            signing_keys,
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+            ttl=timedelta(seconds=settings.access_token_ttl_s),
+            revocations=context.revocations,
         ),
         signing_keys=signing_keys,
     )
-    admin = AccountAdmin(database, hasher=hasher, policy=policy, sessions=sessions)
     cookie_verifier = CachedJwksVerifier(
         signing_keys.jwks,
         issuer=settings.jwt_issuer,
@@ -64,7 +127,7 @@ def build(context: ServiceContext) -> ServiceBundle:
 
     async def prepare() -> None:
         # Read the deny-list now, not on the first registration; make sure a signing key exists.
-        common_passwords.load()
+        parts.common_passwords.load()
         if settings.auth_signing_key_file is not None:
             await signing_keys.import_key_file(settings.auth_signing_key_file)
         await signing_keys.ensure_active_key()
@@ -78,12 +141,12 @@ def build(context: ServiceContext) -> ServiceBundle:
             ),
             ServiceRegistration(
                 _SERVICES["AuthAdminService"].full_name,
-                AuthAdminServicer(admin, api_keys),
+                AuthAdminServicer(parts.admin(database), api_keys),
                 auth_pb2_grpc.add_AuthAdminServiceServicer_to_server,
             ),
             ServiceRegistration(
                 _SERVICES["AuthInternalService"].full_name,
-                AuthInternalServicer(sessions, api_keys, cookie_verifier),
+                AuthInternalServicer(parts.sessions, api_keys, cookie_verifier),
                 auth_pb2_grpc.add_AuthInternalServiceServicer_to_server,
             ),
         ],

@@ -20,7 +20,7 @@ from google.api import annotations_pb2
 from google.protobuf import descriptor_pool
 from jwt import PyJWK
 
-from services.common.errors import PermissionDenied, Unauthenticated, Unavailable
+from services.common.errors import ParleyError, PermissionDenied, Unauthenticated, Unavailable
 from services.common.models import utc_now
 
 if TYPE_CHECKING:
@@ -66,12 +66,18 @@ class Identity:
     plan: str = ""
     roles: frozenset[str] = field(default_factory=frozenset)
     auth_method: str = "anonymous"
+    # Why the token or cookie the caller presented was refused. Such a caller is anonymous, so open
+    # RPCs (sign-in with a stale cookie still in the browser) work; any RPC that needs a user
+    # answers with this error instead of a generic UNAUTHENTICATED.
+    credential_error: ParleyError | None = field(default=None, compare=False)
 
     @property
     def is_authenticated(self) -> bool:
         return bool(self.user_id)
 
     def require_user(self) -> Identity:
+        if self.credential_error is not None:
+            raise self.credential_error
         if not self.is_authenticated:
             raise Unauthenticated("This call needs a signed-in user.", reason="UNAUTHENTICATED")
         return self
@@ -459,6 +465,13 @@ class IdentityResolver:
                 reason="UNTRUSTED_IDENTITY",
                 metadata={"cause": "identity_headers"},
             )
+        try:
+            return await self._from_credential(metadata, method)
+        except (Unauthenticated, PermissionDenied) as error:
+            return Identity(credential_error=error)
+
+    async def _from_credential(self, metadata: Mapping[str, str], method: str) -> Identity:
+        """The identity the request's own bearer token or access cookie proves, or anonymous."""
         authorization = metadata.get("authorization", "")
         if authorization:
             scheme, _, token = authorization.partition(" ")

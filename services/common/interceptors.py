@@ -23,9 +23,14 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
-from services.common.call_context import current_identity, current_method, current_request_id
+from services.common.call_context import (
+    current_identity,
+    current_method,
+    current_request_id,
+    current_via_gateway,
+)
 from services.common.errors import Internal, ParleyError, Unimplemented, to_status, trailing_metadata_for
-from services.common.identity import IdentityResolver
+from services.common.identity import GATEWAY_SECRET_HEADER, IdentityResolver
 from services.common.metrics import RpcMetrics
 from services.common.validation import RequestValidator
 
@@ -193,6 +198,8 @@ class IdentityInterceptor(ScopeInterceptor):
             await abort_with(context, error)
             return
         current_identity.set(identity)
+        # resolve() refuses a wrong secret, so a secret header still here is the gateway's.
+        current_via_gateway.set(GATEWAY_SECRET_HEADER in metadata)
         yield
 
 

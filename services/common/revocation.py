@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Final, Protocol
 
 from redis import RedisError
@@ -43,10 +43,15 @@ class RevocationList(Protocol):
         until `until`. A later moment replaces an earlier one; the longer `until` wins."""
         ...
 
+    async def user_cutoff(self, user_id: str) -> datetime | None:
+        """The moment before which `user_id`'s tokens are refused, if one is in force."""
+        ...
+
 
 def _is_before(issued_at: datetime, moment_timestamp: float) -> bool:
     # `iat` is truncated to whole seconds, so a token signed within the cutoff's second counts as
-    # issued before it: refusing too much for under a second beats honouring a revoked token.
+    # issued before it. The issuer never signs one there (it waits for the next second, see
+    # `user_cutoff`), so only tokens that really may predate the cutoff fall in that second.
     return issued_at.timestamp() < moment_timestamp
 
 
@@ -67,6 +72,11 @@ class InMemoryRevocationList:
             return True
         user_entry = self._users.get(user_id) if user_id else None
         return user_entry is not None and _is_before(issued_at, user_entry[0])
+
+    async def user_cutoff(self, user_id: str) -> datetime | None:
+        self._forget_expired(self._clock())
+        entry = self._users.get(user_id)
+        return None if entry is None else datetime.fromtimestamp(entry[0], UTC)
 
     async def revoke_session(self, session_id: str, until: datetime) -> None:
         if until <= self._clock():
@@ -137,6 +147,13 @@ class RedisRevocationList:
         if session_id and session_entry is not None:
             return True
         return bool(user_id) and user_entry is not None and _is_before(issued_at, float(user_entry))
+
+    async def user_cutoff(self, user_id: str) -> datetime | None:
+        try:
+            entry = await self._client.get(self._user_key(user_id))
+        except RedisError as error:
+            raise _unavailable(error) from error
+        return None if entry is None else datetime.fromtimestamp(float(entry), UTC)
 
     async def revoke_session(self, session_id: str, until: datetime) -> None:
         await self._store(self._session_key(session_id), "1", until, keep_max=False)

@@ -1,4 +1,4 @@
-"""The one `parley` entry point: up, serve, gateway, migrate."""
+"""The one `parley` entry point: up, serve, gateway, migrate, admin."""
 
 from __future__ import annotations
 
@@ -47,6 +47,33 @@ def _parser() -> argparse.ArgumentParser:
 
     migrate = commands.add_parser("migrate", help="apply database migrations (Alembic) and exit")
     migrate.add_argument("--database-url", help="default: PARLEY_DATABASE_URL or SQLite under the data dir")
+
+    admin = commands.add_parser("admin", help="operator tasks run against the database directly")
+    actions = admin.add_subparsers(dest="admin_command", required=True, metavar="ACTION")
+    create_admin = actions.add_parser(
+        "create-admin",
+        help="create an admin account (verified), or make an existing account an enabled admin",
+        description=(
+            "The password comes from --password-file, else $PARLEY_ADMIN_PASSWORD, else a prompt when "
+            "run in a terminal. There is no --password flag: it would end up in the shell history."
+        ),
+    )
+    create_admin.add_argument("--email", required=True)
+    create_admin.add_argument("--display-name", required=True)
+    create_admin.add_argument(
+        "--password-file", type=Path, metavar="PATH", help="read the password from PATH (- for stdin)"
+    )
+    rotate = actions.add_parser(
+        "rotate-signing-key",
+        help="make a new token-signing key active; the old one stays in the JWKS until its tokens expire",
+        description=(
+            "Needs the key-encryption key the auth service uses: PARLEY_AUTH_KEY_ENCRYPTION_KEY[_FILE], "
+            "or, without PARLEY_DATABASE_URL, the one embedded mode keeps in the data dir."
+        ),
+    )
+    for action in (create_admin, rotate):
+        action.add_argument("--data-dir", type=Path, help="default: PARLEY_DATA_DIR or ./var")
+        action.add_argument("--database-url", help="default: PARLEY_DATABASE_URL or SQLite in the data dir")
     return parser
 
 
@@ -78,6 +105,8 @@ def _dispatch(arguments: argparse.Namespace) -> int:
         return _serve(arguments.service, arguments.port)
     if arguments.command == "gateway":
         return _gateway(arguments.topology, arguments.render, arguments.upstream)
+    if arguments.command == "admin":
+        return _admin(arguments)
     settings = load_settings(**_given(database_url=arguments.database_url))
     from services.common.migrate import upgrade
 
@@ -120,6 +149,33 @@ def _gateway(topology_name: str, render_to: Path | None, upstream_overrides: lis
     from services.runtime.standalone import run_gateway
 
     return _run(run_gateway(topology, settings))
+
+
+def _admin(arguments: argparse.Namespace) -> int:
+    settings = load_settings(**_given(data_dir=arguments.data_dir, database_url=arguments.database_url))
+    from services.runtime.admin_commands import (
+        AdminCommandError,
+        Terminal,
+        create_admin,
+        read_admin_password,
+        rotate_signing_key,
+    )
+
+    terminal = Terminal(stdin=sys.stdin, stdout=sys.stdout, environ=os.environ)
+    try:
+        if arguments.admin_command == "create-admin":
+            password = read_admin_password(arguments.password_file, terminal)
+            return create_admin(
+                settings,
+                email=arguments.email,
+                display_name=arguments.display_name,
+                password=password,
+                terminal=terminal,
+            )
+        return rotate_signing_key(settings, terminal=terminal)
+    except AdminCommandError as error:
+        sys.stderr.write(f"{error.message}\n")
+        return error.exit_code
 
 
 def _given(**values: object) -> dict[str, object]:

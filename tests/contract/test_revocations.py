@@ -64,11 +64,15 @@ async def test_a_user_cutoff_refuses_tokens_issued_before_it(revocations: Revoca
 
 
 async def test_a_cutoff_inside_a_second_refuses_tokens_of_that_second(revocations: RevocationList) -> None:
-    # `iat` is whole seconds: a token stamped with the cutoff's second may predate it, so it goes.
+    # `iat` is whole seconds: a token stamped with the cutoff's second may predate it, so it goes
+    # (the issuer never stamps a new token there; see AccessTokenIssuer).
     second = utc_now().replace(microsecond=0)
-    await revocations.revoke_user_tokens_before("u1", second + timedelta(milliseconds=400), second + LONG)
+    cutoff = second + timedelta(milliseconds=400)
+    await revocations.revoke_user_tokens_before("u1", cutoff, second + LONG)
     assert await revocations.is_revoked("s1", "u1", second)
     assert not await revocations.is_revoked("s1", "u1", second + timedelta(seconds=1))
+    assert await revocations.user_cutoff("u1") == cutoff
+    assert await revocations.user_cutoff("u2") is None
 
 
 async def test_the_latest_cutoff_and_the_longest_lifetime_win(revocations: RevocationList) -> None:

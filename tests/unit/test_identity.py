@@ -29,6 +29,7 @@ from google.rpc import error_details_pb2
 from parley.auth.v1 import auth_pb2, auth_pb2_grpc
 from services.auth.signing_keys import SigningKeyStore, generate_kek, load_kek
 from services.auth.tokens import AccessTokenIssuer
+from services.common.call_context import current_identity
 from services.common.db import Database
 from services.common.errors import ParleyError, PermissionDenied, Unauthenticated, Unavailable
 from services.common.identity import (
@@ -66,6 +67,13 @@ INTERNAL_METHOD = "/parley.auth.v1.AuthInternalService/CheckSession"  # no HTTP 
 
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+async def resolve_strictly(
+    resolver: IdentityResolver, metadata: Mapping[str, str], method: str = ""
+) -> Identity:
+    """Resolve and demand a user, as an RPC that needs one does: a refused credential raises here."""
+    return (await resolver.resolve(metadata, method)).require_user()
 
 
 def _reason(error: pytest.ExceptionInfo[ParleyError]) -> str:
@@ -607,11 +615,11 @@ async def test_gateway_headers_need_the_gateway_secret() -> None:
     assert identity.auth_method == "api_key"
 
     with pytest.raises(Unauthenticated) as wrong_secret:
-        await resolver.resolve({"x-parley-gateway-secret": "guess", "x-parley-user-id": "u1"})
+        await resolve_strictly(resolver, {"x-parley-gateway-secret": "guess", "x-parley-user-id": "u1"})
     assert _reason(wrong_secret) == "UNTRUSTED_IDENTITY/gateway_secret"
 
     with pytest.raises(Unauthenticated) as spoofed:
-        await resolver.resolve({"x-parley-user-id": "u1"})
+        await resolve_strictly(resolver, {"x-parley-user-id": "u1"})
     assert _reason(spoofed) == "UNTRUSTED_IDENTITY/identity_headers"
 
 
@@ -620,10 +628,10 @@ async def test_no_credentials_is_anonymous_and_bearer_without_jwks_is_refused() 
     assert await resolver.resolve({}) is ANONYMOUS
     assert await resolver.resolve({"cookie": "theme=dark; lang=en"}, POST_METHOD) is ANONYMOUS
     with pytest.raises(Unauthenticated) as error:
-        await resolver.resolve({"authorization": "Bearer abc"})
+        await resolve_strictly(resolver, {"authorization": "Bearer abc"})
     assert _reason(error) == "TOKEN_INVALID/no_verification_keys"
     with pytest.raises(Unauthenticated) as basic:
-        await resolver.resolve({"authorization": "Basic abc"})
+        await resolve_strictly(resolver, {"authorization": "Basic abc"})
     assert _reason(basic) == "TOKEN_INVALID/malformed"
 
 
@@ -712,7 +720,7 @@ async def test_state_changing_cookie_calls_need_the_double_submitted_csrf_token(
         assert (await resolver.resolve(metadata, method)).auth_method == "cookie"
         return
     with pytest.raises(PermissionDenied) as error:
-        await resolver.resolve(metadata, method)
+        await resolve_strictly(resolver, metadata, method)
     assert _reason(error) == outcome
 
 
@@ -722,11 +730,11 @@ async def test_cookie_tokens_are_verified_like_bearer_tokens(
     active = await keys.active_signing_key()
     forged = _hmac_with(_raw_public)(await _issue(issuer), active.private_key, active.kid)
     with pytest.raises(Unauthenticated) as forged_error:
-        await resolver.resolve({"cookie": _cookie(forged, "x"), CSRF_HEADER: "x"}, PATCH_METHOD)
+        await resolve_strictly(resolver, {"cookie": _cookie(forged, "x"), CSRF_HEADER: "x"}, PATCH_METHOD)
     assert _reason(forged_error) == "TOKEN_INVALID/algorithm"
     # The token is checked before the CSRF token, so a bad cookie is UNAUTHENTICATED, not 403.
     with pytest.raises(Unauthenticated) as empty:
-        await resolver.resolve({"cookie": _cookie("")}, PATCH_METHOD)
+        await resolve_strictly(resolver, {"cookie": _cookie("")}, PATCH_METHOD)
     assert _reason(empty) == "TOKEN_INVALID/malformed"
 
 
@@ -735,12 +743,16 @@ async def test_conflicting_duplicate_cookies_are_refused(
 ) -> None:
     token = await _issue(issuer)
     with pytest.raises(PermissionDenied) as csrf:
-        await resolver.resolve(
-            {"cookie": _cookie(token, "one", f"{CSRF_COOKIE}=two"), CSRF_HEADER: "one"}, PATCH_METHOD
+        await resolve_strictly(
+            resolver,
+            {"cookie": _cookie(token, "one", f"{CSRF_COOKIE}=two"), CSRF_HEADER: "one"},
+            PATCH_METHOD,
         )
     assert _reason(csrf) == "CSRF_TOKEN_MISMATCH/duplicate_cookie"
     with pytest.raises(Unauthenticated) as access:
-        await resolver.resolve({"cookie": _cookie(token, None, f"{ACCESS_TOKEN_COOKIE}=other")}, GET_METHOD)
+        await resolve_strictly(
+            resolver, {"cookie": _cookie(token, None, f"{ACCESS_TOKEN_COOKIE}=other")}, GET_METHOD
+        )
     assert _reason(access) == "TOKEN_INVALID/duplicate_cookie"
 
 
@@ -760,10 +772,22 @@ async def test_a_bearer_token_wins_over_cookies_and_needs_no_csrf(
 
 
 class JwksOnlyAuth(auth_pb2_grpc.AuthServiceServicer):
-    """AuthService with only GetJwks built: every other RPC answers UNIMPLEMENTED past the identity check."""
+    """AuthService with GetJwks, and two RPCs that only echo the signed-in caller."""
 
     def __init__(self, keys: SigningKeyStore) -> None:
         self._keys = keys
+
+    async def GetCurrentUser(
+        self, request: auth_pb2.GetCurrentUserRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.GetCurrentUserResponse:
+        caller = current_identity.get().require_user()
+        return auth_pb2.GetCurrentUserResponse(user=auth_pb2.User(id=caller.user_id))
+
+    async def UpdateCurrentUser(
+        self, request: auth_pb2.UpdateCurrentUserRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.UpdateCurrentUserResponse:
+        caller = current_identity.get().require_user()
+        return auth_pb2.UpdateCurrentUserResponse(user=auth_pb2.User(id=caller.user_id))
 
     async def GetJwks(
         self, request: auth_pb2.GetJwksRequest, context: grpc.aio.ServicerContext
@@ -822,14 +846,13 @@ async def test_over_grpc_the_jwks_is_fetched_and_cookie_calls_are_csrf_checked(
             stub = auth_pb2_grpc.AuthServiceStub(channel)
             token = await _issue(issuer)
 
-            # A safe method: the cookie authenticates, the RPC itself is not built.
-            with pytest.raises(grpc.aio.AioRpcError) as safe:
-                await stub.GetCurrentUser(
-                    auth_pb2.GetCurrentUserRequest(), metadata=(("cookie", _cookie(token)),)
-                )
-            assert safe.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            # A safe method: the cookie alone authenticates.
+            safe = await stub.GetCurrentUser(
+                auth_pb2.GetCurrentUserRequest(), metadata=(("cookie", _cookie(token)),)
+            )
+            assert safe.user.id == "user-1"
 
-            # A state-changing one without the CSRF header: 403 before any domain code.
+            # A state-changing one without the CSRF header: 403 as soon as it asks for the caller.
             with pytest.raises(grpc.aio.AioRpcError) as missing:
                 await stub.UpdateCurrentUser(
                     auth_pb2.UpdateCurrentUserRequest(), metadata=(("cookie", _cookie(token, "t0k")),)
@@ -840,16 +863,15 @@ async def test_over_grpc_the_jwks_is_fetched_and_cookie_calls_are_csrf_checked(
             assert (info.reason, dict(info.metadata)) == ("CSRF_TOKEN_MISSING", {"cause": "header"})
 
             # Cookies split over several `cookie` entries are read together.
-            with pytest.raises(grpc.aio.AioRpcError) as passed:
-                await stub.UpdateCurrentUser(
-                    auth_pb2.UpdateCurrentUserRequest(),
-                    metadata=(
-                        ("cookie", f"{ACCESS_TOKEN_COOKIE}={token}"),
-                        ("cookie", f"{CSRF_COOKIE}=t0k"),
-                        (CSRF_HEADER, "t0k"),
-                    ),
-                )
-            assert passed.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            passed = await stub.UpdateCurrentUser(
+                auth_pb2.UpdateCurrentUserRequest(),
+                metadata=(
+                    ("cookie", f"{ACCESS_TOKEN_COOKIE}={token}"),
+                    ("cookie", f"{CSRF_COOKIE}=t0k"),
+                    (CSRF_HEADER, "t0k"),
+                ),
+            )
+            assert passed.user.id == "user-1"
 
             with pytest.raises(grpc.aio.AioRpcError) as forged:
                 await stub.GetCurrentUser(
@@ -878,3 +900,44 @@ async def test_a_request_the_gateway_vouches_for_without_identity_uses_its_own_t
     )
     assert identity.user_id == "user-1"
     assert await resolver.resolve({"x-parley-gateway-secret": "s3cret"}) is ANONYMOUS
+
+
+async def test_a_refused_credential_leaves_the_caller_anonymous_until_a_user_is_required(
+    static_verifier: JwksTokenVerifier,
+) -> None:
+    """A stale cookie or bad token must not lock a browser out of the open routes (sign-in)."""
+    resolver = IdentityResolver(gateway_secret=None, token_verifier=static_verifier)
+    identity = await resolver.resolve(
+        {"authorization": "Bearer not-a-jwt"}, "/parley.auth.v1.AuthService/Login"
+    )
+    assert not identity.is_authenticated
+    with pytest.raises(Unauthenticated) as refused:
+        identity.require_user()
+    assert _reason(refused) == "TOKEN_INVALID/malformed"
+
+
+async def test_the_issuer_waits_out_a_revocation_cutoffs_second(keys: SigningKeyStore, clock: Clock) -> None:
+    """A token stamped in a cutoff's own second would be refused for its whole life; the issuer
+    waits (at most a second) and stamps it after the cutoff instead."""
+    revocations = InMemoryRevocationList(clock=clock)
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock.advance(seconds=seconds)
+
+    issuer = AccessTokenIssuer(
+        keys, issuer=ISSUER, audience=AUDIENCE, ttl=TTL, revocations=revocations, clock=clock, sleep=sleep
+    )
+    clock.now = clock.now.replace(microsecond=200_000)
+    await revocations.revoke_user_tokens_before("user-1", clock.now, clock.now + TTL)
+    clock.advance(seconds=0.1)
+    token = (await issuer.issue("user-1", "session-2", "pro", ["user"])).token
+    assert slept == [pytest.approx(0.7)]
+    iat = _segments(token)[1]["iat"]
+    assert iat == int(clock.now.timestamp())
+    assert not await revocations.is_revoked("session-2", "user-1", datetime.fromtimestamp(iat, UTC))
+    # Another user, or a later second, never waits.
+    await issuer.issue("user-2", "session-3", "pro", ["user"])
+    await issuer.issue("user-1", "session-2", "pro", ["user"])
+    assert len(slept) == 1
