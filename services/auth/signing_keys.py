@@ -64,6 +64,10 @@ _POSTGRES_LOCK_ID: Final = int.from_bytes(
 )
 
 
+# How long GetJwks answers from memory.
+JWKS_CACHE_S = 5.0
+
+
 class KeyEncryptionKeyError(ValueError):
     """The key-encryption key is missing or malformed; the message never contains the key."""
 
@@ -211,6 +215,9 @@ class SigningKeyStore:
         self._refresh_interval_s = refresh_interval_s
         self._monotonic = monotonic
         self._cached: _CachedKey | None = None
+        # The JWK Set as last read, and the wall-clock time it was read for: GetJwks is hot (every
+        # verifier's cache refill, the gateway's jwt_authn) and changes only on rotation.
+        self._published: tuple[datetime, dict[str, list[dict[str, str]]]] | None = None
         self._refreshing = asyncio.Lock()
 
     @property
@@ -287,8 +294,24 @@ class SigningKeyStore:
             return key
 
     async def jwks(self, now: datetime | None = None) -> dict[str, list[dict[str, str]]]:
-        """The public JWK Set: the active key, then retired keys whose tokens may still be valid."""
+        """The public JWK Set: the active key, then retired keys whose tokens may still be valid.
+
+        Served from memory for up to JWKS_CACHE_S (a rotation in this process clears it at once).
+        Another replica may start signing with a new key while this copy is that old; verifiers
+        refetch on an unknown kid, so such a token verifies within seconds.
+        """
         moment = self._clock() if now is None else now
+        published = self._published
+        if now is None and published is not None:
+            age = (moment - published[0]).total_seconds()
+            if 0 <= age < JWKS_CACHE_S:
+                return published[1]
+        document = await self._read_jwks(moment)
+        if now is None:
+            self._published = (moment, document)
+        return document
+
+    async def _read_jwks(self, moment: datetime) -> dict[str, list[dict[str, str]]]:
         oldest_published_retirement = moment - self.publication_window
         async with self._database.unit_of_work(read_only=True) as session:
             records = (
@@ -347,6 +370,8 @@ class SigningKeyStore:
         return Ed25519PrivateKey.from_private_bytes(raw)
 
     def _remember(self, key: SigningKey) -> None:
+        if self._cached is None or self._cached.key.kid != key.kid:
+            self._published = None
         self._cached = _CachedKey(key, self._monotonic())
 
     @staticmethod

@@ -25,6 +25,7 @@ from sqlalchemy import select
 from services.auth.models import SigningKeyRecord
 from services.auth.signing_keys import (
     EMBEDDED_KEK_PATH,
+    JWKS_CACHE_S,
     KeyEncryptionKeyError,
     SigningKeyDecryptionError,
     SigningKeyImportError,
@@ -129,6 +130,24 @@ async def test_rotate_retires_the_previous_key_and_other_replicas_follow(
     third = await there.rotate()
     records = {record.kid: record for record in await _records(database)}
     assert [kid for kid, record in records.items() if record.retired_at is None] == [third]
+
+
+async def test_the_jwks_is_served_from_memory_for_a_few_seconds(
+    database: Database, second_database: Database, kek: bytes, clock: Clock
+) -> None:
+    here = _store(database, kek, clock)
+    there = _store(second_database, kek, clock)
+    first = await here.ensure_active_key()
+    assert [key["kid"] for key in (await here.jwks())["keys"]] == [first]
+
+    # Another replica rotates: this one answers from memory until JWKS_CACHE_S has passed...
+    second = await there.rotate()
+    assert [key["kid"] for key in (await here.jwks())["keys"]] == [first]
+    clock.now += timedelta(seconds=JWKS_CACHE_S)
+    assert [key["kid"] for key in (await here.jwks())["keys"]] == [second, first]
+    # ...and a rotation in this process shows at once.
+    third = await here.rotate()
+    assert (await here.jwks())["keys"][0]["kid"] == third
 
 
 async def test_signing_uses_the_decrypted_key_that_the_jwks_publishes(
