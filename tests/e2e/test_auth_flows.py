@@ -907,6 +907,50 @@ def test_cookie_sessions_use_host_cookies_and_a_csrf_token(parley: Parley) -> No
     )
 
 
+def test_the_gateway_check_of_a_cookie_session(parley: Parley) -> None:
+    """AuthInternalService.CheckSession, as the gateway will call it for browsers (gRPC, direct)."""
+    email = unique_email("check-session")
+    user = register(parley, email)
+    response = parley.http.post(
+        "/v1/auth/login",
+        json={"email": email, "password": PASSWORD, "token_delivery": "TOKEN_DELIVERY_COOKIE"},
+    )
+    session_id = ok(response)["session"]["id"]
+    cookies = assert_session_cookies(response)
+    access, csrf = cookies[ACCESS_COOKIE], cookies[CSRF_COOKIE]
+
+    with parley.channel(parley.ports.grpc) as channel:
+        internal = auth_pb2_grpc.AuthInternalServiceStub(channel)
+
+        def check(method: str, header: str = "", cookie: str = csrf) -> auth_pb2.CheckSessionResponse:
+            request = auth_pb2.CheckSessionRequest(
+                session_cookie=access, csrf_cookie=cookie, csrf_header=header, http_method=method
+            )
+            reply: auth_pb2.CheckSessionResponse = internal.CheckSession(request, timeout=10)
+            return reply
+
+        safe = check("GET")
+        assert (safe.identity.user_id, safe.identity.session_id) == (user["id"], session_id)
+        assert safe.identity.auth_method == common_pb2.AUTH_METHOD_COOKIE
+        assert safe.cache_ttl.seconds == 0
+        assert check("POST", header=csrf).identity.user_id == user["id"]
+        for method, header, cookie, reason in (
+            ("POST", "", csrf, "CSRF_TOKEN_MISSING"),
+            ("DELETE", "forged", csrf, "CSRF_TOKEN_MISMATCH"),
+            ("PATCH", "forged", "forged", "CSRF_TOKEN_MISMATCH"),
+        ):
+            with pytest.raises(grpc.RpcError) as refused:
+                check(method, header=header, cookie=cookie)
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert grpc_error_reason(refused.value) == reason
+
+        ok(parley.http.post("/v1/auth/logout", json={}, headers={"cookie": cookie_header(cookies)}))
+        with pytest.raises(grpc.RpcError) as ended:
+            check("GET")
+        assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert grpc_error_reason(ended.value) == "SESSION_REVOKED"
+
+
 def test_cookie_logout_clears_the_cookies(parley: Parley) -> None:
     email = unique_email("cookie-logout")
     register(parley, email)
