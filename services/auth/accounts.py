@@ -188,16 +188,18 @@ def normalize_email(value: str) -> str:
     return value.strip().lower()
 
 
+def _violation(field_name: str, description: str) -> list[FieldViolation]:
+    """The one violation a field check reports (checks stop at the first problem they find)."""
+    return [FieldViolation(field=field_name, description=description, reason="INVALID_ARGUMENT")]
+
+
 def email_violations(normalized: str, *, field_name: str = "email") -> list[FieldViolation]:
     """Why `normalized` (see `normalize_email`) is not an address we accept; empty when it is."""
 
-    def violation(description: str) -> list[FieldViolation]:
-        return [FieldViolation(field=field_name, description=description, reason="INVALID_ARGUMENT")]
-
     if not normalized:
-        return violation("An email address is required.")
+        return _violation(field_name, "An email address is required.")
     if len(normalized) > EMAIL_MAX:
-        return violation(f"The email address must be at most {EMAIL_MAX} characters.")
+        return _violation(field_name, f"The email address must be at most {EMAIL_MAX} characters.")
     local, at, domain = normalized.rpartition("@")
     labels = domain.split(".")
     if (
@@ -210,7 +212,7 @@ def email_violations(normalized: str, *, field_name: str = "email") -> list[Fiel
         or len(labels) < 2
         or any(_DOMAIN_LABEL.fullmatch(label) is None for label in labels)
     ):
-        return violation("This is not a valid email address.")
+        return _violation(field_name, "This is not a valid email address.")
     return []
 
 
@@ -234,18 +236,15 @@ def clean_display_name(value: str) -> str:
 def display_name_violations(cleaned: str, *, field_name: str = "display_name") -> list[FieldViolation]:
     """Why a cleaned display name (see `clean_display_name`) is not acceptable; empty when it is."""
 
-    def violation(description: str) -> list[FieldViolation]:
-        return [FieldViolation(field=field_name, description=description, reason="INVALID_ARGUMENT")]
-
     if not cleaned:
-        return violation("A display name is required.")
+        return _violation(field_name, "A display name is required.")
     if len(cleaned) > DISPLAY_NAME_MAX:
-        return violation(f"The display name must be at most {DISPLAY_NAME_MAX} characters.")
+        return _violation(field_name, f"The display name must be at most {DISPLAY_NAME_MAX} characters.")
     for character in cleaned:
         category = unicodedata.category(character)
         # Cc: control characters (newlines, tabs, NUL); Zl/Zp: line and paragraph separators.
         if category in ("Cc", "Zl", "Zp") or character in _BIDI_CONTROLS:
-            return violation("The display name must not contain control characters.")
+            return _violation(field_name, "The display name must not contain control characters.")
     return []
 
 

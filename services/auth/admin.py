@@ -46,6 +46,7 @@ from services.common.errors import FailedPrecondition, FieldViolation, InvalidAr
 from services.common.models import utc_now
 from services.common.pagination import (
     PageCursor,
+    cursor_time_and_id,
     decode_page_token,
     effective_page_size,
     encode_page_token,
@@ -122,7 +123,7 @@ class AccountAdmin:
             query.created_before.isoformat() if query.created_before else None,
         )
         cursor = decode_page_token(page_token, expected_query=fingerprint)
-        after = _user_cursor(cursor) if cursor else None
+        after = cursor_time_and_id(cursor) if cursor else None
         async with self._db.unit_of_work(read_only=True) as session:
             found = await UserRepository(session).list_after(query, after=after, limit=limit + 1)
         page, more = found[:limit], len(found) > limit
@@ -153,10 +154,7 @@ class AccountAdmin:
         now = self._clock()
         async with self._db.unit_of_work() as session:
             users = UserRepository(session)
-            admins = await users.enabled_admin_ids(for_update=True)
-            record = await users.by_id(user_id, for_update=True)
-            if record is None:
-                raise user_not_found(user_id)
+            admins, record = await _lock_admins_and_user(users, user_id)
             if record.disabled_at is not None:
                 return DisabledUser(
                     user=to_user(record),
@@ -218,10 +216,7 @@ class AccountAdmin:
         demoted = False
         async with self._db.unit_of_work() as session:
             users = UserRepository(session)
-            admins = await users.enabled_admin_ids(for_update=True)
-            record = await users.by_id(user_id, for_update=True)
-            if record is None:
-                raise user_not_found(user_id)
+            admins, record = await _lock_admins_and_user(users, user_id)
             previous = ordered_roles(record.roles)
             if previous != wanted:
                 demoted = ROLE_ADMIN in previous and ROLE_ADMIN not in wanted
@@ -310,6 +305,18 @@ class AccountAdmin:
             return AdminBootstrap(user=to_user(record), created=False, changed=changed)
 
 
+async def _lock_admins_and_user(users: UserRepository, user_id: str) -> tuple[list[str], UserRecord]:
+    """Lock every enabled admin's row, then the target user's (NOT_FOUND when it does not exist).
+
+    The admins first, always, so changes that could leave no enabled admin take locks in one order.
+    """
+    admins = await users.enabled_admin_ids(for_update=True)
+    record = await users.by_id(user_id, for_update=True)
+    if record is None:
+        raise user_not_found(user_id)
+    return admins, record
+
+
 async def _enable(
     session: AsyncSession, users: UserRepository, record: UserRecord, *, actor_id: str, now: datetime
 ) -> None:
@@ -375,22 +382,3 @@ def _check_query(query: UserQuery) -> None:
                 FieldViolation(field="create_time_after", description=message, reason="INVALID_TIME_RANGE")
             ],
         )
-
-
-def _user_cursor(cursor: PageCursor) -> tuple[datetime, str]:
-    moment: datetime | None
-    try:
-        created_at, user_id = cursor.after
-        moment = datetime.fromisoformat(created_at)
-    except ValueError:
-        moment = None
-    if moment is None or moment.tzinfo is None:
-        message = "page_token is not a token this server issued."
-        raise InvalidArgument(
-            message,
-            reason="INVALID_PAGE_TOKEN",
-            field_violations=[
-                FieldViolation(field="page_token", description=message, reason="INVALID_PAGE_TOKEN")
-            ],
-        )
-    return moment, user_id

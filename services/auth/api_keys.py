@@ -47,6 +47,7 @@ from services.common.errors import (
 from services.common.models import utc_now
 from services.common.pagination import (
     PageCursor,
+    cursor_time_and_id,
     decode_page_token,
     effective_page_size,
     encode_page_token,
@@ -296,7 +297,7 @@ class ApiKeyManager:
         limit = effective_page_size(page_size)
         query = query_fingerprint("api_keys", user_id, show_revoked)
         cursor = decode_page_token(page_token, expected_query=query)
-        after = _key_cursor(cursor) if cursor else None
+        after = cursor_time_and_id(cursor) if cursor else None
         async with self._stores.read() as store:
             found = list(
                 await store.list_keys(
@@ -468,19 +469,3 @@ def _invalid_key(cause: str) -> Unauthenticated:
 
 def _expired_key() -> Unauthenticated:
     return Unauthenticated("This API key has expired.", reason="API_KEY_EXPIRED")
-
-
-def _key_cursor(cursor: PageCursor) -> tuple[datetime, str]:
-    try:
-        created, key_id = cursor.after
-        moment: datetime | None = datetime.fromisoformat(created)
-    except ValueError:
-        moment = None
-    if moment is None or moment.tzinfo is None:
-        message = "page_token is not a token this server issued."
-        raise InvalidArgument(
-            message,
-            reason="INVALID_PAGE_TOKEN",
-            field_violations=[FieldViolation("page_token", message, "INVALID_PAGE_TOKEN")],
-        )
-    return moment, key_id

@@ -6,10 +6,10 @@ roles, verification and disabled state.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any, Final
+from typing import Any, Final, Generic, TypeVar
 
 from google.protobuf.message import Message
 from sqlalchemy import Row, and_, or_, select, update
@@ -243,21 +243,32 @@ class SqlSessionStore:
         add_event(self._session, source=EVENT_SOURCE, subject=subject, payload=payload)
 
 
-class SqlSessionStores:
+StoreT = TypeVar("StoreT")
+
+
+class _StoresPerUnitOfWork(Generic[StoreT]):
+    """Opens a unit of work per operation and hands out a store bound to it."""
+
+    def __init__(self, database: Database, bind: Callable[[AsyncSession], StoreT]) -> None:
+        self._database = database
+        self._bind = bind
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[StoreT]:
+        async with self._database.unit_of_work() as session:
+            yield self._bind(session)
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[StoreT]:
+        async with self._database.unit_of_work(read_only=True) as session:
+            yield self._bind(session)
+
+
+class SqlSessionStores(_StoresPerUnitOfWork[SqlSessionStore]):
     """Opens a unit of work per operation and hands out a `SqlSessionStore` bound to it."""
 
     def __init__(self, database: Database) -> None:
-        self._database = database
-
-    @asynccontextmanager
-    async def write(self) -> AsyncIterator[SqlSessionStore]:
-        async with self._database.unit_of_work() as session:
-            yield SqlSessionStore(session)
-
-    @asynccontextmanager
-    async def read(self) -> AsyncIterator[SqlSessionStore]:
-        async with self._database.unit_of_work(read_only=True) as session:
-            yield SqlSessionStore(session)
+        super().__init__(database, SqlSessionStore)
 
 
 _API_KEY_COLUMNS: Final = (
@@ -401,21 +412,11 @@ class SqlApiKeyStore:
         add_event(self._session, source=EVENT_SOURCE, subject=subject, payload=payload)
 
 
-class SqlApiKeyStores:
+class SqlApiKeyStores(_StoresPerUnitOfWork[SqlApiKeyStore]):
     """Opens a unit of work per operation and hands out a `SqlApiKeyStore` bound to it."""
 
     def __init__(self, database: Database) -> None:
-        self._database = database
-
-    @asynccontextmanager
-    async def write(self) -> AsyncIterator[SqlApiKeyStore]:
-        async with self._database.unit_of_work() as session:
-            yield SqlApiKeyStore(session)
-
-    @asynccontextmanager
-    async def read(self) -> AsyncIterator[SqlApiKeyStore]:
-        async with self._database.unit_of_work(read_only=True) as session:
-            yield SqlApiKeyStore(session)
+        super().__init__(database, SqlApiKeyStore)
 
 
 def _rows_changed(result: object) -> int:

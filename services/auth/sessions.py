@@ -35,8 +35,6 @@ from google.protobuf.message import Message
 from parley.events.v1 import events_pb2
 from services.auth.opaque import matches, new_secret, secret_hash
 from services.common.errors import (
-    FieldViolation,
-    InvalidArgument,
     NotFound,
     PermissionDenied,
     Unauthenticated,
@@ -44,6 +42,7 @@ from services.common.errors import (
 from services.common.models import utc_now
 from services.common.pagination import (
     PageCursor,
+    cursor_time_and_id,
     decode_page_token,
     effective_page_size,
     encode_page_token,
@@ -443,7 +442,7 @@ class SessionManager:
         limit = effective_page_size(page_size)
         query = query_fingerprint("sessions", user_id)
         cursor = decode_page_token(page_token, expected_query=query)
-        after = _session_cursor(cursor) if cursor else None
+        after = cursor_time_and_id(cursor) if cursor else None
         async with self._stores.read() as store:
             found = list(
                 await store.list_active_sessions(user_id, now=self._clock(), after=after, limit=limit + 1)
@@ -639,23 +638,6 @@ def _session_revoked(session: Session) -> Unauthenticated:
 
 def _account_disabled() -> PermissionDenied:
     return PermissionDenied("This account has been disabled.", reason="ACCOUNT_DISABLED")
-
-
-def _session_cursor(cursor: PageCursor) -> tuple[datetime, str]:
-    try:
-        last_seen, session_id = cursor.after
-        moment: datetime | None = datetime.fromisoformat(last_seen)
-    except ValueError:
-        moment = None
-    if moment is None or moment.tzinfo is None:
-        # The same answer as for any other token this server did not issue.
-        message = "page_token is not a token this server issued."
-        raise InvalidArgument(
-            message,
-            reason="INVALID_PAGE_TOKEN",
-            field_violations=[FieldViolation("page_token", message, "INVALID_PAGE_TOKEN")],
-        )
-    return moment, session_id
 
 
 _CONTROL_CHARACTERS: Final = re.compile(r"[\x00-\x1f\x7f]+")

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from services.common.errors import InvalidArgument
 from services.common.money import Money
 from services.common.pagination import (
     PageCursor,
+    cursor_sort_key_and_id,
     decode_page_token,
     effective_page_size,
     encode_page_token,
@@ -73,7 +73,7 @@ class PlanCatalog:
         limit = effective_page_size(page_size)
         query = query_fingerprint("plans", include_retired)
         cursor = decode_page_token(page_token, expected_query=query)
-        after = _plan_sort_key(cursor) if cursor else None
+        after = cursor_sort_key_and_id(cursor, int) if cursor else None
         async with self._stores() as store:
             # One extra row tells whether another page exists without a COUNT query.
             found = list(
@@ -85,13 +85,3 @@ class PlanCatalog:
             last = page[-1]
             next_token = encode_page_token(PageCursor(after=(str(last.sort_order), last.id), query=query))
         return PlanPage(plans=tuple(page), next_page_token=next_token)
-
-
-def _plan_sort_key(cursor: PageCursor) -> tuple[int, str]:
-    try:
-        sort_order, plan_id = cursor.after
-        return int(sort_order), plan_id
-    except ValueError:
-        raise InvalidArgument(
-            "page_token is not a token this server issued.", reason="INVALID_PAGE_TOKEN"
-        ) from None

@@ -11,12 +11,20 @@ import base64
 import binascii
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
+from typing import TypeVar
 
 from services.common.errors import FieldViolation, InvalidArgument
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
+
+# One answer for every token this server could not have issued, so a probe learns nothing from it.
+_NOT_ISSUED = "page_token is not a token this server issued."
+
+SortKeyT = TypeVar("SortKeyT")
 
 
 def effective_page_size(
@@ -63,10 +71,36 @@ def decode_page_token(token: str, *, expected_query: str) -> PageCursor | None:
         after = tuple(str(value) for value in raw["a"])
         query = str(raw["q"])
     except (binascii.Error, ValueError, KeyError, TypeError):
-        raise _bad_token("page_token is not a token this server issued.") from None
+        raise _bad_token(_NOT_ISSUED) from None
     if query != expected_query:
         raise _bad_token("page_token belongs to a different query; start again without it.")
     return PageCursor(after=after, query=query)
+
+
+def cursor_sort_key_and_id(
+    cursor: PageCursor, parse_sort_key: Callable[[str], SortKeyT]
+) -> tuple[SortKeyT, str]:
+    """The (sort key, id) pair a cursor holds; one that holds no such pair is refused like a forged token.
+
+    `parse_sort_key` turns the stored text back into the sort key and raises ValueError if it cannot.
+    """
+    try:
+        sort_key, item_id = cursor.after
+        return parse_sort_key(sort_key), item_id
+    except ValueError:
+        raise _bad_token(_NOT_ISSUED) from None
+
+
+def cursor_time_and_id(cursor: PageCursor) -> tuple[datetime, str]:
+    """The (timezone-aware time, id) pair a cursor holds, for lists ordered by a timestamp then id."""
+    return cursor_sort_key_and_id(cursor, _aware_datetime)
+
+
+def _aware_datetime(text: str) -> datetime:
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        raise ValueError("a cursor time must carry its UTC offset")
+    return moment
 
 
 def _bad_token(message: str) -> InvalidArgument:

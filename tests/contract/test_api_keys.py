@@ -5,12 +5,10 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import AsyncIterator, Awaitable
-from datetime import UTC, datetime, timedelta
-from typing import TypeVar
+from datetime import datetime, timedelta
 
 import pytest
-from google.protobuf.message import Message
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from parley.events.v1 import events_pb2
 from services.auth.api_keys import ALLOWED_SCOPES, KEY_LENGTH, ApiKeyManager, ApiKeyStore
@@ -26,25 +24,10 @@ from services.common.errors import (
     PermissionDenied,
     Unauthenticated,
 )
-from services.common.events import event_type_for, payload_of
-from services.common.outbox import OutboxEvent
+from tests.support.auth_accounts import START, Clock, set_disabled, user_events
 
-PayloadT = TypeVar("PayloadT", bound=Message)
-
-START = datetime(2031, 3, 1, 12, 0, tzinfo=UTC)
 KEY_FORMAT = re.compile(r"pk_[a-z2-7]{12}_[A-Za-z0-9_-]{43}")
 CACHE_TTL_S = 30.0
-
-
-class Clock:
-    def __init__(self, now: datetime = START) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, delta: timedelta) -> None:
-        self.now += delta
 
 
 class CountingStores:
@@ -97,13 +80,6 @@ async def add_user(database: Database, name: str) -> str:
         return user.id
 
 
-async def set_disabled(database: Database, user_id: str, disabled: bool) -> None:
-    async with database.unit_of_work() as session:
-        await session.execute(
-            update(UserRecord).where(UserRecord.id == user_id).values(disabled_at=START if disabled else None)
-        )
-
-
 @pytest.fixture
 async def alice(database: Database) -> str:
     return await add_user(database, "alice")
@@ -112,23 +88,6 @@ async def alice(database: Database) -> str:
 @pytest.fixture
 async def bob(database: Database) -> str:
     return await add_user(database, "bob")
-
-
-async def events(database: Database, payload_type: type[PayloadT]) -> list[PayloadT]:
-    async with database.unit_of_work(read_only=True) as session:
-        rows = await session.scalars(
-            select(OutboxEvent)
-            .where(OutboxEvent.event_type == event_type_for(payload_type()))
-            .order_by(OutboxEvent.sequence)
-        )
-        found: list[PayloadT] = []
-        for row in rows:
-            event = events_pb2.Event.FromString(row.payload)
-            payload = payload_of(event)
-            assert isinstance(payload, payload_type)
-            assert (event.source, event.subject) == ("auth", getattr(payload, "user_id"))  # noqa: B009
-            found.append(payload)
-        return found
 
 
 async def key_row(database: Database, key_id: str) -> ApiKeyRecord:
@@ -183,7 +142,7 @@ async def test_create_shows_the_secret_once_and_stores_only_its_hash(
         scopes=["billing:read", "chat"],
     )
     expected_event.expire_time.FromDatetime(expiry)
-    assert await events(database, events_pb2.ApiKeyCreated) == [expected_event]
+    assert await user_events(database, events_pb2.ApiKeyCreated) == [expected_event]
 
 
 @pytest.mark.parametrize(
@@ -223,7 +182,7 @@ async def test_create_reports_every_invalid_field(
     )
     assert [v.field for v in naive.field_violations] == ["expire_time"]
     assert stores.writes == 1  # only the valid key reached the database
-    assert len(await events(database, events_pb2.ApiKeyCreated)) == 1
+    assert len(await user_events(database, events_pb2.ApiKeyCreated)) == 1
 
 
 # --- list -----------------------------------------------------------------------------------------
@@ -288,14 +247,14 @@ async def test_revoke_is_for_the_owner_only_and_happens_once(
 
     assert revoked.revoked_at == clock.now
     assert (await key_row(database, key_id)).revoked_at == clock.now
-    assert await events(database, events_pb2.ApiKeyRevoked) == [
+    assert await user_events(database, events_pb2.ApiKeyRevoked) == [
         events_pb2.ApiKeyRevoked(user_id=alice, api_key_id=key_id, actor_user_id=alice)
     ]
     # Evicted from this process's cache at once.
     await fails_with(keys.check(created.plaintext), Unauthenticated, "API_KEY_REVOKED")
     again = await keys.revoke(alice, key_id, actor_user_id="admin-1")
     assert again.revoked_at == revoked.revoked_at
-    assert len(await events(database, events_pb2.ApiKeyRevoked)) == 1
+    assert len(await user_events(database, events_pb2.ApiKeyRevoked)) == 1
 
 
 # --- check ----------------------------------------------------------------------------------------

@@ -5,12 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime, timedelta
-from typing import TypeVar
+from datetime import datetime, timedelta
 
 import pytest
-from google.protobuf.message import Message
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from parley.events.v1 import events_pb2
@@ -27,29 +25,12 @@ from services.auth.sessions import (
 )
 from services.common.db import Database
 from services.common.errors import NotFound, ParleyError, PermissionDenied, Unauthenticated
-from services.common.events import event_type_for, payload_of
-from services.common.outbox import OutboxEvent
 from services.common.revocation import InMemoryRevocationList
+from tests.support.auth_accounts import START, Clock, set_disabled, user_events
 
-PayloadT = TypeVar("PayloadT", bound=Message)
-
-START = datetime(2031, 3, 1, 12, 0, tzinfo=UTC)
 FIREFOX_ON_LINUX = "Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Gecko/20100101 Firefox/133.0"
 ACCESS_TTL = timedelta(minutes=15)
 REFRESH_TTL = timedelta(days=30)
-
-
-class Clock:
-    """A settable clock shared by the manager and the revocation list."""
-
-    def __init__(self, now: datetime = START) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, delta: timedelta) -> None:
-        self.now += delta
 
 
 @pytest.fixture
@@ -84,13 +65,6 @@ async def add_user(database: Database, name: str, *, roles: tuple[str, ...] = ("
         return user.id
 
 
-async def set_disabled(database: Database, user_id: str, disabled: bool) -> None:
-    async with database.unit_of_work() as session:
-        await session.execute(
-            update(UserRecord).where(UserRecord.id == user_id).values(disabled_at=START if disabled else None)
-        )
-
-
 @pytest.fixture
 async def alice(database: Database) -> str:
     return await add_user(database, "alice", roles=("user", "admin"))
@@ -99,25 +73,6 @@ async def alice(database: Database) -> str:
 @pytest.fixture
 async def bob(database: Database) -> str:
     return await add_user(database, "bob")
-
-
-async def events(database: Database, payload_type: type[PayloadT]) -> list[PayloadT]:
-    """The payloads of the outbox events carrying `payload_type`, in order."""
-    async with database.unit_of_work(read_only=True) as session:
-        rows = await session.scalars(
-            select(OutboxEvent)
-            .where(OutboxEvent.event_type == event_type_for(payload_type()))
-            .order_by(OutboxEvent.sequence)
-        )
-        found: list[PayloadT] = []
-        for row in rows:
-            event = events_pb2.Event.FromString(row.payload)
-            assert event.source == "auth"
-            payload = payload_of(event)
-            assert isinstance(payload, payload_type)
-            assert event.subject == getattr(payload, "user_id")  # noqa: B009 - any payload type
-            found.append(payload)
-        return found
 
 
 async def session_row(database: Database, session_id: str) -> SessionRecord:
@@ -281,10 +236,10 @@ async def test_reusing_a_rotated_token_revokes_the_whole_family(
     row = await session_row(database, session_id)
     assert row.revoked_at == clock.now
     assert row.revoke_reason == "reuse_detected"
-    assert await events(database, events_pb2.SessionReuseDetected) == [
+    assert await user_events(database, events_pb2.SessionReuseDetected) == [
         events_pb2.SessionReuseDetected(user_id=alice, session_id=session_id, ip_address="192.0.2.66")
     ]
-    assert await events(database, events_pb2.SessionRevoked) == [
+    assert await user_events(database, events_pb2.SessionRevoked) == [
         events_pb2.SessionRevoked(
             user_id=alice, session_id=session_id, reason=events_pb2.SESSION_REVOKE_REASON_REUSE_DETECTED
         )
@@ -296,7 +251,7 @@ async def test_reusing_a_rotated_token_revokes_the_whole_family(
     # The legitimate holder's successor token died with the family; so does any further reuse.
     await fails_with(manager.refresh(legitimate.refresh_token), Unauthenticated, "SESSION_REVOKED")
     await fails_with(manager.refresh(started.refresh_token), Unauthenticated, "SESSION_REVOKED")
-    assert len(await events(database, events_pb2.SessionReuseDetected)) == 1
+    assert len(await user_events(database, events_pb2.SessionReuseDetected)) == 1
 
 
 async def test_a_disabled_user_cannot_refresh_and_the_token_stays_unspent(
@@ -393,10 +348,10 @@ async def test_concurrent_refreshes_of_one_token_let_exactly_one_win_and_revoke_
         tokens = await refresh_rows(database, session_id)
         assert [token.rotated_at is not None for token in tokens] == [True, False]
 
-    detected = await events(database, events_pb2.SessionReuseDetected)
+    detected = await user_events(database, events_pb2.SessionReuseDetected)
     assert len(detected) == 20
     assert len({event.session_id for event in detected}) == 20
-    assert len(await events(database, events_pb2.SessionRevoked)) == 20
+    assert len(await user_events(database, events_pb2.SessionRevoked)) == 20
     if forced_interleaving:
         # Both read the token unspent; the database let exactly one UPDATE through each time.
         assert racing.spends == [True, False] * 20
@@ -459,7 +414,7 @@ async def test_revoke_ends_the_owners_session_once(
 
     assert revoked.revoked_at == clock.now
     assert revoked.revoke_reason == "revoked"
-    assert await events(database, events_pb2.SessionRevoked) == [
+    assert await user_events(database, events_pb2.SessionRevoked) == [
         events_pb2.SessionRevoked(
             user_id=alice,
             session_id=session_id,
@@ -471,7 +426,7 @@ async def test_revoke_ends_the_owners_session_once(
     await fails_with(manager.refresh(started.refresh_token), Unauthenticated, "SESSION_REVOKED")
     again = await manager.revoke(alice, session_id)
     assert again.revoked_at == revoked.revoked_at
-    assert len(await events(database, events_pb2.SessionRevoked)) == 1
+    assert len(await user_events(database, events_pb2.SessionRevoked)) == 1
 
 
 async def test_logout_ends_the_session_by_id_or_by_refresh_token(
@@ -484,7 +439,7 @@ async def test_logout_ends_the_session_by_id_or_by_refresh_token(
     ended = await manager.logout_with_refresh_token(by_token.refresh_token)
 
     assert ended.id == by_token.session.id
-    assert [event.reason for event in await events(database, events_pb2.SessionRevoked)] == [
+    assert [event.reason for event in await user_events(database, events_pb2.SessionRevoked)] == [
         events_pb2.SESSION_REVOKE_REASON_LOGOUT,
         events_pb2.SESSION_REVOKE_REASON_LOGOUT,
     ]
@@ -517,7 +472,8 @@ async def test_revoke_all_but_the_current_session_for_a_password_change(
     assert set(revoked.session_ids) == {other.session.id for other in others}
     assert [s.id for s in (await manager.list_sessions(alice)).sessions] == [current.session.id]
     assert {
-        (e.session_id, e.reason, e.actor_user_id) for e in await events(database, events_pb2.SessionRevoked)
+        (e.session_id, e.reason, e.actor_user_id)
+        for e in await user_events(database, events_pb2.SessionRevoked)
     } == {(other.session.id, events_pb2.SESSION_REVOKE_REASON_PASSWORD_CHANGED, alice) for other in others}
     for other in others:
         assert await revocations.is_revoked(other.session.id, alice, issued_earlier)
@@ -544,7 +500,7 @@ async def test_revoke_all_for_a_disabled_user_also_cuts_every_earlier_token(
     assert revoked.all_sessions
     rows = [await session_row(database, s.session.id) for s in sessions]
     assert {(row.revoked_at, row.revoke_reason) for row in rows} == {(clock.now, "user_disabled")}
-    assert len(await events(database, events_pb2.SessionRevoked)) == 3
+    assert len(await user_events(database, events_pb2.SessionRevoked)) == 3
     assert await revocations.is_revoked("some-other-session", alice, issued_earlier)
     again = await manager.revoke_all(alice, reason=RevokeReason.USER_DISABLED)
     assert again.count == 0
@@ -560,7 +516,7 @@ async def test_revoke_all_within_the_callers_unit_of_work_commits_or_rolls_back_
             await manager.revoke_all_within(SqlSessionStore(uow), alice, reason=RevokeReason.PASSWORD_RESET)
             raise RuntimeError("the password reset failed")
     assert (await session_row(database, started.session.id)).revoked_at is None
-    assert await events(database, events_pb2.SessionRevoked) == []
+    assert await user_events(database, events_pb2.SessionRevoked) == []
 
     async with database.unit_of_work() as uow:
         revoked = await manager.revoke_all_within(

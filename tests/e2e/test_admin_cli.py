@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy import select as sql_select
 
 from services.auth.models import SigningKeyRecord, UserRecord
-from services.auth.signing_keys import generate_kek
+from services.auth.signing_keys import JWKS_CACHE_S, generate_kek
 from services.common.db import Database
 from tests.support.auth_accounts import build_world
 from tests.support.parley_process import PARLEY, REPO_ROOT, EmbeddedPorts, ParleyProcess
@@ -363,7 +363,13 @@ async def test_a_rotation_under_a_running_parley_up_keeps_old_tokens_valid(tmp_p
             new_kid = NEW_KID.search(rotated.stdout)[1]  # type: ignore[index]
             assert PREVIOUS_KID.search(rotated.stdout)[1] == old_kid  # type: ignore[index]
 
-            jwks = (await gateway.get("/.well-known/jwks.json")).json()
+            # GetJwks answers from memory for up to JWKS_CACHE_S, so the new key shows within that.
+            deadline = asyncio.get_running_loop().time() + JWKS_CACHE_S + 5
+            while True:
+                jwks = (await gateway.get("/.well-known/jwks.json")).json()
+                if len(jwks["keys"]) > 1 or asyncio.get_running_loop().time() > deadline:
+                    break
+                await asyncio.sleep(0.25)
             assert [key["kid"] for key in jwks["keys"]] == [new_kid, old_kid]  # active first
             me = await gateway.get("/v1/users/me", headers=bearer(before))
             assert me.status_code == 200, me.text

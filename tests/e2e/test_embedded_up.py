@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,6 +44,10 @@ def parley_up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Parley
     )
     process.start()
     process.wait_until_http_ok(f"http://127.0.0.1:{ports.http}/healthz")
+    # Envoy can answer /healthz a moment before `parley up` prints where everything listens.
+    deadline = time.monotonic() + 10
+    while "Parley is up" not in process.output() and time.monotonic() < deadline:
+        time.sleep(0.1)
     yield process, ports
     process.terminate()
 

@@ -26,9 +26,16 @@ from sqlalchemy.engine import make_url
 
 from gateway.envoy_process import envoy_binary_path
 from gateway.render import load_gateway_settings
+from services.auth.signing_keys import generate_kek
 from services.common.settings import SERVICE_NAMES, ServiceName
 from tests.support.databases import asyncpg_dsn
-from tests.support.gateway import free_port, grpcurl, internal_service_names, public_service_names
+from tests.support.gateway import (
+    free_port,
+    grpcurl,
+    internal_service_names,
+    public_service_names,
+    run_to_completion,
+)
 from tests.support.parley_process import PARLEY, REPO_ROOT, ParleyProcess, children_of, pid_alive
 from tests.support.tcp_proxy import TcpProxy
 
@@ -65,23 +72,13 @@ def cli_env(overrides: Mapping[str, str]) -> dict[str, str]:
 
 async def run_parley(*args: str, env: Mapping[str, str], timeout_s: float = 60.0) -> CliResult:
     """Run a `parley` command that is meant to finish, without blocking the event loop."""
-    process = await asyncio.create_subprocess_exec(
-        str(PARLEY),
-        *args,
-        env=cli_env(env),
-        cwd=REPO_ROOT,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
     try:
-        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=timeout_s)
+        returncode, stdout, stderr = await run_to_completion(
+            str(PARLEY), *args, timeout_s=timeout_s, env=cli_env(env), cwd=REPO_ROOT
+        )
     except TimeoutError:
-        process.kill()
-        await process.wait()
         raise AssertionError(f"parley {' '.join(args)} did not finish within {timeout_s}s") from None
-    assert process.returncode is not None
-    return CliResult(process.returncode, stdout.decode(errors="replace"), stderr.decode(errors="replace"))
+    return CliResult(returncode, stdout.decode(errors="replace"), stderr.decode(errors="replace"))
 
 
 async def migrate(database_url: str) -> CliResult:
@@ -139,12 +136,17 @@ async def running_microservices(
     """
     secret = secrets.token_urlsafe(24)
     grpc_ports = {name: free_port() for name in SERVICE_NAMES}
+    # What an operator gives microservices: the signing keys' encryption key (auth), and where auth
+    # serves the JWKS that every other service verifies tokens with.
+    kek = generate_kek()
     services = {
         name: ParleyProcess(
             ["serve", name, "--port", str(grpc_ports[name])],
             env={
                 "PARLEY_DATABASE_URL": (database_urls or {}).get(name, database_url),
                 "PARLEY_GATEWAY_SECRET": secret,
+                "PARLEY_AUTH_KEY_ENCRYPTION_KEY": kek,
+                "PARLEY_AUTH_TARGET": f"127.0.0.1:{grpc_ports['auth']}",
                 "PARLEY_METRICS_PORT": str(free_port()),
                 "PARLEY_SHUTDOWN_GRACE_S": str(SHUTDOWN_GRACE_S),
                 **(service_env or {}).get(name, {}),

@@ -10,17 +10,18 @@ from typing import Any, TypeVar
 
 import pytest
 from google.protobuf.message import Message
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from parley.events.v1 import events_pb2
 from services.auth.accounts import AccountService, AccountSettings, User
 from services.auth.admin import AccountAdmin
+from services.auth.models import UserRecord
 from services.auth.passwords import Argon2Parameters, PasswordHasher, PasswordPolicy
 from services.auth.session_repository import SqlSessionStores
 from services.auth.sessions import SessionManager
 from services.common.db import Database
 from services.common.errors import ParleyError
-from services.common.events import payload_of
+from services.common.events import event_type_for, payload_of
 from services.common.outbox import OutboxEvent
 from services.common.revocation import InMemoryRevocationList
 
@@ -133,6 +134,26 @@ async def payloads(database: Database, event_type: str, kind: type[PayloadT]) ->
         assert isinstance(item.payload, kind)
         found.append(item.payload)
     return found
+
+
+async def user_events(database: Database, payload_type: type[PayloadT]) -> list[PayloadT]:
+    """The payloads of the outbox events carrying `payload_type`, in order, each checked to come
+    from auth with the user it is about as its subject."""
+    found = []
+    for item in await outbox(database, event_type_for(payload_type())):
+        assert item.event.source == "auth"
+        assert isinstance(item.payload, payload_type)
+        assert item.event.subject == getattr(item.payload, "user_id")  # noqa: B009 - any payload type
+        found.append(item.payload)
+    return found
+
+
+async def set_disabled(database: Database, user_id: str, disabled: bool) -> None:
+    """Disable (at START) or re-enable a user directly in the table, bypassing the services."""
+    async with database.unit_of_work() as session:
+        await session.execute(
+            update(UserRecord).where(UserRecord.id == user_id).values(disabled_at=START if disabled else None)
+        )
 
 
 async def email_token(database: Database, user_id: str, purpose: str) -> str:

@@ -19,7 +19,7 @@ import asyncio
 import dataclasses
 import socket
 import sys
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,11 +193,23 @@ class GrpcurlResult:
     stderr: str
 
 
-async def grpcurl(*args: str, timeout_s: float = 30.0) -> GrpcurlResult:
-    """The real grpcurl binary, run without blocking the event loop that serves the test's servers."""
+async def run_to_completion(
+    program: str,
+    *args: str,
+    timeout_s: float,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> tuple[int, bytes, bytes]:
+    """Run a program meant to finish, without blocking the event loop that serves the test's servers.
+
+    Returns its exit code, stdout and stderr; one still running after `timeout_s` is killed, and
+    TimeoutError raised.
+    """
     process = await asyncio.create_subprocess_exec(
-        str(GRPCURL),
+        program,
         *args,
+        env=env,
+        cwd=cwd,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -209,7 +221,13 @@ async def grpcurl(*args: str, timeout_s: float = 30.0) -> GrpcurlResult:
         await process.wait()
         raise
     assert process.returncode is not None
-    return GrpcurlResult(process.returncode, stdout.decode(), stderr.decode())
+    return process.returncode, stdout, stderr
+
+
+async def grpcurl(*args: str, timeout_s: float = 30.0) -> GrpcurlResult:
+    """The real grpcurl binary, run without blocking the event loop that serves the test's servers."""
+    returncode, stdout, stderr = await run_to_completion(str(GRPCURL), *args, timeout_s=timeout_s)
+    return GrpcurlResult(returncode, stdout.decode(), stderr.decode())
 
 
 async def wait_for_healthz(url: str, expected_status: int, *, timeout_s: float = 10.0) -> None:

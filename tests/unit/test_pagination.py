@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from datetime import UTC, datetime
 
 import pytest
 
@@ -12,6 +13,8 @@ from services.common.pagination import (
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_SIZE,
     PageCursor,
+    cursor_sort_key_and_id,
+    cursor_time_and_id,
     decode_page_token,
     effective_page_size,
     encode_page_token,
@@ -50,3 +53,26 @@ def test_token_from_another_query_is_refused() -> None:
     assert error.value.reason == "INVALID_PAGE_TOKEN"
     # The token is opaque text, but nothing in it is trusted beyond its position.
     assert json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))["a"] == ["1"]
+
+
+def test_cursor_pairs_parse_their_sort_key() -> None:
+    moment = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    assert cursor_time_and_id(PageCursor(after=(moment.isoformat(), "u1"), query="q")) == (moment, "u1")
+    assert cursor_sort_key_and_id(PageCursor(after=("10", "pro"), query="q"), int) == (10, "pro")
+
+
+@pytest.mark.parametrize(
+    "after", [("2026-01-02T03:04:05", "naive"), ("yesterday", "u1"), ("2026-01-02T03:04:05+00:00",), ()]
+)
+def test_cursor_without_a_time_and_id_is_refused_like_a_forged_token(after: tuple[str, ...]) -> None:
+    with pytest.raises(InvalidArgument) as error:
+        cursor_time_and_id(PageCursor(after=after, query="q"))
+    assert error.value.reason == "INVALID_PAGE_TOKEN"
+    assert error.value.message == "page_token is not a token this server issued."
+    assert error.value.field_violations[0].field == "page_token"
+
+
+def test_cursor_with_a_non_numeric_sort_order_is_refused() -> None:
+    with pytest.raises(InvalidArgument) as error:
+        cursor_sort_key_and_id(PageCursor(after=("ten", "pro"), query="q"), int)
+    assert error.value.reason == "INVALID_PAGE_TOKEN"
