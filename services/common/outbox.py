@@ -252,6 +252,9 @@ class OutboxRelay:
         self._retry_max_s = retry_max_s
         # One batch at a time per relay, whoever calls relay_once.
         self._batch_lock = asyncio.Lock()
+        # Seconds until the retry this relay last scheduled, so `run` wakes for it instead of
+        # waiting a whole idle poll.
+        self._retry_due_in: float | None = None
         self._wake = asyncio.Event()
         # Events committed in this process are relayed at once instead of at the next idle poll.
         db.after_commit(self._wake_if_events_committed)
@@ -369,6 +372,7 @@ class OutboxRelay:
             )
             .execution_options(synchronize_session=False)
         )
+        self._retry_due_in = retry_in
         logger.warning(
             "outbox event %s failed to dispatch (attempt %d), retrying in %.1fs: %s",
             failed.event_id,
@@ -387,6 +391,7 @@ class OutboxRelay:
         consecutive_failures = 0
         while not stop.is_set():
             self._wake.clear()
+            self._retry_due_in = None
             try:
                 relayed = await self.relay_once()
             except Exception:
@@ -398,6 +403,8 @@ class OutboxRelay:
                 if relayed >= self._batch_size:
                     continue  # a full batch: more are probably waiting
                 pause_s = self._idle_poll_s
+                if self._retry_due_in is not None:
+                    pause_s = min(pause_s, self._retry_due_in)
             await self._pause(stop, pause_s)
 
     async def _pause(self, stop: asyncio.Event, seconds: float) -> None:

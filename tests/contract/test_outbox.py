@@ -339,3 +339,14 @@ async def test_concurrent_relays_on_postgres_deliver_each_event_once_in_order(po
         assert await outbox_lag_seconds(db) == 0.0
     finally:
         await db.dispose()
+
+
+async def test_a_failed_dispatch_is_retried_when_due_without_a_wake(database: Database) -> None:
+    dispatcher = RecordingDispatcher(failures=2)
+    # The idle poll is far longer than the bound: only the scheduled retries can deliver in time.
+    relay = OutboxRelay(database, dispatcher, idle_poll_s=600, retry_base_s=0.05, retry_max_s=0.2)
+    async with running(relay):
+        await asyncio.sleep(0.05)
+        committed = await commit_events(database, ["a"])
+        await eventually(lambda: dispatcher.delivered == committed)
+    assert dispatcher.calls == 3
