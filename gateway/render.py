@@ -7,17 +7,31 @@ upstreams live, which ports to bind, and which services the descriptor set makes
 
 from __future__ import annotations
 
+import html
 import ipaddress
 import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import jinja2
 import yaml
+from google.api import annotations_pb2, http_pb2
 from google.protobuf import descriptor_pb2
+
+from gateway.routes import (
+    EXT_AUTHZ_DISABLED,
+    EXT_AUTHZ_FILTER,
+    RATE_LIMIT_FILTERS,
+    USER_ID_HEADER,
+    RouteTarget,
+    edge_routes,
+    method_routes,
+)
+from services.common.ratelimit import RateLimitConfigError, load_rate_limit_config
 
 ENVOY_DIR = Path(__file__).resolve().parent.parent / "envoy"
 TEMPLATE_NAME = "envoy.yaml.j2"
@@ -44,6 +58,25 @@ LOCAL_SERVICE_PORTS: Mapping[str, int] = {"auth": 50061, "chat": 50062, "billing
 K8S_SERVICE_PORT = 50051
 
 TopologyName = Literal["embedded", "local", "k8s"]
+DEFAULT_RATE_LIMITS_FILE = ENVOY_DIR / "ratelimits.yaml"
+LUA_TEMPLATE_NAME = "api_edge.lua.j2"
+SELF_CLUSTER = "gateway_self"
+TRACE_CLUSTER = "otlp"
+VERSION_ERROR_HEADER = "x-parley-api-version-error"
+RATE_LIMITED_GRPC_MESSAGE = "Too many requests; the details say which limit and when to retry."
+DOCS_STYLE = "body{font-family:sans-serif;margin:2em}td{padding:.2em 1em;border-bottom:1px solid #ddd}"
+JWKS_PATH = "/.well-known/jwks.json"
+# jwt_authn copies these claims of a verified token into the identity headers services trust (an array
+# claim, `roles`, arrives as base64 of its JSON); ext_authz sets the same headers for other credentials.
+IDENTITY_CLAIM_HEADERS: tuple[tuple[str, str], ...] = (
+    ("x-parley-user-id", "sub"),
+    ("x-parley-session-id", "sid"),
+    ("x-parley-plan", "plan"),
+    ("x-parley-roles", "roles"),
+    ("x-parley-token-issued-at", "iat"),
+)
+# Envoy's own JSON and OpenAPI documents are served from memory; the OpenAPI document is ~200 KiB.
+MAX_DIRECT_RESPONSE_BYTES = 4 * MIB
 
 
 class GatewayConfigError(Exception):
@@ -68,6 +101,28 @@ class LocalReply:
     grpc_code: int
     reason: str
     message: str
+    # Only replies carrying this Envoy response flag (e.g. RLSE: the rate-limit service failed).
+    response_flag: str = ""
+    # ErrorInfo metadata; values may use Envoy substitutions such as %REQ(...)%.
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RoleRequirement:
+    """Every method of a service whose name ends with `service_suffix` needs `role`."""
+
+    service_suffix: str
+    role: str
+
+
+@dataclass(frozen=True)
+class Deprecation:
+    """A deprecated API package: when it was deprecated, when it goes away, and what replaces it."""
+
+    package: str
+    successor: str
+    deprecated_at: datetime
+    sunset: datetime
 
 
 @dataclass(frozen=True)
@@ -96,6 +151,7 @@ class GatewaySettings:
     upstream_max_requests: int
     upstream_max_retries: int
     retry_on: str
+    write_retry_on: str
     num_retries: int
     outlier_consecutive_gateway_failure: int
     outlier_interval_ms: int
@@ -103,7 +159,27 @@ class GatewaySettings:
     outlier_max_ejection_percent: int
     identity_header_prefix: str
     gateway_secret_header: str
+    xff_num_trusted_hops: int
     grpc_only_response_headers: tuple[str, ...]
+    open_methods: frozenset[str]
+    role_requirements: tuple[RoleRequirement, ...]
+    jwks_cache_duration_s: int
+    ext_authz_timeout_ms: int
+    ext_authz_headers: tuple[str, ...]
+    rate_limit_timeout_ms: int
+    security_headers: tuple[tuple[str, str], ...]
+    strict_transport_security: str
+    docs_content_security_policy: str
+    cors_allow_methods: str
+    cors_allow_headers: str
+    cors_expose_headers: str
+    cors_max_age_s: int
+    api_version_header: str
+    unversioned_prefix: str
+    stable_versions: tuple[str, ...]
+    deprecations: tuple[Deprecation, ...]
+    openapi_path: str
+    docs_page_path: str
     error_domain: str
     local_replies: tuple[LocalReply, ...]
 
@@ -114,6 +190,7 @@ def load_gateway_settings(path: Path = SETTINGS_FILE) -> GatewaySettings:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
         timeouts, health, limits = raw["timeouts"], raw["health_check"], raw["limits"]
         retries, outlier = raw["retries"], raw["outlier_detection"]
+        authentication, cors, versions = raw["authentication"], raw["cors"], raw["api_versions"]
         return GatewaySettings(
             connect_timeout_ms=int(timeouts["connect_ms"]),
             unary_timeout_s=int(timeouts["unary_s"]),
@@ -137,6 +214,7 @@ def load_gateway_settings(path: Path = SETTINGS_FILE) -> GatewaySettings:
             upstream_max_requests=int(limits["upstream_max_requests"]),
             upstream_max_retries=int(limits["upstream_max_retries"]),
             retry_on=str(retries["retry_on"]),
+            write_retry_on=str(retries["write_retry_on"]),
             num_retries=int(retries["num_retries"]),
             outlier_consecutive_gateway_failure=int(outlier["consecutive_gateway_failure"]),
             outlier_interval_ms=int(outlier["interval_ms"]),
@@ -144,12 +222,49 @@ def load_gateway_settings(path: Path = SETTINGS_FILE) -> GatewaySettings:
             outlier_max_ejection_percent=int(outlier["max_ejection_percent"]),
             identity_header_prefix=str(raw["identity_header_prefix"]).lower(),
             gateway_secret_header=str(raw["gateway_secret_header"]).lower(),
+            xff_num_trusted_hops=int(raw["xff_num_trusted_hops"]),
             grpc_only_response_headers=tuple(str(h).lower() for h in raw["grpc_only_response_headers"]),
+            open_methods=frozenset(str(method) for method in authentication["open_methods"]),
+            role_requirements=tuple(
+                RoleRequirement(str(entry["service_suffix"]), str(entry["role"]))
+                for entry in authentication["role_required"]
+            ),
+            jwks_cache_duration_s=int(authentication["jwks_cache_duration_s"]),
+            ext_authz_timeout_ms=int(authentication["ext_authz_timeout_ms"]),
+            ext_authz_headers=tuple(str(h).lower() for h in authentication["ext_authz_headers"]),
+            rate_limit_timeout_ms=int(raw["rate_limiting"]["timeout_ms"]),
+            security_headers=tuple((str(k), str(v)) for k, v in raw["security_headers"].items()),
+            strict_transport_security=str(raw["strict_transport_security"]),
+            docs_content_security_policy=str(raw["docs_content_security_policy"]),
+            cors_allow_methods=str(cors["allow_methods"]),
+            cors_allow_headers=str(cors["allow_headers"]),
+            cors_expose_headers=str(cors["expose_headers"]),
+            cors_max_age_s=int(cors["max_age_s"]),
+            api_version_header=str(versions["header"]),
+            unversioned_prefix=str(versions["unversioned_prefix"]),
+            stable_versions=tuple(str(version) for version in versions["stable"]),
+            deprecations=tuple(
+                Deprecation(
+                    package=str(package),
+                    successor=str(entry["successor"]),
+                    deprecated_at=_utc(entry["deprecated_at"]),
+                    sunset=_utc(entry["sunset"]),
+                )
+                for package, entry in (versions.get("deprecated") or {}).items()
+            ),
+            openapi_path=str(raw["docs"]["openapi_path"]),
+            docs_page_path=str(raw["docs"]["page_path"]),
             error_domain=str(raw["error_domain"]),
             local_replies=tuple(_parse_local_reply(entry) for entry in raw["local_replies"]),
         )
     except (KeyError, TypeError, ValueError) as error:
         raise GatewayConfigError(f"{path}: invalid gateway settings ({error!r})") from error
+
+
+def _utc(value: object) -> datetime:
+    """A timestamp from the settings file (YAML may already have parsed it); naive means UTC."""
+    parsed = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
 def _parse_local_reply(entry: Mapping[str, Any]) -> LocalReply:
@@ -165,7 +280,18 @@ def _parse_local_reply(entry: Mapping[str, Any]) -> LocalReply:
         grpc_code=int(entry["grpc_code"]),
         reason=str(entry["reason"]),
         message=str(entry["message"]),
+        response_flag=str(entry.get("response_flag", "")),
+        metadata={str(key): str(value) for key, value in (entry.get("metadata") or {}).items()},
     )
+
+
+@dataclass(frozen=True)
+class TlsListener:
+    """The HTTPS listener: its port and the PEM certificate chain and private key it serves."""
+
+    port: int
+    cert_path: Path
+    key_path: Path
 
 
 @dataclass(frozen=True)
@@ -189,6 +315,16 @@ class Topology:
     # /healthz is 503 unless at least this percentage of each upstream cluster's hosts is healthy.
     min_healthy_percent: float = 100.0
     settings: GatewaySettings = field(default_factory=load_gateway_settings)
+    # Claims jwt_authn insists on; the auth service issues tokens with these.
+    jwt_issuer: str = "parley"
+    jwt_audience: str = "parley-api"
+    # Browser origins allowed to call the API (with credentials); empty: no cross-origin access.
+    cors_allowed_origins: tuple[str, ...] = ()
+    # A second listener serving HTTPS (and h2 over ALPN) when set.
+    tls: TlsListener | None = None
+    rate_limits_path: Path = DEFAULT_RATE_LIMITS_FILE
+    # Where Envoy sends its spans (OTLP/gRPC); None: to the edge server, which accepts and drops them.
+    otlp: Upstream | None = None
 
     def __post_init__(self) -> None:
         missing = sorted(set(UPSTREAM_AREAS) - set(self.upstreams))
@@ -202,6 +338,18 @@ class Topology:
             raise GatewayConfigError("max_request_bytes must be positive")
         if not 0.0 <= self.min_healthy_percent <= 100.0:
             raise GatewayConfigError("min_healthy_percent must lie within 0..100")
+        for origin in self.cors_allowed_origins:
+            if origin != "*" and not origin.startswith(("http://", "https://")):
+                raise GatewayConfigError(f"CORS origin {origin!r} must be http(s)://host[:port]")
+        if "*" in self.cors_allowed_origins:
+            # Credentials (cookie sessions) with a wildcard origin would let any site act as the user.
+            raise GatewayConfigError(
+                "CORS origins must be listed; '*' is refused because credentials are allowed"
+            )
+        if self.tls is not None:
+            for path in (self.tls.cert_path, self.tls.key_path):
+                if not path.is_file():
+                    raise GatewayConfigError(f"TLS file {path} does not exist")
 
 
 def embedded_topology(
@@ -302,12 +450,39 @@ def k8s_topology(
 
 
 @dataclass(frozen=True)
+class PublicMethod:
+    """One RPC of a public service, with the HTTP binding its `google.api.http` rule gives it."""
+
+    name: str
+    streaming: bool
+    # Lower-case HTTP verb of the primary binding ("get", "post", ...), "" without a rule.
+    http_verb: str
+    # Every path the method answers on (primary binding first), e.g. "/v1/conversations/{id}".
+    http_paths: tuple[str, ...]
+
+    @property
+    def is_read(self) -> bool:
+        """GETs are safe and idempotent: the only calls the gateway may retry."""
+        return self.http_verb == "get"
+
+
+@dataclass(frozen=True)
 class PublicService:
     """A client-facing gRPC service found in the descriptor set."""
 
     full_name: str
     area: str
     streaming_methods: tuple[str, ...]
+    methods: tuple[PublicMethod, ...] = ()
+
+    @property
+    def package(self) -> str:
+        return self.full_name.rsplit(".", 1)[0]
+
+    @property
+    def version(self) -> str:
+        """The API version of its package: "v1" for `parley.chat.v1`."""
+        return self.package.rsplit(".", 1)[1]
 
 
 def is_public_service(full_name: str) -> bool:
@@ -329,11 +504,35 @@ def public_services(descriptor_set: descriptor_pb2.FileDescriptorSet) -> list[Pu
             full_name = f"{file.package}.{service.name}"
             if not is_public_service(full_name):
                 continue
-            streaming = tuple(
-                method.name for method in service.method if method.server_streaming or method.client_streaming
-            )
-            found.append(PublicService(full_name, file.package.split(".")[1], streaming))
+            methods = tuple(_public_method(method) for method in service.method)
+            streaming = tuple(method.name for method in methods if method.streaming)
+            found.append(PublicService(full_name, file.package.split(".")[1], streaming, methods))
     return sorted(found, key=lambda service: service.full_name)
+
+
+_HTTP_VERBS = ("get", "put", "post", "delete", "patch")
+
+
+def _http_binding(rule: http_pb2.HttpRule) -> tuple[str, str]:
+    for verb in _HTTP_VERBS:
+        path = getattr(rule, verb)
+        if path:
+            return verb, path
+    if rule.HasField("custom"):
+        return rule.custom.kind.lower(), rule.custom.path
+    return "", ""
+
+
+def _public_method(method: descriptor_pb2.MethodDescriptorProto) -> PublicMethod:
+    rule = method.options.Extensions[annotations_pb2.http]
+    verb, path = _http_binding(rule)
+    extra_paths = [_http_binding(extra)[1] for extra in rule.additional_bindings]
+    return PublicMethod(
+        name=method.name,
+        streaming=method.server_streaming or method.client_streaming,
+        http_verb=verb,
+        http_paths=tuple(found for found in (path, *extra_paths) if found),
+    )
 
 
 def _discovery_type(host: str) -> str:
@@ -390,8 +589,25 @@ _GRPC_CLIENT_FILTER: dict[str, Any] = {
 }
 
 
+def _response_flag_filter(flag: str) -> dict[str, Any]:
+    return {"response_flag_filter": {"flags": [flag]}}
+
+
+def _and(*filters: dict[str, Any]) -> dict[str, Any]:
+    return {"and_filter": {"filters": list(filters)}}
+
+
+def _passthrough(content_type: str | None = None) -> dict[str, Any]:
+    """Keep the body the producing filter chose (ext_authz and the rate-limit service write their own)."""
+    override: dict[str, Any] = {"text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"}}
+    if content_type:
+        override["content_type"] = content_type
+    return override
+
+
 def _local_reply_mappers(topology: Topology) -> list[dict[str, Any]]:
-    """`local_reply_config.mappers`, first match wins: /healthz, then gRPC clients, then JSON clients.
+    """`local_reply_config.mappers`, first match wins: /healthz, then the replies whose producer wrote
+    the details (ext_authz refusals, rate limiting), then gRPC clients, then JSON clients.
 
     gRPC clients get Envoy's gRPC-shaped reply (grpc-status from the HTTP status, e.g. 404 becomes
     UNIMPLEMENTED) with our message as grpc-message; everyone else gets the JSON error shape.
@@ -415,48 +631,89 @@ def _local_reply_mappers(topology: Topology) -> list[dict[str, Any]]:
     healthz_request = {
         "header_filter": {"header": {"name": ":path", "string_match": {"exact": settings.healthz_path}}}
     }
+    version_error_request = {
+        "header_filter": {"header": {"name": VERSION_ERROR_HEADER, "present_match": True}}
+    }
+    # The rate-limit service's raw body is a JSON fragment: `"message":"…","details":[{…},{…}` — the
+    # request id is only known here, so the gateway closes the object around it.
+    rate_limited_json = (
+        '{"code":8,%LOCAL_REPLY_BODY%,{"@type":"type.googleapis.com/google.rpc.RequestInfo",'
+        '"request_id":"%REQ(X-REQUEST-ID)%"}]}'
+    )
     mappers: list[dict[str, Any]] = [
         {
-            "filter": {"and_filter": {"filters": [_status_filter("EQ", 200), healthz_request]}},
+            "filter": _and(_status_filter("EQ", 200), healthz_request),
             "body_format_override": {"json_format": {"status": "SERVING"}},
         },
         {
-            "filter": {"and_filter": {"filters": [_status_filter("EQ", 503), healthz_request]}},
+            "filter": _and(_status_filter("EQ", 503), healthz_request),
             "body_format_override": {
                 "json_format": error_body(
-                    14,
-                    settings.healthz_not_serving_message,
-                    "UPSTREAM_UNAVAILABLE",
-                    {},
+                    14, settings.healthz_not_serving_message, "UPSTREAM_UNAVAILABLE", {}
                 )
+            },
+        },
+        {
+            "filter": _and(_status_filter("EQ", 400), version_error_request),
+            "body_format_override": {
+                "json_format": error_body(
+                    3,
+                    f"The {settings.api_version_header} header names a version that does not serve "
+                    "this path.",
+                    "UNSUPPORTED_API_VERSION",
+                    {"requested_version": f"%REQ({VERSION_ERROR_HEADER})%"},
+                )
+            },
+        },
+        # ext_authz refusals (401/403) carry the auth service's own reason and details, shaped by the
+        # edge server for the client kind (JSON body, or a message plus grpc-status-details-bin).
+        {
+            "filter": _and(
+                _response_flag_filter("UAEX"), _status_range_filter(401, 403), _GRPC_CLIENT_FILTER
+            ),
+            "body_format_override": _passthrough(),
+        },
+        {
+            "filter": _and(_response_flag_filter("UAEX"), _status_range_filter(401, 403)),
+            "body_format_override": _passthrough("application/json"),
+        },
+        {
+            "filter": _and(_response_flag_filter("RL"), _GRPC_CLIENT_FILTER),
+            "body_format_override": {"text_format_source": {"inline_string": RATE_LIMITED_GRPC_MESSAGE}},
+        },
+        {
+            "filter": _response_flag_filter("RL"),
+            "body_format_override": {
+                "text_format_source": {"inline_string": rate_limited_json},
+                "content_type": "application/json",
             },
         },
     ]
     for reply in settings.local_replies:
         mappers.append(
             {
-                "filter": {
-                    "and_filter": {
-                        "filters": [
-                            _status_range_filter(reply.status_low, reply.status_high),
-                            _GRPC_CLIENT_FILTER,
-                        ]
-                    }
-                },
+                "filter": _and(_reply_filter(reply), _GRPC_CLIENT_FILTER),
                 "body_format_override": {"text_format_source": {"inline_string": reply.message}},
             }
         )
     for reply in settings.local_replies:
-        metadata = {"max_request_bytes": str(topology.max_request_bytes)} if reply.status_low == 413 else {}
+        metadata = dict(reply.metadata)
+        if reply.status_low == 413:
+            metadata["max_request_bytes"] = str(topology.max_request_bytes)
         mappers.append(
             {
-                "filter": _status_range_filter(reply.status_low, reply.status_high),
+                "filter": _reply_filter(reply),
                 "body_format_override": {
                     "json_format": error_body(reply.grpc_code, reply.message, reply.reason, metadata)
                 },
             }
         )
     return mappers
+
+
+def _reply_filter(reply: LocalReply) -> dict[str, Any]:
+    status = _status_range_filter(reply.status_low, reply.status_high)
+    return _and(status, _response_flag_filter(reply.response_flag)) if reply.response_flag else status
 
 
 def _cluster_for(service: PublicService, upstreams: Mapping[str, Upstream]) -> str:
@@ -486,6 +743,136 @@ class _PlainDumper(yaml.SafeDumper):
         return True
 
 
+def _template_environment(template_dir: Path) -> jinja2.Environment:
+    environment = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(template_dir),
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,  # noqa: S701 - the output is YAML or Lua, never HTML.
+        keep_trailing_newline=True,
+    )
+    # JSON is valid YAML (and a valid Lua string literal for plain text) and escapes every string
+    # safely; structured values go through it.
+    environment.filters["tojson"] = lambda value: json.dumps(value, sort_keys=False)
+    # Block YAML for larger structures, so the rendered file stays readable when debugging it.
+    environment.filters["toyaml"] = lambda value: yaml.dump(
+        value, Dumper=_PlainDumper, default_flow_style=False, sort_keys=False, width=1000
+    ).rstrip("\n")
+    environment.filters["duration_ms"] = _duration_ms
+    return environment
+
+
+def _versions_by_segment(
+    services: Sequence[PublicService], settings: GatewaySettings
+) -> tuple[list[tuple[str, list[str]]], list[tuple[str, str]]]:
+    """For the Lua negotiation: each first path segment under /vN/, the versions serving it, and the
+    newest stable one of those."""
+    offered: dict[str, set[str]] = {}
+    for service in services:
+        for method in service.methods:
+            for path in method.http_paths:
+                parts = path.strip("/").split("/")
+                if len(parts) >= 2 and parts[0] == service.version:
+                    segment = parts[1].split(":")[0]
+                    offered.setdefault(segment, set()).add(service.version)
+
+    def version_number(version: str) -> int:
+        return int(version.removeprefix("v")) if version.removeprefix("v").isdigit() else 0
+
+    offered_sorted = [
+        (segment, sorted(versions, key=version_number)) for segment, versions in sorted(offered.items())
+    ]
+    newest_stable = [
+        (segment, stable[-1])
+        for segment, versions in offered_sorted
+        if (stable := [version for version in versions if version in settings.stable_versions])
+    ]
+    return offered_sorted, newest_stable
+
+
+def _docs_page(services: Sequence[PublicService], settings: GatewaySettings) -> str:
+    """A dependency-free HTML index of the public API: every method with its HTTP binding."""
+    rows = []
+    for service in services:
+        for method in service.methods:
+            binding = html.escape(
+                " | ".join(f"{method.http_verb.upper()} {path}" for path in method.http_paths) or "gRPC only"
+            )
+            rows.append(
+                f"<tr><td>{html.escape(service.full_name)}/{html.escape(method.name)}</td><td>{binding}</td></tr>"
+            )
+    return (
+        "<!doctype html><html lang=en><head><meta charset=utf-8><title>Parley API</title>"
+        f"<style>{DOCS_STYLE}</style></head><body><h1>Parley API</h1>"
+        f'<p>OpenAPI 3.1: <a href="{settings.openapi_path}">{settings.openapi_path}</a>. '
+        f"Unversioned paths under <code>{settings.unversioned_prefix}</code> follow the "
+        f"<code>{settings.api_version_header}</code> header.</p>"
+        f"<table>{''.join(rows)}</table></body></html>"
+    )
+
+
+def _docs_routes(topology: Topology, services: Sequence[PublicService]) -> list[dict[str, Any]]:
+    settings = topology.settings
+    open_route = {EXT_AUTHZ_FILTER: EXT_AUTHZ_DISABLED}
+    openapi_path = topology.descriptor_set_path.resolve().parent / "openapi.json"
+    routes: list[dict[str, Any]] = [
+        {
+            "name": "docs_page",
+            "match": {"path": settings.docs_page_path},
+            "direct_response": {"status": 200, "body": {"inline_string": _docs_page(services, settings)}},
+            "response_headers_to_add": [
+                {"header": {"key": "content-type", "value": "text/html; charset=utf-8"}},
+                {
+                    "header": {
+                        "key": "content-security-policy",
+                        "value": settings.docs_content_security_policy,
+                    }
+                },
+                {"header": {"key": "cache-control", "value": "public, max-age=300"}},
+            ],
+            "typed_per_filter_config": open_route,
+        },
+    ]
+    if openapi_path.is_file():
+        routes.append(
+            {
+                "name": "openapi",
+                "match": {"path": settings.openapi_path},
+                "direct_response": {"status": 200, "body": {"filename": str(openapi_path)}},
+                "response_headers_to_add": [
+                    {"header": {"key": "content-type", "value": "application/json"}},
+                    {"header": {"key": "cache-control", "value": "public, max-age=300"}},
+                ],
+                "typed_per_filter_config": open_route,
+            }
+        )
+    # Envoy's own liveness: answered without touching any upstream (also the benchmark's ceiling).
+    routes.append(
+        {
+            "name": "livez",
+            "match": {"path": "/livez"},
+            "direct_response": {"status": 200, "body": {"inline_string": '{"status":"ALIVE"}'}},
+            "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}],
+            "typed_per_filter_config": open_route,
+        }
+    )
+    return routes
+
+
+def _cors_policy(topology: Topology) -> dict[str, Any]:
+    settings = topology.settings
+    return {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy",
+        "allow_origin_string_match": [{"exact": origin} for origin in topology.cors_allowed_origins],
+        "allow_methods": settings.cors_allow_methods,
+        "allow_headers": settings.cors_allow_headers,
+        "expose_headers": settings.cors_expose_headers,
+        "max_age": str(settings.cors_max_age_s),
+        "allow_credentials": True,
+        # A browser preflight from an origin off the list gets no CORS headers and stops there.
+        "forward_not_matching_preflights": False,
+    }
+
+
 def render_envoy_config(topology: Topology, *, template_dir: Path = ENVOY_DIR) -> str:
     """The complete Envoy bootstrap for `topology`, as YAML."""
     try:
@@ -497,6 +884,10 @@ def render_envoy_config(topology: Topology, *, template_dir: Path = ENVOY_DIR) -
     services = public_services(read_descriptor_set(descriptor_bytes))
     if not services:
         raise GatewayConfigError(f"{topology.descriptor_set_path} holds no public Parley service")
+    try:
+        rate_limits = load_rate_limit_config(topology.rate_limits_path)
+    except RateLimitConfigError as error:
+        raise GatewayConfigError(str(error)) from error
     health_services = _health_service_by_area(services)
     settings = topology.settings
 
@@ -512,41 +903,75 @@ def render_envoy_config(topology: Topology, *, template_dir: Path = ENVOY_DIR) -
         for area, upstream in sorted(topology.upstreams.items())
         if area in UPSTREAM_AREAS
     ]
+    targets = [RouteTarget(service, _cluster_for(service, topology.upstreams)) for service in services]
     routes = [
-        {
-            "service": service.full_name,
-            "cluster": _cluster_for(service, topology.upstreams),
-            "streaming_methods": service.streaming_methods,
-        }
-        for service in services
+        *_docs_routes(topology, services),
+        *method_routes(targets, settings, rate_limits),
+        *edge_routes([*REFLECTION_SERVICES, HEALTH_SERVICE], topology.edge.name, settings),
     ]
 
-    environment = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(template_dir),
-        undefined=jinja2.StrictUndefined,
-        autoescape=False,  # noqa: S701 - the output is YAML, never HTML.
-        keep_trailing_newline=True,
+    api_headers = list(settings.security_headers)
+    listeners: list[dict[str, Any]] = [
+        {"name": "parley_http", "port": topology.http_port, "tls": None, "security_headers": api_headers}
+    ]
+    if topology.tls is not None:
+        listeners.append(
+            {
+                "name": "parley_https",
+                "port": topology.tls.port,
+                "tls": {
+                    "cert_path": str(topology.tls.cert_path.resolve()),
+                    "key_path": str(topology.tls.key_path.resolve()),
+                },
+                "security_headers": [
+                    *api_headers,
+                    ("Strict-Transport-Security", settings.strict_transport_security),
+                ],
+            }
+        )
+
+    environment = _template_environment(template_dir)
+    offered_versions, newest_stable = _versions_by_segment(services, settings)
+    lua_source = environment.get_template(LUA_TEMPLATE_NAME).render(
+        unversioned_prefix=settings.unversioned_prefix,
+        version_header=settings.api_version_header,
+        version_error_header=VERSION_ERROR_HEADER,
+        offered_versions=offered_versions,
+        newest_stable=newest_stable,
     )
-    # JSON is valid YAML and escapes every string safely; structured values go through it.
-    environment.filters["tojson"] = lambda value: json.dumps(value, sort_keys=False)
-    # Block YAML for larger structures, so the rendered file stays readable when debugging it.
-    environment.filters["toyaml"] = lambda value: yaml.dump(
-        value, Dumper=_PlainDumper, default_flow_style=False, sort_keys=False, width=1000
-    ).rstrip("\n")
-    environment.filters["duration_ms"] = _duration_ms
+    otlp = (
+        {
+            "host": topology.otlp.host,
+            "port": topology.otlp.port,
+            "discovery": _discovery_type(topology.otlp.host),
+        }
+        if topology.otlp
+        else None
+    )
     template = environment.get_template(TEMPLATE_NAME)
     return template.render(
         topology=topology,
         settings=settings,
         services=services,
         routes=routes,
+        listeners=listeners,
         clusters=clusters,
         edge=topology.edge,
         edge_discovery=_discovery_type(topology.edge.host),
-        edge_services=[*REFLECTION_SERVICES, HEALTH_SERVICE],
         descriptor_set_path=str(topology.descriptor_set_path.resolve()),
         local_reply_mappers=_local_reply_mappers(topology),
         access_log_path=str(topology.access_log_path) if topology.access_log_path else None,
+        lua_source=lua_source,
+        cors_policy=_cors_policy(topology),
+        identity_claims=IDENTITY_CLAIM_HEADERS,
+        user_id_header=USER_ID_HEADER,
+        jwks_uri=f"http://127.0.0.1:{topology.http_port}{JWKS_PATH}",
+        self_cluster=SELF_CLUSTER,
+        trace_cluster=TRACE_CLUSTER if otlp else topology.edge.name,
+        otlp=otlp,
+        rate_limit_filters=RATE_LIMIT_FILTERS,
+        rate_limit_domain=rate_limits.domain,
+        max_direct_response_bytes=MAX_DIRECT_RESPONSE_BYTES,
     )
 
 

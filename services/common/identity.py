@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import base64
+import binascii
 import hmac
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,7 +37,16 @@ SESSION_ID_HEADER = "x-parley-session-id"
 PLAN_HEADER = "x-parley-plan"
 ROLES_HEADER = "x-parley-roles"
 AUTH_METHOD_HEADER = "x-parley-auth-method"
-IDENTITY_HEADERS = (USER_ID_HEADER, SESSION_ID_HEADER, PLAN_HEADER, ROLES_HEADER, AUTH_METHOD_HEADER)
+# The `iat` of the token behind the identity, so services can still refuse revoked sessions.
+TOKEN_ISSUED_AT_HEADER = "x-parley-token-issued-at"  # noqa: S105 - a header name
+IDENTITY_HEADERS = (
+    USER_ID_HEADER,
+    SESSION_ID_HEADER,
+    PLAN_HEADER,
+    ROLES_HEADER,
+    AUTH_METHOD_HEADER,
+    TOKEN_ISSUED_AT_HEADER,
+)
 
 # Browser sessions (login with TOKEN_DELIVERY_COOKIE). `__Host-` makes the browser insist on Secure,
 # Path=/ and no Domain, so no sibling host can plant them. The auth servicer sets them at login.
@@ -437,10 +448,12 @@ class IdentityResolver:
         gateway_secret: str | None,
         token_verifier: TokenVerifier,
         state_changing: Callable[[str], bool] | None = None,
+        revocations: RevocationList | None = None,
     ) -> None:
         self._gateway_secret = gateway_secret.encode() if gateway_secret else None
         self._token_verifier = token_verifier
         self._is_state_changing = state_changing or StateChangingMethods()
+        self._revocations = revocations
 
     async def resolve(self, metadata: Mapping[str, str], method: str = "") -> Identity:
         """The caller of `method` (`/pkg.Service/Method`; empty counts as state-changing)."""
@@ -455,7 +468,7 @@ class IdentityResolver:
                     metadata={"cause": "gateway_secret"},
                 )
             if metadata.get(USER_ID_HEADER):
-                return self._from_gateway_headers(metadata)
+                return await self._from_gateway_headers(metadata)
             # The gateway vouched for no one (an open route, or a credential it leaves to the
             # services): the request's own token or cookie decides, exactly as on a direct call.
         elif any(name in metadata for name in IDENTITY_HEADERS):
@@ -479,30 +492,71 @@ class IdentityResolver:
                 raise _invalid("The authorization header must be 'Bearer <token>'.", "malformed")
             return await self._token_verifier.verify(token.strip())
         cookies = parse_cookies(metadata.get("cookie", ""))
-        access_token = _single_cookie(cookies, ACCESS_TOKEN_COOKIE)
+        access_token = single_cookie(cookies, ACCESS_TOKEN_COOKIE)
         if access_token is None:
             return ANONYMOUS
         if not access_token:
             raise _invalid("The access cookie is empty.", "malformed")
         identity = replace(await self._token_verifier.verify(access_token), auth_method="cookie")
         if self._is_state_changing(method):
-            _check_csrf(metadata.get(CSRF_HEADER), _single_cookie(cookies, CSRF_COOKIE))
+            check_csrf(metadata.get(CSRF_HEADER), single_cookie(cookies, CSRF_COOKIE))
         return identity
 
-    @staticmethod
-    def _from_gateway_headers(metadata: Mapping[str, str]) -> Identity:
-        user_id = metadata[USER_ID_HEADER]
-        roles = frozenset(role for role in metadata.get(ROLES_HEADER, "").split(",") if role)
-        return Identity(
-            user_id=user_id,
+    async def _from_gateway_headers(self, metadata: Mapping[str, str]) -> Identity:
+        identity = Identity(
+            user_id=metadata[USER_ID_HEADER],
             session_id=metadata.get(SESSION_ID_HEADER, ""),
             plan=metadata.get(PLAN_HEADER, ""),
-            roles=roles,
+            roles=decode_roles_header(metadata.get(ROLES_HEADER, "")),
             auth_method=metadata.get(AUTH_METHOD_HEADER, "jwt") or "jwt",
         )
+        issued_at = metadata.get(TOKEN_ISSUED_AT_HEADER, "")
+        # The gateway checked the token's signature and expiry, not whether it was revoked since.
+        if issued_at and self._revocations is not None:
+            if not issued_at.isdigit():
+                raise Unauthenticated(
+                    "The gateway's token time is not a number.",
+                    reason="UNTRUSTED_IDENTITY",
+                    metadata={"cause": "identity_headers"},
+                )
+            moment = datetime.fromtimestamp(int(issued_at), UTC)
+            if await self._revocations.is_revoked(identity.session_id, identity.user_id, moment):
+                return Identity(
+                    credential_error=Unauthenticated(
+                        "This session has been signed out; sign in again.", reason="SESSION_REVOKED"
+                    )
+                )
+        return identity
 
 
-def _single_cookie(cookies: Mapping[str, list[str]], name: str) -> str | None:
+def encode_roles_header(roles: Iterable[str]) -> str:
+    """The identity header's roles: base64 of their JSON array, which is how Envoy's jwt_authn
+    copies the token's `roles` claim, so every credential yields the same format."""
+    return base64.b64encode(json.dumps(sorted(roles), separators=(",", ":")).encode()).decode()
+
+
+def decode_roles_header(value: str) -> frozenset[str]:
+    """Roles from `encode_roles_header`'s format; anything else is a gateway fault, refused loudly."""
+    if not value:
+        return frozenset()
+    try:
+        roles = json.loads(base64.b64decode(value, validate=True))
+    except (ValueError, binascii.Error) as error:
+        raise Unauthenticated(
+            "The gateway's roles header is not base64 JSON.",
+            reason="UNTRUSTED_IDENTITY",
+            metadata={"cause": "identity_headers"},
+        ) from error
+    if not isinstance(roles, list) or not all(isinstance(role, str) for role in roles):
+        raise Unauthenticated(
+            "The gateway's roles header is not a list of names.",
+            reason="UNTRUSTED_IDENTITY",
+            metadata={"cause": "identity_headers"},
+        )
+    return frozenset(roles)
+
+
+def single_cookie(cookies: Mapping[str, list[str]], name: str) -> str | None:
     """The cookie's value; several different values are refused, since which one counts is ambiguous."""
     values = cookies.get(name)
     if not values:
@@ -518,7 +572,7 @@ def _single_cookie(cookies: Mapping[str, list[str]], name: str) -> str | None:
     return values[0]
 
 
-def _check_csrf(header_token: str | None, cookie_token: str | None) -> None:
+def check_csrf(header_token: str | None, cookie_token: str | None) -> None:
     if not header_token:
         raise PermissionDenied(
             f"A state-changing request signed in by cookie needs the {CSRF_HEADER} header.",

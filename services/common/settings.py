@@ -102,6 +102,16 @@ class Settings(BaseSettings):
         default=None,
         description="host:port of the auth gRPC service, where other services fetch the JWKS.",
     )
+    cors_allowed_origins: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description="Browser origins allowed to call the gateway with credentials, comma separated.",
+    )
+    tls_cert_file: Path | None = Field(default=None, description="PEM certificate chain: turns on HTTPS.")
+    tls_key_file: Path | None = Field(default=None, description="PEM private key of tls_cert_file.")
+    https_port: Port = Field(default=8443, ge=0, le=65535, description="The gateway's HTTPS port, with TLS.")
+    rate_limits_file: Path | None = Field(
+        default=None, description="Rate-limit rules for the gateway; envoy/ratelimits.yaml when unset."
+    )
 
     @field_validator("auth_require_verified_email_for", mode="before")
     @classmethod
@@ -109,6 +119,32 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return frozenset(part.strip() for part in value.split(",") if part.strip())
         return value
+
+    @field_validator("cors_allowed_origins", mode="before")
+    @classmethod
+    def _origin_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip().rstrip("/") for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("cors_allowed_origins")
+    @classmethod
+    def _listed_origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for origin in value:
+            if origin == "*":
+                raise ValueError("'*' is refused: credentials are allowed, so every origin must be listed")
+            if not origin.startswith(("http://", "https://")):
+                raise ValueError(f"{origin!r} is not an origin (scheme://host[:port])")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file must be set together")
+        for path in (self.tls_cert_file, self.tls_key_file):
+            if path is not None and not path.is_file():
+                raise ValueError(f"{path} does not exist")
+        return self
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -133,6 +169,7 @@ class Settings(BaseSettings):
             "http_port": self.http_port,
             "envoy_admin_port": self.envoy_admin_port,
             "edge_port": self.edge_port,
+            "https_port": self.https_port if self.tls_cert_file else 0,
         }
         used: dict[int, str] = {}
         for name, port in ports.items():

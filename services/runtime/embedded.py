@@ -11,7 +11,7 @@ from pathlib import Path
 
 from gateway.edge import create_edge_server
 from gateway.envoy_process import EnvoyProcess
-from gateway.render import embedded_topology
+from gateway.render import DEFAULT_RATE_LIMITS_FILE, embedded_topology
 from services.common.context import ServiceContext
 from services.common.contracts import descriptor_set_bytes, descriptor_set_path
 from services.common.db import Database
@@ -21,17 +21,20 @@ from services.common.migrate import upgrade_async
 from services.common.outbox import InProcessDispatcher, OutboxRelay
 from services.common.server import ServerDeps, create_server
 from services.common.settings import SERVICE_NAMES, Settings
+from services.runtime.edge_wiring import build_edge_wiring
 from services.runtime.process import (
     build_services,
     connectable_host,
     identity_for,
     install_stop_signals,
+    read_cache_for,
     registrations_of,
     revocation_list_for,
     set_up_observability,
     start_services,
     until_stopped_or_exited,
 )
+from services.runtime.topologies import with_edge_settings
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +67,13 @@ async def run_embedded(settings: Settings, *, stop: asyncio.Event | None = None)
 
     dispatcher = InProcessDispatcher()
     relay = OutboxRelay(database, dispatcher)
-    context = ServiceContext(settings, database, revocation_list_for(settings), embedded=True)
+    context = ServiceContext(
+        settings,
+        database,
+        revocation_list_for(settings),
+        embedded=True,
+        read_cache=read_cache_for(settings, observability.registry),
+    )
     bundles = build_services(SERVICE_NAMES, context)
     identity = identity_for(settings, bundles, context, gateway_secret)
     server, grpc_port = create_server(
@@ -77,19 +86,31 @@ async def run_embedded(settings: Settings, *, stop: asyncio.Event | None = None)
             probes=[DependencyProbe("database", database.ping)],
         ),
     )
-    edge_server, edge_port = await create_edge_server(
-        descriptor_set_bytes(), host="127.0.0.1", port=settings.edge_port
+    grpc_host = connectable_host(settings.grpc_host)
+    rate_limits_path = settings.rate_limits_file or DEFAULT_RATE_LIMITS_FILE
+    edge = build_edge_wiring(
+        settings,
+        auth_target=f"{grpc_host}:{grpc_port}",
+        rate_limits_path=rate_limits_path,
+        revocations=context.revocations,
+        registry=observability.registry,
     )
-    topology = embedded_topology(
-        grpc_port,
-        edge_port,
-        settings.http_port,
-        settings.envoy_admin_port,
-        gateway_secret,
-        descriptor_set_path=descriptor_set_path(),
-        listen_address=settings.http_host,
-        grpc_host=connectable_host(settings.grpc_host),
-        max_request_bytes=settings.max_request_bytes,
+    edge_server, edge_port = await create_edge_server(
+        descriptor_set_bytes(), host="127.0.0.1", port=settings.edge_port, services_for_envoy=edge.services
+    )
+    topology = with_edge_settings(
+        embedded_topology(
+            grpc_port,
+            edge_port,
+            settings.http_port,
+            settings.envoy_admin_port,
+            gateway_secret,
+            descriptor_set_path=descriptor_set_path(),
+            listen_address=settings.http_host,
+            grpc_host=grpc_host,
+            max_request_bytes=settings.max_request_bytes,
+        ),
+        settings,
     )
     envoy = EnvoyProcess(topology, config_dir=data_dir / "envoy")
 
@@ -119,7 +140,9 @@ async def run_embedded(settings: Settings, *, stop: asyncio.Event | None = None)
         await envoy.stop()
         await server.stop()
         await edge_server.stop(settings.shutdown_grace_s)
+        await edge.close()
         await identity.close()
+        await context.read_cache.close()
         with contextlib.suppress(asyncio.CancelledError):
             await relay_task
         if metrics is not None:

@@ -16,11 +16,13 @@ from services.common.db import Database
 from services.common.health import DependencyProbe
 from services.common.metrics import serve_metrics
 from services.common.server import ServerDeps, create_server
-from services.common.settings import ServiceName, Settings
+from services.common.settings import ServiceName, Settings, SettingsError
+from services.runtime.edge_wiring import build_edge_wiring
 from services.runtime.process import (
     build_services,
     identity_for,
     install_stop_signals,
+    read_cache_for,
     registrations_of,
     revocation_list_for,
     set_up_observability,
@@ -39,7 +41,13 @@ async def serve_service(name: ServiceName, settings: Settings, *, stop: asyncio.
     database = Database(settings.resolved_database_url)
     if settings.gateway_secret is None:
         logger.warning("PARLEY_GATEWAY_SECRET is unset: identity headers from a gateway will be refused")
-    context = ServiceContext(settings, database, revocation_list_for(settings), embedded=False)
+    context = ServiceContext(
+        settings,
+        database,
+        revocation_list_for(settings),
+        embedded=False,
+        read_cache=read_cache_for(settings, observability.registry),
+    )
     bundles = build_services([name], context)
     gateway_secret = settings.gateway_secret.get_secret_value() if settings.gateway_secret else None
     identity = identity_for(settings, bundles, context, gateway_secret)
@@ -70,6 +78,7 @@ async def serve_service(name: ServiceName, settings: Settings, *, stop: asyncio.
     finally:
         await server.stop()
         await identity.close()
+        await context.read_cache.close()
         if metrics is not None:
             metrics.close()
         await database.dispose()
@@ -81,10 +90,31 @@ async def run_gateway(topology: Topology, settings: Settings, *, stop: asyncio.E
     observability = set_up_observability(settings, process_name="gateway")
     stop = stop or asyncio.Event()
     install_stop_signals(stop)
+    if settings.auth_target is None:
+        raise SettingsError(
+            "Invalid Parley settings:\n  PARLEY_AUTH_TARGET: required for `parley gateway`; the edge "
+            "checks API keys and cookie sessions with the auth service"
+        )
+    edge = build_edge_wiring(
+        settings,
+        auth_target=settings.auth_target,
+        rate_limits_path=topology.rate_limits_path,
+        revocations=revocation_list_for(settings),
+        registry=observability.registry,
+    )
     edge_server, _edge_port = await create_edge_server(
-        descriptor_set_bytes(), host=topology.edge.host, port=topology.edge.port
+        descriptor_set_bytes(),
+        host=topology.edge.host,
+        port=topology.edge.port,
+        services_for_envoy=edge.services,
     )
     envoy = EnvoyProcess(topology, config_dir=settings.data_dir / "envoy")
+    # The edge's own metrics: rate-limit decisions and failures, authorization checks.
+    metrics = (
+        serve_metrics(observability.registry, settings.metrics_host, settings.metrics_port)
+        if settings.metrics_port
+        else None
+    )
     try:
         await edge_server.start()
         await envoy.start()
@@ -98,4 +128,7 @@ async def run_gateway(topology: Topology, settings: Settings, *, stop: asyncio.E
         await envoy.stop()
         with contextlib.suppress(Exception):
             await edge_server.stop(settings.shutdown_grace_s)
+        await edge.close()
+        if metrics is not None:
+            metrics.close()
         observability.tracer_provider.shutdown()

@@ -5,7 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
-from gateway.render import Topology, Upstream, embedded_topology, k8s_topology, local_topology
+from gateway.render import (
+    DEFAULT_RATE_LIMITS_FILE,
+    TlsListener,
+    Topology,
+    Upstream,
+    embedded_topology,
+    k8s_topology,
+    local_topology,
+)
 from services.common.contracts import descriptor_set_path
 from services.common.settings import SERVICE_NAMES, Settings, SettingsError
 
@@ -51,7 +59,34 @@ def topology_from_settings(name: str, settings: Settings, upstream_overrides: Se
             listen_address=settings.http_host,
             max_request_bytes=settings.max_request_bytes,
         )
-    return _with_overrides(topology, upstream_overrides)
+    return with_edge_settings(_with_overrides(topology, upstream_overrides), settings)
+
+
+def with_edge_settings(topology: Topology, settings: Settings) -> Topology:
+    """The parts of the gateway config that come from PARLEY_* settings in every topology."""
+    tls = None
+    if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+        tls = TlsListener(settings.https_port, settings.tls_cert_file, settings.tls_key_file)
+    return replace(
+        topology,
+        jwt_issuer=settings.jwt_issuer,
+        jwt_audience=settings.jwt_audience,
+        cors_allowed_origins=settings.cors_allowed_origins,
+        tls=tls,
+        rate_limits_path=settings.rate_limits_file or DEFAULT_RATE_LIMITS_FILE,
+        otlp=otlp_upstream(settings.otlp_endpoint),
+    )
+
+
+def otlp_upstream(endpoint: str | None) -> Upstream | None:
+    """The OTLP/gRPC collector as an Envoy upstream: `http://collector:4317` or `collector:4317`."""
+    if not endpoint:
+        return None
+    address = endpoint.split("://", 1)[-1].rstrip("/")
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise SettingsError(f"Invalid Parley settings:\n  PARLEY_OTLP_ENDPOINT: {endpoint!r} needs host:port")
+    return Upstream("otlp", host.strip("[]"), int(port))
 
 
 def _with_overrides(topology: Topology, overrides: Sequence[str]) -> Topology:

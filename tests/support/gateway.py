@@ -27,6 +27,7 @@ from pathlib import Path
 import grpc
 import httpx
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
 
 from gateway.edge import create_edge_server
 from gateway.envoy_process import EnvoyProcess
@@ -38,6 +39,9 @@ from gateway.render import (
     public_services,
     read_descriptor_set,
 )
+from services.common.settings import Settings
+from services.runtime.edge_wiring import build_edge_wiring
+from tests.support.rate_limits import generous_rate_limits
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DESCRIPTOR_SET_PATH = REPO_ROOT / "gen" / "parley" / "descriptor_set.binpb"
@@ -108,6 +112,7 @@ def embedded_test_topology(
         descriptor_set_path=descriptor_set_path,
         settings=settings or fast_settings(),
     )
+    topology = dataclasses.replace(topology, rate_limits_path=generous_rate_limits())
     if max_request_bytes is not None:
         topology = dataclasses.replace(topology, max_request_bytes=max_request_bytes)
     return topology
@@ -132,10 +137,34 @@ class RunningGateway:
 
 
 @asynccontextmanager
-async def running_gateway(topology: Topology, *, stdout: int | None = None) -> AsyncIterator[RunningGateway]:
-    """Start the edge server on the topology's edge port, then Envoy; stop both on exit."""
+async def running_gateway(
+    topology: Topology,
+    *,
+    stdout: int | None = None,
+    redis_url: str | None = None,
+    registry: CollectorRegistry | None = None,
+) -> AsyncIterator[RunningGateway]:
+    """Start the edge server on the topology's edge port, then Envoy; stop both on exit.
+
+    The edge asks the topology's auth upstream about API keys and cookies, and keeps rate-limit
+    counters in Redis at `redis_url` (shared with other gateways) or in its own memory.
+    """
+    auth = topology.upstreams["auth"]
+    settings = Settings(
+        redis_url=redis_url, jwt_issuer=topology.jwt_issuer, jwt_audience=topology.jwt_audience
+    )
+    edge = build_edge_wiring(
+        settings,
+        auth_target=f"{auth.host}:{auth.port}",
+        rate_limits_path=topology.rate_limits_path,
+        revocations=None,
+        registry=registry or CollectorRegistry(),
+    )
     edge_server, _ = await create_edge_server(
-        topology.descriptor_set_path.read_bytes(), topology.edge.host, topology.edge.port
+        topology.descriptor_set_path.read_bytes(),
+        topology.edge.host,
+        topology.edge.port,
+        services_for_envoy=edge.services,
     )
     envoy = EnvoyProcess(topology, stdout=stdout)
     try:
@@ -144,6 +173,7 @@ async def running_gateway(topology: Topology, *, stdout: int | None = None) -> A
     finally:
         await envoy.stop()
         await edge_server.stop(grace=None)
+        await edge.close()
 
 
 @dataclass

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 
 from tests.support.gateway import free_port
+from tests.support.rate_limits import generous_rate_limits
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PARLEY = Path(sys.executable).parent / "parley"
@@ -29,7 +30,9 @@ class EmbeddedPorts:
     metrics: int = field(default_factory=free_port)
 
     def env(self) -> dict[str, str]:
+        """The ports, and rate limits generous enough that no functional test meets one."""
         return {
+            "PARLEY_RATE_LIMITS_FILE": str(generous_rate_limits()),
             "PARLEY_HTTP_PORT": str(self.http),
             "PARLEY_GRPC_PORT": str(self.grpc),
             "PARLEY_EDGE_PORT": str(self.edge),
