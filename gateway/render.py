@@ -66,6 +66,7 @@ VERSION_ERROR_HEADER = "x-parley-api-version-error"
 RATE_LIMITED_GRPC_MESSAGE = "Too many requests; the details say which limit and when to retry."
 DOCS_STYLE = "body{font-family:sans-serif;margin:2em}td{padding:.2em 1em;border-bottom:1px solid #ddd}"
 JWKS_PATH = "/.well-known/jwks.json"
+TRANSCODER_FILTER = "envoy.filters.http.grpc_json_transcoder"
 # jwt_authn copies these claims of a verified token into the identity headers services trust (an array
 # claim, `roles`, arrives as base64 of its JSON); ext_authz sets the same headers for other credentials.
 IDENTITY_CLAIM_HEADERS: tuple[tuple[str, str], ...] = (
@@ -164,6 +165,7 @@ class GatewaySettings:
     open_methods: frozenset[str]
     role_requirements: tuple[RoleRequirement, ...]
     jwks_cache_duration_s: int
+    jwt_max_lifetime_s: int
     ext_authz_timeout_ms: int
     ext_authz_headers: tuple[str, ...]
     rate_limit_timeout_ms: int
@@ -230,6 +232,7 @@ def load_gateway_settings(path: Path = SETTINGS_FILE) -> GatewaySettings:
                 for entry in authentication["role_required"]
             ),
             jwks_cache_duration_s=int(authentication["jwks_cache_duration_s"]),
+            jwt_max_lifetime_s=int(authentication["jwt_max_lifetime_s"]),
             ext_authz_timeout_ms=int(authentication["ext_authz_timeout_ms"]),
             ext_authz_headers=tuple(str(h).lower() for h in authentication["ext_authz_headers"]),
             rate_limit_timeout_ms=int(raw["rate_limiting"]["timeout_ms"]),
@@ -812,7 +815,14 @@ def _docs_page(services: Sequence[PublicService], settings: GatewaySettings) -> 
 
 def _docs_routes(topology: Topology, services: Sequence[PublicService]) -> list[dict[str, Any]]:
     settings = topology.settings
-    open_route = {EXT_AUTHZ_FILTER: EXT_AUTHZ_DISABLED}
+    # Answered by Envoy itself: no credentials, and no transcoder (it would refuse a path no RPC has).
+    open_route = {
+        EXT_AUTHZ_FILTER: EXT_AUTHZ_DISABLED,
+        TRANSCODER_FILTER: {
+            "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
+            "disabled": True,
+        },
+    }
     openapi_path = topology.descriptor_set_path.resolve().parent / "openapi.json"
     routes: list[dict[str, Any]] = [
         {
@@ -845,6 +855,18 @@ def _docs_routes(topology: Topology, services: Sequence[PublicService]) -> list[
                 "typed_per_filter_config": open_route,
             }
         )
+    # Browser preflights: the CORS filter answers them (off-list origins without CORS headers) once
+    # a forwarding route matches - it ignores direct responses. This one matches every OPTIONS
+    # request; only a non-preflight OPTIONS would reach its cluster, and the edge answers 404-like.
+    routes.insert(
+        0,
+        {
+            "name": "cors_preflight",
+            "match": {"prefix": "/", "headers": [{"name": ":method", "string_match": {"exact": "OPTIONS"}}]},
+            "route": {"cluster": topology.edge.name, "timeout": "5s"},
+            "typed_per_filter_config": open_route,
+        },
+    )
     # Envoy's own liveness: answered without touching any upstream (also the benchmark's ceiling).
     routes.append(
         {

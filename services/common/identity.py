@@ -449,7 +449,11 @@ class IdentityResolver:
         token_verifier: TokenVerifier,
         state_changing: Callable[[str], bool] | None = None,
         revocations: RevocationList | None = None,
+        clock: Callable[[], datetime] = utc_now,
+        max_clock_skew_s: float = DEFAULT_MAX_CLOCK_SKEW_S,
     ) -> None:
+        self._clock = clock
+        self._max_clock_skew_s = max_clock_skew_s
         self._gateway_secret = gateway_secret.encode() if gateway_secret else None
         self._token_verifier = token_verifier
         self._is_state_changing = state_changing or StateChangingMethods()
@@ -511,15 +515,22 @@ class IdentityResolver:
             auth_method=metadata.get(AUTH_METHOD_HEADER, "jwt") or "jwt",
         )
         issued_at = metadata.get(TOKEN_ISSUED_AT_HEADER, "")
-        # The gateway checked the token's signature and expiry, not whether it was revoked since.
-        if issued_at and self._revocations is not None:
-            if not issued_at.isdigit():
-                raise Unauthenticated(
-                    "The gateway's token time is not a number.",
-                    reason="UNTRUSTED_IDENTITY",
-                    metadata={"cause": "identity_headers"},
-                )
-            moment = datetime.fromtimestamp(int(issued_at), UTC)
+        if not issued_at:
+            return identity
+        if not issued_at.isdigit():
+            raise Unauthenticated(
+                "The gateway's token time is not a number.",
+                reason="UNTRUSTED_IDENTITY",
+                metadata={"cause": "identity_headers"},
+            )
+        moment = datetime.fromtimestamp(int(issued_at), UTC)
+        # Envoy's jwt_authn checks signature, issuer, audience and expiry, but not `iat`, nor
+        # whether the session was revoked since: both are checked here, as for a direct call.
+        if moment.timestamp() > self._clock().timestamp() + self._max_clock_skew_s:
+            return Identity(
+                credential_error=_invalid("The token claims to be issued in the future.", "issued_in_future")
+            )
+        if self._revocations is not None:
             if await self._revocations.is_revoked(identity.session_id, identity.user_id, moment):
                 return Identity(
                     credential_error=Unauthenticated(
@@ -532,7 +543,7 @@ class IdentityResolver:
 def encode_roles_header(roles: Iterable[str]) -> str:
     """The identity header's roles: base64 of their JSON array, which is how Envoy's jwt_authn
     copies the token's `roles` claim, so every credential yields the same format."""
-    return base64.b64encode(json.dumps(sorted(roles), separators=(",", ":")).encode()).decode()
+    return base64.b64encode(json.dumps(list(roles), separators=(",", ":")).encode()).decode()
 
 
 def decode_roles_header(value: str) -> frozenset[str]:

@@ -8,7 +8,6 @@ from typing import cast
 
 import grpc
 from prometheus_client import CollectorRegistry
-from redis.asyncio import Redis
 
 from gateway.authz import EdgeAuthorizer
 from gateway.edge import EdgeServices
@@ -31,12 +30,12 @@ class EdgeWiring:
 
     services: EdgeServices
     auth_channel: grpc.aio.Channel
-    redis: Redis | None
+    redis_limiter: RedisRateLimiter | None
 
     async def close(self) -> None:
         await self.auth_channel.close()
-        if self.redis is not None:
-            await self.redis.aclose()
+        if self.redis_limiter is not None:
+            await self.redis_limiter.aclose()
 
 
 def build_edge_wiring(
@@ -49,8 +48,8 @@ def build_edge_wiring(
 ) -> EdgeWiring:
     """Rate limits in Redis when PARLEY_REDIS_URL is set (exact across gateway replicas), else in
     this process's memory (one gateway: `parley up`); authentication checks go to `auth_target`."""
-    redis = Redis.from_url(settings.redis_url) if settings.redis_url else None
-    limiter: RateLimiter = RedisRateLimiter(redis) if redis is not None else InMemoryRateLimiter()
+    redis_limiter = RedisRateLimiter.from_url(settings.redis_url) if settings.redis_url else None
+    limiter: RateLimiter = redis_limiter or InMemoryRateLimiter()
     channel = grpc.aio.insecure_channel(auth_target)
     verifier = CachedJwksVerifier(
         grpc_jwks_fetcher(channel),
@@ -67,4 +66,4 @@ def build_edge_wiring(
         authorizer=authorizer,
         registry=registry,
     )
-    return EdgeWiring(services=services, auth_channel=channel, redis=redis)
+    return EdgeWiring(services=services, auth_channel=channel, redis_limiter=redis_limiter)

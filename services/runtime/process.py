@@ -12,8 +12,11 @@ import grpc
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from gateway.envoy_process import EnvoyProcess
+from services.common.cache import CacheMetrics, InMemoryReadCache, ReadCache, RedisReadCache
 from services.common.context import ServiceBundle, ServiceContext
 from services.common.identity import (
     CachedJwksVerifier,
@@ -54,6 +57,26 @@ def revocation_list_for(settings: Settings) -> RevocationList:
     if settings.redis_url is None:
         return InMemoryRevocationList()
     return RedisRevocationList(Redis.from_url(settings.redis_url), key_prefix="parley:revoked:")
+
+
+# A cache read that takes longer than this is abandoned (and counted) for a read of the database:
+# Redis answers in well under a millisecond here, and a cache that is slower than the database
+# only adds latency. No retries, for the same reason.
+CACHE_REDIS_TIMEOUT_S = 0.5
+
+
+def read_cache_for(settings: Settings, registry: CollectorRegistry) -> ReadCache:
+    """Redis when configured (every replica sees every invalidation), else this process's memory."""
+    metrics = CacheMetrics(registry)
+    if settings.redis_url is None:
+        return InMemoryReadCache(metrics=metrics)
+    client = Redis.from_url(
+        settings.redis_url,
+        socket_timeout=CACHE_REDIS_TIMEOUT_S,
+        socket_connect_timeout=CACHE_REDIS_TIMEOUT_S,
+        retry=Retry(NoBackoff(), 0),
+    )
+    return RedisReadCache(client, key_prefix="cache:", metrics=metrics)
 
 
 def build_services(names: Sequence[ServiceName], context: ServiceContext) -> list[ServiceBundle]:
@@ -109,7 +132,10 @@ def identity_for(
     else:
         logger.warning("no PARLEY_AUTH_TARGET: bearer tokens cannot be verified by this process")
         verifier = NoTokenVerifier()
-    return Identity(IdentityResolver(gateway_secret=gateway_secret, token_verifier=verifier), channel)
+    resolver = IdentityResolver(
+        gateway_secret=gateway_secret, token_verifier=verifier, revocations=context.revocations
+    )
+    return Identity(resolver, channel)
 
 
 def registrations_of(bundles: Sequence[ServiceBundle]) -> list[ServiceRegistration]:

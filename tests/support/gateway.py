@@ -29,6 +29,9 @@ import httpx
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
+from parley.auth.v1 import auth_pb2, auth_pb2_grpc
+from parley.common.v1 import common_pb2
+
 from gateway.edge import create_edge_server
 from gateway.envoy_process import EnvoyProcess
 from gateway.render import (
@@ -176,6 +179,40 @@ async def running_gateway(
         await edge.close()
 
 
+# The one API key the stand-in auth of gateway-mechanics tests accepts: send these headers (or
+# this gRPC metadata) on routes that need a caller, e.g. `httpx.get(url, headers=TEST_API_KEY_HEADERS)`.
+TEST_API_KEY = "pk_gatewaytest_" + "k" * 32
+TEST_API_KEY_HEADERS = {"x-api-key": TEST_API_KEY}
+TEST_USER_ID = "00000000-0000-7000-8000-00000000cafe"
+
+
+class FixedApiKeyAuth(auth_pb2_grpc.AuthInternalServiceServicer):
+    """Answers the edge's credential checks in tests of gateway mechanics (routing, errors, streams)
+    that run without the real auth service: TEST_API_KEY is a user on the free plan, anything
+    else is unknown. Tests of authentication itself use the real auth service."""
+
+    async def CheckApiKey(
+        self, request: auth_pb2.CheckApiKeyRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.CheckApiKeyResponse:
+        if request.api_key != TEST_API_KEY:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "Unknown API key.")
+        response = auth_pb2.CheckApiKeyResponse(
+            identity=auth_pb2.Identity(
+                user_id=TEST_USER_ID,
+                plan_id="free",
+                roles=[common_pb2.ROLE_USER],
+                auth_method=common_pb2.AUTH_METHOD_API_KEY,
+            )
+        )
+        response.cache_ttl.FromSeconds(60)
+        return response
+
+    async def CheckSession(
+        self, request: auth_pb2.CheckSessionRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.CheckSessionResponse:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "No sessions here.")
+
+
 @dataclass
 class HealthUpstream:
     """A real gRPC server on loopback answering grpc.health.v1 for the given service names.
@@ -207,6 +244,8 @@ async def start_health_upstream(
     servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     server.add_generic_rpc_handlers(tuple(handlers))
+    # The edge asks the auth area's upstream about API keys: here, this server.
+    auth_pb2_grpc.add_AuthInternalServiceServicer_to_server(FixedApiKeyAuth(), server)
     for add_to_server in servicers:
         add_to_server(server)
     for name in ("", *serving):
