@@ -31,6 +31,7 @@ from gateway.routes import (
     edge_routes,
     method_routes,
 )
+from gateway.rls import RATE_LIMITED_GRPC_MESSAGE
 from services.common.ratelimit import RateLimitConfigError, load_rate_limit_config
 
 ENVOY_DIR = Path(__file__).resolve().parent.parent / "envoy"
@@ -63,7 +64,6 @@ LUA_TEMPLATE_NAME = "api_edge.lua.j2"
 SELF_CLUSTER = "gateway_self"
 TRACE_CLUSTER = "otlp"
 VERSION_ERROR_HEADER = "x-parley-api-version-error"
-RATE_LIMITED_GRPC_MESSAGE = "Too many requests; the details say which limit and when to retry."
 DOCS_STYLE = "body{font-family:sans-serif;margin:2em}td{padding:.2em 1em;border-bottom:1px solid #ddd}"
 JWKS_PATH = "/.well-known/jwks.json"
 TRANSCODER_FILTER = "envoy.filters.http.grpc_json_transcoder"

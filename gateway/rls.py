@@ -200,13 +200,18 @@ def build_response(
     )
     if refusal is not None:
         status = refusal_status(decisions)
+        # gRPC clients read the message from grpc-message, which Envoy's local reply sets to the
+        # gateway's fixed sentence; the Status in the details must say the same (clients check).
+        grpc_status = status_pb2.Status(
+            code=status.code, message=RATE_LIMITED_GRPC_MESSAGE, details=status.details
+        )
         response.response_headers_to_add.extend(
             [
                 base_pb2.HeaderValue(key="retry-after", value=str(retry_after_seconds(refusal))),
                 base_pb2.HeaderValue(
                     key="grpc-status-details-bin",
                     # gRPC readers accept padded and unpadded base64 and writers should send unpadded.
-                    value=base64.b64encode(status.SerializeToString()).decode().rstrip("="),
+                    value=base64.b64encode(grpc_status.SerializeToString()).decode().rstrip("="),
                 ),
             ]
         )
@@ -249,6 +254,10 @@ def rate_limit_headers(decisions: Sequence[LimitDecision]) -> list[tuple[str, st
         ("ratelimit-policy", f"{name};q={shown.limit};w={window}"),
         ("ratelimit", f"{name};r={shown.remaining};t={math.ceil(shown.reset_after_s)}"),
     ]
+
+
+# The grpc-message of every rate-limited gRPC call; the details name the limit and the retry time.
+RATE_LIMITED_GRPC_MESSAGE = "Too many requests; the details say which limit and when to retry."
 
 
 def refusal_status(decisions: Sequence[LimitDecision]) -> status_pb2.Status:

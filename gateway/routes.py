@@ -256,7 +256,7 @@ def method_routes(
                 "retry_on": settings.retry_on if method.is_read else settings.write_retry_on,
                 "num_retries": settings.num_retries,
             }
-            governing = [rate_limits.routes.default]
+            governing = [] if key in rate_limits.routes.exempt else [rate_limits.routes.default]
             if key in rate_limits.routes.methods:
                 governing.append(rate_limits.routes.methods[key])
             route["rate_limits"] = rate_limits_for(governing)
