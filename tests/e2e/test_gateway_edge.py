@@ -400,6 +400,7 @@ def test_unversioned_paths_follow_the_version_header_or_the_newest_stable(edge: 
     newest = edge.http.get("/api/models")
     assert newest.status_code == 200, newest.text
     assert newest.headers["parley-api-version"] == "v2"
+    assert newest.headers["vary"].lower() == "parley-api-version"
     assert newest.json() == edge.http.get("/v2/models").json()
 
     for asked in ("1", "v1", "V1"):

@@ -686,7 +686,7 @@ def test_real_document_covers_every_public_http_rule(real_doc: dict[str, Any]) -
                 verb = binding.WhichOneof("pattern")
                 template = binding.custom.path if verb == "custom" else getattr(binding, verb)
                 verb = binding.custom.kind.lower() if verb == "custom" else verb
-                operation_id = f"{service.proto.name}_{method.name}" + (f"_{number}" if number > 1 else "")
+                operation_id = f"{service.label}_{method.name}" + (f"_{number}" if number > 1 else "")
                 expected[(verb, convert_path_template(template)[0])] = operation_id
     assert without_rule == [], "every public method must be routable through the gateway"
     assert expected, "the real descriptor set has no public http rules"

@@ -16,6 +16,11 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import Self as _Self
 
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
+
 _T = _typing.TypeVar("_T")
 
 class _MaybeAsyncIterator(_abc.AsyncIterator[_T], _abc.Iterator[_T], metaclass=_abc_1.ABCMeta): ...
@@ -26,6 +31,7 @@ class _ServicerContext(_grpc.ServicerContext, _aio.ServicerContext):  # type: ig
 GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
+@_deprecated("""Deprecated: parley.chat.v2.ChatService succeeds it (the gateway sends Deprecation and Sunset).""")
 class ChatServiceStub:
     """Conversations, messages and generation for the calling user.
 
@@ -63,6 +69,7 @@ class ChatServiceStub:
     ListModels: _grpc.UnaryUnaryMultiCallable[_chat_pb2.ListModelsRequest, _chat_pb2.ListModelsResponse]
     """Lists the models in the registry with their prices and the plans allowed to use them."""
 
+@_deprecated("""Deprecated: parley.chat.v2.ChatService succeeds it (the gateway sends Deprecation and Sunset).""")
 @_typing.type_check_only
 class ChatServiceAsyncStub(ChatServiceStub):
     """Conversations, messages and generation for the calling user.
@@ -98,6 +105,7 @@ class ChatServiceAsyncStub(ChatServiceStub):
     ListModels: _aio.UnaryUnaryMultiCallable[_chat_pb2.ListModelsRequest, _chat_pb2.ListModelsResponse]  # type: ignore[assignment]
     """Lists the models in the registry with their prices and the plans allowed to use them."""
 
+@_deprecated("""Deprecated: parley.chat.v2.ChatService succeeds it (the gateway sends Deprecation and Sunset).""")
 class ChatServiceServicer(metaclass=_abc_1.ABCMeta):
     """Conversations, messages and generation for the calling user.
 
@@ -184,4 +192,5 @@ class ChatServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_chat_pb2.ListModelsResponse, _abc.Awaitable[_chat_pb2.ListModelsResponse]]:
         """Lists the models in the registry with their prices and the plans allowed to use them."""
 
+@_deprecated("""Deprecated: parley.chat.v2.ChatService succeeds it (the gateway sends Deprecation and Sunset).""")
 def add_ChatServiceServicer_to_server(servicer: ChatServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

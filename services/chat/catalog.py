@@ -1,0 +1,219 @@
+"""The model catalog: which models exist, what they cost and accept, and how the catalog is listed.
+
+The catalog is data (`data/model-catalog.yaml`), read once at start. No I/O types here beyond the
+loader; the servicers encode these values for chat v1 and v2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Annotated, Final
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator
+
+from services.common.money import Money
+from services.common.pagination import (
+    PageCursor,
+    cursor_sort_key_and_id,
+    decode_page_token,
+    effective_page_size,
+    encode_page_token,
+    query_fingerprint,
+)
+
+SHIPPED_CATALOG: Final = Path(__file__).resolve().parent / "data" / "model-catalog.yaml"
+
+# The kinds of content a chat v2 message part can be, as the catalog names them.
+CONTENT_PART_KINDS: Final = ("text", "image_url", "tool_call", "tool_result")
+# Chat v1 messages are plain text, so a model that refused text could not be used through v1.
+REQUIRED_PART_KIND: Final = "text"
+
+NANOS_PER_MINOR: Final = 1_000_000_000
+
+
+class ModelCatalogError(ValueError):
+    """The model catalog file is missing or malformed; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class UnitPrice:
+    """A price per unit (e.g. per 1,000 tokens): whole minor units plus billionths of one (ADR 6)."""
+
+    currency_code: str
+    amount_minor: int
+    minor_nanos: int = 0
+
+    def __post_init__(self) -> None:
+        Money(self.currency_code, self.amount_minor)  # the same currency and integer checks
+        if isinstance(self.minor_nanos, bool) or not isinstance(self.minor_nanos, int):
+            raise TypeError("minor_nanos must be an int, never a float")
+        if not -NANOS_PER_MINOR < self.minor_nanos < NANOS_PER_MINOR:
+            raise ValueError("minor_nanos must lie strictly between -1e9 and 1e9")
+        if self.amount_minor * self.minor_nanos < 0:
+            raise ValueError("amount_minor and minor_nanos must have the same sign")
+
+    @classmethod
+    def parse(cls, currency_code: str, minor_units: str) -> UnitPrice:
+        """Parse a decimal string of minor units, e.g. "0.015" (cents) -> 0 minor + 15,000,000 nanos."""
+        try:
+            value = Decimal(minor_units)
+        except InvalidOperation:
+            raise ValueError(f"{minor_units!r} is not a decimal number") from None
+        if not value.is_finite():
+            raise ValueError(f"{minor_units!r} is not a finite price")
+        nanos_total = value * NANOS_PER_MINOR
+        if nanos_total != nanos_total.to_integral_value():
+            raise ValueError(f"{minor_units!r} has more than 9 fractional digits")
+        whole, nanos = divmod(abs(int(nanos_total)), NANOS_PER_MINOR)
+        sign = -1 if value < 0 else 1
+        return cls(currency_code, sign * whole, sign * nanos)
+
+
+@dataclass(frozen=True)
+class ChatModel:
+    """A model users can chat with, with its limits, prices and who may use it."""
+
+    id: str
+    display_name: str
+    provider: str
+    context_window: int
+    max_output_tokens: int
+    input_price_per_1k_tokens: UnitPrice
+    output_price_per_1k_tokens: UnitPrice
+    allowed_plans: tuple[str, ...]
+    accepted_part_kinds: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ModelPage:
+    models: tuple[ChatModel, ...]
+    next_page_token: str
+
+
+class ModelCatalog:
+    """The models in catalog order, listed page by page."""
+
+    def __init__(self, models: Sequence[ChatModel]) -> None:
+        ids = [model.id for model in models]
+        duplicates = sorted({model_id for model_id in ids if ids.count(model_id) > 1})
+        if duplicates:
+            raise ModelCatalogError(f"model ids must be unique; repeated: {', '.join(duplicates)}")
+        self._models = tuple(models)
+        self._by_id = {model.id: model for model in models}
+
+    @property
+    def models(self) -> tuple[ChatModel, ...]:
+        return self._models
+
+    def get(self, model_id: str) -> ChatModel | None:
+        return self._by_id.get(model_id)
+
+    def list_models(self, *, page_size: int, page_token: str) -> ModelPage:
+        limit = effective_page_size(page_size)
+        query = query_fingerprint("models")
+        cursor = decode_page_token(page_token, expected_query=query)
+        after = cursor_sort_key_and_id(cursor, int) if cursor else None
+        positioned = list(enumerate(self._models))
+        if after is not None:
+            # Position then id, like a SQL keyset, so a token stays meaningful across a redeploy.
+            positioned = [(index, model) for index, model in positioned if (index, model.id) > after]
+        page, more = positioned[:limit], len(positioned) > limit
+        next_token = ""
+        if more:
+            last_index, last = page[-1]
+            next_token = encode_page_token(PageCursor(after=(str(last_index), last.id), query=query))
+        return ModelPage(models=tuple(model for _, model in page), next_page_token=next_token)
+
+
+def load_model_catalog(path: Path = SHIPPED_CATALOG) -> ModelCatalog:
+    """Read and validate the catalog file; any problem is a ModelCatalogError naming the file."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as error:
+        raise ModelCatalogError(f"cannot read the model catalog {path}: {error}") from error
+    try:
+        document = _CatalogFile.model_validate(raw)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in problem['loc']) or '<root>'}: {problem['msg']}"
+            for problem in error.errors()
+        )
+        raise ModelCatalogError(f"the model catalog {path} is invalid: {problems}") from None
+    try:
+        return ModelCatalog([entry.to_model(document.currency_code) for entry in document.models])
+    except (ValueError, TypeError) as error:
+        raise ModelCatalogError(f"the model catalog {path} is invalid: {error}") from None
+
+
+# ---- the file's schema --------------------------------------------------------------------------
+
+_NonEmpty = Annotated[StrictStr, Field(min_length=1)]
+_Positive = Annotated[StrictInt, Field(gt=0)]
+
+
+class _CatalogEntry(BaseModel):
+    # Strict scalars (no "12" for 12, no 1.0 for 1), while YAML lists may still fill tuples.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: Annotated[StrictStr, Field(pattern=r"^[a-z0-9][a-z0-9.\-]{0,63}$")]
+    display_name: _NonEmpty
+    provider: Annotated[StrictStr, Field(pattern=r"^[a-z][a-z0-9_\-]*$")]
+    context_window: _Positive
+    max_output_tokens: _Positive
+    input_price_per_1k_tokens_minor: StrictStr
+    output_price_per_1k_tokens_minor: StrictStr
+    allowed_plans: Annotated[tuple[_NonEmpty, ...], Field(min_length=1)]
+    accepted_part_kinds: Annotated[tuple[StrictStr, ...], Field(min_length=1)]
+
+    @field_validator("input_price_per_1k_tokens_minor", "output_price_per_1k_tokens_minor", mode="before")
+    @classmethod
+    def _price_is_quoted(cls, value: object) -> object:
+        if isinstance(value, float | int) and not isinstance(value, bool):
+            # pydantic reports a ValueError as a validation error of this field; a TypeError escapes it.
+            raise ValueError(f'write the price as a quoted decimal string ("{value}"), never a bare number')  # noqa: TRY004
+        return value
+
+    @field_validator("accepted_part_kinds")
+    @classmethod
+    def _known_part_kinds(cls, kinds: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [kind for kind in kinds if kind not in CONTENT_PART_KINDS]
+        if unknown:
+            raise ValueError(f"unknown part kinds {unknown}; known: {list(CONTENT_PART_KINDS)}")
+        if REQUIRED_PART_KIND not in kinds:
+            raise ValueError(f"every model must accept {REQUIRED_PART_KIND!r} (chat v1 sends only text)")
+        if len(set(kinds)) != len(kinds):
+            raise ValueError("part kinds must not repeat")
+        return kinds
+
+    def to_model(self, currency_code: str) -> ChatModel:
+        if self.max_output_tokens > self.context_window:
+            raise ValueError(f"{self.id}: max_output_tokens exceeds context_window")
+        prices = {}
+        for name in ("input_price_per_1k_tokens_minor", "output_price_per_1k_tokens_minor"):
+            price = UnitPrice.parse(currency_code, getattr(self, name))
+            if price.amount_minor < 0 or price.minor_nanos < 0:
+                raise ValueError(f"{self.id}: {name} must not be negative")
+            prices[name] = price
+        return ChatModel(
+            id=self.id,
+            display_name=self.display_name,
+            provider=self.provider,
+            context_window=self.context_window,
+            max_output_tokens=self.max_output_tokens,
+            input_price_per_1k_tokens=prices["input_price_per_1k_tokens_minor"],
+            output_price_per_1k_tokens=prices["output_price_per_1k_tokens_minor"],
+            allowed_plans=self.allowed_plans,
+            accepted_part_kinds=self.accepted_part_kinds,
+        )
+
+
+class _CatalogFile(BaseModel):
+    # Strict scalars (no "12" for 12, no 1.0 for 1), while YAML lists may still fill tuples.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    currency_code: Annotated[StrictStr, Field(pattern=r"^[A-Z]{3}$")]
+    models: Annotated[tuple[_CatalogEntry, ...], Field(min_length=1)]

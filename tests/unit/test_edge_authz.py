@@ -1,0 +1,398 @@
+"""The pure parts of the edge authorizer: reading Envoy's CheckRequest headers, picking the credential,
+the identity-header encodings, the answer cache, and the shapes of allow and deny responses.
+
+One group drives `EdgeAuthorizer` with a stand-in for `AuthInternalService`: the real auth never
+lets a cookie session be cached (its `cache_ttl` is 0), so the CSRF check on a cached session can
+only be reached this way.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
+
+import grpc
+import jwt
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
+from google.protobuf.json_format import MessageToDict
+from google.rpc import error_details_pb2, status_pb2
+
+from gateway.authz import (
+    Credential,
+    Denial,
+    EdgeAuthorizer,
+    EdgeIdentity,
+    TtlLruCache,
+    allowed_response,
+    denied_response,
+    ordered_roles,
+    presented_credential,
+    request_headers,
+    role_names,
+    secret_digest,
+    token_issued_at,
+)
+from parley.auth.v1 import auth_pb2
+from parley.common.v1 import common_pb2
+from services.common.errors import PermissionDenied, Unauthenticated, details_of
+from services.common.identity import (
+    ACCESS_TOKEN_COOKIE,
+    CSRF_COOKIE,
+    Identity,
+    decode_roles_header,
+    encode_roles_header,
+)
+
+API_KEY = "pk_abcdefghijkl_" + "s" * 43
+AttributeContext = attribute_context_pb2.AttributeContext
+HttpRequest = AttributeContext.HttpRequest
+
+
+def refusal(headers: Mapping[str, str]) -> Unauthenticated:
+    with pytest.raises(Unauthenticated) as raised:
+        presented_credential(headers)
+    return raised.value
+
+
+def header_values(options: Any) -> dict[str, str]:
+    return {option.header.key: option.header.value for option in options}
+
+
+# ---- headers and credentials --------------------------------------------------------------------
+
+
+def test_headers_come_from_the_map_lower_cased() -> None:
+    http = HttpRequest(headers={"X-API-Key": API_KEY, "cookie": "a=1; b=2", ":method": "GET"})
+    assert request_headers(http) == {"x-api-key": API_KEY, "cookie": "a=1; b=2", ":method": "GET"}
+
+
+def test_raw_header_maps_join_repeats_as_envoy_does() -> None:
+    http = HttpRequest(
+        header_map=base_pb2.HeaderMap(
+            headers=[
+                base_pb2.HeaderValue(key="Cookie", raw_value=b"a=1"),
+                base_pb2.HeaderValue(key="cookie", raw_value=b"b=2"),
+                base_pb2.HeaderValue(key="accept", value="text/html"),
+                base_pb2.HeaderValue(key="accept", raw_value=b"application/json"),
+            ]
+        ),
+        headers={"ignored": "when a raw map is present"},
+    )
+    assert request_headers(http) == {"cookie": "a=1; b=2", "accept": "text/html,application/json"}
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"authorization": f"Bearer {API_KEY}"}, Credential("api_key", API_KEY, "authorization")),
+        ({"authorization": f"bearer   {API_KEY} "}, Credential("api_key", API_KEY, "authorization")),
+        ({"x-api-key": f" {API_KEY}"}, Credential("api_key", API_KEY, "x-api-key")),
+        ({"authorization": "Bearer eyJ.a.b"}, Credential("jwt", "eyJ.a.b", "authorization")),
+        ({"cookie": f"theme=dark; {ACCESS_TOKEN_COOKIE}=eyJ.c.d"}, Credential("cookie", "eyJ.c.d", "cookie")),
+        # The first credential present decides; a failing token is never swapped for another one.
+        (
+            {"authorization": "Bearer eyJ.a.b", "x-api-key": API_KEY, "cookie": f"{ACCESS_TOKEN_COOKIE}=c"},
+            Credential("jwt", "eyJ.a.b", "authorization"),
+        ),
+        (
+            {"x-api-key": API_KEY, "cookie": f"{ACCESS_TOKEN_COOKIE}=c"},
+            Credential("api_key", API_KEY, "x-api-key"),
+        ),
+        # An empty X-API-Key is still the credential presented (auth's format check refuses it).
+        ({"x-api-key": ""}, Credential("api_key", "", "x-api-key")),
+    ],
+)
+def test_the_credential_that_decides(headers: dict[str, str], expected: Credential) -> None:
+    assert presented_credential(headers) == expected
+
+
+def test_no_credential_at_all() -> None:
+    assert presented_credential({"cookie": f"{CSRF_COOKIE}=x; theme=dark", "authorization": "  "}) is None
+
+
+@pytest.mark.parametrize(
+    "authorization", ["Basic dXNlcjpwYXNz", "Bearer", "Bearer    ", "Token abc", "eyJ.a.b"]
+)
+def test_a_malformed_authorization_header_is_an_invalid_token(authorization: str) -> None:
+    error = refusal({"authorization": authorization, "x-api-key": API_KEY})
+    assert (error.reason, error.metadata) == ("TOKEN_INVALID", {"cause": "malformed"})
+    assert "Bearer <token>" in error.message
+
+
+def test_empty_and_conflicting_access_cookies_are_refused() -> None:
+    empty = refusal({"cookie": f"{ACCESS_TOKEN_COOKIE}="})
+    assert (empty.reason, empty.metadata) == ("TOKEN_INVALID", {"cause": "malformed"})
+    conflicting = refusal({"cookie": f"{ACCESS_TOKEN_COOKIE}=a; {ACCESS_TOKEN_COOKIE}=b"})
+    assert (conflicting.reason, conflicting.metadata) == ("TOKEN_INVALID", {"cause": "duplicate_cookie"})
+
+
+# ---- encodings ----------------------------------------------------------------------------------
+
+
+def test_roles_follow_the_contract_order_as_tokens_do() -> None:
+    assert ordered_roles({"admin", "user"}) == ("user", "admin")
+    assert ordered_roles(["zeta", "admin", "alpha", "user", "admin"]) == ("user", "admin", "alpha", "zeta")
+    assert role_names([common_pb2.ROLE_ADMIN, common_pb2.ROLE_UNSPECIFIED, common_pb2.ROLE_USER]) == (
+        "user",
+        "admin",
+    )
+
+
+def test_issued_at_is_read_from_the_token() -> None:
+    token = jwt.encode({"iat": 1_800_000_000, "sub": "u"}, "k" * 32, algorithm="HS256")
+    assert token_issued_at(token) == 1_800_000_000
+    assert token_issued_at(jwt.encode({"sub": "u"}, "k" * 32, algorithm="HS256")) is None
+    assert token_issued_at("not a token") is None
+
+
+def test_cache_keys_never_contain_the_secret() -> None:
+    digest = secret_digest("api_key", API_KEY)
+    assert API_KEY not in digest
+    assert len(digest) == 64
+    assert digest == secret_digest("api_key", API_KEY)
+    assert digest != secret_digest("cookie", API_KEY)
+
+
+# ---- the answer cache ---------------------------------------------------------------------------
+
+
+class FakeMonotonic:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_cache_entries_expire() -> None:
+    clock = FakeMonotonic()
+    cache: TtlLruCache[str] = TtlLruCache(10, monotonic=clock)
+    cache.put("a", "A", ttl_s=30)
+    cache.put("zero", "Z", ttl_s=0)
+    clock.now += 29.9
+    assert cache.get("a") == "A"
+    assert cache.get("zero") is None
+    clock.now += 0.1
+    assert cache.get("a") is None
+    assert len(cache) == 0
+
+
+def test_the_cache_is_bounded_and_evicts_the_least_recently_used() -> None:
+    cache: TtlLruCache[int] = TtlLruCache(3, monotonic=FakeMonotonic())
+    for number in range(3):
+        cache.put(str(number), number, ttl_s=60)
+    assert cache.get("0") == 0  # now the most recent
+    cache.put("3", 3, ttl_s=60)
+    assert len(cache) == 3
+    assert cache.get("1") is None
+    assert [cache.get(key) for key in ("0", "2", "3")] == [0, 2, 3]
+
+
+# ---- response shapes ----------------------------------------------------------------------------
+
+ADMIN = EdgeIdentity(
+    user_id="u-1",
+    session_id="s-1",
+    plan="pro",
+    roles=("user", "admin"),
+    auth_method="cookie",
+    issued_at=1_800_000_000,
+)
+
+
+def test_an_allow_sets_every_identity_header_and_the_metadata() -> None:
+    response = allowed_response(ADMIN, Credential("cookie", "eyJ", "cookie"))
+    assert response.status.code == 0
+    assert header_values(response.ok_response.headers) == {
+        "x-parley-user-id": "u-1",
+        "x-parley-session-id": "s-1",
+        "x-parley-plan": "pro",
+        "x-parley-roles": encode_roles_header(["user", "admin"]),
+        "x-parley-auth-method": "cookie",
+        "x-parley-token-issued-at": "1800000000",
+    }
+    roles = header_values(response.ok_response.headers)["x-parley-roles"]
+    assert decode_roles_header(roles) == {"user", "admin"}
+    assert {option.append_action for option in response.ok_response.headers} == {
+        base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+    }
+    assert list(response.ok_response.headers_to_remove) == ["x-api-key"]
+    assert MessageToDict(response.dynamic_metadata) == {
+        "roles": ["user", "admin"],
+        "user_id": "u-1",
+        "auth_method": "cookie",
+    }
+
+
+def test_an_api_key_allow_removes_the_key_and_the_headers_it_cannot_fill() -> None:
+    identity = EdgeIdentity(user_id="u-2", session_id="", plan="free", roles=("user",), auth_method="api_key")
+    response = allowed_response(identity, Credential("api_key", API_KEY, "authorization"))
+    assert set(header_values(response.ok_response.headers)) == {
+        "x-parley-user-id",
+        "x-parley-plan",
+        "x-parley-roles",
+        "x-parley-auth-method",
+    }
+    assert list(response.ok_response.headers_to_remove) == [
+        "x-parley-session-id",
+        "x-parley-token-issued-at",
+        "x-api-key",
+        "authorization",
+    ]
+
+
+def test_a_json_denial_carries_the_full_status_and_a_challenge() -> None:
+    error = Unauthenticated("The token has expired.", reason="TOKEN_EXPIRED")
+    response = denied_response(
+        Denial.of(error, credential_refused=True), request_id="req-7", grpc_client=False
+    )
+    denied = response.denied_response
+    assert denied.status.code == 401
+    assert header_values(denied.headers) == {
+        "www-authenticate": 'Bearer realm="parley", error="invalid_token"',
+        "content-type": "application/json",
+    }
+    assert json.loads(denied.body) == {
+        "code": 16,
+        "message": "The token has expired.",
+        "details": [
+            {
+                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                "reason": "TOKEN_EXPIRED",
+                "domain": "parley.dev",
+            },
+            {"@type": "type.googleapis.com/google.rpc.RequestInfo", "request_id": "req-7"},
+        ],
+    }
+    assert response.status.code == 16
+
+
+def test_a_grpc_denial_carries_the_status_in_details_bin() -> None:
+    error = PermissionDenied("The CSRF token does not match.", reason="CSRF_TOKEN_MISMATCH")
+    response = denied_response(
+        Denial.of(error, credential_refused=True), request_id="req-8", grpc_client=True
+    )
+    denied = response.denied_response
+    assert (denied.status.code, denied.body) == (403, "The CSRF token does not match.")
+    headers = header_values(denied.headers)
+    assert set(headers) == {"grpc-status-details-bin"}  # a 403 has no challenge, gRPC no JSON type
+    status = status_pb2.Status.FromString(base64.b64decode(headers["grpc-status-details-bin"]))
+    assert (status.code, status.message) == (7, "The CSRF token does not match.")
+    details = details_of(status)
+    info, request_info = details["ErrorInfo"], details["RequestInfo"]
+    assert isinstance(info, error_details_pb2.ErrorInfo)
+    assert isinstance(request_info, error_details_pb2.RequestInfo)
+    assert (info.reason, request_info.request_id) == ("CSRF_TOKEN_MISMATCH", "req-8")
+
+
+def test_no_credential_gets_a_plain_challenge() -> None:
+    denial = Denial.of(Unauthenticated("Sign in."), credential_refused=False)
+    denied = denied_response(denial, request_id="", grpc_client=False).denied_response
+    assert header_values(denied.headers)["www-authenticate"] == 'Bearer realm="parley"'
+    assert [detail["@type"] for detail in json.loads(denied.body)["details"]] == [
+        "type.googleapis.com/google.rpc.ErrorInfo"
+    ]
+
+
+# ---- the authorizer with a cacheable session ----------------------------------------------------
+
+
+class CacheableSessions:
+    """Stands in for AuthInternalService.CheckSession with a positive cache_ttl, counting calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[auth_pb2.CheckSessionRequest] = []
+
+    async def CheckSession(
+        self, request: auth_pb2.CheckSessionRequest, **_: object
+    ) -> auth_pb2.CheckSessionResponse:
+        self.calls.append(request)
+        if request.http_method != "GET" and request.csrf_header != request.csrf_cookie:
+            raise AssertionError("the cached path must not need auth for CSRF")
+        response = auth_pb2.CheckSessionResponse(
+            identity=auth_pb2.Identity(
+                user_id="u-3", session_id="s-3", plan_id="free", roles=[common_pb2.ROLE_USER]
+            )
+        )
+        response.cache_ttl.FromTimedelta(timedelta(seconds=60))
+        return response
+
+
+class NoTokens:
+    async def verify(self, token: str) -> Identity:
+        raise AssertionError("no bearer token in these requests")
+
+
+def check_request(method: str, headers: dict[str, str]) -> Any:
+    return external_auth_pb2.CheckRequest(
+        attributes=AttributeContext(
+            request=AttributeContext.Request(http=HttpRequest(id="req-9", method=method, headers=headers))
+        )
+    )
+
+
+async def test_a_cached_session_still_checks_csrf_on_unsafe_methods() -> None:
+    sessions = CacheableSessions()
+    authorizer = EdgeAuthorizer(sessions, NoTokens())  # type: ignore[arg-type]
+    cookie = f"{ACCESS_TOKEN_COOKIE}=eyJ.session.token; {CSRF_COOKIE}=csrf-1"
+    first = await authorizer.check(check_request("GET", {"cookie": cookie}))
+    assert first.status.code == 0
+    assert len(sessions.calls) == 1
+
+    forged = await authorizer.check(check_request("POST", {"cookie": cookie, "x-csrf-token": "other"}))
+    assert forged.denied_response.status.code == 403
+    assert json.loads(forged.denied_response.body)["details"][0]["reason"] == "CSRF_TOKEN_MISMATCH"
+    missing = await authorizer.check(check_request("DELETE", {"cookie": cookie}))
+    assert json.loads(missing.denied_response.body)["details"][0]["reason"] == "CSRF_TOKEN_MISSING"
+    matching = await authorizer.check(check_request("POST", {"cookie": cookie, "x-csrf-token": "csrf-1"}))
+    assert matching.status.code == 0
+    assert header_values(matching.ok_response.headers)["x-parley-user-id"] == "u-3"
+    # Every answer after the first came from the cache.
+    assert len(sessions.calls) == 1
+
+
+class RefusingSessions:
+    def __init__(self, reason: str, code: grpc.StatusCode) -> None:
+        self.reason, self.code, self.calls = reason, code, 0
+
+    async def CheckSession(
+        self, request: auth_pb2.CheckSessionRequest, **_: object
+    ) -> auth_pb2.CheckSessionResponse:
+        self.calls += 1
+        status = status_pb2.Status(code=self.code.value[0], message="refused")
+        status.details.add().Pack(error_details_pb2.ErrorInfo(reason=self.reason, domain="parley.dev"))
+        raise grpc.aio.AioRpcError(
+            self.code,
+            grpc.aio.Metadata(),
+            grpc.aio.Metadata(("grpc-status-details-bin", status.SerializeToString())),
+            details="refused",
+        )
+
+
+@pytest.mark.parametrize(
+    ("reason", "code", "calls_for_three_checks"),
+    [
+        ("SESSION_REVOKED", grpc.StatusCode.UNAUTHENTICATED, 1),  # denial cached (for at most 1 s)
+        ("CSRF_TOKEN_MISMATCH", grpc.StatusCode.PERMISSION_DENIED, 3),  # per request: never cached
+    ],
+)
+async def test_which_denials_are_cached(
+    reason: str, code: grpc.StatusCode, calls_for_three_checks: int
+) -> None:
+    clock = FakeMonotonic()
+    sessions = RefusingSessions(reason, code)
+    authorizer = EdgeAuthorizer(sessions, NoTokens(), denial_cache_ttl_s=30, monotonic=clock)  # type: ignore[arg-type]
+    request = check_request("POST", {"cookie": f"{ACCESS_TOKEN_COOKIE}=eyJ.x.y", "x-csrf-token": "t"})
+    for _ in range(3):
+        response = await authorizer.check(request)
+        assert json.loads(response.denied_response.body)["details"][0]["reason"] == reason
+    assert sessions.calls == calls_for_three_checks
+    # However long a denial TTL is asked for, a denial is forgotten after one second.
+    clock.now += 1.0
+    await authorizer.check(request)
+    assert sessions.calls == calls_for_three_checks + 1
