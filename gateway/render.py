@@ -22,6 +22,7 @@ import yaml
 from google.api import annotations_pb2, http_pb2
 from google.protobuf import descriptor_pb2
 
+from gateway.rls import RATE_LIMITED_GRPC_MESSAGE
 from gateway.routes import (
     EXT_AUTHZ_DISABLED,
     EXT_AUTHZ_FILTER,
@@ -31,7 +32,6 @@ from gateway.routes import (
     edge_routes,
     method_routes,
 )
-from gateway.rls import RATE_LIMITED_GRPC_MESSAGE
 from services.common.ratelimit import RateLimitConfigError, load_rate_limit_config
 
 ENVOY_DIR = Path(__file__).resolve().parent.parent / "envoy"

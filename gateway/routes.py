@@ -23,6 +23,9 @@ PLAN_HEADER = "x-parley-plan"
 API_VERSION_RESPONSE_HEADER = "Parley-API-Version"
 RBAC_FILTER = "envoy.filters.http.rbac"
 ROUTE_HEADERS_FILTER = "parley.route_request_headers"
+HEADER_MUTATION_PER_ROUTE = (
+    "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutationPerRoute"
+)
 REQUIRED_ROLE_HEADER = "x-parley-required-role"
 EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
 # Turns ext_authz off for a route anyone may call.
@@ -143,17 +146,21 @@ def _role_policy(role: str) -> dict[str, Any]:
                         "permissions": [{"any": True}],
                         "principals": [
                             {
-                                "metadata": {
-                                    "filter": JWT_FILTER,
-                                    "path": [{"key": JWT_PAYLOAD_METADATA_KEY}, {"key": "roles"}],
-                                    "value": has_role,
+                                "sourced_metadata": {
+                                    "metadata_matcher": {
+                                        "filter": JWT_FILTER,
+                                        "path": [{"key": JWT_PAYLOAD_METADATA_KEY}, {"key": "roles"}],
+                                        "value": has_role,
+                                    }
                                 }
                             },
                             {
-                                "metadata": {
-                                    "filter": EXT_AUTHZ_FILTER,
-                                    "path": [{"key": "roles"}],
-                                    "value": has_role,
+                                "sourced_metadata": {
+                                    "metadata_matcher": {
+                                        "filter": EXT_AUTHZ_FILTER,
+                                        "path": [{"key": "roles"}],
+                                        "value": has_role,
+                                    }
                                 }
                             },
                         ],
@@ -167,7 +174,7 @@ def _role_policy(role: str) -> dict[str, Any]:
 def _required_role_header(role: str) -> dict[str, Any]:
     """Names the role on the request, so a 403 can say which one was missing."""
     return {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutationPerRoute",
+        "@type": HEADER_MUTATION_PER_ROUTE,
         "mutations": {
             "request_mutations": [
                 {

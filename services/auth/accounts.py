@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import re
 import time
 import unicodedata
 from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Final
@@ -33,6 +35,7 @@ from services.auth.models import EMAIL_MAX, UserRecord
 from services.auth.opaque import new_secret, secret_hash
 from services.auth.passwords import PasswordHasher, PasswordPolicy
 from services.auth.repository import (
+    USER_CACHE,
     EmailTaken,
     LoginThrottleRepository,
     OneTimeTokenRepository,
@@ -53,6 +56,7 @@ from services.auth.throttle import (
     LoginThrottleSettings,
     ThrottleKeys,
 )
+from services.common.cache import InMemoryReadCache, ReadCache, unit_of_work_invalidating
 from services.common.db import Database
 from services.common.errors import (
     AlreadyExists,
@@ -113,6 +117,11 @@ USER_FIELDS: Final = frozenset(
 )
 MUTABLE_PROFILE_FIELDS: Final = frozenset({"display_name"})
 
+# How long a user read by `get_user` (GetCurrentUser) may be served from the read cache. Every write
+# to a user invalidates it after commit; the TTL only bounds staleness when an invalidation is lost
+# (the cache was unreachable at that moment, or a process without the shared cache wrote).
+USER_CACHE_TTL_S: Final = 60.0
+
 # One message for every sign-in refused for its credentials, known email or not.
 INVALID_CREDENTIALS_MESSAGE: Final = "The email address or password is incorrect."
 
@@ -165,6 +174,49 @@ def to_user(record: UserRecord) -> User:
         created_at=record.created_at,
         updated_at=record.updated_at,
     )
+
+
+def encode_user(user: User) -> bytes:
+    """The user as the read cache stores it (JSON; times in ISO 8601 with their UTC offset)."""
+    return json.dumps(
+        {
+            "id": user.id,
+            "email": user.email,
+            "display_name": user.display_name,
+            "roles": list(user.roles),
+            "plan_id": user.plan_id,
+            "email_verified_at": _iso_or_none(user.email_verified_at),
+            "last_login_at": _iso_or_none(user.last_login_at),
+            "disabled_at": _iso_or_none(user.disabled_at),
+            "created_at": user.created_at.isoformat(),
+            "updated_at": user.updated_at.isoformat(),
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def decode_user(data: bytes) -> User:
+    fields = json.loads(data)
+    return User(
+        id=fields["id"],
+        email=fields["email"],
+        display_name=fields["display_name"],
+        roles=tuple(fields["roles"]),
+        plan_id=fields["plan_id"],
+        email_verified_at=_datetime_or_none(fields["email_verified_at"]),
+        last_login_at=_datetime_or_none(fields["last_login_at"]),
+        disabled_at=_datetime_or_none(fields["disabled_at"]),
+        created_at=datetime.fromisoformat(fields["created_at"]),
+        updated_at=datetime.fromisoformat(fields["updated_at"]),
+    )
+
+
+def _iso_or_none(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat()
+
+
+def _datetime_or_none(text: str | None) -> datetime | None:
+    return None if text is None else datetime.fromisoformat(text)
 
 
 def ordered_roles(roles: Sequence[str]) -> tuple[str, ...]:
@@ -363,7 +415,9 @@ class AccountService:
         sessions: SessionManager,
         settings: AccountSettings | None = None,
         clock: Clock = utc_now,
+        read_cache: ReadCache | None = None,
     ) -> None:
+        """`read_cache` serves `get_user`; without one every read goes to the database."""
         self._db = database
         self._hasher = hasher
         self._policy = policy
@@ -371,6 +425,12 @@ class AccountService:
         self.settings = settings or AccountSettings()
         self._clock = clock
         self._throttle = LoginThrottle(self.settings.throttle, clock=clock)
+        self._read_cache = read_cache if read_cache is not None else InMemoryReadCache(max_entries=0)
+        self._users_cache = self._read_cache.named(USER_CACHE)
+
+    def _writing(self) -> AbstractAsyncContextManager[AsyncSession]:
+        """A writing unit of work that drops the cached copies of the users it changed, once committed."""
+        return unit_of_work_invalidating(self._db, self._read_cache)
 
     # ---- registration and verification ---------------------------------------------------------
 
@@ -394,7 +454,7 @@ class AccountService:
             raise invalid_fields(violations)
         password_hash = await self._hasher.hash_async(password)
         now = self._clock()
-        async with self._db.unit_of_work() as session:
+        async with self._writing() as session:
             try:
                 record = await UserRepository(session).add(
                     email=address,
@@ -427,7 +487,7 @@ class AccountService:
         if not token or len(token) > _TOKEN_MAX:
             raise _verification_token_invalid()
         now = self._clock()
-        async with self._db.unit_of_work() as session:
+        async with self._writing() as session:
             tokens = OneTimeTokenRepository(session)
             found = await tokens.find(secret_hash(token), VERIFY_EMAIL_PURPOSE)
             if found is None or not await tokens.consume(found.id, now=now):
@@ -455,7 +515,7 @@ class AccountService:
         previous verification email.
         """
         now = self._clock()
-        async with self._db.unit_of_work() as session:
+        async with self._writing() as session:
             record = await UserRepository(session).by_id(user_id, for_update=True)
             if record is None:
                 raise user_not_found(user_id)
@@ -550,7 +610,7 @@ class AccountService:
             user_agent=user_agent,
             ip_address=client_ip,
         )
-        async with self._db.unit_of_work() as session:
+        async with self._writing() as session:
             new_device = not await UserRepository(session).has_other_session_on(
                 user.id, device=started.session.device, except_session_id=started.session.id
             )
@@ -581,7 +641,7 @@ class AccountService:
         - PERMISSION_DENIED / ACCOUNT_DISABLED for a disabled user, only after the right password.
         """
         user = await self._check_credentials(email, password, client_ip=client_ip)
-        async with self._db.unit_of_work() as session:
+        async with self._writing() as session:
             record_event(
                 session,
                 subject=user.id,
@@ -621,7 +681,7 @@ class AccountService:
         self, user: User, checked_hash: str, keys: ThrottleKeys, upgraded_hash: str | None
     ) -> User:
         now = self._clock()
-        async with self._db.unit_of_work() as session:
+        async with self._writing() as session:
             users = UserRepository(session)
             record = await users.by_id(user.id, for_update=True)
             # Changed while we hashed: the password just checked is no longer the account's, or
@@ -640,7 +700,7 @@ class AccountService:
     async def _record_locked_attempt(
         self, user: User | None, keys: ThrottleKeys, lock: ActiveLock, ip: str
     ) -> None:
-        async with self._db.unit_of_work() as session:
+        async with self._writing() as session:
             record_event(
                 session,
                 subject=_attempt_subject(user, keys),
@@ -653,7 +713,7 @@ class AccountService:
             )
 
     async def _record_failed_attempt(self, user: User | None, keys: ThrottleKeys, ip: str) -> None:
-        async with self._db.unit_of_work() as session:
+        async with self._writing() as session:
             outcome = await self._throttle.record_failure(LoginThrottleRepository(session), keys)
             # The proto counts the account's failures, or the client's for unknown emails.
             failures = outcome.account_failures
@@ -672,7 +732,7 @@ class AccountService:
             _record_lockouts(session, outcome.locks_started, user=user, keys=keys, ip=ip)
 
     async def _record_disabled_attempt(self, user: User, ip: str) -> None:
-        async with self._db.unit_of_work() as session:
+        async with self._writing() as session:
             record_event(
                 session,
                 subject=user.id,
@@ -702,7 +762,7 @@ class AccountService:
         started = time.monotonic()
         address = normalize_email(email)
         now = self._clock()
-        async with self._db.unit_of_work() as session:
+        async with self._writing() as session:
             record = await UserRepository(session).by_email(address) if len(address) <= EMAIL_MAX else None
             if record is not None and record.disabled_at is None:
                 retry_after = await self._cooldown_left(session, record.id, RESET_PASSWORD_PURPOSE, now)
@@ -747,7 +807,7 @@ class AccountService:
         password_hash = await self._hasher.hash_async(new_password)
 
         now = self._clock()
-        async with self._db.unit_of_work() as session:
+        async with self._writing() as session:
             tokens = OneTimeTokenRepository(session)
             if not await tokens.consume(token_id, now=now):
                 raise _reset_token_invalid()
@@ -806,7 +866,7 @@ class AccountService:
             raise self._throttle.locked_error(lock)
         user = to_user(stored)
         if not await self._hasher.verify_async(stored.password_hash, current_password):
-            async with self._db.unit_of_work() as session:
+            async with self._writing() as session:
                 outcome = await self._throttle.record_failure(
                     LoginThrottleRepository(session), keys, scopes=[LockScope.ACCOUNT]
                 )
@@ -816,7 +876,7 @@ class AccountService:
         password_hash = await self._hasher.hash_async(new_password)
 
         now = self._clock()
-        async with self._db.unit_of_work() as session:
+        async with self._writing() as session:
             users = UserRepository(session)
             record = await users.by_id(user_id, for_update=True)
             if record is None:
@@ -849,7 +909,16 @@ class AccountService:
     # ---- profile --------------------------------------------------------------------------------
 
     async def get_user(self, user_id: str) -> User:
-        """The user; NOT_FOUND when there is none."""
+        """The user, from the read cache when it has them; NOT_FOUND when there is none."""
+        return await self._users_cache.get_or_load(
+            user_id,
+            lambda: self._load_user(user_id),
+            ttl_s=USER_CACHE_TTL_S,
+            encode=encode_user,
+            decode=decode_user,
+        )
+
+    async def _load_user(self, user_id: str) -> User:
         async with self._db.unit_of_work(read_only=True) as session:
             record = await UserRepository(session).by_id(user_id)
         if record is None:
@@ -875,7 +944,7 @@ class AccountService:
                 raise invalid_fields(violations)
             changes["display_name"] = name
         now = self._clock()
-        async with self._db.unit_of_work(read_only=not changes) as session:
+        async with self._writing() if changes else self._db.unit_of_work(read_only=True) as session:
             users = UserRepository(session)
             record = await users.by_id(user_id, for_update=bool(changes))
             if record is None:

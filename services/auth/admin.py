@@ -12,6 +12,7 @@ writers), so two admins demoting or disabling each other at the same moment cann
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -41,6 +42,7 @@ from services.auth.passwords import PasswordHasher, PasswordPolicy
 from services.auth.repository import EmailTaken, UserQuery, UserRepository
 from services.auth.session_repository import SqlSessionStore
 from services.auth.sessions import RevokedSessions, RevokeReason, SessionManager
+from services.common.cache import InMemoryReadCache, ReadCache, unit_of_work_invalidating
 from services.common.db import Database
 from services.common.errors import FailedPrecondition, FieldViolation, InvalidArgument
 from services.common.models import utc_now
@@ -94,12 +96,19 @@ class AccountAdmin:
         policy: PasswordPolicy,
         sessions: SessionManager,
         clock: Clock = utc_now,
+        read_cache: ReadCache | None = None,
     ) -> None:
+        """`read_cache` is the one `AccountService.get_user` reads: changes here invalidate it."""
         self._db = database
         self._hasher = hasher
         self._policy = policy
         self._sessions = sessions
         self._clock = clock
+        self._read_cache = read_cache if read_cache is not None else InMemoryReadCache(max_entries=0)
+
+    def _writing(self) -> AbstractAsyncContextManager[AsyncSession]:
+        """A writing unit of work that drops the cached copies of the users it changed, once committed."""
+        return unit_of_work_invalidating(self._db, self._read_cache)
 
     async def list_users(
         self, *, page_size: int = 0, page_token: str = "", filters: UserQuery | None = None
@@ -152,7 +161,7 @@ class AccountAdmin:
         revoked: they are refused while their owner is disabled and work again after `enable_user`.
         """
         now = self._clock()
-        async with self._db.unit_of_work() as session:
+        async with self._writing() as session:
             users = UserRepository(session)
             admins, record = await _lock_admins_and_user(users, user_id)
             if record.disabled_at is not None:
@@ -184,7 +193,7 @@ class AccountAdmin:
         """Re-enable a disabled user and write `user.enabled`; they must sign in again (their
         sessions stay ended). Enabling an enabled user changes nothing and writes nothing."""
         now = self._clock()
-        async with self._db.unit_of_work() as session:
+        async with self._writing() as session:
             users = UserRepository(session)
             record = await users.by_id(user_id, for_update=True)
             if record is None:
@@ -214,7 +223,7 @@ class AccountAdmin:
         wanted = ordered_roles([ROLE_USER, *roles])
         now = self._clock()
         demoted = False
-        async with self._db.unit_of_work() as session:
+        async with self._writing() as session:
             users = UserRepository(session)
             admins, record = await _lock_admins_and_user(users, user_id)
             previous = ordered_roles(record.roles)
@@ -255,7 +264,7 @@ class AccountAdmin:
         password_hash = await self._hasher.hash_async(password)
         now = self._clock()
         try:
-            async with self._db.unit_of_work() as session:
+            async with self._writing() as session:
                 record = await UserRepository(session).add(
                     email=address,
                     display_name=name,
@@ -286,7 +295,7 @@ class AccountAdmin:
 
     async def _promote(self, address: str) -> AdminBootstrap:
         now = self._clock()
-        async with self._db.unit_of_work() as session:
+        async with self._writing() as session:
             users = UserRepository(session)
             record = await users.by_email(address, for_update=True)
             if record is None:  # deleted meanwhile; nothing sensible to promote

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy import String, and_, bindparam, case, cast, delete, func, or_, select, update
 from sqlalchemy import exc as sqlalchemy_errors
@@ -19,7 +19,12 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from services.auth.models import LoginThrottleRecord, OneTimeTokenRecord, SessionRecord, UserRecord
 from services.auth.throttle import ThrottleState
+from services.common.cache import mark_stale
 from services.common.models import UTCDateTime, new_id
+
+# The read cache of users by id (`AccountService.get_user`); every change to a user row goes
+# through `UserRepository.save`, which marks the user's entry stale for after the commit.
+USER_CACHE: Final = "auth.user.v1"
 
 
 class EmailTaken(Exception):  # noqa: N818 - named for the condition, like KeyError.
@@ -104,9 +109,14 @@ class UserRepository:
         return (await self._session.scalars(query.execution_options(populate_existing=True))).first()
 
     async def save(self, record: UserRecord, *, now: datetime) -> None:
-        """Write the changes made to a loaded record, stamping `updated_at` with the caller's clock."""
+        """Write the changes made to a loaded record, stamping `updated_at` with the caller's clock.
+
+        The session must come from `services.common.cache.unit_of_work_invalidating`: the user's
+        cached copy is deleted once the change commits.
+        """
         record.updated_at = now
         await self._session.flush()
+        mark_stale(self._session, USER_CACHE, record.id)
 
     async def has_other_session_on(self, user_id: str, *, device: str, except_session_id: str) -> bool:
         """Whether the user signed in on `device` before (any session but `except_session_id`)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,8 +22,9 @@ from services.auth.tokens import AccessTokenIssuer
 from services.auth.transport import caller_of, cleared_cookies, send_cookies, session_cookies
 from services.common.call_context import current_identity
 from services.common.encoding import timestamp_to_proto
-from services.common.errors import PermissionDenied, Unauthenticated
-from services.common.identity import REFRESH_TOKEN_COOKIE, TokenVerifier
+from services.common.errors import Unauthenticated
+from services.common.http_cache import JWKS_CACHE, send_cache_headers
+from services.common.identity import REFRESH_TOKEN_COOKIE, TokenVerifier, check_csrf
 
 _AUTH_METHODS = {
     "jwt": common_pb2.AUTH_METHOD_JWT,
@@ -268,7 +268,8 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     ) -> httpbody_pb2.HttpBody:
         jwks = await self._domain.signing_keys.jwks()
         body = json.dumps(jwks, separators=(",", ":"), sort_keys=True).encode()
-        return httpbody_pb2.HttpBody(content_type="application/json", data=body)
+        reply = httpbody_pb2.HttpBody(content_type="application/json", data=body)
+        return await send_cache_headers(context, reply, JWKS_CACHE)
 
 
 # ---- encoding ----------------------------------------------------------------------------------
@@ -454,10 +455,7 @@ _ROLE_NAMES = {common_pb2.ROLE_USER: "user", common_pb2.ROLE_ADMIN: "admin"}
 
 def checked_csrf(header: str, cookie: str) -> str:
     """The double-submitted CSRF token: the header must be present and equal the cookie."""
-    if not header:
-        raise PermissionDenied("This request needs the X-CSRF-Token header.", reason="CSRF_TOKEN_MISSING")
-    if not cookie or not hmac.compare_digest(header.encode(), cookie.encode()):
-        raise PermissionDenied("The CSRF token does not match.", reason="CSRF_TOKEN_MISMATCH")
+    check_csrf(header, cookie)
     return header
 
 

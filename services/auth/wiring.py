@@ -20,6 +20,7 @@ from services.auth.session_repository import SqlApiKeyStores, SqlSessionStores
 from services.auth.sessions import SessionManager
 from services.auth.signing_keys import KeyEncryptionKeyError, SigningKeyStore, load_kek
 from services.auth.tokens import AccessTokenIssuer
+from services.common.cache import InMemoryReadCache, ReadCache
 from services.common.context import ServiceBundle, ServiceContext
 from services.common.db import Database
 from services.common.identity import CachedJwksVerifier
@@ -56,18 +57,33 @@ def signing_key_store(settings: Settings, database: Database, *, embedded: bool)
 
 @dataclass(frozen=True)
 class AccountParts:
-    """What changing accounts needs: password hashing and policy, and the session manager."""
+    """What changing accounts needs: password hashing and policy, the session manager, and the read
+    cache whose copies of users every change invalidates."""
 
     common_passwords: CommonPasswords
     hasher: PasswordHasher
     policy: PasswordPolicy
     sessions: SessionManager
+    read_cache: ReadCache
 
     def admin(self, database: Database) -> AccountAdmin:
-        return AccountAdmin(database, hasher=self.hasher, policy=self.policy, sessions=self.sessions)
+        return AccountAdmin(
+            database,
+            hasher=self.hasher,
+            policy=self.policy,
+            sessions=self.sessions,
+            read_cache=self.read_cache,
+        )
 
 
-def account_parts(settings: Settings, database: Database, revocations: RevocationList) -> AccountParts:
+def account_parts(
+    settings: Settings,
+    database: Database,
+    revocations: RevocationList,
+    read_cache: ReadCache | None = None,
+) -> AccountParts:
+    """`read_cache`: the one the running services read users through, so changes made here reach
+    them; without one nothing is cached (nor invalidated)."""
     common_passwords = CommonPasswords()
     return AccountParts(
         common_passwords=common_passwords,
@@ -79,6 +95,7 @@ def account_parts(settings: Settings, database: Database, revocations: Revocatio
             refresh_ttl=timedelta(seconds=settings.refresh_token_ttl_s),
             access_ttl=timedelta(seconds=settings.access_token_ttl_s),
         ),
+        read_cache=read_cache if read_cache is not None else InMemoryReadCache(max_entries=0),
     )
 
 
@@ -95,7 +112,7 @@ def build_bundle(
     settings = context.settings
     database = context.database
     signing_keys = signing_key_store(settings, database, embedded=context.embedded)
-    parts = account_parts(settings, database, context.revocations)
+    parts = account_parts(settings, database, context.revocations, context.read_cache)
     api_keys = ApiKeyManager(SqlApiKeyStores(database), cache_ttl_s=api_key_cache_ttl_s)
     domain = AuthDomain(
         accounts=AccountService(
@@ -106,6 +123,7 @@ def build_bundle(
             settings=AccountSettings(
                 require_verified_email_for=frozenset(settings.auth_require_verified_email_for)
             ),
+            read_cache=parts.read_cache,
         ),
         sessions=parts.sessions,
         api_keys=api_keys,

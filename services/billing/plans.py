@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
+from services.common.errors import NotFound
 from services.common.money import Money
 from services.common.pagination import (
     PageCursor,
@@ -58,6 +59,8 @@ class PlanStore(Protocol):
         self, *, after: tuple[int, str] | None, limit: int, include_retired: bool
     ) -> Sequence[Plan]: ...
 
+    async def get(self, plan_id: str) -> Plan | None: ...
+
 
 # Opens one unit of work and hands the caller a store bound to it.
 PlanStoreFactory = Callable[[], AbstractAsyncContextManager[PlanStore]]
@@ -85,3 +88,11 @@ class PlanCatalog:
             last = page[-1]
             next_token = encode_page_token(PageCursor(after=(str(last.sort_order), last.id), query=query))
         return PlanPage(plans=tuple(page), next_page_token=next_token)
+
+    async def get_plan(self, plan_id: str) -> Plan:
+        """One plan, retired or not; an unknown id is NOT_FOUND (PLAN_NOT_FOUND)."""
+        async with self._stores() as store:
+            plan = await store.get(plan_id)
+        if plan is None:
+            raise NotFound(f"There is no plan {plan_id!r}.", reason="PLAN_NOT_FOUND")
+        return plan

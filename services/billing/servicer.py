@@ -8,6 +8,7 @@ from parley.billing.v1 import billing_pb2, billing_pb2_grpc
 from parley.common.v1 import common_pb2
 from services.billing.plans import Plan, PlanCatalog
 from services.common.encoding import money_to_proto, timestamp_to_proto
+from services.common.http_cache import CATALOG_CACHE, send_cache_headers
 
 _TIERS = {
     "free": common_pb2.PLAN_TIER_FREE,
@@ -28,9 +29,17 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
         page = await self._catalog.list_plans(
             page_size=request.page_size, page_token=request.page_token, include_retired=request.show_retired
         )
-        return billing_pb2.ListPlansResponse(
+        reply = billing_pb2.ListPlansResponse(
             plans=[plan_to_proto(plan) for plan in page.plans], next_page_token=page.next_page_token
         )
+        return await send_cache_headers(context, reply, CATALOG_CACHE)
+
+    async def GetPlan(
+        self, request: billing_pb2.GetPlanRequest, context: grpc.aio.ServicerContext
+    ) -> billing_pb2.GetPlanResponse:
+        plan = await self._catalog.get_plan(request.plan_id)
+        reply = billing_pb2.GetPlanResponse(plan=plan_to_proto(plan))
+        return await send_cache_headers(context, reply, CATALOG_CACHE)
 
 
 def plan_to_proto(plan: Plan) -> billing_pb2.Plan:

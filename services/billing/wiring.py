@@ -14,7 +14,7 @@ def build(context: ServiceContext) -> ServiceBundle:
     public = ServiceRegistration(
         full_name=billing_pb2.DESCRIPTOR.services_by_name["BillingService"].full_name,
         # The RPCs BillingServicer does not override yet answer UNIMPLEMENTED (see contract_only).
-        servicer=BillingServicer(PlanCatalog(PlanStoreOpener(context.database))),  # type: ignore[abstract]
+        servicer=BillingServicer(PlanCatalog(PlanStoreOpener(context.database, context.read_cache))),  # type: ignore[abstract]
         add_to_server=billing_pb2_grpc.add_BillingServiceServicer_to_server,
     )
     others = contract_only_services(billing_pb2, billing_pb2_grpc, except_services=["BillingService"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from services.common.cache import InMemoryReadCache, ReadCache
 from services.common.db import Database
 from services.common.identity import JwksFetcher
 from services.common.revocation import RevocationList
@@ -22,6 +23,8 @@ class ServiceContext:
     revocations: RevocationList
     # True in `parley up`: one process, SQLite, secrets generated into the data dir when not given.
     embedded: bool
+    # The hot-read cache (`named()` views per use): Redis when configured, else this process's memory.
+    read_cache: ReadCache = field(default_factory=InMemoryReadCache)
 
 
 @dataclass

@@ -160,8 +160,20 @@ def status_code_from_numeric(numeric: int) -> grpc.StatusCode:
 
 
 def trailing_metadata_for(status: status_pb2.Status) -> tuple[tuple[str, bytes | str], ...]:
-    """Trailers that carry `status` the way grpc-status and Envoy's transcoder expect."""
-    return (("grpc-status-details-bin", status.SerializeToString()),)
+    """Trailers that carry `status` the way grpc-status and Envoy's transcoder expect.
+
+    An error that says when to retry (ErrorInfo metadata `retry_after_s`, e.g. ACCOUNT_LOCKED) also
+    sends `retry-after`, which reaches JSON clients as the HTTP Retry-After header.
+    """
+    trailers: list[tuple[str, bytes | str]] = [("grpc-status-details-bin", status.SerializeToString())]
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            retry_after = info.metadata.get("retry_after_s", "")
+            if retry_after.isdigit():
+                trailers.append(("retry-after", retry_after))
+    return tuple(trailers)
 
 
 def details_of(status: status_pb2.Status) -> dict[str, object]:

@@ -18,6 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final, TextIO
 
+from prometheus_client import CollectorRegistry
+
 from services.auth.signing_keys import (
     DEFAULT_REFRESH_INTERVAL_S,
     EMBEDDED_KEK_PATH,
@@ -30,6 +32,7 @@ from services.common.migrate import upgrade_async
 from services.common.models import utc_now
 from services.common.revocation import InMemoryRevocationList
 from services.common.settings import Settings, SettingsError
+from services.runtime.process import read_cache_for
 
 PASSWORD_ENV: Final = "PARLEY_ADMIN_PASSWORD"  # noqa: S105 - the variable's name, not a password
 # Exit codes: 2 for input or settings the operator must fix (as argparse and bad settings use),
@@ -108,13 +111,17 @@ def create_admin(
     """Create the admin (verified, roles user+admin), or promote and re-enable an existing account."""
 
     async def operation(database: Database) -> None:
-        parts = account_parts(settings, database, InMemoryRevocationList())
+        # The shared read cache, so services sharing it see the promoted roles at once.
+        read_cache = read_cache_for(settings, CollectorRegistry())
+        parts = account_parts(settings, database, InMemoryRevocationList(), read_cache)
         try:
             outcome = await parts.admin(database).create_admin(email, password, display_name)
         except InvalidArgument as error:
             raise AdminCommandError(_invalid_input_report(error), exit_code=EXIT_BAD_INPUT) from None
         except ParleyError as error:
             raise AdminCommandError(f"Cannot create the admin: {error.message}") from None
+        finally:
+            await read_cache.close()
         user = outcome.user
         if outcome.created:
             report = f"created admin {user.email} (user id {user.id}), email verified, roles user+admin\n"

@@ -16,7 +16,7 @@ from services.common.db import Database
 from services.common.health import DependencyProbe
 from services.common.metrics import serve_metrics
 from services.common.server import ServerDeps, create_server
-from services.common.settings import ServiceName, Settings, SettingsError
+from services.common.settings import ServiceName, Settings
 from services.runtime.edge_wiring import build_edge_wiring
 from services.runtime.process import (
     build_services,
@@ -90,14 +90,12 @@ async def run_gateway(topology: Topology, settings: Settings, *, stop: asyncio.E
     observability = set_up_observability(settings, process_name="gateway")
     stop = stop or asyncio.Event()
     install_stop_signals(stop)
-    if settings.auth_target is None:
-        raise SettingsError(
-            "Invalid Parley settings:\n  PARLEY_AUTH_TARGET: required for `parley gateway`; the edge "
-            "checks API keys and cookie sessions with the auth service"
-        )
+    # The edge checks API keys and cookie sessions with auth: where the topology routes auth traffic,
+    # unless PARLEY_AUTH_TARGET says otherwise.
+    auth = topology.upstreams["auth"]
     edge = build_edge_wiring(
         settings,
-        auth_target=settings.auth_target,
+        auth_target=settings.auth_target or f"{auth.host}:{auth.port}",
         rate_limits_path=topology.rate_limits_path,
         revocations=revocation_list_for(settings),
         registry=observability.registry,

@@ -6,6 +6,7 @@ import json
 import signal
 import sqlite3
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from tests.support.gateway import grpcurl
 from tests.support.parley_process import EmbeddedPorts, ParleyProcess, children_of, pid_alive
 
 pytestmark = pytest.mark.envoy
+
+PASSWORD = "violet-harbour-lantern-42"
 
 
 def parley_services() -> tuple[set[str], set[str]]:
@@ -109,8 +112,23 @@ def test_service_errors_come_back_as_typed_json(gateway: httpx.Client) -> None:
     request_info = next(d for d in details if d["@type"].endswith("google.rpc.RequestInfo"))
     assert request_info["request_id"] == invalid.headers["x-request-id"]
 
-    unimplemented = gateway.get("/v1/billing/subscription")
+    # GetSubscription needs a caller: without one the gateway refuses it before billing sees it.
+    anonymous = gateway.get("/v1/billing/subscription")
+    assert_error_body(anonymous, status=401, grpc_code=16, reason="UNAUTHENTICATED")
+    unimplemented = gateway.get("/v1/billing/subscription", headers=signed_in(gateway))
     assert_error_body(unimplemented, status=501, grpc_code=12, reason="NOT_IMPLEMENTED")
+
+
+def signed_in(gateway: httpx.Client) -> dict[str, str]:
+    """A new account's bearer header, from registering and signing in through the gateway."""
+    email = f"embedded-{uuid.uuid4().hex[:10]}@example.com"
+    registered = gateway.post(
+        "/v1/auth/register", json={"email": email, "password": PASSWORD, "display_name": "Embedded"}
+    )
+    assert registered.status_code == 200, registered.text
+    login = gateway.post("/v1/auth/login", json={"email": email, "password": PASSWORD})
+    assert login.status_code == 200, login.text
+    return {"authorization": f"Bearer {login.json()['tokens']['access_token']}"}
 
 
 def test_gateway_errors_share_the_service_error_shape(gateway: httpx.Client) -> None:

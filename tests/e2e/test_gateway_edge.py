@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import ipaddress
 import json
 import ssl
 import struct
@@ -20,20 +19,16 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from parley.auth.v1 import auth_pb2, auth_pb2_grpc
 from parley.billing.v1 import billing_pb2, billing_pb2_grpc
 from services.common.errors import details_of
-from tests.support.outbox import read_events
 from tests.support.gateway import free_port
+from tests.support.outbox import read_events
 from tests.support.parley_process import EmbeddedPorts, ParleyProcess
+from tests.support.tls import self_signed_certificate
 
 pytestmark = pytest.mark.envoy
 
@@ -57,37 +52,6 @@ class Edge:
     @property
     def grpc_target(self) -> str:
         return f"127.0.0.1:{self.ports.http}"
-
-
-def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
-    """A P-256 certificate for 127.0.0.1 and localhost, valid for a day, made here and now."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = dt.datetime.now(dt.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return cert_path, key_path
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +124,14 @@ def test_a_protected_route_without_credentials_is_a_json_401_from_the_gateway(ed
 
 
 def test_open_routes_need_no_credentials(edge: Edge) -> None:
-    for path in ("/v1/billing/plans", "/.well-known/jwks.json", "/healthz", "/docs", "/openapi.json", "/livez"):
+    for path in (
+        "/v1/billing/plans",
+        "/.well-known/jwks.json",
+        "/healthz",
+        "/docs",
+        "/openapi.json",
+        "/livez",
+    ):
         response = edge.http.get(path)
         assert response.status_code == 200, (path, response.text)
 
@@ -219,7 +190,12 @@ def test_grpc_callers_get_the_same_refusal_as_a_rich_status(edge: Edge) -> None:
 
 def test_every_gateway_error_has_the_one_shape_and_the_security_headers(edge: Edge) -> None:
     cases = [
-        (edge.http.post("/v1/auth/login", content=b"{not json", headers={"content-type": "application/json"}), 400),
+        (
+            edge.http.post(
+                "/v1/auth/login", content=b"{not json", headers={"content-type": "application/json"}
+            ),
+            400,
+        ),
         (edge.http.get("/v1/users/me"), 401),
         (edge.http.get("/v1/admin/users", headers=signed_in(edge, "shape")), 403),
         (edge.http.get("/v1/no-such-thing"), 404),
@@ -311,7 +287,9 @@ def test_tls_listener_serves_grpc_over_h2(edge: Edge) -> None:
     with grpc.secure_channel(
         f"127.0.0.1:{edge.https_port}", credentials, options=[("grpc.ssl_target_name_override", "localhost")]
     ) as channel:
-        plans = billing_pb2_grpc.BillingServiceStub(channel).ListPlans(billing_pb2.ListPlansRequest(), timeout=10)
+        plans = billing_pb2_grpc.BillingServiceStub(channel).ListPlans(
+            billing_pb2.ListPlansRequest(), timeout=10
+        )
     assert {plan.id for plan in plans.plans} >= {"free", "pro", "team"}
 
 
@@ -432,6 +410,6 @@ def test_cacheable_reads_carry_an_etag_and_answer_if_none_match_with_304(edge: E
     assert again.content == b""
     assert again.headers["etag"] == etag
 
-    for other in ('"something-else"', f"W/{etag}, \"x\""):
+    for other in ('"something-else"', f'W/{etag}, "x"'):
         revalidated = edge.http.get(path, headers={"if-none-match": other})
         assert revalidated.status_code == (304 if etag in other else 200), other

@@ -26,10 +26,14 @@ from grpc_status import rpc_status
 
 from gateway.envoy_process import EnvoyProcess, EnvoyStartError
 from gateway.render import read_descriptor_set
+from services.common.identity import decode_roles_header
 from tests.support.gateway import (
     DESCRIPTOR_SET_PATH,
     REPO_ROOT,
+    TEST_API_KEY,
+    TEST_API_KEY_HEADERS,
     TEST_GATEWAY_SECRET,
+    TEST_USER_ID,
     HealthUpstream,
     RunningGateway,
     embedded_test_topology,
@@ -263,8 +267,36 @@ async def test_json_to_an_internal_service_path_is_a_404(client: httpx.AsyncClie
         )
 
 
-async def test_service_errors_pass_through_untouched(client: httpx.AsyncClient) -> None:
+async def test_a_protected_route_without_a_credential_is_refused_at_the_edge(
+    client: httpx.AsyncClient, stand_in: StandInRpcs
+) -> None:
+    stand_in.metadata.pop(GET_CURRENT_USER, None)
+
     response = await client.get("/v1/users/me")
+
+    assert response.status_code == 401, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert response.headers["www-authenticate"].startswith('Bearer realm="')
+    assert_clean_headers(response)
+    body = response.json()
+    assert body["code"] == 16 and body["message"]
+    assert body["details"] == [
+        {
+            "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+            "reason": "UNAUTHENTICATED",
+            "domain": "parley.dev",
+        },
+        {
+            "@type": "type.googleapis.com/google.rpc.RequestInfo",
+            "request_id": response.headers["x-request-id"],
+        },
+    ]
+    # Refused by the edge: the service never saw the call.
+    assert GET_CURRENT_USER not in stand_in.metadata
+
+
+async def test_service_errors_pass_through_untouched(client: httpx.AsyncClient) -> None:
+    response = await client.get("/v1/users/me", headers=TEST_API_KEY_HEADERS)
 
     assert response.status_code == 404
     assert response.headers["content-type"] == "application/json"
@@ -308,7 +340,34 @@ async def test_success_reaches_the_service_with_only_gateway_identity_headers(
     # An untrusted client cannot choose the request id; the one the service saw is the one returned.
     assert response.headers["x-request-id"] != "client-chosen-id"
     assert ("x-request-id", response.headers["x-request-id"]) in received
-    assert ("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01") in received
+    # Envoy continues the caller's trace: same trace id, its own span as the parent.
+    (traceparent,) = [value for key, value in received if key == "traceparent"]
+    version, trace_id, parent_span_id, _flags = traceparent.split("-")
+    assert (version, trace_id) == ("00", "0af7651916cd43dd8448eb211c80319c")
+    assert parent_span_id != "b7ad6b7169203331"
+
+
+async def test_a_credential_reaches_the_service_as_gateway_identity_headers(
+    client: httpx.AsyncClient, stand_in: StandInRpcs
+) -> None:
+    response = await client.get(
+        "/v1/users/me",
+        headers={**TEST_API_KEY_HEADERS, "x-parley-user-id": "forged-user", "x-parley-roles": "admin"},
+    )
+
+    assert response.status_code == 404, response.text  # the stand-in's answer: the call got through
+    received = dict(stand_in.metadata[GET_CURRENT_USER])
+    parley_headers = {key: value for key, value in received.items() if key.startswith("x-parley-")}
+    assert decode_roles_header(parley_headers.pop("x-parley-roles")) == frozenset({"user"})
+    assert parley_headers == {
+        "x-parley-gateway-secret": TEST_GATEWAY_SECRET,
+        "x-parley-user-id": TEST_USER_ID,
+        "x-parley-plan": "free",
+        "x-parley-auth-method": "api_key",
+    }
+    # The key itself stops at the edge.
+    assert "x-api-key" not in received
+    assert TEST_API_KEY not in str(stand_in.metadata[GET_CURRENT_USER])
 
 
 async def test_access_log_is_json_with_request_id_and_traceparent(
@@ -413,8 +472,21 @@ async def test_grpc_calls_to_internal_services_are_unimplemented(gateway: Runnin
 
 
 async def test_grpc_clients_get_service_status_and_details(gateway: RunningGateway) -> None:
-    result = await grpcurl(
+    anonymous = await grpcurl(
         "-plaintext", "-d", "{}", gateway.grpc_target, "parley.auth.v1.AuthService/GetCurrentUser"
+    )
+    assert anonymous.returncode != 0
+    assert "Code: Unauthenticated" in anonymous.stderr
+    assert '"reason":"UNAUTHENTICATED"' in anonymous.stderr
+
+    result = await grpcurl(
+        "-plaintext",
+        "-H",
+        f"x-api-key: {TEST_API_KEY}",
+        "-d",
+        "{}",
+        gateway.grpc_target,
+        "parley.auth.v1.AuthService/GetCurrentUser",
     )
 
     assert result.returncode != 0

@@ -25,6 +25,8 @@ from grpc_status import rpc_status
 
 from parley.chat.v1 import chat_pb2, chat_pb2_grpc
 from tests.support.gateway import (
+    TEST_API_KEY,
+    TEST_API_KEY_HEADERS,
     HealthUpstream,
     RunningGateway,
     embedded_test_topology,
@@ -48,6 +50,9 @@ COMPLETES = "c1"
 INTERRUPTED = "c-interrupted"  # start, one delta, then an `error` event and a clean end of the RPC
 ABORTED_AFTER_START = "c-aborted"  # start and deltas, then a non-OK gRPC status instead of an event
 REFUSED = "c-refused"  # a non-OK gRPC status before any event (e.g. no credit)
+
+# StreamMessage needs a caller: the stand-in auth of start_health_upstream knows this key.
+API_KEY_METADATA = (("x-api-key", TEST_API_KEY),)
 
 # The second delta holds blank lines: JSON escapes them, so they cannot end an SSE event early.
 DELTAS = ("Hel", "lo,\n\nworld", "!")
@@ -162,7 +167,9 @@ async def gateway(upstream: HealthUpstream) -> AsyncIterator[RunningGateway]:
 
 @pytest_asyncio.fixture(loop_scope="module")
 async def client(gateway: RunningGateway) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=gateway.http_url, timeout=EVENT_TIMEOUT_S) as http:
+    async with httpx.AsyncClient(
+        base_url=gateway.http_url, timeout=EVENT_TIMEOUT_S, headers=TEST_API_KEY_HEADERS
+    ) as http:
         yield http
 
 
@@ -242,6 +249,10 @@ async def test_json_clients_get_the_reply_as_server_sent_events_one_by_one(
     ) as response:
         assert response.status_code == 200
         assert_http1_response_headers(response, "text/event-stream")
+        # v1 is deprecated: a stream announces it in its headers like any other response.
+        assert response.headers["parley-api-version"] == "v1"
+        assert response.headers["deprecation"].startswith("@")
+        assert response.headers["sunset"].endswith(" GMT")
         events = sse_events(response)
         first = await next_event(events)
         # The upstream is still holding everything after the start event, so the client reading it
@@ -264,6 +275,31 @@ async def test_json_clients_get_the_reply_as_server_sent_events_one_by_one(
         },
     ]
     assert chat.produced[request_id] == ["start", "delta", "delta", "delta", "final"]
+
+
+async def test_a_stream_without_a_credential_is_refused_before_it_starts(
+    gateway: RunningGateway, chat: ScriptedChat, chat_stub: chat_pb2_grpc.ChatServiceAsyncStub
+) -> None:
+    json_request_id, grpc_request_id = new_request_id(), new_request_id()
+    async with httpx.AsyncClient(base_url=gateway.http_url, timeout=EVENT_TIMEOUT_S) as anonymous:
+        response = await anonymous.post(
+            stream_path(COMPLETES), json={"content": "hi", "request_id": json_request_id}
+        )
+
+    assert response.status_code == 401, response.text
+    assert_http1_response_headers(response, "application/json")
+    assert response.json()["details"][0]["reason"] == "UNAUTHENTICATED"
+
+    call = chat_stub.StreamMessage(
+        chat_pb2.StreamMessageRequest(conversation_id=COMPLETES, content="hi", request_id=grpc_request_id)
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        async for _ in call:
+            pass
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # The upstream never started either reply.
+    assert chat.produced[json_request_id] == []
+    assert chat.produced[grpc_request_id] == []
 
 
 async def test_an_error_after_the_start_is_an_error_event_in_the_stream(client: httpx.AsyncClient) -> None:
@@ -323,7 +359,9 @@ async def test_a_grpc_status_after_the_start_reaches_grpc_clients_but_not_sse_cl
     # a final nor an error event, which is all a JSON client can tell.
     assert [next(iter(event)) for event in events] == ["start", "delta", "delta", "delta"]
 
-    call = chat_stub.StreamMessage(chat_pb2.StreamMessageRequest(conversation_id=ABORTED_AFTER_START))
+    call = chat_stub.StreamMessage(
+        chat_pb2.StreamMessageRequest(conversation_id=ABORTED_AFTER_START), metadata=API_KEY_METADATA
+    )
     received = []
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         async for message in call:
@@ -341,7 +379,8 @@ async def test_grpc_clients_get_the_same_messages_as_a_grpc_stream(
     release = chat.hold_after_start(request_id)
 
     call = chat_stub.StreamMessage(
-        chat_pb2.StreamMessageRequest(conversation_id=conversation_id, content="hi", request_id=request_id)
+        chat_pb2.StreamMessageRequest(conversation_id=conversation_id, content="hi", request_id=request_id),
+        metadata=API_KEY_METADATA,
     )
     messages = aiter(call)
     first = await next_event(messages)
@@ -359,7 +398,9 @@ async def test_grpcurl_streams_the_messages_through_the_gateway(
 ) -> None:
     request = json.dumps({"conversation_id": conversation_id, "content": "hi"})
 
-    result = await grpcurl("-plaintext", "-d", request, gateway.grpc_target, STREAM_MESSAGE)
+    result = await grpcurl(
+        "-plaintext", "-H", f"x-api-key: {TEST_API_KEY}", "-d", request, gateway.grpc_target, STREAM_MESSAGE
+    )
 
     assert result.returncode == 0, result.stderr
     assert parse_grpcurl_messages(result.stdout) == scripted_reply(conversation_id, "hi")

@@ -14,6 +14,7 @@ import os
 import secrets
 import signal
 import sqlite3
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from tests.support.gateway import (
     run_to_completion,
 )
 from tests.support.parley_process import PARLEY, REPO_ROOT, ParleyProcess, children_of, pid_alive
+from tests.support.rate_limits import generous_rate_limits
 from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.envoy
@@ -49,6 +51,7 @@ EXIT_SLACK_S = 3.0
 LIST_PLANS = "parley.billing.v1.BillingService/ListPlans"
 BILLING_SERVICE = "parley.billing.v1.BillingService"
 SEEDED_PLANS = ["free", "pro", "team"]
+PASSWORD = "violet-harbour-lantern-42"
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -170,6 +173,9 @@ async def running_microservices(
             "PARLEY_EDGE_PORT": str(free_port()),
             "PARLEY_DATA_DIR": str(directory / "gateway-data"),
             "PARLEY_SHUTDOWN_GRACE_S": str(SHUTDOWN_GRACE_S),
+            # The edge checks API keys and sessions with auth; health polling must not meet a limit.
+            "PARLEY_AUTH_TARGET": f"127.0.0.1:{grpc_ports['auth']}",
+            "PARLEY_RATE_LIMITS_FILE": str(generous_rate_limits()),
         },
         log_path=directory / "gateway.log",
     )
@@ -232,6 +238,18 @@ def envoy_health_check_interval_s() -> float:
     settings = load_gateway_settings()
     assert settings.health_check_unhealthy_threshold >= 2, "the early-call check below assumes this"
     return settings.health_check_interval_ms / 1000
+
+
+async def signed_in(client: httpx.AsyncClient) -> dict[str, str]:
+    """A new account's bearer header, from registering and signing in through the gateway."""
+    email = f"mesh-{uuid.uuid4().hex[:10]}@example.com"
+    registered = await client.post(
+        "/v1/auth/register", json={"email": email, "password": PASSWORD, "display_name": "Mesh"}
+    )
+    assert registered.status_code == 200, registered.text
+    login = await client.post("/v1/auth/login", json={"email": email, "password": PASSWORD})
+    assert login.status_code == 200, login.text
+    return {"authorization": f"Bearer {login.json()['tokens']['access_token']}"}
 
 
 def plan_ids(response: httpx.Response) -> list[str]:
@@ -344,6 +362,38 @@ async def test_microservices_serve_json_and_grpc_through_the_gateway(
                 call = await grpcurl("-plaintext", "-d", "{}", target, LIST_PLANS)
                 assert call.returncode == 0, call.stderr
                 assert [plan["id"] for plan in json.loads(call.stdout)["plans"]] == SEEDED_PLANS
+        except AssertionError as failure:
+            raise AssertionError(f"{failure}\n{mesh.output_tails()}") from None
+
+
+async def test_the_gateway_authenticates_callers_with_the_auth_service(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    await migrate(postgres_url)
+    async with running_microservices(tmp_path, postgres_url) as mesh:
+        try:
+            await mesh.gateway.wait_for_http_status(f"{mesh.gateway_url}/healthz", 200, timeout_s=WAIT_S)
+            async with httpx.AsyncClient(base_url=mesh.gateway_url, timeout=10.0) as client:
+                anonymous = await client.get("/v1/users/me")
+                assert_parley_error(anonymous, status=401, grpc_code=16, reasons={"UNAUTHENTICATED"})
+
+                bearer = await signed_in(client)
+                me = await client.get("/v1/users/me", headers=bearer)
+                assert me.status_code == 200, me.text
+                user_id = me.json()["user"]["id"]
+
+                # An API key is checked by the edge, which asks the auth process.
+                key = await client.post("/v1/users/me/api-keys", json={"name": "mesh"}, headers=bearer)
+                assert key.status_code == 200, key.text
+                as_key = await client.get("/v1/users/me", headers={"x-api-key": key.json()["secret"]})
+                assert as_key.status_code == 200, as_key.text
+                assert as_key.json()["user"]["id"] == user_id
+                unknown_key = await client.get("/v1/users/me", headers={"x-api-key": "pk_" + "x" * 40})
+                assert_parley_error(unknown_key, status=401, grpc_code=16, reasons={"API_KEY_INVALID"})
+
+                # Admin routes need the role, whichever credential is used.
+                not_admin = await client.get("/v1/admin/users", headers=bearer)
+                assert_parley_error(not_admin, status=403, grpc_code=7, reasons={"PERMISSION_DENIED"})
         except AssertionError as failure:
             raise AssertionError(f"{failure}\n{mesh.output_tails()}") from None
 

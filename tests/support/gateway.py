@@ -211,6 +211,7 @@ class FixedApiKeyAuth(auth_pb2_grpc.AuthInternalServiceServicer):
         self, request: auth_pb2.CheckSessionRequest, context: grpc.aio.ServicerContext
     ) -> auth_pb2.CheckSessionResponse:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, "No sessions here.")
+        raise AssertionError("abort raises")
 
 
 @dataclass

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import stat
 import subprocess
+from collections import Counter
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,17 +18,42 @@ import yaml
 from gateway.envoy_process import envoy_binary_path
 from gateway.render import (
     GatewayConfigError,
+    PublicMethod,
+    PublicService,
+    RoleRequirement,
+    TlsListener,
     Topology,
+    Upstream,
     embedded_topology,
     k8s_topology,
     load_gateway_settings,
     local_topology,
+    public_services,
+    read_descriptor_set,
     render_envoy_config,
     write_envoy_config,
 )
+from services.common.ratelimit import load_rate_limit_config
 from tests.support.gateway import DESCRIPTOR_SET_PATH, internal_service_names, public_service_names
+from tests.support.tls import self_signed_certificate
 
 SECRET = "unit-test-secret"
+HTTP_LISTENER = "parley_http"
+HTTPS_LISTENER = "parley_https"
+EXT_AUTHZ = "envoy.filters.http.ext_authz"
+RBAC = "envoy.filters.http.rbac"
+TRANSCODER = "envoy.filters.http.grpc_json_transcoder"
+EXT_AUTHZ_OFF = {
+    "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
+    "disabled": True,
+}
+FILTER_OFF = {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}
+EDGE_SERVICES = (
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+    "grpc.health.v1.Health",
+)
+ALLOWED_ORIGINS = ("https://app.parley.example", "http://localhost:5173")
 
 
 def all_topologies() -> list[Topology]:
@@ -46,9 +75,12 @@ def rendered(topology: Topology) -> dict[str, Any]:
     return config
 
 
-def connection_manager(config: dict[str, Any]) -> dict[str, Any]:
-    (listener,) = config["static_resources"]["listeners"]
-    (chain,) = listener["filter_chains"]
+def listeners(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {listener["name"]: listener for listener in config["static_resources"]["listeners"]}
+
+
+def connection_manager(config: dict[str, Any], listener: str = HTTP_LISTENER) -> dict[str, Any]:
+    (chain,) = listeners(config)[listener]["filter_chains"]
     (hcm,) = chain["filters"]
     typed: dict[str, Any] = hcm["typed_config"]
     return typed
@@ -60,18 +92,37 @@ def http_filter(config: dict[str, Any], name: str) -> dict[str, Any]:
     return typed
 
 
-def routes(config: dict[str, Any]) -> list[dict[str, Any]]:
-    (virtual_host,) = connection_manager(config)["route_config"]["virtual_hosts"]
-    found: list[dict[str, Any]] = virtual_host["routes"]
+def virtual_host(config: dict[str, Any]) -> dict[str, Any]:
+    (host,) = connection_manager(config)["route_config"]["virtual_hosts"]
+    found: dict[str, Any] = host
     return found
 
 
-def route_paths(config: dict[str, Any]) -> dict[str, str]:
-    """Route match (prefix or exact path) -> cluster."""
-    return {
-        route["match"].get("prefix") or route["match"]["path"]: route["route"]["cluster"]
-        for route in routes(config)
-    }
+def routes(config: dict[str, Any]) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = virtual_host(config)["routes"]
+    return found
+
+
+def routes_by_name(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    all_routes = routes(config)
+    names = [route["name"] for route in all_routes]
+    assert [name for name, count in Counter(names).items() if count > 1] == []
+    return {route["name"]: route for route in all_routes}
+
+
+def public_methods() -> list[tuple[PublicService, PublicMethod]]:
+    """Every method of every public service in the descriptor set, as (service, method)."""
+    services = public_services(read_descriptor_set(DESCRIPTOR_SET_PATH.read_bytes()))
+    return [(service, method) for service in services for method in service.methods]
+
+
+def method_key(service: PublicService, method: PublicMethod) -> str:
+    return f"{service.full_name}/{method.name}"
+
+
+def per_filter(route: dict[str, Any]) -> dict[str, Any]:
+    found: dict[str, Any] = route.get("typed_per_filter_config", {})
+    return found
 
 
 def clusters(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -85,14 +136,51 @@ def endpoint(cluster: dict[str, Any]) -> tuple[str, int]:
     return address["address"], address["port_value"]
 
 
+def added_response_headers(config: dict[str, Any], listener: str) -> dict[str, str]:
+    """The headers the first filter of `listener` adds to every response."""
+    (first, *_) = connection_manager(config, listener)["http_filters"]
+    assert first["name"] == "parley.response_headers"
+    mutations = first["typed_config"]["mutations"]["response_mutations"]
+    return {
+        mutation["append"]["header"]["key"]: mutation["append"]["header"]["value"]
+        for mutation in mutations
+        if "append" in mutation
+    }
+
+
+def principal_matcher(principal: dict[str, Any]) -> dict[str, Any]:
+    """The metadata matcher of an RBAC principal, in either of Envoy's spellings."""
+    matcher: dict[str, Any] = (
+        principal["sourced_metadata"]["metadata_matcher"]
+        if "sourced_metadata" in principal
+        else principal["metadata"]
+    )
+    return matcher
+
+
+def lua_table(source: str, name: str) -> dict[str, list[str]]:
+    """`local NAME = { ["key"] = "v" | {"v", ...}, ... }` from the rendered Lua, as key -> values."""
+    block = re.search(rf"^local {name} = \{{\n(.*?)^\}}", source, re.MULTILINE | re.DOTALL)
+    assert block is not None, f"no table {name} in the Lua source"
+    entries = re.findall(r'^\s*\["([^"]+)"\] = (.*),$', block.group(1), re.MULTILINE)
+    return {key: re.findall(r'"([^"]+)"', value) for key, value in entries}
+
+
+def with_tls(topology: Topology, directory: Path, port: int = 8443) -> Topology:
+    cert_path, key_path = self_signed_certificate(directory)
+    return dataclasses.replace(topology, tls=TlsListener(port, cert_path, key_path))
+
+
 def test_the_descriptor_set_has_public_and_internal_services() -> None:
     # Guards the tests below against passing vacuously on an empty or partial descriptor set.
     assert len(public_service_names()) >= 4
     assert internal_service_names()
+    assert [service for service, _ in public_methods() if service.full_name.endswith("AdminService")]
+    assert [method for _, method in public_methods() if method.streaming]
 
 
 def test_transcoder_serves_exactly_the_public_services(topology: Topology) -> None:
-    transcoder = http_filter(rendered(topology), "envoy.filters.http.grpc_json_transcoder")
+    transcoder = http_filter(rendered(topology), TRANSCODER)
 
     assert transcoder["services"] == public_service_names()
     assert not [name for name in transcoder["services"] if name.endswith("InternalService")]
@@ -108,43 +196,306 @@ def test_transcoder_serves_exactly_the_public_services(topology: Topology) -> No
     assert transcoder["max_request_body_size"] == topology.max_request_bytes
 
 
-def test_every_public_service_routes_to_its_area_and_no_internal_service_routes(topology: Topology) -> None:
-    paths = route_paths(rendered(topology))
+def test_every_public_method_has_exactly_one_route_to_its_area(topology: Topology) -> None:
+    all_routes = routes(rendered(topology))
+    by_path: dict[str, list[dict[str, Any]]] = {}
+    for route in all_routes:
+        path = route["match"].get("path", "")
+        if path.startswith("/parley."):
+            by_path.setdefault(path, []).append(route)
 
-    for service in public_service_names():
-        area = service.split(".")[1]
-        assert paths[f"/{service}/"] == area
+    expected = {f"/{method_key(service, method)}": service.area for service, method in public_methods()}
+    assert sorted(by_path) == sorted(expected)
+    for path, area in expected.items():
+        (route,) = by_path[path]
+        assert route["name"] == path.removeprefix("/")
+        assert route["match"] == {"path": path}
+        assert route["route"]["cluster"] == area
+
+
+def test_internal_services_have_no_route_and_nothing_catches_all(topology: Topology) -> None:
+    all_routes = routes(rendered(topology))
+
     for service in internal_service_names():
-        assert not [path for path in paths if service in path]
-    assert not [path for path in paths if "InternalService" in path]
-    # Nothing but gRPC paths: no catch-all that could reach an internal method.
-    assert all(path.startswith(("/parley.", "/grpc.")) for path in paths)
+        assert not [route for route in all_routes if service in yaml.safe_dump(route)]
+    assert not [route for route in all_routes if "InternalService" in yaml.safe_dump(route)]
+    prefix_routes = {route["name"]: route["match"] for route in all_routes if "prefix" in route["match"]}
+    # The one prefix route that could match any path only takes OPTIONS (browser preflights) and is
+    # answered by the edge; the others are the edge's own gRPC services.
+    assert prefix_routes == {
+        "cors_preflight": {
+            "prefix": "/",
+            "headers": [{"name": ":method", "string_match": {"exact": "OPTIONS"}}],
+        },
+        **{service: {"prefix": f"/{service}/", "grpc": {}} for service in EDGE_SERVICES},
+    }
+    assert all_routes[0]["name"] == "cors_preflight"
+    assert all_routes[0]["route"]["cluster"] == "edge"
 
 
-def test_reflection_and_health_route_to_the_edge_server(topology: Topology) -> None:
-    paths = route_paths(rendered(topology))
+def test_reflection_and_health_route_to_the_edge_server_for_any_client(topology: Topology) -> None:
+    by_name = routes_by_name(rendered(topology))
 
-    assert paths["/grpc.reflection.v1.ServerReflection/"] == "edge"
-    assert paths["/grpc.reflection.v1alpha.ServerReflection/"] == "edge"
-    assert paths["/grpc.health.v1.Health/"] == "edge"
+    for service in EDGE_SERVICES:
+        route = by_name[service]
+        assert route["route"]["cluster"] == "edge"
+        assert per_filter(route) == {EXT_AUTHZ: EXT_AUTHZ_OFF}
+
+
+def test_docs_and_liveness_are_answered_by_envoy_without_credentials(topology: Topology) -> None:
+    by_name = routes_by_name(rendered(topology))
+    settings = topology.settings
+
+    assert by_name["docs_page"]["match"] == {"path": settings.docs_page_path}
+    assert by_name["openapi"]["match"] == {"path": settings.openapi_path}
+    assert by_name["livez"]["match"] == {"path": "/livez"}
+    assert by_name["livez"]["direct_response"]["body"]["inline_string"] == '{"status":"ALIVE"}'
+    openapi_file = Path(by_name["openapi"]["direct_response"]["body"]["filename"])
+    assert openapi_file == DESCRIPTOR_SET_PATH.resolve().parent / "openapi.json"
+    assert "Parley API" in by_name["docs_page"]["direct_response"]["body"]["inline_string"]
+    for name in ("docs_page", "openapi", "livez", "cors_preflight"):
+        # No credential, and no transcoder that would refuse a path no RPC has.
+        assert per_filter(by_name[name]) == {EXT_AUTHZ: EXT_AUTHZ_OFF, TRANSCODER: FILTER_OFF}
 
 
 def test_streaming_methods_get_the_stream_timeout(topology: Topology) -> None:
-    config = rendered(topology)
+    by_name = routes_by_name(rendered(topology))
     settings = topology.settings
 
-    streaming = [route for route in routes(config) if "path" in route["match"]]
-    assert "/parley.chat.v1.ChatService/StreamMessage" in [route["match"]["path"] for route in streaming]
-    for route in streaming:
-        assert route["route"]["timeout"] == f"{settings.stream_timeout_s}s"
-    unary = [route for route in routes(config) if route["match"].get("prefix", "").startswith("/parley.")]
-    assert {route["route"]["timeout"] for route in unary} == {f"{settings.unary_timeout_s}s"}
+    streaming = [method_key(s, m) for s, m in public_methods() if m.streaming]
+    assert "parley.chat.v1.ChatService/StreamMessage" in streaming
+    assert "parley.chat.v2.ChatService/StreamMessage" in streaming
+    for service, method in public_methods():
+        route = by_name[method_key(service, method)]["route"]
+        if method.streaming:
+            assert route["timeout"] == f"{settings.stream_timeout_s}s"
+            assert route["idle_timeout"] == f"{settings.stream_idle_timeout_s}s"
+        else:
+            assert route["timeout"] == f"{settings.unary_timeout_s}s"
+            assert "idle_timeout" not in route
+
+
+def test_reads_retry_on_transport_failures_and_writes_only_when_never_sent(topology: Topology) -> None:
+    by_name = routes_by_name(rendered(topology))
+    settings = topology.settings
+
+    # A write retried after it may have reached the service could run twice.
+    assert not {"reset", "unavailable", "5xx", "gateway-error"} & set(settings.write_retry_on.split(","))
+    verbs = {method.http_verb for _, method in public_methods()}
+    assert {"get", "post"} <= verbs
+    for service, method in public_methods():
+        retry = by_name[method_key(service, method)]["route"]["retry_policy"]
+        expected = settings.retry_on if method.http_verb == "get" else settings.write_retry_on
+        assert retry == {"retry_on": expected, "num_retries": settings.num_retries}
+
+
+def test_open_methods_skip_ext_authz_and_every_other_method_needs_a_credential(topology: Topology) -> None:
+    by_name = routes_by_name(rendered(topology))
+    open_methods = topology.settings.open_methods
+    keys = {method_key(service, method) for service, method in public_methods()}
+
+    # A misspelt entry in gateway.yaml would silently leave its method closed.
+    assert open_methods <= keys
+    assert "parley.auth.v1.AuthService/Login" in open_methods
+    assert "parley.auth.v1.AuthService/GetCurrentUser" not in open_methods
+    for key in keys:
+        if key in open_methods:
+            assert per_filter(by_name[key]) == {EXT_AUTHZ: EXT_AUTHZ_OFF}
+        else:
+            assert EXT_AUTHZ not in per_filter(by_name[key])
+
+
+def test_admin_methods_need_the_admin_role(topology: Topology) -> None:
+    by_name = routes_by_name(rendered(topology))
+    assert topology.settings.role_requirements == (RoleRequirement("AdminService", "admin"),)
+
+    admin_keys = [method_key(s, m) for s, m in public_methods() if s.full_name.endswith("AdminService")]
+    assert "parley.auth.v1.AuthAdminService/SetUserRoles" in admin_keys
+    assert "parley.billing.v1.BillingAdminService/CreatePlan" in admin_keys
+    for service, method in public_methods():
+        key = method_key(service, method)
+        filters = per_filter(by_name[key])
+        if key not in admin_keys:
+            assert RBAC not in filters
+            continue
+        assert EXT_AUTHZ not in filters  # an admin must be signed in
+        rules = filters[RBAC]["rbac"]["rules"]
+        assert rules["action"] == "ALLOW"
+        (policy,) = rules["policies"].values()
+        assert policy["permissions"] == [{"any": True}]
+        matchers = [principal_matcher(principal) for principal in policy["principals"]]
+        # The role comes from a verified JWT's payload or from ext_authz's answer, nowhere else.
+        assert sorted(matcher["filter"] for matcher in matchers) == [
+            "envoy.filters.http.ext_authz",
+            "envoy.filters.http.jwt_authn",
+        ]
+        for matcher in matchers:
+            assert matcher["path"][-1] == {"key": "roles"}
+            assert matcher["value"] == {"list_match": {"one_of": {"string_match": {"exact": "admin"}}}}
+        # The 403's ErrorInfo names the role, read back from this request header.
+        assert filters["parley.route_request_headers"]["mutations"]["request_mutations"] == [
+            {
+                "append": {
+                    "header": {"key": "x-parley-required-role", "value": "admin"},
+                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                }
+            }
+        ]
+
+
+def test_every_method_route_carries_its_rate_limits(topology: Topology) -> None:
+    by_name = routes_by_name(rendered(topology))
+    limits = load_rate_limit_config(topology.rate_limits_path)
+    stage = {"allow": 0, "deny": 1}
+
+    keys = [method_key(service, method) for service, method in public_methods()]
+    assert set(limits.routes.exempt) <= set(keys)
+    assert set(limits.routes.methods) <= set(keys)
+    for key in keys:
+        rendered_limits = by_name[key]["route"]["rate_limits"]
+        if key in limits.routes.exempt:
+            assert rendered_limits == []
+            continue
+        governing = [
+            limits.routes.default,
+            *([limits.routes.methods[key]] if key in limits.routes.methods else []),
+        ]
+        expected = sorted(
+            (stage[route_limits.on_failure], descriptor.limit)
+            for route_limits in governing
+            for descriptor in route_limits.descriptors
+        )
+        found = sorted(
+            (entry["stage"], entry["actions"][0]["generic_key"]["descriptor_value"])
+            for entry in rendered_limits
+        )
+        assert found == expected, key
+        for entry in rendered_limits:
+            assert entry["actions"][0]["generic_key"]["descriptor_key"] == "limit"
+
+    # Login fails closed (stage 1) on its own per-address limit, on top of the default ones.
+    login = by_name["parley.auth.v1.AuthService/Login"]["route"]["rate_limits"]
+    assert {
+        "stage": 1,
+        "actions": [
+            {"generic_key": {"descriptor_key": "limit", "descriptor_value": "login"}},
+            {"remote_address": {}},
+        ],
+    } in login
+    # The anonymous budget applies only to requests without an identity.
+    (anonymous,) = [e for e in login if e["actions"][0]["generic_key"]["descriptor_value"] == "anonymous"]
+    assert anonymous["actions"][1] == {
+        "header_value_match": {
+            "descriptor_key": "caller",
+            "descriptor_value": "anonymous",
+            "expect_match": False,
+            "headers": [{"name": "x-parley-user-id", "present_match": True}],
+        }
+    }
+
+
+def test_rate_limit_filters_fail_open_or_closed_by_stage(topology: Topology) -> None:
+    config = rendered(topology)
+    domain = load_rate_limit_config(topology.rate_limits_path).domain
+
+    fail_open = http_filter(config, "parley.rate_limit_fail_open")
+    fail_closed = http_filter(config, "parley.rate_limit_fail_closed")
+    assert (fail_open["stage"], fail_open["failure_mode_deny"]) == (0, False)
+    assert (fail_closed["stage"], fail_closed["failure_mode_deny"]) == (1, True)
+    for limiter in (fail_open, fail_closed):
+        assert limiter["domain"] == domain
+        assert limiter["rate_limit_service"]["grpc_service"]["envoy_grpc"] == {"cluster_name": "edge"}
+        assert limiter["rate_limited_as_resource_exhausted"] is True
+        assert limiter["timeout"] == f"{topology.settings.rate_limit_timeout_ms / 1000:g}s"
+
+
+def test_the_filter_chain_authenticates_after_transcoding_and_limits_after_authenticating(
+    topology: Topology,
+) -> None:
+    names = [f["name"] for f in connection_manager(rendered(topology))["http_filters"]]
+
+    assert names[0] == "parley.response_headers"  # sees every reply, errors included
+    assert names[-1] == "envoy.filters.http.router"
+    order = [
+        "envoy.filters.http.cors",
+        TRANSCODER,
+        "envoy.filters.http.jwt_authn",
+        EXT_AUTHZ,
+        RBAC,
+        "parley.rate_limit_fail_open",
+        "parley.rate_limit_fail_closed",
+    ]
+    assert [names.index(name) for name in order] == sorted(names.index(name) for name in order)
+    ext_authz = http_filter(rendered(topology), EXT_AUTHZ)["extension_config"]["typed_config"]
+    # Authentication fails closed.
+    assert ext_authz["failure_mode_allow"] is False
+    assert ext_authz["grpc_service"]["envoy_grpc"] == {"cluster_name": "edge"}
+
+
+def test_deprecated_versions_announce_their_sunset_and_successor(topology: Topology) -> None:
+    by_name = routes_by_name(rendered(topology))
+    (deprecation,) = [d for d in topology.settings.deprecations if d.package == "parley.chat.v1"]
+    assert deprecation.successor == "parley.chat.v2"
+
+    deprecated_routes = 0
+    for service, method in public_methods():
+        route = by_name[method_key(service, method)]
+        headers = {
+            entry["header"]["key"]: entry["header"]["value"] for entry in route["response_headers_to_add"]
+        }
+        assert headers["Parley-API-Version"] == service.version
+        if service.package != "parley.chat.v1":
+            assert set(headers) == {"Parley-API-Version"}
+            continue
+        deprecated_routes += 1
+        # RFC 9745 Deprecation: "@" + epoch seconds; RFC 8594 Sunset: an IMF-fixdate.
+        assert re.fullmatch(r"@\d+", headers["Deprecation"])
+        assert datetime.fromtimestamp(int(headers["Deprecation"][1:]), UTC) == deprecation.deprecated_at
+        assert headers["Sunset"].endswith(" GMT")
+        assert parsedate_to_datetime(headers["Sunset"]) == deprecation.sunset
+        assert re.fullmatch(r'</v2/[^>]+>; rel="successor-version"', headers["Link"])
+    assert deprecated_routes >= 5
+    conversations = by_name["parley.chat.v1.ChatService/ListConversations"]["response_headers_to_add"]
+    assert {
+        "header": {"key": "Link", "value": '</v2/conversations>; rel="successor-version"'},
+        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+    } in conversations
+
+
+def test_unversioned_paths_negotiate_from_a_table_of_versions(topology: Topology) -> None:
+    edge = http_filter(rendered(topology), "parley.api_edge")
+    source: str = edge["default_source_code"]["inline_string"]
+    settings = topology.settings
+
+    assert f"local UNVERSIONED_PREFIX = {settings.unversioned_prefix!r}".replace("'", '"') in source
+    assert 'local VERSION_HEADER = "parley-api-version"' in source
+    offered = lua_table(source, "OFFERED")
+    newest_stable = lua_table(source, "NEWEST_STABLE")
+    assert offered["conversations"] == ["v1", "v2"]
+    assert newest_stable["conversations"] == ["v2"]
+    assert offered["models"] == ["v1", "v2"]
+    assert offered["auth"] == ["v1"]
+    assert newest_stable["auth"] == ["v1"]
+    # Every /vN/<segment>/... binding of a public method is in the table, under its version.
+    unversioned = []
+    for service, method in public_methods():
+        for path in method.http_paths:
+            version, segment = path.strip("/").split("/")[:2]
+            if version != service.version:
+                unversioned.append(path)
+                continue
+            assert version in offered[segment.split(":")[0]], path
+    # Fixed by RFC 8615 (well-known URIs), so outside the versioned API.
+    assert unversioned == ["/.well-known/jwks.json"]
+    assert set(newest_stable) == set(offered)
+    for segment, (newest,) in newest_stable.items():
+        assert newest == max(v for v in offered[segment] if v in settings.stable_versions)
 
 
 def test_upstream_clusters_speak_http2_and_health_check_their_service(topology: Topology) -> None:
     by_name = clusters(rendered(topology))
 
-    assert set(by_name) == {"auth", "chat", "billing", "analytics", "edge"}
+    assert set(by_name) == {"auth", "chat", "billing", "analytics", "edge", "gateway_self"}
     for area in ("auth", "chat", "billing", "analytics"):
         cluster = by_name[area]
         protocol = cluster["typed_extension_protocol_options"][
@@ -163,6 +514,35 @@ def test_upstream_clusters_speak_http2_and_health_check_their_service(topology: 
         "http2_protocol_options"
         in edge_protocol["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["explicit_http_config"]
     )
+
+
+def test_jwks_is_fetched_through_the_gateways_own_open_route(topology: Topology) -> None:
+    config = rendered(topology)
+    jwks = http_filter(config, "envoy.filters.http.jwt_authn")["providers"]["parley"]["remote_jwks"]
+
+    assert jwks["http_uri"]["uri"] == f"http://127.0.0.1:{topology.http_port}/.well-known/jwks.json"
+    assert jwks["http_uri"]["cluster"] == "gateway_self"
+    assert endpoint(clusters(config)["gateway_self"]) == ("127.0.0.1", topology.http_port)
+    get_jwks = routes_by_name(config)["parley.auth.v1.AuthService/GetJwks"]
+    assert per_filter(get_jwks) == {EXT_AUTHZ: EXT_AUTHZ_OFF}
+    assert get_jwks["route"]["rate_limits"] == []
+
+
+def test_spans_go_to_the_otlp_upstream_or_else_to_the_edge(topology: Topology) -> None:
+    def trace_cluster(config: dict[str, Any]) -> str:
+        provider = connection_manager(config)["tracing"]["provider"]
+        assert provider["name"] == "envoy.tracers.opentelemetry"
+        name: str = provider["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"]
+        return name
+
+    assert trace_cluster(rendered(topology)) == "edge"
+    with_collector = rendered(dataclasses.replace(topology, otlp=Upstream("otlp", "collector.local", 4317)))
+    assert trace_cluster(with_collector) == "otlp"
+    otlp = clusters(with_collector)["otlp"]
+    assert endpoint(otlp) == ("collector.local", 4317)
+    assert otlp["type"] == "STRICT_DNS"
+    by_address = clusters(rendered(dataclasses.replace(topology, otlp=Upstream("otlp", "10.0.0.7", 4317))))
+    assert by_address["otlp"]["type"] == "STATIC"
 
 
 def test_client_identity_headers_are_stripped_and_the_gateway_secret_added(topology: Topology) -> None:
@@ -218,13 +598,17 @@ def test_local_replies_map_every_gateway_error_to_the_parley_shape(topology: Top
         "MALFORMED_REQUEST": 3,
         "REQUEST_TOO_LARGE": 8,
         "UNSUPPORTED_MEDIA_TYPE": 3,
+        "UNSUPPORTED_API_VERSION": 3,
         "UNAUTHENTICATED": 16,
         "PERMISSION_DENIED": 7,
         "RATE_LIMITED": 8,
+        "RATE_LIMITER_UNAVAILABLE": 14,
+        "SERVICE_UNAVAILABLE": 14,
         "UPSTREAM_TIMEOUT": 4,
         "REQUEST_REJECTED": 3,
         "GATEWAY_ERROR": 13,
     }
+    infos = {}
     for body in json_bodies:
         if body is not None and "details" in body:
             error_info, request_info = body["details"]
@@ -233,6 +617,95 @@ def test_local_replies_map_every_gateway_error_to_the_parley_shape(topology: Top
                 "@type": "type.googleapis.com/google.rpc.RequestInfo",
                 "request_id": "%REQ(X-REQUEST-ID)%",
             }
+            infos[error_info["reason"]] = error_info
+    assert infos["PERMISSION_DENIED"]["metadata"] == {"role": "%REQ(X-PARLEY-REQUIRED-ROLE)%"}
+    assert infos["REQUEST_TOO_LARGE"]["metadata"] == {"max_request_bytes": str(topology.max_request_bytes)}
+
+
+def test_refusals_that_carry_their_own_details_pass_through(topology: Topology) -> None:
+    mappers = connection_manager(rendered(topology))["local_reply_config"]["mappers"]
+
+    def flags(mapper: dict[str, Any]) -> set[str]:
+        return set(re.findall(r"flags: \[(\w+)\]", yaml.safe_dump(mapper["filter"], default_flow_style=True)))
+
+    # ext_authz (UAEX) writes the auth service's status for 401/403; for JSON clients it stays JSON.
+    (authz_json,) = [
+        m for m in mappers if flags(m) == {"UAEX"} and "content_type" in m["body_format_override"]
+    ]
+    assert authz_json["body_format_override"] == {
+        "text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
+        "content_type": "application/json",
+    }
+    # The rate-limit service (RL) writes the details; the gateway closes the JSON around the request id.
+    (limited_json,) = [
+        m for m in mappers if flags(m) == {"RL"} and "content_type" in m["body_format_override"]
+    ]
+    body = limited_json["body_format_override"]["text_format_source"]["inline_string"]
+    assert body.startswith('{"code":8,%LOCAL_REPLY_BODY%,')
+    assert '"request_id":"%REQ(X-REQUEST-ID)%"' in body
+
+
+def test_tls_listener_is_rendered_only_with_tls_and_carries_hsts(tmp_path: Path) -> None:
+    plain = embedded_topology(50051, 50052, 8080, 9901, SECRET, descriptor_set_path=DESCRIPTOR_SET_PATH)
+    settings = plain.settings
+
+    plain_config = rendered(plain)
+    assert set(listeners(plain_config)) == {HTTP_LISTENER}
+    (plain_chain,) = listeners(plain_config)[HTTP_LISTENER]["filter_chains"]
+    assert "transport_socket" not in plain_chain
+    assert "Strict-Transport-Security" not in added_response_headers(plain_config, HTTP_LISTENER)
+    assert added_response_headers(plain_config, HTTP_LISTENER)["X-Content-Type-Options"] == "nosniff"
+
+    secure = with_tls(plain, tmp_path, port=8443)
+    assert secure.tls is not None
+    config = rendered(secure)
+    assert set(listeners(config)) == {HTTP_LISTENER, HTTPS_LISTENER}
+    https = listeners(config)[HTTPS_LISTENER]
+    assert https["address"]["socket_address"]["port_value"] == 8443
+    (chain,) = https["filter_chains"]
+    tls_context = chain["transport_socket"]["typed_config"]["common_tls_context"]
+    assert tls_context["alpn_protocols"] == ["h2", "http/1.1"]
+    assert tls_context["tls_params"] == {"tls_minimum_protocol_version": "TLSv1_2"}
+    assert tls_context["tls_certificates"] == [
+        {
+            "certificate_chain": {"filename": str(secure.tls.cert_path.resolve())},
+            "private_key": {"filename": str(secure.tls.key_path.resolve())},
+        }
+    ]
+    https_headers = added_response_headers(config, HTTPS_LISTENER)
+    assert https_headers["Strict-Transport-Security"] == settings.strict_transport_security
+    assert "max-age=" in settings.strict_transport_security
+    assert "Strict-Transport-Security" not in added_response_headers(config, HTTP_LISTENER)
+    # Both listeners serve the same API.
+    assert (
+        connection_manager(config, HTTPS_LISTENER)["route_config"]
+        == connection_manager(config, HTTP_LISTENER)["route_config"]
+    )
+
+    with pytest.raises(GatewayConfigError, match="TLS file"):
+        dataclasses.replace(plain, tls=TlsListener(8443, tmp_path / "missing.pem", secure.tls.key_path))
+
+
+def test_cors_policy_lists_the_allowed_origins_and_refuses_a_wildcard(topology: Topology) -> None:
+    closed = virtual_host(rendered(topology))["typed_per_filter_config"]["envoy.filters.http.cors"]
+    assert closed["allow_origin_string_match"] == []
+
+    policy = virtual_host(rendered(dataclasses.replace(topology, cors_allowed_origins=ALLOWED_ORIGINS)))[
+        "typed_per_filter_config"
+    ]["envoy.filters.http.cors"]
+    assert policy["allow_origin_string_match"] == [{"exact": origin} for origin in ALLOWED_ORIGINS]
+    assert policy["allow_credentials"] is True
+    # An off-list preflight gets no CORS headers and goes no further.
+    assert policy["forward_not_matching_preflights"] is False
+    assert "x-api-key" in policy["allow_headers"]
+    assert "x-request-id" in policy["expose_headers"]
+
+    with pytest.raises(GatewayConfigError, match=r"'\*' is refused"):
+        dataclasses.replace(topology, cors_allowed_origins=("*",))
+    with pytest.raises(GatewayConfigError, match=r"'\*' is refused"):
+        dataclasses.replace(topology, cors_allowed_origins=(ALLOWED_ORIGINS[0], "*"))
+    with pytest.raises(GatewayConfigError, match="must be http"):
+        dataclasses.replace(topology, cors_allowed_origins=("app.parley.example",))
 
 
 def test_embedded_topology_points_every_area_at_the_one_grpc_port() -> None:
@@ -266,7 +739,7 @@ def test_k8s_topology_resolves_service_names_with_strict_dns() -> None:
         assert "type" not in by_name[area]
         assert by_name[area]["cluster_type"]["name"] == "envoy.clusters.dns"
         assert by_name[area]["cluster_type"]["typed_config"]["all_addresses_in_single_endpoint"] is False
-    listener_address = config["static_resources"]["listeners"][0]["address"]["socket_address"]
+    listener_address = listeners(config)[HTTP_LISTENER]["address"]["socket_address"]
     assert listener_address["address"] == "0.0.0.0"
 
 
@@ -301,15 +774,21 @@ def test_topologies_reject_bad_input() -> None:
 def test_settings_file_loads() -> None:
     settings = load_gateway_settings()
 
-    assert settings.grpc_only_response_headers == ("grpc-status", "grpc-message", "grpc-accept-encoding")
+    assert settings.grpc_only_response_headers == (
+        "grpc-status",
+        "grpc-message",
+        "grpc-accept-encoding",
+        "grpc-status-details-bin",
+    )
     assert settings.identity_header_prefix == "x-parley-"
+    assert settings.gateway_secret_header.startswith(settings.identity_header_prefix)
+    assert "parley.billing.v1.BillingService/HandleWebhook" in settings.open_methods
+    assert settings.stable_versions == ("v1", "v2")
+    assert settings.unversioned_prefix == "/api/"
 
 
-@pytest.mark.envoy
-def test_envoy_validates_the_rendered_config(topology: Topology, tmp_path: Path) -> None:
-    path = write_envoy_config(topology, tmp_path / f"{topology.name}.yaml")
-
-    result = subprocess.run(
+def envoy_validate(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [str(envoy_binary_path()), "--mode", "validate", "-c", str(path), "--log-level", "warn"],
         capture_output=True,
         text=True,
@@ -317,7 +796,36 @@ def test_envoy_validates_the_rendered_config(topology: Topology, tmp_path: Path)
         check=False,
     )
 
+
+def assert_envoy_accepts(result: subprocess.CompletedProcess[str]) -> None:
     assert result.returncode == 0, result.stderr[-4000:]
     assert "OK" in result.stdout
     # Deprecated fields would break on the next Envoy upgrade; the config uses none.
+    deprecated = sorted(set(re.findall(r"Using deprecated option '([^']+)'", result.stderr)))
+    assert deprecated == [], deprecated
     assert "Deprecated" not in result.stderr, result.stderr[-4000:]
+
+
+@pytest.mark.envoy
+def test_envoy_validates_the_rendered_config(topology: Topology, tmp_path: Path) -> None:
+    path = write_envoy_config(topology, tmp_path / f"{topology.name}.yaml")
+
+    assert_envoy_accepts(envoy_validate(path))
+
+
+@pytest.mark.envoy
+def test_envoy_validates_the_config_with_tls_cors_and_an_otlp_upstream(
+    topology: Topology, tmp_path: Path
+) -> None:
+    collector = "otel-collector.observability.svc.cluster.local" if topology.name == "k8s" else "127.0.0.1"
+    hardened = dataclasses.replace(
+        with_tls(topology, tmp_path),
+        cors_allowed_origins=ALLOWED_ORIGINS,
+        otlp=Upstream("otlp", collector, 4317),
+    )
+    path = write_envoy_config(hardened, tmp_path / f"{topology.name}-hardened.yaml")
+    config = yaml.safe_load(path.read_text())
+    assert set(listeners(config)) == {HTTP_LISTENER, HTTPS_LISTENER}
+    assert "otlp" in clusters(config)
+
+    assert_envoy_accepts(envoy_validate(path))

@@ -43,6 +43,8 @@ from services.common.identity import (
     JwksTokenVerifier,
     NoTokenVerifier,
     StateChangingMethods,
+    decode_roles_header,
+    encode_roles_header,
     parse_cookies,
 )
 from services.common.jwks_client import grpc_jwks_fetcher
@@ -603,7 +605,7 @@ async def test_gateway_headers_need_the_gateway_secret() -> None:
         {
             "x-parley-gateway-secret": "s3cret",
             "x-parley-user-id": "u1",
-            "x-parley-roles": "user,admin",
+            "x-parley-roles": encode_roles_header(["user", "admin"]),
             "x-parley-plan": "team",
             "x-parley-auth-method": "api_key",
             "cookie": f"{ACCESS_TOKEN_COOKIE}=garbage",
@@ -623,6 +625,21 @@ async def test_gateway_headers_need_the_gateway_secret() -> None:
     assert _reason(spoofed) == "UNTRUSTED_IDENTITY/identity_headers"
 
 
+async def test_roles_header_is_base64_json_and_anything_else_is_a_gateway_fault() -> None:
+    # jwt_authn copies the `roles` claim as base64 of its JSON; every credential uses that format.
+    assert encode_roles_header(["user", "admin"]) == base64.b64encode(b'["user","admin"]').decode()
+    assert decode_roles_header(encode_roles_header(["user", "admin"])) == frozenset({"user", "admin"})
+    assert decode_roles_header("") == frozenset()
+
+    resolver = IdentityResolver(gateway_secret="s3cret", token_verifier=NoTokenVerifier())
+    for malformed in ("user,admin", base64.b64encode(b"not json").decode()):
+        with pytest.raises(Unauthenticated) as refused:
+            await resolver.resolve(
+                {"x-parley-gateway-secret": "s3cret", "x-parley-user-id": "u1", "x-parley-roles": malformed}
+            )
+        assert _reason(refused) == "UNTRUSTED_IDENTITY/identity_headers"
+
+
 async def test_no_credentials_is_anonymous_and_bearer_without_jwks_is_refused() -> None:
     resolver = IdentityResolver(gateway_secret=None, token_verifier=NoTokenVerifier())
     assert await resolver.resolve({}) is ANONYMOUS
@@ -640,7 +657,11 @@ async def test_role_requirements() -> None:
         ANONYMOUS.require_user()
     resolver = IdentityResolver(gateway_secret="s", token_verifier=NoTokenVerifier())
     user = await resolver.resolve(
-        {"x-parley-gateway-secret": "s", "x-parley-user-id": "u", "x-parley-roles": "user"}
+        {
+            "x-parley-gateway-secret": "s",
+            "x-parley-user-id": "u",
+            "x-parley-roles": encode_roles_header(["user"]),
+        }
     )
     with pytest.raises(PermissionDenied) as error:
         user.require_role("admin")

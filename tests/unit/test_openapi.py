@@ -693,3 +693,22 @@ def test_real_document_covers_every_public_http_rule(real_doc: dict[str, Any]) -
     actual = {key: op["operationId"] for key, op in _operations(real_doc).items()}
     assert actual == expected
     assert not any("InternalService" in operation_id for operation_id in actual.values())
+
+
+def test_versions_side_by_side_keep_distinct_tags_and_v1_is_marked_deprecated(
+    real_doc: dict[str, Any],
+) -> None:
+    operations = _operations(real_doc).values()
+    tags = [tag["name"] for tag in real_doc["tags"]]
+    assert len(tags) == len(set(tags))
+    # v1 keeps its historical tag and operation ids; v2 gets a suffix, so generated clients never collide.
+    assert {"ChatService", "ChatServiceV2"} <= set(tags)
+    v1 = [op for op in operations if op["tags"] == ["ChatService"]]
+    v2 = [op for op in operations if op["tags"] == ["ChatServiceV2"]]
+    assert {op["operationId"].removeprefix("ChatService_") for op in v1} == {
+        op["operationId"].removeprefix("ChatServiceV2_") for op in v2
+    }
+    # parley.chat.v1 is deprecated in its proto (the gateway adds the Sunset); its successor is not.
+    assert all(op.get("deprecated") is True for op in v1)
+    assert not [op for op in v2 if op.get("deprecated")]
+    assert not [op for op in operations if op["tags"] != ["ChatService"] and op.get("deprecated")]
