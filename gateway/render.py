@@ -32,7 +32,7 @@ from gateway.routes import (
     edge_routes,
     method_routes,
 )
-from services.common.ratelimit import RateLimitConfigError, load_rate_limit_config
+from services.common.ratelimit import DEFAULT_RATE_LIMITS_FILE, RateLimitConfigError, load_rate_limit_config
 
 ENVOY_DIR = Path(__file__).resolve().parent.parent / "envoy"
 TEMPLATE_NAME = "envoy.yaml.j2"
@@ -59,7 +59,6 @@ LOCAL_SERVICE_PORTS: Mapping[str, int] = {"auth": 50061, "chat": 50062, "billing
 K8S_SERVICE_PORT = 50051
 
 TopologyName = Literal["embedded", "local", "k8s"]
-DEFAULT_RATE_LIMITS_FILE = ENVOY_DIR / "ratelimits.yaml"
 LUA_TEMPLATE_NAME = "api_edge.lua.j2"
 SELF_CLUSTER = "gateway_self"
 TRACE_CLUSTER = "otlp"

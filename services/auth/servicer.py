@@ -15,6 +15,7 @@ from parley.common.v1 import common_pb2
 from services.auth.accounts import AccountService, User, role_values
 from services.auth.admin import AccountAdmin
 from services.auth.api_keys import ApiKey, ApiKeyManager
+from services.auth.email_limits import FORGOT_PASSWORD_EMAIL_LIMIT, LOGIN_EMAIL_LIMIT, EmailRateLimits
 from services.auth.repository import UserQuery
 from services.auth.sessions import Session, SessionManager
 from services.auth.signing_keys import SigningKeyStore
@@ -42,6 +43,7 @@ class AuthDomain:
     api_keys: ApiKeyManager
     issuer: AccessTokenIssuer
     signing_keys: SigningKeyStore
+    email_limits: EmailRateLimits
 
 
 class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
@@ -97,6 +99,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     ) -> auth_pb2.LoginResponse:
         caller = caller_of(context)
         use_cookies = request.token_delivery == auth_pb2.TOKEN_DELIVERY_COOKIE
+        await self._domain.email_limits.spend(LOGIN_EMAIL_LIMIT, request.email)
         signed_in = await self._domain.accounts.sign_in(
             request.email,
             request.password,
@@ -202,6 +205,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     async def ForgotPassword(
         self, request: auth_pb2.ForgotPasswordRequest, context: grpc.aio.ServicerContext
     ) -> auth_pb2.ForgotPasswordResponse:
+        await self._domain.email_limits.spend(FORGOT_PASSWORD_EMAIL_LIMIT, request.email)
         await self._domain.accounts.forgot_password(request.email)
         return auth_pb2.ForgotPasswordResponse(accepted=True)
 

@@ -14,6 +14,7 @@ from parley.auth.v1 import auth_pb2, auth_pb2_grpc
 from services.auth.accounts import AccountService, AccountSettings
 from services.auth.admin import AccountAdmin
 from services.auth.api_keys import DEFAULT_CACHE_TTL_S, ApiKeyManager
+from services.auth.email_limits import EmailRateLimits
 from services.auth.passwords import Argon2Parameters, CommonPasswords, PasswordHasher, PasswordPolicy
 from services.auth.servicer import AuthAdminServicer, AuthDomain, AuthInternalServicer, AuthServicer
 from services.auth.session_repository import SqlApiKeyStores, SqlSessionStores
@@ -24,6 +25,13 @@ from services.common.cache import InMemoryReadCache, ReadCache
 from services.common.context import ServiceBundle, ServiceContext
 from services.common.db import Database
 from services.common.identity import CachedJwksVerifier
+from services.common.ratelimit import (
+    DEFAULT_RATE_LIMITS_FILE,
+    InMemoryRateLimiter,
+    RateLimiter,
+    RedisRateLimiter,
+    load_rate_limit_config,
+)
 from services.common.revocation import RevocationList
 from services.common.server import ServiceRegistration
 from services.common.settings import Settings, SettingsError
@@ -114,6 +122,10 @@ def build_bundle(
     signing_keys = signing_key_store(settings, database, embedded=context.embedded)
     parts = account_parts(settings, database, context.revocations, context.read_cache)
     api_keys = ApiKeyManager(SqlApiKeyStores(database), cache_ttl_s=api_key_cache_ttl_s)
+    # Shared by every auth replica through Redis, like the gateway's own counters.
+    email_limiter: RateLimiter = (
+        RedisRateLimiter.from_url(settings.redis_url) if settings.redis_url else InMemoryRateLimiter()
+    )
     domain = AuthDomain(
         accounts=AccountService(
             database,
@@ -135,6 +147,9 @@ def build_bundle(
             revocations=context.revocations,
         ),
         signing_keys=signing_keys,
+        email_limits=EmailRateLimits(
+            load_rate_limit_config(settings.rate_limits_file or DEFAULT_RATE_LIMITS_FILE), email_limiter
+        ),
     )
     cookie_verifier = CachedJwksVerifier(
         signing_keys.jwks,
@@ -170,4 +185,5 @@ def build_bundle(
         ],
         jwks=signing_keys.jwks,
         on_start=[prepare],
+        on_stop=[email_limiter.aclose] if isinstance(email_limiter, RedisRateLimiter) else [],
     )

@@ -36,3 +36,5 @@ class ServiceBundle:
     jwks: JwksFetcher | None = None
     # Awaited once before the server starts serving (e.g. make sure a signing key exists).
     on_start: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Awaited once after the server stopped (e.g. close connections the service opened itself).
+    on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)

@@ -530,13 +530,14 @@ class IdentityResolver:
             return Identity(
                 credential_error=_invalid("The token claims to be issued in the future.", "issued_in_future")
             )
-        if self._revocations is not None:
-            if await self._revocations.is_revoked(identity.session_id, identity.user_id, moment):
-                return Identity(
-                    credential_error=Unauthenticated(
-                        "This session has been signed out; sign in again.", reason="SESSION_REVOKED"
-                    )
+        if self._revocations is not None and await self._revocations.is_revoked(
+            identity.session_id, identity.user_id, moment
+        ):
+            return Identity(
+                credential_error=Unauthenticated(
+                    "This session has been signed out; sign in again.", reason="SESSION_REVOKED"
                 )
+            )
         return identity
 
 

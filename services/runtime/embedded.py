@@ -32,6 +32,7 @@ from services.runtime.process import (
     revocation_list_for,
     set_up_observability,
     start_services,
+    stop_services,
     until_stopped_or_exited,
 )
 from services.runtime.topologies import with_edge_settings
@@ -141,6 +142,7 @@ async def run_embedded(settings: Settings, *, stop: asyncio.Event | None = None)
         await server.stop()
         await edge_server.stop(settings.shutdown_grace_s)
         await edge.close()
+        await stop_services(bundles)
         await identity.close()
         await context.read_cache.close()
         with contextlib.suppress(asyncio.CancelledError):

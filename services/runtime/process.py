@@ -148,6 +148,12 @@ async def start_services(bundles: Sequence[ServiceBundle]) -> None:
             await step()
 
 
+async def stop_services(bundles: Sequence[ServiceBundle]) -> None:
+    for bundle in bundles:
+        for step in bundle.on_stop:
+            await step()
+
+
 def install_stop_signals(stop: asyncio.Event) -> None:
     """Ctrl-C and SIGTERM both ask for a clean shutdown instead of killing the process mid-flight."""
     loop = asyncio.get_running_loop()

@@ -27,6 +27,7 @@ from services.runtime.process import (
     revocation_list_for,
     set_up_observability,
     start_services,
+    stop_services,
     until_stopped_or_exited,
 )
 
@@ -77,6 +78,7 @@ async def serve_service(name: ServiceName, settings: Settings, *, stop: asyncio.
         await stop.wait()
     finally:
         await server.stop()
+        await stop_services(bundles)
         await identity.close()
         await context.read_cache.close()
         if metrics is not None:

@@ -131,13 +131,15 @@ async def test_grpc_callers_get_resource_exhausted_with_the_same_details(
     limits_file, names = tight_limits(
         tmp_path, anonymous={"burst": 2, "rate": {"requests": 1, "per_s": HOUR}}
     )
-    async with running_gateway(topology_for(parley, limits_file), redis_url=redis_url) as gateway:
-        async with grpc.aio.insecure_channel(gateway.grpc_target) as channel:
-            stub = billing_pb2_grpc.BillingServiceStub(channel)
-            for _ in range(2):
-                await stub.ListPlans(billing_pb2.ListPlansRequest(), timeout=10)
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await stub.ListPlans(billing_pb2.ListPlansRequest(), timeout=10)
+    async with (
+        running_gateway(topology_for(parley, limits_file), redis_url=redis_url) as gateway,
+        grpc.aio.insecure_channel(gateway.grpc_target) as channel,
+    ):
+        stub = billing_pb2_grpc.BillingServiceStub(channel)
+        for _ in range(2):
+            await stub.ListPlans(billing_pb2.ListPlansRequest(), timeout=10)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.ListPlans(billing_pb2.ListPlansRequest(), timeout=10)
     error: Any = refused.value
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     status = rpc_status.from_call(error)
@@ -152,25 +154,25 @@ async def test_grpc_callers_get_resource_exhausted_with_the_same_details(
 async def test_signed_in_callers_are_limited_per_user_by_plan(
     parley: EmbeddedPorts, redis_url: str, tmp_path: Path
 ) -> None:
-    limits_file, names = tight_limits(
+    limits_file, _names = tight_limits(
         tmp_path,
         plan_free={"burst": 3, "rate": {"requests": 1, "per_s": HOUR}},
         anonymous={"burst": 1000},
     )
-    async with running_gateway(topology_for(parley, limits_file), redis_url=redis_url) as gateway:
-        async with httpx.AsyncClient(base_url=gateway.http_url, timeout=15.0) as client:
-            headers = []
-            for label in ("alice", "bob"):
-                email = f"{label}-{uuid.uuid4().hex[:8]}@example.com"
-                credentials = {"email": email, "password": "violet-harbour-lantern-42"}
-                registered = await client.post(
-                    "/v1/auth/register", json={**credentials, "display_name": label}
-                )
-                assert registered.status_code == 200, registered.text
-                login = await client.post("/v1/auth/login", json=credentials)
-                headers.append({"authorization": f"Bearer {login.json()['tokens']['access_token']}"})
-            alice = [(await client.get("/v1/users/me", headers=headers[0])).status_code for _ in range(5)]
-            bob = (await client.get("/v1/users/me", headers=headers[1])).status_code
+    async with (
+        running_gateway(topology_for(parley, limits_file), redis_url=redis_url) as gateway,
+        httpx.AsyncClient(base_url=gateway.http_url, timeout=15.0) as client,
+    ):
+        headers = []
+        for label in ("alice", "bob"):
+            email = f"{label}-{uuid.uuid4().hex[:8]}@example.com"
+            credentials = {"email": email, "password": "violet-harbour-lantern-42"}
+            registered = await client.post("/v1/auth/register", json={**credentials, "display_name": label})
+            assert registered.status_code == 200, registered.text
+            login = await client.post("/v1/auth/login", json=credentials)
+            headers.append({"authorization": f"Bearer {login.json()['tokens']['access_token']}"})
+        alice = [(await client.get("/v1/users/me", headers=headers[0])).status_code for _ in range(5)]
+        bob = (await client.get("/v1/users/me", headers=headers[1])).status_code
     assert alice == [200, 200, 200, 429, 429]
     assert bob == 200  # another user's budget is untouched
 
@@ -184,29 +186,31 @@ async def test_when_redis_is_down_reads_fail_open_and_login_fails_closed(
     await proxy.start()
     registry = CollectorRegistry()
     try:
-        async with running_gateway(
-            topology_for(parley, limits_file),
-            redis_url=f"redis://127.0.0.1:{proxy.port}/0",
-            registry=registry,
-        ) as gateway:
-            async with httpx.AsyncClient(base_url=gateway.http_url, timeout=15.0) as client:
-                login = {"email": "nobody@example.com", "password": "wrong-password-123"}
-                assert (await client.get("/v1/billing/plans")).status_code == 200
-                assert (await client.post("/v1/auth/login", json=login)).status_code == 401
+        async with (
+            running_gateway(
+                topology_for(parley, limits_file),
+                redis_url=f"redis://127.0.0.1:{proxy.port}/0",
+                registry=registry,
+            ) as gateway,
+            httpx.AsyncClient(base_url=gateway.http_url, timeout=15.0) as client,
+        ):
+            login = {"email": "nobody@example.com", "password": "wrong-password-123"}
+            assert (await client.get("/v1/billing/plans")).status_code == 200
+            assert (await client.post("/v1/auth/login", json=login)).status_code == 401
 
-                await proxy.cut()
-                read = await client.get("/v1/billing/plans")
-                assert read.status_code == 200, read.text
-                closed = await client.post("/v1/auth/login", json=login)
-                assert closed.status_code == 503, closed.text
-                body = closed.json()
-                reason = next(d for d in body["details"] if d["@type"].endswith("ErrorInfo"))["reason"]
-                assert reason == "RATE_LIMITER_UNAVAILABLE"
+            await proxy.cut()
+            read = await client.get("/v1/billing/plans")
+            assert read.status_code == 200, read.text
+            closed = await client.post("/v1/auth/login", json=login)
+            assert closed.status_code == 503, closed.text
+            body = closed.json()
+            reason = next(d for d in body["details"] if d["@type"].endswith("ErrorInfo"))["reason"]
+            assert reason == "RATE_LIMITER_UNAVAILABLE"
 
-                stats = (await client.get(f"{gateway.envoy.admin_url}/stats?filter=ratelimit")).text
-                await proxy.restore()
-                recovered = await client.post("/v1/auth/login", json=login)
-                assert recovered.status_code == 401, recovered.text
+            stats = (await client.get(f"{gateway.envoy.admin_url}/stats?filter=ratelimit")).text
+            await proxy.restore()
+            recovered = await client.post("/v1/auth/login", json=login)
+            assert recovered.status_code == 401, recovered.text
     finally:
         await proxy.close()
     counters = dict(line.split(": ", 1) for line in stats.splitlines() if ": " in line)

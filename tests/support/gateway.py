@@ -29,9 +29,6 @@ import httpx
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
-from parley.auth.v1 import auth_pb2, auth_pb2_grpc
-from parley.common.v1 import common_pb2
-
 from gateway.edge import create_edge_server
 from gateway.envoy_process import EnvoyProcess
 from gateway.render import (
@@ -42,6 +39,8 @@ from gateway.render import (
     public_services,
     read_descriptor_set,
 )
+from parley.auth.v1 import auth_pb2, auth_pb2_grpc
+from parley.common.v1 import common_pb2
 from services.common.settings import Settings
 from services.runtime.edge_wiring import build_edge_wiring
 from tests.support.rate_limits import generous_rate_limits
