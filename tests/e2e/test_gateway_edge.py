@@ -257,6 +257,10 @@ def test_cors_preflight_from_an_allowed_origin_allows_credentials(edge: Edge) ->
     actual = edge.http.get("/v1/billing/plans", headers={"origin": ALLOWED_ORIGIN})
     assert actual.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
     assert "x-request-id" in actual.headers["access-control-expose-headers"]
+    # A refusal is readable by the page too, so it can show the error.
+    refused = edge.http.get("/v1/users/me", headers={"origin": ALLOWED_ORIGIN})
+    assert refused.status_code == 401
+    assert refused.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
 
 
 def test_cors_refuses_an_origin_off_the_list(edge: Edge) -> None:
@@ -353,6 +357,21 @@ def test_access_logs_are_json_with_request_and_trace_ids(edge: Edge) -> None:
     user_id = response.json()["user"]["id"]
     (registered,) = read_events(edge.data_dir / "parley.db", "user.registered", user_id)
     assert registered.trace_context.traceparent.split("-")[1] == trace_id
+
+
+def test_a_request_without_traceparent_still_gets_a_logged_trace_id(edge: Edge) -> None:
+    request_id = edge.http.get("/v1/billing/plans").headers["x-request-id"]
+    deadline = time.monotonic() + 10
+    logged: list[dict[str, Any]] = []
+    while not logged and time.monotonic() < deadline:
+        time.sleep(0.2)
+        logged = [
+            json.loads(line)
+            for line in (edge.data_dir / "parley.log").read_text(errors="replace").splitlines()
+            if request_id in line and line.startswith("{") and '"path"' in line
+        ]
+    assert logged, request_id
+    assert len(logged[0]["trace_id"]) == 32 and int(logged[0]["trace_id"], 16) != 0
 
 
 # ---- versions -----------------------------------------------------------------------------------

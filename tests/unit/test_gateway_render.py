@@ -416,9 +416,10 @@ def test_the_filter_chain_authenticates_after_transcoding_and_limits_after_authe
 
     assert names[0] == "parley.response_headers"  # sees every reply, errors included
     assert names[-1] == "envoy.filters.http.router"
+    # CORS after the transcoder: a JSON request must have found its per-method route first.
     order = [
-        "envoy.filters.http.cors",
         TRANSCODER,
+        "envoy.filters.http.cors",
         "envoy.filters.http.jwt_authn",
         EXT_AUTHZ,
         RBAC,
