@@ -6,11 +6,23 @@ from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
 
 
-def create_tracer_provider(*, service: str, otlp_endpoint: str | None) -> TracerProvider:
-    """A provider that records spans (so logs carry trace ids) and exports them when configured."""
-    provider = TracerProvider(resource=Resource.create({"service.name": f"parley-{service}"}))
+def create_tracer_provider(
+    *, service: str, otlp_endpoint: str | None, record_spans: bool | None = None
+) -> TracerProvider:
+    """A provider that records and exports spans when an endpoint is configured.
+
+    Without one, spans are not recorded (nothing would read them), which saves their cost on every
+    call; they still carry trace and span ids, so logs and event envelopes keep the trace.
+    `record_spans=True` records anyway, for a caller that adds its own span processor.
+    """
+    record = bool(otlp_endpoint) if record_spans is None else record_spans
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": f"parley-{service}"}),
+        sampler=ParentBased(ALWAYS_ON) if record else ALWAYS_OFF,
+    )
     if otlp_endpoint:
         provider.add_span_processor(
             BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint, insecure=True))

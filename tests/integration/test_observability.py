@@ -26,7 +26,7 @@ TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
 @pytest.fixture
 async def traced() -> AsyncIterator[tuple[InMemorySpanExporter, grpc.aio.Channel]]:
     spans = InMemorySpanExporter()
-    provider = create_tracer_provider(service="test", otlp_endpoint=None)
+    provider = create_tracer_provider(service="test", otlp_endpoint=None, record_spans=True)
     provider.add_span_processor(SimpleSpanProcessor(spans))
     async with serving([crashing_billing()], tracer_provider=provider) as running:
         yield spans, running.channel
