@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import stat
@@ -71,8 +72,19 @@ def topology(request: pytest.FixtureRequest) -> Topology:
 
 
 def rendered(topology: Topology) -> dict[str, Any]:
-    config: dict[str, Any] = yaml.safe_load(render_envoy_config(topology))
-    return config
+    """The parsed config; rendering and parsing take ~1 s, so each topology is done once (a copy is
+    returned, so a test may not change what another sees)."""
+    return copy.deepcopy(_parsed_config(repr(topology), topology.gateway_secret, topology))
+
+
+_PARSED: dict[tuple[str, str], dict[str, Any]] = {}
+
+
+def _parsed_config(key: str, secret: str, topology: Topology) -> dict[str, Any]:
+    if (key, secret) not in _PARSED:
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        _PARSED[(key, secret)] = yaml.load(render_envoy_config(topology), Loader=loader)
+    return _PARSED[(key, secret)]
 
 
 def listeners(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
