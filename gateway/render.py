@@ -63,6 +63,7 @@ LUA_TEMPLATE_NAME = "api_edge.lua.j2"
 SELF_CLUSTER = "gateway_self"
 TRACE_CLUSTER = "otlp"
 VERSION_ERROR_HEADER = "x-parley-api-version-error"
+MEDIA_TYPE_ERROR_HEADER = "x-parley-media-type-error"
 DOCS_STYLE = "body{font-family:sans-serif;margin:2em}td{padding:.2em 1em;border-bottom:1px solid #ddd}"
 JWKS_PATH = "/.well-known/jwks.json"
 TRANSCODER_FILTER = "envoy.filters.http.grpc_json_transcoder"
@@ -461,6 +462,8 @@ class PublicMethod:
     http_verb: str
     # Every path the method answers on (primary binding first), e.g. "/v1/conversations/{id}".
     http_paths: tuple[str, ...]
+    # The request is google.api.HttpBody: its body reaches the service byte for byte, any media type.
+    raw_body: bool = False
 
     @property
     def is_read(self) -> bool:
@@ -500,13 +503,18 @@ def read_descriptor_set(data: bytes) -> descriptor_pb2.FileDescriptorSet:
 
 def public_services(descriptor_set: descriptor_pb2.FileDescriptorSet) -> list[PublicService]:
     """Every Parley service that the gateway exposes, sorted by full name."""
+    messages = {
+        f".{file.package}.{message.name}": message
+        for file in descriptor_set.file
+        for message in file.message_type
+    }
     found: list[PublicService] = []
     for file in descriptor_set.file:
         for service in file.service:
             full_name = f"{file.package}.{service.name}"
             if not is_public_service(full_name):
                 continue
-            methods = tuple(_public_method(method) for method in service.method)
+            methods = tuple(_public_method(method, messages) for method in service.method)
             streaming = tuple(method.name for method in methods if method.streaming)
             found.append(PublicService(full_name, file.package.split(".")[1], streaming, methods))
     return sorted(found, key=lambda service: service.full_name)
@@ -525,7 +533,26 @@ def _http_binding(rule: http_pb2.HttpRule) -> tuple[str, str]:
     return "", ""
 
 
-def _public_method(method: descriptor_pb2.MethodDescriptorProto) -> PublicMethod:
+_HTTP_BODY = ".google.api.HttpBody"
+
+
+def _takes_raw_body(
+    method: descriptor_pb2.MethodDescriptorProto,
+    rule: http_pb2.HttpRule,
+    messages: Mapping[str, descriptor_pb2.DescriptorProto],
+) -> bool:
+    """The request is an HttpBody, or its HTTP body field is: the transcoder passes those bytes as sent."""
+    if method.input_type == _HTTP_BODY:
+        return True
+    request = messages.get(method.input_type)
+    if request is None or not rule.body or rule.body == "*":
+        return False
+    return any(field.name == rule.body and field.type_name == _HTTP_BODY for field in request.field)
+
+
+def _public_method(
+    method: descriptor_pb2.MethodDescriptorProto, messages: Mapping[str, descriptor_pb2.DescriptorProto]
+) -> PublicMethod:
     rule = method.options.Extensions[annotations_pb2.http]
     verb, path = _http_binding(rule)
     extra_paths = [_http_binding(extra)[1] for extra in rule.additional_bindings]
@@ -534,6 +561,7 @@ def _public_method(method: descriptor_pb2.MethodDescriptorProto) -> PublicMethod
         streaming=method.server_streaming or method.client_streaming,
         http_verb=verb,
         http_paths=tuple(found for found in (path, *extra_paths) if found),
+        raw_body=_takes_raw_body(method, rule, messages),
     )
 
 
@@ -633,6 +661,9 @@ def _local_reply_mappers(topology: Topology) -> list[dict[str, Any]]:
     healthz_request = {
         "header_filter": {"header": {"name": ":path", "string_match": {"exact": settings.healthz_path}}}
     }
+    media_type_error_request = {
+        "header_filter": {"header": {"name": MEDIA_TYPE_ERROR_HEADER, "present_match": True}}
+    }
     version_error_request = {
         "header_filter": {"header": {"name": VERSION_ERROR_HEADER, "present_match": True}}
     }
@@ -664,6 +695,17 @@ def _local_reply_mappers(topology: Topology) -> list[dict[str, Any]]:
                     "this path.",
                     "UNSUPPORTED_API_VERSION",
                     {"requested_version": f"%REQ({VERSION_ERROR_HEADER})%"},
+                )
+            },
+        },
+        {
+            "filter": _and(_status_filter("EQ", 415), media_type_error_request),
+            "body_format_override": {
+                "json_format": error_body(
+                    3,
+                    "Request bodies are JSON: send them with Content-Type: application/json.",
+                    "UNSUPPORTED_MEDIA_TYPE",
+                    {"content_type": f"%REQ({MEDIA_TYPE_ERROR_HEADER})%"},
                 )
             },
         },
@@ -957,6 +999,16 @@ def render_envoy_config(topology: Topology, *, template_dir: Path = ENVOY_DIR) -
         unversioned_prefix=settings.unversioned_prefix,
         version_header=settings.api_version_header,
         version_error_header=VERSION_ERROR_HEADER,
+        media_type_error_header=MEDIA_TYPE_ERROR_HEADER,
+        raw_body_prefixes=sorted(
+            {
+                path.split("{", 1)[0]
+                for service in services
+                for method in service.methods
+                if method.raw_body
+                for path in method.http_paths
+            }
+        ),
         offered_versions=offered_versions,
         newest_stable=newest_stable,
     )

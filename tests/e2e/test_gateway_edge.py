@@ -199,6 +199,7 @@ def test_every_gateway_error_has_the_one_shape_and_the_security_headers(edge: Ed
         (edge.http.get("/v1/users/me"), 401),
         (edge.http.get("/v1/admin/users", headers=signed_in(edge, "shape")), 403),
         (edge.http.get("/v1/no-such-thing"), 404),
+        (edge.http.post("/v1/auth/login", content=b"email=a", headers={"content-type": "text/plain"}), 415),
         (edge.http.post("/v1/auth/register", content=b"x" * (2 * 1024 * 1024)), 413),
         (edge.http.get("/api/billing/plans", headers={"parley-api-version": "9"}), 400),
     ]
@@ -432,3 +433,21 @@ def test_cacheable_reads_carry_an_etag_and_answer_if_none_match_with_304(edge: E
     for other in ('"something-else"', f'W/{etag}, "x"'):
         revalidated = edge.http.get(path, headers={"if-none-match": other})
         assert revalidated.status_code == (304 if etag in other else 200), other
+
+
+def test_json_routes_take_json_and_webhooks_take_any_media_type(edge: Edge) -> None:
+    login = b'{"email": "nobody@example.com", "password": "not-the-password-1"}'
+    for media_type in ("application/json", "application/json; charset=utf-8", "application/merge-patch+json"):
+        response = edge.http.post("/v1/auth/login", content=login, headers={"content-type": media_type})
+        error_of(response, status=401, code=16, reason="INVALID_CREDENTIALS")
+    form = edge.http.post(
+        "/v1/auth/login", content=b"email=a", headers={"content-type": "application/x-www-form-urlencoded"}
+    )
+    body = error_of(form, status=415, code=3, reason="UNSUPPORTED_MEDIA_TYPE")
+    info = next(d for d in body["details"] if d["@type"].endswith("ErrorInfo"))
+    assert info["metadata"] == {"content_type": "application/x-www-form-urlencoded"}
+    # A webhook's body reaches billing byte for byte whatever its type (the signature covers it).
+    webhook = edge.http.post(
+        "/v1/billing/webhooks/stripe", content=b"t=1,v1=abc", headers={"content-type": "text/plain"}
+    )
+    assert webhook.status_code != 415, webhook.text
