@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any, Final, Generic, TypeVar
 
 from google.protobuf.message import Message
-from sqlalchemy import Row, and_, or_, select, update
+from sqlalchemy import Integer, Row, and_, bindparam, or_, select, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
@@ -216,31 +216,40 @@ class SqlSessionStore:
     async def list_active_sessions(
         self, user_id: str, *, now: datetime, after: tuple[datetime, str] | None, limit: int
     ) -> Sequence[Session]:
-        query = (
-            select(*_SESSION_COLUMNS)
-            .where(
-                SessionRecord.user_id == user_id,
-                SessionRecord.revoked_at.is_(None),
-                SessionRecord.expires_at > now,
-            )
-            .order_by(SessionRecord.last_seen_at.desc(), SessionRecord.id.desc())
-            .limit(limit)
-        )
+        parameters: dict[str, Any] = {"user_id": user_id, "now": now, "limit": limit}
+        query = _ACTIVE_SESSIONS
         if after is not None:
-            last_seen, session_id = after
-            # Spelled out rather than a row-value comparison, so the datetime is bound with the
-            # column's UTC type on SQLite too.
-            query = query.where(
-                or_(
-                    SessionRecord.last_seen_at < last_seen,
-                    and_(SessionRecord.last_seen_at == last_seen, SessionRecord.id < session_id),
-                )
-            )
-        rows = (await self._session.execute(query)).all()
+            query = _ACTIVE_SESSIONS_AFTER
+            parameters["after_last_seen"], parameters["after_id"] = after
+        rows = (await self._session.execute(query, parameters)).all()
         return [_session_of(row) for row in rows]
 
     def record_event(self, *, subject: str, payload: Message) -> None:
         add_event(self._session, source=EVENT_SOURCE, subject=subject, payload=payload)
+
+
+# Built once: constructing the statement costs more Python time than running it on SQLite.
+_ACTIVE_SESSIONS: Final = (
+    select(*_SESSION_COLUMNS)
+    .where(
+        SessionRecord.user_id == bindparam("user_id"),
+        SessionRecord.revoked_at.is_(None),
+        SessionRecord.expires_at > bindparam("now"),
+    )
+    .order_by(SessionRecord.last_seen_at.desc(), SessionRecord.id.desc())
+    .limit(bindparam("limit", type_=Integer))
+)
+# Spelled out rather than a row-value comparison, so the datetime is bound with the column's UTC
+# type on SQLite too.
+_ACTIVE_SESSIONS_AFTER: Final = _ACTIVE_SESSIONS.where(
+    or_(
+        SessionRecord.last_seen_at < bindparam("after_last_seen"),
+        and_(
+            SessionRecord.last_seen_at == bindparam("after_last_seen"),
+            SessionRecord.id < bindparam("after_id"),
+        ),
+    )
+)
 
 
 StoreT = TypeVar("StoreT")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import secrets
+from email.utils import parseaddr
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -30,6 +32,8 @@ DEFAULT_SERVICE_METRICS_PORTS: dict[ServiceName, int] = {
 Port = int
 # Product features that can be reserved for accounts with a verified email address.
 VerifiableFeature = Literal["api_keys", "chat", "billing"]
+# How the SMTP connection is secured: STARTTLS upgrade, implicit TLS, or (local relays only) plain.
+SmtpSecurity = Literal["none", "starttls", "tls"]
 
 
 class Settings(BaseSettings):
@@ -113,6 +117,35 @@ class Settings(BaseSettings):
         default=None, description="Rate-limit rules for the gateway; envoy/ratelimits.yaml when unset."
     )
 
+    public_base_url: str = Field(
+        default="http://127.0.0.1:8080",
+        description="Where users reach Parley; every link in an email starts with it.",
+    )
+    smtp_host: str | None = Field(
+        default=None,
+        description="SMTP server for outgoing mail; unset = .eml files under data_dir/mail instead.",
+    )
+    smtp_port: Port = Field(default=587, ge=1, le=65535)
+    smtp_security: SmtpSecurity = Field(
+        default="starttls",
+        description="starttls (upgrade a plain connection, required), tls (implicit TLS, port 465) or none.",
+    )
+    smtp_username: str | None = Field(default=None, description="SMTP AUTH user; no AUTH when unset.")
+    smtp_password: SecretStr | None = Field(default=None, description="SMTP AUTH password.")
+    smtp_timeout_s: float = Field(default=30.0, gt=0, le=300, description="Per SMTP command and connect.")
+    mail_from: str = Field(
+        default="Parley <no-reply@localhost>",
+        description="The From header and envelope sender of every email.",
+    )
+    smtp_per_domain_per_minute: int = Field(
+        default=60,
+        ge=1,
+        description="Sustained emails per minute to one recipient domain (shared via Redis when set).",
+    )
+    smtp_per_domain_burst: int = Field(
+        default=20, ge=1, description="Emails one recipient domain may get at once after a quiet spell."
+    )
+
     @field_validator("auth_require_verified_email_for", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
@@ -136,6 +169,30 @@ class Settings(BaseSettings):
             if not origin.startswith(("http://", "https://")):
                 raise ValueError(f"{origin!r} is not an origin (scheme://host[:port])")
         return value
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"{value!r} is not an absolute http(s) URL")
+        if parts.query or parts.fragment:
+            raise ValueError("must not carry a query or fragment: links append their own path and query")
+        return value.rstrip("/")
+
+    @field_validator("mail_from")
+    @classmethod
+    def _mail_from_address(cls, value: str) -> str:
+        _, address = parseaddr(value)
+        if "@" not in address or "\r" in value or "\n" in value:
+            raise ValueError(f"{value!r} is not an address like 'Parley <no-reply@example.com>'")
+        return value
+
+    @model_validator(mode="after")
+    def _smtp_credentials_pair(self) -> Settings:
+        if (self.smtp_username is None) != (self.smtp_password is None):
+            raise ValueError("smtp_username and smtp_password must be set together")
+        return self
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Settings:
@@ -208,7 +265,12 @@ def load_settings(**overrides: object) -> Settings:
             variable = f"PARLEY_{field.upper()}" if problem["loc"] else "settings"
             given = problem.get("input")
             # Never echo a secret back into logs or terminals.
-            hidden = isinstance(given, dict) or "secret" in field or "encryption_key" in field
+            hidden = (
+                isinstance(given, dict)
+                or "secret" in field
+                or "encryption_key" in field
+                or "password" in field
+            )
             shown = "" if hidden else f" (got {given!r})"
             lines.append(f"  {variable}: {problem['msg']}{shown}")
         raise SettingsError("\n".join(lines)) from None

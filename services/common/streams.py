@@ -1,0 +1,201 @@
+"""Redis Streams as the event bus: the relay's publisher, and the entry format consumers read.
+
+One stream per event source, `parley:events:<source>`; each entry has the fields `event_id`
+(`Event.id`), `type` (`Event.type`) and `event` (the serialized `parley.events.v1.Event`, envelope
+and trace context included). `encode_entry`/`decode_entry` are the only code that writes or reads
+that format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Final
+
+from google.protobuf.message import DecodeError
+from redis import RedisError, ResponseError
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from parley.events.v1 import events_pb2
+from services.common.outbox import PartialDispatch
+
+STREAM_KEY_PREFIX: Final = "parley:events:"
+
+FIELD_EVENT_ID: Final = "event_id"
+FIELD_TYPE: Final = "type"
+FIELD_EVENT: Final = "event"
+
+STREAM_MAX_LEN: Final = 1_000_000
+"""Approximate cap on the entries kept in each source's stream (`XADD ... MAXLEN ~ <cap>`).
+
+Redis trims by length alone: it does not look at consumer groups, so an entry a group has not read
+yet (or has read but not acknowledged) is dropped all the same once it is `STREAM_MAX_LEN` entries
+behind the newest. The cap must therefore exceed the largest backlog the operators accept for a
+stalled or slow consumer group: peak events per second of the source x the longest consumer outage
+to survive. One million entries per source is:
+
+    at   100 events/s  →  10,000 s ≈ 2 h 45 min of backlog
+    at 1,000 events/s  →   1,000 s ≈ 16 min of backlog
+
+An entry takes roughly 0.3-1 KB of Redis memory (the serialized event plus field names and stream
+bookkeeping), so a full stream is about 0.3-1 GB; size Redis for every source's stream at its cap.
+Alert on consumer-group lag (`XINFO GROUPS`) well before it approaches the cap: past it, events are
+lost to that group (the outbox rows stay in the database until pruned, so they can be replayed).
+
+`~` lets Redis trim whole macro nodes only (`stream-node-max-entries`, 100 by default), so a stream
+holds at least the cap and at most about one node more; it never holds fewer than the cap.
+"""
+
+# A pipeline of one relay batch (500 events by default) answers in milliseconds; a reply this late
+# means Redis or the path to it is in trouble, and the relay retries with backoff.
+DEFAULT_SOCKET_TIMEOUT_S: Final = 5.0
+
+
+class MalformedStreamEntry(ValueError):  # noqa: N818 - named for the condition, like KeyError.
+    """A stream entry does not hold a well-formed event in the agreed fields."""
+
+
+def stream_key(source: str) -> str:
+    """The key of the stream carrying the events of `source` (`Event.source`, e.g. "auth")."""
+    if not source:
+        raise ValueError("an event source must not be empty")
+    return STREAM_KEY_PREFIX + source
+
+
+def encode_entry(event: events_pb2.Event) -> dict[str, bytes]:
+    """The fields of the stream entry that carries `event`."""
+    return {
+        FIELD_EVENT_ID: event.id.encode(),
+        FIELD_TYPE: event.type.encode(),
+        FIELD_EVENT: event.SerializeToString(),
+    }
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def decode_entry(
+    fields: Mapping[bytes, bytes | str] | Mapping[str, bytes | str] | Mapping[bytes | str, bytes | str],
+) -> events_pb2.Event:
+    """The event in a stream entry's fields, as returned by XRANGE/XREADGROUP.
+
+    Raises `MalformedStreamEntry` when a field is missing, the event does not parse, or the
+    `event_id`/`type` fields disagree with the envelope. Read with a client that does not decode
+    responses: the `event` field is binary.
+    """
+    by_name: dict[str, bytes | str] = {_text(name): value for name, value in fields.items()}
+    missing = [name for name in (FIELD_EVENT_ID, FIELD_TYPE, FIELD_EVENT) if name not in by_name]
+    if missing:
+        raise MalformedStreamEntry(f"stream entry lacks the field(s) {', '.join(missing)}")
+    payload = by_name[FIELD_EVENT]
+    if not isinstance(payload, bytes):
+        raise MalformedStreamEntry(
+            "the event field was decoded as text; read streams with decode_responses=False"
+        )
+    try:
+        event = events_pb2.Event.FromString(payload)
+    except DecodeError as error:
+        raise MalformedStreamEntry(f"the event field is not a parley.events.v1.Event: {error}") from error
+    event_id, event_type = _text(by_name[FIELD_EVENT_ID]), _text(by_name[FIELD_TYPE])
+    if (event.id, event.type) != (event_id, event_type):
+        raise MalformedStreamEntry(
+            f"entry fields ({event_id!r}, {event_type!r}) disagree with the event "
+            f"({event.id!r}, {event.type!r})"
+        )
+    return event
+
+
+class RedisStreamPublisher:
+    """The outbox relay's dispatcher in microservices mode: XADDs each event to its source's stream.
+
+    A batch is one pipeline (one round trip), in the batch's order, each XADD trimming its stream to
+    about `max_len` entries. Replies are read one by one, so when Redis fails part-way the relay
+    learns exactly how many events Redis confirmed (`PartialDispatch`) and marks only those.
+
+    Duplicates: an event whose XADD reached Redis but whose reply was lost, or an event behind a
+    failed XADD in the same pipeline (Redis runs every pipelined command), is published again when
+    the relay retries. That only happens in a batch that half-failed; consumers deduplicate on
+    `event_id`. A batch that fails before Redis confirmed anything raises the Redis error itself.
+    """
+
+    def __init__(self, client: Redis, *, max_len: int = STREAM_MAX_LEN) -> None:
+        if max_len < 1:
+            raise ValueError("max_len must be at least 1")
+        self._client = client
+        self._max_len = max_len
+
+    @classmethod
+    def from_url(
+        cls,
+        redis_url: str,
+        *,
+        max_len: int = STREAM_MAX_LEN,
+        socket_timeout_s: float = DEFAULT_SOCKET_TIMEOUT_S,
+    ) -> RedisStreamPublisher:
+        """A publisher with its own client; no client-side retries, the relay retries with backoff."""
+        client = Redis.from_url(
+            redis_url,
+            socket_timeout=socket_timeout_s,
+            socket_connect_timeout=socket_timeout_s,
+            # A retried pipeline would publish the events Redis already took a second time.
+            retry=Retry(NoBackoff(), 0),
+        )
+        return cls(client, max_len=max_len)
+
+    async def aclose(self) -> None:
+        """Close the client and its connections."""
+        await self._client.aclose()
+
+    def _xadd(self, event: events_pb2.Event) -> list[bytes | str | int]:
+        command: list[bytes | str | int] = [
+            "XADD",
+            stream_key(event.source),
+            "MAXLEN",
+            "~",
+            self._max_len,
+            "*",
+        ]
+        for name, value in encode_entry(event).items():
+            command += [name, value]
+        return command
+
+    async def dispatch(self, events: Sequence[events_pb2.Event]) -> None:
+        if not events:
+            return
+        commands = [self._xadd(event) for event in events]
+        pool = self._client.connection_pool
+        # The client's own Pipeline discards every reply when the connection drops mid-way, so the
+        # relay could not tell what Redis has; talking to the connection keeps the replies read.
+        connection = await pool.get_connection()
+        confirmed = 0
+        failure: BaseException | None = None
+        try:
+            await connection.send_packed_command(connection.pack_commands(commands))
+            for _ in commands:
+                try:
+                    await connection.read_response()
+                except ResponseError as error:
+                    # An error reply leaves the connection usable: keep reading so it stays in step.
+                    failure = failure or error
+                else:
+                    if failure is None:
+                        confirmed += 1
+        except (RedisError, OSError) as error:
+            # The connection is now out of step with its replies (read_response already closed it
+            # on I/O errors; a ResponseError cannot get here).
+            await connection.disconnect()
+            failure = failure or error
+        finally:
+            await pool.release(connection)
+        if failure is None:
+            return
+        if confirmed == 0:
+            raise failure
+        failed = events[confirmed]
+        raise PartialDispatch(
+            confirmed,
+            f"Redis confirmed {confirmed} of {len(events)} event(s); event {failed.id} ({failed.type}) "
+            f"to {stream_key(failed.source)} failed: {type(failure).__name__}: {failure}",
+        ) from failure

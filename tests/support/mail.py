@@ -1,0 +1,187 @@
+"""A real SMTP server (aiosmtpd) for email tests, with scripted replies, and sample email jobs."""
+
+from __future__ import annotations
+
+import ssl
+import threading
+import uuid
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from email.message import EmailMessage
+from email.parser import BytesParser
+from email.policy import default as default_policy
+from typing import Any
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
+
+from parley.events.v1 import events_pb2
+from tests.support.gateway import free_port
+
+ACCEPTED = "250 2.0.0 OK: queued"
+
+# Parameters that satisfy each template, as the emitting services send them.
+SAMPLE_PARAMS: Mapping[str, Mapping[str, str]] = {
+    "verify_email": {
+        "display_name": "Ada",
+        "token": "tok-verify-0123456789",
+        "link_path": "/verify-email?token=tok-verify-0123456789",
+        "expire_time": "2026-11-27T08:00:00+00:00",
+    },
+    "password_reset": {
+        "display_name": "Ada",
+        "token": "tok-reset-0123456789",
+        "link_path": "/reset-password?token=tok-reset-0123456789",
+        "expire_time": "2026-11-26T09:00:00+00:00",
+    },
+    "welcome": {"display_name": "Ada"},
+    "new_login": {
+        "display_name": "Ada",
+        "login_time": "2026-11-26T08:15:00+00:00",
+        "ip_address": "203.0.113.7",
+        "device_name": "Firefox on Linux",
+    },
+    "invoice_receipt": {
+        "display_name": "Ada",
+        "invoice_number": "INV-2026-0042",
+        "amount_minor": "2900",
+        "currency": "EUR",
+    },
+    "payment_failed": {
+        "display_name": "Ada",
+        "invoice_number": "INV-2026-0043",
+        "amount_minor": "2900",
+        "currency": "EUR",
+        "next_retry_time": "2026-11-29T08:00:00+00:00",
+    },
+    "quota_80": {
+        "display_name": "Ada",
+        "used_tokens": "800000",
+        "included_tokens": "1000000",
+        "period_end_time": "2026-12-01T00:00:00+00:00",
+    },
+    "quota_100": {
+        "display_name": "Ada",
+        "used_tokens": "1000000",
+        "included_tokens": "1000000",
+        "period_end_time": "2026-12-01T00:00:00+00:00",
+    },
+}
+
+# The path each template's main link points at (on the public base URL).
+SAMPLE_LINK_PATHS: Mapping[str, str] = {
+    "verify_email": "/verify-email?token=tok-verify-0123456789",
+    "password_reset": "/reset-password?token=tok-reset-0123456789",
+    "welcome": "/chat",
+    "new_login": "/settings/security",
+    "invoice_receipt": "/billing/invoices",
+    "payment_failed": "/billing",
+    "quota_80": "/billing/usage",
+    "quota_100": "/billing",
+}
+
+
+def email_requested_event(
+    template: str,
+    recipient: str = "ada@example.com",
+    params: Mapping[str, str] | None = None,
+    *,
+    event_id: str = "",
+) -> events_pb2.Event:
+    """An `email.requested` event envelope as the outbox would deliver it."""
+    event = events_pb2.Event(id=event_id or str(uuid.uuid4()), type="email.requested", source="auth")
+    event.email_requested.template = template
+    event.email_requested.recipient = recipient
+    event.email_requested.user_id = "user-1"
+    event.email_requested.params.update(SAMPLE_PARAMS.get(template, {}) if params is None else params)
+    return event
+
+
+@dataclass(frozen=True)
+class ReceivedMail:
+    """One message the test server accepted."""
+
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    message: EmailMessage
+    # Whether the session was under TLS, and the AUTH login if any.
+    tls: bool
+    login: str | None
+
+
+class RecordingHandler:
+    """Accepts mail and records it; answers the next scripted reply instead of 250 while any is left.
+
+    `rcpt_replies` answer RCPT TO commands, `data_replies` answer DATA; each list is consumed in order.
+    """
+
+    def __init__(self, *, rcpt_replies: Iterable[str] = (), data_replies: Iterable[str] = ()) -> None:
+        self._rcpt_replies = deque(rcpt_replies)
+        self._data_replies = deque(data_replies)
+        self._lock = threading.Lock()
+        self.received: list[ReceivedMail] = []
+        self.data_commands = 0
+
+    async def handle_RCPT(
+        self, server: Any, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
+        with self._lock:
+            reply = self._rcpt_replies.popleft() if self._rcpt_replies else "250 OK"
+        if reply.startswith("250"):
+            envelope.rcpt_tos.append(address)
+        return reply
+
+    async def handle_DATA(self, server: Any, session: Session, envelope: Envelope) -> str:
+        with self._lock:
+            self.data_commands += 1
+            reply = self._data_replies.popleft() if self._data_replies else ACCEPTED
+        if reply.startswith("250"):
+            content = envelope.original_content or b""
+            message = BytesParser(policy=default_policy).parsebytes(content)
+            login = session.auth_data.login.decode() if isinstance(session.auth_data, LoginPassword) else None
+            with self._lock:
+                self.received.append(
+                    ReceivedMail(
+                        mail_from=str(envelope.mail_from),
+                        rcpt_tos=tuple(envelope.rcpt_tos),
+                        message=message,
+                        tls=session.ssl is not None,
+                        login=login,
+                    )
+                )
+        return reply
+
+
+def password_authenticator(login: str, password: str) -> Any:
+    """An aiosmtpd authenticator accepting exactly this login and password."""
+
+    def authenticate(
+        server: Any, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        accepted = (
+            isinstance(auth_data, LoginPassword)
+            and auth_data.login == login.encode()
+            and auth_data.password == password.encode()
+        )
+        return AuthResult(success=accepted, handled=False, auth_data=auth_data)
+
+    return authenticate
+
+
+@contextmanager
+def smtp_server(handler: RecordingHandler, **controller_options: Any) -> Iterator[Controller]:
+    """A real aiosmtpd server on 127.0.0.1 at a free port (`controller.port`), stopped on exit."""
+    controller = Controller(handler, hostname="127.0.0.1", port=free_port(), **controller_options)
+    controller.start()
+    try:
+        yield controller
+    finally:
+        controller.stop()
+
+
+def server_tls_context(cert_path: Any, key_path: Any) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_path, key_path)
+    return context
