@@ -25,13 +25,7 @@ from services.common.cache import InMemoryReadCache, ReadCache
 from services.common.context import ServiceBundle, ServiceContext
 from services.common.db import Database
 from services.common.identity import CachedJwksVerifier
-from services.common.ratelimit import (
-    DEFAULT_RATE_LIMITS_FILE,
-    InMemoryRateLimiter,
-    RateLimiter,
-    RedisRateLimiter,
-    load_rate_limit_config,
-)
+from services.common.ratelimit import load_rate_limit_config, rate_limiter_for
 from services.common.revocation import RevocationList
 from services.common.server import ServiceRegistration
 from services.common.settings import Settings, SettingsError
@@ -123,9 +117,7 @@ def build_bundle(
     parts = account_parts(settings, database, context.revocations, context.read_cache)
     api_keys = ApiKeyManager(SqlApiKeyStores(database), cache_ttl_s=api_key_cache_ttl_s)
     # Shared by every auth replica through Redis, like the gateway's own counters.
-    email_limiter: RateLimiter = (
-        RedisRateLimiter.from_url(settings.redis_url) if settings.redis_url else InMemoryRateLimiter()
-    )
+    email_limiter = rate_limiter_for(settings.redis_url)
     domain = AuthDomain(
         accounts=AccountService(
             database,
@@ -147,9 +139,7 @@ def build_bundle(
             revocations=context.revocations,
         ),
         signing_keys=signing_keys,
-        email_limits=EmailRateLimits(
-            load_rate_limit_config(settings.rate_limits_file or DEFAULT_RATE_LIMITS_FILE), email_limiter
-        ),
+        email_limits=EmailRateLimits(load_rate_limit_config(settings.rate_limits_file), email_limiter),
     )
     cookie_verifier = CachedJwksVerifier(
         signing_keys.jwks,
@@ -185,5 +175,5 @@ def build_bundle(
         ],
         jwks=signing_keys.jwks,
         on_start=[prepare],
-        on_stop=[email_limiter.aclose] if isinstance(email_limiter, RedisRateLimiter) else [],
+        on_stop=[email_limiter.aclose],
     )

@@ -222,8 +222,10 @@ def _period_text(seconds: float) -> str:
 # --- loading -------------------------------------------------------------------------------------
 
 
-def load_rate_limit_config(path: Path = DEFAULT_RATE_LIMITS_FILE) -> RateLimitConfig:
-    """Read and validate a rate-limit file; any problem is a one-line `RateLimitConfigError`."""
+def load_rate_limit_config(path: Path | None = None) -> RateLimitConfig:
+    """Read and validate a rate-limit file (None: the shipped envoy/ratelimits.yaml); any problem is
+    a one-line `RateLimitConfigError`."""
+    path = path or DEFAULT_RATE_LIMITS_FILE
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
@@ -518,6 +520,15 @@ class RateLimiter(Protocol):
         store cannot answer."""
         ...
 
+    async def aclose(self) -> None:
+        """Release the store's connections (nothing to do in memory)."""
+        ...
+
+
+def rate_limiter_for(redis_url: str | None) -> RateLimiter:
+    """Redis when configured (every replica shares the counters), else this process's memory."""
+    return RedisRateLimiter.from_url(redis_url) if redis_url else InMemoryRateLimiter()
+
 
 # --- GCRA, shared by the in-memory adapter; the Lua script below is its twin ----------------------
 
@@ -596,6 +607,9 @@ class InMemoryRateLimiter:
         self._tats: dict[str, int] = {}
         self._min_sweep_size = min_sweep_size
         self._sweep_at = min_sweep_size
+
+    async def aclose(self) -> None:
+        return None
 
     @property
     def counter_count(self) -> int:

@@ -14,12 +14,7 @@ from gateway.edge import EdgeServices
 from parley.auth.v1 import auth_pb2_grpc
 from services.common.identity import CachedJwksVerifier
 from services.common.jwks_client import grpc_jwks_fetcher
-from services.common.ratelimit import (
-    InMemoryRateLimiter,
-    RateLimiter,
-    RedisRateLimiter,
-    load_rate_limit_config,
-)
+from services.common.ratelimit import load_rate_limit_config, rate_limiter_for
 from services.common.revocation import RevocationList
 from services.common.settings import Settings
 
@@ -30,12 +25,10 @@ class EdgeWiring:
 
     services: EdgeServices
     auth_channel: grpc.aio.Channel
-    redis_limiter: RedisRateLimiter | None
 
     async def close(self) -> None:
         await self.auth_channel.close()
-        if self.redis_limiter is not None:
-            await self.redis_limiter.aclose()
+        await self.services.limiter.aclose()
 
 
 def build_edge_wiring(
@@ -48,8 +41,6 @@ def build_edge_wiring(
 ) -> EdgeWiring:
     """Rate limits in Redis when PARLEY_REDIS_URL is set (exact across gateway replicas), else in
     this process's memory (one gateway: `parley up`); authentication checks go to `auth_target`."""
-    redis_limiter = RedisRateLimiter.from_url(settings.redis_url) if settings.redis_url else None
-    limiter: RateLimiter = redis_limiter or InMemoryRateLimiter()
     channel = grpc.aio.insecure_channel(auth_target)
     verifier = CachedJwksVerifier(
         grpc_jwks_fetcher(channel),
@@ -62,8 +53,8 @@ def build_edge_wiring(
     authorizer = EdgeAuthorizer(stub, verifier, registry=registry)
     services = EdgeServices(
         rate_limits=load_rate_limit_config(rate_limits_path),
-        limiter=limiter,
+        limiter=rate_limiter_for(settings.redis_url),
         authorizer=authorizer,
         registry=registry,
     )
-    return EdgeWiring(services=services, auth_channel=channel, redis_limiter=redis_limiter)
+    return EdgeWiring(services=services, auth_channel=channel)
