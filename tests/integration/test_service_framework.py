@@ -135,6 +135,11 @@ async def test_metrics_count_each_rpc_by_code(running: RunningServer) -> None:
         await billing(running).ListPlans(billing_pb2.ListPlansRequest(page_size=-5))
     labels = {"grpc_service": "parley.billing.v1.BillingService", "grpc_method": "ListPlans"}
     sample = running.registry.get_sample_value
+    # The client may see the reply before the server's interceptor has finished counting it.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5.0
+    while sample("parley_rpc_server_handling_seconds_count", labels) != 2 and loop.time() < deadline:
+        await asyncio.sleep(0.01)
     assert sample("parley_rpc_server_handled_total", {**labels, "grpc_code": "OK"}) == 1
     assert sample("parley_rpc_server_handled_total", {**labels, "grpc_code": "INVALID_ARGUMENT"}) == 1
     assert sample("parley_rpc_server_handling_seconds_count", labels) == 2
