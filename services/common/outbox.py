@@ -10,6 +10,17 @@ it retries that one (with backoff) before anything behind it. On SQLite the sequ
 order (writers are serialized). On PostgreSQL it is the insert order; events about one subject keep
 their order as long as the state change that emits them holds the subject's row lock, which every
 update of that row does.
+
+Delayed events ("send this at T"): `add_event(..., deliver_after=T)`. Such an event is not due
+before T; until then it is not relayed, holds nothing back, and does not count as outbox lag. From T
+on it is an ordinary due event, relayed in sequence order among the due ones (so it goes out after
+due events written after it that were relayed while it waited). T is compared with the relay's
+clock (`OutboxRelay(clock=...)`, `utc_now` by default), the same clock that times retries and
+`relayed_at`, not the database server's: producers compute T from their own clock, and application
+hosts keep theirs in sync. A running relay wakes at the nearest due time it knows of, and polls at
+least every `idle_poll_s` (0.5 s by default) for rows other processes committed; so a delayed event
+is relayed within `idle_poll_s` of its due time by the relay's clock, unless a failed event ahead
+of it is backing off or the relay is working through a backlog.
 """
 
 from __future__ import annotations
@@ -27,7 +38,19 @@ from uuid import uuid4
 from google.protobuf.message import DecodeError, Message
 from opentelemetry.context import Context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from sqlalchemy import BigInteger, Index, Integer, LargeBinary, String, Text, func, select, text, update
+from sqlalchemy import (
+    BigInteger,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    func,
+    select,
+    text,
+    union_all,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
@@ -47,6 +70,9 @@ RELAY_ADVISORY_LOCK_KEY: Final = int.from_bytes(
 _LAST_ERROR_MAX_CHARS: Final = 2000
 # Session.info key set by add_event, so a commit hook knows the transaction wrote events.
 EVENTS_ADDED: Final = "parley.outbox.events_added"
+# The predicates of the two partial indexes; the relay's queries repeat them so both databases use them.
+_UNRELAYED_IMMEDIATE: Final = "relayed_at IS NULL AND deliver_after IS NULL"
+_UNRELAYED_DELAYED: Final = "relayed_at IS NULL AND deliver_after IS NOT NULL"
 
 
 class OutboxEvent(Base):
@@ -54,12 +80,20 @@ class OutboxEvent(Base):
 
     __tablename__ = "outbox_events"
     __table_args__ = (
-        # Only unrelayed rows are indexed: the relay's scan stays small however long the history gets.
+        # Only unrelayed rows are indexed: the relay's scans stay small however long the history gets.
+        # Immediate rows are read in sequence order, delayed ones by due time, each from its own index,
+        # so however many rows are due far in the future, none of them is scanned to reach due ones.
         Index(
-            "ix_outbox_events_unrelayed",
+            "ix_outbox_events_unrelayed_immediate",
             "sequence",
-            postgresql_where=text("relayed_at IS NULL"),
-            sqlite_where=text("relayed_at IS NULL"),
+            postgresql_where=text(_UNRELAYED_IMMEDIATE),
+            sqlite_where=text(_UNRELAYED_IMMEDIATE),
+        ),
+        Index(
+            "ix_outbox_events_unrelayed_delayed",
+            "deliver_after",
+            postgresql_where=text(_UNRELAYED_DELAYED),
+            sqlite_where=text(_UNRELAYED_DELAYED),
         ),
         # AUTOINCREMENT: SQLite must never reuse the sequence of a deleted row.
         {"sqlite_autoincrement": True},
@@ -80,6 +114,8 @@ class OutboxEvent(Base):
     attempts: Mapped[int] = mapped_column(Integer(), default=0, server_default=text("0"))
     last_error: Mapped[str | None] = mapped_column(Text())
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Not due before this time (a delayed event); None: due once committed.
+    deliver_after: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 def current_trace_context() -> events_pb2.TraceContext | None:
@@ -108,14 +144,23 @@ def add_event(
     subject: str,
     payload: Message,
     trace_context: events_pb2.TraceContext | None = None,
+    deliver_after: datetime | None = None,
 ) -> events_pb2.Event:
     """Put an event in the outbox as part of the caller's transaction, and return its envelope.
 
     Never commits: the event becomes visible to the relay exactly when, and only if, the caller's
     unit of work commits. Without `trace_context`, the current OpenTelemetry span's is used.
+    `deliver_after` (timezone-aware UTC) delays the event: it is not relayed before that time. A
+    time already past makes it due at once, like no delay.
     """
+    # A naive time's utcoffset() is None: refused too, since guessing its zone shifts it by hours.
+    if deliver_after is not None and deliver_after.utcoffset() != timedelta(0):
+        raise ValueError(f"deliver_after must be timezone-aware UTC, like utc_now(): {deliver_after!r}")
     field = payload_field_for(payload)
     occurred_at = utc_now()
+    if deliver_after is not None and deliver_after <= occurred_at:
+        # Due now: stored as an immediate event, so the lag it may build is measured from occurred_at.
+        deliver_after = None
     event = events_pb2.Event(id=str(uuid4()), type=event_type_for(payload), source=source, subject=subject)
     event.time.FromDatetime(occurred_at)
     context = trace_context if trace_context is not None else current_trace_context()
@@ -131,6 +176,7 @@ def add_event(
             subject=subject,
             payload=event.SerializeToString(),
             occurred_at=occurred_at,
+            deliver_after=deliver_after,
         )
     )
     return event
@@ -241,7 +287,9 @@ class OutboxRelay:
         idle_poll_s: float = 0.5,
         retry_base_s: float = 0.5,
         retry_max_s: float = 60.0,
+        clock: Callable[[], datetime] = utc_now,
     ) -> None:
+        """`clock` (timezone-aware UTC) decides when delayed events and retries are due; tests inject one."""
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self._db = db
@@ -250,11 +298,12 @@ class OutboxRelay:
         self._idle_poll_s = idle_poll_s
         self._retry_base_s = retry_base_s
         self._retry_max_s = retry_max_s
+        self._clock = clock
         # One batch at a time per relay, whoever calls relay_once.
         self._batch_lock = asyncio.Lock()
-        # Seconds until the retry this relay last scheduled, so `run` wakes for it instead of
-        # waiting a whole idle poll.
-        self._retry_due_in: float | None = None
+        # The earliest time the last batch found something becomes due (a retry, a delayed event),
+        # so `run` wakes for it instead of waiting a whole idle poll.
+        self._wake_at: datetime | None = None
         self._wake = asyncio.Event()
         # Events committed in this process are relayed at once instead of at the next idle poll.
         db.after_commit(self._wake_if_events_committed)
@@ -307,25 +356,54 @@ class OutboxRelay:
         return outcome.delivered
 
     async def _due_events(self, session: AsyncSession) -> list[_PendingEvent]:
-        rows = await session.execute(
-            select(
-                OutboxEvent.sequence,
-                OutboxEvent.event_id,
-                OutboxEvent.attempts,
-                OutboxEvent.payload,
-                OutboxEvent.next_attempt_at,
-            )
-            .where(OutboxEvent.relayed_at.is_(None))
+        """The next batch in sequence order: immediate rows and delayed rows whose time has come,
+        cut before the first one still backing off from a failed dispatch."""
+        now = self._clock()
+        columns = (
+            OutboxEvent.sequence,
+            OutboxEvent.event_id,
+            OutboxEvent.attempts,
+            OutboxEvent.payload,
+            OutboxEvent.next_attempt_at,
+        )
+        # Two index range scans, each stopping after one batch, merged by sequence: a predicate with
+        # OR would walk the not-yet-due rows (or sort the whole backlog) on every poll.
+        immediate = (
+            select(*columns)
+            .where(text(_UNRELAYED_IMMEDIATE))
             .order_by(OutboxEvent.sequence)
             .limit(self._batch_size)
+            .subquery()
         )
-        now = utc_now()
-        due: list[_PendingEvent] = []
+        delayed_due = (
+            select(*columns)
+            .where(text(_UNRELAYED_DELAYED), OutboxEvent.deliver_after <= now)
+            .order_by(OutboxEvent.sequence)
+            .limit(self._batch_size)
+            .subquery()
+        )
+        due = union_all(select(immediate), select(delayed_due)).subquery()
+        rows = (await session.execute(select(due).order_by(due.c.sequence).limit(self._batch_size))).all()
+        pending: list[_PendingEvent] = []
         for sequence, event_id, attempts, payload, next_attempt_at in rows:
             if next_attempt_at is not None and next_attempt_at > now:
+                self._wake_no_later_than(next_attempt_at)
                 break  # still backing off; nothing behind it may overtake it
-            due.append(_PendingEvent(sequence, event_id, attempts, payload))
-        return due
+            pending.append(_PendingEvent(sequence, event_id, attempts, payload))
+        if len(pending) < self._batch_size:  # not a full batch, so `run` may sleep: until when?
+            next_delayed: datetime | None = await session.scalar(
+                select(OutboxEvent.deliver_after)
+                .where(text(_UNRELAYED_DELAYED), OutboxEvent.deliver_after > now)
+                .order_by(OutboxEvent.deliver_after)
+                .limit(1)
+            )
+            if next_delayed is not None:
+                self._wake_no_later_than(next_delayed)
+        return pending
+
+    def _wake_no_later_than(self, moment: datetime) -> None:
+        if self._wake_at is None or moment < self._wake_at:
+            self._wake_at = moment
 
     async def _dispatch(self, pending: Sequence[_PendingEvent]) -> _Outcome:
         events: list[events_pb2.Event] = []
@@ -349,7 +427,7 @@ class OutboxRelay:
     async def _record(
         self, session: AsyncSession, pending: Sequence[_PendingEvent], outcome: _Outcome
     ) -> None:
-        now = utc_now()
+        now = self._clock()
         delivered = [item.sequence for item in pending[: outcome.delivered]]
         if delivered:
             await session.execute(
@@ -364,15 +442,14 @@ class OutboxRelay:
         attempts = failed.attempts + 1
         retry_in = self._retry_delay_s(attempts)
         error_text = f"{type(outcome.error).__name__}: {outcome.error}"[:_LAST_ERROR_MAX_CHARS]
+        next_attempt_at = now + timedelta(seconds=retry_in)
         await session.execute(
             update(OutboxEvent)
             .where(OutboxEvent.sequence == failed.sequence)
-            .values(
-                attempts=attempts, last_error=error_text, next_attempt_at=now + timedelta(seconds=retry_in)
-            )
+            .values(attempts=attempts, last_error=error_text, next_attempt_at=next_attempt_at)
             .execution_options(synchronize_session=False)
         )
-        self._retry_due_in = retry_in
+        self._wake_no_later_than(next_attempt_at)
         logger.warning(
             "outbox event %s failed to dispatch (attempt %d), retrying in %.1fs: %s",
             failed.event_id,
@@ -391,7 +468,7 @@ class OutboxRelay:
         consecutive_failures = 0
         while not stop.is_set():
             self._wake.clear()
-            self._retry_due_in = None
+            self._wake_at = None
             try:
                 relayed = await self.relay_once()
             except Exception:
@@ -403,8 +480,8 @@ class OutboxRelay:
                 if relayed >= self._batch_size:
                     continue  # a full batch: more are probably waiting
                 pause_s = self._idle_poll_s
-                if self._retry_due_in is not None:
-                    pause_s = min(pause_s, self._retry_due_in)
+                if self._wake_at is not None:
+                    pause_s = min(pause_s, max(0.0, (self._wake_at - self._clock()).total_seconds()))
             await self._pause(stop, pause_s)
 
     async def _pause(self, stop: asyncio.Event, seconds: float) -> None:
@@ -418,14 +495,26 @@ class OutboxRelay:
 
 
 async def outbox_lag_seconds(db: Database) -> float:
-    """How long the oldest unrelayed event has been waiting, in seconds; 0 when none is."""
+    """How long the oldest due unrelayed event has been waiting, in seconds; 0 when none is.
+
+    An event waits from the moment it became due: `occurred_at`, or `deliver_after` for a delayed
+    one. Delayed events not due yet are not lag.
+    """
+    now = utc_now()
     async with db.unit_of_work(read_only=True) as session:
-        oldest: datetime | None = await session.scalar(
+        oldest_immediate: datetime | None = await session.scalar(
             select(OutboxEvent.occurred_at)
-            .where(OutboxEvent.relayed_at.is_(None))
+            .where(text(_UNRELAYED_IMMEDIATE))
             .order_by(OutboxEvent.sequence)
             .limit(1)
         )
-    if oldest is None:
+        oldest_delayed: datetime | None = await session.scalar(
+            select(OutboxEvent.deliver_after)
+            .where(text(_UNRELAYED_DELAYED), OutboxEvent.deliver_after <= now)
+            .order_by(OutboxEvent.deliver_after)
+            .limit(1)
+        )
+    waiting_since = [moment for moment in (oldest_immediate, oldest_delayed) if moment is not None]
+    if not waiting_since:
         return 0.0
-    return max(0.0, (utc_now() - oldest).total_seconds())
+    return max(0.0, (now - min(waiting_since)).total_seconds())

@@ -6,16 +6,17 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from alembic import command
 from opentelemetry.sdk.trace import TracerProvider
 from sqlalchemy import select, text, update
 
 from parley.events.v1 import events_pb2
 from services.common.db import Database
 from services.common.events import payload_of
-from services.common.migrate import upgrade_async
+from services.common.migrate import alembic_config, upgrade_async
 from services.common.models import utc_now
 from services.common.outbox import (
     InProcessDispatcher,
@@ -350,3 +351,168 @@ async def test_a_failed_dispatch_is_retried_when_due_without_a_wake(database: Da
         committed = await commit_events(database, ["a"])
         await eventually(lambda: dispatcher.delivered == committed)
     assert dispatcher.calls == 3
+
+
+class SteppedClock:
+    """The relay's clock, moved by the test: due times are crossed without waiting for them."""
+
+    def __init__(self) -> None:
+        self.now = utc_now()
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **delta: float) -> None:
+        self.now += timedelta(**delta)
+
+
+async def commit_delayed(db: Database, user: str, deliver_after: datetime) -> str:
+    async with db.unit_of_work() as session:
+        return add_event(
+            session, source="auth", subject=user, payload=registered(user), deliver_after=deliver_after
+        ).id
+
+
+async def test_a_delayed_event_is_relayed_once_due_and_not_before(database: Database) -> None:
+    clock = SteppedClock()
+    delayed = await commit_delayed(database, "later", clock.now + timedelta(minutes=10))
+    dispatcher = RecordingDispatcher()
+    relay = OutboxRelay(database, dispatcher, clock=clock)
+
+    assert await relay.relay_once() == 0
+    clock.advance(minutes=9, seconds=59)
+    assert await relay.relay_once() == 0
+    assert dispatcher.calls == 0
+
+    clock.advance(seconds=1)
+    assert await relay.relay_once() == 1
+    assert dispatcher.delivered == [delayed]
+    [row] = await outbox_rows(database)
+    assert row.deliver_after == clock.now
+    assert row.relayed_at == clock.now
+
+
+async def test_a_delayed_event_does_not_hold_back_the_events_behind_it(database: Database) -> None:
+    clock = SteppedClock()
+    first = await commit_events(database, ["a"])
+    delayed = await commit_delayed(database, "later", clock.now + timedelta(hours=1))
+    behind = await commit_events(database, ["b", "c"])
+    dispatcher = RecordingDispatcher()
+    # A batch of one: the delayed row, though first in line, must not fill the batch either.
+    relay = OutboxRelay(database, dispatcher, batch_size=1, clock=clock)
+
+    assert await relay_until_idle(relay) == 3
+    assert dispatcher.delivered == first + behind
+
+    clock.advance(hours=1)
+    assert await relay_until_idle(relay) == 1
+    assert dispatcher.delivered == [*first, *behind, delayed]
+
+
+async def test_due_delayed_events_go_out_in_sequence_order_behind_a_failed_one(database: Database) -> None:
+    clock = SteppedClock()
+    head = await commit_events(database, ["a"])
+    delayed = await commit_delayed(database, "later", clock.now + timedelta(minutes=1))
+    behind = await commit_events(database, ["b"])
+    dispatcher = RecordingDispatcher(failures=1)
+    # The retry of the failed head is due 30 to 60 minutes later, by the relay's clock.
+    relay = OutboxRelay(database, dispatcher, retry_base_s=3600, retry_max_s=3600, clock=clock)
+
+    assert await relay.relay_once() == 0
+    head_row = (await outbox_rows(database))[0]
+    assert head_row.attempts == 1
+    assert head_row.next_attempt_at is not None
+
+    # The delayed event is due now, but the head is still backing off: nothing overtakes it.
+    clock.advance(minutes=2)
+    assert await relay.relay_once() == 0
+    assert dispatcher.calls == 1
+
+    clock.now = head_row.next_attempt_at
+    assert await relay_until_idle(relay) == 3
+    assert dispatcher.delivered == [*head, delayed, *behind]
+
+
+async def test_add_event_refuses_a_due_time_that_is_not_utc(database: Database) -> None:
+    naive = datetime.now()
+    elsewhere = datetime.now(timezone(timedelta(hours=2))) + timedelta(hours=1)
+    for deliver_after in (naive, elsewhere):
+        with pytest.raises(ValueError, match="deliver_after"):
+            async with database.unit_of_work() as session:
+                add_event(
+                    session, source="auth", subject="u", payload=registered("u"), deliver_after=deliver_after
+                )
+    assert await outbox_rows(database) == []
+
+
+async def test_a_due_time_already_past_is_due_at_once(database: Database) -> None:
+    past = await commit_delayed(database, "past", utc_now() - timedelta(minutes=5))
+    [row] = await outbox_rows(database)
+    assert row.deliver_after is None
+    dispatcher = RecordingDispatcher()
+    assert await OutboxRelay(database, dispatcher).relay_once() == 1
+    assert dispatcher.delivered == [past]
+
+
+async def test_outbox_lag_counts_delayed_events_only_from_their_due_time(database: Database) -> None:
+    await commit_delayed(database, "future", utc_now() + timedelta(hours=1))
+    assert await outbox_lag_seconds(database) == 0.0
+
+    await commit_delayed(database, "due", utc_now() + timedelta(hours=1))
+    async with database.unit_of_work() as session:
+        await session.execute(
+            update(OutboxEvent)
+            .where(OutboxEvent.subject == "due")
+            .values(
+                occurred_at=utc_now() - timedelta(hours=2), deliver_after=utc_now() - timedelta(seconds=30)
+            )
+        )
+    lag = await outbox_lag_seconds(database)
+    assert 30 <= lag < 40  # from its due time, not from when it was written two hours ago
+
+    await relay_until_idle(OutboxRelay(database, RecordingDispatcher()))
+    assert await outbox_lag_seconds(database) == 0.0
+    assert [row.relayed_at is None for row in await outbox_rows(database)] == [True, False]
+
+
+class TimedDispatcher(RecordingDispatcher):
+    """Also notes when each batch arrived."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arrivals: list[datetime] = []
+
+    async def dispatch(self, events: Sequence[events_pb2.Event]) -> None:
+        self.arrivals.append(utc_now())
+        await super().dispatch(events)
+
+
+async def test_run_wakes_for_the_nearest_due_time(database: Database) -> None:
+    dispatcher = TimedDispatcher()
+    # The idle poll is far longer than the bound: only the wake-up at the due time can deliver in time.
+    relay = OutboxRelay(database, dispatcher, idle_poll_s=600)
+    async with running(relay):
+        await asyncio.sleep(0.05)
+        due_at = utc_now() + timedelta(seconds=0.3)
+        delayed = await commit_delayed(database, "soon", due_at)
+        await eventually(lambda: dispatcher.delivered == [delayed])
+    assert due_at <= dispatcher.arrivals[0] < due_at + timedelta(seconds=1)
+
+
+async def test_the_revision_downgrades_and_upgrades_with_the_data(database_url: str) -> None:
+    await upgrade_async(database_url)
+    db = Database(database_url)
+    try:
+        kept = await commit_events(db, ["a"])
+        config = alembic_config(database_url)
+        await asyncio.to_thread(command.downgrade, config, "046ef069fa2b")
+        async with db.unit_of_work(read_only=True) as session:
+            payloads = (await session.execute(text("SELECT payload FROM outbox_events"))).scalars().all()
+        assert [events_pb2.Event.FromString(payload).id for payload in payloads] == kept
+        await upgrade_async(database_url)
+        await db.dispose()  # the schema changed under the pool's cached statements
+        dispatcher = RecordingDispatcher()
+        assert await relay_until_idle(OutboxRelay(db, dispatcher)) == 1
+        assert dispatcher.delivered == kept
+    finally:
+        await db.dispose()
