@@ -8,13 +8,25 @@ per (consumer, event id). The moving parts:
   `InProcessSource` keeps the same semantics in memory for embedded mode, fed by the outbox relay's
   `InProcessDispatcher` through `InProcessSource.deliver`.
 - `ProcessedEvents` (port): the idempotency records. `RedisProcessedEvents` (`SET key 1 NX EX ttl`)
-  and `InMemoryProcessedEvents`.
-- `Consumer`: the runner. It reads batches, skips events already processed, runs the handler, records
-  the event as processed and only then acknowledges the batch. A handler error leaves the entry
-  unacknowledged and schedules a retry with exponential backoff and full jitter; the attempt number
-  is the entry's delivery count, so it survives the consumer's death. After `max_attempts` the entry
-  goes to the dead-letter stream `parley:dlq:<consumer>` with the error, and the original is acked.
-  Entries a dead consumer left pending longer than the visibility timeout are reclaimed (XAUTOCLAIM).
+  and `InMemoryProcessedEvents`. An adapter that also implements `BatchProcessedEvents` (both of
+  these do) is asked once per batch instead of once per event.
+- `Consumer`: the runner. It reads a batch, looks up which of its events were already processed
+  (one query), runs the handler for the others in stream order, records the handled events as
+  processed (one write) and only then acknowledges the batch (one XACK). A handler error leaves the
+  entry unacknowledged and schedules a retry with exponential backoff and full jitter (or later, when
+  the error carries `retry_after_s`); the attempt number is the entry's delivery count, so it
+  survives the consumer's death. After `max_attempts`, or at once for an error that is not retryable
+  (`is_retryable`), the entry goes to the dead-letter stream `parley:dlq:<consumer>` with the error,
+  and the original is acked. Entries a dead consumer left pending longer than the visibility timeout
+  are reclaimed (XAUTOCLAIM, looked for at most once a second, more often for short timeouts).
+- Replays: `EventSource.replay` puts a dead letter back on the shared stream marked `for_group` (see
+  `services.common.streams`); every other group acknowledges that entry without handling it.
+
+Recording happens once per batch, after every handler of the batch returned: a consumer killed
+outright mid-batch (SIGKILL, power loss) leaves the events it had handled in that batch unrecorded,
+and they are handled again on redelivery, like an effect whose record was never written. A consumer
+that is cancelled or fails mid-batch records them before it stops. Handlers whose effects must not
+repeat record in their own transaction (below).
 
 A handler whose effect lives in a database should write the idempotency record in the same
 transaction as the effect; otherwise a crash between the commit and the record applies the effect
@@ -32,18 +44,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
 
 from google.protobuf.message import DecodeError
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from redis import ResponseError
 from redis.asyncio import Redis
 
@@ -57,7 +70,11 @@ from services.common.streams import (
     MalformedStreamEntry,
     decode_entry,
     encode_entry,
+    entry_for_group,
 )
+
+if TYPE_CHECKING:
+    from services.common.dead_letters import SqlDeadLetters
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +83,9 @@ PROCESSED_KEY_PREFIX: Final = "parley:processed:"
 # Long enough to outlast any redelivery (stream retention, a DLQ replay days later).
 DEFAULT_PROCESSED_TTL_S: Final = 30 * 24 * 3600
 _ERROR_MAX_CHARS: Final = 2000
+# A retry is due at the latest this share of the visibility timeout after its delivery; the rest is
+# room for the remainder of the batch and for the poll that claims it (see `Consumer._retry_due_at`).
+_RETRY_WITHIN_VISIBILITY: Final = 0.9
 
 EventHandler = Callable[[events_pb2.Event], Awaitable[None]]
 
@@ -87,6 +107,21 @@ def backoff_ceiling_s(attempt: int, base_s: float, cap_s: float) -> float:
 def backoff_delay_s(attempt: int, base_s: float, cap_s: float, rng: random.Random) -> float:
     """Full jitter: uniform in [0, ceiling], so consumers that failed together do not retry together."""
     return rng.uniform(0.0, backoff_ceiling_s(attempt, base_s, cap_s))
+
+
+def is_retryable(error: BaseException) -> bool:
+    """False for a handler error that says another attempt cannot help (`retryable = False` on it):
+    the consumer dead-letters that event at once instead of retrying it."""
+    return getattr(error, "retryable", True) is not False
+
+
+def retry_after_of(error: BaseException) -> float | None:
+    """The earliest sensible retry the error names (a positive `retry_after_s`, e.g. an SMTP
+    server's or a rate limit's), or None."""
+    value = getattr(error, "retry_after_s", None)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) and value > 0 else None
 
 
 @dataclass(frozen=True)
@@ -156,8 +191,8 @@ class EventSource(Protocol):
         """The group's dead letters, oldest first."""
 
     async def replay(self, dead_letter_id: str | None = None) -> int:
-        """Put one dead letter (or all when None) back on its stream and delete it from the DLQ;
-        returns how many were replayed."""
+        """Put one dead letter (or all when None) back on its stream, for this group only, and
+        delete it from the DLQ; returns how many were replayed."""
 
 
 class ProcessedEvents(Protocol):
@@ -166,6 +201,31 @@ class ProcessedEvents(Protocol):
     async def is_processed(self, consumer: str, event_id: str) -> bool: ...
 
     async def mark_processed(self, consumer: str, event_id: str) -> None: ...
+
+
+@runtime_checkable
+class BatchProcessedEvents(ProcessedEvents, Protocol):
+    """Idempotency records that answer for a whole batch in one query (the consumer's fast path)."""
+
+    async def processed_among(self, consumer: str, event_ids: Sequence[str]) -> set[str]:
+        """The ids among `event_ids` that `consumer` has already processed."""
+
+    async def mark_all_processed(self, consumer: str, event_ids: Sequence[str]) -> None:
+        """Record every one of `event_ids` as processed by `consumer` (idempotent)."""
+
+
+async def _processed_among(processed: ProcessedEvents, consumer: str, event_ids: Sequence[str]) -> set[str]:
+    if isinstance(processed, BatchProcessedEvents):
+        return await processed.processed_among(consumer, event_ids)
+    return {event_id for event_id in event_ids if await processed.is_processed(consumer, event_id)}
+
+
+async def _mark_all_processed(processed: ProcessedEvents, consumer: str, event_ids: Sequence[str]) -> None:
+    if isinstance(processed, BatchProcessedEvents):
+        await processed.mark_all_processed(consumer, event_ids)
+        return
+    for event_id in event_ids:
+        await processed.mark_processed(consumer, event_id)
 
 
 def _text(value: bytes | str) -> str:
@@ -207,10 +267,10 @@ def _dead_letter_from(dead_letter_id: str, fields: Mapping[str, bytes]) -> DeadL
     )
 
 
-def _replay_fields(dead: DeadLetter) -> dict[str, bytes]:
-    """The stream entry that re-delivers a dead letter (the agreed entry format)."""
+def _replay_fields(dead: DeadLetter, group: str) -> dict[str, bytes]:
+    """The stream entry that re-delivers a dead letter to `group` only (the agreed entry format)."""
     try:
-        return encode_entry(events_pb2.Event.FromString(dead.event))
+        return encode_entry(events_pb2.Event.FromString(dead.event), for_group=group)
     except DecodeError as error:
         raise MalformedStreamEntry(
             f"dead letter {dead.dead_letter_id} holds no decodable event; it cannot be replayed"
@@ -334,7 +394,7 @@ class RedisStreamSource:
             entries = await self._client.xrange(self._dlq, min=dead_letter_id, max=dead_letter_id)
             chosen = [_dead_letter_from(entry_id, fields) for entry_id, fields in _entries(entries)]
         for dead in chosen:
-            fields = _replay_fields(dead)
+            fields = _replay_fields(dead, self._group)
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.xadd(dead.stream, fields, maxlen=self._max_len, approximate=True)  # type: ignore[arg-type]
                 pipe.xdel(self._dlq, dead.dead_letter_id)
@@ -362,7 +422,10 @@ class InProcessSource:
     Feed it from the outbox relay with `dispatcher.subscribe(<consumer>, source.deliver)`: `deliver`
     returns only once the group has acknowledged or dead-lettered the event, so the relay marks the
     outbox row relayed only after the consumer is done with it, and the outbox stays the durable
-    queue. Dead letters are kept in memory (`dead_letters`), so they do not survive a restart.
+    queue. Dead letters go to `dead_letters` (the `dead_letters` table) when given, written before
+    the event counts as settled, so they survive a restart; without it they are kept in memory.
+    `replay` puts them back on this in-memory stream; from another process, replay through the
+    outbox instead (`SqlDeadLetters.requeue_in_outbox`, what `parley events dlq replay` does).
     """
 
     def __init__(
@@ -372,11 +435,13 @@ class InProcessSource:
         group: str,
         clock: Callable[[], float] = time.monotonic,
         settle_timeout_s: float = 300.0,
+        dead_letters: SqlDeadLetters | None = None,
     ) -> None:
         self._stream = stream
         self._group = group
         self._clock = clock
         self._settle_timeout_s = settle_timeout_s
+        self._durable_dead = dead_letters
         self._entries: dict[str, _InProcessEntry] = {}
         self._sequence = 0
         # Entries up to this sequence were delivered to the group at least once.
@@ -394,9 +459,9 @@ class InProcessSource:
     def group(self) -> str:
         return self._group
 
-    def publish(self, event: events_pb2.Event) -> str:
-        """Append an event to the stream; returns its entry id."""
-        return self._append(encode_entry(event)).entry_id
+    def publish(self, event: events_pb2.Event, *, for_group: str | None = None) -> str:
+        """Append an event to the stream (for `for_group` only, as a replay is); returns its entry id."""
+        return self._append(encode_entry(event, for_group=for_group)).entry_id
 
     def _append(self, fields: dict[str, bytes]) -> _InProcessEntry:
         self._sequence += 1
@@ -469,29 +534,61 @@ class InProcessSource:
     async def dead_letter(self, delivery: Delivery, error: str) -> None:
         if delivery.entry_id not in self._pending:
             return  # already settled by another member
-        self._dead_sequence += 1
-        dead_letter_id = f"{self._dead_sequence}-0"
         fields = _dead_letter_fields(delivery, error, datetime.now(UTC))
-        self._dead[dead_letter_id] = _dead_letter_from(dead_letter_id, fields)
+        if self._durable_dead is not None:
+            # Stored before settling: the relay marks the outbox row relayed once `deliver` returns.
+            await self._durable_dead.add(self._group, _dead_letter_from("", fields))
+        else:
+            self._dead_sequence += 1
+            dead_letter_id = f"{self._dead_sequence}-0"
+            self._dead[dead_letter_id] = _dead_letter_from(dead_letter_id, fields)
         self._settle(delivery.entry_id)
 
     async def pending_count(self) -> int:
         return len(self._pending)
 
     async def dead_letters(self) -> list[DeadLetter]:
+        if self._durable_dead is not None:
+            return await self._durable_dead.list(self._group)
         return list(self._dead.values())
 
     async def replay(self, dead_letter_id: str | None = None) -> int:
+        if self._durable_dead is not None:
+            return await self._replay_durable(self._durable_dead, dead_letter_id)
         chosen = list(self._dead) if dead_letter_id is None else [dead_letter_id]
         replayed = 0
         for chosen_id in chosen:
             dead = self._dead.get(chosen_id)
             if dead is None:
                 continue
-            self._append(_replay_fields(dead))
+            self._append(_replay_fields(dead, self._group))
             del self._dead[chosen_id]
             replayed += 1
         return replayed
+
+    async def _replay_durable(self, store: SqlDeadLetters, dead_letter_id: str | None) -> int:
+        chosen = [
+            dead
+            for dead in await store.list(self._group)
+            if dead_letter_id is None or dead.dead_letter_id == dead_letter_id
+        ]
+        replayed = 0
+        for dead in chosen:
+            # Encoded before it is taken, so a letter that cannot be replayed stays in the table.
+            fields = _replay_fields(dead, self._group)
+            if await store.take(self._group, dead.dead_letter_id):  # not taken by someone else meanwhile
+                self._append(fields)
+                replayed += 1
+        return replayed
+
+
+# SET NX EX for every key of a batch, in one round trip and one command.
+_MARK_PROCESSED_SCRIPT: Final = """
+for _, key in ipairs(KEYS) do
+    redis.call('SET', key, '1', 'NX', 'EX', ARGV[1])
+end
+return #KEYS
+"""
 
 
 class RedisProcessedEvents:
@@ -501,6 +598,7 @@ class RedisProcessedEvents:
         self._client = client
         self._ttl_s = ttl_s
         self._key_prefix = key_prefix + PROCESSED_KEY_PREFIX
+        self._mark_script = client.register_script(_MARK_PROCESSED_SCRIPT)
 
     def _key(self, consumer: str, event_id: str) -> str:
         return f"{self._key_prefix}{consumer}:{event_id}"
@@ -510,6 +608,18 @@ class RedisProcessedEvents:
 
     async def mark_processed(self, consumer: str, event_id: str) -> None:
         await self._client.set(self._key(consumer, event_id), b"1", nx=True, ex=self._ttl_s)
+
+    async def processed_among(self, consumer: str, event_ids: Sequence[str]) -> set[str]:
+        if not event_ids:
+            return set()
+        values = await self._client.mget([self._key(consumer, event_id) for event_id in event_ids])
+        return {event_id for event_id, value in zip(event_ids, values, strict=True) if value is not None}
+
+    async def mark_all_processed(self, consumer: str, event_ids: Sequence[str]) -> None:
+        if event_ids:
+            keys = [self._key(consumer, event_id) for event_id in event_ids]
+            # One command for the batch; a record that exists keeps its expiry, like SET NX.
+            await self._mark_script(keys=keys, args=[self._ttl_s])
 
 
 class InMemoryProcessedEvents:
@@ -524,9 +634,16 @@ class InMemoryProcessedEvents:
     async def mark_processed(self, consumer: str, event_id: str) -> None:
         self._processed.add((consumer, event_id))
 
+    async def processed_among(self, consumer: str, event_ids: Sequence[str]) -> set[str]:
+        return {event_id for event_id in event_ids if (consumer, event_id) in self._processed}
+
+    async def mark_all_processed(self, consumer: str, event_ids: Sequence[str]) -> None:
+        self._processed.update((consumer, event_id) for event_id in event_ids)
+
 
 class ConsumerMetrics:
-    """Handler latency, retries, dead letters and the pending entries of each consumer group."""
+    """Handler latency, retries and dead letters of each consumer (group pending counts:
+    `parley_consumer_group_pending`, in `services.common.event_metrics`)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.handler_latency = Histogram(
@@ -545,12 +662,6 @@ class ConsumerMetrics:
         self.dead_letters = Counter(
             "parley_consumer_dead_letters_total",
             "Entries moved to the dead-letter stream.",
-            ("consumer",),
-            registry=registry,
-        )
-        self.pending = Gauge(
-            "parley_consumer_pending",
-            "Entries delivered to the consumer group and not acknowledged yet.",
             ("consumer",),
             registry=registry,
         )
@@ -577,7 +688,15 @@ def current_delivery() -> CurrentDelivery:
 
 
 class Consumer:
-    """Runs one member of a consumer group: reads batches from `source`, handles each event once."""
+    """Runs one member of a consumer group: reads batches from `source`, handles each event once.
+
+    Retry delays: the backoff delay, or the error's `retry_after_s` when that is later, but never
+    later than `_RETRY_WITHIN_VISIBILITY` of the visibility timeout after the entry was delivered.
+    The entry's idle time in the group counts from that delivery; a retry due past the visibility
+    timeout would let another member reclaim the entry first, and then both would work on it (this
+    member's claim takes it back while the other is handling it). The margin is room for the rest of
+    the batch and for the poll that claims the retry.
+    """
 
     def __init__(
         self,
@@ -620,6 +739,15 @@ class Consumer:
         # Entry id → monotonic time its retry is due (entries this member failed and still holds).
         self._retry_due: dict[str, float] = {}
         self._group_ready = False
+        # Looking for a dead member's idle entries costs a round trip; once a second is soon enough
+        # for a timeout of minutes (shorter timeouts are checked proportionally more often).
+        self._reclaim_interval_s = min(1.0, visibility_timeout_s / 4)
+        self._next_reclaim_at = 0.0
+        self._handler_latency = (
+            {}
+            if metrics is None
+            else {outcome: metrics.handler_latency.labels(name, outcome) for outcome in ("ok", "error")}
+        )
 
     async def poll_once(self, block_s: float | None = None) -> int:
         """Read and handle one batch (due retries, idle entries of dead members, then new entries);
@@ -627,14 +755,19 @@ class Consumer:
         if not self._group_ready:
             await self._source.ensure_group()
             self._group_ready = True
-        now = time.monotonic()
-        due = [entry_id for entry_id, due_at in self._retry_due.items() if due_at <= now][: self._batch_size]
+        read_at = time.monotonic()
+        due = [entry_id for entry_id, due_at in self._retry_due.items() if due_at <= read_at]
+        due = due[: self._batch_size]
         for entry_id in due:
             del self._retry_due[entry_id]
-        batch = await self._source.claim(self.member, due)
+        batch = await self._source.claim(self.member, due) if due else []
         room = self._batch_size - len(batch)
-        if room > 0:
-            batch += await self._source.reclaim_idle(self.member, self._visibility_timeout_s, room)
+        if room > 0 and read_at >= self._next_reclaim_at:
+            reclaimed = await self._source.reclaim_idle(self.member, self._visibility_timeout_s, room)
+            batch += reclaimed
+            # A full page means more idle entries may be waiting: look again on the next poll.
+            full = len(reclaimed) >= room
+            self._next_reclaim_at = read_at if full else read_at + self._reclaim_interval_s
         room = self._batch_size - len(batch)
         if room > 0:
             wait_s = self._block_s if block_s is None else block_s
@@ -643,46 +776,69 @@ class Consumer:
             elif self._retry_due:
                 wait_s = min(wait_s, max(0.0, min(self._retry_due.values()) - time.monotonic()))
             batch += await self._source.read_new(self.member, room, wait_s)
-        settled = await self._handle_batch(batch)
-        if self._metrics is not None:
-            self._metrics.pending.labels(self.name).set(await self._source.pending_count())
-        return settled
+        return await self._handle_batch(batch, read_at)
 
-    async def _handle_batch(self, batch: Sequence[Delivery]) -> int:
+    async def _handle_batch(self, batch: Sequence[Delivery], read_at: float) -> int:
         to_ack: list[str] = []
         dead = 0
+        events: list[tuple[Delivery, events_pb2.Event]] = []
         seen: set[str] = set()
         for delivery in batch:
             if delivery.entry_id in seen:
                 continue  # reclaimed and claimed in the same poll
             seen.add(delivery.entry_id)
             self._retry_due.pop(delivery.entry_id, None)
-            outcome = await self._handle(delivery)
-            if outcome == "ack":
+            target = entry_for_group(delivery.fields)
+            if target is not None and target != self.name:
+                # Another group's replay: this group handled the event when it was first published.
                 to_ack.append(delivery.entry_id)
-            elif outcome == "dead":
+                continue
+            try:
+                events.append((delivery, delivery.decode()))
+            except MalformedStreamEntry as error:
+                await self._dead_letter(delivery, f"MalformedStreamEntry: {error}")
                 dead += 1
+        done = (
+            await _processed_among(self._processed, self.name, [event.id for _delivery, event in events])
+            if events
+            else set()
+        )
+        handled: list[str] = []
+        try:
+            for delivery, event in events:
+                if event.id in done:
+                    to_ack.append(delivery.entry_id)  # processed before, or earlier in this batch
+                    continue
+                outcome = await self._handle(delivery, event, read_at)
+                if outcome == "ack":
+                    to_ack.append(delivery.entry_id)
+                    done.add(event.id)
+                    handled.append(event.id)
+                elif outcome == "dead":
+                    dead += 1
+        except BaseException:
+            # Stopping mid-batch (cancelled, or the source failed): record what the handlers already
+            # did, so the redelivery skips it. Nothing is acked; the entries are delivered again.
+            with contextlib.suppress(Exception):
+                await self._record_processed(handled)
+            raise
+        await self._record_processed(handled)
         # Acknowledged only after every handler of the batch returned and its record was written.
         await self._source.ack(to_ack)
         return len(to_ack) + dead
 
-    async def _handle(self, delivery: Delivery) -> str:
-        try:
-            event = delivery.decode()
-        except MalformedStreamEntry as error:
-            await self._dead_letter(delivery, f"MalformedStreamEntry: {error}")
-            return "dead"
-        if await self._processed.is_processed(self.name, event.id):
-            return "ack"
+    async def _record_processed(self, event_ids: Sequence[str]) -> None:
+        if event_ids and not self._handler_records_processing:
+            await _mark_all_processed(self._processed, self.name, event_ids)
+
+    async def _handle(self, delivery: Delivery, event: events_pb2.Event, read_at: float) -> str:
         started = time.perf_counter()
         try:
             await self._call_handler(event, delivery.deliveries)
         except Exception as error:  # noqa: BLE001 - any handler failure is retried, then dead-lettered.
             self._observe(started, "error")
-            return await self._failed(delivery, error)
+            return await self._failed(delivery, error, read_at)
         self._observe(started, "ok")
-        if not self._handler_records_processing:
-            await self._processed.mark_processed(self.name, event.id)
         return "ack"
 
     async def _call_handler(self, event: events_pb2.Event, attempt: int) -> None:
@@ -711,12 +867,23 @@ class Consumer:
             _current_delivery.reset(delivery_token)
 
     def _observe(self, started: float, outcome: str) -> None:
-        if self._metrics is not None:
-            self._metrics.handler_latency.labels(self.name, outcome).observe(time.perf_counter() - started)
+        histogram = self._handler_latency.get(outcome)
+        if histogram is not None:
+            histogram.observe(time.perf_counter() - started)
 
-    async def _failed(self, delivery: Delivery, error: Exception) -> str:
+    def _retry_due_at(self, delivery: Delivery, error: Exception, read_at: float) -> float:
+        """When the failed entry is retried (monotonic time); see the class docstring."""
+        delay_s = backoff_delay_s(delivery.deliveries, self._backoff_base_s, self._backoff_cap_s, self._rng)
+        retry_after_s = retry_after_of(error)
+        if retry_after_s is not None:
+            delay_s = max(delay_s, retry_after_s)
+        now = time.monotonic()
+        latest = read_at + _RETRY_WITHIN_VISIBILITY * self._visibility_timeout_s
+        return max(now, min(now + delay_s, latest))
+
+    async def _failed(self, delivery: Delivery, error: Exception, read_at: float) -> str:
         error_text = f"{type(error).__name__}: {error}"
-        if delivery.deliveries >= self._max_attempts:
+        if delivery.deliveries >= self._max_attempts or not is_retryable(error):
             logger.error(
                 "consumer %s dead-letters event %s after %d attempt(s): %s",
                 self.name,
@@ -726,8 +893,8 @@ class Consumer:
             )
             await self._dead_letter(delivery, error_text)
             return "dead"
-        delay_s = backoff_delay_s(delivery.deliveries, self._backoff_base_s, self._backoff_cap_s, self._rng)
-        self._retry_due[delivery.entry_id] = time.monotonic() + delay_s
+        due_at = self._retry_due_at(delivery, error, read_at)
+        self._retry_due[delivery.entry_id] = due_at
         if self._metrics is not None:
             self._metrics.retries.labels(self.name).inc()
         logger.warning(
@@ -735,7 +902,7 @@ class Consumer:
             self.name,
             delivery.event_id,
             delivery.deliveries,
-            delay_s,
+            due_at - time.monotonic(),
             error_text,
         )
         return "retry"

@@ -15,6 +15,7 @@ adapter's TTL does.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Final
 
@@ -74,13 +75,34 @@ class SqlProcessedEvents:
             )
         return found is not None
 
+    async def processed_among(self, consumer: str, event_ids: Sequence[str]) -> set[str]:
+        """The ids among `event_ids` that `consumer` has processed: one query for a consumer's batch."""
+        if not event_ids:
+            return set()
+        async with self._db.unit_of_work(read_only=True) as session:
+            found = await session.scalars(
+                select(ProcessedEvent.event_id).where(
+                    ProcessedEvent.consumer == consumer, ProcessedEvent.event_id.in_(set(event_ids))
+                )
+            )
+            return set(found)
+
     async def mark_processed(self, consumer: str, event_id: str) -> None:
         """Record the event as processed in a unit of work of its own; a second mark is a no-op."""
-        _checked(consumer, event_id)
+        await self.mark_all_processed(consumer, [event_id])
+
+    async def mark_all_processed(self, consumer: str, event_ids: Sequence[str]) -> None:
+        """Record every event as processed in one statement; records that exist stay as they are."""
+        if not event_ids:
+            return
+        for event_id in event_ids:
+            _checked(consumer, event_id)
         insert = postgresql.insert if self._db.dialect_name == "postgresql" else sqlite.insert
+        now = utc_now()
+        rows = [{"consumer": consumer, "event_id": event_id, "processed_at": now} for event_id in event_ids]
         statement = (
             insert(ProcessedEvent)
-            .values(consumer=consumer, event_id=event_id, processed_at=utc_now())
+            .values(rows)
             .on_conflict_do_nothing(index_elements=[ProcessedEvent.consumer, ProcessedEvent.event_id])
         )
         async with self._db.unit_of_work() as session:

@@ -29,6 +29,11 @@ DEFAULT_SERVICE_METRICS_PORTS: dict[ServiceName, int] = {
     "analytics": 9474,
 }
 
+# `parley worker <name>`: the event pipeline's processes in microservices mode.
+WorkerName = Literal["relay", "email"]
+WORKER_NAMES: tuple[WorkerName, ...] = ("relay", "email")
+DEFAULT_WORKER_METRICS_PORTS: dict[WorkerName, int] = {"relay": 9481, "email": 9482}
+
 Port = int
 # Product features that can be reserved for accounts with a verified email address.
 VerifiableFeature = Literal["api_keys", "chat", "billing"]
@@ -136,6 +141,15 @@ class Settings(BaseSettings):
     mail_from: str = Field(
         default="Parley <no-reply@localhost>",
         description="The From header and envelope sender of every email.",
+    )
+    email_max_attempts: int = Field(
+        default=10, ge=1, le=100, description="Sending attempts per mail before it is dead-lettered."
+    )
+    email_retry_base_s: float = Field(
+        default=1.0, gt=0, le=600, description="First retry delay of a mail; doubles per attempt, jittered."
+    )
+    email_retry_cap_s: float = Field(
+        default=60.0, gt=0, le=600, description="Longest delay between two sending attempts of a mail."
     )
     smtp_per_domain_per_minute: int = Field(
         default=60,

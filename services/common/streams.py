@@ -2,12 +2,16 @@
 
 One stream per event source, `parley:events:<source>`; each entry has the fields `event_id`
 (`Event.id`), `type` (`Event.type`) and `event` (the serialized `parley.events.v1.Event`, envelope
-and trace context included). `encode_entry`/`decode_entry` are the only code that writes or reads
-that format.
+and trace context included). An entry that replays a dead letter also has `for_group`: the one
+consumer group it is meant for (every other group acknowledges it without handling it, since they
+handled the event the first time). `encode_entry`, `decode_entry` and `entry_for_group` are the
+only code that writes or reads that format.
 """
 
 from __future__ import annotations
 
+import asyncio
+import math
 from collections.abc import Mapping, Sequence
 from typing import Final
 
@@ -25,6 +29,7 @@ STREAM_KEY_PREFIX: Final = "parley:events:"
 FIELD_EVENT_ID: Final = "event_id"
 FIELD_TYPE: Final = "type"
 FIELD_EVENT: Final = "event"
+FIELD_FOR_GROUP: Final = "for_group"
 
 STREAM_MAX_LEN: Final = 1_000_000
 """Approximate cap on the entries kept in each source's stream (`XADD ... MAXLEN ~ <cap>`).
@@ -51,6 +56,11 @@ holds at least the cap and at most about one node more; it never holds fewer tha
 # means Redis or the path to it is in trouble, and the relay retries with backoff.
 DEFAULT_SOCKET_TIMEOUT_S: Final = 5.0
 
+# The constant parts of `XADD <key> MAXLEN ~ <cap> * <field> <value> ...` in the Redis protocol.
+_RESP_XADD: Final = b"$4\r\nXADD\r\n"
+_RESP_MAXLEN_APPROXIMATE: Final = b"$6\r\nMAXLEN\r\n$1\r\n~\r\n"
+_RESP_AUTO_ID: Final = b"$1\r\n*\r\n"
+
 
 class MalformedStreamEntry(ValueError):  # noqa: N818 - named for the condition, like KeyError.
     """A stream entry does not hold a well-formed event in the agreed fields."""
@@ -63,13 +73,28 @@ def stream_key(source: str) -> str:
     return STREAM_KEY_PREFIX + source
 
 
-def encode_entry(event: events_pb2.Event) -> dict[str, bytes]:
-    """The fields of the stream entry that carries `event`."""
-    return {
+def encode_entry(event: events_pb2.Event, *, for_group: str | None = None) -> dict[str, bytes]:
+    """The fields of the stream entry that carries `event`; with `for_group`, an entry only that
+    consumer group handles (a replayed dead letter)."""
+    fields = {
         FIELD_EVENT_ID: event.id.encode(),
         FIELD_TYPE: event.type.encode(),
         FIELD_EVENT: event.SerializeToString(),
     }
+    if for_group is not None:
+        if not for_group:
+            raise ValueError("for_group must name a consumer group")
+        fields[FIELD_FOR_GROUP] = for_group.encode()
+    return fields
+
+
+def entry_for_group(fields: Mapping[str, bytes]) -> str | None:
+    """The consumer group an entry is meant for, or None when it is for every group.
+
+    Takes the fields with text names, as the consumer framework holds them.
+    """
+    target = fields.get(FIELD_FOR_GROUP)
+    return None if target is None else target.decode(errors="replace")
 
 
 def _text(value: bytes | str) -> str:
@@ -107,6 +132,11 @@ def decode_entry(
     return event
 
 
+def _resp_bulk(value: bytes) -> bytes:
+    """A bulk string of the Redis protocol."""
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
 class RedisStreamPublisher:
     """The outbox relay's dispatcher in microservices mode: XADDs each event to its source's stream.
 
@@ -125,6 +155,7 @@ class RedisStreamPublisher:
             raise ValueError("max_len must be at least 1")
         self._client = client
         self._max_len = max_len
+        self._packed_max_len = _resp_bulk(str(max_len).encode())
 
     @classmethod
     def from_url(
@@ -148,40 +179,51 @@ class RedisStreamPublisher:
         """Close the client and its connections."""
         await self._client.aclose()
 
-    def _xadd(self, event: events_pb2.Event) -> list[bytes | str | int]:
-        command: list[bytes | str | int] = [
-            "XADD",
-            stream_key(event.source),
-            "MAXLEN",
-            "~",
-            self._max_len,
-            "*",
+    def packed_xadd(self, event: events_pb2.Event) -> bytes:
+        """The XADD that publishes `event`, encoded in the Redis protocol (RESP).
+
+        Written out here rather than by redis-py's `pack_commands`, which costs three times as much
+        per event (about 6.6 us against 2 us, a sizeable share of the relay's CPU); a test checks
+        that both encodings agree byte for byte.
+        """
+        fields = encode_entry(event)
+        parts = [
+            b"*%d\r\n" % (6 + 2 * len(fields)),
+            _RESP_XADD,
+            _resp_bulk(stream_key(event.source).encode()),
+            _RESP_MAXLEN_APPROXIMATE,
+            self._packed_max_len,
+            _RESP_AUTO_ID,
         ]
-        for name, value in encode_entry(event).items():
-            command += [name, value]
-        return command
+        for name, value in fields.items():
+            parts.append(_resp_bulk(name.encode()))
+            parts.append(_resp_bulk(value))
+        return b"".join(parts)
 
     async def dispatch(self, events: Sequence[events_pb2.Event]) -> None:
         if not events:
             return
-        commands = [self._xadd(event) for event in events]
+        packed = b"".join(self.packed_xadd(event) for event in events)
         pool = self._client.connection_pool
         # The client's own Pipeline discards every reply when the connection drops mid-way, so the
         # relay could not tell what Redis has; talking to the connection keeps the replies read.
         connection = await pool.get_connection()
         confirmed = 0
         failure: BaseException | None = None
+        # One deadline for the batch's replies instead of one per reply (a timer each, per event).
+        batch_timeout_s = connection.socket_timeout or DEFAULT_SOCKET_TIMEOUT_S
         try:
-            await connection.send_packed_command(connection.pack_commands(commands))
-            for _ in commands:
-                try:
-                    await connection.read_response()
-                except ResponseError as error:
-                    # An error reply leaves the connection usable: keep reading so it stays in step.
-                    failure = failure or error
-                else:
-                    if failure is None:
-                        confirmed += 1
+            async with asyncio.timeout(batch_timeout_s):
+                await connection.send_packed_command(packed)
+                for _ in events:
+                    try:
+                        await connection.read_response(timeout=math.inf)
+                    except ResponseError as error:
+                        # An error reply leaves the connection usable: keep reading so it stays in step.
+                        failure = failure or error
+                    else:
+                        if failure is None:
+                            confirmed += 1
         except (RedisError, OSError) as error:
             # The connection is now out of step with its replies (read_response already closed it
             # on I/O errors; a ResponseError cannot get here).

@@ -34,6 +34,9 @@ class TemporaryDeliveryError(EmailDeliveryError):
 class PermanentDeliveryError(EmailDeliveryError):
     """Retrying cannot help: dead-letter the job and record an `EmailFailed(permanent=True)`."""
 
+    # Read by the consumer framework: dead-letter at once instead of retrying.
+    retryable = False
+
 
 class DomainRateLimitedError(TemporaryDeliveryError):
     """The recipient's domain has had its share of mail for now."""

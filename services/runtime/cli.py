@@ -1,4 +1,4 @@
-"""The one `parley` entry point: up, serve, gateway, migrate, admin."""
+"""The one `parley` entry point: up, serve, worker, gateway, migrate, admin, events."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from services.common.settings import (
     DEFAULT_SERVICE_METRICS_PORTS,
     DEFAULT_SERVICE_PORTS,
     SERVICE_NAMES,
+    WORKER_NAMES,
     ServiceName,
     SettingsError,
+    WorkerName,
     load_settings,
 )
 
@@ -33,6 +35,11 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run one service alone (microservices mode)")
     serve.add_argument("service", choices=SERVICE_NAMES)
     serve.add_argument("--port", type=int, help="gRPC port (default: PARLEY_GRPC_PORT or the service's own)")
+
+    worker = commands.add_parser("worker", help="run one event-pipeline worker (microservices mode)")
+    worker.add_argument(
+        "worker", choices=WORKER_NAMES, help="relay: outbox to Redis Streams; email: sends the mails"
+    )
 
     gateway = commands.add_parser("gateway", help="render the Envoy config for a topology and run Envoy")
     gateway.add_argument("--topology", choices=("local", "k8s", "embedded"), default="local")
@@ -74,7 +81,51 @@ def _parser() -> argparse.ArgumentParser:
     for action in (create_admin, rotate):
         action.add_argument("--data-dir", type=Path, help="default: PARLEY_DATA_DIR or ./var")
         action.add_argument("--database-url", help="default: PARLEY_DATABASE_URL or SQLite in the data dir")
+    _add_events_commands(commands)
     return parser
+
+
+def _add_events_commands(commands: Any) -> None:
+    """`parley events tail | dlq list | dlq replay` (services.runtime.event_commands runs them)."""
+    events = commands.add_parser(
+        "events", help="inspect the event streams and dead letters in Redis (microservices mode)"
+    )
+    actions = events.add_subparsers(dest="events_command", required=True, metavar="ACTION")
+    tail = actions.add_parser(
+        "tail",
+        help="print the newest events of the streams",
+        description=(
+            "One line per entry: stream, entry id, time, type, event id, subject, trace id. "
+            "EmailRequested params are never printed (they may hold single-use tokens)."
+        ),
+    )
+    tail.add_argument("--source", help="one event source, e.g. auth (default: every parley:events:* stream)")
+    tail.add_argument("--count", type=_at_least_one, default=20, help="how many entries (default 20)")
+    tail.add_argument("--follow", action="store_true", help="then keep printing new entries until Ctrl-C")
+    tail.add_argument("--json", action="store_true", help="print each event as one line of JSON")
+    dlq = actions.add_parser("dlq", help="a consumer group's dead letters")
+    dlq_actions = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
+    listing = dlq_actions.add_parser("list", help="print a consumer's dead letters, oldest first")
+    listing.add_argument("--json", action="store_true", help="one JSON object per dead letter")
+    replay = dlq_actions.add_parser(
+        "replay",
+        help="put dead letters back on the stream they came from",
+        description=(
+            "The event goes back on the stream it came from as a new entry meant for the consumer's "
+            "group only; the other groups on that stream acknowledge it without handling it."
+        ),
+    )
+    which = replay.add_mutually_exclusive_group(required=True)
+    which.add_argument("dead_letter_id", nargs="?", help="a dead letter's id, as `dlq list` shows it")
+    which.add_argument("--all", action="store_true", help="every dead letter of the consumer")
+    for action in (listing, replay):
+        action.add_argument("--consumer", default="email", help="the consumer group (default: email)")
+
+
+def _at_least_one(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -91,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _dispatch(arguments: argparse.Namespace) -> int:
+def _dispatch(arguments: argparse.Namespace) -> int:  # noqa: PLR0911 - one return per subcommand
     if arguments.command == "up":
         settings = load_settings(
             **_given(
@@ -103,10 +154,14 @@ def _dispatch(arguments: argparse.Namespace) -> int:
         return _run(run_embedded(settings))
     if arguments.command == "serve":
         return _serve(arguments.service, arguments.port)
+    if arguments.command == "worker":
+        return _worker(arguments.worker)
     if arguments.command == "gateway":
         return _gateway(arguments.topology, arguments.render, arguments.upstream)
     if arguments.command == "admin":
         return _admin(arguments)
+    if arguments.command == "events":
+        return _events(arguments)
     settings = load_settings(**_given(database_url=arguments.database_url))
     from services.common.migrate import upgrade
 
@@ -133,6 +188,12 @@ def _serve(service: ServiceName, port: int | None) -> int:
     from services.runtime.standalone import serve_service
 
     return _run(serve_service(service, settings))
+
+
+def _worker(worker: WorkerName) -> int:
+    from services.runtime.workers import run_worker, worker_settings
+
+    return _run(run_worker(worker, worker_settings(worker)))
 
 
 def _gateway(topology_name: str, render_to: Path | None, upstream_overrides: list[str]) -> int:
@@ -176,6 +237,13 @@ def _admin(arguments: argparse.Namespace) -> int:
     except AdminCommandError as error:
         sys.stderr.write(f"{error.message}\n")
         return error.exit_code
+
+
+def _events(arguments: argparse.Namespace) -> int:
+    settings = load_settings()
+    from services.runtime.event_commands import Output, run_events_command
+
+    return run_events_command(arguments, settings.redis_url, Output(stdout=sys.stdout, stderr=sys.stderr))
 
 
 def _given(**values: object) -> dict[str, object]:

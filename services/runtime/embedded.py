@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sys
 from dataclasses import dataclass
@@ -18,9 +17,9 @@ from services.common.db import Database
 from services.common.health import DependencyProbe
 from services.common.metrics import serve_metrics
 from services.common.migrate import upgrade_async
-from services.common.outbox import InProcessDispatcher, OutboxRelay
 from services.common.server import ServerDeps, create_server
 from services.common.settings import SERVICE_NAMES, Settings
+from services.email.sending import MAIL_DIR_NAME
 from services.runtime.edge_wiring import build_edge_wiring
 from services.runtime.process import (
     build_services,
@@ -36,6 +35,7 @@ from services.runtime.process import (
     until_stopped_or_exited,
 )
 from services.runtime.topologies import with_edge_settings
+from services.runtime.workers import EmbeddedWorkers
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,8 @@ class EmbeddedAddresses:
     envoy_admin_url: str
     data_dir: Path
     database_url: str
+    # Where mails go when no SMTP server is configured; None when they go to SMTP.
+    mail_dir: Path | None
 
 
 async def run_embedded(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
@@ -66,8 +68,9 @@ async def run_embedded(settings: Settings, *, stop: asyncio.Event | None = None)
     database = Database(database_url)
     gateway_secret = settings.resolved_gateway_secret()
 
-    dispatcher = InProcessDispatcher()
-    relay = OutboxRelay(database, dispatcher)
+    workers = EmbeddedWorkers(
+        settings, database, registry=observability.registry, tracer_provider=observability.tracer_provider
+    )
     context = ServiceContext(
         settings,
         database,
@@ -120,7 +123,7 @@ async def run_embedded(settings: Settings, *, stop: asyncio.Event | None = None)
         if (settings.metrics_port)
         else None
     )
-    relay_task = asyncio.create_task(relay.run(stop), name="outbox-relay")
+    workers.start(stop)
     try:
         await start_services(bundles)
         await server.start()
@@ -133,6 +136,7 @@ async def run_embedded(settings: Settings, *, stop: asyncio.Event | None = None)
             envoy_admin_url=f"http://127.0.0.1:{topology.admin_port}",
             data_dir=data_dir,
             database_url=database_url,
+            mail_dir=None if settings.smtp_host else data_dir / MAIL_DIR_NAME,
         )
         announce(addresses)
         await until_stopped_or_exited(stop, envoy)
@@ -145,8 +149,7 @@ async def run_embedded(settings: Settings, *, stop: asyncio.Event | None = None)
         await stop_services(bundles)
         await identity.close()
         await context.read_cache.close()
-        with contextlib.suppress(asyncio.CancelledError):
-            await relay_task
+        await workers.stop(settings.shutdown_grace_s)
         if metrics is not None:
             metrics.close()
         await database.dispose()
@@ -166,6 +169,9 @@ def announce(addresses: EmbeddedAddresses) -> None:
         f"  Metrics (Prometheus)            {addresses.metrics_url or 'off'}",
         f"  Envoy admin (loopback only)     {addresses.envoy_admin_url}",
         f"  Data                            {addresses.data_dir} ({database_kind})",
+        f"  Mail (no SMTP configured)       {addresses.mail_dir}/*.eml"
+        if addresses.mail_dir
+        else "  Mail                            sent by SMTP",
         "Press Ctrl-C to stop.",
     ]
     sys.stdout.write("\n".join(lines) + "\n")

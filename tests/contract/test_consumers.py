@@ -46,7 +46,8 @@ class Harness:
     group: str
     source: EventSource
     processed: ProcessedEvents
-    publish: Callable[[events_pb2.Event], Awaitable[None]]
+    # publish(event, for_group): append to the stream, for one group only when for_group is set.
+    publish_for: Callable[[events_pb2.Event, str | None], Awaitable[None]]
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     def __post_init__(self) -> None:
@@ -81,9 +82,20 @@ class Harness:
     def metric(self, name: str) -> float:
         return self.registry.get_sample_value(name, {"consumer": self.group}) or 0.0
 
+    async def publish(self, event: events_pb2.Event) -> None:
+        await self.publish_for(event, None)
+
     async def publish_all(self, events: Iterable[events_pb2.Event]) -> None:
         for event in events:
             await self.publish(event)
+
+
+class RetryLaterError(RuntimeError):
+    """A handler failure that names the earliest sensible retry, like the email worker's."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class MaxJitter(random.Random):
@@ -100,6 +112,7 @@ class Recorder:
         self.calls: list[tuple[str, int, float]] = []
         self.effects: Counter[str] = Counter()
         self.failing: dict[str, int] = {}  # event id → failures left (a large number: always)
+        self.retry_after_s: float | None = None  # carried by the failures when set
         self.hang_on: str | None = None
         self.hung = asyncio.Event()
         self._changed = asyncio.Condition()
@@ -112,6 +125,8 @@ class Recorder:
                 await asyncio.Event().wait()  # dies here: the test cancels the consumer
             if self.failing.get(event.id, 0) > 0:
                 self.failing[event.id] -= 1
+                if self.retry_after_s is not None:
+                    raise RetryLaterError(f"cannot handle {event.id} yet", self.retry_after_s)
                 raise RuntimeError(f"cannot handle {event.id} yet")
             self.effects[event.id] += 1
         finally:
@@ -143,8 +158,8 @@ async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
     if request.param == "memory":
         memory_source = InProcessSource(stream=stream, group=group)
 
-        async def publish_in_memory(event: events_pb2.Event) -> None:
-            memory_source.publish(event)
+        async def publish_in_memory(event: events_pb2.Event, for_group: str | None) -> None:
+            memory_source.publish(event, for_group=for_group)
 
         yield Harness(group, memory_source, InMemoryProcessedEvents(), publish_in_memory)
         return
@@ -152,8 +167,8 @@ async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
     client = Redis.from_url(redis_url)
     prefix = f"parley-test:{group}:"
 
-    async def publish_to_redis(event: events_pb2.Event) -> None:
-        await client.xadd(stream, encode_entry(event))  # type: ignore[arg-type]
+    async def publish_to_redis(event: events_pb2.Event, for_group: str | None) -> None:
+        await client.xadd(stream, encode_entry(event, for_group=for_group))  # type: ignore[arg-type]
 
     try:
         yield Harness(
@@ -392,3 +407,128 @@ async def test_a_handler_can_record_processing_in_its_own_transaction(harness: H
     # The runner leaves the record to such a handler, and writes none of its own.
     assert not await harness.processed.is_processed(harness.group, unrecorded.id)
     assert await harness.source.pending_count() == 0
+
+
+async def test_an_entry_for_another_group_is_acked_without_handling(harness: Harness) -> None:
+    theirs, ours, everyones = make_events(3)
+    await harness.publish_for(theirs, "another-group")
+    await harness.publish_for(ours, harness.group)
+    await harness.publish(everyones)
+    handler = Recorder()
+
+    assert await harness.consumer(handler).poll_once(block_s=0) == 3
+    assert handler.effects == Counter({ours.id: 1, everyones.id: 1})
+    assert await harness.source.pending_count() == 0
+    assert not await harness.processed.is_processed(harness.group, theirs.id)
+
+
+async def test_an_event_published_twice_in_one_batch_is_handled_once(harness: Harness) -> None:
+    [event] = make_events(1)
+    await harness.publish_all([event, event])
+    handler = Recorder()
+
+    assert await harness.consumer(handler).poll_once(block_s=0) == 2
+    assert handler.effects == Counter({event.id: 1})
+    assert await harness.source.pending_count() == 0
+
+
+async def test_a_retry_waits_at_least_the_errors_retry_after(harness: Harness) -> None:
+    [event] = make_events(1)
+    handler = Recorder()
+    handler.failing[event.id] = 1
+    handler.retry_after_s = 0.4  # well above the backoff (BACKOFF_BASE_S)
+    await harness.publish(event)
+
+    async with Running(harness.consumer(handler)):
+        await handler.wait_until(lambda: handler.effects[event.id] == 1)
+
+    first, second = handler.calls_for(event.id)
+    assert second[2] - first[2] >= 0.4
+    assert second[1] == 2
+
+
+async def test_a_retry_after_beyond_the_visibility_timeout_is_cut_short(harness: Harness) -> None:
+    [event] = make_events(1)
+    handler = Recorder()
+    handler.failing[event.id] = 1
+    handler.retry_after_s = 600.0
+    await harness.publish(event)
+    visibility_timeout_s = 1.0
+
+    async with Running(harness.consumer(handler, visibility_timeout_s=visibility_timeout_s)):
+        await handler.wait_until(lambda: handler.effects[event.id] == 1)
+
+    # Retried by its holder before the entry looks abandoned, not after 600 s.
+    first, second = handler.calls_for(event.id)
+    assert second[2] - first[2] < visibility_timeout_s + 0.5
+    assert second[1] == 2
+    assert await harness.source.pending_count() == 0
+
+
+class PerEventRecords:
+    """Idempotency records with only the per-event methods (the batch methods are optional)."""
+
+    def __init__(self) -> None:
+        self._records = InMemoryProcessedEvents()
+
+    async def is_processed(self, consumer: str, event_id: str) -> bool:
+        return await self._records.is_processed(consumer, event_id)
+
+    async def mark_processed(self, consumer: str, event_id: str) -> None:
+        await self._records.mark_processed(consumer, event_id)
+
+
+async def test_records_without_batch_methods_are_asked_per_event() -> None:
+    group = "per-event"
+    source = InProcessSource(stream=stream_key("test"), group=group)
+    records = PerEventRecords()
+    events = make_events(3)
+    await records.mark_processed(group, events[0].id)
+    for event in events:
+        source.publish(event)
+    handler = Recorder()
+    consumer = Consumer(group, handler, source, records, member="m1", block_s=BLOCK_S)
+
+    assert await consumer.poll_once(block_s=0) == 3
+    assert handler.effects == Counter({events[1].id: 1, events[2].id: 1})
+    assert all([await records.is_processed(group, event.id) for event in events])
+
+
+@pytest.mark.redis
+async def test_a_replayed_dead_letter_goes_to_its_own_group_only(redis_url: str) -> None:
+    """Two groups read one stream; only the group that dead-lettered an event gets its replay."""
+    stream = stream_key(f"test-{uuid.uuid4().hex[:12]}")
+    failing_group, healthy_group = (f"test-{uuid.uuid4().hex[:12]}" for _ in range(2))
+    prefix = f"parley-test:{failing_group}:"
+    client = Redis.from_url(redis_url)
+    processed = RedisProcessedEvents(client, ttl_s=600, key_prefix=prefix)
+    failing, healthy = Recorder(), Recorder()
+    [event] = make_events(1)
+    failing.failing[event.id] = 1_000
+
+    def consumer(group: str, handler: Recorder) -> Consumer:
+        source = RedisStreamSource(client, stream=stream, group=group)
+        return Consumer(group, handler, source, processed, member="m1", max_attempts=1, block_s=BLOCK_S)
+
+    try:
+        first, second = consumer(failing_group, failing), consumer(healthy_group, healthy)
+        await first.poll_once(block_s=0)  # creates its group before the event is published
+        await second.poll_once(block_s=0)
+        await client.xadd(stream, encode_entry(event))  # type: ignore[arg-type]
+        assert await first.poll_once(block_s=0) == 1  # dead-lettered at its only attempt
+        assert await second.poll_once(block_s=0) == 1
+        source = RedisStreamSource(client, stream=stream, group=failing_group)
+        assert [letter.event_id for letter in await source.dead_letters()] == [event.id]
+
+        failing.failing.clear()
+        assert await source.replay() == 1
+        assert await second.poll_once(block_s=0) == 1  # acknowledged, not handled again
+        assert await first.poll_once(block_s=0) == 1
+
+        assert healthy.effects == Counter({event.id: 1})
+        assert len(healthy.calls) == 1
+        assert failing.effects == Counter({event.id: 1})
+    finally:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
+        await client.delete(stream, dlq_key(failing_group), dlq_key(healthy_group), *keys)
+        await client.aclose()

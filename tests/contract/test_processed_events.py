@@ -14,6 +14,7 @@ from sqlalchemy import exc, func, select, update
 
 from parley.events.v1 import events_pb2
 from services.common.consumers import (
+    BatchProcessedEvents,
     Consumer,
     InMemoryProcessedEvents,
     InProcessSource,
@@ -113,6 +114,21 @@ async def test_each_consumer_has_its_own_records(processed: ProcessedEvents) -> 
     assert not await processed.is_processed("analytics", event_id)
     await processed.mark_processed("analytics", event_id)
     assert await processed.is_processed("analytics", event_id)
+
+
+async def test_a_batch_is_checked_and_marked_in_one_call(processed: ProcessedEvents) -> None:
+    assert isinstance(processed, BatchProcessedEvents), "every adapter offers the consumer's batch path"
+    done, fresh, other = new_event_id(), new_event_id(), new_event_id()
+    await processed.mark_processed("email", done)
+    await processed.mark_processed("analytics", other)
+    assert await processed.processed_among("email", []) == set()
+    assert await processed.processed_among("email", [done, fresh, other, done]) == {done}
+
+    await processed.mark_all_processed("email", [done, fresh, fresh])
+    await processed.mark_all_processed("email", [])
+    assert await processed.processed_among("email", [done, fresh, other]) == {done, fresh}
+    assert await processed.is_processed("email", fresh)
+    assert not await processed.is_processed("email", other)
 
 
 # What follows is the SQL adapter's own: `database` is a fresh, migrated SQLite or PostgreSQL database.

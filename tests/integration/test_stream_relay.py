@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from urllib.parse import urlsplit
@@ -46,15 +47,17 @@ async def sources(redis: Redis) -> AsyncIterator[list[str]]:
 
 class ReplyCuttingProxy:
     """A TCP path to Redis that, once, lets through only the first `replies` replies to a pipeline of
-    XADDs and then drops the connection: Redis ran every command, the client heard of some.
+    XADDs and then drops the connection (or, with `stall`, keeps it open and passes nothing more):
+    Redis ran every command, the client heard of some.
 
     The pipeline is the first write containing XADD; the connection handshake (SELECT, CLIENT
     SETINFO) is answered before it, so every byte after it is an XADD reply: `$<n>\\r\\n<id>\\r\\n`.
     """
 
-    def __init__(self, target_host: str, target_port: int, *, replies: int) -> None:
+    def __init__(self, target_host: str, target_port: int, *, replies: int, stall: bool = False) -> None:
         self._target = (target_host, target_port)
         self._replies_before_cut: int | None = replies
+        self._stall = stall
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.Task[None]] = set()
         self.port = 0
@@ -98,6 +101,9 @@ class ReplyCuttingProxy:
                 client_writer.write(chunk[:end])
                 await client_writer.drain()
                 if lines_left == 0:
+                    if self._stall:
+                        while await server_reader.read(65536):
+                            pass  # swallowed until the client gives up and hangs up
                     return
 
         async def forward(pipe: Coroutine[None, None, None]) -> None:
@@ -336,3 +342,33 @@ async def test_the_publisher_reports_how_many_events_redis_confirmed(
     finally:
         await publisher.aclose()
         await proxy.close()
+
+
+async def test_a_redis_that_stops_answering_mid_batch_fails_it_within_the_socket_timeout(
+    database: Database, redis: Redis, redis_url: str, sources: list[str]
+) -> None:
+    source = sources[0]
+    target = urlsplit(redis_url)
+    proxy = ReplyCuttingProxy(target.hostname or "127.0.0.1", target.port or 6379, replies=2, stall=True)
+    await proxy.start()
+    socket_timeout_s = 0.5
+    publisher = RedisStreamPublisher.from_url(
+        f"redis://127.0.0.1:{proxy.port}{target.path}", socket_timeout_s=socket_timeout_s
+    )
+    produced = await commit(database, [(source, f"u{index}") for index in range(5)])
+    try:
+        relay = OutboxRelay(database, publisher, retry_base_s=RETRY_BASE_S, retry_max_s=RETRY_MAX_S)
+        began = time.monotonic()
+        assert await relay.relay_once() == 2
+        # The relay hears of it within the socket timeout instead of waiting for replies forever.
+        assert time.monotonic() - began < 5 * socket_timeout_s
+        waiting = await unrelayed_rows(database)
+        assert [row.event_id for row in waiting] == [event.id for event in produced[2:]]
+        assert "TimeoutError" in (waiting[0].last_error or "")
+
+        await relay_until_everything_is_relayed(database, relay)
+    finally:
+        await publisher.aclose()
+        await proxy.close()
+
+    assert await stream_ids(redis, source) == [event.id for event in produced + produced[2:]]

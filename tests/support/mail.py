@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
@@ -185,3 +187,86 @@ def server_tls_context(cert_path: Any, key_path: Any) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert_path, key_path)
     return context
+
+
+def smtp_server_at(handler: RecordingHandler, port: int, **controller_options: Any) -> Controller:
+    """A started aiosmtpd server on 127.0.0.1:`port` (one the test reserved earlier); stop it with
+    `controller.stop()`. For a test that starts the server only after its clients began trying."""
+    controller = Controller(handler, hostname="127.0.0.1", port=port, **controller_options)
+    controller.start()
+    return controller
+
+
+# The reply a held DATA gets when the test never releases it: the client must try again later.
+HELD_TOO_LONG = "451 4.3.0 Held by the test for too long"
+
+
+class SteerableHandler(RecordingHandler):
+    """A `RecordingHandler` the test steers while mail flows.
+
+    - `refuse(address, reply)` answers RCPT TO for that address with `reply` (a 5xx: a poison job)
+      until `stop_refusing()`.
+    - `hold_data_number=k` holds the reply to the k-th DATA command (counted from 1) until
+      `release(reply)`: the message is in the server's hands but not accepted, so the test can kill
+      the sender at that moment. `holding` is set once the k-th DATA waits.
+    """
+
+    def __init__(
+        self,
+        *,
+        hold_data_number: int | None = None,
+        hold_timeout_s: float = 60.0,
+        rcpt_replies: Iterable[str] = (),
+        data_replies: Iterable[str] = (),
+    ) -> None:
+        super().__init__(rcpt_replies=rcpt_replies, data_replies=data_replies)
+        self._refusals: dict[str, str] = {}
+        self._hold_data_number = hold_data_number
+        self._hold_timeout_s = hold_timeout_s
+        self._data_seen = 0
+        self._released = threading.Event()
+        self._release_reply = HELD_TOO_LONG
+        self.holding = threading.Event()
+        self.held_recipients: tuple[str, ...] = ()
+
+    def refuse(self, address: str, reply: str = "550 5.1.1 Mailbox unavailable") -> None:
+        with self._lock:
+            self._refusals[address.lower()] = reply
+
+    def stop_refusing(self) -> None:
+        with self._lock:
+            self._refusals.clear()
+
+    def release(self, reply: str) -> None:
+        """Answer the held DATA with `reply` (a 250 records the message as received)."""
+        self._release_reply = reply
+        self._released.set()
+
+    async def handle_RCPT(
+        self, server: Any, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
+        with self._lock:
+            refusal = self._refusals.get(address.lower())
+        if refusal is not None:
+            return refusal
+        return await super().handle_RCPT(server, session, envelope, address, rcpt_options)
+
+    async def handle_DATA(self, server: Any, session: Session, envelope: Envelope) -> str:
+        with self._lock:
+            self._data_seen += 1
+            hold = self._data_seen == self._hold_data_number
+        if not hold:
+            return await super().handle_DATA(server, session, envelope)
+        self.held_recipients = tuple(envelope.rcpt_tos)
+        self.holding.set()
+        # Polled rather than awaited: the event is set from the test's thread, this runs on the
+        # server's loop. If the client dies meanwhile, aiosmtpd cancels this coroutine.
+        deadline = time.monotonic() + self._hold_timeout_s
+        while not self._released.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        reply = self._release_reply if self._released.is_set() else HELD_TOO_LONG
+        if reply.startswith("250"):
+            return await super().handle_DATA(server, session, envelope)
+        with self._lock:
+            self.data_commands += 1
+        return reply

@@ -1,12 +1,14 @@
-"""The consumers' retry schedule: exponential ceilings, capped, with full jitter below them."""
+"""The consumers' retry schedule: exponential ceilings, capped, with full jitter below them, and the
+retry delay a handler's error may ask for."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
 
-from services.common.consumers import backoff_ceiling_s, backoff_delay_s
+from services.common.consumers import backoff_ceiling_s, backoff_delay_s, retry_after_of
 
 
 def test_the_ceiling_doubles_per_attempt_up_to_the_cap() -> None:
@@ -38,3 +40,23 @@ def test_the_same_seed_gives_the_same_schedule() -> None:
     first = [backoff_delay_s(attempt, 0.1, 5.0, random.Random(42)) for attempt in range(1, 6)]
     again = [backoff_delay_s(attempt, 0.1, 5.0, random.Random(42)) for attempt in range(1, 6)]
     assert first == again
+
+
+class HandlerError(Exception):
+    def __init__(self, retry_after_s: object) -> None:
+        super().__init__("failed")
+        self.retry_after_s = retry_after_s
+
+
+@pytest.mark.parametrize(("value", "expected"), [(12.5, 12.5), (3, 3.0)])
+def test_an_error_may_name_its_retry_delay(value: object, expected: float) -> None:
+    assert retry_after_of(HandlerError(value)) == expected
+
+
+@pytest.mark.parametrize("value", [None, 0, -1.0, math.nan, math.inf, True, "30"])
+def test_a_retry_delay_that_is_not_a_positive_number_is_ignored(value: object) -> None:
+    assert retry_after_of(HandlerError(value)) is None
+
+
+def test_an_error_without_a_retry_delay_names_none() -> None:
+    assert retry_after_of(RuntimeError("failed")) is None

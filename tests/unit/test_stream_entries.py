@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import pytest
+from redis.asyncio import Redis
+from redis.asyncio.connection import Connection
 
 from parley.events.v1 import events_pb2
-from services.common.streams import MalformedStreamEntry, decode_entry, encode_entry, stream_key
+from services.common.streams import (
+    MalformedStreamEntry,
+    RedisStreamPublisher,
+    decode_entry,
+    encode_entry,
+    entry_for_group,
+    stream_key,
+)
 
 
 def sample_event() -> events_pb2.Event:
@@ -71,3 +80,30 @@ def test_an_event_field_decoded_as_text_is_rejected() -> None:
     fields = {"event_id": event.id, "type": event.type, "event": "text, as decode_responses=True gives"}
     with pytest.raises(MalformedStreamEntry, match="decode_responses"):
         decode_entry(fields)
+
+
+def test_a_replay_entry_names_the_one_group_it_is_for() -> None:
+    event = sample_event()
+    fields = encode_entry(event, for_group="email")
+    assert fields["for_group"] == b"email"
+    assert entry_for_group(fields) == "email"
+    assert decode_entry(fields) == event
+    assert entry_for_group(encode_entry(event)) is None
+
+
+def test_a_replay_entry_needs_a_group_name() -> None:
+    with pytest.raises(ValueError, match="for_group"):
+        encode_entry(sample_event(), for_group="")
+
+
+def test_the_publisher_encodes_xadd_as_redis_py_would() -> None:
+    publisher = RedisStreamPublisher(Redis(), max_len=12_345)
+    event = sample_event()
+    expected = Connection().pack_command(
+        "XADD", stream_key(event.source), "MAXLEN", "~", 12_345, "*", *_flattened(encode_entry(event))
+    )
+    assert publisher.packed_xadd(event) == b"".join(expected)
+
+
+def _flattened(fields: dict[str, bytes]) -> list[str | bytes]:
+    return [part for name, value in fields.items() for part in (name, value)]

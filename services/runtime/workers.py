@@ -1,0 +1,272 @@
+"""The event pipeline's workers: `parley worker relay` and `parley worker email` (microservices mode),
+and the email consumer that `parley up` runs in process.
+
+- relay: moves committed outbox rows of its database to Redis Streams (`OutboxRelay` with
+  `RedisStreamPublisher`); run one per database (several are safe on PostgreSQL).
+- email: one consumer-group member per stream that carries `email.requested`; any number of
+  replicas, each a member of the group `email`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import sys
+from collections.abc import Sequence
+
+from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import CollectorRegistry
+from redis.asyncio import Redis
+
+from services.common.consumers import (
+    Consumer,
+    ConsumerMetrics,
+    EventSource,
+    InProcessSource,
+    RedisStreamSource,
+)
+from services.common.db import Database
+from services.common.event_metrics import EventPipelineMetrics
+from services.common.metrics import serve_metrics
+from services.common.outbox import InProcessDispatcher, OutboxRelay
+from services.common.processed_events import SqlProcessedEvents
+from services.common.ratelimit import RateLimiter, rate_limiter_for
+from services.common.settings import (
+    DEFAULT_WORKER_METRICS_PORTS,
+    Settings,
+    SettingsError,
+    WorkerName,
+    load_settings,
+)
+from services.common.streams import RedisStreamPublisher, stream_key
+from services.email.delivery import EMAIL_REQUESTED_TYPE, EmailDelivery
+from services.email.sending import build_sender
+from services.email.worker import EMAIL_CONSUMER, EMAIL_REQUEST_SOURCES, EmailJobHandler
+from services.runtime.process import install_stop_signals, set_up_observability
+
+logger = logging.getLogger(__name__)
+
+# How long a consumer's XREADGROUP waits for new entries; the socket timeout must outlast it.
+CONSUMER_BLOCK_S = 1.0
+# The relay's longest pause between attempts while Redis is unreachable: events flow again at most
+# this long after Redis returns, for one failed pipeline attempt per pause while it is down.
+RELAY_RETRY_CAP_S = 5.0
+# How often an idle relay worker polls the outbox for rows other processes committed: this bounds the
+# pipeline's delay (p99 0.2 s at 5,000 events/s, docs/events.md), for a few index-only queries a second.
+RELAY_IDLE_POLL_S = 0.1
+# How often the relay worker (and `parley up`) samples the pipeline's backlog gauges.
+PIPELINE_SAMPLE_INTERVAL_S = 5.0
+# The in-process stream of embedded mode: every source's events, in the outbox's order.
+EMBEDDED_STREAM = "parley:events:embedded"
+
+
+def member_name() -> str:
+    """This process's name in its consumer groups: unique per replica, readable in XINFO."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def email_visibility_timeout_s(settings: Settings) -> float:
+    """Longer than one slow SMTP conversation plus the longest retry delay, so a live worker's
+    mails are not taken over by another replica (harmless, since effects are idempotent, but wasted)."""
+    return 2.0 * (settings.smtp_timeout_s + settings.email_retry_cap_s)
+
+
+def email_consumer(
+    settings: Settings,
+    source: EventSource,
+    *,
+    database: Database,
+    limiter: RateLimiter,
+    member: str,
+    metrics: ConsumerMetrics | None = None,
+    tracer_provider: TracerProvider | None = None,
+) -> Consumer:
+    """The email worker's consumer on one stream (or the in-process source when embedded)."""
+    delivery = EmailDelivery.from_settings(settings, sender=build_sender(settings), limiter=limiter)
+    handler = EmailJobHandler(delivery, database, max_attempts=settings.email_max_attempts)
+    return Consumer(
+        EMAIL_CONSUMER,
+        handler,
+        source,
+        SqlProcessedEvents(database),
+        member=member,
+        max_attempts=settings.email_max_attempts,
+        backoff_base_s=settings.email_retry_base_s,
+        backoff_cap_s=settings.email_retry_cap_s,
+        visibility_timeout_s=email_visibility_timeout_s(settings),
+        block_s=CONSUMER_BLOCK_S,
+        handler_records_processing=True,
+        metrics=metrics,
+        tracer_provider=tracer_provider,
+    )
+
+
+class EmbeddedWorkers:
+    """The outbox relay and the email consumer of `parley up`, as tasks of the one process.
+
+    The relay hands each `email.requested` to the consumer's in-process source and waits until the
+    consumer has acknowledged or dead-lettered it, so the outbox row stays unrelayed (the durable
+    queue) until then.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        database: Database,
+        *,
+        registry: CollectorRegistry,
+        tracer_provider: TracerProvider,
+    ) -> None:
+        dispatcher = InProcessDispatcher()
+        self.relay = OutboxRelay(database, dispatcher)
+        source = InProcessSource(stream=EMBEDDED_STREAM, group=EMAIL_CONSUMER)
+        dispatcher.subscribe(EMAIL_CONSUMER, source.deliver, {EMAIL_REQUESTED_TYPE})
+        self._mail_limiter = rate_limiter_for(settings.redis_url)
+        self.email = email_consumer(
+            settings,
+            source,
+            database=database,
+            limiter=self._mail_limiter,
+            member=member_name(),
+            metrics=ConsumerMetrics(registry),
+            tracer_provider=tracer_provider,
+        )
+        self._pipeline_metrics = EventPipelineMetrics(registry)
+        self._database = database
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self, stop: asyncio.Event) -> None:
+        self._tasks = [
+            asyncio.create_task(self.relay.run(stop), name="outbox-relay"),
+            asyncio.create_task(self.email.run(stop), name="email-consumer"),
+            asyncio.create_task(
+                self._pipeline_metrics.sample_forever(
+                    stop, PIPELINE_SAMPLE_INTERVAL_S, database=self._database
+                ),
+                name="event-metrics",
+            ),
+        ]
+
+    async def stop(self, grace_s: float) -> None:
+        """Wait for both to finish their batch (their `stop` event is set), then cancel what is left:
+        a relay still waiting on a mail leaves that outbox row unrelayed, delivered on the next start."""
+        if self._tasks:
+            _done, unfinished = await asyncio.wait(self._tasks, timeout=grace_s)
+            for task in unfinished:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._mail_limiter.aclose()
+
+
+def _require_redis_url(settings: Settings, worker: WorkerName) -> str:
+    if settings.redis_url is None:
+        raise SettingsError(
+            f"parley worker {worker} needs PARLEY_REDIS_URL: the event streams live in Redis "
+            "(embedded mode, `parley up`, runs the workers in process instead)"
+        )
+    return settings.redis_url
+
+
+def worker_settings(worker: WorkerName) -> Settings:
+    """Settings for `parley worker <worker>`, with the worker's own metrics port by default."""
+    settings = load_settings()
+    if "metrics_port" in settings.model_fields_set:
+        return settings
+    return load_settings(metrics_port=DEFAULT_WORKER_METRICS_PORTS[worker])
+
+
+async def run_worker(worker: WorkerName, settings: Settings, *, stop: asyncio.Event | None = None) -> None:
+    """Run one worker until `stop` is set or SIGINT/SIGTERM arrives."""
+    redis_url = _require_redis_url(settings, worker)
+    observability = set_up_observability(settings, process_name=f"worker-{worker}")
+    stop = stop or asyncio.Event()
+    install_stop_signals(stop)
+    database = Database(settings.resolved_database_url)
+    metrics = (
+        serve_metrics(observability.registry, settings.metrics_host, settings.metrics_port)
+        if settings.metrics_port
+        else None
+    )
+    try:
+        if worker == "relay":
+            await _run_relay(database, redis_url, stop, registry=observability.registry)
+        else:
+            await _run_email(
+                settings,
+                database,
+                redis_url,
+                stop,
+                registry=observability.registry,
+                tracer_provider=observability.tracer_provider,
+            )
+    finally:
+        if metrics is not None:
+            metrics.close()
+        await database.dispose()
+        observability.tracer_provider.shutdown()
+
+
+def _announce(message: str) -> None:
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
+
+
+async def _run_relay(
+    database: Database, redis_url: str, stop: asyncio.Event, *, registry: CollectorRegistry
+) -> None:
+    publisher = RedisStreamPublisher.from_url(redis_url)
+    relay = OutboxRelay(database, publisher, idle_poll_s=RELAY_IDLE_POLL_S, retry_max_s=RELAY_RETRY_CAP_S)
+    # The relay has both ends of the pipeline at hand, so it samples every backlog gauge.
+    sampler_client = _stream_client(redis_url)
+    sampler = EventPipelineMetrics(registry).sample_forever(
+        stop, PIPELINE_SAMPLE_INTERVAL_S, database=database, redis=sampler_client
+    )
+    _announce("parley worker relay: moving outbox events to Redis Streams")
+    try:
+        await asyncio.gather(relay.run(stop), sampler)
+    finally:
+        await sampler_client.aclose()
+        await publisher.aclose()
+
+
+def _stream_client(redis_url: str) -> Redis:
+    # Binary replies (the event field is protobuf); the socket outlasts XREADGROUP's BLOCK.
+    return Redis.from_url(
+        redis_url, decode_responses=False, socket_timeout=CONSUMER_BLOCK_S + 10.0, socket_connect_timeout=5.0
+    )
+
+
+async def _run_email(
+    settings: Settings,
+    database: Database,
+    redis_url: str,
+    stop: asyncio.Event,
+    *,
+    registry: CollectorRegistry,
+    tracer_provider: TracerProvider,
+    sources: Sequence[str] = EMAIL_REQUEST_SOURCES,
+) -> None:
+    client = _stream_client(redis_url)
+    limiter = rate_limiter_for(redis_url)
+    member = member_name()
+    metrics = ConsumerMetrics(registry)
+    consumers = [
+        email_consumer(
+            settings,
+            RedisStreamSource(client, stream=stream_key(source), group=EMAIL_CONSUMER),
+            database=database,
+            limiter=limiter,
+            member=member,
+            metrics=metrics,
+            tracer_provider=tracer_provider,
+        )
+        for source in sources
+    ]
+    _announce(f"parley worker email: member {member} of group {EMAIL_CONSUMER} on {', '.join(sources)}")
+    try:
+        await asyncio.gather(*(consumer.run(stop) for consumer in consumers))
+    finally:
+        await limiter.aclose()
+        await client.aclose()
