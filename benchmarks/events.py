@@ -74,6 +74,7 @@ from services.common.db import Database
 from services.common.migrate import upgrade_async
 from services.common.outbox import OutboxEvent, OutboxRelay, PartialDispatch, add_event
 from services.common.streams import RedisStreamPublisher, encode_entry, stream_key
+from services.runtime.workers import RELAY_IDLE_POLL_S
 from tests.support.databases import asyncpg_dsn, fresh_postgres_database
 
 DEFAULT_POSTGRES_URL: Final = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
@@ -110,7 +111,7 @@ class PipelineConfig:
     events_per_transaction: int = 25
     producer_concurrency: int = 8
     relay_batch_size: int = 500
-    relay_idle_poll_s: float = 0.5
+    relay_idle_poll_s: float = RELAY_IDLE_POLL_S
     consumer_batch_size: int = 500
     consumer_block_s: float = CONSUMER_BLOCK_S
     topology: Topology = "separate"
@@ -959,8 +960,8 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--relay-idle-poll",
         type=float,
-        default=0.5,
-        help="OutboxRelay idle_poll_s (default 0.5, as deployed)",
+        default=RELAY_IDLE_POLL_S,
+        help=f"OutboxRelay idle_poll_s (default {RELAY_IDLE_POLL_S}, as `parley worker relay` runs it)",
     )
     parser.add_argument("--consumer-batch", type=int, default=500, help="Consumer batch_size (default 500)")
     parser.add_argument("--topology", choices=["separate", "shared"], default="separate")

@@ -35,6 +35,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from services.common.consumers import DLQ_KEY_PREFIX, dlq_key
 from services.common.db import Database, DatabaseUnavailable
+from services.common.dead_letters import SqlDeadLetters
 from services.common.outbox import outbox_lag_seconds
 from services.common.streams import STREAM_KEY_PREFIX
 
@@ -137,12 +138,14 @@ class EventPipelineMetrics(Collector):
 
     A collector rather than `Gauge`s: each sample replaces a whole reading at once, so a scrape
     during a sample never mixes old and new values, and streams or groups that are gone disappear.
-    Group pending counts live here, labelled by stream and group; they supersede
-    `ConsumerMetrics.pending`, which is labelled by consumer only.
+    Dead letters are counted where they live: the `parley:dlq:*` streams when Redis is sampled, the
+    `dead_letters` table (embedded mode) when only the database is.
     """
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self._outbox_lag_s: float | None = None
+        # Dead letters per consumer in the database: sampled only when Redis is not (embedded mode).
+        self._database_dead_letters: Mapping[str, int] | None = None
         self._redis: RedisReading | None = None
         self._streams: list[str] = []
         self._consumers: list[str] = []
@@ -165,10 +168,14 @@ class EventPipelineMetrics(Collector):
 
     def collect(self) -> Iterable[Metric]:
         # Two attribute reads: each reading is immutable and replaced whole by `sample`.
-        return self._families(self._outbox_lag_s, self._redis)
+        return self._families(self._outbox_lag_s, self._redis, self._database_dead_letters)
 
     @staticmethod
-    def _families(outbox_lag_s: float | None, redis: RedisReading | None) -> list[Metric]:
+    def _families(
+        outbox_lag_s: float | None,
+        redis: RedisReading | None,
+        database_dead_letters: Mapping[str, int] | None = None,
+    ) -> list[Metric]:
         outbox_lag = GaugeMetricFamily(
             "parley_outbox_lag_seconds",
             "Age of the oldest outbox event not relayed yet; 0 when the outbox is drained.",
@@ -202,6 +209,8 @@ class EventPipelineMetrics(Collector):
                     group_lag.add_metric((group.stream, group.group), group.lag)
             for consumer, count in redis.dead_letters.items():
                 dead_letters.add_metric((consumer,), count)
+        for consumer, count in (database_dead_letters or {}).items():
+            dead_letters.add_metric((consumer,), count)
         return [outbox_lag, stream_length, group_pending, group_lag, dead_letters]
 
     # ---- sampling ------------------------------------------------------------------------------
@@ -224,20 +233,24 @@ class EventPipelineMetrics(Collector):
         `rediscover=False` the last SCAN's findings are reused.
         """
         outcomes = await asyncio.gather(
-            self._sample_database(database, timeout_s),
+            self._sample_database(database, timeout_s, with_dead_letters=redis is None),
             self._sample_redis(redis, streams, consumers, rediscover=rediscover, timeout_s=timeout_s),
         )
         return [part for part in outcomes if part is not None]
 
-    async def _sample_database(self, database: Database | None, timeout_s: float) -> str | None:
+    async def _sample_database(
+        self, database: Database | None, timeout_s: float, *, with_dead_letters: bool
+    ) -> str | None:
         if database is None:
-            self._outbox_lag_s = None
+            self._outbox_lag_s = self._database_dead_letters = None
             return None
         try:
             async with asyncio.timeout(timeout_s):
-                self._outbox_lag_s = await outbox_lag_seconds(database)
+                lag_s = await outbox_lag_seconds(database)
+                dead = await SqlDeadLetters(database).counts() if with_dead_letters else None
+            self._outbox_lag_s, self._database_dead_letters = lag_s, dead
         except Exception as error:  # noqa: BLE001 - counted and logged; the sampler must go on.
-            self._outbox_lag_s = None
+            self._outbox_lag_s = self._database_dead_letters = None
             return self._failed(PART_DATABASE, error, expected=isinstance(error, _EXPECTED_DATABASE_ERRORS))
         return None
 

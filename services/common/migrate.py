@@ -105,6 +105,7 @@ def load_model_metadata() -> MetaData:
     """The metadata of every table: common's, plus each service's `services.<service>.models` module."""
     importlib.import_module("services.common.outbox")
     importlib.import_module("services.common.processed_events")
+    importlib.import_module("services.common.dead_letters")
     for versions in service_version_locations()[1:]:
         service = versions.parent.parent.name
         module = f"services.{service}.models"

@@ -88,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
 def _add_events_commands(commands: Any) -> None:
     """`parley events tail | dlq list | dlq replay` (services.runtime.event_commands runs them)."""
     events = commands.add_parser(
-        "events", help="inspect the event streams and dead letters in Redis (microservices mode)"
+        "events", help="inspect the event streams (Redis) and the consumers' dead letters"
     )
     actions = events.add_subparsers(dest="events_command", required=True, metavar="ACTION")
     tail = actions.add_parser(
@@ -103,16 +103,25 @@ def _add_events_commands(commands: Any) -> None:
     tail.add_argument("--count", type=_at_least_one, default=20, help="how many entries (default 20)")
     tail.add_argument("--follow", action="store_true", help="then keep printing new entries until Ctrl-C")
     tail.add_argument("--json", action="store_true", help="print each event as one line of JSON")
-    dlq = actions.add_parser("dlq", help="a consumer group's dead letters")
+    dlq = actions.add_parser(
+        "dlq",
+        help="a consumer group's dead letters",
+        description=(
+            "In Redis (PARLEY_REDIS_URL, microservices mode), or in the embedded database of "
+            "`parley up` when --data-dir or --database-url is given or PARLEY_REDIS_URL is not set."
+        ),
+    )
     dlq_actions = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
     listing = dlq_actions.add_parser("list", help="print a consumer's dead letters, oldest first")
     listing.add_argument("--json", action="store_true", help="one JSON object per dead letter")
     replay = dlq_actions.add_parser(
         "replay",
-        help="put dead letters back on the stream they came from",
+        help="put dead letters back on the stream they came from (embedded: in the outbox)",
         description=(
             "The event goes back on the stream it came from as a new entry meant for the consumer's "
-            "group only; the other groups on that stream acknowledge it without handling it."
+            "group only; the other groups on that stream acknowledge it without handling it. "
+            "Embedded, it goes back in the outbox, and `parley up` (running, or the next one) "
+            "delivers it again; consumers that processed it skip it."
         ),
     )
     which = replay.add_mutually_exclusive_group(required=True)
@@ -120,6 +129,14 @@ def _add_events_commands(commands: Any) -> None:
     which.add_argument("--all", action="store_true", help="every dead letter of the consumer")
     for action in (listing, replay):
         action.add_argument("--consumer", default="email", help="the consumer group (default: email)")
+        action.add_argument(
+            "--data-dir",
+            type=Path,
+            help="embedded: `parley up`'s data dir (default: PARLEY_DATA_DIR or ./var)",
+        )
+        action.add_argument(
+            "--database-url", help="embedded: default PARLEY_DATABASE_URL or SQLite in the data dir"
+        )
 
 
 def _at_least_one(text: str) -> int:
@@ -240,10 +257,14 @@ def _admin(arguments: argparse.Namespace) -> int:
 
 
 def _events(arguments: argparse.Namespace) -> int:
-    settings = load_settings()
+    embedded = {
+        "data_dir": getattr(arguments, "data_dir", None),
+        "database_url": getattr(arguments, "database_url", None),
+    }
+    settings = load_settings(**_given(**embedded))
     from services.runtime.event_commands import Output, run_events_command
 
-    return run_events_command(arguments, settings.redis_url, Output(stdout=sys.stdout, stderr=sys.stderr))
+    return run_events_command(arguments, settings, Output(stdout=sys.stdout, stderr=sys.stderr))
 
 
 def _given(**values: object) -> dict[str, object]:

@@ -1,12 +1,17 @@
-"""`parley events …`: operator commands on the event pipeline's Redis streams (microservices mode).
+"""`parley events …`: operator commands on the event pipeline.
 
 - `tail` prints the newest entries of one source's stream (`--source auth`) or of every
   `parley:events:*` stream, and with `--follow` keeps printing new ones until Ctrl-C.
-- `dlq list` prints a consumer group's dead letters; `dlq replay` puts one (or all) back on the
-  stream it came from, through `RedisStreamSource.dead_letters` and `RedisStreamSource.replay`.
+- `dlq list` prints a consumer group's dead letters; `dlq replay` puts one (or all) back where it
+  came from.
 
-Embedded mode (`parley up`) keeps no Redis streams: its outbox relay hands events to in-process
-consumers. So these commands need PARLEY_REDIS_URL, and say so when it is missing.
+Microservices mode keeps streams and dead letters in Redis (PARLEY_REDIS_URL): `dlq` goes through
+`RedisStreamSource.dead_letters` and `RedisStreamSource.replay`. Embedded mode (`parley up`) keeps
+no Redis streams: its outbox relay hands events to in-process consumers, and their dead letters are
+rows of its database (`SqlDeadLetters`), replayed by putting the event back in the outbox. `dlq`
+works on that database when `--data-dir` or `--database-url` is given or PARLEY_REDIS_URL is not
+set (embedded mode may use Redis for rate limits, and its dead letters are still in its database);
+`tail` needs Redis, and says so when PARLEY_REDIS_URL is missing.
 
 Nothing read_after here holds `EmailRequested.params`: they may carry single-use tokens (verification,
 password reset), and terminals end up in scrollback, screenshots and tickets.
@@ -20,9 +25,10 @@ import contextlib
 import json
 import re
 import signal
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC
+from pathlib import Path
 from typing import Any, Final, TextIO
 
 from google.protobuf.json_format import MessageToJson
@@ -34,13 +40,20 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.typing import KeyT, StreamIdT
+from sqlalchemy import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from parley.events.v1 import events_pb2
 from services.common.consumers import DeadLetter, RedisStreamSource, dlq_key
+from services.common.db import Database, DatabaseUnavailable
+from services.common.dead_letters import SqlDeadLetters
+from services.common.migrate import upgrade_async
+from services.common.settings import Settings
 from services.common.streams import STREAM_KEY_PREFIX, MalformedStreamEntry, decode_entry, stream_key
 
 # Exit codes, as `parley admin` uses them: 2 for what the operator must fix first (no Redis
-# configured, a malformed id), 1 for everything else (Redis down, no such dead letter).
+# configured, a malformed id, no database in the data dir), 1 for everything else (Redis or the
+# database down, no such dead letter).
 EXIT_FAILED: Final = 1
 EXIT_BAD_INPUT: Final = 2
 # What a shell reports for a command ended by Ctrl-C (128 + SIGINT), as `parley` does for the others.
@@ -62,9 +75,9 @@ _SCAN_PAGE: Final = 1000
 _ENTRY_ID: Final = re.compile(r"\d+-\d+")
 
 NO_REDIS_MESSAGE: Final = (
-    "PARLEY_REDIS_URL is not set. `parley events` reads the Redis streams of microservices mode; "
-    "embedded mode (`parley up`) keeps no Redis streams: its events go from the outbox straight to "
-    "in-process consumers."
+    "PARLEY_REDIS_URL is not set. `parley events tail` reads the Redis streams of microservices mode; "
+    "embedded mode (`parley up`) keeps no Redis streams: read its events in the outbox "
+    "(the outbox_events table) instead."
 )
 
 
@@ -91,13 +104,17 @@ class Output:
         self.stderr.write(text + "\n")
 
 
-def run_events_command(arguments: argparse.Namespace, redis_url: str | None, output: Output) -> int:
+def run_events_command(arguments: argparse.Namespace, settings: Settings, output: Output) -> int:
     """Run the `parley events` action in `arguments`; returns the exit code. Never shows a traceback
-    for Redis being down or misconfigured."""
-    if redis_url is None:
+    for Redis or the database being down or misconfigured."""
+    redis_url = settings.redis_url
+    on_database = arguments.events_command == "dlq" and _dead_letters_in_database(arguments, settings)
+    if redis_url is None and not on_database:
         output.problem(NO_REDIS_MESSAGE)
         return EXIT_BAD_INPUT
     try:
+        if on_database or redis_url is None:
+            return asyncio.run(_run_on_database(arguments, settings, output))
         return asyncio.run(_run(arguments, redis_url, output))
     except EventCommandError as error:
         output.problem(error.message)
@@ -363,6 +380,15 @@ def _one_line(text: str) -> str:
 async def list_dead_letters(client: Redis, output: Output, *, consumer: str, as_json: bool = False) -> int:
     """Print the consumer's dead letters, oldest first; the event itself is never read_after."""
     dead_letters = await _dead_letter_source(client, consumer).dead_letters()
+    return _print_dead_letters(
+        dead_letters, output, as_json=as_json, empty=f"no dead letters in {dlq_key(consumer)}"
+    )
+
+
+def _print_dead_letters(
+    dead_letters: Sequence[DeadLetter], output: Output, *, as_json: bool, empty: str
+) -> int:
+    """One line per dead letter (`empty` on stderr when there is none); the event is never printed."""
     for dead in dead_letters:
         failed_at = dead.failed_at.isoformat(timespec="milliseconds")
         if as_json:
@@ -394,7 +420,7 @@ async def list_dead_letters(client: Redis, output: Output, *, consumer: str, as_
                 )
             )
     if not dead_letters:
-        output.problem(f"no dead letters in {dlq_key(consumer)}")
+        output.problem(empty)
     return 0
 
 
@@ -413,16 +439,101 @@ async def replay_dead_letters(
         chosen = [dead_letter_id]
     else:
         chosen = [dead.dead_letter_id for dead in await source.dead_letters()]
+    replayed, failures = await _replay_each(chosen, source.replay, output)
+    if dead_letter_id is not None and replayed == 0 and failures == 0:
+        raise EventCommandError(f"no dead letter {dead_letter_id} in {dlq_key(consumer)}")
+    output.line(f"replayed {replayed} dead letter(s) of consumer {consumer}")
+    return EXIT_FAILED if failures else 0
+
+
+async def _replay_each(
+    chosen: Sequence[str], replay_one: Callable[[str], Awaitable[int]], output: Output
+) -> tuple[int, int]:
+    """Replay the chosen dead letters one at a time (a dead letter that cannot be replayed must not
+    stop the others); returns how many were replayed and how many could not be."""
     replayed = 0
     failures = 0
     for chosen_id in chosen:
-        # One at a time: a dead letter that cannot be replayed must not stop the others.
         try:
-            replayed += await source.replay(chosen_id)
+            replayed += await replay_one(chosen_id)
         except MalformedStreamEntry as error:
             output.problem(str(error))
             failures += 1
+    return replayed, failures
+
+
+# ---- dlq on the embedded database ------------------------------------------------------------------
+
+
+def _dead_letters_in_database(arguments: argparse.Namespace, settings: Settings) -> bool:
+    """Whether `dlq` works on the database (embedded mode's dead letters) rather than on Redis."""
+    named = arguments.data_dir is not None or arguments.database_url is not None
+    return named or settings.redis_url is None
+
+
+def _sqlite_file(url: str) -> Path | None:
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database:
+        return None
+    return Path(parsed.database)
+
+
+async def _run_on_database(arguments: argparse.Namespace, settings: Settings, output: Output) -> int:
+    url = settings.resolved_database_url
+    sqlite_file = _sqlite_file(url)
+    if sqlite_file is not None and not sqlite_file.is_file():
+        # Opening it would create an empty database, and "no dead letters" would be a wrong answer.
+        raise EventCommandError(
+            f"no embedded database at {sqlite_file}: pass the --data-dir that `parley up` uses "
+            "(or --database-url), or set PARLEY_REDIS_URL for the dead letters of microservices mode",
+            exit_code=EXIT_BAD_INPUT,
+        )
+    database = Database(url)
+    where = f"the dead_letters table of {database.url.render_as_string(hide_password=True)}"
+    try:
+        await database.ping()
+        # As `parley up` and `parley admin` do: a database from before the table gets it.
+        await upgrade_async(url)
+        store = SqlDeadLetters(database)
+        if arguments.dlq_command == "list":
+            dead_letters = await store.list(arguments.consumer)
+            return _print_dead_letters(
+                dead_letters,
+                output,
+                as_json=arguments.json,
+                empty=f"no dead letters of {arguments.consumer} in {where}",
+            )
+        return await _requeue_dead_letters(
+            store,
+            output,
+            consumer=arguments.consumer,
+            dead_letter_id=None if arguments.all else arguments.dead_letter_id,
+            where=where,
+        )
+    except (DatabaseUnavailable, SQLAlchemyError) as error:
+        raise EventCommandError(f"cannot use {where}: {type(error).__name__}: {error}") from None
+    finally:
+        await database.dispose()
+
+
+async def _requeue_dead_letters(
+    store: SqlDeadLetters, output: Output, *, consumer: str, dead_letter_id: str | None, where: str
+) -> int:
+    """Put one dead letter (or every one) back in the outbox, for the relay to deliver again."""
+    if dead_letter_id is not None:
+        if not (dead_letter_id.isascii() and dead_letter_id.isdigit()):
+            raise EventCommandError(
+                f"{dead_letter_id!r} is not a dead-letter id (a number; see "
+                f"`parley events dlq list --consumer {consumer}`)",
+                exit_code=EXIT_BAD_INPUT,
+            )
+        chosen = [dead_letter_id]
+    else:
+        chosen = [dead.dead_letter_id for dead in await store.list(consumer)]
+    replayed, failures = await _replay_each(
+        chosen, lambda chosen_id: store.requeue_in_outbox(consumer, chosen_id), output
+    )
     if dead_letter_id is not None and replayed == 0 and failures == 0:
-        raise EventCommandError(f"no dead letter {dead_letter_id} in {dlq_key(consumer)}")
+        raise EventCommandError(f"no dead letter {dead_letter_id} of {consumer} in {where}")
     output.line(f"replayed {replayed} dead letter(s) of consumer {consumer}")
     return EXIT_FAILED if failures else 0

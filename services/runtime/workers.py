@@ -28,6 +28,7 @@ from services.common.consumers import (
     RedisStreamSource,
 )
 from services.common.db import Database
+from services.common.dead_letters import SqlDeadLetters
 from services.common.event_metrics import EventPipelineMetrics
 from services.common.metrics import serve_metrics
 from services.common.outbox import InProcessDispatcher, OutboxRelay
@@ -108,7 +109,8 @@ class EmbeddedWorkers:
 
     The relay hands each `email.requested` to the consumer's in-process source and waits until the
     consumer has acknowledged or dead-lettered it, so the outbox row stays unrelayed (the durable
-    queue) until then.
+    queue) until then. Dead letters go to the database's `dead_letters` table, where they outlive
+    the process and `parley events dlq` finds them.
     """
 
     def __init__(
@@ -121,7 +123,9 @@ class EmbeddedWorkers:
     ) -> None:
         dispatcher = InProcessDispatcher()
         self.relay = OutboxRelay(database, dispatcher)
-        source = InProcessSource(stream=EMBEDDED_STREAM, group=EMAIL_CONSUMER)
+        source = InProcessSource(
+            stream=EMBEDDED_STREAM, group=EMAIL_CONSUMER, dead_letters=SqlDeadLetters(database)
+        )
         dispatcher.subscribe(EMAIL_CONSUMER, source.deliver, {EMAIL_REQUESTED_TYPE})
         self._mail_limiter = rate_limiter_for(settings.redis_url)
         self.email = email_consumer(

@@ -1,4 +1,5 @@
-"""Contract of the consumer framework: one suite, run against Redis Streams and the in-process source.
+"""Contract of the consumer framework: one suite, run against Redis Streams and the in-process source
+(its dead letters in memory, or in the `dead_letters` table on SQLite and PostgreSQL).
 
 Every wait is bounded by `DEADLINE_S`; waits are on the handler's own records (an asyncio.Condition),
 never on fixed sleeps.
@@ -7,6 +8,7 @@ never on fixed sleeps.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 import uuid
@@ -31,10 +33,20 @@ from services.common.consumers import (
     current_delivery,
     dlq_key,
 )
+from services.common.db import Database
+from services.common.dead_letters import SqlDeadLetters
+from services.common.migrate import upgrade_async
 from services.common.outbox import InProcessDispatcher, current_trace_context
+from services.common.processed_events import SqlProcessedEvents
 from services.common.streams import encode_entry, stream_key
+from tests.support.databases import fresh_postgres_database, fresh_sqlite_url
 
-ADAPTERS = ["memory", pytest.param("redis", marks=pytest.mark.redis)]
+ADAPTERS = [
+    "memory",
+    "memory+sqlite",
+    pytest.param("memory+postgres", marks=pytest.mark.postgres),
+    pytest.param("redis", marks=pytest.mark.redis),
+]
 DEADLINE_S = 15.0
 # Short backoff and polls so retries happen within the test's budget.
 BACKOFF_BASE_S, BACKOFF_CAP_S = 0.05, 0.2
@@ -157,11 +169,18 @@ async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
     stream = stream_key(group)
     if request.param == "memory":
         memory_source = InProcessSource(stream=stream, group=group)
-
-        async def publish_in_memory(event: events_pb2.Event, for_group: str | None) -> None:
-            memory_source.publish(event, for_group=for_group)
-
-        yield Harness(group, memory_source, InMemoryProcessedEvents(), publish_in_memory)
+        yield Harness(group, memory_source, InMemoryProcessedEvents(), publishing_to(memory_source))
+        return
+    if request.param == "memory+sqlite":
+        async with embedded_harness(
+            group, stream, fresh_sqlite_url(request.getfixturevalue("tmp_path"))
+        ) as ready:
+            yield ready
+        return
+    if request.param == "memory+postgres":
+        server_url: str = request.getfixturevalue("postgres_server_url")
+        async with fresh_postgres_database(server_url) as url, embedded_harness(group, stream, url) as ready:
+            yield ready
         return
     redis_url: str = request.getfixturevalue("redis_url")
     client = Redis.from_url(redis_url)
@@ -181,6 +200,26 @@ async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
         keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
         await client.delete(stream, dlq_key(group), *keys)
         await client.aclose()
+
+
+def publishing_to(source: InProcessSource) -> Callable[[events_pb2.Event, str | None], Awaitable[None]]:
+    async def publish(event: events_pb2.Event, for_group: str | None) -> None:
+        source.publish(event, for_group=for_group)
+
+    return publish
+
+
+@contextlib.asynccontextmanager
+async def embedded_harness(group: str, stream: str, database_url: str) -> AsyncIterator[Harness]:
+    """Embedded mode's setup: the in-process source with its dead letters, and the idempotency
+    records, in the database."""
+    await upgrade_async(database_url)
+    database = Database(database_url)
+    source = InProcessSource(stream=stream, group=group, dead_letters=SqlDeadLetters(database))
+    try:
+        yield Harness(group, source, SqlProcessedEvents(database), publishing_to(source))
+    finally:
+        await database.dispose()
 
 
 class Running:
@@ -216,7 +255,6 @@ async def test_each_event_is_delivered_once_and_acked(harness: Harness) -> None:
     assert await consumer.poll_once(block_s=0) == 0
     assert await harness.consumer(handler, member="m2", visibility_timeout_s=0).poll_once(block_s=0) == 0
     assert handler.effects == Counter({event.id: 1 for event in events})
-    assert harness.metric("parley_consumer_pending") == 0
 
 
 async def test_entries_are_read_in_batches_of_the_batch_size(harness: Harness) -> None:

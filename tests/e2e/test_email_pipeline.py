@@ -374,6 +374,49 @@ async def test_embedded_with_smtp_sends_to_the_server(tmp_path: Path) -> None:
             assert not (parley.data_dir / "mail").exists()
 
 
+async def test_requests_never_wait_on_smtp(tmp_path: Path) -> None:
+    """The SMTP server holds the first mail without answering; meanwhile sign-ups keep completing,
+    since a request only commits its `email.requested` and the worker sends later."""
+    recorder = SteerableHandler(hold_data_number=1)
+    with smtp_server(recorder) as smtp:
+        async with running_embedded(
+            tmp_path,
+            PARLEY_SMTP_HOST="127.0.0.1",
+            PARLEY_SMTP_PORT=str(smtp.port),
+            PARLEY_SMTP_SECURITY="none",
+            PARLEY_MAIL_FROM=MAIL_FROM,
+        ) as parley:
+            first = f"held-{uuid.uuid4().hex[:10]}@example.com"
+            await register(parley.client, first)
+
+            async def first_mail_held() -> bool:
+                return recorder.holding.is_set()
+
+            await wait_until(
+                first_mail_held,
+                "the SMTP server holds the first verification mail",
+                timeout_s=MAIL_WAIT_S,
+                alive=parley.check_alive,
+            )
+            # While the worker waits on SMTP, more people sign up and sign in.
+            later = [f"while-held-{index}-{uuid.uuid4().hex[:8]}@example.com" for index in range(3)]
+            for address in later:
+                await register(parley.client, address)
+                ok(await parley.client.post("/v1/auth/login", json={"email": address, "password": PASSWORD}))
+            assert recorder.holding.is_set() and not recorder.received, "the first mail is still held"
+
+            recorder.release("250 2.0.0 OK: queued")
+            for address in [first, *later]:
+                await wait_for_mail(
+                    recorder,
+                    address,
+                    "/verify-email?",
+                    context=lambda: delivery_report(recorder, [first, *later]),
+                    alive=parley.check_alive,
+                )
+            assert_each_delivered_once(recorder, [first, *later])
+
+
 # ---- 3. faults ---------------------------------------------------------------------------------
 
 

@@ -18,8 +18,15 @@ from redis.asyncio import Redis
 from sqlalchemy import update
 
 from parley.events.v1 import events_pb2
-from services.common.consumers import Consumer, InMemoryProcessedEvents, RedisStreamSource, dlq_key
+from services.common.consumers import (
+    Consumer,
+    DeadLetter,
+    InMemoryProcessedEvents,
+    RedisStreamSource,
+    dlq_key,
+)
 from services.common.db import Database
+from services.common.dead_letters import SqlDeadLetters
 from services.common.event_metrics import EventPipelineMetrics
 from services.common.models import utc_now
 from services.common.outbox import OutboxEvent, add_event
@@ -152,6 +159,26 @@ async def test_outbox_lag_is_the_age_of_the_oldest_unrelayed_event(database: Dat
     assert lag is not None
     assert 120 <= lag < 180
     assert "parley_outbox_lag_seconds 1" in generate_latest(registry).decode()
+
+
+async def test_embedded_dead_letters_are_counted_from_the_database(database: Database) -> None:
+    """Without Redis (`parley up`), dead letters live in the `dead_letters` table and are counted there."""
+    registry = CollectorRegistry()
+    metrics = EventPipelineMetrics(registry)
+    store = SqlDeadLetters(database)
+    event = registered("u-2")
+    dead = DeadLetter("", event.id, "parley:events:embedded", "boom", 3, utc_now(), event.SerializeToString())
+    await store.add("email", dead)
+    await store.add("email", dead)
+    await store.add("analytics", dead)
+
+    assert await metrics.sample(database=database) == []
+
+    assert sample_value(registry, "parley_dead_letters", consumer="email") == 2
+    assert sample_value(registry, "parley_dead_letters", consumer="analytics") == 1
+    await store.take("email")
+    await metrics.sample(database=database)
+    assert sample_value(registry, "parley_dead_letters", consumer="email") is None
 
 
 async def test_a_database_that_is_down_is_counted_and_its_gauge_dropped(database: Database) -> None:
