@@ -16,6 +16,11 @@ from services.auth.signing_keys import SIGNING_ALGORITHM, SigningKey
 from services.common.models import utc_now
 from services.common.revocation import RevocationList
 
+# Sleeps while waiting out a revocation cutoff's second: the first, and re-checks of an early wake.
+_CUTOFF_WAIT_ROUNDS = 3
+# Added to each of those sleeps: more than the event loop's timer resolution (1 ms).
+_TIMER_SLACK_S = 0.005
+
 
 class SigningKeySource(Protocol):
     """Where the issuer gets the key to sign with (`SigningKeyStore` in production)."""
@@ -98,5 +103,11 @@ class AccessTokenIssuer:
             return
         first_clear_second = math.floor(cutoff.timestamp()) + 1
         remaining = first_clear_second - self._clock().timestamp()
-        if 0 < remaining <= 1:
-            await self._sleep(remaining)
+        # The event loop's timers are monotonic with millisecond resolution: by the wall clock one
+        # can fire up to a millisecond early, and a sub-millisecond sleep returns at once. So sleep a
+        # little past the second, and look again (a bounded number of times).
+        for _ in range(_CUTOFF_WAIT_ROUNDS):
+            if not 0 < remaining <= 1:
+                return
+            await self._sleep(remaining + _TIMER_SLACK_S)
+            remaining = first_clear_second - self._clock().timestamp()
