@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 import redis
+from redis.asyncio import Redis as AsyncRedis
 
 from services.common.db import Database
 from services.common.migrate import upgrade_async
@@ -129,6 +130,16 @@ def redis_url() -> str:
     if failure is not None:
         pytest.fail(failure, pytrace=False)
     return url
+
+
+@pytest.fixture(name="redis")
+async def redis_client(redis_url: str) -> AsyncIterator[AsyncRedis]:
+    """An asyncio client of the Redis test database, closed after the test."""
+    client = AsyncRedis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
 
 
 @pytest.fixture(scope="session")

@@ -32,22 +32,10 @@ from services.common.migrate import upgrade_async
 from services.common.models import utc_now
 from services.common.revocation import InMemoryRevocationList
 from services.common.settings import Settings, SettingsError
+from services.runtime.command_errors import EXIT_BAD_INPUT, CommandError
 from services.runtime.process import read_cache_for
 
 PASSWORD_ENV: Final = "PARLEY_ADMIN_PASSWORD"  # noqa: S105 - the variable's name, not a password
-# Exit codes: 2 for input or settings the operator must fix (as argparse and bad settings use),
-# 1 for everything else (the database is down, the operation failed).
-EXIT_BAD_INPUT: Final = 2
-EXIT_FAILED: Final = 1
-
-
-class AdminCommandError(Exception):
-    """A failure to report to the operator as plain text (no traceback), with the exit code to use."""
-
-    def __init__(self, message: str, *, exit_code: int = EXIT_FAILED) -> None:
-        super().__init__(message)
-        self.message = message
-        self.exit_code = exit_code
 
 
 @dataclass(frozen=True)
@@ -75,19 +63,19 @@ def read_admin_password(password_file: Path | None, terminal: Terminal) -> str:
     from_env = terminal.environ.get(PASSWORD_ENV)
     if from_env is not None:
         if not from_env:
-            raise AdminCommandError(f"{PASSWORD_ENV} is set but empty.", exit_code=EXIT_BAD_INPUT)
+            raise CommandError(f"{PASSWORD_ENV} is set but empty.", exit_code=EXIT_BAD_INPUT)
         return from_env
     if not terminal.stdin.isatty():
-        raise AdminCommandError(
+        raise CommandError(
             f"No password given: set {PASSWORD_ENV}, pass --password-file PATH (or - for stdin), "
             "or run the command in a terminal to be prompted.",
             exit_code=EXIT_BAD_INPUT,
         )
     password = terminal.prompt("Password for the admin account: ")
     if not password:
-        raise AdminCommandError("The password is empty.", exit_code=EXIT_BAD_INPUT)
+        raise CommandError("The password is empty.", exit_code=EXIT_BAD_INPUT)
     if terminal.prompt("Repeat the password: ") != password:
-        raise AdminCommandError("The passwords do not match.", exit_code=EXIT_BAD_INPUT)
+        raise CommandError("The passwords do not match.", exit_code=EXIT_BAD_INPUT)
     return password
 
 
@@ -95,13 +83,13 @@ def _password_from_file(path: Path, terminal: Terminal) -> str:
     try:
         content = terminal.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        raise AdminCommandError(
+        raise CommandError(
             f"Cannot read the password file {path}: {type(error).__name__}: {error}", exit_code=EXIT_BAD_INPUT
         ) from None
     # One trailing line break is how files and `echo` end; any other whitespace is part of the password.
     password = content.removesuffix("\n").removesuffix("\r")
     if not password:
-        raise AdminCommandError(f"The password file {path} is empty.", exit_code=EXIT_BAD_INPUT)
+        raise CommandError(f"The password file {path} is empty.", exit_code=EXIT_BAD_INPUT)
     return password
 
 
@@ -117,9 +105,9 @@ def create_admin(
         try:
             outcome = await parts.admin(database).create_admin(email, password, display_name)
         except InvalidArgument as error:
-            raise AdminCommandError(_invalid_input_report(error), exit_code=EXIT_BAD_INPUT) from None
+            raise CommandError(_invalid_input_report(error), exit_code=EXIT_BAD_INPUT) from None
         except ParleyError as error:
-            raise AdminCommandError(f"Cannot create the admin: {error.message}") from None
+            raise CommandError(f"Cannot create the admin: {error.message}") from None
         finally:
             await read_cache.close()
         user = outcome.user
@@ -178,7 +166,7 @@ def rotate_signing_key(settings: Settings, *, terminal: Terminal) -> int:
             try:
                 previous = (await store.active_signing_key()).kid
             except SigningKeyDecryptionError as error:
-                raise AdminCommandError(str(error), exit_code=EXIT_BAD_INPUT) from None
+                raise CommandError(str(error), exit_code=EXIT_BAD_INPUT) from None
         kid = await store.rotate()
         leaves_at = utc_now() + store.publication_window
         lines = [
@@ -221,7 +209,7 @@ def _run_against_database(settings: Settings, operation: Callable[[Database], Aw
                 await database.ping()
             except DatabaseUnavailable as error:
                 where = _redacted(database)
-                raise AdminCommandError(f"Cannot reach the database at {where}: {error}") from None
+                raise CommandError(f"Cannot reach the database at {where}: {error}") from None
             await upgrade_async(url)
             await operation(database)
         finally:

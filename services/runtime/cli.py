@@ -232,12 +232,12 @@ def _gateway(topology_name: str, render_to: Path | None, upstream_overrides: lis
 def _admin(arguments: argparse.Namespace) -> int:
     settings = load_settings(**_given(data_dir=arguments.data_dir, database_url=arguments.database_url))
     from services.runtime.admin_commands import (
-        AdminCommandError,
         Terminal,
         create_admin,
         read_admin_password,
         rotate_signing_key,
     )
+    from services.runtime.command_errors import CommandError
 
     terminal = Terminal(stdin=sys.stdin, stdout=sys.stdout, environ=os.environ)
     try:
@@ -251,7 +251,7 @@ def _admin(arguments: argparse.Namespace) -> int:
                 terminal=terminal,
             )
         return rotate_signing_key(settings, terminal=terminal)
-    except AdminCommandError as error:
+    except CommandError as error:
         sys.stderr.write(f"{error.message}\n")
         return error.exit_code
 

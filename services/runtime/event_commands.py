@@ -50,12 +50,8 @@ from services.common.dead_letters import SqlDeadLetters
 from services.common.migrate import upgrade_async
 from services.common.settings import Settings
 from services.common.streams import STREAM_KEY_PREFIX, MalformedStreamEntry, decode_entry, stream_key
+from services.runtime.command_errors import EXIT_BAD_INPUT, EXIT_FAILED, CommandError
 
-# Exit codes, as `parley admin` uses them: 2 for what the operator must fix first (no Redis
-# configured, a malformed id, no database in the data dir), 1 for everything else (Redis or the
-# database down, no such dead letter).
-EXIT_FAILED: Final = 1
-EXIT_BAD_INPUT: Final = 2
 # What a shell reports for a command ended by Ctrl-C (128 + SIGINT), as `parley` does for the others.
 EXIT_INTERRUPTED: Final = 130
 
@@ -79,15 +75,6 @@ NO_REDIS_MESSAGE: Final = (
     "embedded mode (`parley up`) keeps no Redis streams: read its events in the outbox "
     "(the outbox_events table) instead."
 )
-
-
-class EventCommandError(Exception):
-    """A failure to report to the operator as one line on stderr, with the exit code to use."""
-
-    def __init__(self, message: str, *, exit_code: int = EXIT_FAILED) -> None:
-        super().__init__(message)
-        self.message = message
-        self.exit_code = exit_code
 
 
 @dataclass(frozen=True)
@@ -116,7 +103,7 @@ def run_events_command(arguments: argparse.Namespace, settings: Settings, output
         if on_database or redis_url is None:
             return asyncio.run(_run_on_database(arguments, settings, output))
         return asyncio.run(_run(arguments, redis_url, output))
-    except EventCommandError as error:
+    except CommandError as error:
         output.problem(error.message)
         return error.exit_code
     except (RedisConnectionError, RedisTimeoutError) as error:
@@ -139,7 +126,7 @@ def stream_client(redis_url: str) -> Redis:
             retry=Retry(NoBackoff(), 0),
         )
     except ValueError as error:
-        raise EventCommandError(
+        raise CommandError(
             f"PARLEY_REDIS_URL is not a Redis URL: {error}", exit_code=EXIT_BAD_INPUT
         ) from None
 
@@ -431,7 +418,7 @@ async def replay_dead_letters(
     source = _dead_letter_source(client, consumer)
     if dead_letter_id is not None:
         if not _ENTRY_ID.fullmatch(dead_letter_id):
-            raise EventCommandError(
+            raise CommandError(
                 f"{dead_letter_id!r} is not a dead-letter id (like 1718000000000-0; see "
                 f"`parley events dlq list --consumer {consumer}`)",
                 exit_code=EXIT_BAD_INPUT,
@@ -441,7 +428,7 @@ async def replay_dead_letters(
         chosen = [dead.dead_letter_id for dead in await source.dead_letters()]
     replayed, failures = await _replay_each(chosen, source.replay, output)
     if dead_letter_id is not None and replayed == 0 and failures == 0:
-        raise EventCommandError(f"no dead letter {dead_letter_id} in {dlq_key(consumer)}")
+        raise CommandError(f"no dead letter {dead_letter_id} in {dlq_key(consumer)}")
     output.line(f"replayed {replayed} dead letter(s) of consumer {consumer}")
     return EXIT_FAILED if failures else 0
 
@@ -483,7 +470,7 @@ async def _run_on_database(arguments: argparse.Namespace, settings: Settings, ou
     sqlite_file = _sqlite_file(url)
     if sqlite_file is not None and not sqlite_file.is_file():
         # Opening it would create an empty database, and "no dead letters" would be a wrong answer.
-        raise EventCommandError(
+        raise CommandError(
             f"no embedded database at {sqlite_file}: pass the --data-dir that `parley up` uses "
             "(or --database-url), or set PARLEY_REDIS_URL for the dead letters of microservices mode",
             exit_code=EXIT_BAD_INPUT,
@@ -511,7 +498,7 @@ async def _run_on_database(arguments: argparse.Namespace, settings: Settings, ou
             where=where,
         )
     except (DatabaseUnavailable, SQLAlchemyError) as error:
-        raise EventCommandError(f"cannot use {where}: {type(error).__name__}: {error}") from None
+        raise CommandError(f"cannot use {where}: {type(error).__name__}: {error}") from None
     finally:
         await database.dispose()
 
@@ -522,7 +509,7 @@ async def _requeue_dead_letters(
     """Put one dead letter (or every one) back in the outbox, for the relay to deliver again."""
     if dead_letter_id is not None:
         if not (dead_letter_id.isascii() and dead_letter_id.isdigit()):
-            raise EventCommandError(
+            raise CommandError(
                 f"{dead_letter_id!r} is not a dead-letter id (a number; see "
                 f"`parley events dlq list --consumer {consumer}`)",
                 exit_code=EXIT_BAD_INPUT,
@@ -534,6 +521,6 @@ async def _requeue_dead_letters(
         chosen, lambda chosen_id: store.requeue_in_outbox(consumer, chosen_id), output
     )
     if dead_letter_id is not None and replayed == 0 and failures == 0:
-        raise EventCommandError(f"no dead letter {dead_letter_id} of {consumer} in {where}")
+        raise CommandError(f"no dead letter {dead_letter_id} of {consumer} in {where}")
     output.line(f"replayed {replayed} dead letter(s) of consumer {consumer}")
     return EXIT_FAILED if failures else 0

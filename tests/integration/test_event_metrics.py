@@ -43,15 +43,6 @@ def registered(user: str) -> events_pb2.Event:
 
 
 @pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
-@pytest.fixture
 async def names(redis: Redis) -> AsyncIterator[tuple[str, str]]:
     """A stream and a consumer group unique to the test; the stream and the group's DLQ are deleted after."""
     stream, group = stream_key(f"test-{uuid.uuid4().hex[:12]}"), f"test-{uuid.uuid4().hex[:12]}"

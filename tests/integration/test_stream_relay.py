@@ -27,15 +27,6 @@ RELAY_DEADLINE_S = 20.0
 
 
 @pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
-@pytest.fixture
 async def sources(redis: Redis) -> AsyncIterator[list[str]]:
     """Event sources unique to the test (the Redis database is shared), their streams deleted after."""
     names = [f"test-{uuid4().hex[:12]}-{index}" for index in range(2)]
