@@ -35,22 +35,31 @@ STREAM_MAX_LEN: Final = 1_000_000
 """Approximate cap on the entries kept in each source's stream (`XADD ... MAXLEN ~ <cap>`).
 
 Redis trims by length alone: it does not look at consumer groups, so an entry a group has not read
-yet (or has read but not acknowledged) is dropped all the same once it is `STREAM_MAX_LEN` entries
-behind the newest. The cap must therefore exceed the largest backlog the operators accept for a
-stalled or slow consumer group: peak events per second of the source x the longest consumer outage
-to survive. One million entries per source is:
+yet (or has read but not acknowledged) would be dropped all the same once it is `STREAM_MAX_LEN`
+entries behind the newest. The publisher therefore never lets that happen: before each batch it
+reads every group's backlog on the stream (`XINFO GROUPS`: entries not yet delivered, `lag`, plus
+delivered and unacknowledged, `pending`) and publishes only while the backlog stays under
+`STREAM_ROOM_SHARE` of the cap. A group that falls that far behind holds the relay back: newer events
+wait in the outbox (durable, and counted by the outbox lag gauge) until the group catches up, rather
+than being trimmed unread. Size the cap for the backlog a slow consumer may build before it holds up
+every other consumer of the database's events: peak events per second of the source x the longest
+consumer outage to ride out without holding the relay back. One million entries per source is:
 
     at   100 events/s  →  10,000 s ≈ 2 h 45 min of backlog
     at 1,000 events/s  →   1,000 s ≈ 16 min of backlog
 
 An entry takes roughly 0.3-1 KB of Redis memory (the serialized event plus field names and stream
 bookkeeping), so a full stream is about 0.3-1 GB; size Redis for every source's stream at its cap.
-Alert on consumer-group lag (`XINFO GROUPS`) well before it approaches the cap: past it, events are
-lost to that group (the outbox rows stay in the database until pruned, so they can be replayed).
+Alert on consumer-group lag well before it nears the cap.
 
 `~` lets Redis trim whole macro nodes only (`stream-node-max-entries`, 100 by default), so a stream
 holds at least the cap and at most about one node more; it never holds fewer than the cap.
 """
+
+# The share of the cap a group's backlog may fill before the publisher holds back. Below 1 because
+# `lag + pending` counts entries, while trimming goes by position: acknowledged entries between a
+# group's oldest pending one and the newest still take room.
+STREAM_ROOM_SHARE: Final = 0.9
 
 # A pipeline of one relay batch (500 events by default) answers in milliseconds; a reply this late
 # means Redis or the path to it is in trouble, and the relay retries with backoff.
@@ -60,6 +69,18 @@ DEFAULT_SOCKET_TIMEOUT_S: Final = 5.0
 _RESP_XADD: Final = b"$4\r\nXADD\r\n"
 _RESP_MAXLEN_APPROXIMATE: Final = b"$6\r\nMAXLEN\r\n$1\r\n~\r\n"
 _RESP_AUTO_ID: Final = b"$1\r\n*\r\n"
+
+
+class StreamFullError(RedisError):
+    """A consumer group is so far behind that publishing more would trim entries it has not handled."""
+
+    def __init__(self, stream: str, group: str, backlog: int, room: int) -> None:
+        super().__init__(
+            f"consumer group {group!r} on {stream} has {backlog} unhandled entries, the stream's room "
+            f"is {room}: events wait in the outbox until it catches up"
+        )
+        self.stream = stream
+        self.group = group
 
 
 class MalformedStreamEntry(ValueError):  # noqa: N818 - named for the condition, like KeyError.
@@ -155,6 +176,7 @@ class RedisStreamPublisher:
             raise ValueError("max_len must be at least 1")
         self._client = client
         self._max_len = max_len
+        self._room = max(1, int(max_len * STREAM_ROOM_SHARE))
         self._packed_max_len = _resp_bulk(str(max_len).encode())
 
     @classmethod
@@ -200,9 +222,49 @@ class RedisStreamPublisher:
             parts.append(_resp_bulk(value))
         return b"".join(parts)
 
+    async def _publishable(self, events: Sequence[events_pb2.Event]) -> int:
+        """How many events, from the start of the batch, fit without trimming what a group has not
+        handled; raises `StreamFullError` when not even the first one does."""
+        streams = list(dict.fromkeys(stream_key(event.source) for event in events))
+        async with self._client.pipeline(transaction=False) as pipe:
+            for stream in streams:
+                pipe.xinfo_groups(stream)
+            replies = await pipe.execute(raise_on_error=False)
+        room: dict[str, int] = {}
+        holder: dict[str, tuple[str, int]] = {}
+        for stream, groups in zip(streams, replies, strict=True):
+            if isinstance(groups, ResponseError):
+                room[stream] = len(events)  # no such stream yet: no group to protect
+                continue
+            if isinstance(groups, BaseException):
+                raise groups
+            room[stream] = len(events)
+            for group in groups:
+                # `lag` is nil when Redis cannot tell (entries deleted in the middle of the stream).
+                backlog = int(group.get("pending") or 0) + int(group.get("lag") or 0)
+                if self._room - backlog < room[stream]:
+                    room[stream] = max(0, self._room - backlog)
+                    holder[stream] = (_text(group.get("name", b"")), backlog)
+        for fitting, event in enumerate(events):
+            stream = stream_key(event.source)
+            if room[stream] == 0:
+                if fitting == 0:
+                    group_name, backlog = holder[stream]
+                    raise StreamFullError(stream, group_name, backlog, self._room)
+                return fitting
+            room[stream] -= 1
+        return len(events)
+
     async def dispatch(self, events: Sequence[events_pb2.Event]) -> None:
         if not events:
             return
+        fitting = await self._publishable(events)
+        if fitting < len(events):
+            await self.dispatch(events[:fitting])
+            held = stream_key(events[fitting].source)
+            raise PartialDispatch(
+                fitting, f"{held} has no room for more events until its consumer groups catch up"
+            )
         packed = b"".join(self.packed_xadd(event) for event in events)
         pool = self._client.connection_pool
         # The client's own Pipeline discards every reply when the connection drops mid-way, so the

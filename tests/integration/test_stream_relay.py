@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Coroutine, Sequence
+from typing import Any
 from urllib.parse import urlsplit
 from uuid import uuid4
 
@@ -16,7 +17,13 @@ from sqlalchemy import select
 from parley.events.v1 import events_pb2
 from services.common.db import Database
 from services.common.outbox import OutboxEvent, OutboxRelay, PartialDispatch, add_event
-from services.common.streams import RedisStreamPublisher, decode_entry, stream_key
+from services.common.streams import (
+    STREAM_ROOM_SHARE,
+    RedisStreamPublisher,
+    StreamFullError,
+    decode_entry,
+    stream_key,
+)
 from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.redis
@@ -255,13 +262,11 @@ async def test_a_half_failed_batch_marks_the_confirmed_prefix_and_only_it_can_du
     assert auth_ids == [produced[0].id, produced[1].id, produced[3].id, produced[3].id]
 
 
-async def test_maxlen_keeps_a_stream_bounded_even_with_a_group_that_has_read_nothing(
+async def test_maxlen_keeps_a_stream_without_groups_bounded(
     database: Database, redis: Redis, redis_url: str, sources: list[str]
 ) -> None:
     source = sources[0]
     cap, produced_count = 50, 600
-    # A group created before any event: Redis trims regardless of what it has read.
-    await redis.xgroup_create(stream_key(source), "idle-consumer", id="0", mkstream=True)
     produced: list[events_pb2.Event] = []
     for first in range(0, produced_count, 200):
         produced += await commit(database, [(source, f"u{index}") for index in range(first, first + 200)])
@@ -279,9 +284,44 @@ async def test_maxlen_keeps_a_stream_bounded_even_with_a_group_that_has_read_not
     assert length < produced_count
     kept = await stream_ids(redis, source)
     assert kept == [event.id for event in produced[-length:]]  # the newest are kept, in order
-    await redis.xreadgroup("idle-consumer", "reader", {stream_key(source): ">"}, count=produced_count)
-    pending = await redis.xpending(stream_key(source), "idle-consumer")
-    assert pending["pending"] == length  # the trimmed entries are gone for the idle group too
+
+
+async def test_a_group_that_falls_behind_holds_the_relay_back_instead_of_losing_entries(
+    database: Database, redis: Redis, redis_url: str, sources: list[str]
+) -> None:
+    """Trimming would drop entries the group has not read; the publisher stops short of that, the
+    rest wait in the outbox, and once the group has caught up every event reaches it, in order."""
+    source, group = sources[0], "slow-consumer"
+    cap, produced_count = 50, 300
+    room = int(cap * STREAM_ROOM_SHARE)
+    await redis.xgroup_create(stream_key(source), group, id="0", mkstream=True)
+    produced = await commit(database, [(source, f"u{index}") for index in range(produced_count)])
+    publisher = RedisStreamPublisher.from_url(redis_url, max_len=cap)
+    received: list[str] = []
+    try:
+        relay = OutboxRelay(
+            database, publisher, batch_size=100, retry_base_s=RETRY_BASE_S, retry_max_s=RETRY_MAX_S
+        )
+        assert await relay.relay_once() == room  # the prefix that fits
+        assert await relay.relay_once() == 0  # full: nothing more until the group moves
+        with pytest.raises(StreamFullError):
+            await publisher.dispatch(produced[room:])
+        assert len(await unrelayed_rows(database)) == produced_count - room
+
+        async with asyncio.timeout(RELAY_DEADLINE_S):
+            while len(received) < produced_count:
+                reply: Any = await redis.xreadgroup(group, "reader", {stream_key(source): ">"}, count=20)
+                for _stream, entries in reply or []:
+                    for entry_id, fields in entries:
+                        received.append(decode_entry(fields).id)
+                        await redis.xack(stream_key(source), group, entry_id)
+                await relay.relay_once()
+                await asyncio.sleep(0.005)  # the relay may be backing off for a few ms
+    finally:
+        await publisher.aclose()
+
+    assert received == [event.id for event in produced]  # all of them, once, in order
+    assert not await unrelayed_rows(database)
 
 
 async def test_a_connection_lost_mid_batch_marks_exactly_what_redis_confirmed(
