@@ -32,7 +32,7 @@ import random
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 from uuid import uuid4
 
 from google.protobuf.message import DecodeError, Message
@@ -45,6 +45,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Text,
+    delete,
     func,
     select,
     text,
@@ -518,3 +519,34 @@ async def outbox_lag_seconds(db: Database) -> float:
     if not waiting_since:
         return 0.0
     return max(0.0, (now - min(waiting_since)).total_seconds())
+
+
+async def prune_relayed(db: Database, *, older_than: datetime, batch_size: int = 10_000) -> int:
+    """Delete events relayed before `older_than` (timezone-aware); returns how many were deleted.
+
+    Unrelayed events are never deleted, however old. Deletes in batches of `batch_size`, each its
+    own short transaction, so SQLite's single write lock is never held for long.
+    """
+    if older_than.tzinfo is None or older_than.utcoffset() is None:
+        raise ValueError(f"naive datetime {older_than!r} given; use a timezone-aware one (e.g. utc_now())")
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    deleted = 0
+    while True:
+        async with db.unit_of_work() as session:
+            batch = (
+                select(OutboxEvent.sequence)
+                .where(OutboxEvent.relayed_at.is_not(None), OutboxEvent.relayed_at < older_than)
+                .order_by(OutboxEvent.sequence)
+                .limit(batch_size)
+                .scalar_subquery()
+            )
+            result: Any = await session.execute(
+                delete(OutboxEvent)
+                .where(OutboxEvent.sequence.in_(batch))
+                .execution_options(synchronize_session=False)
+            )
+        count = int(result.rowcount or 0)
+        deleted += count
+        if count < batch_size:
+            return deleted

@@ -142,6 +142,15 @@ class Settings(BaseSettings):
         default="Parley <no-reply@localhost>",
         description="The From header and envelope sender of every email.",
     )
+    outbox_retention_days: int = Field(
+        default=7, ge=1, le=3650, description="How long relayed outbox events are kept before pruning."
+    )
+    processed_retention_days: int = Field(
+        default=30,
+        ge=1,
+        le=3650,
+        description="How long consumers' idempotency records are kept; longer than any redelivery can come.",
+    )
     email_max_attempts: int = Field(
         default=10, ge=1, le=100, description="Sending attempts per mail before it is dead-lettered."
     )

@@ -10,11 +10,13 @@ and the email consumer that `parley up` runs in process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import sys
 from collections.abc import Sequence
+from datetime import datetime, timedelta
 
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
@@ -31,8 +33,9 @@ from services.common.db import Database
 from services.common.dead_letters import SqlDeadLetters
 from services.common.event_metrics import EventPipelineMetrics
 from services.common.metrics import serve_metrics
-from services.common.outbox import InProcessDispatcher, OutboxRelay
-from services.common.processed_events import SqlProcessedEvents
+from services.common.models import utc_now
+from services.common.outbox import InProcessDispatcher, OutboxRelay, prune_relayed
+from services.common.processed_events import SqlProcessedEvents, prune_processed
 from services.common.ratelimit import RateLimiter, rate_limiter_for
 from services.common.settings import (
     DEFAULT_WORKER_METRICS_PORTS,
@@ -57,6 +60,8 @@ RELAY_RETRY_CAP_S = 5.0
 # How often an idle relay worker polls the outbox for rows other processes committed: this bounds the
 # pipeline's delay (p99 0.2 s at 5,000 events/s, docs/events.md), for a few index-only queries a second.
 RELAY_IDLE_POLL_S = 0.1
+# How often the relay worker (and `parley up`) prunes relayed events and old idempotency records.
+HOUSEKEEPING_INTERVAL_S = 3600.0
 # How often the relay worker (and `parley up`) samples the pipeline's backlog gauges.
 PIPELINE_SAMPLE_INTERVAL_S = 5.0
 # The in-process stream of embedded mode: every source's events, in the outbox's order.
@@ -139,12 +144,16 @@ class EmbeddedWorkers:
         )
         self._pipeline_metrics = EventPipelineMetrics(registry)
         self._database = database
+        self._settings = settings
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self, stop: asyncio.Event) -> None:
         self._tasks = [
             asyncio.create_task(self.relay.run(stop), name="outbox-relay"),
             asyncio.create_task(self.email.run(stop), name="email-consumer"),
+            asyncio.create_task(
+                keep_pipeline_history_pruned(stop, self._database, self._settings), name="event-housekeeping"
+            ),
             asyncio.create_task(
                 self._pipeline_metrics.sample_forever(
                     stop, PIPELINE_SAMPLE_INTERVAL_S, database=self._database
@@ -162,6 +171,43 @@ class EmbeddedWorkers:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._mail_limiter.aclose()
+
+
+async def prune_pipeline_history(
+    database: Database, settings: Settings, *, now: datetime | None = None
+) -> tuple[int, int]:
+    """Delete relayed outbox events and idempotency records past their retention; returns how many
+    of each. Unrelayed events are kept however old."""
+    now = now or utc_now()
+    relayed = await prune_relayed(database, older_than=now - timedelta(days=settings.outbox_retention_days))
+    processed = await prune_processed(
+        database, older_than=now - timedelta(days=settings.processed_retention_days)
+    )
+    return relayed, processed
+
+
+async def keep_pipeline_history_pruned(
+    stop: asyncio.Event,
+    database: Database,
+    settings: Settings,
+    *,
+    interval_s: float = HOUSEKEEPING_INTERVAL_S,
+) -> None:
+    """Prune now and every `interval_s` until `stop` is set; failures are logged and retried next time."""
+    while not stop.is_set():
+        try:
+            relayed, processed = await prune_pipeline_history(database, settings)
+        except Exception:
+            logger.exception("pruning the event pipeline's history failed; trying again in %.0fs", interval_s)
+        else:
+            if relayed or processed:
+                logger.info(
+                    "pruned the event pipeline's history",
+                    extra={"relayed_events": relayed, "processed_records": processed},
+                )
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(interval_s):
+                await stop.wait()
 
 
 def _require_redis_url(settings: Settings, worker: WorkerName) -> str:
@@ -195,7 +241,10 @@ async def run_worker(worker: WorkerName, settings: Settings, *, stop: asyncio.Ev
     )
     try:
         if worker == "relay":
-            await _run_relay(database, redis_url, stop, registry=observability.registry)
+            await asyncio.gather(
+                _run_relay(database, redis_url, stop, registry=observability.registry),
+                keep_pipeline_history_pruned(stop, database, settings),
+            )
         else:
             await _run_email(
                 settings,

@@ -24,6 +24,7 @@ from services.common.outbox import (
     OutboxRelay,
     add_event,
     outbox_lag_seconds,
+    prune_relayed,
 )
 
 
@@ -516,3 +517,30 @@ async def test_the_revision_downgrades_and_upgrades_with_the_data(database_url: 
         assert dispatcher.delivered == kept
     finally:
         await db.dispose()
+
+
+async def test_pruning_deletes_only_events_relayed_before_the_cutoff(database: Database) -> None:
+    old_relayed = await commit_events(database, [f"old-{index}" for index in range(5)])
+    old_unrelayed, recent_relayed = await commit_events(database, ["waiting", "recent"])
+    now = utc_now()
+    async with database.unit_of_work() as session:
+        await session.execute(
+            update(OutboxEvent)
+            .where(OutboxEvent.event_id.in_(old_relayed))
+            .values(relayed_at=now - timedelta(days=10))
+        )
+        await session.execute(
+            update(OutboxEvent)
+            .where(OutboxEvent.event_id == old_unrelayed)
+            .values(occurred_at=now - timedelta(days=30))
+        )
+        await session.execute(
+            update(OutboxEvent).where(OutboxEvent.event_id == recent_relayed).values(relayed_at=now)
+        )
+
+    # Batches smaller than the work: every batch is its own short transaction.
+    assert await prune_relayed(database, older_than=now - timedelta(days=7), batch_size=2) == 5
+    assert [row.event_id for row in await outbox_rows(database)] == [old_unrelayed, recent_relayed]
+    assert await prune_relayed(database, older_than=now - timedelta(days=7)) == 0
+    with pytest.raises(ValueError, match="naive"):
+        await prune_relayed(database, older_than=datetime(2026, 1, 1))
