@@ -25,6 +25,7 @@ import contextlib
 import json
 import re
 import signal
+import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC
@@ -174,12 +175,10 @@ def _stopped_by_ctrl_c(*, install: bool) -> Iterator[asyncio.Event]:
         stop.set()
         loop.remove_signal_handler(signal.SIGINT)  # back to KeyboardInterrupt for the next one
 
-    installed = False
-    if install:
-        # Only the main thread can take signals (a test may run the command in another one).
-        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
-            loop.add_signal_handler(signal.SIGINT, first_ctrl_c)
-            installed = True
+    # Only the main thread can take signals (a test may run the command in another one).
+    installed = install and threading.current_thread() is threading.main_thread()
+    if installed:
+        loop.add_signal_handler(signal.SIGINT, first_ctrl_c)
     try:
         yield stop
     finally:
