@@ -259,12 +259,15 @@ class RedisStreamPublisher:
         if not events:
             return
         fitting = await self._publishable(events)
+        await self._publish(events[:fitting])
         if fitting < len(events):
-            await self.dispatch(events[:fitting])
             held = stream_key(events[fitting].source)
             raise PartialDispatch(
                 fitting, f"{held} has no room for more events until its consumer groups catch up"
             )
+
+    async def _publish(self, events: Sequence[events_pb2.Event]) -> None:
+        """XADD every event in one pipeline; see the class docstring for what a failure raises."""
         packed = b"".join(self.packed_xadd(event) for event in events)
         pool = self._client.connection_pool
         # The client's own Pipeline discards every reply when the connection drops mid-way, so the
