@@ -74,7 +74,7 @@ from services.common.db import Database
 from services.common.migrate import upgrade_async
 from services.common.outbox import OutboxEvent, OutboxRelay, PartialDispatch, add_event
 from services.common.streams import RedisStreamPublisher, encode_entry, stream_key
-from services.runtime.workers import RELAY_IDLE_POLL_S
+from services.runtime.workers import CONSUMER_BLOCK_S, RELAY_IDLE_POLL_S
 from tests.support.databases import asyncpg_dsn, fresh_postgres_database
 
 DEFAULT_POSTGRES_URL: Final = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
@@ -93,8 +93,6 @@ PROCESSED_TTL_S: Final = 3600
 # Rates leave out the start of the window, while the pipeline fills: this share of it, at most this long.
 WARMUP_SHARE: Final = 0.1
 MAX_WARMUP_S: Final = 5.0
-# The consumer's XREADGROUP block, as the workers run it (services.runtime.workers.CONSUMER_BLOCK_S).
-CONSUMER_BLOCK_S: Final = 1.0
 
 Topology = Literal["separate", "shared"]
 Message = tuple[Any, ...]

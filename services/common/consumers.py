@@ -47,7 +47,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -713,10 +713,13 @@ class Consumer:
         visibility_timeout_s: float = 120.0,
         block_s: float = 1.0,
         handler_records_processing: bool = False,
+        event_types: Collection[str] | None = None,
         metrics: ConsumerMetrics | None = None,
         tracer_provider: trace.TracerProvider | None = None,
         rng: random.Random | None = None,
     ) -> None:
+        """`event_types`: the types the handler wants (every type when None); a stream carries every
+        event of its source, and the others are acknowledged without a handler call or a record."""
         if batch_size < 1 or max_attempts < 1:
             raise ValueError("batch_size and max_attempts must be at least 1")
         if name != source.group:
@@ -733,6 +736,7 @@ class Consumer:
         self._visibility_timeout_s = visibility_timeout_s
         self._block_s = block_s
         self._handler_records_processing = handler_records_processing
+        self._event_types = None if event_types is None else frozenset(event_types)
         self._metrics = metrics
         self._tracer = None if tracer_provider is None else tracer_provider.get_tracer(__name__)
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not security.
@@ -794,10 +798,15 @@ class Consumer:
                 to_ack.append(delivery.entry_id)
                 continue
             try:
-                events.append((delivery, delivery.decode()))
+                event = delivery.decode()
             except MalformedStreamEntry as error:
                 await self._dead_letter(delivery, f"MalformedStreamEntry: {error}")
                 dead += 1
+                continue
+            if self._event_types is not None and event.type not in self._event_types:
+                to_ack.append(delivery.entry_id)
+                continue
+            events.append((delivery, event))
         done = (
             await _processed_among(self._processed, self.name, [event.id for _delivery, event in events])
             if events

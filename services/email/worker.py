@@ -27,7 +27,7 @@ from services.common.consumers import current_delivery, is_retryable
 from services.common.db import Database
 from services.common.outbox import add_event
 from services.common.processed_events import record_processed
-from services.email.delivery import EMAIL_REQUESTED_TYPE, EmailDelivery, email_failed
+from services.email.delivery import EmailDelivery, email_failed
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +48,6 @@ class EmailJobHandler:
         self._max_attempts = max_attempts
 
     async def __call__(self, event: events_pb2.Event) -> None:
-        if event.type != EMAIL_REQUESTED_TYPE:
-            return  # the stream carries every event of its source; only mail requests concern us
         delivery = current_delivery()
         try:
             sent = await self._delivery.deliver(event, attempts=delivery.attempt)

@@ -104,6 +104,7 @@ def email_consumer(
         visibility_timeout_s=email_visibility_timeout_s(settings),
         block_s=CONSUMER_BLOCK_S,
         handler_records_processing=True,
+        event_types={EMAIL_REQUESTED_TYPE},
         metrics=metrics,
         tracer_provider=tracer_provider,
     )

@@ -13,7 +13,7 @@ import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
 import pytest
@@ -65,7 +65,14 @@ class Harness:
     def __post_init__(self) -> None:
         self.metrics = ConsumerMetrics(self.registry)
 
-    def consumer(self, handler: Recorder, *, member: str = "m1", **options: float) -> Consumer:
+    def consumer(
+        self,
+        handler: Recorder,
+        *,
+        member: str = "m1",
+        event_types: Collection[str] | None = None,
+        **options: float,
+    ) -> Consumer:
         settings: dict[str, float] = {
             "batch_size": 10,
             "max_attempts": 5,
@@ -87,6 +94,7 @@ class Harness:
             backoff_cap_s=settings["backoff_cap_s"],
             visibility_timeout_s=settings["visibility_timeout_s"],
             block_s=settings["block_s"],
+            event_types=event_types,
             metrics=self.metrics,
             rng=MaxJitter(),
         )
@@ -458,6 +466,21 @@ async def test_an_entry_for_another_group_is_acked_without_handling(harness: Har
     assert handler.effects == Counter({ours.id: 1, everyones.id: 1})
     assert await harness.source.pending_count() == 0
     assert not await harness.processed.is_processed(harness.group, theirs.id)
+
+
+async def test_events_of_types_the_consumer_does_not_want_are_acked_without_handling(
+    harness: Harness,
+) -> None:
+    wanted, other = make_events(2)
+    other.type = "user.enabled"
+    other.user_enabled.CopyFrom(events_pb2.UserEnabled(user_id=other.subject))
+    await harness.publish_all([other, wanted])
+    handler = Recorder()
+
+    assert await harness.consumer(handler, event_types={"user.registered"}).poll_once(block_s=0) == 2
+    assert handler.effects == Counter({wanted.id: 1})
+    assert await harness.source.pending_count() == 0
+    assert not await harness.processed.is_processed(harness.group, other.id)
 
 
 async def test_an_event_published_twice_in_one_batch_is_handled_once(harness: Harness) -> None:

@@ -144,6 +144,16 @@ async def wait_for_mail(
     return text
 
 
+async def mailed_link_token(
+    recorder: RecordingHandler, address: str, path: str, *, alive: Callable[[], None]
+) -> str:
+    """The token in the link to `path` (e.g. "/verify-email") of the mail to `address`, once it arrived."""
+    text = await wait_for_mail(
+        recorder, address, f"{path}?", context=lambda: delivery_report(recorder, [address]), alive=alive
+    )
+    return link_token(text, base_url=PUBLIC_BASE_URL, path=path)
+
+
 def json_log_lines(process: ParleyProcess) -> list[dict[str, Any]]:
     lines = []
     for line in process.output().splitlines():
@@ -223,14 +233,9 @@ async def test_sign_up_and_password_reset_mails_arrive_and_their_links_work(
                         address = f"pipeline-{uuid.uuid4().hex[:10]}@example.com"
                         user_id = await register(client, address, headers={"traceparent": traceparent})
 
-                        verify_text = await wait_for_mail(
-                            recorder,
-                            address,
-                            "/verify-email?",
-                            context=lambda: delivery_report(recorder, [address]),
-                            alive=workers.check_alive,
+                        token = await mailed_link_token(
+                            recorder, address, "/verify-email", alive=workers.check_alive
                         )
-                        token = link_token(verify_text, base_url=PUBLIC_BASE_URL, path="/verify-email")
                         verified = ok(await client.post("/v1/auth/verify-email", json={"token": token}))
                         assert verified["user"]["email_verified"] is True
                         await assert_verified(client, address, user_id)
@@ -249,14 +254,9 @@ async def test_sign_up_and_password_reset_mails_arrive_and_their_links_work(
                         )
 
                         ok(await client.post("/v1/auth/forgot-password", json={"email": address}))
-                        reset_text = await wait_for_mail(
-                            recorder,
-                            address,
-                            "/reset-password?",
-                            context=lambda: delivery_report(recorder, [address]),
-                            alive=workers.check_alive,
+                        reset_token = await mailed_link_token(
+                            recorder, address, "/reset-password", alive=workers.check_alive
                         )
-                        reset_token = link_token(reset_text, base_url=PUBLIC_BASE_URL, path="/reset-password")
                         ok(
                             await client.post(
                                 "/v1/auth/reset-password",
@@ -359,14 +359,7 @@ async def test_embedded_with_smtp_sends_to_the_server(tmp_path: Path) -> None:
             assert re.search(r"Mail\s+sent by SMTP", parley.process.output())
             address = f"embedded-smtp-{uuid.uuid4().hex[:10]}@example.com"
             user_id = await register(parley.client, address)
-            text = await wait_for_mail(
-                recorder,
-                address,
-                "/verify-email?",
-                context=lambda: delivery_report(recorder, [address]),
-                alive=parley.check_alive,
-            )
-            token = link_token(text, base_url=PUBLIC_BASE_URL, path="/verify-email")
+            token = await mailed_link_token(recorder, address, "/verify-email", alive=parley.check_alive)
             ok(await parley.client.post("/v1/auth/verify-email", json={"token": token}))
             await assert_verified(parley.client, address, user_id)
             [mail] = mails_to(recorder, address)
