@@ -71,6 +71,7 @@ from services.common.streams import (
     decode_entry,
     encode_entry,
     entry_for_group,
+    reply_text,
 )
 
 if TYPE_CHECKING:
@@ -228,20 +229,17 @@ async def _mark_all_processed(processed: ProcessedEvents, consumer: str, event_i
         await processed.mark_processed(consumer, event_id)
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def _fields(raw: Mapping[Any, Any]) -> dict[str, bytes]:
     return {
-        _text(name): value if isinstance(value, bytes) else str(value).encode() for name, value in raw.items()
+        reply_text(name): value if isinstance(value, bytes) else str(value).encode()
+        for name, value in raw.items()
     }
 
 
 def _entries(reply: Any) -> list[tuple[str, dict[str, bytes]]]:
     """Stream entries as redis-py returns them (id, fields), typed; entries deleted since (their
     fields None) are left out."""
-    return [(_text(entry_id), _fields(raw)) for entry_id, raw in reply or [] if raw is not None]
+    return [(reply_text(entry_id), _fields(raw)) for entry_id, raw in reply or [] if raw is not None]
 
 
 def _dead_letter_fields(delivery: Delivery, error: str, failed_at: datetime) -> dict[str, bytes]:
@@ -365,7 +363,7 @@ class RedisStreamSource:
             start_id=self._autoclaim_cursor,
             count=count,
         )
-        self._autoclaim_cursor = _text(reply[0])
+        self._autoclaim_cursor = reply_text(reply[0])
         return await self._with_delivery_counts(reply[1])
 
     async def ack(self, entry_ids: Sequence[str]) -> None:

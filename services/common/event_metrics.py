@@ -37,7 +37,7 @@ from services.common.consumers import DLQ_KEY_PREFIX, dlq_key
 from services.common.db import Database, DatabaseUnavailable
 from services.common.dead_letters import SqlDeadLetters
 from services.common.outbox import outbox_lag_seconds
-from services.common.streams import STREAM_KEY_PREFIX
+from services.common.streams import STREAM_KEY_PREFIX, reply_text
 
 logger = logging.getLogger(__name__)
 
@@ -76,16 +76,12 @@ class RedisReading:
     dead_letters: Mapping[str, int]
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 async def discover(client: Redis) -> tuple[list[str], list[str]]:
     """The `parley:events:*` streams and the consumers that have a dead-letter stream, in one SCAN."""
     streams: set[str] = set()
     consumers: set[str] = set()
     async for raw_key in client.scan_iter(count=_SCAN_PAGE, _type="stream"):
-        key = _text(raw_key)
+        key = reply_text(raw_key)
         if key.startswith(STREAM_KEY_PREFIX):
             streams.add(key)
         elif key.startswith(DLQ_KEY_PREFIX):
@@ -120,7 +116,7 @@ async def read_redis(client: Redis, streams: Sequence[str], consumers: Sequence[
             groups.append(
                 GroupReading(
                     stream=stream,
-                    group=_text(info["name"]),
+                    group=reply_text(info["name"]),
                     pending=int(info["pending"]),
                     lag=None if lag is None else int(lag),
                 )

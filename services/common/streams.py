@@ -118,7 +118,8 @@ def entry_for_group(fields: Mapping[str, bytes]) -> str | None:
     return None if target is None else target.decode(errors="replace")
 
 
-def _text(value: bytes | str) -> str:
+def reply_text(value: bytes | str) -> str:
+    """A Redis reply item as text, whether the client decodes responses or not."""
     return value.decode() if isinstance(value, bytes) else value
 
 
@@ -131,7 +132,7 @@ def decode_entry(
     `event_id`/`type` fields disagree with the envelope. Read with a client that does not decode
     responses: the `event` field is binary.
     """
-    by_name: dict[str, bytes | str] = {_text(name): value for name, value in fields.items()}
+    by_name: dict[str, bytes | str] = {reply_text(name): value for name, value in fields.items()}
     missing = [name for name in (FIELD_EVENT_ID, FIELD_TYPE, FIELD_EVENT) if name not in by_name]
     if missing:
         raise MalformedStreamEntry(f"stream entry lacks the field(s) {', '.join(missing)}")
@@ -144,7 +145,7 @@ def decode_entry(
         event = events_pb2.Event.FromString(payload)
     except DecodeError as error:
         raise MalformedStreamEntry(f"the event field is not a parley.events.v1.Event: {error}") from error
-    event_id, event_type = _text(by_name[FIELD_EVENT_ID]), _text(by_name[FIELD_TYPE])
+    event_id, event_type = reply_text(by_name[FIELD_EVENT_ID]), reply_text(by_name[FIELD_TYPE])
     if (event.id, event.type) != (event_id, event_type):
         raise MalformedStreamEntry(
             f"entry fields ({event_id!r}, {event_type!r}) disagree with the event "
@@ -244,7 +245,7 @@ class RedisStreamPublisher:
                 backlog = int(group.get("pending") or 0) + int(group.get("lag") or 0)
                 if self._room - backlog < room[stream]:
                     room[stream] = max(0, self._room - backlog)
-                    holder[stream] = (_text(group.get("name", b"")), backlog)
+                    holder[stream] = (reply_text(group.get("name", b"")), backlog)
         for fitting, event in enumerate(events):
             stream = stream_key(event.source)
             if room[stream] == 0:

@@ -50,7 +50,13 @@ from services.common.db import Database, DatabaseUnavailable
 from services.common.dead_letters import SqlDeadLetters
 from services.common.migrate import upgrade_async
 from services.common.settings import Settings
-from services.common.streams import STREAM_KEY_PREFIX, MalformedStreamEntry, decode_entry, stream_key
+from services.common.streams import (
+    STREAM_KEY_PREFIX,
+    MalformedStreamEntry,
+    decode_entry,
+    reply_text,
+    stream_key,
+)
 from services.runtime.command_errors import EXIT_BAD_INPUT, EXIT_FAILED, CommandError
 
 # What a shell reports for a command ended by Ctrl-C (128 + SIGINT), as `parley` does for the others.
@@ -201,10 +207,6 @@ def redacted(event: events_pb2.Event) -> events_pb2.Event:
     return copy
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def _order(entry_id: str) -> tuple[int, int]:
     milliseconds, _, sequence = entry_id.partition("-")
     return int(milliseconds), int(sequence or 0)
@@ -248,7 +250,7 @@ def _show(entry: _Entry, output: Output, *, as_json: bool) -> None:
 async def event_streams(client: Redis) -> list[str]:
     """Every `parley:events:*` stream, by name."""
     keys = [
-        _text(key)
+        reply_text(key)
         async for key in client.scan_iter(match=STREAM_KEY_PREFIX + "*", count=_SCAN_PAGE, _type="stream")
     ]
     return sorted(set(keys))
@@ -261,9 +263,9 @@ async def _newest(client: Redis, streams: Sequence[str], count: int) -> tuple[li
     newest_ids: dict[str, str] = {}
     for stream in streams:
         reply: Any = await client.xrevrange(stream, count=count)
-        newest_ids[stream] = _text(reply[0][0]) if reply else "0-0"
+        newest_ids[stream] = reply_text(reply[0][0]) if reply else "0-0"
         entries += [
-            _Entry(stream, _text(entry_id), fields) for entry_id, fields in reply if fields is not None
+            _Entry(stream, reply_text(entry_id), fields) for entry_id, fields in reply if fields is not None
         ]
     # Entry ids are "<ms>-<seq>" on every stream, so they order entries of different streams by time.
     entries.sort(key=lambda entry: _order(entry.entry_id))
@@ -331,7 +333,7 @@ async def _follow(
             continue
         reply: Any = await client.xread(read_after, count=FOLLOW_BATCH, block=FOLLOW_BLOCK_MS)
         entries = [
-            _Entry(_text(stream), _text(entry_id), fields)
+            _Entry(reply_text(stream), reply_text(entry_id), fields)
             for stream, stream_entries in reply or []
             for entry_id, fields in stream_entries
             if fields is not None
