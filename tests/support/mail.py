@@ -175,8 +175,7 @@ def password_authenticator(login: str, password: str) -> Any:
 @contextmanager
 def smtp_server(handler: RecordingHandler, **controller_options: Any) -> Iterator[Controller]:
     """A real aiosmtpd server on 127.0.0.1 at a free port (`controller.port`), stopped on exit."""
-    controller = Controller(handler, hostname="127.0.0.1", port=free_port(), **controller_options)
-    controller.start()
+    controller = smtp_server_at(handler, free_port(), **controller_options)
     try:
         yield controller
     finally:
