@@ -40,6 +40,13 @@ from prometheus_client import CollectorRegistry
 
 from benchmarks.harness import Measurement, Report, closed_loop, print_report
 from parley.auth.v1 import auth_pb2, auth_pb2_grpc
+from runtime.process import (
+    identity_for,
+    registrations_of,
+    revocation_list_for,
+    set_up_observability,
+    start_services,
+)
 from services.auth.api_keys import DEFAULT_CACHE_TTL_S
 from services.auth.passwords import Argon2Parameters
 from services.auth.signing_keys import generate_kek
@@ -51,13 +58,6 @@ from services.common.metrics import new_registry
 from services.common.migrate import upgrade_async
 from services.common.server import ParleyServer, ServerDeps, ServiceRegistration, create_server
 from services.common.settings import Settings, load_settings
-from services.runtime.process import (
-    identity_for,
-    registrations_of,
-    revocation_list_for,
-    set_up_observability,
-    start_services,
-)
 from tests.support.databases import fresh_postgres_database
 
 DEFAULT_POSTGRES_URL: Final = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"

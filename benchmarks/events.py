@@ -63,6 +63,7 @@ from sqlalchemy import func, select
 
 from benchmarks.harness import Measurement, Report, print_report
 from parley.events.v1 import events_pb2
+from runtime.workers import CONSUMER_BLOCK_S, RELAY_IDLE_POLL_S
 from services.common.consumers import (
     Consumer,
     ConsumerMetrics,
@@ -74,7 +75,6 @@ from services.common.db import Database
 from services.common.migrate import upgrade_async
 from services.common.outbox import OutboxEvent, OutboxRelay, PartialDispatch, add_event
 from services.common.streams import RedisStreamPublisher, encode_entry, stream_key
-from services.runtime.workers import CONSUMER_BLOCK_S, RELAY_IDLE_POLL_S
 from tests.support.databases import asyncpg_dsn, fresh_postgres_database
 
 DEFAULT_POSTGRES_URL: Final = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"

@@ -439,7 +439,7 @@ class RedisReadCache(ReadCache):
     """Redis, shared by every replica: keys `<key_prefix><name>:<key>`, each with its TTL.
 
     Give it a client with short socket timeouts and no retries (see
-    `services.runtime.process.read_cache_for`): a slow cache must cost less than the read it saves.
+    `runtime.process.read_cache_for`): a slow cache must cost less than the read it saves.
     The client must return bytes (`decode_responses` off).
     """
 

@@ -15,7 +15,7 @@ from services.common.settings import Settings
 
 @dataclass(frozen=True)
 class ServiceContext:
-    """One process's shared dependencies, built once by `services.runtime` and passed down."""
+    """One process's shared dependencies, built once by `runtime` and passed down."""
 
     settings: Settings
     database: Database

@@ -17,9 +17,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
+from runtime.process import read_cache_for
 from services.common.cache import CacheMetrics, InMemoryReadCache, ReadCache, RedisReadCache
 from services.common.settings import load_settings
-from services.runtime.process import read_cache_for
 from tests.support.tcp_proxy import TcpProxy
 
 ADAPTERS = ["memory", pytest.param("redis", marks=pytest.mark.redis)]

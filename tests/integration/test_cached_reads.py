@@ -23,6 +23,7 @@ from sqlalchemy import update
 
 from parley.auth.v1 import auth_pb2, auth_pb2_grpc
 from parley.common.v1 import common_pb2
+from runtime.process import build_services, registrations_of, start_services
 from services.auth.models import UserRecord
 from services.auth.repository import USER_CACHE
 from services.auth.signing_keys import generate_kek
@@ -36,7 +37,6 @@ from services.common.identity import ROLES_HEADER, encode_roles_header
 from services.common.money import Money
 from services.common.revocation import InMemoryRevocationList
 from services.common.settings import Settings, load_settings
-from services.runtime.process import build_services, registrations_of, start_services
 from tests.support.auth_accounts import email_token
 from tests.support.servers import GATEWAY_SECRET, serving
 from tests.support.tcp_proxy import TcpProxy

@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import delete, select
 
 from parley.events.v1 import events_pb2
+from runtime import cli
 from services.common.consumers import DeadLetter
 from services.common.db import Database
 from services.common.dead_letters import SqlDeadLetters
@@ -22,7 +23,6 @@ from services.common.migrate import upgrade_async
 from services.common.models import utc_now
 from services.common.outbox import OutboxEvent, OutboxRelay, add_event
 from services.common.streams import MalformedStreamEntry
-from services.runtime import cli
 from tests.support.gateway import free_port
 
 EMAIL = "email"

@@ -32,6 +32,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.authz import EdgeAuthorizer, add_authorization_service
 from parley.auth.v1 import auth_pb2, auth_pb2_grpc
+from runtime.process import identity_for, registrations_of, start_services
 from services.auth.signing_keys import SigningKeyStore, generate_kek
 from services.auth.tokens import AccessTokenIssuer
 from services.auth.wiring import account_parts, build_bundle, signing_key_store
@@ -53,7 +54,6 @@ from services.common.revocation import InMemoryRevocationList
 from services.common.server import ServerDeps, create_server
 from services.common.settings import Settings, load_settings
 from services.common.telemetry import create_tracer_provider
-from services.runtime.process import identity_for, registrations_of, start_services
 from tests.support.servers import GATEWAY_SECRET
 from tests.support.tcp_proxy import TcpProxy
 

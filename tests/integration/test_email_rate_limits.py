@@ -15,6 +15,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from parley.auth.v1 import auth_pb2, auth_pb2_grpc
+from runtime.process import identity_for, registrations_of, start_services, stop_services
 from services.auth.signing_keys import generate_kek
 from services.auth.wiring import build_bundle
 from services.common.context import ServiceContext
@@ -26,7 +27,6 @@ from services.common.revocation import InMemoryRevocationList
 from services.common.server import ServerDeps, create_server
 from services.common.settings import load_settings
 from services.common.telemetry import create_tracer_provider
-from services.runtime.process import identity_for, registrations_of, start_services, stop_services
 from tests.support.rate_limits import scaled_rate_limits
 from tests.support.tcp_proxy import TcpProxy
 

@@ -19,6 +19,7 @@ import pytest
 from sqlalchemy import select
 
 from parley.events.v1 import events_pb2
+from runtime.workers import email_consumer
 from services.common.consumers import Consumer, InProcessSource
 from services.common.db import Database
 from services.common.migrate import upgrade_async
@@ -27,7 +28,6 @@ from services.common.processed_events import SqlProcessedEvents
 from services.common.ratelimit import InMemoryRateLimiter
 from services.common.settings import Settings, load_settings
 from services.email.worker import EMAIL_CONSUMER, EMAIL_EVENT_SOURCE
-from services.runtime.workers import email_consumer
 from tests.support.mail import SAMPLE_PARAMS, RecordingHandler, email_requested_event, smtp_server
 
 DEADLINE_S = 15.0

@@ -20,9 +20,9 @@ import pytest
 from redis.asyncio import Redis
 
 from parley.events.v1 import events_pb2
+from runtime import cli
 from services.common.consumers import Consumer, RedisProcessedEvents, RedisStreamSource, dlq_key
 from services.common.streams import encode_entry, stream_key
-from services.runtime import cli
 from tests.support.gateway import free_port
 from tests.support.parley_process import PARLEY, REPO_ROOT
 

@@ -15,6 +15,7 @@ from google.rpc import error_details_pb2
 
 from parley.auth.v1 import auth_pb2, auth_pb2_grpc
 from parley.billing.v1 import billing_pb2, billing_pb2_grpc
+from runtime.process import build_services, registrations_of
 from services.auth.signing_keys import generate_kek
 from services.auth.wiring import signing_key_store
 from services.billing.repository import PlanStoreOpener
@@ -24,7 +25,6 @@ from services.common.db import Database
 from services.common.http_cache import etag_matches, strong_etag
 from services.common.revocation import InMemoryRevocationList
 from services.common.settings import Settings, load_settings
-from services.runtime.process import build_services, registrations_of
 from tests.support.servers import RunningServer, rich_status, serving
 
 

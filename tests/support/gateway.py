@@ -41,8 +41,8 @@ from gateway.render import (
 )
 from parley.auth.v1 import auth_pb2, auth_pb2_grpc
 from parley.common.v1 import common_pb2
+from runtime.edge_wiring import build_edge_wiring
 from services.common.settings import Settings
-from services.runtime.edge_wiring import build_edge_wiring
 from tests.support.rate_limits import generous_rate_limits
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

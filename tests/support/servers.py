@@ -12,6 +12,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
 from parley.billing.v1 import billing_pb2, billing_pb2_grpc
+from runtime.process import build_services, registrations_of
 from services.common.context import ServiceContext
 from services.common.db import Database
 from services.common.errors import details_of
@@ -22,7 +23,6 @@ from services.common.revocation import InMemoryRevocationList
 from services.common.server import ParleyServer, ServerDeps, ServiceRegistration, create_server
 from services.common.settings import ServiceName, load_settings
 from services.common.telemetry import create_tracer_provider
-from services.runtime.process import build_services, registrations_of
 
 GATEWAY_SECRET = "test-gateway-secret"
 

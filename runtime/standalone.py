@@ -10,15 +10,8 @@ import sys
 from gateway.edge import create_edge_server
 from gateway.envoy_process import EnvoyProcess
 from gateway.render import Topology
-from services.common.context import ServiceContext
-from services.common.contracts import descriptor_set_bytes
-from services.common.db import Database
-from services.common.health import DependencyProbe
-from services.common.metrics import serve_metrics
-from services.common.server import ServerDeps, create_server
-from services.common.settings import ServiceName, Settings
-from services.runtime.edge_wiring import build_edge_wiring
-from services.runtime.process import (
+from runtime.edge_wiring import build_edge_wiring
+from runtime.process import (
     build_services,
     identity_for,
     install_stop_signals,
@@ -30,6 +23,13 @@ from services.runtime.process import (
     stop_services,
     until_stopped_or_exited,
 )
+from services.common.context import ServiceContext
+from services.common.contracts import descriptor_set_bytes
+from services.common.db import Database
+from services.common.health import DependencyProbe
+from services.common.metrics import serve_metrics
+from services.common.server import ServerDeps, create_server
+from services.common.settings import ServiceName, Settings
 
 logger = logging.getLogger(__name__)
 

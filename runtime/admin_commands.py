@@ -20,6 +20,8 @@ from typing import Final, TextIO
 
 from prometheus_client import CollectorRegistry
 
+from runtime.command_errors import EXIT_BAD_INPUT, CommandError
+from runtime.process import read_cache_for
 from services.auth.signing_keys import (
     DEFAULT_REFRESH_INTERVAL_S,
     EMBEDDED_KEK_PATH,
@@ -32,8 +34,6 @@ from services.common.migrate import upgrade_async
 from services.common.models import utc_now
 from services.common.revocation import InMemoryRevocationList
 from services.common.settings import Settings, SettingsError
-from services.runtime.command_errors import EXIT_BAD_INPUT, CommandError
-from services.runtime.process import read_cache_for
 
 PASSWORD_ENV: Final = "PARLEY_ADMIN_PASSWORD"  # noqa: S105 - the variable's name, not a password
 

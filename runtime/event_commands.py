@@ -45,6 +45,7 @@ from sqlalchemy import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from parley.events.v1 import events_pb2
+from runtime.command_errors import EXIT_BAD_INPUT, EXIT_FAILED, CommandError
 from services.common.consumers import DeadLetter, RedisStreamSource, dlq_key
 from services.common.db import Database, DatabaseUnavailable
 from services.common.dead_letters import SqlDeadLetters
@@ -57,7 +58,6 @@ from services.common.streams import (
     reply_text,
     stream_key,
 )
-from services.runtime.command_errors import EXIT_BAD_INPUT, EXIT_FAILED, CommandError
 
 # What a shell reports for a command ended by Ctrl-C (128 + SIGINT), as `parley` does for the others.
 EXIT_INTERRUPTED: Final = 130

@@ -22,6 +22,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
+from runtime.process import install_stop_signals, set_up_observability
 from services.common.consumers import (
     Consumer,
     ConsumerMetrics,
@@ -48,7 +49,6 @@ from services.common.streams import RedisStreamPublisher, stream_key
 from services.email.delivery import EMAIL_REQUESTED_TYPE, EmailDelivery
 from services.email.sending import build_sender
 from services.email.worker import EMAIL_CONSUMER, EMAIL_REQUEST_SOURCES, EmailJobHandler
-from services.runtime.process import install_stop_signals, set_up_observability
 
 logger = logging.getLogger(__name__)
 

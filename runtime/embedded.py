@@ -11,17 +11,8 @@ from pathlib import Path
 from gateway.edge import create_edge_server
 from gateway.envoy_process import EnvoyProcess
 from gateway.render import DEFAULT_RATE_LIMITS_FILE, embedded_topology
-from services.common.context import ServiceContext
-from services.common.contracts import descriptor_set_bytes, descriptor_set_path
-from services.common.db import Database
-from services.common.health import DependencyProbe
-from services.common.metrics import serve_metrics
-from services.common.migrate import upgrade_async
-from services.common.server import ServerDeps, create_server
-from services.common.settings import SERVICE_NAMES, Settings
-from services.email.sending import MAIL_DIR_NAME
-from services.runtime.edge_wiring import build_edge_wiring
-from services.runtime.process import (
+from runtime.edge_wiring import build_edge_wiring
+from runtime.process import (
     build_services,
     connectable_host,
     identity_for,
@@ -34,8 +25,17 @@ from services.runtime.process import (
     stop_services,
     until_stopped_or_exited,
 )
-from services.runtime.topologies import with_edge_settings
-from services.runtime.workers import EmbeddedWorkers
+from runtime.topologies import with_edge_settings
+from runtime.workers import EmbeddedWorkers
+from services.common.context import ServiceContext
+from services.common.contracts import descriptor_set_bytes, descriptor_set_path
+from services.common.db import Database
+from services.common.health import DependencyProbe
+from services.common.metrics import serve_metrics
+from services.common.migrate import upgrade_async
+from services.common.server import ServerDeps, create_server
+from services.common.settings import SERVICE_NAMES, Settings
+from services.email.sending import MAIL_DIR_NAME
 
 logger = logging.getLogger(__name__)
 

@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_events_commands(commands: Any) -> None:
-    """`parley events tail | dlq list | dlq replay` (services.runtime.event_commands runs them)."""
+    """`parley events tail | dlq list | dlq replay` (runtime.event_commands runs them)."""
     events = commands.add_parser(
         "events", help="inspect the event streams (Redis) and the consumers' dead letters"
     )
@@ -166,7 +166,7 @@ def _dispatch(arguments: argparse.Namespace) -> int:  # noqa: PLR0911 - one retu
                 data_dir=arguments.data_dir, http_port=arguments.http_port, grpc_port=arguments.grpc_port
             )
         )
-        from services.runtime.embedded import run_embedded
+        from runtime.embedded import run_embedded
 
         return _run(run_embedded(settings))
     if arguments.command == "serve":
@@ -202,20 +202,20 @@ def _serve(service: ServiceName, port: int | None) -> int:
         # Where `parley serve auth` listens by default; its JWKS verifies this service's callers.
         overrides["auth_target"] = f"127.0.0.1:{DEFAULT_SERVICE_PORTS['auth']}"
     settings = load_settings(**overrides) if overrides else settings
-    from services.runtime.standalone import serve_service
+    from runtime.standalone import serve_service
 
     return _run(serve_service(service, settings))
 
 
 def _worker(worker: WorkerName) -> int:
-    from services.runtime.workers import run_worker, worker_settings
+    from runtime.workers import run_worker, worker_settings
 
     return _run(run_worker(worker, worker_settings(worker)))
 
 
 def _gateway(topology_name: str, render_to: Path | None, upstream_overrides: list[str]) -> int:
     settings = load_settings()
-    from services.runtime.topologies import topology_from_settings
+    from runtime.topologies import topology_from_settings
 
     topology = topology_from_settings(topology_name, settings, upstream_overrides)
     if render_to is not None:
@@ -224,20 +224,20 @@ def _gateway(topology_name: str, render_to: Path | None, upstream_overrides: lis
         write_envoy_config(topology, render_to)
         sys.stdout.write(f"wrote {render_to}\n")
         return 0
-    from services.runtime.standalone import run_gateway
+    from runtime.standalone import run_gateway
 
     return _run(run_gateway(topology, settings))
 
 
 def _admin(arguments: argparse.Namespace) -> int:
     settings = load_settings(**_given(data_dir=arguments.data_dir, database_url=arguments.database_url))
-    from services.runtime.admin_commands import (
+    from runtime.admin_commands import (
         Terminal,
         create_admin,
         read_admin_password,
         rotate_signing_key,
     )
-    from services.runtime.command_errors import CommandError
+    from runtime.command_errors import CommandError
 
     terminal = Terminal(stdin=sys.stdin, stdout=sys.stdout, environ=os.environ)
     try:
@@ -262,7 +262,7 @@ def _events(arguments: argparse.Namespace) -> int:
         "database_url": getattr(arguments, "database_url", None),
     }
     settings = load_settings(**_given(**embedded))
-    from services.runtime.event_commands import Output, run_events_command
+    from runtime.event_commands import Output, run_events_command
 
     return run_events_command(arguments, settings, Output(stdout=sys.stdout, stderr=sys.stderr))
 
