@@ -49,7 +49,6 @@ from google.rpc import error_details_pb2, status_pb2
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from parley.auth.v1 import auth_pb2, auth_pb2_grpc
-from parley.common.v1 import common_pb2
 from services.common.errors import (
     ERROR_DOMAIN,
     Internal,
@@ -77,6 +76,7 @@ from services.common.identity import (
     single_cookie,
 )
 from services.common.metrics import RPC_LATENCY_BUCKETS
+from services.common.roles import ordered_roles, role_names
 
 logger = logging.getLogger(__name__)
 
@@ -174,25 +174,6 @@ def presented_credential(headers: Mapping[str, str]) -> Credential | None:
     if not access_token:
         raise malformed_token("The access cookie is empty.")
     return Credential("cookie", access_token, "cookie")
-
-
-def ordered_roles(names: Iterable[str]) -> tuple[str, ...]:
-    """Role names without duplicates in the contract's order (`parley.common.v1.Role`: user, admin),
-    the order auth writes into tokens; names the enum does not know come last, alphabetically."""
-    known = {name: value for value, name in _ROLE_NAMES.items()}
-    return tuple(sorted(set(names), key=lambda name: (known.get(name, len(known) + 1), name)))
-
-
-def role_names(values: Iterable[common_pb2.Role.ValueType]) -> tuple[str, ...]:
-    """`parley.common.v1.Role` values as the names tokens carry (`ROLE_ADMIN` → `admin`), in order."""
-    return ordered_roles(_ROLE_NAMES[value] for value in values if value in _ROLE_NAMES)
-
-
-_ROLE_NAMES: Final = {
-    value: common_pb2.Role.Name(value).removeprefix("ROLE_").lower()
-    for value in common_pb2.Role.values()
-    if value != common_pb2.ROLE_UNSPECIFIED
-}
 
 
 def token_issued_at(token: str) -> int | None:

@@ -29,7 +29,6 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from parley.common.v1 import common_pb2
 from parley.events.v1 import events_pb2
 from services.auth.models import EMAIL_MAX, UserRecord
 from services.auth.opaque import new_secret, secret_hash
@@ -71,17 +70,10 @@ from services.common.errors import (
 )
 from services.common.models import utc_now
 from services.common.outbox import add_event
+from services.common.roles import ROLE_ADMIN, ROLE_USER, ordered_roles
 
 EVENT_SOURCE: Final = "auth"
 
-ROLE_USER: Final = "user"
-ROLE_ADMIN: Final = "admin"
-ROLES: Final = frozenset({ROLE_USER, ROLE_ADMIN})
-# Role name → `parley.common.v1.Role`, for events and for the servicer's replies.
-ROLE_VALUES: Final[dict[str, common_pb2.Role.ValueType]] = {
-    ROLE_USER: common_pb2.ROLE_USER,
-    ROLE_ADMIN: common_pb2.ROLE_ADMIN,
-}
 DEFAULT_PLAN_ID: Final = "free"
 
 # `one_time_tokens.purpose` values.
@@ -217,16 +209,6 @@ def _iso_or_none(moment: datetime | None) -> str | None:
 
 def _datetime_or_none(text: str | None) -> datetime | None:
     return None if text is None else datetime.fromisoformat(text)
-
-
-def ordered_roles(roles: Sequence[str]) -> tuple[str, ...]:
-    """Roles without duplicates, in the contract's order (user, admin)."""
-    held = set(roles)
-    return tuple(role for role in (ROLE_USER, ROLE_ADMIN) if role in held)
-
-
-def role_values(roles: Sequence[str]) -> list[common_pb2.Role.ValueType]:
-    return [ROLE_VALUES[role] for role in ordered_roles(roles)]
 
 
 # Local part: anything printable but whitespace and "@" (quoted forms are not supported). Domain:

@@ -21,9 +21,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from parley.events.v1 import events_pb2
 from services.auth.accounts import (
     DEFAULT_PLAN_ID,
-    ROLE_ADMIN,
-    ROLE_USER,
-    ROLES,
     User,
     clean_display_name,
     display_name_violations,
@@ -31,9 +28,7 @@ from services.auth.accounts import (
     email_violations,
     invalid_fields,
     normalize_email,
-    ordered_roles,
     record_event,
-    role_values,
     to_user,
     user_not_found,
 )
@@ -54,6 +49,7 @@ from services.common.pagination import (
     encode_page_token,
     query_fingerprint,
 )
+from services.common.roles import KNOWN_ROLES, ROLE_ADMIN, ROLE_USER, ordered_roles, role_values
 
 __all__ = ["AccountAdmin", "AdminBootstrap", "DisabledUser", "UserPage", "UserQuery"]
 
@@ -210,7 +206,7 @@ class AccountAdmin:
         access token the user holds is refused from now on, so their next request must refresh and
         gets a token without it (their sessions stay signed in). No change writes nothing.
         """
-        unknown = sorted(set(roles) - ROLES)
+        unknown = sorted(set(roles) - KNOWN_ROLES)
         if unknown:
             message = f"Unknown role(s) {', '.join(map(repr, unknown))}; roles are 'user' and 'admin'."
             raise InvalidArgument(
@@ -365,7 +361,7 @@ def _last_admin(action: str) -> FailedPrecondition:
 
 def _check_query(query: UserQuery) -> None:
     violations: list[FieldViolation] = []
-    if query.role is not None and query.role not in ROLES:
+    if query.role is not None and query.role not in KNOWN_ROLES:
         violations.append(
             FieldViolation(
                 field="role", description="role must be 'user' or 'admin'.", reason="INVALID_ARGUMENT"

@@ -12,7 +12,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from parley.auth.v1 import auth_pb2, auth_pb2_grpc
 from parley.common.v1 import common_pb2
-from services.auth.accounts import AccountService, User, role_values
+from services.auth.accounts import AccountService, User
 from services.auth.admin import AccountAdmin
 from services.auth.api_keys import ApiKey, ApiKeyManager
 from services.auth.email_limits import FORGOT_PASSWORD_EMAIL_LIMIT, LOGIN_EMAIL_LIMIT, EmailRateLimits
@@ -26,6 +26,7 @@ from services.common.encoding import timestamp_to_proto
 from services.common.errors import Unauthenticated
 from services.common.http_cache import JWKS_CACHE, send_cache_headers
 from services.common.identity import REFRESH_TOKEN_COOKIE, TokenVerifier, check_csrf
+from services.common.roles import ROLE_ADMIN, ROLE_NAMES, role_values
 
 _AUTH_METHODS = {
     "jwt": common_pb2.AUTH_METHOD_JWT,
@@ -353,10 +354,10 @@ class AuthAdminServicer(auth_pb2_grpc.AuthAdminServiceServicer):
     async def ListUsers(
         self, request: auth_pb2.ListUsersRequest, context: grpc.aio.ServicerContext
     ) -> auth_pb2.ListUsersResponse:
-        current_identity.get().require_role("admin")
+        current_identity.get().require_role(ROLE_ADMIN)
         query = UserQuery(
             text=request.query,
-            role=_ROLE_NAMES.get(request.role) if request.role else None,
+            role=ROLE_NAMES.get(request.role) if request.role else None,
             plan_id=request.plan_id,
             disabled=request.disabled if request.HasField("disabled") else None,
             email_verified=request.email_verified if request.HasField("email_verified") else None,
@@ -373,13 +374,13 @@ class AuthAdminServicer(auth_pb2_grpc.AuthAdminServiceServicer):
     async def GetUser(
         self, request: auth_pb2.GetUserRequest, context: grpc.aio.ServicerContext
     ) -> auth_pb2.GetUserResponse:
-        current_identity.get().require_role("admin")
+        current_identity.get().require_role(ROLE_ADMIN)
         return auth_pb2.GetUserResponse(user=user_to_proto(await self._admin.get_user(request.user_id)))
 
     async def DisableUser(
         self, request: auth_pb2.DisableUserRequest, context: grpc.aio.ServicerContext
     ) -> auth_pb2.DisableUserResponse:
-        actor = current_identity.get().require_role("admin")
+        actor = current_identity.get().require_role(ROLE_ADMIN)
         disabled = await self._admin.disable_user(
             request.user_id, actor_id=actor.user_id, reason=request.reason
         )
@@ -391,7 +392,7 @@ class AuthAdminServicer(auth_pb2_grpc.AuthAdminServiceServicer):
     async def EnableUser(
         self, request: auth_pb2.EnableUserRequest, context: grpc.aio.ServicerContext
     ) -> auth_pb2.EnableUserResponse:
-        actor = current_identity.get().require_role("admin")
+        actor = current_identity.get().require_role(ROLE_ADMIN)
         user = await self._admin.enable_user(request.user_id, actor_id=actor.user_id)
         self._api_keys.forget_user(request.user_id)
         return auth_pb2.EnableUserResponse(user=user_to_proto(user))
@@ -399,8 +400,8 @@ class AuthAdminServicer(auth_pb2_grpc.AuthAdminServiceServicer):
     async def SetUserRoles(
         self, request: auth_pb2.SetUserRolesRequest, context: grpc.aio.ServicerContext
     ) -> auth_pb2.SetUserRolesResponse:
-        actor = current_identity.get().require_role("admin")
-        roles = [_ROLE_NAMES.get(role, "") for role in request.roles]
+        actor = current_identity.get().require_role(ROLE_ADMIN)
+        roles = [ROLE_NAMES.get(role, "") for role in request.roles]
         user = await self._admin.set_roles(request.user_id, roles, actor_id=actor.user_id)
         self._api_keys.forget_user(request.user_id)
         return auth_pb2.SetUserRolesResponse(user=user_to_proto(user))
@@ -454,7 +455,6 @@ class AuthInternalServicer(auth_pb2_grpc.AuthInternalServiceServicer):
 
 
 _SAFE_HTTP_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-_ROLE_NAMES = {common_pb2.ROLE_USER: "user", common_pb2.ROLE_ADMIN: "admin"}
 
 
 def checked_csrf(header: str, cookie: str) -> str:

@@ -30,10 +30,8 @@ from gateway.authz import (
     TtlLruCache,
     allowed_response,
     denied_response,
-    ordered_roles,
     presented_credential,
     request_headers,
-    role_names,
     secret_digest,
     token_issued_at,
 )
@@ -47,6 +45,7 @@ from services.common.identity import (
     decode_roles_header,
     encode_roles_header,
 )
+from services.common.roles import ordered_roles, role_names
 
 API_KEY = "pk_abcdefghijkl_" + "s" * 43
 AttributeContext = attribute_context_pb2.AttributeContext
