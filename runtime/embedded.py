@@ -149,6 +149,7 @@ async def run_embedded(settings: Settings, *, stop: asyncio.Event | None = None)
         await stop_services(bundles)
         await identity.close()
         await context.read_cache.close()
+        await context.revocations.aclose()
         await workers.stop(settings.shutdown_grace_s)
         if metrics is not None:
             metrics.close()

@@ -28,6 +28,7 @@ from services.common.identity import (
 from services.common.jwks_client import grpc_jwks_fetcher
 from services.common.logs import configure_logging
 from services.common.metrics import new_registry
+from services.common.redis_multiplex import MultiplexedRedis
 from services.common.revocation import InMemoryRevocationList, RedisRevocationList, RevocationList
 from services.common.server import ServiceRegistration
 from services.common.settings import ServiceName, Settings
@@ -56,7 +57,7 @@ def revocation_list_for(settings: Settings) -> RevocationList:
     """Redis when configured (shared by every replica and service), else this process's memory."""
     if settings.redis_url is None:
         return InMemoryRevocationList()
-    return RedisRevocationList(Redis.from_url(settings.redis_url), key_prefix="parley:revoked:")
+    return RedisRevocationList(MultiplexedRedis.from_url(settings.redis_url), key_prefix="parley:revoked:")
 
 
 # A cache read that takes longer than this is abandoned (and counted) for a read of the database:

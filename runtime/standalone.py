@@ -81,6 +81,7 @@ async def serve_service(name: ServiceName, settings: Settings, *, stop: asyncio.
         await stop_services(bundles)
         await identity.close()
         await context.read_cache.close()
+        await context.revocations.aclose()
         if metrics is not None:
             metrics.close()
         await database.dispose()
@@ -95,11 +96,12 @@ async def run_gateway(topology: Topology, settings: Settings, *, stop: asyncio.E
     # The edge checks API keys and cookie sessions with auth: where the topology routes auth traffic,
     # unless PARLEY_AUTH_TARGET says otherwise.
     auth = topology.upstreams["auth"]
+    revocations = revocation_list_for(settings)
     edge = build_edge_wiring(
         settings,
         auth_target=settings.auth_target or f"{auth.host}:{auth.port}",
         rate_limits_path=topology.rate_limits_path,
-        revocations=revocation_list_for(settings),
+        revocations=revocations,
         registry=observability.registry,
     )
     edge_server, _edge_port = await create_edge_server(
@@ -129,6 +131,7 @@ async def run_gateway(topology: Topology, settings: Settings, *, stop: asyncio.E
         with contextlib.suppress(Exception):
             await edge_server.stop(settings.shutdown_grace_s)
         await edge.close()
+        await revocations.aclose()
         if metrics is not None:
             metrics.close()
         observability.tracer_provider.shutdown()

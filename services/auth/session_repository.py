@@ -28,6 +28,7 @@ from services.auth.sessions import (
     StoredSession,
 )
 from services.common.db import Database
+from services.common.hot_reads import HotRead
 from services.common.outbox import add_event
 
 EVENT_SOURCE: Final = "auth"
@@ -252,6 +253,26 @@ _ACTIVE_SESSIONS_AFTER: Final = _ACTIVE_SESSIONS.where(
 )
 
 
+def _session_from_values(values: tuple[Any, ...]) -> Session:
+    (id_, user_id, auth_method, device, user_agent, ip, created, last_seen, expires, revoked, reason) = values
+    return Session(
+        id=id_,
+        user_id=user_id,
+        auth_method=AuthMethod(auth_method),
+        device=device,
+        user_agent=user_agent,
+        ip_address=ip,
+        created_at=created,
+        last_seen_at=last_seen,
+        expires_at=expires,
+        revoked_at=revoked,
+        revoke_reason=reason,
+    )
+
+
+_HOT_ACTIVE_SESSIONS: Final = HotRead(_ACTIVE_SESSIONS, _session_from_values)
+_HOT_ACTIVE_SESSIONS_AFTER: Final = HotRead(_ACTIVE_SESSIONS_AFTER, _session_from_values)
+
 StoreT = TypeVar("StoreT")
 
 
@@ -278,6 +299,23 @@ class SqlSessionStores(_StoresPerUnitOfWork[SqlSessionStore]):
 
     def __init__(self, database: Database) -> None:
         super().__init__(database, SqlSessionStore)
+
+    async def list_active_sessions(
+        self, user_id: str, *, now: datetime, after: tuple[datetime, str] | None, limit: int
+    ) -> Sequence[Session]:
+        """`SqlSessionStore.list_active_sessions` as a hot read: no unit of work around it."""
+        if after is None:
+            return await self._database.hot_reads.all(
+                _HOT_ACTIVE_SESSIONS, user_id=user_id, now=now, limit=limit
+            )
+        return await self._database.hot_reads.all(
+            _HOT_ACTIVE_SESSIONS_AFTER,
+            user_id=user_id,
+            now=now,
+            limit=limit,
+            after_last_seen=after[0],
+            after_id=after[1],
+        )
 
 
 _API_KEY_COLUMNS: Final = (

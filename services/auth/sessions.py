@@ -271,6 +271,12 @@ class SessionStores(Protocol):
 
     def read(self) -> AbstractAsyncContextManager[SessionStore]: ...
 
+    async def list_active_sessions(
+        self, user_id: str, *, now: datetime, after: tuple[datetime, str] | None, limit: int
+    ) -> Sequence[Session]:
+        """`SessionStore.list_active_sessions` outside any unit of work (one statement)."""
+        ...
+
 
 class SessionRevocations(Protocol):
     """The part of `services.common.revocation.RevocationList` sessions call.
@@ -443,10 +449,9 @@ class SessionManager:
         query = query_fingerprint("sessions", user_id)
         cursor = decode_page_token(page_token, expected_query=query)
         after = cursor_time_and_id(cursor) if cursor else None
-        async with self._stores.read() as store:
-            found = list(
-                await store.list_active_sessions(user_id, now=self._clock(), after=after, limit=limit + 1)
-            )
+        found = list(
+            await self._stores.list_active_sessions(user_id, now=self._clock(), after=after, limit=limit + 1)
+        )
         page, more = found[:limit], len(found) > limit
         next_token = ""
         if more:

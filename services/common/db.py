@@ -2,6 +2,8 @@
 
 Every RPC is one unit of work (`Database.unit_of_work`): it commits when the block succeeds and
 rolls back on any exception, cancellation included. Repositories receive the session and never commit.
+Bounded single-statement reads on the request path may instead go through `Database.hot_reads`
+(see `services.common.hot_reads`), which skips the ORM and the transaction around one SELECT.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from services.common.errors import Unavailable
+from services.common.hot_reads import HotReads
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +182,9 @@ class Database:
         # of polling the file lock through busy_timeout's sleeps (tens of times slower under contention).
         # BEGIN IMMEDIATE still guards sessions opened directly and other processes.
         self._sqlite_writer_turn = asyncio.Lock() if self.dialect_name == "sqlite" else None
+        self.hot_reads: HotReads = HotReads.for_url(
+            self.engine.url, self.engine.dialect, connect_timeout_s=connect_timeout_s
+        )
 
     def after_commit(self, hook: Callable[[Session], None]) -> None:
         """Call `hook(session)` after every commit of this Database's sessions, on the committing thread.
@@ -265,4 +271,5 @@ class Database:
 
     async def dispose(self) -> None:
         """Close every pooled connection; call once at shutdown."""
+        await self.hot_reads.close()
         await self.engine.dispose()

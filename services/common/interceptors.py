@@ -1,27 +1,33 @@
-"""The one interceptor chain every Parley server runs, outermost first:
+"""The call pipeline every Parley server runs around each RPC, outermost step first:
 
-1. OpenTelemetry (opentelemetry-instrumentation-grpc), added by `create_server`.
-2. `MetricsInterceptor`: request id, RED metrics.
-3. `IdentityInterceptor`: gateway headers, or a verified JWT (bearer or cookie, with CSRF).
-4. `ValidationInterceptor`: contract rules on the request message.
-5. `ErrorMappingInterceptor`: domain errors become `google.rpc.Status` with `ErrorInfo`.
+1. Tracing: the OpenTelemetry gRPC instrumentation (added by `create_server`) when spans are
+   recorded; otherwise the caller's W3C trace context is simply continued, so logs and outbox events
+   keep the trace id without the cost of a span nobody reads.
+2. Metrics: request id, RED metrics.
+3. Identity: gateway headers, or a verified JWT (bearer or cookie, with CSRF).
+4. Validation: contract rules on the request message.
+5. Error mapping: domain errors become `google.rpc.Status` with `ErrorInfo`.
 
-Each interceptor wraps the handler's behaviour; the four handler kinds share one wrapping helper.
+Steps 1 (when spans are not recorded) to 5 are one interceptor, `CallPipeline`, that wraps each
+method's handler once and reuses the wrapper: a chain of one interceptor per step cost a handler
+rebuild and an async context manager per step on every call, a large share of a small RPC's CPU.
 """
 
 from __future__ import annotations
 
-import abc
+import contextvars
 import inspect
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
 from google.protobuf.message import Message
+from opentelemetry import context as otel_context
+from opentelemetry.context import Context
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from services.common.call_context import (
     current_identity,
@@ -39,6 +45,8 @@ logger = logging.getLogger(__name__)
 Behavior = Callable[..., Any]
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
 
+_TRACE_PROPAGATOR = TraceContextTextMapPropagator()
+
 
 async def abort_with(context: grpc.aio.ServicerContext, error: ParleyError) -> None:
     """End the call with `error` as a rich status; raises grpc's AbortError."""
@@ -50,6 +58,203 @@ def split_method(full_method: str) -> tuple[str, str]:
     """'/pkg.Service/Method' -> ('pkg.Service', 'Method')."""
     _, service, method = full_method.split("/", 2) if full_method.count("/") >= 2 else ("", full_method, "")
     return service, method
+
+
+class _MethodMetrics:
+    """One method's metric children, so a call does no label lookups (they take a lock each)."""
+
+    __slots__ = ("_handled", "_name", "_requests", "_service", "in_flight", "latency")
+
+    def __init__(self, metrics: RpcMetrics, method: str) -> None:
+        self._service, self._name = split_method(method)
+        self.in_flight = metrics.in_flight.labels(self._service, self._name)
+        self.latency = metrics.latency.labels(self._service, self._name)
+        self._requests = metrics.requests
+        self._handled: dict[str, Any] = {}
+
+    def handled(self, code_name: str) -> Any:
+        child = self._handled.get(code_name)
+        if child is None:
+            child = self._handled[code_name] = self._requests.labels(self._service, self._name, code_name)
+        return child
+
+
+def _code_name(code: object) -> str:
+    if isinstance(code, grpc.StatusCode):
+        return str(code.name)
+    if isinstance(code, int):
+        for candidate in grpc.StatusCode:
+            if candidate.value[0] == code:
+                return str(candidate.name)
+    return "UNKNOWN"
+
+
+def _metadata_of(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    """The call's text metadata by name; binary (`-bin`) values are skipped."""
+    metadata: dict[str, str] = {}
+    for key, value in context.invocation_metadata() or ():
+        if not isinstance(value, str):
+            continue
+        if key == "cookie" and key in metadata:
+            # HTTP/2 lets a client split its cookies over several headers (RFC 9113 8.2.3).
+            metadata[key] = f"{metadata[key]}; {value}"
+        else:
+            metadata[key] = value
+    return metadata
+
+
+class _Call:
+    """What the pipeline does before and after one call's handler, whatever the handler's kind."""
+
+    __slots__ = ("_code", "_context", "_metrics", "_started", "_trace_token")
+
+    def __init__(self, metrics: _MethodMetrics, context: grpc.aio.ServicerContext) -> None:
+        self._metrics = metrics
+        self._context = context
+        self._started = 0.0
+        self._trace_token: contextvars.Token[Context] | None = None
+        self._code: object = grpc.StatusCode.OK
+
+    def begin(self, method: str, metadata: Mapping[str, str], *, continue_trace: bool) -> None:
+        current_request_id.set(metadata.get("x-request-id") or str(uuid.uuid4()))
+        current_method.set(method)
+        if continue_trace and "traceparent" in metadata:
+            self._trace_token = otel_context.attach(_TRACE_PROPAGATOR.extract(metadata))
+        self._metrics.in_flight.inc()
+        self._started = time.perf_counter()
+
+    def succeeded(self) -> None:
+        self._code = self._context.code() or grpc.StatusCode.OK
+
+    def failed(self) -> None:
+        self._code = self._context.code() or grpc.StatusCode.UNKNOWN
+
+    def end(self) -> None:
+        self._metrics.in_flight.dec()
+        self._metrics.latency.observe(time.perf_counter() - self._started)
+        self._metrics.handled(_code_name(self._code)).inc()
+        if self._trace_token is not None:
+            otel_context.detach(self._trace_token)
+
+
+class CallPipeline(grpc.aio.ServerInterceptor):
+    """Metrics, identity, validation and error mapping for every call (see the module docstring).
+
+    `continue_trace`: attach the caller's `traceparent` as the current trace context; for servers
+    that do not run the OpenTelemetry instrumentation, which does that itself.
+    """
+
+    def __init__(
+        self,
+        metrics: RpcMetrics,
+        resolver: IdentityResolver,
+        validator: RequestValidator,
+        *,
+        continue_trace: bool,
+    ) -> None:
+        self._metrics = metrics
+        self._resolver = resolver
+        self._validator = validator
+        self._continue_trace = continue_trace
+        # method -> (the handler grpc gave us, our wrapper of it)
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method: str = handler_call_details.method
+        known = self._wrapped.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = self._wrap(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        metrics = _MethodMetrics(self._metrics, method)
+        validates = not handler.request_streaming
+
+        async def prepare(request: Any, context: grpc.aio.ServicerContext, call: _Call) -> None:
+            metadata = _metadata_of(context)
+            call.begin(method, metadata, continue_trace=self._continue_trace)
+            try:
+                identity = await self._resolver.resolve(metadata, method)
+            except ParleyError as error:
+                await abort_with(context, error)
+                return
+            current_identity.set(identity)
+            # resolve() refuses a wrong secret, so a secret header still here is the gateway's.
+            current_via_gateway.set(GATEWAY_SECRET_HEADER in metadata)
+            if validates and isinstance(request, Message):
+                self._validator.check(request)
+
+        def wrap_unary(behavior: Behavior) -> Behavior:
+            async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                call = _Call(metrics, context)
+                try:
+                    try:
+                        await prepare(request, context, call)
+                        result = behavior(request, context)
+                        response = await result if inspect.isawaitable(result) else result
+                    except BaseException as error:
+                        await self._map_error(error, method, context)
+                        raise
+                except BaseException:
+                    call.failed()
+                    raise
+                else:
+                    call.succeeded()
+                    return response
+                finally:
+                    call.end()
+
+            return wrapped
+
+        def wrap_streaming(behavior: Behavior) -> Behavior:
+            async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                call = _Call(metrics, context)
+                try:
+                    try:
+                        await prepare(request, context, call)
+                        async for item in _drive(behavior(request, context)):
+                            yield item
+                    except BaseException as error:
+                        await self._map_error(error, method, context)
+                        raise
+                except BaseException:
+                    call.failed()
+                    raise
+                else:
+                    call.succeeded()
+                finally:
+                    call.end()
+
+            return wrapped
+
+        return _rebuild(handler, wrap_unary, wrap_streaming)
+
+    @staticmethod
+    async def _map_error(error: BaseException, method: str, context: grpc.aio.ServicerContext) -> None:
+        """Turn domain errors, unimplemented methods and crashes into typed statuses, never
+        tracebacks; returns (for the caller to re-raise) only what must travel as it is."""
+        if isinstance(error, grpc.aio.AbortError | grpc.aio.UsageError) or not isinstance(error, Exception):
+            return
+        if isinstance(error, ParleyError):
+            await abort_with(context, error)
+        elif isinstance(error, NotImplementedError):
+            await abort_with(
+                context,
+                Unimplemented(
+                    f"{method.lstrip('/')} is part of the contract but not implemented yet.",
+                    metadata={"method": method.lstrip("/")},
+                ),
+            )
+        else:
+            logger.exception("unhandled error in %s", method, exc_info=error)
+            await abort_with(context, Internal("An internal error occurred; it has been logged."))
 
 
 async def _drive(result: object) -> AsyncIterator[Any]:
@@ -89,186 +294,3 @@ def _rebuild(
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
-
-
-class ScopeInterceptor(grpc.aio.ServerInterceptor, abc.ABC):
-    """Base for interceptors that run code around every call, whatever its kind.
-
-    A subclass implements `scope` as an async context manager: code before its `yield` runs before
-    the rest of the chain, an exception from the chain is raised at the `yield`, and for
-    streaming responses the scope stays open until the stream ends.
-    """
-
-    @abc.abstractmethod
-    def scope(
-        self, method: str, request: Any, context: grpc.aio.ServicerContext
-    ) -> AbstractAsyncContextManager[None]:
-        """The context that wraps one call."""
-
-    async def intercept_service(
-        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method: str = handler_call_details.method
-        request_streaming = bool(handler.request_streaming)
-
-        def wrap_unary(behavior: Behavior) -> Behavior:
-            async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                async with self.scope(method, None if request_streaming else request, context):
-                    result = behavior(request, context)
-                    return await result if inspect.isawaitable(result) else result
-
-            return wrapped
-
-        def wrap_streaming(behavior: Behavior) -> Behavior:
-            async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                async with self.scope(method, None if request_streaming else request, context):
-                    async for item in _drive(behavior(request, context)):
-                        yield item
-
-            return wrapped
-
-        return _rebuild(handler, wrap_unary, wrap_streaming)
-
-
-class _MethodMetrics:
-    """One method's metric children, so a call does no label lookups (they take a lock each)."""
-
-    __slots__ = ("_handled", "_name", "_requests", "_service", "in_flight", "latency")
-
-    def __init__(self, metrics: RpcMetrics, method: str) -> None:
-        self._service, self._name = split_method(method)
-        self.in_flight = metrics.in_flight.labels(self._service, self._name)
-        self.latency = metrics.latency.labels(self._service, self._name)
-        self._requests = metrics.requests
-        self._handled: dict[str, Any] = {}
-
-    def handled(self, code_name: str) -> Any:
-        child = self._handled.get(code_name)
-        if child is None:
-            child = self._handled[code_name] = self._requests.labels(self._service, self._name, code_name)
-        return child
-
-
-class MetricsInterceptor(ScopeInterceptor):
-    """Assigns the request id and records rate, errors by code and latency per RPC."""
-
-    def __init__(self, metrics: RpcMetrics) -> None:
-        self._metrics = metrics
-        self._by_method: dict[str, _MethodMetrics] = {}
-
-    def _for(self, method: str) -> _MethodMetrics:
-        found = self._by_method.get(method)
-        if found is None:
-            found = self._by_method[method] = _MethodMetrics(self._metrics, method)
-        return found
-
-    @asynccontextmanager
-    async def scope(
-        self, method: str, request: Any, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[None]:
-        metadata = dict(context.invocation_metadata() or ())
-        current_request_id.set(str(metadata.get("x-request-id") or uuid.uuid4()))
-        current_method.set(method)
-        method_metrics = self._for(method)
-        in_flight = method_metrics.in_flight
-        in_flight.inc()
-        started = time.perf_counter()
-        code = grpc.StatusCode.OK
-        try:
-            yield
-            code = context.code() or grpc.StatusCode.OK
-        except BaseException:
-            code = context.code() or grpc.StatusCode.UNKNOWN
-            raise
-        finally:
-            in_flight.dec()
-            method_metrics.latency.observe(time.perf_counter() - started)
-            method_metrics.handled(_code_name(code)).inc()
-
-
-def _code_name(code: object) -> str:
-    if isinstance(code, grpc.StatusCode):
-        return str(code.name)
-    if isinstance(code, int):
-        for candidate in grpc.StatusCode:
-            if candidate.value[0] == code:
-                return str(candidate.name)
-    return "UNKNOWN"
-
-
-class IdentityInterceptor(ScopeInterceptor):
-    """Establishes who is calling; a bad credential ends the call as UNAUTHENTICATED."""
-
-    def __init__(self, resolver: IdentityResolver) -> None:
-        self._resolver = resolver
-
-    @asynccontextmanager
-    async def scope(
-        self, method: str, request: Any, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[None]:
-        metadata: dict[str, str] = {}
-        for key, value in context.invocation_metadata() or ():
-            if not isinstance(value, str):
-                continue
-            if key == "cookie" and key in metadata:
-                # HTTP/2 lets a client split its cookies over several headers (RFC 9113 8.2.3).
-                metadata[key] = f"{metadata[key]}; {value}"
-            else:
-                metadata[key] = value
-        try:
-            identity = await self._resolver.resolve(metadata, method)
-        except ParleyError as error:
-            await abort_with(context, error)
-            return
-        current_identity.set(identity)
-        # resolve() refuses a wrong secret, so a secret header still here is the gateway's.
-        current_via_gateway.set(GATEWAY_SECRET_HEADER in metadata)
-        yield
-
-
-class ValidationInterceptor(ScopeInterceptor):
-    """Refuses a request that breaks its contract before any domain code runs."""
-
-    def __init__(self, validator: RequestValidator) -> None:
-        self._validator = validator
-
-    @asynccontextmanager
-    async def scope(
-        self, method: str, request: Any, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[None]:
-        if isinstance(request, Message):
-            try:
-                self._validator.check(request)
-            except ParleyError as error:
-                await abort_with(context, error)
-                return
-        yield
-
-
-class ErrorMappingInterceptor(ScopeInterceptor):
-    """Turns domain errors, unimplemented methods and crashes into typed statuses, never tracebacks."""
-
-    @asynccontextmanager
-    async def scope(
-        self, method: str, request: Any, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[None]:
-        try:
-            yield
-        except ParleyError as error:
-            await abort_with(context, error)
-        except NotImplementedError:
-            await abort_with(
-                context,
-                Unimplemented(
-                    f"{method.lstrip('/')} is part of the contract but not implemented yet.",
-                    metadata={"method": method.lstrip("/")},
-                ),
-            )
-        except (grpc.aio.AbortError, grpc.aio.UsageError):
-            raise
-        except Exception:
-            logger.exception("unhandled error in %s", method)
-            await abort_with(context, Internal("An internal error occurred; it has been logged."))

@@ -33,11 +33,9 @@ from typing import Any, Final, Literal, Protocol
 
 import yaml
 from redis import RedisError
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from services.common.errors import QuotaViolation, ResourceExhausted, Unavailable
+from services.common.redis_multiplex import MultiplexedRedis, Script
 
 logger = logging.getLogger(__name__)
 
@@ -694,39 +692,29 @@ class RedisRateLimiter:
     Keys are `<key_prefix>rl:<rule>:<key values>`, each holding one TAT in microseconds and
     expiring when its bucket is full again. A decision's keys must live on one Redis node (Redis
     Cluster would need them in one hash slot). Any Redis error raises `RateLimiterUnavailable`.
+    Decisions go over one multiplexed connection (`services.common.redis_multiplex`): they are on
+    every request's path.
     """
 
-    def __init__(self, client: Redis, *, key_prefix: str = "parley:") -> None:
+    def __init__(self, client: MultiplexedRedis, *, key_prefix: str = "parley:") -> None:
         self._client = client
         self._prefix = key_prefix
-        self._script = client.register_script(_ACQUIRE_SCRIPT)
+        self._script = Script(_ACQUIRE_SCRIPT)
 
     @classmethod
     def from_url(
-        cls,
-        redis_url: str,
-        *,
-        key_prefix: str = "parley:",
-        max_connections: int = 64,
-        pool_timeout_s: float = 1.0,
-        socket_timeout_s: float = 1.0,
+        cls, redis_url: str, *, key_prefix: str = "parley:", socket_timeout_s: float = 1.0
     ) -> RedisRateLimiter:
-        """A limiter with its own client: a blocking pool, so a burst of concurrent decisions waits
-        up to `pool_timeout_s` for a connection instead of failing ("Too many connections")."""
-        pool = BlockingConnectionPool.from_url(
-            redis_url,
-            max_connections=max_connections,
-            timeout=pool_timeout_s,
-            socket_timeout=socket_timeout_s,
-            socket_connect_timeout=socket_timeout_s,
-            # No retries: Envoy waits milliseconds for an answer and applies the route's failure
-            # mode itself, so a retried command would only pile up behind an outage.
-            retry=Retry(NoBackoff(), 0),
+        """A limiter with its own connection. No retries: Envoy waits milliseconds for an answer and
+        applies the route's failure mode itself, so a retried command would only pile up behind an
+        outage."""
+        client = MultiplexedRedis.from_url(
+            redis_url, command_timeout_s=socket_timeout_s, connect_timeout_s=socket_timeout_s
         )
-        return cls(Redis.from_pool(pool), key_prefix=key_prefix)
+        return cls(client, key_prefix=key_prefix)
 
     async def aclose(self) -> None:
-        """Close the client and its connections."""
+        """Close the client and its connection."""
         await self._client.aclose()
 
     async def acquire(self, requests: Sequence[LimitRequest]) -> list[LimitDecision]:
@@ -742,7 +730,7 @@ class RedisRateLimiter:
                 int(request.rule.shadow),
             ]
         try:
-            raw = await self._script(keys=keys, args=args)
+            raw = await self._client.evalsha(self._script, keys, args)
         except (RedisError, OSError) as error:
             raise RateLimiterUnavailable(f"{type(error).__name__}: {error}") from error
         values = [int(value) for value in raw]

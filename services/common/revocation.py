@@ -18,10 +18,10 @@ from datetime import UTC, datetime
 from typing import Final, Protocol
 
 from redis import RedisError
-from redis.asyncio import Redis
 
 from services.common.errors import Unavailable
 from services.common.models import utc_now
+from services.common.redis_multiplex import MultiplexedRedis, Script
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,10 @@ class RevocationList(Protocol):
 
     async def user_cutoff(self, user_id: str) -> datetime | None:
         """The moment before which `user_id`'s tokens are refused, if one is in force."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the connection, if the list holds one."""
         ...
 
 
@@ -93,6 +97,9 @@ class InMemoryRevocationList:
         else:
             self._users[user_id] = (max(previous[0], moment.timestamp()), max(previous[1], until))
 
+    async def aclose(self) -> None:
+        """Nothing to release: the entries live in this process."""
+
     def _forget_expired(self, now: datetime) -> None:
         for session_id in [key for key, until in self._sessions.items() if until <= now]:
             del self._sessions[session_id]
@@ -120,16 +127,22 @@ class RedisRevocationList:
     """Revocations in Redis, shared by every replica; each key expires when its tokens would.
 
     Keys: `<prefix>session:<session id>` (value "1") and `<prefix>user:<user id>` (the cutoff as a
-    Unix timestamp). When Redis cannot answer, checks fail closed with UNAVAILABLE.
+    Unix timestamp). When Redis cannot answer, checks fail closed with UNAVAILABLE. Every
+    authenticated call checks here, so it goes over one multiplexed connection
+    (`services.common.redis_multiplex`).
     """
 
     def __init__(
-        self, client: Redis, *, key_prefix: str = "parley:revoked:", clock: Callable[[], datetime] = utc_now
+        self,
+        client: MultiplexedRedis,
+        *,
+        key_prefix: str = "parley:revoked:",
+        clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self._client = client
         self._prefix = key_prefix
         self._clock = clock
-        self._merge = client.register_script(_MERGE_ENTRY)
+        self._merge = Script(_MERGE_ENTRY)
 
     def _session_key(self, session_id: str) -> str:
         return f"{self._prefix}session:{session_id}"
@@ -139,8 +152,8 @@ class RedisRevocationList:
 
     async def is_revoked(self, session_id: str, user_id: str, issued_at: datetime) -> bool:
         try:
-            session_entry, user_entry = await self._client.mget(
-                [self._session_key(session_id), self._user_key(user_id)]
+            session_entry, user_entry = await self._client.execute(
+                "MGET", self._session_key(session_id), self._user_key(user_id)
             )
         except RedisError as error:
             raise _unavailable(error) from error
@@ -150,7 +163,7 @@ class RedisRevocationList:
 
     async def user_cutoff(self, user_id: str) -> datetime | None:
         try:
-            entry = await self._client.get(self._user_key(user_id))
+            entry = await self._client.execute("GET", self._user_key(user_id))
         except RedisError as error:
             raise _unavailable(error) from error
         return None if entry is None else datetime.fromtimestamp(float(entry), UTC)
@@ -161,12 +174,16 @@ class RedisRevocationList:
     async def revoke_user_tokens_before(self, user_id: str, moment: datetime, until: datetime) -> None:
         await self._store(self._user_key(user_id), repr(moment.timestamp()), until, keep_max=True)
 
+    async def aclose(self) -> None:
+        """Close the client and its connection."""
+        await self._client.aclose()
+
     async def _store(self, key: str, value: str, until: datetime, *, keep_max: bool) -> None:
         ttl_ms = int((until - self._clock()).total_seconds() * 1000)
         if ttl_ms <= 0:
             return
         try:
-            await self._merge(keys=[key], args=[value, ttl_ms, "max" if keep_max else "set"])
+            await self._client.evalsha(self._merge, [key], [value, ttl_ms, "max" if keep_max else "set"])
         except RedisError as error:
             raise _unavailable(error) from error
 

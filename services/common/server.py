@@ -20,14 +20,10 @@ from prometheus_client import CollectorRegistry
 
 from services.common.health import DependencyProbe, HealthMonitor
 from services.common.identity import IdentityResolver
-from services.common.interceptors import (
-    ErrorMappingInterceptor,
-    IdentityInterceptor,
-    MetricsInterceptor,
-    ValidationInterceptor,
-)
+from services.common.interceptors import CallPipeline
 from services.common.metrics import HealthMetrics, RpcMetrics
 from services.common.settings import Settings
+from services.common.telemetry import records_spans
 from services.common.validation import RequestValidator
 
 logger = logging.getLogger(__name__)
@@ -94,13 +90,14 @@ class ParleyServer:
 
 def create_server(settings: Settings, deps: ServerDeps) -> tuple[ParleyServer, int]:
     """Build (not start) the server, bound to settings.grpc_host:grpc_port; port 0 picks a free one."""
-    interceptors = [
-        aio_server_interceptor(tracer_provider=deps.tracer_provider),
-        MetricsInterceptor(RpcMetrics(deps.registry)),
-        IdentityInterceptor(deps.identity),
-        ValidationInterceptor(deps.validator),
-        ErrorMappingInterceptor(),
+    tracing = records_spans(deps.tracer_provider)
+    interceptors: list[grpc.aio.ServerInterceptor] = [
+        CallPipeline(RpcMetrics(deps.registry), deps.identity, deps.validator, continue_trace=not tracing)
     ]
+    if tracing:
+        # Outermost, so the span covers the whole call; without recording, the pipeline only
+        # continues the caller's trace context, which is all logs and outbox events need.
+        interceptors.insert(0, aio_server_interceptor(tracer_provider=deps.tracer_provider))
     server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
     for registration in deps.services:
         registration.add_to_server(registration.servicer, server)

@@ -28,3 +28,8 @@ def create_tracer_provider(
             BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint, insecure=True))
         )
     return provider
+
+
+def records_spans(provider: TracerProvider) -> bool:
+    """Whether `provider` records spans (see `create_tracer_provider`)."""
+    return provider.sampler is not ALWAYS_OFF

@@ -26,6 +26,7 @@ from services.common.ratelimit import (
     RedisRateLimiter,
     is_allowed,
 )
+from services.common.redis_multiplex import MultiplexedRedis
 from tests.support.tcp_proxy import TcpProxy
 
 ADAPTERS = ["memory", pytest.param("redis", marks=pytest.mark.redis)]
@@ -264,8 +265,8 @@ async def test_in_memory_counters_are_dropped_once_full() -> None:
 async def test_redis_counters_expire_when_full(redis_url: str) -> None:
     client = Redis.from_url(redis_url)
     prefix = f"parley-test:{uuid.uuid4().hex}:"
+    limiter = RedisRateLimiter(MultiplexedRedis.from_url(redis_url), key_prefix=prefix)
     try:
-        limiter = RedisRateLimiter(client, key_prefix=prefix)
         limit = rule("expiring", requests=10, per_s=HOUR, burst=5)
         decision = await take(limiter, limit, hits=2)
         ttl_ms = await client.pttl(f"{prefix}rl:expiring:u1")
@@ -280,6 +281,7 @@ async def test_redis_counters_expire_when_full(redis_url: str) -> None:
             while await client.exists(key):
                 await asyncio.sleep(0.01)
     finally:
+        await limiter.aclose()
         keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
         if keys:
             await client.delete(*keys)
@@ -290,13 +292,14 @@ async def test_redis_counters_expire_when_full(redis_url: str) -> None:
 async def test_redis_reloads_its_script_after_a_flush(redis_url: str) -> None:
     client = Redis.from_url(redis_url)
     prefix = f"parley-test:{uuid.uuid4().hex}:"
+    limiter = RedisRateLimiter(MultiplexedRedis.from_url(redis_url), key_prefix=prefix)
     try:
-        limiter = RedisRateLimiter(client, key_prefix=prefix)
         limit = rule("flushed", requests=10, per_s=HOUR, burst=3)
         assert (await take(limiter, limit)).remaining == 2
         await client.script_flush()
         assert (await take(limiter, limit)).remaining == 1
     finally:
+        await limiter.aclose()
         keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
         if keys:
             await client.delete(*keys)

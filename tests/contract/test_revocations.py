@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 
 from services.common.errors import Unavailable
 from services.common.models import utc_now
+from services.common.redis_multiplex import MultiplexedRedis
 from services.common.revocation import InMemoryRevocationList, RedisRevocationList, RevocationList
 
 ADAPTERS = ["memory", pytest.param("redis", marks=pytest.mark.redis)]
@@ -30,9 +31,11 @@ async def revocations(request: pytest.FixtureRequest) -> AsyncIterator[Revocatio
     redis_url: str = request.getfixturevalue("redis_url")
     client = Redis.from_url(redis_url)
     prefix = f"parley-test:{uuid.uuid4().hex}:revoked:"
+    revocations = RedisRevocationList(MultiplexedRedis.from_url(redis_url), key_prefix=prefix)
     try:
-        yield RedisRevocationList(client, key_prefix=prefix)
+        yield revocations
     finally:
+        await revocations.aclose()
         keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
         if keys:
             await client.delete(*keys)
@@ -114,10 +117,10 @@ async def test_a_revocation_that_ends_in_the_past_is_a_no_op(revocations: Revoca
 async def test_revocations_are_shared_by_every_instance_on_the_same_store(redis_url: str) -> None:
     prefix = f"parley-test:{uuid.uuid4().hex}:revoked:"
     first_client, second_client = Redis.from_url(redis_url), Redis.from_url(redis_url)
+    writer = RedisRevocationList(MultiplexedRedis.from_url(redis_url), key_prefix=prefix)
+    reader = RedisRevocationList(MultiplexedRedis.from_url(redis_url), key_prefix=prefix)
+    other_namespace = RedisRevocationList(MultiplexedRedis.from_url(redis_url), key_prefix=f"{prefix}other:")
     try:
-        writer = RedisRevocationList(first_client, key_prefix=prefix)
-        reader = RedisRevocationList(second_client, key_prefix=prefix)
-        other_namespace = RedisRevocationList(second_client, key_prefix=f"{prefix}other:")
         await writer.revoke_session("s1", utc_now() + LONG)
         assert await reader.is_revoked("s1", "u1", utc_now())
         assert not await other_namespace.is_revoked("s1", "u1", utc_now())
@@ -127,15 +130,18 @@ async def test_revocations_are_shared_by_every_instance_on_the_same_store(redis_
         keys = [key async for key in first_client.scan_iter(match=f"{prefix}*")]
         if keys:
             await first_client.delete(*keys)
+        for instance in (writer, reader, other_namespace):
+            await instance.aclose()
         await first_client.aclose()
         await second_client.aclose()
 
 
 async def test_an_unreachable_redis_fails_closed_as_unavailable() -> None:
     # Port 1 on loopback refuses connections at once.
-    client = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=1)
+    revocations = RedisRevocationList(
+        MultiplexedRedis.from_url("redis://127.0.0.1:1/0"), key_prefix="unreachable:"
+    )
     try:
-        revocations = RedisRevocationList(client, key_prefix="unreachable:")
         with pytest.raises(Unavailable) as checking:
             await revocations.is_revoked("s1", "u1", utc_now())
         assert (checking.value.reason, checking.value.metadata) == (
@@ -145,4 +151,4 @@ async def test_an_unreachable_redis_fails_closed_as_unavailable() -> None:
         with pytest.raises(Unavailable):
             await revocations.revoke_session("s1", utc_now() + LONG)
     finally:
-        await client.aclose()
+        await revocations.aclose()

@@ -281,6 +281,7 @@ class RacingStores:
         self._stores = SqlSessionStores(database)
         self.barrier = asyncio.Barrier(2)
         self.spends: list[bool] = []
+        self.list_active_sessions = self._stores.list_active_sessions
 
     @contextlib.asynccontextmanager
     async def write(self) -> AsyncIterator[SessionStore]:

@@ -1,0 +1,285 @@
+"""Hot reads: SQLAlchemy Core SELECTs compiled once per dialect and run on the driver itself.
+
+A unit of work costs far more than the query it wraps: an ORM session, a pooled checkout (with a
+ping on PostgreSQL), BEGIN and COMMIT, and on SQLite a hop to aiosqlite's thread and back for every
+step. For a read that is one bounded statement (an indexed look-up, a LIMITed page) none of that buys
+anything, and on the request path it is most of the CPU. `HotReads` runs such a statement directly:
+
+- SQLite: one read-only connection of its own, used synchronously on the event loop. In WAL mode an
+  indexed read takes tens of microseconds and never waits for a writer; each statement reads the
+  latest committed snapshot. A slow statement would block the loop, so only bounded ones belong here.
+- PostgreSQL: a few asyncpg connections of its own; asyncpg prepares each statement once per
+  connection and reuses it. A connection that fails is dropped, and the read answers UNAVAILABLE
+  like a unit of work does.
+
+The SQL is still written once, as a SQLAlchemy Core `Select`, and compiled for the engine's dialect
+with the column types' own bind and result processors, so values come back exactly as the ORM
+returns them (UTC datetimes, decoded JSON). Reads that need several statements in one snapshot, or
+that write, stay in `Database.unit_of_work`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sqlite3
+import threading
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Generic, TypeVar
+
+import asyncpg
+from sqlalchemy import Select
+from sqlalchemy.engine import URL, Dialect
+
+from services.common.errors import Unavailable
+
+logger = logging.getLogger(__name__)
+
+RowT = TypeVar("RowT")
+
+# PostgreSQL connections the hot reads keep at most; statements are sub-millisecond, so a handful
+# serves hundreds of concurrent requests.
+DEFAULT_POSTGRES_CONNECTIONS: Final = 8
+# A WAL reader is only ever kept waiting by recovery or a checkpoint's brief lock; waiting on the event
+# loop must stay short, and a longer wait is an outage to report rather than ride out.
+SQLITE_READ_BUSY_TIMEOUT_MS: Final = 200
+
+Processor = Callable[[Any], Any]
+
+
+@dataclass(frozen=True)
+class CompiledRead:
+    """One statement compiled for one dialect, with what binding and decoding need."""
+
+    sql: str
+    # The bind names in the order the driver wants their values (a name may repeat for `?` styles).
+    parameter_order: tuple[str, ...]
+    # Values of binds the statement fixes itself (e.g. SQLite's `OFFSET` of a `LIMIT`).
+    fixed_values: Mapping[str, Any]
+    bind_processors: Mapping[str, Processor]
+    result_processors: tuple[Processor | None, ...]
+
+
+class HotRead(Generic[RowT]):
+    """A SELECT, written once, and how to turn one of its rows (a tuple) into a `RowT`."""
+
+    def __init__(self, statement: Select[*tuple[Any, ...]], build: Callable[[tuple[Any, ...]], RowT]) -> None:
+        self.statement = statement
+        self.build = build
+        self._compiled: dict[str, CompiledRead] = {}
+
+    def compiled_for(self, dialect: Dialect) -> CompiledRead:
+        compiled = self._compiled.get(dialect.name)
+        if compiled is None:
+            compiled = self._compiled[dialect.name] = _compile(self.statement, dialect)
+        return compiled
+
+
+def _compile(statement: Select[*tuple[Any, ...]], dialect: Dialect) -> CompiledRead:
+    compiled = statement.compile(dialect=dialect)
+    if compiled.positiontup is None:
+        raise ValueError(f"hot reads need a positional paramstyle, not {dialect.paramstyle}")
+    bind_processors: dict[str, Processor] = {}
+    fixed: dict[str, Any] = {}
+    for name, bind in compiled.binds.items():
+        if bind.expanding:
+            raise ValueError(f"bind {name!r} expands (IN with a list); hot reads take fixed shapes")
+        processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
+        if processor is not None:
+            bind_processors[name] = processor
+        if not bind.required:
+            fixed[name] = bind.effective_value
+    result_processors = tuple(
+        column.type.dialect_impl(dialect).result_processor(dialect, None)
+        for column in statement.selected_columns
+    )
+    return CompiledRead(
+        sql=compiled.string,
+        parameter_order=tuple(compiled.positiontup),
+        fixed_values=fixed,
+        bind_processors=bind_processors,
+        result_processors=result_processors,
+    )
+
+
+def _arguments(compiled: CompiledRead, parameters: Mapping[str, Any]) -> list[Any]:
+    values = []
+    for name in compiled.parameter_order:
+        value = parameters[name] if name in parameters else compiled.fixed_values[name]
+        processor = compiled.bind_processors.get(name)
+        values.append(value if processor is None or value is None else processor(value))
+    return values
+
+
+def _decoded(compiled: CompiledRead, row: Sequence[Any]) -> tuple[Any, ...]:
+    return tuple(
+        value if processor is None else processor(value)
+        for value, processor in zip(row, compiled.result_processors, strict=True)
+    )
+
+
+class HotReads:
+    """Runs `HotRead`s against one database (see the module docstring); create with `for_url`."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        self.dialect = dialect
+
+    @staticmethod
+    def for_url(url: URL, dialect: Dialect, *, connect_timeout_s: float) -> HotReads:
+        if dialect.name == "sqlite":
+            return _SqliteReads(dialect, url.database or "")
+        return _PostgresReads(dialect, url, connect_timeout_s=connect_timeout_s)
+
+    async def all(self, read: HotRead[RowT], **parameters: Any) -> list[RowT]:
+        """Every row the statement returns, built into `RowT`s."""
+        compiled = read.compiled_for(self.dialect)
+        rows = await self._fetch(compiled, _arguments(compiled, parameters))
+        return [read.build(_decoded(compiled, row)) for row in rows]
+
+    async def first(self, read: HotRead[RowT], **parameters: Any) -> RowT | None:
+        """The first row, or None when there is none."""
+        found = await self.all(read, **parameters)
+        return found[0] if found else None
+
+    async def _fetch(self, compiled: CompiledRead, arguments: list[Any]) -> Sequence[Sequence[Any]]:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Close the connections; the next read opens new ones."""
+
+
+class _SqliteReads(HotReads):
+    def __init__(self, dialect: Dialect, path: str) -> None:
+        super().__init__(dialect)
+        self._path = path
+        self._connection: sqlite3.Connection | None = None
+        # Reads run synchronously, so within one event loop they never overlap; the lock covers a
+        # `Database` shared with another thread (operator commands, tests).
+        self._lock = threading.Lock()
+
+    def _connected(self) -> sqlite3.Connection:
+        if self._connection is None:
+            connection = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            connection.execute(f"PRAGMA busy_timeout={SQLITE_READ_BUSY_TIMEOUT_MS}")
+            connection.execute("PRAGMA query_only=ON")
+            self._connection = connection
+        return self._connection
+
+    async def _fetch(self, compiled: CompiledRead, arguments: list[Any]) -> Sequence[Sequence[Any]]:
+        with self._lock:
+            try:
+                cursor = self._connected().execute(compiled.sql, arguments)
+                try:
+                    return cursor.fetchall()
+                finally:
+                    cursor.close()
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) and "busy" not in str(error):
+                    raise
+                logger.warning("a hot read found SQLite busy: %s", error)
+                raise _database_unavailable() from error
+
+    async def close(self) -> None:
+        with self._lock:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
+
+
+# Failures that mean the connection (or the server) is gone rather than that the statement is wrong.
+_POSTGRES_CONNECTION_ERRORS: Final = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.CannotConnectNowError,
+)
+
+
+class _PostgresReads(HotReads):
+    def __init__(
+        self,
+        dialect: Dialect,
+        url: URL,
+        *,
+        connect_timeout_s: float,
+        max_connections: int = DEFAULT_POSTGRES_CONNECTIONS,
+    ) -> None:
+        super().__init__(dialect)
+        self._dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self._connect_timeout_s = connect_timeout_s
+        self._idle: list[asyncpg.Connection] = []
+        # One slot per connection that may be open (idle or in use).
+        self._slots = asyncio.Semaphore(max_connections)
+
+    async def _fetch(self, compiled: CompiledRead, arguments: list[Any]) -> Sequence[Sequence[Any]]:
+        async with self._connection() as connection:
+            rows: list[Any] = await connection.fetch(
+                compiled.sql, *arguments, timeout=self._connect_timeout_s * 10
+            )
+        return rows
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+        connection = await self._acquire()
+        healthy = False
+        try:
+            yield connection
+            healthy = True
+        except _POSTGRES_CONNECTION_ERRORS as error:
+            logger.warning("a hot read lost its PostgreSQL connection: %s", error or type(error).__name__)
+            raise _database_unavailable() from error
+        finally:
+            await self._release(connection, healthy=healthy and not connection.is_closed())
+
+    async def _acquire(self) -> asyncpg.Connection:
+        await self._slots.acquire()
+        try:
+            return self._idle.pop() if self._idle else await self._connect()
+        except BaseException:
+            self._slots.release()
+            raise
+
+    async def _connect(self) -> asyncpg.Connection:
+        try:
+            connection = await asyncpg.connect(
+                self._dsn,
+                timeout=self._connect_timeout_s,
+                server_settings={"application_name": "parley"},
+            )
+        except _POSTGRES_CONNECTION_ERRORS as error:
+            logger.warning("hot reads cannot connect to PostgreSQL: %s", error or type(error).__name__)
+            raise _database_unavailable() from error
+        # JSON arrives decoded, as the SQLAlchemy dialect hands it over (its result processor is None).
+        for type_name in ("json", "jsonb"):
+            await connection.set_type_codec(
+                type_name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+            )
+        return connection
+
+    async def _release(self, connection: asyncpg.Connection, *, healthy: bool) -> None:
+        try:
+            if healthy:
+                self._idle.append(connection)
+            else:
+                with contextlib.suppress(*_POSTGRES_CONNECTION_ERRORS):
+                    await connection.close(timeout=self._connect_timeout_s)
+        finally:
+            self._slots.release()
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            with contextlib.suppress(*_POSTGRES_CONNECTION_ERRORS):
+                await connection.close(timeout=self._connect_timeout_s)
+
+
+def _database_unavailable() -> Unavailable:
+    return Unavailable(
+        "The database is unavailable; try again shortly.",
+        reason="SERVICE_UNAVAILABLE",
+        metadata={"dependency": "database"},
+    )
