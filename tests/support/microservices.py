@@ -88,11 +88,13 @@ async def running_microservices(
     *,
     database_urls: Mapping[ServiceName, str] | None = None,
     service_env: Mapping[ServiceName, Mapping[str, str]] | None = None,
+    gateway_env: Mapping[str, str] | None = None,
 ) -> AsyncIterator[Microservices]:
     """Start all five processes at once and yield when each has said it is listening.
 
     `database_urls` replaces the database URL of single services (e.g. billing behind a proxy);
-    `service_env` adds variables to single services. Whatever is still running at the end is killed.
+    `service_env` adds variables to single services, `gateway_env` to the gateway. Whatever is
+    still running at the end is killed.
     """
     secret = secrets.token_urlsafe(24)
     grpc_ports = {name: free_port() for name in SERVICE_NAMES}
@@ -133,6 +135,8 @@ async def running_microservices(
             # The edge checks API keys and sessions with auth; health polling must not meet a limit.
             "PARLEY_AUTH_TARGET": f"127.0.0.1:{grpc_ports['auth']}",
             "PARLEY_RATE_LIMITS_FILE": str(generous_rate_limits()),
+            "PARLEY_METRICS_PORT": str(free_port()),
+            **(gateway_env or {}),
         },
         log_path=directory / "gateway.log",
     )

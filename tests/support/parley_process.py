@@ -28,6 +28,7 @@ class EmbeddedPorts:
     edge: int = field(default_factory=free_port)
     admin: int = field(default_factory=free_port)
     metrics: int = field(default_factory=free_port)
+    edge_metrics: int = field(default_factory=free_port)
 
     def env(self) -> dict[str, str]:
         """The ports, and rate limits generous enough that no functional test meets one."""
@@ -38,6 +39,7 @@ class EmbeddedPorts:
             "PARLEY_EDGE_PORT": str(self.edge),
             "PARLEY_ENVOY_ADMIN_PORT": str(self.admin),
             "PARLEY_METRICS_PORT": str(self.metrics),
+            "PARLEY_EDGE_METRICS_PORT": str(self.edge_metrics),
         }
 
 
