@@ -8,6 +8,8 @@ import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, text_format
 from grpc_reflection.v1alpha import reflection_pb2
 
+from gateway.edge import public_files
+from gateway.render import read_descriptor_set
 from services.common.reflection import (
     REFLECTION_V1_FILE,
     MissingDescriptorError,
@@ -16,6 +18,7 @@ from services.common.reflection import (
     index_files,
     reflection_v1_file,
 )
+from tests.support.gateway import DESCRIPTOR_SET_PATH, internal_service_names
 
 BASE_FILE = "demo/v1/base.proto"
 LIBRARY_FILE = "demo/v1/library.proto"
@@ -324,3 +327,44 @@ def test_v1_schema_matches_the_official_v1_proto() -> None:
         file.ClearField("name")
         file.ClearField("options")
     assert derived == expected
+
+
+# --- the gateway's public view ---------------------------------------------------------------------
+
+
+def test_public_files_hold_no_internal_service_and_keep_the_comments_of_the_others() -> None:
+    descriptor_set = read_descriptor_set(DESCRIPTOR_SET_PATH.read_bytes())
+    originals = {file.name: file for file in descriptor_set.file}
+
+    files = public_files(descriptor_set)
+
+    index = index_files(files)
+    for internal in internal_service_names():
+        assert internal not in index.file_of_symbol
+    billing = next(file for file in files if file.name == "parley/billing/v1/billing.proto")
+    original = originals[billing.name]
+    assert [service.name for service in billing.service] == ["BillingService", "BillingAdminService"]
+    service_field = descriptor_pb2.FileDescriptorProto.SERVICE_FIELD_NUMBER
+    for index_in_public, service in enumerate(billing.service):
+        index_in_original = [each.name for each in original.service].index(service.name)
+        assert comments_at(billing, [service_field, index_in_public]) == comments_at(
+            original, [service_field, index_in_original]
+        )
+        assert comments_at(billing, [service_field, index_in_public])
+    assert len(billing.source_code_info.location) < len(original.source_code_info.location)
+    assert all(
+        location.path[1] < len(billing.service)
+        for location in billing.source_code_info.location
+        if location.path[:1] == [service_field]
+    )
+    untouched = next(file for file in files if file.name == "parley/common/v1/common.proto")
+    assert untouched == originals[untouched.name]
+
+
+def comments_at(file: descriptor_pb2.FileDescriptorProto, path: list[int]) -> list[str]:
+    """The leading comments of the element at `path` and of everything inside it, in order."""
+    return [
+        location.leading_comments
+        for location in file.source_code_info.location
+        if list(location.path[: len(path)]) == path and location.leading_comments
+    ]
