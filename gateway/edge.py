@@ -14,9 +14,8 @@ import logging
 from dataclasses import dataclass
 
 import grpc
-from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter
 
@@ -24,42 +23,53 @@ from gateway.authz import EdgeAuthorizer, add_authorization_service
 from gateway.render import is_public_service, public_services, read_descriptor_set
 from gateway.rls import add_rate_limit_service
 from services.common.ratelimit import RateLimitConfig, RateLimiter
+from services.common.reflection import add_reflection_service
 
 logger = logging.getLogger(__name__)
 
 
-def public_descriptor_pool(
+def public_files(
     descriptor_set: descriptor_pb2.FileDescriptorSet,
-) -> descriptor_pool.DescriptorPool:
-    """A pool holding every file of the set with internal services removed.
+) -> list[descriptor_pb2.FileDescriptorProto]:
+    """Every file of the set with internal services removed.
 
-    Reflection answers `describe` from whole files, so an internal service defined next to a public
+    Reflection answers `describe` with whole files, so an internal service defined next to a public
     one would otherwise leak its schema to anyone who asks for the file. Messages stay: public RPCs
     may share them.
     """
-    pool = descriptor_pool.DescriptorPool()
-    known_files = {file.name for file in descriptor_set.file}
+    files = []
     for file in descriptor_set.file:
-        public_file = descriptor_pb2.FileDescriptorProto()
-        public_file.CopyFrom(file)
         kept = [
-            service
-            for service in file.service
+            index
+            for index, service in enumerate(file.service)
             if not file.package.startswith("parley.") or is_public_service(f"{file.package}.{service.name}")
         ]
-        if len(kept) != len(file.service):
-            del public_file.service[:]
-            public_file.service.extend(kept)
-            # Source locations point at service indexes that no longer exist.
-            public_file.ClearField("source_code_info")
-        pool.Add(public_file)
-    # The edge's own services, so `grpcurl describe grpc.health.v1.Health` works as well.
-    for own_file in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
-        if own_file.name not in known_files:
-            own_proto = descriptor_pb2.FileDescriptorProto()
-            own_file.CopyToProto(own_proto)
-            pool.Add(own_proto)
-    return pool
+        if len(kept) == len(file.service):
+            files.append(file)
+            continue
+        public_file = descriptor_pb2.FileDescriptorProto()
+        public_file.CopyFrom(file)
+        del public_file.service[:]
+        public_file.service.extend(file.service[index] for index in kept)
+        _keep_comments_of_services(public_file, {old: new for new, old in enumerate(kept)})
+        files.append(public_file)
+    return files
+
+
+def _keep_comments_of_services(file: descriptor_pb2.FileDescriptorProto, new_index: dict[int, int]) -> None:
+    """Drop the source locations (comments) of removed services and renumber those of the kept ones."""
+    service_field = descriptor_pb2.FileDescriptorProto.SERVICE_FIELD_NUMBER
+    kept = descriptor_pb2.SourceCodeInfo()
+    for location in file.source_code_info.location:
+        path = list(location.path)
+        if len(path) >= 2 and path[0] == service_field:
+            if path[1] not in new_index:
+                continue
+            path[1] = new_index[path[1]]
+        kept_location = kept.location.add()
+        kept_location.CopyFrom(location)
+        kept_location.path[:] = path
+    file.source_code_info.CopyFrom(kept)
 
 
 @dataclass(frozen=True)
@@ -115,11 +125,7 @@ async def create_edge_server(
     # The edge answers for itself only: the overall server status is its own liveness.
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
 
-    reflection.enable_server_reflection(
-        [*services, reflection.SERVICE_NAME, health.SERVICE_NAME],
-        server,
-        pool=public_descriptor_pool(parsed),
-    )
+    add_reflection_service(server, [*services, health.SERVICE_NAME], public_files(parsed))
 
     bound_port = server.add_insecure_port(f"{host}:{port}")
     if bound_port == 0:

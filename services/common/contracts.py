@@ -5,6 +5,8 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+from google.protobuf import descriptor_pb2
+
 
 def descriptor_set_path() -> Path:
     """The FileDescriptorSet that Envoy's transcoder and the edge reflection server load."""
@@ -13,6 +15,11 @@ def descriptor_set_path() -> Path:
 
 def descriptor_set_bytes() -> bytes:
     return descriptor_set_path().read_bytes()
+
+
+def contract_files() -> list[descriptor_pb2.FileDescriptorProto]:
+    """Every file of the descriptor set, comments included (reflection clients print them)."""
+    return list(descriptor_pb2.FileDescriptorSet.FromString(descriptor_set_bytes()).file)
 
 
 def openapi_path() -> Path:

@@ -13,15 +13,16 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
+from services.common.contracts import contract_files
 from services.common.health import DependencyProbe, HealthMonitor
 from services.common.identity import IdentityResolver
 from services.common.interceptors import CallPipeline
 from services.common.metrics import HealthMetrics, RpcMetrics
+from services.common.reflection import add_reflection_service
 from services.common.settings import Settings
 from services.common.telemetry import records_spans
 from services.common.validation import RequestValidator
@@ -105,9 +106,7 @@ def create_server(settings: Settings, deps: ServerDeps) -> tuple[ParleyServer, i
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     service_names = [registration.full_name for registration in deps.services]
-    reflection.enable_server_reflection(
-        [*service_names, "grpc.health.v1.Health", reflection.SERVICE_NAME], server
-    )
+    add_reflection_service(server, [*service_names, "grpc.health.v1.Health"], contract_files())
     monitor = HealthMonitor(
         health_servicer,
         service_names,

@@ -10,13 +10,27 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 from google.protobuf import descriptor_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 
 from services.common.contracts import descriptor_set_bytes, descriptor_set_path
 from tests.support.gateway import grpcurl
 from tests.support.parley_process import EmbeddedPorts, ParleyProcess, children_of, pid_alive
+from tests.support.reflection import (
+    DESCRIBE_CASES,
+    LIST_PLANS_METHOD,
+    REFLECTION_VERSIONS,
+    DescribeCase,
+    assert_grpcurl_describes,
+    files_of,
+    listed_services,
+    reflect,
+    service_names_in,
+    symbol_request,
+)
 
 pytestmark = pytest.mark.envoy
 
@@ -174,6 +188,79 @@ async def test_grpcurl_through_the_gateway_and_direct(parley_up: tuple[ParleyPro
         )
         assert call.returncode == 0, call.stderr
         assert [plan["id"] for plan in json.loads(call.stdout)["plans"]] == ["free", "pro", "team"]
+
+
+@pytest.mark.parametrize("case", DESCRIBE_CASES, ids=lambda case: case.symbol)
+async def test_grpcurl_describes_every_kind_of_symbol_through_the_gateway_and_direct(
+    parley_up: tuple[ParleyProcess, EmbeddedPorts], case: DescribeCase
+) -> None:
+    _, ports = parley_up
+    for port in (ports.http, ports.grpc):
+        await assert_grpcurl_describes(f"127.0.0.1:{port}", case)
+
+
+async def test_grpcurl_prints_a_request_template_through_the_gateway(
+    parley_up: tuple[ParleyProcess, EmbeddedPorts],
+) -> None:
+    _, ports = parley_up
+    result = await grpcurl(
+        "-plaintext",
+        "-msg-template",
+        f"127.0.0.1:{ports.http}",
+        "describe",
+        "parley.billing.v1.ListPlansRequest",
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.split("Message template:\n", 1)[1]) == {
+        "pageSize": 0,
+        "pageToken": "",
+        "showRetired": False,
+    }
+
+
+async def test_internal_services_are_described_on_the_service_port_only(
+    parley_up: tuple[ParleyProcess, EmbeddedPorts],
+) -> None:
+    _, ports = parley_up
+    _, internal = parley_services()
+    reserve_credits = "parley.billing.v1.BillingInternalService.ReserveCredits"
+    for symbol in [*sorted(internal), reserve_credits]:
+        hidden = await grpcurl("-plaintext", f"127.0.0.1:{ports.http}", "describe", symbol)
+        assert hidden.returncode != 0
+        assert f"Symbol not found: {symbol}" in hidden.stderr
+
+        shown = await grpcurl("-plaintext", f"127.0.0.1:{ports.grpc}", "describe", symbol)
+        assert shown.returncode == 0, shown.stderr
+
+
+@pytest.mark.parametrize("version", REFLECTION_VERSIONS)
+async def test_both_reflection_versions_answer_through_the_gateway(
+    parley_up: tuple[ParleyProcess, EmbeddedPorts], version: str
+) -> None:
+    _, ports = parley_up
+    public, internal = parley_services()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{ports.http}") as channel:
+        listing, method, unknown = await reflect(
+            channel,
+            version,
+            reflection_pb2.ServerReflectionRequest(list_services=""),
+            symbol_request(LIST_PLANS_METHOD),
+            symbol_request("parley.billing.v1.BillingInternalService"),
+        )
+
+    assert set(listed_services(listing)) == {
+        *public,
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    }
+    files = files_of(method)
+    assert files[0].name == "parley/billing/v1/billing.proto"
+    # The public view: the billing file comes without its internal service, nor any file with one.
+    assert not internal & service_names_in(files)
+    assert "parley.billing.v1.BillingService" in service_names_in(files)
+    assert unknown.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
 
 
 async def test_internal_services_are_unreachable_through_the_gateway(

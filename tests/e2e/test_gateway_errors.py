@@ -432,7 +432,12 @@ async def test_grpcurl_lists_exactly_the_public_services(gateway: RunningGateway
 
     assert result.returncode == 0, result.stderr
     assert listed_services(result.stdout) == sorted(
-        [*public_service_names(), "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"]
+        [
+            *public_service_names(),
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        ]
     )
 
 

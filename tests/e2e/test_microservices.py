@@ -40,6 +40,7 @@ from tests.support.microservices import (
     running_microservices,
 )
 from tests.support.parley_process import ParleyProcess, children_of, pid_alive
+from tests.support.reflection import DESCRIBE_LIST_PLANS, assert_grpcurl_describes
 from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.envoy
@@ -225,6 +226,7 @@ async def test_microservices_serve_json_and_grpc_through_the_gateway(
                 call = await grpcurl("-plaintext", "-d", "{}", target, LIST_PLANS)
                 assert call.returncode == 0, call.stderr
                 assert [plan["id"] for plan in json.loads(call.stdout)["plans"]] == SEEDED_PLANS
+                await assert_grpcurl_describes(target, DESCRIBE_LIST_PLANS)
         except AssertionError as failure:
             raise AssertionError(f"{failure}\n{mesh.output_tails()}") from None
 
