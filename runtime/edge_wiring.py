@@ -1,7 +1,9 @@
-"""What the gateway's edge server needs, built from settings: its rate limiter and its authorizer."""
+"""The gateway's edge server as a running unit: its rate limiter, its authorizer, the server itself."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -10,8 +12,9 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from gateway.authz import EdgeAuthorizer
-from gateway.edge import EdgeServices
+from gateway.edge import EdgeServices, create_edge_server
 from parley.auth.v1 import auth_pb2_grpc
+from services.common.contracts import descriptor_set_bytes
 from services.common.identity import CachedJwksVerifier
 from services.common.jwks_client import grpc_jwks_fetcher
 from services.common.ratelimit import load_rate_limit_config, rate_limiter_for
@@ -58,3 +61,38 @@ def build_edge_wiring(
         registry=registry,
     )
     return EdgeWiring(services=services, auth_channel=channel)
+
+
+@contextlib.asynccontextmanager
+async def serving_edge(
+    settings: Settings,
+    *,
+    host: str,
+    port: int,
+    auth_target: str,
+    rate_limits_path: Path,
+    revocations: RevocationList | None,
+    registry: CollectorRegistry,
+) -> AsyncIterator[int]:
+    """The edge server, started on host:port (0: a free port, which is yielded), until the block ends.
+
+    The one way every process runs it: `parley edge` (and `parley up`, which starts that as a child)
+    and `parley gateway`.
+    """
+    edge = build_edge_wiring(
+        settings,
+        auth_target=auth_target,
+        rate_limits_path=rate_limits_path,
+        revocations=revocations,
+        registry=registry,
+    )
+    try:
+        server, bound_port = await create_edge_server(
+            descriptor_set_bytes(), host=host, port=port, services_for_envoy=edge.services
+        )
+        try:
+            yield bound_port
+        finally:
+            await server.stop(settings.shutdown_grace_s)
+    finally:
+        await edge.close()

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.edge import create_edge_server
 from gateway.envoy_process import EnvoyProcess
 from gateway.render import DEFAULT_RATE_LIMITS_FILE, embedded_topology
-from runtime.edge_wiring import build_edge_wiring
+from runtime.edge_process import EdgeChild
 from runtime.process import (
     build_services,
     connectable_host,
@@ -28,7 +28,7 @@ from runtime.process import (
 from runtime.topologies import with_edge_settings
 from runtime.workers import EmbeddedWorkers
 from services.common.context import ServiceContext
-from services.common.contracts import descriptor_set_bytes, descriptor_set_path
+from services.common.contracts import descriptor_set_path
 from services.common.db import Database
 from services.common.health import DependencyProbe
 from services.common.metrics import serve_metrics
@@ -48,6 +48,7 @@ class EmbeddedAddresses:
     grpc_target: str
     edge_target: str
     metrics_url: str | None
+    edge_metrics_url: str | None
     envoy_admin_url: str
     data_dir: Path
     database_url: str
@@ -91,21 +92,15 @@ async def run_embedded(settings: Settings, *, stop: asyncio.Event | None = None)
         ),
     )
     grpc_host = connectable_host(settings.grpc_host)
-    rate_limits_path = settings.rate_limits_file or DEFAULT_RATE_LIMITS_FILE
-    edge = build_edge_wiring(
-        settings,
-        auth_target=f"{grpc_host}:{grpc_port}",
-        rate_limits_path=rate_limits_path,
-        revocations=context.revocations,
-        registry=observability.registry,
-    )
-    edge_server, edge_port = await create_edge_server(
-        descriptor_set_bytes(), host="127.0.0.1", port=settings.edge_port, services_for_envoy=edge.services
+    edge = EdgeChild(
+        port=settings.edge_port or free_loopback_port(),
+        env=edge_child_env(settings, auth_target=f"{grpc_host}:{grpc_port}", data_dir=data_dir),
+        stop_grace_s=settings.shutdown_grace_s,
     )
     topology = with_edge_settings(
         embedded_topology(
             grpc_port,
-            edge_port,
+            edge.port,
             settings.http_port,
             settings.envoy_admin_port,
             gateway_secret,
@@ -127,25 +122,30 @@ async def run_embedded(settings: Settings, *, stop: asyncio.Event | None = None)
     try:
         await start_services(bundles)
         await server.start()
+        await edge.start()
         await envoy.start()
         addresses = EmbeddedAddresses(
             gateway_url=f"http://{settings.http_host}:{topology.http_port}",
             grpc_target=f"{settings.grpc_host}:{grpc_port}",
-            edge_target=f"127.0.0.1:{edge_port}",
+            edge_target=edge.target,
             metrics_url=f"http://{settings.metrics_host}:{metrics.port}/metrics" if metrics else None,
+            edge_metrics_url=(
+                f"http://{settings.metrics_host}:{settings.edge_metrics_port}/metrics"
+                if settings.edge_metrics_port
+                else None
+            ),
             envoy_admin_url=f"http://127.0.0.1:{topology.admin_port}",
             data_dir=data_dir,
             database_url=database_url,
             mail_dir=None if settings.smtp_host else data_dir / MAIL_DIR_NAME,
         )
         announce(addresses)
-        await until_stopped_or_exited(stop, envoy)
+        await until_stopped_or_exited(stop, {"envoy": envoy.wait, "the edge process": edge.wait})
     finally:
         stop.set()
         await envoy.stop()
+        await edge.stop()
         await server.stop()
-        await edge_server.stop(settings.shutdown_grace_s)
-        await edge.close()
         await stop_services(bundles)
         await identity.close()
         await context.read_cache.close()
@@ -168,6 +168,7 @@ def announce(addresses: EmbeddedAddresses) -> None:
         f"  gRPC, every service, direct     {grpc_target}  try: grpcurl -plaintext {grpc_target} list",
         f"  Health                          {gateway}/healthz",
         f"  Metrics (Prometheus)            {addresses.metrics_url or 'off'}",
+        f"  Edge metrics (rate limits)      {addresses.edge_metrics_url or 'off'}",
         f"  Envoy admin (loopback only)     {addresses.envoy_admin_url}",
         f"  Data                            {addresses.data_dir} ({database_kind})",
         f"  Mail (no SMTP configured)       {addresses.mail_dir}/*.eml"
@@ -177,3 +178,29 @@ def announce(addresses: EmbeddedAddresses) -> None:
     ]
     sys.stdout.write("\n".join(lines) + "\n")
     sys.stdout.flush()
+
+
+def edge_child_env(settings: Settings, *, auth_target: str, data_dir: Path) -> dict[str, str]:
+    """What `parley edge` must be told besides the environment it inherits: the settings `parley up`
+    took from its flags or worked out itself."""
+    env = {
+        "PARLEY_AUTH_TARGET": auth_target,
+        "PARLEY_DATA_DIR": str(data_dir),
+        "PARLEY_METRICS_HOST": settings.metrics_host,
+        "PARLEY_EDGE_METRICS_PORT": str(settings.edge_metrics_port),
+        "PARLEY_RATE_LIMITS_FILE": str(settings.rate_limits_file or DEFAULT_RATE_LIMITS_FILE),
+        "PARLEY_JWT_ISSUER": settings.jwt_issuer,
+        "PARLEY_JWT_AUDIENCE": settings.jwt_audience,
+        "PARLEY_LOG_LEVEL": settings.log_level,
+        "PARLEY_LOG_FORMAT": settings.log_format,
+    }
+    # Its own settings check would refuse a metrics port that `parley up` itself uses.
+    env["PARLEY_METRICS_PORT"] = "0"
+    return env
+
+
+def free_loopback_port() -> int:
+    """A port nothing listens on right now (for `PARLEY_EDGE_PORT=0`: the child is told the port)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

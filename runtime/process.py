@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from opentelemetry.sdk.trace import TracerProvider
@@ -15,7 +16,6 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from gateway.envoy_process import EnvoyProcess
 from services.common.cache import CacheMetrics, InMemoryReadCache, ReadCache, RedisReadCache
 from services.common.context import ServiceBundle, ServiceContext
 from services.common.identity import (
@@ -174,12 +174,17 @@ def connectable_host(bind_host: str) -> str:
     return "127.0.0.1" if bind_host in ("0.0.0.0", "", "::", "[::]") else bind_host  # noqa: S104
 
 
-async def until_stopped_or_exited(stop: asyncio.Event, envoy: EnvoyProcess) -> None:
-    """Return when a stop is requested or the Envoy child dies; either way the caller shuts down."""
+async def until_stopped_or_exited(
+    stop: asyncio.Event, children: Mapping[str, Callable[[], Coroutine[Any, Any, int]]]
+) -> None:
+    """Return when a stop is requested or a child process (name -> its `wait`) dies; either way the
+    caller shuts down."""
     stop_waiter = asyncio.create_task(stop.wait())
-    envoy_waiter = asyncio.create_task(envoy.wait())
-    done, pending = await asyncio.wait({stop_waiter, envoy_waiter}, return_when=asyncio.FIRST_COMPLETED)
+    exits: dict[asyncio.Task[int], str] = {
+        asyncio.create_task(wait()): name for name, wait in children.items()
+    }
+    done, pending = await asyncio.wait({stop_waiter, *exits}, return_when=asyncio.FIRST_COMPLETED)
     for task in pending:
         task.cancel()
-    if envoy_waiter in done:
-        logger.error("envoy exited unexpectedly with code %s; stopping", envoy_waiter.result())
+    for task in done & exits.keys():
+        logger.error("%s exited unexpectedly with code %s; stopping", exits[task], task.result())

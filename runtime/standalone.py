@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sys
 
-from gateway.edge import create_edge_server
 from gateway.envoy_process import EnvoyProcess
 from gateway.render import Topology
-from runtime.edge_wiring import build_edge_wiring
+from runtime.edge_wiring import serving_edge
 from runtime.process import (
     build_services,
     identity_for,
@@ -24,12 +22,12 @@ from runtime.process import (
     until_stopped_or_exited,
 )
 from services.common.context import ServiceContext
-from services.common.contracts import descriptor_set_bytes
 from services.common.db import Database
 from services.common.health import DependencyProbe
 from services.common.metrics import serve_metrics
+from services.common.ratelimit import DEFAULT_RATE_LIMITS_FILE
 from services.common.server import ServerDeps, create_server
-from services.common.settings import ServiceName, Settings
+from services.common.settings import DEFAULT_SERVICE_PORTS, ServiceName, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +87,7 @@ async def serve_service(name: ServiceName, settings: Settings, *, stop: asyncio.
 
 
 async def run_gateway(topology: Topology, settings: Settings, *, stop: asyncio.Event | None = None) -> None:
-    """Run Envoy for `topology` plus the edge gRPC server that answers reflection and health."""
+    """Run Envoy for `topology` plus the edge gRPC server (reflection, health, rate limits, ext_authz)."""
     observability = set_up_observability(settings, process_name="gateway")
     stop = stop or asyncio.Event()
     install_stop_signals(stop)
@@ -97,19 +95,6 @@ async def run_gateway(topology: Topology, settings: Settings, *, stop: asyncio.E
     # unless PARLEY_AUTH_TARGET says otherwise.
     auth = topology.upstreams["auth"]
     revocations = revocation_list_for(settings)
-    edge = build_edge_wiring(
-        settings,
-        auth_target=settings.auth_target or f"{auth.host}:{auth.port}",
-        rate_limits_path=topology.rate_limits_path,
-        revocations=revocations,
-        registry=observability.registry,
-    )
-    edge_server, _edge_port = await create_edge_server(
-        descriptor_set_bytes(),
-        host=topology.edge.host,
-        port=topology.edge.port,
-        services_for_envoy=edge.services,
-    )
     envoy = EnvoyProcess(topology, config_dir=settings.data_dir / "envoy")
     # The edge's own metrics: rate-limit decisions and failures, authorization checks.
     metrics = (
@@ -118,20 +103,65 @@ async def run_gateway(topology: Topology, settings: Settings, *, stop: asyncio.E
         else None
     )
     try:
-        await edge_server.start()
-        await envoy.start()
-        sys.stdout.write(
-            f"parley gateway ({topology.name}) listening on http://{topology.listen_address}:"
-            f"{topology.http_port}\n"
-        )
-        sys.stdout.flush()
-        await until_stopped_or_exited(stop, envoy)
+        async with serving_edge(
+            settings,
+            host=topology.edge.host,
+            port=topology.edge.port,
+            auth_target=settings.auth_target or f"{auth.host}:{auth.port}",
+            rate_limits_path=topology.rate_limits_path,
+            revocations=revocations,
+            registry=observability.registry,
+        ):
+            try:
+                await envoy.start()
+                sys.stdout.write(
+                    f"parley gateway ({topology.name}) listening on http://{topology.listen_address}:"
+                    f"{topology.http_port}\n"
+                )
+                sys.stdout.flush()
+                await until_stopped_or_exited(stop, {"envoy": envoy.wait})
+            finally:
+                await envoy.stop()
     finally:
-        await envoy.stop()
-        with contextlib.suppress(Exception):
-            await edge_server.stop(settings.shutdown_grace_s)
-        await edge.close()
         await revocations.aclose()
+        if metrics is not None:
+            metrics.close()
+        observability.tracer_provider.shutdown()
+
+
+async def run_edge(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
+    """`parley edge`: the gateway's edge server alone, for an Envoy that runs elsewhere (`parley up`
+    starts it as a child, so rate-limit decisions never queue behind the services' own work)."""
+    observability = set_up_observability(settings, process_name="edge")
+    stop = stop or asyncio.Event()
+    install_stop_signals(stop)
+    # Without Redis there is no shared revocation list to read; the services still refuse revoked
+    # tokens themselves, from the token's issue time that the edge passes on.
+    revocations = revocation_list_for(settings) if settings.redis_url else None
+    metrics = (
+        serve_metrics(observability.registry, settings.metrics_host, settings.edge_metrics_port)
+        if settings.edge_metrics_port
+        else None
+    )
+    try:
+        async with serving_edge(
+            settings,
+            host="127.0.0.1",
+            port=settings.edge_port,
+            auth_target=settings.auth_target or f"127.0.0.1:{DEFAULT_SERVICE_PORTS['auth']}",
+            rate_limits_path=settings.rate_limits_file or DEFAULT_RATE_LIMITS_FILE,
+            revocations=revocations,
+            registry=observability.registry,
+        ) as port:
+            logger.info(
+                "serving the edge", extra={"port": port, "metrics_port": metrics.port if metrics else None}
+            )
+            sys.stdout.write(f"parley edge serving gRPC on 127.0.0.1:{port}\n")
+            sys.stdout.flush()
+            await stop.wait()
+    finally:
+        if revocations is not None:
+            await revocations.aclose()
         if metrics is not None:
             metrics.close()
         observability.tracer_provider.shutdown()

@@ -18,9 +18,15 @@ def money_from_proto(message: common_pb2.Money) -> Money:
     return Money(currency_code=message.currency_code, amount_minor=message.amount_minor)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def timestamp_to_proto(moment: datetime) -> Timestamp:
     if moment.tzinfo is None:
         raise ValueError("timestamps must be timezone-aware")
-    stamp = Timestamp()
-    stamp.FromDatetime(moment.astimezone(UTC))
-    return stamp
+    # Arithmetic on the timedelta rather than Timestamp.FromDatetime, which is several times slower
+    # and runs for every time field of every reply.
+    since_epoch = moment - _EPOCH
+    return Timestamp(
+        seconds=since_epoch.days * 86_400 + since_epoch.seconds, nanos=since_epoch.microseconds * 1000
+    )

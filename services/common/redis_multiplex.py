@@ -24,7 +24,7 @@ import collections
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, cast
 from urllib.parse import unquote, urlsplit
 
@@ -73,10 +73,10 @@ class Script:
     """A Lua script run by its SHA-1 (EVALSHA), loaded again when the server lost it."""
 
     source: str
+    sha: str = field(init=False)
 
-    @property
-    def sha(self) -> str:
-        return hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest()
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest())
 
 
 class _Protocol(asyncio.Protocol):
@@ -87,6 +87,21 @@ class _Protocol(asyncio.Protocol):
         self.pending: collections.deque[asyncio.Future[Any]] = collections.deque()
         self.transport: asyncio.Transport | None = None
         self._on_lost = on_lost
+        # Commands packed since the last write; written together once per event-loop turn, so a
+        # burst of concurrent commands costs one send() instead of one each.
+        self._unsent: list[bytes] = []
+
+    def send(self, command: bytes, future: asyncio.Future[Any]) -> None:
+        """Queue `command` for this turn's write; its reply will resolve `future`."""
+        self.pending.append(future)
+        if not self._unsent:
+            asyncio.get_running_loop().call_soon(self._write_unsent)
+        self._unsent.append(command)
+
+    def _write_unsent(self) -> None:
+        unsent, self._unsent = self._unsent, []
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(unsent))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TCP transport does not subclass asyncio.Transport, but it is one.
@@ -167,9 +182,8 @@ class MultiplexedRedis:
             assert transport is not None
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        protocol.pending.append(future)
         # hiredis' stub types the argument as a 1-tuple; it takes any number of arguments.
-        transport.write(hiredis.pack_command(arguments))  # type: ignore[arg-type]
+        protocol.send(hiredis.pack_command(arguments), future)  # type: ignore[arg-type]
         timer = loop.call_later(self._command_timeout_s, self._timed_out, protocol, future)
         try:
             return await future

@@ -33,6 +33,8 @@ DEFAULT_SERVICE_METRICS_PORTS: dict[ServiceName, int] = {
 WorkerName = Literal["relay", "email"]
 WORKER_NAMES: tuple[WorkerName, ...] = ("relay", "email")
 DEFAULT_WORKER_METRICS_PORTS: dict[WorkerName, int] = {"relay": 9481, "email": 9482}
+# `parley edge`: the gateway's edge server (rate limits, ext_authz) in a process of its own.
+DEFAULT_EDGE_METRICS_PORT = 9483
 
 Port = int
 # Product features that can be reserved for accounts with a verified email address.
@@ -62,6 +64,12 @@ class Settings(BaseSettings):
     http_host: str = Field(default="127.0.0.1", description="Address the gateway listener binds.")
     envoy_admin_port: Port = Field(default=9901, ge=0, le=65535)
     edge_port: Port = Field(default=50052, ge=0, le=65535, description="The gateway's own gRPC sidecar.")
+    edge_metrics_port: Port = Field(
+        default=9465,
+        ge=0,
+        le=65535,
+        description="`parley up`'s edge process serves its Prometheus /metrics here; 0 = off.",
+    )
     gateway_secret: SecretStr | None = Field(
         default=None,
         description="Shared secret that proves a hop came from the gateway; random per run when unset.",
@@ -249,6 +257,7 @@ class Settings(BaseSettings):
             "http_port": self.http_port,
             "envoy_admin_port": self.envoy_admin_port,
             "edge_port": self.edge_port,
+            "edge_metrics_port": self.edge_metrics_port,
             "https_port": self.https_port if self.tls_cert_file else 0,
         }
         used: dict[int, str] = {}

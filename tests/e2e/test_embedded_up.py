@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 
 from services.common.contracts import descriptor_set_bytes, descriptor_set_path
 from tests.support.gateway import grpcurl
-from tests.support.parley_process import EmbeddedPorts, ParleyProcess, children_of, pid_alive
+from tests.support.parley_process import EmbeddedPorts, ParleyProcess, children_of, command_of, pid_alive
 from tests.support.reflection import (
     DESCRIBE_CASES,
     LIST_PLANS_METHOD,
@@ -311,14 +311,17 @@ def test_signals_stop_everything_and_a_restart_keeps_the_data(tmp_path: Path) ->
     first.start()
     first.wait_until_http_ok(f"http://127.0.0.1:{ports.http}/healthz")
     assert first.process is not None
-    envoy_children = children_of(first.process.pid)
-    assert envoy_children, "parley up should run Envoy as a child process"
+    children = children_of(first.process.pid)
+    commands = sorted(command_of(pid) for pid in children)
+    assert len(children) == 2, f"parley up should run Envoy and the edge process as children: {commands}"
+    assert any("envoy" in command for command in commands), commands
+    assert any("runtime.cli edge" in command for command in commands), commands
 
     # An operator retires a plan directly in the embedded database while Parley runs.
     with sqlite3.connect(data_dir / "parley.db") as connection:
         connection.execute("UPDATE plans SET retired_at = '2026-01-01 00:00:00' WHERE id = 'team'")
     assert first.terminate() == 0
-    assert not any(pid_alive(pid) for pid in envoy_children), "Envoy outlived parley up"
+    assert not any(pid_alive(pid) for pid in children), "Envoy or the edge process outlived parley up"
 
     second = ParleyProcess(["up"], env=env, log_path=tmp_path / "second.log")
     second.start()
