@@ -99,9 +99,10 @@ class ModelCatalog:
     def get(self, model_id: str) -> ChatModel | None:
         return self._by_id.get(model_id)
 
-    async def list_models(self, *, page_size: int, page_token: str) -> Page[ChatModel]:
+    async def list_models(self, *, page_size: int, page_token: str, api_version: str) -> Page[ChatModel]:
         """The models in catalog order, keyed by (position in the file, id) like a SQL keyset, so a
-        token stays meaningful across a redeploy that changes the file."""
+        token stays meaningful across a redeploy that changes the file. Each API version's list
+        (`api_version`, e.g. "v1") is its own query: a token from one is refused by the other."""
         positions = {model.id: index for index, model in enumerate(self._models)}
 
         async def fetch(after: tuple[int, str] | None, limit: int) -> Sequence[ChatModel]:
@@ -115,7 +116,7 @@ class ModelCatalog:
         return await keyset_page(
             page_size=page_size,
             page_token=page_token,
-            query=("models",),
+            query=("models", api_version),
             sort_key=BY_INTEGER,
             position=lambda model: (positions[model.id], model.id),
             fetch=fetch,
