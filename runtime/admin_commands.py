@@ -28,10 +28,10 @@ from services.auth.signing_keys import (
     SigningKeyDecryptionError,
 )
 from services.auth.wiring import account_parts, key_encryption_key, signing_key_store
+from services.common.clock import utc_now
 from services.common.db import Database, DatabaseUnavailable
 from services.common.errors import FieldViolation, InvalidArgument, ParleyError
 from services.common.migrate import upgrade_async
-from services.common.models import utc_now
 from services.common.revocation import InMemoryRevocationList
 from services.common.settings import Settings, SettingsError
 
@@ -103,7 +103,7 @@ def create_admin(
         read_cache = read_cache_for(settings, CollectorRegistry())
         parts = account_parts(settings, database, InMemoryRevocationList(), read_cache)
         try:
-            outcome = await parts.admin(database).create_admin(email, password, display_name)
+            outcome = await parts.admin().create_admin(email, password, display_name)
         except InvalidArgument as error:
             raise CommandError(_invalid_input_report(error), exit_code=EXIT_BAD_INPUT) from None
         except ParleyError as error:

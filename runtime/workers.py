@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
 from runtime.process import install_stop_signals, set_up_observability
+from services.common.clock import utc_now
 from services.common.consumers import (
     Consumer,
     ConsumerMetrics,
@@ -34,7 +35,6 @@ from services.common.db import Database
 from services.common.dead_letters import SqlDeadLetters
 from services.common.event_metrics import EventPipelineMetrics
 from services.common.metrics import serve_metrics
-from services.common.models import utc_now
 from services.common.outbox import InProcessDispatcher, OutboxRelay, prune_relayed
 from services.common.processed_events import SqlProcessedEvents, prune_processed
 from services.common.ratelimit import RateLimiter, rate_limiter_for

@@ -1,9 +1,11 @@
 """Accounts: registration, email verification, the sign-in credential check, passwords and profile.
 
 The application service of auth's account side. It owns the rules (email and display-name shape,
-single-use tokens, throttling, who may sign in) and runs each operation as units of work over the
-repositories; gRPC stays in the servicer. Hashing (argon2, tens of milliseconds) never happens inside
-a writing unit of work: on SQLite that would hold the database's only write turn for the whole hash.
+single-use tokens, throttling, who may sign in) and runs each operation over the auth unit of work
+(`services.auth.ports`): a state change and its events commit in one writing unit of work; gRPC
+stays in the servicer and SQL in the repositories. Hashing (argon2, tens of milliseconds) never
+happens inside a writing unit of work: on SQLite that would hold the database's only write turn for
+the whole hash. So a sign-in reads, hashes, then writes once.
 
 Existence of accounts: `sign_in`/`authenticate` and `forgot_password` answer the same, in the same
 time, for unknown and known emails; `register` says EMAIL_ALREADY_REGISTERED (see docs/auth.md,
@@ -13,34 +15,23 @@ time, for unknown and known emails; `register` says EMAIL_ALREADY_REGISTERED (se
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import re
 import time
 import unicodedata
 from collections.abc import Callable, Sequence
-from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Final
 from urllib.parse import urlencode
 
-from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from parley.events.v1 import events_pb2
-from services.auth.models import EMAIL_MAX, UserRecord
+from services.auth.email_limits import FORGOT_PASSWORD_EMAIL_LIMIT, LOGIN_EMAIL_LIMIT, EmailRateLimits
 from services.auth.opaque import new_secret, secret_hash
 from services.auth.passwords import PasswordHasher, PasswordPolicy
-from services.auth.repository import (
-    USER_CACHE,
-    EmailTaken,
-    LoginThrottleRepository,
-    OneTimeTokenRepository,
-    UserRepository,
-)
-from services.auth.session_repository import SqlSessionStore
+from services.auth.ports import EMAIL_MAX, USER_CACHE, AuthUnitOfWork, AuthUnitsOfWork, EmailTaken
 from services.auth.sessions import (
     AuthMethod,
     RevokedSessions,
@@ -55,8 +46,8 @@ from services.auth.throttle import (
     LoginThrottleSettings,
     ThrottleKeys,
 )
-from services.common.cache import InMemoryReadCache, ReadCache, unit_of_work_invalidating
-from services.common.db import Database
+from services.common.cache import InMemoryReadCache, ReadCache
+from services.common.clock import utc_now
 from services.common.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -68,11 +59,7 @@ from services.common.errors import (
     ResourceExhausted,
     Unauthenticated,
 )
-from services.common.models import utc_now
-from services.common.outbox import add_event
-from services.common.roles import ROLE_ADMIN, ROLE_USER, ordered_roles
-
-EVENT_SOURCE: Final = "auth"
+from services.common.roles import ROLE_ADMIN, ROLE_USER
 
 DEFAULT_PLAN_ID: Final = "free"
 
@@ -87,8 +74,6 @@ DISPLAY_NAME_MAX: Final = 100
 LOCAL_PART_MAX: Final = 64
 # Far longer than any `opaque.new_secret()`; longer input is refused before it is hashed.
 _TOKEN_MAX: Final = 256
-# `outbox_events.subject` holds 255 characters.
-_SUBJECT_MAX: Final = 255
 
 # The fields of `parley.auth.v1.User`; only these may be updated by their owner.
 USER_FIELDS: Final = frozenset(
@@ -151,21 +136,6 @@ class User:
     @property
     def is_admin(self) -> bool:
         return ROLE_ADMIN in self.roles
-
-
-def to_user(record: UserRecord) -> User:
-    return User(
-        id=record.id,
-        email=record.email,
-        display_name=record.display_name,
-        roles=ordered_roles(record.roles),
-        plan_id=record.plan_id,
-        email_verified_at=record.email_verified_at,
-        last_login_at=record.last_login_at,
-        disabled_at=record.disabled_at,
-        created_at=record.created_at,
-        updated_at=record.updated_at,
-    )
 
 
 def encode_user(user: User) -> bytes:
@@ -310,17 +280,6 @@ def _timestamp(moment: datetime) -> Timestamp:
     return stamp
 
 
-def event_subject(value: str) -> str:
-    """An outbox subject for `value`: itself when it fits the column, else a stable digest."""
-    if len(value) <= _SUBJECT_MAX:
-        return value
-    return "sha256:" + hashlib.sha256(value.encode()).hexdigest()
-
-
-def record_event(session: AsyncSession, *, subject: str, payload: Message) -> None:
-    add_event(session, source=EVENT_SOURCE, subject=event_subject(subject), payload=payload)
-
-
 # --------------------------------------------------------------------------------------------------
 # Settings and results
 # --------------------------------------------------------------------------------------------------
@@ -336,8 +295,6 @@ class AccountSettings:
     reset_token_ttl: timedelta = timedelta(hours=1)
     # The least time between two verification (or two reset) emails to one user.
     email_cooldown: timedelta = timedelta(seconds=60)
-    # Features (free-form names such as "chat" or "api_keys") that need a verified email address.
-    require_verified_email_for: frozenset[str] = frozenset()
     # Paths of the web pages the emailed links open; the email worker puts its base URL in front.
     verify_email_link_path: str = "/verify-email"
     reset_password_link_path: str = "/reset-password"  # noqa: S105 - a path, not a password
@@ -390,7 +347,7 @@ class AccountService:
 
     def __init__(
         self,
-        database: Database,
+        units: AuthUnitsOfWork,
         *,
         hasher: PasswordHasher,
         policy: PasswordPolicy,
@@ -398,21 +355,21 @@ class AccountService:
         settings: AccountSettings | None = None,
         clock: Clock = utc_now,
         read_cache: ReadCache | None = None,
+        email_limits: EmailRateLimits | None = None,
     ) -> None:
-        """`read_cache` serves `get_user`; without one every read goes to the database."""
-        self._db = database
+        """`read_cache` serves `get_user` (its entries are dropped by the units' after-commit hook);
+        without one every read goes to the database. `email_limits` spends the per-email budgets of
+        sign-in and password-reset mail; without it they are unlimited (tests)."""
+        self._units = units
         self._hasher = hasher
         self._policy = policy
         self._sessions = sessions
         self.settings = settings or AccountSettings()
         self._clock = clock
         self._throttle = LoginThrottle(self.settings.throttle, clock=clock)
-        self._read_cache = read_cache if read_cache is not None else InMemoryReadCache(max_entries=0)
-        self._users_cache = self._read_cache.named(USER_CACHE)
-
-    def _writing(self) -> AbstractAsyncContextManager[AsyncSession]:
-        """A writing unit of work that drops the cached copies of the users it changed, once committed."""
-        return unit_of_work_invalidating(self._db, self._read_cache)
+        cache = read_cache if read_cache is not None else InMemoryReadCache(max_entries=0)
+        self._users_cache = cache.named(USER_CACHE)
+        self._email_limits = email_limits
 
     # ---- registration and verification ---------------------------------------------------------
 
@@ -436,9 +393,9 @@ class AccountService:
             raise invalid_fields(violations)
         password_hash = await self._hasher.hash_async(password)
         now = self._clock()
-        async with self._writing() as session:
+        async with self._units.write() as uow:
             try:
-                record = await UserRepository(session).add(
+                user = await uow.users.add(
                     email=address,
                     display_name=name,
                     password_hash=password_hash,
@@ -449,15 +406,13 @@ class AccountService:
                 )
             except EmailTaken:
                 raise email_already_registered() from None
-            user = to_user(record)
-            record_event(
-                session,
+            uow.outbox.record(
                 subject=user.id,
                 payload=events_pb2.UserRegistered(
                     user_id=user.id, email=user.email, display_name=user.display_name
                 ),
             )
-            await self._send_verification(session, user, now=now)
+            await self._send_verification(uow, user, now=now)
         return user
 
     async def verify_email(self, token: str) -> User:
@@ -469,24 +424,20 @@ class AccountService:
         if not token or len(token) > _TOKEN_MAX:
             raise _verification_token_invalid()
         now = self._clock()
-        async with self._writing() as session:
-            tokens = OneTimeTokenRepository(session)
-            found = await tokens.find(secret_hash(token), VERIFY_EMAIL_PURPOSE)
-            if found is None or not await tokens.consume(found.id, now=now):
+        async with self._units.write() as uow:
+            found = await uow.tokens.find(secret_hash(token), VERIFY_EMAIL_PURPOSE)
+            if found is None or not await uow.tokens.consume(found.id, now=now):
                 raise _verification_token_invalid()
-            users = UserRepository(session)
-            record = await users.by_id(found.user_id, for_update=True)
-            if record is None:  # the row cascades with its user; kept for type narrowing
+            user = await uow.users.by_id(found.user_id, for_update=True)
+            if user is None:  # the row cascades with its user; kept for type narrowing
                 raise _verification_token_invalid()
-            if record.email_verified_at is None:
-                record.email_verified_at = now
-                await users.save(record, now=now)
-                record_event(
-                    session,
-                    subject=record.id,
-                    payload=events_pb2.UserEmailVerified(user_id=record.id, email=record.email),
+            if user.email_verified_at is None:
+                user = await uow.users.save(replace(user, email_verified_at=now), now=now)
+                uow.outbox.record(
+                    subject=user.id,
+                    payload=events_pb2.UserEmailVerified(user_id=user.id, email=user.email),
                 )
-            return to_user(record)
+            return user
 
     async def resend_verification(self, user_id: str) -> datetime:
         """Send the (signed-in) user a fresh verification email, invalidating earlier links; returns
@@ -497,22 +448,22 @@ class AccountService:
         previous verification email.
         """
         now = self._clock()
-        async with self._writing() as session:
-            record = await UserRepository(session).by_id(user_id, for_update=True)
-            if record is None:
+        async with self._units.write() as uow:
+            user = await uow.users.by_id(user_id, for_update=True)
+            if user is None:
                 raise user_not_found(user_id)
-            if record.email_verified_at is not None:
+            if user.email_verified_at is not None:
                 raise FailedPrecondition(
                     "This email address is already verified.", reason="EMAIL_ALREADY_VERIFIED"
                 )
-            retry_after = await self._cooldown_left(session, record.id, VERIFY_EMAIL_PURPOSE, now)
+            retry_after = await self._cooldown_left(uow, user.id, VERIFY_EMAIL_PURPOSE, now)
             if retry_after is not None:
                 raise _email_rate_limited(retry_after)
-            return await self._send_verification(session, to_user(record), now=now)
+            return await self._send_verification(uow, user, now=now)
 
-    async def _send_verification(self, session: AsyncSession, user: User, *, now: datetime) -> datetime:
+    async def _send_verification(self, uow: AuthUnitOfWork, user: User, *, now: datetime) -> datetime:
         return await self._send_token(
-            session,
+            uow,
             user,
             purpose=VERIFY_EMAIL_PURPOSE,
             template=VERIFY_EMAIL_TEMPLATE,
@@ -523,7 +474,7 @@ class AccountService:
 
     async def _send_token(
         self,
-        session: AsyncSession,
+        uow: AuthUnitOfWork,
         user: User,
         *,
         purpose: str,
@@ -537,15 +488,13 @@ class AccountService:
         The token exists in plaintext only inside the `email.requested` event, which only the email
         worker reads; the table keeps its SHA-256.
         """
-        tokens = OneTimeTokenRepository(session)
-        await tokens.discard_unused(user.id, purpose)
+        await uow.tokens.discard_unused(user.id, purpose)
         secret = new_secret()
         expires_at = now + ttl
-        await tokens.add(
+        await uow.tokens.add(
             user_id=user.id, purpose=purpose, token_hash=secret_hash(secret), expires_at=expires_at, now=now
         )
-        record_event(
-            session,
+        uow.outbox.record(
             subject=user.id,
             payload=events_pb2.EmailRequested(
                 template=template,
@@ -562,9 +511,9 @@ class AccountService:
         return expires_at
 
     async def _cooldown_left(
-        self, session: AsyncSession, user_id: str, purpose: str, now: datetime
+        self, uow: AuthUnitOfWork, user_id: str, purpose: str, now: datetime
     ) -> timedelta | None:
-        latest = await OneTimeTokenRepository(session).latest_issued_at(user_id, purpose)
+        latest = await uow.tokens.latest_issued_at(user_id, purpose)
         if latest is None:
             return None
         left = latest + self.settings.email_cooldown - now
@@ -582,28 +531,34 @@ class AccountService:
         device_name: str = "",
         user_agent: str = "",
     ) -> SignedIn:
-        """Check the credentials (see `authenticate`), start a session and write
-        `user.login_succeeded` with its id. Issuing the access token is the caller's."""
-        user = await self._check_credentials(email, password, client_ip=client_ip)
-        started = await self._sessions.start(
-            user.id,
-            auth_method=auth_method,
-            device_name=device_name,
-            user_agent=user_agent,
-            ip_address=client_ip,
-        )
-        async with self._writing() as session:
-            new_device = not await UserRepository(session).has_other_session_on(
-                user.id, device=started.session.device, except_session_id=started.session.id
+        """Spend the email's sign-in budget, check the credentials (see `authenticate`), and in one
+        unit of work record the sign-in, start a session with its first refresh token and write
+        `user.login_succeeded` with the session's id. Issuing the access token is the caller's."""
+        if self._email_limits is not None:
+            await self._email_limits.spend(LOGIN_EMAIL_LIMIT, email)
+        method = AuthMethod(auth_method)
+        checked = await self._check_credentials(email, password, client_ip=client_ip)
+        async with self._units.write() as uow:
+            user = await self._record_success(uow, checked)
+            started = await self._sessions.start_within(
+                uow,
+                user.id,
+                auth_method=method,
+                device_name=device_name,
+                user_agent=user_agent,
+                ip_address=client_ip,
             )
-            record_event(
-                session,
+            session = started.session
+            new_device = not await uow.sessions.has_other_session_on(
+                user.id, device=session.device, except_session_id=session.id
+            )
+            uow.outbox.record(
                 subject=user.id,
                 payload=events_pb2.UserLoginSucceeded(
                     user_id=user.id,
-                    session_id=started.session.id,
-                    ip_address=started.session.ip_address,
-                    device=started.session.device,
+                    session_id=session.id,
+                    ip_address=session.ip_address,
+                    device=session.device,
                     new_device=new_device,
                 ),
             )
@@ -611,7 +566,8 @@ class AccountService:
 
     async def authenticate(self, email: str, password: str, *, client_ip: str) -> User:
         """Check a sign-in's credentials without starting a session; writes `user.login_succeeded`
-        with no session id. `sign_in` is the Login RPC's entry point.
+        with no session id, in the unit of work that records the sign-in. `sign_in` is the Login
+        RPC's entry point.
 
         Refusals, in the order they are decided:
 
@@ -622,69 +578,66 @@ class AccountService:
           hash of the same cost) and for a wrong password: counted, backed off, locked.
         - PERMISSION_DENIED / ACCOUNT_DISABLED for a disabled user, only after the right password.
         """
-        user = await self._check_credentials(email, password, client_ip=client_ip)
-        async with self._writing() as session:
-            record_event(
-                session,
+        checked = await self._check_credentials(email, password, client_ip=client_ip)
+        async with self._units.write() as uow:
+            user = await self._record_success(uow, checked)
+            uow.outbox.record(
                 subject=user.id,
                 payload=events_pb2.UserLoginSucceeded(user_id=user.id, ip_address=_clean_ip(client_ip)),
             )
         return user
 
-    async def _check_credentials(self, email: str, password: str, *, client_ip: str) -> User:
+    async def _check_credentials(self, email: str, password: str, *, client_ip: str) -> _CheckedCredentials:
+        """The read and the hashing of a sign-in, outside any writing unit of work; each refusal is
+        counted and its events written in one unit of work of its own."""
         address = normalize_email(email)
         ip = _clean_ip(client_ip)
         keys = self._throttle.keys(address, ip)
-        async with self._db.unit_of_work(read_only=True) as session:
-            lock = await self._throttle.active_lock(LoginThrottleRepository(session), keys)
+        async with self._units.read() as uow:
+            lock = await self._throttle.active_lock(uow.throttle, keys)
             # Looked up even when locked, so a locked reply costs the same for every email.
-            stored = await UserRepository(session).by_email(address) if len(address) <= EMAIL_MAX else None
-        user = to_user(stored) if stored is not None else None
+            stored = await uow.users.credentials_by_email(address) if len(address) <= EMAIL_MAX else None
+        user = stored.user if stored is not None else None
         if lock is not None:
             await self._record_locked_attempt(user, keys, lock, ip)
             raise self._throttle.locked_error(lock)
 
-        if stored is None or user is None:
+        if stored is None:
             await self._hasher.verify_dummy_async(password)
             await self._record_failed_attempt(None, keys, ip)
             raise invalid_credentials()
         if not await self._hasher.verify_async(stored.password_hash, password):
-            await self._record_failed_attempt(user, keys, ip)
+            await self._record_failed_attempt(stored.user, keys, ip)
             raise invalid_credentials()
-        if user.disabled:
-            await self._record_disabled_attempt(user, ip)
+        if stored.user.disabled:
+            await self._record_disabled_attempt(stored.user, ip)
             raise account_disabled()
         upgraded_hash = None
         if self._hasher.needs_rehash(stored.password_hash):
             upgraded_hash = await self._hasher.hash_async(password)
-        return await self._record_success(user, stored.password_hash, keys, upgraded_hash)
+        return _CheckedCredentials(stored.user.id, stored.password_hash, keys, upgraded_hash)
 
-    async def _record_success(
-        self, user: User, checked_hash: str, keys: ThrottleKeys, upgraded_hash: str | None
-    ) -> User:
+    async def _record_success(self, uow: AuthUnitOfWork, checked: _CheckedCredentials) -> User:
+        """Stamp the sign-in on the user (and the upgraded hash) and clear the account's failures."""
         now = self._clock()
-        async with self._writing() as session:
-            users = UserRepository(session)
-            record = await users.by_id(user.id, for_update=True)
-            # Changed while we hashed: the password just checked is no longer the account's, or
-            # the account was disabled meanwhile. Nothing is counted; the client simply retries.
-            if record is None or record.password_hash != checked_hash:
-                raise invalid_credentials()
-            if record.disabled_at is not None:
-                raise account_disabled()
-            record.last_login_at = now
-            if upgraded_hash is not None:
-                record.password_hash = upgraded_hash
-            await users.save(record, now=now)
-            await self._throttle.clear_account(LoginThrottleRepository(session), keys)
-            return to_user(record)
+        current = await uow.users.credentials_by_id(checked.user_id, for_update=True)
+        # Changed while we hashed: the password just checked is no longer the account's, or
+        # the account was disabled meanwhile. Nothing is counted; the client simply retries.
+        if current is None or current.password_hash != checked.password_hash:
+            raise invalid_credentials()
+        if current.user.disabled:
+            raise account_disabled()
+        user = await uow.users.save(
+            replace(current.user, last_login_at=now), now=now, password_hash=checked.upgraded_hash
+        )
+        await self._throttle.clear_account(uow.throttle, checked.keys)
+        return user
 
     async def _record_locked_attempt(
         self, user: User | None, keys: ThrottleKeys, lock: ActiveLock, ip: str
     ) -> None:
-        async with self._writing() as session:
-            record_event(
-                session,
+        async with self._units.write() as uow:
+            uow.outbox.record(
                 subject=_attempt_subject(user, keys),
                 payload=events_pb2.UserLoginFailed(
                     user_id=user.id if user else "",
@@ -695,14 +648,13 @@ class AccountService:
             )
 
     async def _record_failed_attempt(self, user: User | None, keys: ThrottleKeys, ip: str) -> None:
-        async with self._writing() as session:
-            outcome = await self._throttle.record_failure(LoginThrottleRepository(session), keys)
+        async with self._units.write() as uow:
+            outcome = await self._throttle.record_failure(uow.throttle, keys)
             # The proto counts the account's failures, or the client's for unknown emails.
             failures = outcome.account_failures
             if user is None and keys.client_ip is not None:
                 failures = outcome.client_ip_failures
-            record_event(
-                session,
+            uow.outbox.record(
                 subject=_attempt_subject(user, keys),
                 payload=events_pb2.UserLoginFailed(
                     user_id=user.id if user else "",
@@ -711,26 +663,15 @@ class AccountService:
                     failed_attempts=failures,
                 ),
             )
-            _record_lockouts(session, outcome.locks_started, user=user, keys=keys, ip=ip)
+            _record_lockouts(uow, outcome.locks_started, user=user, keys=keys, ip=ip)
 
     async def _record_disabled_attempt(self, user: User, ip: str) -> None:
-        async with self._writing() as session:
-            record_event(
-                session,
+        async with self._units.write() as uow:
+            uow.outbox.record(
                 subject=user.id,
                 payload=events_pb2.UserLoginFailed(
                     user_id=user.id, ip_address=ip, reason=events_pb2.LOGIN_FAILURE_REASON_DISABLED
                 ),
-            )
-
-    def require_verified(self, user: User, feature: str) -> None:
-        """FAILED_PRECONDITION / EMAIL_NOT_VERIFIED when `feature` needs a verified email
-        (`AccountSettings.require_verified_email_for`) and the user has none."""
-        if feature in self.settings.require_verified_email_for and not user.email_verified:
-            raise FailedPrecondition(
-                "Verify your email address to use this feature.",
-                reason="EMAIL_NOT_VERIFIED",
-                metadata={"feature": feature},
             )
 
     # ---- passwords ------------------------------------------------------------------------------
@@ -739,19 +680,22 @@ class AccountService:
         """Email a single-use reset token (`reset_token_ttl`, 1 h) if an enabled account has this
         address; always returns the same (nothing), no sooner than `forgot_password_min_duration`.
 
-        Within `email_cooldown` of the previous reset email nothing is sent, also silently.
+        The email's reset-mail budget is spent first, for every address alike. Within
+        `email_cooldown` of the previous reset email nothing is sent, also silently.
         """
+        if self._email_limits is not None:
+            await self._email_limits.spend(FORGOT_PASSWORD_EMAIL_LIMIT, email)
         started = time.monotonic()
         address = normalize_email(email)
         now = self._clock()
-        async with self._writing() as session:
-            record = await UserRepository(session).by_email(address) if len(address) <= EMAIL_MAX else None
-            if record is not None and record.disabled_at is None:
-                retry_after = await self._cooldown_left(session, record.id, RESET_PASSWORD_PURPOSE, now)
+        async with self._units.write() as uow:
+            user = await uow.users.by_email(address) if len(address) <= EMAIL_MAX else None
+            if user is not None and not user.disabled:
+                retry_after = await self._cooldown_left(uow, user.id, RESET_PASSWORD_PURPOSE, now)
                 if retry_after is None:
                     await self._send_token(
-                        session,
-                        to_user(record),
+                        uow,
+                        user,
                         purpose=RESET_PASSWORD_PURPOSE,
                         template=PASSWORD_RESET_TEMPLATE,
                         ttl=self.settings.reset_token_ttl,
@@ -768,8 +712,8 @@ class AccountService:
     async def reset_password(self, token: str, new_password: str) -> PasswordReset:
         """Set a new password with a reset token: the token is spent, other reset links die, every
         session of the user ends (reason password_reset; access tokens are listed as revoked), the
-        account's failed sign-ins are forgotten, and `user.password_reset` is written. The email is
-        marked verified too: the token arrived there.
+        account's failed sign-ins are forgotten, and `user.password_reset` is written, all in one
+        unit of work. The email is marked verified too: the token arrived there.
 
         Raises INVALID_ARGUMENT / RESET_TOKEN_INVALID for an unknown, used or expired token (one
         answer for all three) and PASSWORD_POLICY_VIOLATION (field `new_password`) before any write.
@@ -777,48 +721,39 @@ class AccountService:
         if not token or len(token) > _TOKEN_MAX:
             raise _reset_token_invalid()
         token_hash = secret_hash(token)
-        async with self._db.unit_of_work(read_only=True) as session:
-            found = await OneTimeTokenRepository(session).find(token_hash, RESET_PASSWORD_PURPOSE)
+        async with self._units.read() as uow:
+            found = await uow.tokens.find(token_hash, RESET_PASSWORD_PURPOSE)
             if found is None or found.used_at is not None or found.expires_at <= self._clock():
                 raise _reset_token_invalid()
-            owner = await UserRepository(session).by_id(found.user_id)
+            owner = await uow.users.by_id(found.user_id)
             if owner is None:
                 raise _reset_token_invalid()
-            token_id, email = found.id, owner.email
-        self._policy.check(new_password, email=email, field="new_password")
+        self._policy.check(new_password, email=owner.email, field="new_password")
         password_hash = await self._hasher.hash_async(new_password)
 
         now = self._clock()
-        async with self._writing() as session:
-            tokens = OneTimeTokenRepository(session)
-            if not await tokens.consume(token_id, now=now):
+        async with self._units.write() as uow:
+            if not await uow.tokens.consume(found.id, now=now):
                 raise _reset_token_invalid()
-            users = UserRepository(session)
-            record = await users.by_id(found.user_id, for_update=True)
-            if record is None:
+            user = await uow.users.by_id(found.user_id, for_update=True)
+            if user is None:
                 raise _reset_token_invalid()
-            record.password_hash = password_hash
-            newly_verified = record.email_verified_at is None
+            newly_verified = user.email_verified_at is None
             if newly_verified:
-                record.email_verified_at = now
-            await users.save(record, now=now)
-            await tokens.discard_unused(record.id, RESET_PASSWORD_PURPOSE)
-            await LoginThrottleRepository(session).clear(self._throttle.keys(record.email, "").account)
-            revoked = await self._sessions.revoke_all_within(
-                SqlSessionStore(session), record.id, reason=RevokeReason.PASSWORD_RESET
-            )
+                user = replace(user, email_verified_at=now)
+            user = await uow.users.save(user, now=now, password_hash=password_hash)
+            await uow.tokens.discard_unused(user.id, RESET_PASSWORD_PURPOSE)
+            await uow.throttle.clear(self._throttle.keys(user.email, "").account)
+            revoked = await self._sessions.revoke_all_within(uow, user.id, reason=RevokeReason.PASSWORD_RESET)
             if newly_verified:
-                record_event(
-                    session,
-                    subject=record.id,
-                    payload=events_pb2.UserEmailVerified(user_id=record.id, email=record.email),
+                uow.outbox.record(
+                    subject=user.id,
+                    payload=events_pb2.UserEmailVerified(user_id=user.id, email=user.email),
                 )
-            record_event(
-                session,
-                subject=record.id,
-                payload=events_pb2.UserPasswordReset(user_id=record.id, revoked_session_count=revoked.count),
+            uow.outbox.record(
+                subject=user.id,
+                payload=events_pb2.UserPasswordReset(user_id=user.id, revoked_session_count=revoked.count),
             )
-            user = to_user(record)
         await self._sessions.propagate(revoked)
         return PasswordReset(user=user, revoked=revoked)
 
@@ -831,60 +766,52 @@ class AccountService:
         current_session_id: str | None = None,
     ) -> PasswordChanged:
         """Change the password given the current one; every other session of the user ends (reason
-        password_changed), `current_session_id` stays, and `user.password_changed` is written.
+        password_changed), `current_session_id` stays, and `user.password_changed` is written, all
+        in one unit of work.
 
         A wrong current password is INVALID_ARGUMENT / CURRENT_PASSWORD_INCORRECT (field
         `current_password`) and counts as a failed sign-in for the account, so a stolen session
         cannot be used to guess the password faster than the login form allows; while the account
         is locked the answer is ACCOUNT_LOCKED. Then the policy (field `new_password`).
         """
-        async with self._db.unit_of_work(read_only=True) as session:
-            stored = await UserRepository(session).by_id(user_id)
+        async with self._units.read() as uow:
+            stored = await uow.users.credentials_by_id(user_id)
             if stored is None:
                 raise user_not_found(user_id)
-            keys = ThrottleKeys(account=self._throttle.keys(stored.email, "").account, client_ip=None)
-            lock = await self._throttle.active_lock(LoginThrottleRepository(session), keys)
+            keys = ThrottleKeys(account=self._throttle.keys(stored.user.email, "").account, client_ip=None)
+            lock = await self._throttle.active_lock(uow.throttle, keys)
         if lock is not None:
             raise self._throttle.locked_error(lock)
-        user = to_user(stored)
         if not await self._hasher.verify_async(stored.password_hash, current_password):
-            async with self._writing() as session:
-                outcome = await self._throttle.record_failure(
-                    LoginThrottleRepository(session), keys, scopes=[LockScope.ACCOUNT]
-                )
-                _record_lockouts(session, outcome.locks_started, user=user, keys=keys, ip="")
+            async with self._units.write() as uow:
+                outcome = await self._throttle.record_failure(uow.throttle, keys, scopes=[LockScope.ACCOUNT])
+                _record_lockouts(uow, outcome.locks_started, user=stored.user, keys=keys, ip="")
             raise _current_password_incorrect()
-        self._policy.check(new_password, email=user.email, field="new_password")
+        self._policy.check(new_password, email=stored.user.email, field="new_password")
         password_hash = await self._hasher.hash_async(new_password)
 
         now = self._clock()
-        async with self._writing() as session:
-            users = UserRepository(session)
-            record = await users.by_id(user_id, for_update=True)
-            if record is None:
+        async with self._units.write() as uow:
+            current = await uow.users.credentials_by_id(user_id, for_update=True)
+            if current is None:
                 raise user_not_found(user_id)
-            if record.password_hash != stored.password_hash:
+            if current.password_hash != stored.password_hash:
                 # Changed by someone else while we hashed: what was given is no longer current.
                 raise _current_password_incorrect()
-            record.password_hash = password_hash
-            await users.save(record, now=now)
-            await OneTimeTokenRepository(session).discard_unused(record.id, RESET_PASSWORD_PURPOSE)
-            await self._throttle.clear_account(LoginThrottleRepository(session), keys)
+            user = await uow.users.save(current.user, now=now, password_hash=password_hash)
+            await uow.tokens.discard_unused(user.id, RESET_PASSWORD_PURPOSE)
+            await self._throttle.clear_account(uow.throttle, keys)
             revoked = await self._sessions.revoke_all_within(
-                SqlSessionStore(session),
-                record.id,
+                uow,
+                user.id,
                 reason=RevokeReason.PASSWORD_CHANGED,
                 except_session_id=current_session_id or None,
-                actor_user_id=record.id,
+                actor_user_id=user.id,
             )
-            record_event(
-                session,
-                subject=record.id,
-                payload=events_pb2.UserPasswordChanged(
-                    user_id=record.id, revoked_session_count=revoked.count
-                ),
+            uow.outbox.record(
+                subject=user.id,
+                payload=events_pb2.UserPasswordChanged(user_id=user.id, revoked_session_count=revoked.count),
             )
-            user = to_user(record)
         await self._sessions.propagate(revoked)
         return PasswordChanged(user=user, revoked=revoked)
 
@@ -901,11 +828,11 @@ class AccountService:
         )
 
     async def _load_user(self, user_id: str) -> User:
-        async with self._db.unit_of_work(read_only=True) as session:
-            record = await UserRepository(session).by_id(user_id)
-        if record is None:
+        async with self._units.read() as uow:
+            user = await uow.users.by_id(user_id)
+        if user is None:
             raise user_not_found(user_id)
-        return to_user(record)
+        return user
 
     async def update_profile(self, user_id: str, *, display_name: str, update_mask: Sequence[str]) -> User:
         """Update the owner-editable fields named in `update_mask` (AIP-134).
@@ -918,23 +845,34 @@ class AccountService:
         paths = _mask_paths(update_mask)
         if not paths:
             paths = {"display_name"} if display_name.strip() else set()
-        changes: dict[str, str] = {}
-        if "display_name" in paths:
-            name = clean_display_name(display_name)
-            violations = display_name_violations(name, field_name="user.display_name")
-            if violations:
-                raise invalid_fields(violations)
-            changes["display_name"] = name
-        now = self._clock()
-        async with self._writing() if changes else self._db.unit_of_work(read_only=True) as session:
-            users = UserRepository(session)
-            record = await users.by_id(user_id, for_update=bool(changes))
-            if record is None:
+        if "display_name" not in paths:
+            async with self._units.read() as uow:
+                found = await uow.users.by_id(user_id)
+            if found is None:
                 raise user_not_found(user_id)
-            if changes and record.display_name != changes["display_name"]:
-                record.display_name = changes["display_name"]
-                await users.save(record, now=now)
-            return to_user(record)
+            return found
+        name = clean_display_name(display_name)
+        violations = display_name_violations(name, field_name="user.display_name")
+        if violations:
+            raise invalid_fields(violations)
+        now = self._clock()
+        async with self._units.write() as uow:
+            user = await uow.users.by_id(user_id, for_update=True)
+            if user is None:
+                raise user_not_found(user_id)
+            if user.display_name != name:
+                user = await uow.users.save(replace(user, display_name=name), now=now)
+            return user
+
+
+@dataclass(frozen=True)
+class _CheckedCredentials:
+    """A sign-in whose password was just verified, to be recorded if nothing changed meanwhile."""
+
+    user_id: str
+    password_hash: str
+    keys: ThrottleKeys
+    upgraded_hash: str | None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -982,7 +920,7 @@ def _attempt_subject(user: User | None, keys: ThrottleKeys) -> str:
 
 
 def _record_lockouts(
-    session: AsyncSession,
+    uow: AuthUnitOfWork,
     locks: Sequence[ActiveLock],
     *,
     user: User | None,
@@ -994,8 +932,7 @@ def _record_lockouts(
         if not lock.lockout:
             continue
         account = lock.scope is LockScope.ACCOUNT
-        record_event(
-            session,
+        uow.outbox.record(
             subject=(user.id if user is not None and account else lock.key),
             payload=events_pb2.UserLocked(
                 user_id=user.id if user is not None and account else "",

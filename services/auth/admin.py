@@ -11,12 +11,9 @@ writers), so two admins demoting or disabling each other at the same moment cann
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
-from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
-
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from parley.events.v1 import events_pb2
 from services.auth.accounts import (
@@ -28,38 +25,19 @@ from services.auth.accounts import (
     email_violations,
     invalid_fields,
     normalize_email,
-    record_event,
-    to_user,
     user_not_found,
 )
-from services.auth.models import EMAIL_MAX, UserRecord
 from services.auth.passwords import PasswordHasher, PasswordPolicy
-from services.auth.repository import EmailTaken, UserQuery, UserRepository
-from services.auth.session_repository import SqlSessionStore
+from services.auth.ports import EMAIL_MAX, AuthUnitOfWork, AuthUnitsOfWork, EmailTaken, UserQuery
 from services.auth.sessions import RevokedSessions, RevokeReason, SessionManager
-from services.common.cache import InMemoryReadCache, ReadCache, unit_of_work_invalidating
-from services.common.db import Database
+from services.common.clock import utc_now
 from services.common.errors import FailedPrecondition, FieldViolation, InvalidArgument
-from services.common.models import utc_now
-from services.common.pagination import (
-    PageCursor,
-    cursor_time_and_id,
-    decode_page_token,
-    effective_page_size,
-    encode_page_token,
-    query_fingerprint,
-)
+from services.common.pagination import BY_TIME, Page, keyset_page
 from services.common.roles import KNOWN_ROLES, ROLE_ADMIN, ROLE_USER, ordered_roles, role_values
 
-__all__ = ["AccountAdmin", "AdminBootstrap", "DisabledUser", "UserPage", "UserQuery"]
+__all__ = ["AccountAdmin", "AdminBootstrap", "DisabledUser", "UserQuery"]
 
 Clock = Callable[[], datetime]
-
-
-@dataclass(frozen=True)
-class UserPage:
-    users: tuple[User, ...]
-    next_page_token: str
 
 
 @dataclass(frozen=True)
@@ -86,29 +64,22 @@ class AccountAdmin:
 
     def __init__(
         self,
-        database: Database,
+        units: AuthUnitsOfWork,
         *,
         hasher: PasswordHasher,
         policy: PasswordPolicy,
         sessions: SessionManager,
         clock: Clock = utc_now,
-        read_cache: ReadCache | None = None,
     ) -> None:
-        """`read_cache` is the one `AccountService.get_user` reads: changes here invalidate it."""
-        self._db = database
+        self._units = units
         self._hasher = hasher
         self._policy = policy
         self._sessions = sessions
         self._clock = clock
-        self._read_cache = read_cache if read_cache is not None else InMemoryReadCache(max_entries=0)
-
-    def _writing(self) -> AbstractAsyncContextManager[AsyncSession]:
-        """A writing unit of work that drops the cached copies of the users it changed, once committed."""
-        return unit_of_work_invalidating(self._db, self._read_cache)
 
     async def list_users(
         self, *, page_size: int = 0, page_token: str = "", filters: UserQuery | None = None
-    ) -> UserPage:
+    ) -> Page[User]:
         """Users matching `filters`, newest first (created_at, then id, descending), page by page.
 
         A role other than "user"/"admin", or a creation range whose start is not before its end, is
@@ -116,72 +87,66 @@ class AccountAdmin:
         """
         query = filters or UserQuery()
         _check_query(query)
-        limit = effective_page_size(page_size)
-        fingerprint = query_fingerprint(
-            "admin_users",
-            query.text.lower(),
-            query.role,
-            query.plan_id,
-            query.disabled,
-            query.email_verified,
-            query.created_at_or_after.isoformat() if query.created_at_or_after else None,
-            query.created_before.isoformat() if query.created_before else None,
+
+        async def fetch(after: tuple[datetime, str] | None, limit: int) -> Sequence[User]:
+            async with self._units.read() as uow:
+                return await uow.users.list_after(query, after=after, limit=limit)
+
+        return await keyset_page(
+            page_size=page_size,
+            page_token=page_token,
+            query=(
+                "admin_users",
+                query.text.lower(),
+                query.role,
+                query.plan_id,
+                query.disabled,
+                query.email_verified,
+                query.created_at_or_after.isoformat() if query.created_at_or_after else None,
+                query.created_before.isoformat() if query.created_before else None,
+            ),
+            sort_key=BY_TIME,
+            position=lambda user: (user.created_at, user.id),
+            fetch=fetch,
         )
-        cursor = decode_page_token(page_token, expected_query=fingerprint)
-        after = cursor_time_and_id(cursor) if cursor else None
-        async with self._db.unit_of_work(read_only=True) as session:
-            found = await UserRepository(session).list_after(query, after=after, limit=limit + 1)
-        page, more = found[:limit], len(found) > limit
-        next_token = ""
-        if more:
-            last = page[-1]
-            next_token = encode_page_token(
-                PageCursor(after=(last.created_at.isoformat(), last.id), query=fingerprint)
-            )
-        return UserPage(users=tuple(to_user(record) for record in page), next_page_token=next_token)
 
     async def get_user(self, user_id: str) -> User:
         """The user; NOT_FOUND when there is none."""
-        async with self._db.unit_of_work(read_only=True) as session:
-            record = await UserRepository(session).by_id(user_id)
-        if record is None:
+        async with self._units.read() as uow:
+            user = await uow.users.by_id(user_id)
+        if user is None:
             raise user_not_found(user_id)
-        return to_user(record)
+        return user
 
     async def disable_user(self, user_id: str, *, actor_id: str, reason: str = "") -> DisabledUser:
         """Disable a user: set disabled_at, end every session (reason user_disabled, with the
-        actor), refuse every access token issued so far, and write `user.disabled`.
+        actor), refuse every access token issued so far, and write `user.disabled`, in one unit of
+        work; the user's cached copies and API-key checks are dropped once it commits.
 
         Disabling an already disabled user changes nothing and writes nothing. Disabling the last
         enabled admin (yourself included) is FAILED_PRECONDITION / LAST_ADMIN. API keys are not
         revoked: they are refused while their owner is disabled and work again after `enable_user`.
         """
         now = self._clock()
-        async with self._writing() as session:
-            users = UserRepository(session)
-            admins, record = await _lock_admins_and_user(users, user_id)
-            if record.disabled_at is not None:
+        async with self._units.write() as uow:
+            admins, user = await _lock_admins_and_user(uow, user_id)
+            if user.disabled:
                 return DisabledUser(
-                    user=to_user(record),
+                    user=user,
                     revoked=RevokedSessions(
-                        user_id=record.id, session_ids=(), all_sessions=False, revoked_at=now
+                        user_id=user.id, session_ids=(), all_sessions=False, revoked_at=now
                     ),
                 )
-            if record.id in admins and len(admins) == 1:
+            if user.id in admins and len(admins) == 1:
                 raise _last_admin("disable")
-            record.disabled_at = now
-            await users.save(record, now=now)
+            user = await uow.users.save(replace(user, disabled_at=now), now=now)
             revoked = await self._sessions.revoke_all_within(
-                SqlSessionStore(session), record.id, reason=RevokeReason.USER_DISABLED, actor_user_id=actor_id
+                uow, user.id, reason=RevokeReason.USER_DISABLED, actor_user_id=actor_id
             )
-            record_event(
-                session,
-                subject=record.id,
-                payload=events_pb2.UserDisabled(
-                    user_id=record.id, actor_user_id=actor_id, reason=reason[:500]
-                ),
+            uow.outbox.record(
+                subject=user.id,
+                payload=events_pb2.UserDisabled(user_id=user.id, actor_user_id=actor_id, reason=reason[:500]),
             )
-            user = to_user(record)
         await self._sessions.propagate(revoked)
         return DisabledUser(user=user, revoked=revoked)
 
@@ -189,14 +154,13 @@ class AccountAdmin:
         """Re-enable a disabled user and write `user.enabled`; they must sign in again (their
         sessions stay ended). Enabling an enabled user changes nothing and writes nothing."""
         now = self._clock()
-        async with self._writing() as session:
-            users = UserRepository(session)
-            record = await users.by_id(user_id, for_update=True)
-            if record is None:
+        async with self._units.write() as uow:
+            user = await uow.users.by_id(user_id, for_update=True)
+            if user is None:
                 raise user_not_found(user_id)
-            if record.disabled_at is not None:
-                await _enable(session, users, record, actor_id=actor_id, now=now)
-            return to_user(record)
+            if user.disabled:
+                user = await _enable(uow, user, actor_id=actor_id, now=now)
+            return user
 
     async def set_roles(self, user_id: str, roles: Collection[str], *, actor_id: str) -> User:
         """Replace a user's roles ("user" is always kept) and write `user.role_changed`.
@@ -219,18 +183,15 @@ class AccountAdmin:
         wanted = ordered_roles([ROLE_USER, *roles])
         now = self._clock()
         demoted = False
-        async with self._writing() as session:
-            users = UserRepository(session)
-            admins, record = await _lock_admins_and_user(users, user_id)
-            previous = ordered_roles(record.roles)
+        async with self._units.write() as uow:
+            admins, user = await _lock_admins_and_user(uow, user_id)
+            previous = user.roles
             if previous != wanted:
                 demoted = ROLE_ADMIN in previous and ROLE_ADMIN not in wanted
-                if demoted and record.id in admins and len(admins) == 1:
+                if demoted and user.id in admins and len(admins) == 1:
                     raise _last_admin("remove the admin role from")
-                record.roles = list(wanted)
-                await users.save(record, now=now)
-                _role_changed(session, record.id, previous, wanted, actor_id=actor_id)
-            user = to_user(record)
+                user = await uow.users.save(replace(user, roles=wanted), now=now)
+                _role_changed(uow, user.id, previous, wanted, actor_id=actor_id)
         if demoted:
             # No session ends: the tokens already issued still say "admin", so they are refused and
             # the client's refresh mints new ones from the stored roles.
@@ -252,16 +213,16 @@ class AccountAdmin:
         shape = [*email_violations(address), *display_name_violations(name)]
         if shape:
             raise invalid_fields(shape)
-        async with self._db.unit_of_work(read_only=True) as session:
-            exists = await UserRepository(session).by_email(address) is not None
+        async with self._units.read() as uow:
+            exists = await uow.users.by_email(address) is not None
         if exists:
             return await self._promote(address)
         self._policy.check(password, email=address, field="password")
         password_hash = await self._hasher.hash_async(password)
         now = self._clock()
         try:
-            async with self._writing() as session:
-                record = await UserRepository(session).add(
+            async with self._units.write() as uow:
+                user = await uow.users.add(
                     email=address,
                     display_name=name,
                     password_hash=password_hash,
@@ -270,20 +231,17 @@ class AccountAdmin:
                     email_verified_at=now,
                     now=now,
                 )
-                record_event(
-                    session,
-                    subject=record.id,
+                uow.outbox.record(
+                    subject=user.id,
                     payload=events_pb2.UserRegistered(
-                        user_id=record.id, email=record.email, display_name=record.display_name
+                        user_id=user.id, email=user.email, display_name=user.display_name
                     ),
                 )
-                record_event(
-                    session,
-                    subject=record.id,
-                    payload=events_pb2.UserEmailVerified(user_id=record.id, email=record.email),
+                uow.outbox.record(
+                    subject=user.id,
+                    payload=events_pb2.UserEmailVerified(user_id=user.id, email=user.email),
                 )
-                _role_changed(session, record.id, (), ordered_roles(record.roles), actor_id="")
-                user = to_user(record)
+                _role_changed(uow, user.id, (), user.roles, actor_id="")
         except EmailTaken:
             # Registered between our look-up and our insert: promote that account instead.
             return await self._promote(address)
@@ -291,57 +249,52 @@ class AccountAdmin:
 
     async def _promote(self, address: str) -> AdminBootstrap:
         now = self._clock()
-        async with self._writing() as session:
-            users = UserRepository(session)
-            record = await users.by_email(address, for_update=True)
-            if record is None:  # deleted meanwhile; nothing sensible to promote
+        async with self._units.write() as uow:
+            user = await uow.users.by_email(address, for_update=True)
+            if user is None:  # deleted meanwhile; nothing sensible to promote
                 raise email_already_registered()
             changed = False
-            previous = ordered_roles(record.roles)
+            previous = user.roles
             if ROLE_ADMIN not in previous:
                 wanted = ordered_roles([*previous, ROLE_USER, ROLE_ADMIN])
-                record.roles = list(wanted)
-                await users.save(record, now=now)
-                _role_changed(session, record.id, previous, wanted, actor_id="")
+                user = await uow.users.save(replace(user, roles=wanted), now=now)
+                _role_changed(uow, user.id, previous, wanted, actor_id="")
                 changed = True
-            if record.disabled_at is not None:
-                await _enable(session, users, record, actor_id="", now=now)
+            if user.disabled:
+                user = await _enable(uow, user, actor_id="", now=now)
                 changed = True
-            return AdminBootstrap(user=to_user(record), created=False, changed=changed)
+            return AdminBootstrap(user=user, created=False, changed=changed)
 
 
-async def _lock_admins_and_user(users: UserRepository, user_id: str) -> tuple[list[str], UserRecord]:
+async def _lock_admins_and_user(uow: AuthUnitOfWork, user_id: str) -> tuple[list[str], User]:
     """Lock every enabled admin's row, then the target user's (NOT_FOUND when it does not exist).
 
     The admins first, always, so changes that could leave no enabled admin take locks in one order.
     """
-    admins = await users.enabled_admin_ids(for_update=True)
-    record = await users.by_id(user_id, for_update=True)
-    if record is None:
+    admins = await uow.users.enabled_admin_ids(for_update=True)
+    user = await uow.users.by_id(user_id, for_update=True)
+    if user is None:
         raise user_not_found(user_id)
-    return admins, record
+    return admins, user
 
 
-async def _enable(
-    session: AsyncSession, users: UserRepository, record: UserRecord, *, actor_id: str, now: datetime
-) -> None:
-    record.disabled_at = None
-    await users.save(record, now=now)
-    record_event(
-        session, subject=record.id, payload=events_pb2.UserEnabled(user_id=record.id, actor_user_id=actor_id)
+async def _enable(uow: AuthUnitOfWork, user: User, *, actor_id: str, now: datetime) -> User:
+    enabled = await uow.users.save(replace(user, disabled_at=None), now=now)
+    uow.outbox.record(
+        subject=user.id, payload=events_pb2.UserEnabled(user_id=user.id, actor_user_id=actor_id)
     )
+    return enabled
 
 
 def _role_changed(
-    session: AsyncSession,
+    uow: AuthUnitOfWork,
     user_id: str,
     previous: Collection[str],
     roles: Collection[str],
     *,
     actor_id: str,
 ) -> None:
-    record_event(
-        session,
+    uow.outbox.record(
         subject=user_id,
         payload=events_pb2.UserRoleChanged(
             user_id=user_id,

@@ -9,14 +9,19 @@ by prefix, compares hashes in constant time, and refuses revoked and expired key
 disabled users. `last_used_at` is written at most once a minute per key, so a busy key does not
 turn every request into a write.
 
-Cache: a successful check is remembered in process for `cache_ttl_s` seconds (bounded, LRU), keyed
-by the key's SHA-256 — never by the plaintext. Revoking a key through this manager evicts it here at
-once; other replicas (and the gateway's own cache, which `CheckApiKeyResponse.cache_ttl` bounds) can
-keep accepting a revoked key, a disabled user's key or a stale plan and roles for up to the TTL.
-A Redis-backed shared cache with active eviction arrives with the gateway issue. `cache_ttl_s=0`
-turns the cache off (the benchmark runs with and without it).
+Cache: a successful check is remembered in process for `cache_ttl_s` seconds (a cachetools
+TTL cache, bounded, least recently used first out), keyed by the key's SHA-256, never by the
+plaintext. It is cleared by the after-commit hook `invalidate`: revoking a key evicts that key, and
+any committed change to a user (disable, enable, roles, password, plan: every `users.save`) evicts
+that user's keys, whichever code path made the change. Other replicas (and the gateway's own cache,
+which `CheckApiKeyResponse.cache_ttl` bounds) can keep accepting a revoked key, a disabled user's
+key or a stale plan and roles for up to the TTL. `cache_ttl_s=0` turns the cache off (the benchmark
+runs with and without it).
 
-No SQL or gRPC here: storage is behind `ApiKeyStores` (see `services.auth.session_repository`).
+Creating a key may need a verified email address (`require_verified_email`); that rule is checked
+from the users repository inside the same unit of work that inserts the key.
+
+No SQL or gRPC here: storage is the auth unit of work's `api_keys` repository (`services.auth.ports`).
 """
 
 from __future__ import annotations
@@ -25,18 +30,19 @@ import hmac
 import logging
 import re
 import secrets
-from collections import OrderedDict
 from collections.abc import Callable, Collection, Sequence
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Final, Protocol
+from typing import Final
 
-from google.protobuf.message import Message
+from cachetools import TTLCache
 
 from parley.events.v1 import events_pb2
 from services.auth.opaque import new_secret, secret_hash
+from services.auth.ports import API_KEY_CHECK_CACHE, USER_CACHE, AuthUnitsOfWork
+from services.common.clock import utc_now
 from services.common.errors import (
+    FailedPrecondition,
     FieldViolation,
     InvalidArgument,
     NotFound,
@@ -44,15 +50,8 @@ from services.common.errors import (
     Unauthenticated,
     Unavailable,
 )
-from services.common.models import utc_now
-from services.common.pagination import (
-    PageCursor,
-    cursor_time_and_id,
-    decode_page_token,
-    effective_page_size,
-    encode_page_token,
-    query_fingerprint,
-)
+from services.common.pagination import BY_TIME, Page, keyset_page
+from services.common.unit_of_work import StaleEntry, keys_of
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +72,9 @@ ALLOWED_SCOPES: Final[dict[str, str]] = {
     "analytics:read": "read the user's own usage analytics",
 }
 ALL_SCOPES: Final = "*"
+
+# The feature name `PARLEY_AUTH_REQUIRE_VERIFIED_EMAIL_FOR` uses for creating API keys.
+API_KEYS_FEATURE: Final = "api_keys"
 
 DEFAULT_CACHE_TTL_S: Final = 30.0
 DEFAULT_CACHE_MAX_ENTRIES: Final = 10_000
@@ -117,12 +119,6 @@ class CreatedApiKey:
 
 
 @dataclass(frozen=True)
-class ApiKeyPage:
-    api_keys: tuple[ApiKey, ...]
-    next_page_token: str
-
-
-@dataclass(frozen=True)
 class ApiKeyIdentity:
     """Who a checked key acts for, in the shape the gateway's identity headers need."""
 
@@ -157,62 +153,10 @@ class StoredApiKey:
     owner: KeyOwner
 
 
-class ApiKeyStore(Protocol):
-    """Storage of API keys, bound to one unit of work (never commits)."""
-
-    async def add_key(
-        self,
-        *,
-        user_id: str,
-        name: str,
-        prefix: str,
-        last_four: str,
-        secret_hash: str,
-        scopes: Sequence[str],
-        expires_at: datetime | None,
-        now: datetime,
-    ) -> ApiKey: ...
-
-    async def find_by_prefix(self, prefix: str) -> StoredApiKey | None: ...
-
-    async def find_by_id(self, key_id: str) -> StoredApiKey | None: ...
-
-    async def list_keys(
-        self,
-        user_id: str,
-        *,
-        now: datetime,
-        include_inactive: bool,
-        after: tuple[datetime, str] | None,
-        limit: int,
-    ) -> Sequence[ApiKey]:
-        """The user's keys by (created_at, id) descending, strictly after `after`."""
-        ...
-
-    async def revoke_key(self, key_id: str, *, now: datetime) -> bool:
-        """Revoke if not yet revoked; True only when this call revoked it."""
-        ...
-
-    async def mark_used(self, key_id: str, *, now: datetime, unless_since: datetime) -> None:
-        """Set `last_used_at = now` unless it is already later than `unless_since`."""
-        ...
-
-    def record_event(self, *, subject: str, payload: Message) -> None: ...
-
-
-class ApiKeyStores(Protocol):
-    """Opens units of work: `write()` for changes, `read()` for queries."""
-
-    def write(self) -> AbstractAsyncContextManager[ApiKeyStore]: ...
-
-    def read(self) -> AbstractAsyncContextManager[ApiKeyStore]: ...
-
-
 @dataclass
 class _CachedCheck:
     identity: ApiKeyIdentity
     key_expires_at: datetime | None
-    cached_at: datetime
     last_used_at: datetime | None
 
 
@@ -221,22 +165,28 @@ class ApiKeyManager:
 
     def __init__(
         self,
-        stores: ApiKeyStores,
+        units: AuthUnitsOfWork,
         *,
         clock: Callable[[], datetime] = utc_now,
         cache_ttl_s: float = DEFAULT_CACHE_TTL_S,
         cache_max_entries: int = DEFAULT_CACHE_MAX_ENTRIES,
         last_used_interval: timedelta = LAST_USED_INTERVAL,
+        require_verified_email: bool = False,
     ) -> None:
+        """`require_verified_email`: creating a key needs a verified email address."""
         if cache_ttl_s < 0 or cache_max_entries < 1:
             raise ValueError("cache_ttl_s must be >= 0 and cache_max_entries >= 1")
-        self._stores = stores
+        self._units = units
         self._clock = clock
         self._cache_ttl = timedelta(seconds=cache_ttl_s)
-        self._cache_max_entries = cache_max_entries
         self._last_used_interval = last_used_interval
-        # Full-key SHA-256 → the last successful check; least recently used first.
-        self._cache: OrderedDict[str, _CachedCheck] = OrderedDict()
+        self._require_verified_email = require_verified_email
+        # Full-key SHA-256 → the last successful check, timed by the injected clock.
+        self._cache: TTLCache[str, _CachedCheck] | None = (
+            TTLCache(maxsize=cache_max_entries, ttl=cache_ttl_s, timer=lambda: self._clock().timestamp())
+            if cache_ttl_s > 0
+            else None
+        )
 
     @property
     def cache_ttl(self) -> timedelta:
@@ -245,7 +195,7 @@ class ApiKeyManager:
 
     @property
     def cache_enabled(self) -> bool:
-        return self._cache_ttl > timedelta(0)
+        return self._cache is not None
 
     async def create(
         self,
@@ -256,7 +206,8 @@ class ApiKeyManager:
         expires_at: datetime | None = None,
     ) -> CreatedApiKey:
         """Create a key; writes `api_key.created`. Invalid input is INVALID_ARGUMENT with one field
-        violation per problem (`name`, `scopes[i]`, `expire_time`)."""
+        violation per problem (`name`, `scopes[i]`, `expire_time`); an unknown user is NOT_FOUND, and
+        an unverified one FAILED_PRECONDITION / EMAIL_NOT_VERIFIED when keys need a verified email."""
         now = self._clock()
         clean_name = name.strip()
         granted = normalize_scopes(scopes)
@@ -267,8 +218,15 @@ class ApiKeyManager:
             )
         prefix = "".join(secrets.choice(LOOKUP_PREFIX_ALPHABET) for _ in range(LOOKUP_PREFIX_LENGTH))
         plaintext = f"{KEY_PREFIX}{prefix}_{new_secret()}"
-        async with self._stores.write() as store:
-            api_key = await store.add_key(
+        async with self._units.write() as uow:
+            owner = await uow.users.by_id(user_id)
+            if owner is None:
+                raise NotFound(
+                    "No such user.", reason="NOT_FOUND", metadata={"resource": "user", "id": user_id}
+                )
+            if self._require_verified_email and not owner.email_verified:
+                raise email_not_verified(API_KEYS_FEATURE)
+            api_key = await uow.api_keys.add_key(
                 user_id=user_id,
                 name=clean_name,
                 prefix=prefix,
@@ -287,48 +245,46 @@ class ApiKeyManager:
             )
             if expires_at is not None:
                 created.expire_time.FromDatetime(expires_at)
-            store.record_event(subject=user_id, payload=created)
+            uow.outbox.record(subject=user_id, payload=created)
         return CreatedApiKey(api_key=api_key, plaintext=plaintext)
 
     async def list_keys(
         self, user_id: str, *, page_size: int = 0, page_token: str = "", show_revoked: bool = False
-    ) -> ApiKeyPage:
+    ) -> Page[ApiKey]:
         """The user's keys, newest first; revoked and expired ones only with `show_revoked`."""
-        limit = effective_page_size(page_size)
-        query = query_fingerprint("api_keys", user_id, show_revoked)
-        cursor = decode_page_token(page_token, expected_query=query)
-        after = cursor_time_and_id(cursor) if cursor else None
-        async with self._stores.read() as store:
-            found = list(
-                await store.list_keys(
-                    user_id, now=self._clock(), include_inactive=show_revoked, after=after, limit=limit + 1
+        now = self._clock()
+
+        async def fetch(after: tuple[datetime, str] | None, limit: int) -> Sequence[ApiKey]:
+            async with self._units.read() as uow:
+                return await uow.api_keys.list_keys(
+                    user_id, now=now, include_inactive=show_revoked, after=after, limit=limit
                 )
-            )
-        page, more = found[:limit], len(found) > limit
-        next_token = ""
-        if more:
-            last = page[-1]
-            next_token = encode_page_token(
-                PageCursor(after=(last.created_at.isoformat(), last.id), query=query)
-            )
-        return ApiKeyPage(api_keys=tuple(page), next_page_token=next_token)
+
+        return await keyset_page(
+            page_size=page_size,
+            page_token=page_token,
+            query=("api_keys", user_id, show_revoked),
+            sort_key=BY_TIME,
+            position=lambda key: (key.created_at, key.id),
+            fetch=fetch,
+        )
 
     async def revoke(self, user_id: str, key_id: str, *, actor_user_id: str | None = None) -> ApiKey:
         """Revoke one of the user's keys; another user's (or an unknown) id is NOT_FOUND.
 
-        Writes `api_key.revoked` (once: revoking again changes nothing) and evicts the key from
-        this process's cache. `actor_user_id` defaults to the owner; pass an administrator's id.
+        Writes `api_key.revoked` (once: revoking again changes nothing); the key's cached check is
+        evicted once that commits. `actor_user_id` defaults to the owner; pass an administrator's id.
         """
         now = self._clock()
-        async with self._stores.write() as store:
-            stored = await store.find_by_id(key_id)
+        async with self._units.write() as uow:
+            stored = await uow.api_keys.find_by_id(key_id)
             if stored is None or stored.api_key.user_id != user_id:
                 raise NotFound(
                     "No such API key.", reason="NOT_FOUND", metadata={"resource": "api_key", "id": key_id}
                 )
             api_key = stored.api_key
-            if await store.revoke_key(key_id, now=now):
-                store.record_event(
+            if await uow.api_keys.revoke_key(key_id, now=now, secret_hash=stored.secret_hash):
+                uow.outbox.record(
                     subject=user_id,
                     payload=events_pb2.ApiKeyRevoked(
                         user_id=user_id,
@@ -337,15 +293,25 @@ class ApiKeyManager:
                     ),
                 )
                 api_key = replace(api_key, revoked_at=now)
-        self._cache.pop(stored.secret_hash, None)
         return api_key
 
+    async def invalidate(self, stale: frozenset[StaleEntry]) -> None:
+        """The after-commit hook: evict the checks of revoked keys and of every key of a changed user."""
+        if self._cache is None:
+            return
+        for digest in keys_of(stale, API_KEY_CHECK_CACHE):
+            self._cache.pop(digest, None)
+        for user_id in keys_of(stale, USER_CACHE):
+            self.forget_user(user_id)
+
     def forget_user(self, user_id: str) -> int:
-        """Evict every cached check of a user's keys (after disabling them, or changing their roles
-        or plan); returns how many were evicted. Other replicas catch up within the TTL."""
+        """Evict every cached check of a user's keys; returns how many were evicted. Other replicas
+        catch up within the TTL."""
+        if self._cache is None:
+            return 0
         stale = [digest for digest, entry in self._cache.items() if entry.identity.user_id == user_id]
         for digest in stale:
-            del self._cache[digest]
+            self._cache.pop(digest, None)
         return len(stale)
 
     async def check(self, plaintext: str) -> ApiKeyIdentity:
@@ -359,15 +325,15 @@ class ApiKeyManager:
             raise _invalid_key("malformed")
         digest = secret_hash(plaintext)
         now = self._clock()
-        cached = self._cached(digest, now)
+        cached = self._cache.get(digest) if self._cache is not None else None
         if cached is not None:
             if cached.key_expires_at is not None and cached.key_expires_at <= now:
-                self._cache.pop(digest, None)
+                self._forget_check(digest)
                 raise _expired_key()
             await self._mark_used(cached, now)
             return cached.identity
-        async with self._stores.read() as store:
-            stored = await store.find_by_prefix(match.group("prefix"))
+        async with self._units.read() as uow:
+            stored = await uow.api_keys.find_by_prefix(match.group("prefix"))
         # compare_digest on the hex digests: equal lengths, time independent of where they differ.
         if stored is None or not hmac.compare_digest(digest, stored.secret_hash):
             raise _invalid_key("unknown")
@@ -390,30 +356,16 @@ class ApiKeyManager:
                 email_verified=owner.email_verified,
             ),
             key_expires_at=api_key.expires_at,
-            cached_at=now,
             last_used_at=api_key.last_used_at,
         )
-        self._remember(digest, entry)
+        if self._cache is not None:
+            self._cache[digest] = entry
         await self._mark_used(entry, now)
         return entry.identity
 
-    def _cached(self, digest: str, now: datetime) -> _CachedCheck | None:
-        entry = self._cache.get(digest)
-        if entry is None:
-            return None
-        if now - entry.cached_at >= self._cache_ttl or now < entry.cached_at:
-            del self._cache[digest]
-            return None
-        self._cache.move_to_end(digest)
-        return entry
-
-    def _remember(self, digest: str, entry: _CachedCheck) -> None:
-        if not self.cache_enabled:
-            return
-        self._cache[digest] = entry
-        self._cache.move_to_end(digest)
-        while len(self._cache) > self._cache_max_entries:
-            self._cache.popitem(last=False)
+    def _forget_check(self, digest: str) -> None:
+        if self._cache is not None:
+            self._cache.pop(digest, None)
 
     async def _mark_used(self, entry: _CachedCheck, now: datetime) -> None:
         """Write `last_used_at` when the one we know of is a minute old or more; best effort."""
@@ -423,13 +375,21 @@ class ApiKeyManager:
         # Set first: concurrent checks of the same key in this process then skip the write.
         entry.last_used_at = now
         try:
-            async with self._stores.write() as store:
-                await store.mark_used(
+            async with self._units.write() as uow:
+                await uow.api_keys.mark_used(
                     entry.identity.key_id, now=now, unless_since=now - self._last_used_interval
                 )
         except Unavailable:
             # The key was verified; a missed usage timestamp must not turn that into a failure.
             logger.warning("could not record last use of API key %s", entry.identity.key_id)
+
+
+def email_not_verified(feature: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        "Verify your email address to use this feature.",
+        reason="EMAIL_NOT_VERIFIED",
+        metadata={"feature": feature},
+    )
 
 
 def normalize_scopes(scopes: Collection[str]) -> tuple[str, ...]:

@@ -8,9 +8,9 @@ from datetime import datetime
 from sqlalchemy import JSON, ForeignKey, Index, Integer, LargeBinary, String
 from sqlalchemy.orm import Mapped, mapped_column
 
+from services.auth.ports import EMAIL_MAX
 from services.common.models import Base, Timestamps, UuidPrimaryKey
 
-EMAIL_MAX = 320
 SHA256_HEX = 64
 
 

@@ -15,11 +15,10 @@ from parley.common.v1 import common_pb2
 from services.auth.accounts import AccountService, User
 from services.auth.admin import AccountAdmin
 from services.auth.api_keys import ApiKey, ApiKeyManager
-from services.auth.email_limits import FORGOT_PASSWORD_EMAIL_LIMIT, LOGIN_EMAIL_LIMIT, EmailRateLimits
-from services.auth.repository import UserQuery
+from services.auth.login import LoginService
+from services.auth.ports import UserQuery
 from services.auth.sessions import Session, SessionManager
 from services.auth.signing_keys import SigningKeyStore
-from services.auth.tokens import AccessTokenIssuer
 from services.auth.transport import caller_of, cleared_cookies, send_cookies, session_cookies
 from services.common.call_context import current_identity
 from services.common.encoding import timestamp_to_proto
@@ -40,11 +39,10 @@ class AuthDomain:
     """The collaborators every auth servicer calls."""
 
     accounts: AccountService
+    logins: LoginService
     sessions: SessionManager
     api_keys: ApiKeyManager
-    issuer: AccessTokenIssuer
     signing_keys: SigningKeyStore
-    email_limits: EmailRateLimits
 
 
 class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
@@ -100,8 +98,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     ) -> auth_pb2.LoginResponse:
         caller = caller_of(context)
         use_cookies = request.token_delivery == auth_pb2.TOKEN_DELIVERY_COOKIE
-        await self._domain.email_limits.spend(LOGIN_EMAIL_LIMIT, request.email)
-        signed_in = await self._domain.accounts.sign_in(
+        logged_in = await self._domain.logins.login(
             request.email,
             request.password,
             client_ip=caller.ip_address,
@@ -109,10 +106,10 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
             device_name=request.device_name,
             user_agent=caller.user_agent,
         )
-        started = signed_in.started
-        user = signed_in.user
-        access = await self._domain.issuer.issue(user.id, started.session.id, user.plan_id, list(user.roles))
-        response = auth_pb2.LoginResponse(user=user_to_proto(user), session=session_to_proto(started.session))
+        started, access = logged_in.started, logged_in.access
+        response = auth_pb2.LoginResponse(
+            user=user_to_proto(logged_in.user), session=session_to_proto(started.session)
+        )
         if use_cookies:
             assert started.csrf_token is not None
             await send_cookies(
@@ -139,13 +136,10 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         presented = request.refresh_token or caller.cookie(REFRESH_TOKEN_COOKIE)
         if not presented:
             raise Unauthenticated("A refresh token is required.", reason="REFRESH_TOKEN_INVALID")
-        refreshed = await self._domain.sessions.refresh(
+        outcome = await self._domain.logins.refresh(
             presented, ip_address=caller.ip_address, user_agent=caller.user_agent
         )
-        owner = refreshed.owner
-        access = await self._domain.issuer.issue(
-            owner.user_id, refreshed.session.id, owner.plan_id, list(owner.roles)
-        )
+        refreshed, access = outcome.refreshed, outcome.access
         response = auth_pb2.RefreshSessionResponse()
         if refreshed.csrf_token is not None:
             await send_cookies(
@@ -190,7 +184,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
             page_token=request.page_token,
         )
         return auth_pb2.ListSessionsResponse(
-            sessions=[session_to_proto(session) for session in page.sessions],
+            sessions=[session_to_proto(session) for session in page.items],
             next_page_token=page.next_page_token,
         )
 
@@ -206,7 +200,6 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     async def ForgotPassword(
         self, request: auth_pb2.ForgotPasswordRequest, context: grpc.aio.ServicerContext
     ) -> auth_pb2.ForgotPasswordResponse:
-        await self._domain.email_limits.spend(FORGOT_PASSWORD_EMAIL_LIMIT, request.email)
         await self._domain.accounts.forgot_password(request.email)
         return auth_pb2.ForgotPasswordResponse(accepted=True)
 
@@ -234,9 +227,6 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         self, request: auth_pb2.CreateApiKeyRequest, context: grpc.aio.ServicerContext
     ) -> auth_pb2.CreateApiKeyResponse:
         caller = current_identity.get().require_user()
-        self._domain.accounts.require_verified(
-            await self._domain.accounts.get_user(caller.user_id), "api_keys"
-        )
         expires = request.expire_time.ToDatetime(tzinfo=UTC) if request.HasField("expire_time") else None
         created = await self._domain.api_keys.create(
             caller.user_id, name=request.name, scopes=list(request.scopes), expires_at=expires
@@ -256,7 +246,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
             show_revoked=request.show_revoked,
         )
         return auth_pb2.ListApiKeysResponse(
-            api_keys=[api_key_to_proto(key) for key in page.api_keys], next_page_token=page.next_page_token
+            api_keys=[api_key_to_proto(key) for key in page.items], next_page_token=page.next_page_token
         )
 
     async def RevokeApiKey(
@@ -347,9 +337,8 @@ def _set_time(message: object, field: str, moment: datetime | None) -> None:
 class AuthAdminServicer(auth_pb2_grpc.AuthAdminServiceServicer):
     """User administration; every RPC needs the admin role."""
 
-    def __init__(self, admin: AccountAdmin, api_keys: ApiKeyManager) -> None:
+    def __init__(self, admin: AccountAdmin) -> None:
         self._admin = admin
-        self._api_keys = api_keys
 
     async def ListUsers(
         self, request: auth_pb2.ListUsersRequest, context: grpc.aio.ServicerContext
@@ -368,7 +357,7 @@ class AuthAdminServicer(auth_pb2_grpc.AuthAdminServiceServicer):
             page_size=request.page_size, page_token=request.page_token, filters=query
         )
         return auth_pb2.ListUsersResponse(
-            users=[user_to_proto(user) for user in page.users], next_page_token=page.next_page_token
+            users=[user_to_proto(user) for user in page.items], next_page_token=page.next_page_token
         )
 
     async def GetUser(
@@ -384,7 +373,6 @@ class AuthAdminServicer(auth_pb2_grpc.AuthAdminServiceServicer):
         disabled = await self._admin.disable_user(
             request.user_id, actor_id=actor.user_id, reason=request.reason
         )
-        self._api_keys.forget_user(request.user_id)
         return auth_pb2.DisableUserResponse(
             user=user_to_proto(disabled.user), revoked_session_count=disabled.revoked.count
         )
@@ -394,7 +382,6 @@ class AuthAdminServicer(auth_pb2_grpc.AuthAdminServiceServicer):
     ) -> auth_pb2.EnableUserResponse:
         actor = current_identity.get().require_role(ROLE_ADMIN)
         user = await self._admin.enable_user(request.user_id, actor_id=actor.user_id)
-        self._api_keys.forget_user(request.user_id)
         return auth_pb2.EnableUserResponse(user=user_to_proto(user))
 
     async def SetUserRoles(
@@ -403,7 +390,6 @@ class AuthAdminServicer(auth_pb2_grpc.AuthAdminServiceServicer):
         actor = current_identity.get().require_role(ROLE_ADMIN)
         roles = [ROLE_NAMES.get(role, "") for role in request.roles]
         user = await self._admin.set_roles(request.user_id, roles, actor_id=actor.user_id)
-        self._api_keys.forget_user(request.user_id)
         return auth_pb2.SetUserRolesResponse(user=user_to_proto(user))
 
 

@@ -16,7 +16,9 @@ slides `expires_at` forward, and the new refresh token expires with it. Access t
 `access_ttl`; revoking a session also puts its id on the revocation list until the last access token
 it could have minted has expired.
 
-No SQL or gRPC here: storage is behind `SessionStores` (see `services.auth.session_repository`).
+No SQL or gRPC here: storage is the auth unit of work's `sessions` repository (`services.auth.ports`).
+Each operation is one unit of work; `start_within` and `revoke_all_within` join the caller's, so a
+sign-in or a password change commits its sessions and its events together.
 """
 
 from __future__ import annotations
@@ -24,30 +26,21 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Sequence
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Final, Protocol
 
-from google.protobuf.message import Message
-
 from parley.events.v1 import events_pb2
 from services.auth.opaque import matches, new_secret, secret_hash
+from services.auth.ports import AuthUnitOfWork, AuthUnitsOfWork
+from services.common.clock import utc_now
 from services.common.errors import (
     NotFound,
     PermissionDenied,
     Unauthenticated,
 )
-from services.common.models import utc_now
-from services.common.pagination import (
-    PageCursor,
-    cursor_time_and_id,
-    decode_page_token,
-    effective_page_size,
-    encode_page_token,
-    query_fingerprint,
-)
+from services.common.pagination import BY_TIME, Page, keyset_page
 
 logger = logging.getLogger(__name__)
 
@@ -163,12 +156,6 @@ class SessionCheck:
 
 
 @dataclass(frozen=True)
-class SessionPage:
-    sessions: tuple[Session, ...]
-    next_page_token: str
-
-
-@dataclass(frozen=True)
 class RevokedSessions:
     """Sessions ended by one `revoke_all`, to be pushed to the revocation list once committed."""
 
@@ -203,81 +190,6 @@ class StoredSession:
     owner: SessionOwner
 
 
-class SessionStore(Protocol):
-    """Storage of sessions and refresh tokens, bound to one unit of work (never commits)."""
-
-    async def add_session(
-        self,
-        *,
-        user_id: str,
-        auth_method: AuthMethod,
-        device: str,
-        user_agent: str,
-        ip_address: str,
-        now: datetime,
-        expires_at: datetime,
-        csrf_token_hash: str | None,
-    ) -> Session: ...
-
-    async def add_refresh_token(self, *, session_id: str, token_hash: str, expires_at: datetime) -> None: ...
-
-    async def find_refresh_token(self, token_hash: str) -> StoredRefreshToken | None: ...
-
-    async def spend_refresh_token(self, token_id: str, *, now: datetime) -> bool:
-        """Set `rotated_at` if still unset; True only for the one caller that changed the row."""
-        ...
-
-    async def extend_session(
-        self,
-        session_id: str,
-        *,
-        now: datetime,
-        ip_address: str,
-        expires_at: datetime,
-        csrf_token_hash: str | None,
-    ) -> Session | None:
-        """Record activity on a session that is still unrevoked; None when it was revoked meanwhile.
-
-        `csrf_token_hash` None keeps the stored hash."""
-        ...
-
-    async def find_session(self, session_id: str) -> StoredSession | None: ...
-
-    async def revoke_session(self, session_id: str, *, now: datetime, reason: RevokeReason) -> bool:
-        """Revoke if not yet revoked; True only when this call revoked it."""
-        ...
-
-    async def revoke_user_sessions(
-        self, user_id: str, *, except_session_id: str | None, now: datetime, reason: RevokeReason
-    ) -> Sequence[str]:
-        """Revoke every unrevoked session of the user but one; the ids this call revoked."""
-        ...
-
-    async def list_active_sessions(
-        self, user_id: str, *, now: datetime, after: tuple[datetime, str] | None, limit: int
-    ) -> Sequence[Session]:
-        """Unrevoked, unexpired sessions by (last_seen_at, id) descending, strictly after `after`."""
-        ...
-
-    def record_event(self, *, subject: str, payload: Message) -> None:
-        """Put an event in the outbox as part of this unit of work."""
-        ...
-
-
-class SessionStores(Protocol):
-    """Opens units of work: `write()` for changes, `read()` for queries."""
-
-    def write(self) -> AbstractAsyncContextManager[SessionStore]: ...
-
-    def read(self) -> AbstractAsyncContextManager[SessionStore]: ...
-
-    async def list_active_sessions(
-        self, user_id: str, *, now: datetime, after: tuple[datetime, str] | None, limit: int
-    ) -> Sequence[Session]:
-        """`SessionStore.list_active_sessions` outside any unit of work (one statement)."""
-        ...
-
-
 class SessionRevocations(Protocol):
     """The part of `services.common.revocation.RevocationList` sessions call.
 
@@ -296,7 +208,7 @@ class SessionManager:
 
     def __init__(
         self,
-        stores: SessionStores,
+        units: AuthUnitsOfWork,
         revocations: SessionRevocations,
         *,
         refresh_ttl: timedelta = DEFAULT_REFRESH_TTL,
@@ -305,7 +217,7 @@ class SessionManager:
     ) -> None:
         if refresh_ttl <= timedelta(0) or access_ttl <= timedelta(0):
             raise ValueError("refresh_ttl and access_ttl must be positive")
-        self._stores = stores
+        self._units = units
         self._revocations = revocations
         self._refresh_ttl = refresh_ttl
         self._access_ttl = access_ttl
@@ -324,33 +236,54 @@ class SessionManager:
         user_agent: str = "",
         ip_address: str = "",
     ) -> StartedSession:
+        """`start_within` in a unit of work of its own."""
+        async with self._units.write() as uow:
+            return await self.start_within(
+                uow,
+                user_id,
+                auth_method=auth_method,
+                device_name=device_name,
+                user_agent=user_agent,
+                ip_address=ip_address,
+            )
+
+    async def start_within(
+        self,
+        uow: AuthUnitOfWork,
+        user_id: str,
+        *,
+        auth_method: AuthMethod | str,
+        device_name: str = "",
+        user_agent: str = "",
+        ip_address: str = "",
+    ) -> StartedSession:
         """Open a session for a user whose credentials were just checked, with its first refresh
-        token and, for cookie sessions, a CSRF token. Writes no event: the login event is the caller's."""
+        token and, for cookie sessions, a CSRF token, inside the caller's unit of work. Writes no
+        event: the sign-in event is the caller's, in the same unit of work."""
         method = AuthMethod(auth_method)
         now = self._clock()
         refresh_token = new_secret()
         csrf_token = new_secret() if method is AuthMethod.COOKIE else None
         device = _clean(device_name, DEVICE_MAX) or describe_device(user_agent)
-        async with self._stores.write() as store:
-            session = await store.add_session(
-                user_id=user_id,
-                auth_method=method,
-                device=device,
-                user_agent=_clean(user_agent, USER_AGENT_MAX),
-                ip_address=_clean(ip_address, IP_ADDRESS_MAX),
-                now=now,
-                expires_at=now + self._refresh_ttl,
-                csrf_token_hash=None if csrf_token is None else secret_hash(csrf_token),
-            )
-            await store.add_refresh_token(
-                session_id=session.id, token_hash=secret_hash(refresh_token), expires_at=session.expires_at
-            )
+        session = await uow.sessions.add_session(
+            user_id=user_id,
+            auth_method=method,
+            device=device,
+            user_agent=_clean(user_agent, USER_AGENT_MAX),
+            ip_address=_clean(ip_address, IP_ADDRESS_MAX),
+            now=now,
+            expires_at=now + self._refresh_ttl,
+            csrf_token_hash=None if csrf_token is None else secret_hash(csrf_token),
+        )
+        await uow.sessions.add_refresh_token(
+            session_id=session.id, token_hash=secret_hash(refresh_token), expires_at=session.expires_at
+        )
         return StartedSession(session=session, refresh_token=refresh_token, csrf_token=csrf_token)
 
     async def refresh(
         self, refresh_token: str, *, ip_address: str = "", user_agent: str = ""
     ) -> RefreshedSession:
-        """Spend `refresh_token` and issue its successor.
+        """Spend `refresh_token` and issue its successor, in one unit of work.
 
         Raises `Unauthenticated` with REFRESH_TOKEN_INVALID (unknown token, or expired with its
         session), SESSION_REVOKED (the session was revoked) or REFRESH_TOKEN_REUSED (the token
@@ -366,8 +299,8 @@ class SessionManager:
         ip = _clean(ip_address, IP_ADDRESS_MAX)
         reused: Session | None = None
         refreshed: RefreshedSession | None = None
-        async with self._stores.write() as store:
-            stored = await store.find_refresh_token(token_hash)
+        async with self._units.write() as uow:
+            stored = await uow.sessions.find_refresh_token(token_hash)
             if stored is None:
                 raise _invalid_refresh_token()
             session = stored.session
@@ -376,18 +309,20 @@ class SessionManager:
             if session.expires_at <= now:
                 # Every token of an expired session has expired too: nothing left to protect.
                 raise _invalid_refresh_token()
-            if stored.rotated_at is not None or not await store.spend_refresh_token(stored.id, now=now):
+            if stored.rotated_at is not None or not await uow.sessions.spend_refresh_token(
+                stored.id, now=now
+            ):
                 # Spent before, or by a concurrent refresh that got there first: either way the token
                 # is in two hands. The revocation commits with this unit of work; the error follows.
                 reused = session
-                await self._revoke_for_reuse(store, session, ip_address=ip, now=now)
+                await self._revoke_for_reuse(uow, session, ip_address=ip, now=now)
             else:
                 if stored.expires_at <= now:
                     raise _invalid_refresh_token()
                 if stored.owner.disabled:
                     raise _account_disabled()
                 csrf_token = new_secret() if session.auth_method is AuthMethod.COOKIE else None
-                extended = await store.extend_session(
+                extended = await uow.sessions.extend_session(
                     session.id,
                     now=now,
                     ip_address=ip or session.ip_address,
@@ -396,7 +331,7 @@ class SessionManager:
                 )
                 if extended is None:  # revoked between our read and our write
                     raise _session_revoked(replace(session, revoked_at=now))
-                await store.add_refresh_token(
+                await uow.sessions.add_refresh_token(
                     session_id=session.id, token_hash=secret_hash(successor), expires_at=extended.expires_at
                 )
                 refreshed = RefreshedSession(
@@ -423,18 +358,18 @@ class SessionManager:
         )
 
     async def _revoke_for_reuse(
-        self, store: SessionStore, session: Session, *, ip_address: str, now: datetime
+        self, uow: AuthUnitOfWork, session: Session, *, ip_address: str, now: datetime
     ) -> None:
         # Only the call that actually revokes writes the events: two thieves racing revoke it once.
-        if not await store.revoke_session(session.id, now=now, reason=RevokeReason.REUSE_DETECTED):
+        if not await uow.sessions.revoke_session(session.id, now=now, reason=RevokeReason.REUSE_DETECTED):
             return
-        store.record_event(
+        uow.outbox.record(
             subject=session.user_id,
             payload=events_pb2.SessionReuseDetected(
                 user_id=session.user_id, session_id=session.id, ip_address=ip_address
             ),
         )
-        store.record_event(
+        uow.outbox.record(
             subject=session.user_id,
             payload=_revoked_event(
                 session.user_id, session.id, RevokeReason.REUSE_DETECTED, actor_user_id=""
@@ -443,26 +378,25 @@ class SessionManager:
 
     async def list_sessions(
         self, user_id: str, *, current_session_id: str = "", page_size: int = 0, page_token: str = ""
-    ) -> SessionPage:
+    ) -> Page[Session]:
         """The user's active sessions, most recently used first, the caller's own flagged `current`."""
-        limit = effective_page_size(page_size)
-        query = query_fingerprint("sessions", user_id)
-        cursor = decode_page_token(page_token, expected_query=query)
-        after = cursor_time_and_id(cursor) if cursor else None
-        found = list(
-            await self._stores.list_active_sessions(user_id, now=self._clock(), after=after, limit=limit + 1)
+        now = self._clock()
+
+        async def fetch(after: tuple[datetime, str] | None, limit: int) -> Sequence[Session]:
+            async with self._units.read() as uow:
+                found = await uow.sessions.list_active_sessions(user_id, now=now, after=after, limit=limit)
+            return [
+                replace(s, current=bool(current_session_id) and s.id == current_session_id) for s in found
+            ]
+
+        return await keyset_page(
+            page_size=page_size,
+            page_token=page_token,
+            query=("sessions", user_id),
+            sort_key=BY_TIME,
+            position=lambda session: (session.last_seen_at, session.id),
+            fetch=fetch,
         )
-        page, more = found[:limit], len(found) > limit
-        next_token = ""
-        if more:
-            last = page[-1]
-            next_token = encode_page_token(
-                PageCursor(after=(last.last_seen_at.isoformat(), last.id), query=query)
-            )
-        sessions = tuple(
-            replace(s, current=bool(current_session_id) and s.id == current_session_id) for s in page
-        )
-        return SessionPage(sessions=sessions, next_page_token=next_token)
 
     async def revoke(
         self,
@@ -478,38 +412,30 @@ class SessionManager:
         `actor_user_id` defaults to the user (self-service); pass an administrator's id otherwise.
         """
         now = self._clock()
-        async with self._stores.write() as store:
-            stored = await store.find_session(session_id)
+        async with self._units.write() as uow:
+            stored = await uow.sessions.find_session(session_id)
             if stored is None or stored.session.user_id != user_id:
-                raise NotFound(
-                    "No such session.", reason="NOT_FOUND", metadata={"resource": "session", "id": session_id}
-                )
-            session = stored.session
-            revoked_now = await store.revoke_session(session_id, now=now, reason=reason)
-            if revoked_now:
-                store.record_event(
-                    subject=user_id,
-                    payload=_revoked_event(
-                        user_id,
-                        session_id,
-                        reason,
-                        actor_user_id=user_id if actor_user_id is None else actor_user_id,
-                    ),
-                )
-                session = replace(session, revoked_at=now, revoke_reason=reason.value)
+                raise _no_such_session(session_id)
+            session, revoked_now = await self._revoke_within(
+                uow, stored.session, reason=reason, actor_user_id=actor_user_id, now=now
+            )
         if revoked_now:
             await self._revocations.revoke_session(session_id, now + self._access_ttl)
         return session
 
     async def logout(self, session_id: str) -> Session:
         """End the caller's own session (reason "logout"); already ended is fine, unknown is NOT_FOUND."""
-        async with self._stores.read() as store:
-            stored = await store.find_session(session_id)
-        if stored is None:
-            raise NotFound(
-                "No such session.", reason="NOT_FOUND", metadata={"resource": "session", "id": session_id}
+        now = self._clock()
+        async with self._units.write() as uow:
+            stored = await uow.sessions.find_session(session_id)
+            if stored is None:
+                raise _no_such_session(session_id)
+            session, revoked_now = await self._revoke_within(
+                uow, stored.session, reason=RevokeReason.LOGOUT, actor_user_id=None, now=now
             )
-        return await self.revoke(stored.session.user_id, session_id, reason=RevokeReason.LOGOUT)
+        if revoked_now:
+            await self._revocations.revoke_session(session.id, now + self._access_ttl)
+        return session
 
     async def logout_with_refresh_token(self, refresh_token: str) -> Session:
         """End the session a refresh token belongs to (spent or not): LogoutRequest.refresh_token.
@@ -518,11 +444,41 @@ class SessionManager:
         """
         if not refresh_token or len(refresh_token) > _REFRESH_TOKEN_MAX:
             raise _invalid_refresh_token()
-        async with self._stores.read() as store:
-            stored = await store.find_refresh_token(secret_hash(refresh_token))
-        if stored is None:
-            raise _invalid_refresh_token()
-        return await self.revoke(stored.session.user_id, stored.session.id, reason=RevokeReason.LOGOUT)
+        now = self._clock()
+        async with self._units.write() as uow:
+            stored = await uow.sessions.find_refresh_token(secret_hash(refresh_token))
+            if stored is None:
+                raise _invalid_refresh_token()
+            session, revoked_now = await self._revoke_within(
+                uow, stored.session, reason=RevokeReason.LOGOUT, actor_user_id=None, now=now
+            )
+        if revoked_now:
+            await self._revocations.revoke_session(session.id, now + self._access_ttl)
+        return session
+
+    async def _revoke_within(
+        self,
+        uow: AuthUnitOfWork,
+        session: Session,
+        *,
+        reason: RevokeReason,
+        actor_user_id: str | None,
+        now: datetime,
+    ) -> tuple[Session, bool]:
+        """Revoke `session` with its `session.revoked` event; the session as it now is, and whether
+        this call revoked it (the caller then lists it on the revocation list, once committed)."""
+        if not await uow.sessions.revoke_session(session.id, now=now, reason=reason):
+            return session, False
+        uow.outbox.record(
+            subject=session.user_id,
+            payload=_revoked_event(
+                session.user_id,
+                session.id,
+                reason,
+                actor_user_id=session.user_id if actor_user_id is None else actor_user_id,
+            ),
+        )
+        return replace(session, revoked_at=now, revoke_reason=reason.value), True
 
     async def revoke_all(
         self,
@@ -538,9 +494,9 @@ class SessionManager:
         `session.revoked` per session; then lists each on the revocation list and, when none is
         kept, every access token of the user issued until now.
         """
-        async with self._stores.write() as store:
+        async with self._units.write() as uow:
             revoked = await self.revoke_all_within(
-                store,
+                uow,
                 user_id,
                 reason=reason,
                 except_session_id=except_session_id,
@@ -551,7 +507,7 @@ class SessionManager:
 
     async def revoke_all_within(
         self,
-        store: SessionStore,
+        uow: AuthUnitOfWork,
         user_id: str,
         *,
         reason: RevokeReason,
@@ -564,12 +520,12 @@ class SessionManager:
         """
         now = self._clock()
         ids = tuple(
-            await store.revoke_user_sessions(
+            await uow.sessions.revoke_user_sessions(
                 user_id, except_session_id=except_session_id, now=now, reason=reason
             )
         )
         for session_id in ids:
-            store.record_event(
+            uow.outbox.record(
                 subject=user_id,
                 payload=_revoked_event(user_id, session_id, reason, actor_user_id=actor_user_id),
             )
@@ -593,8 +549,10 @@ class SessionManager:
         expired), `PermissionDenied` CSRF_TOKEN_MISMATCH or ACCOUNT_DISABLED. Deciding that a
         request needs a CSRF token at all (unsafe methods; CSRF_TOKEN_MISSING) is the caller's.
         """
-        async with self._stores.read() as store:
-            stored = await store.find_session(session_id) if session_id else None
+        stored: StoredSession | None = None
+        if session_id:
+            async with self._units.read() as uow:
+                stored = await uow.sessions.find_session(session_id)
         if stored is None:
             raise Unauthenticated("The session is not valid; sign in again.", reason="UNAUTHENTICATED")
         session, owner = stored.session, stored.owner
@@ -618,6 +576,12 @@ class SessionManager:
             email_verified=owner.email_verified,
             expires_at=session.expires_at,
         )
+
+
+def _no_such_session(session_id: str) -> NotFound:
+    return NotFound(
+        "No such session.", reason="NOT_FOUND", metadata={"resource": "session", "id": session_id}
+    )
 
 
 def _revoked_event(

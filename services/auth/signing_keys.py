@@ -7,6 +7,9 @@ only) a file created once under the data directory.
 
 Exactly one key is active (it signs new tokens); rotation retires it, and a retired key stays in the
 JWKS for as long as tokens signed with it can still be valid.
+
+No SQL here: keys are stored through the auth unit of work's `signing_keys` repository, which also
+holds the lock that serialises creations and rotations across replicas.
 """
 
 from __future__ import annotations
@@ -37,12 +40,9 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
     load_pem_private_key,
 )
-from sqlalchemy import select, text, update
-from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.auth.models import SigningKeyRecord
-from services.common.db import Database
-from services.common.models import utc_now
+from services.auth.ports import AuthUnitsOfWork, StoredSigningKey
+from services.common.clock import utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -57,11 +57,6 @@ DEFAULT_ACCESS_TOKEN_TTL: Final = timedelta(minutes=15)
 # Ciphertext layout: version byte, 96-bit nonce, AES-GCM ciphertext with its tag.
 _CIPHERTEXT_VERSION: Final = b"\x01"
 _NONCE_BYTES: Final = 12
-# Serialises key creation and rotation across replicas on PostgreSQL (SQLite's BEGIN IMMEDIATE
-# already serialises writers). Any fixed 64-bit number works; this one is derived from a name.
-_POSTGRES_LOCK_ID: Final = int.from_bytes(
-    hashlib.sha256(b"parley.auth.signing_keys").digest()[:8], "big", signed=True
-)
 
 
 # How long GetJwks answers from memory.
@@ -189,7 +184,7 @@ class _CachedKey:
 
 
 class SigningKeyStore:
-    """The `signing_keys` table: create, rotate, import, decrypt, publish.
+    """The signing keys: create, rotate, import, decrypt, publish (stored through `signing_keys`).
 
     Replicas share the table; each caches the active key and looks for a rotation at most every
     `refresh_interval_s`. A replica may therefore sign with a just-retired key for up to that long,
@@ -198,7 +193,7 @@ class SigningKeyStore:
 
     def __init__(
         self,
-        database: Database,
+        units: AuthUnitsOfWork,
         kek: bytes,
         *,
         clock: Callable[[], datetime] = utc_now,
@@ -208,7 +203,7 @@ class SigningKeyStore:
     ) -> None:
         if len(kek) != KEK_BYTES:
             raise KeyEncryptionKeyError(f"the key-encryption key must be {KEK_BYTES} bytes")
-        self._database = database
+        self._units = units
         self._aead = AESGCM(kek)
         self._clock = clock
         self._access_token_ttl = access_token_ttl
@@ -227,17 +222,17 @@ class SigningKeyStore:
 
     async def ensure_active_key(self) -> str:
         """The active key's kid, creating the first Ed25519 key if there is none (safe to race)."""
-        async with self._database.unit_of_work() as session:
-            await self._lock_keys(session)
-            active = await self._active_record(session)
+        async with self._units.write() as uow:
+            await uow.signing_keys.lock()
+            active = await uow.signing_keys.active()
             if active is not None:
                 return active.kid
             private_key = Ed25519PrivateKey.generate()
-            record = self._new_record(private_key)
-            session.add(record)
-        logger.info("created the first token-signing key", extra={"kid": record.kid})
-        self._remember(SigningKey(record.kid, private_key))
-        return record.kid
+            stored = self._sealed(private_key)
+            await uow.signing_keys.add(stored)
+        logger.info("created the first token-signing key", extra={"kid": stored.kid})
+        self._remember(SigningKey(stored.kid, private_key))
+        return stored.kid
 
     async def rotate(self) -> str:
         """Add a new active key and retire the previous one now; returns the new kid."""
@@ -261,9 +256,9 @@ class SigningKeyStore:
         if not isinstance(loaded, Ed25519PrivateKey):
             raise SigningKeyImportError(f"{path} holds a {type(loaded).__name__}; an Ed25519 key is needed")
         kid = public_jwk(loaded)["kid"]
-        async with self._database.unit_of_work(read_only=True) as session:
-            present = await session.get(SigningKeyRecord, kid)
-        if present is not None:
+        async with self._units.read() as uow:
+            present = await uow.signing_keys.contains(kid)
+        if present:
             return kid
         installed = await self._install(loaded, unless_present=True)
         logger.info("imported the token-signing key from %s", path, extra={"kid": installed})
@@ -278,18 +273,16 @@ class SigningKeyStore:
             cached = self._cached
             if cached is not None and self._monotonic() - cached.checked_at < self._refresh_interval_s:
                 return cached.key
-            async with self._database.unit_of_work(read_only=True) as session:
-                active = await self._active_record(session)
-                if active is None:
-                    key = None
-                elif cached is not None and cached.key.kid == active.kid:
-                    key = cached.key
-                else:
-                    key = SigningKey(active.kid, self._decrypt(active))
-            if key is None:
+            async with self._units.read() as uow:
+                active = await uow.signing_keys.active()
+            if active is None:
                 await self.ensure_active_key()
                 assert self._cached is not None
                 return self._cached.key
+            if cached is not None and cached.key.kid == active.kid:
+                key = cached.key
+            else:
+                key = SigningKey(active.kid, self._decrypt(active))
             self._remember(key)
             return key
 
@@ -306,47 +299,31 @@ class SigningKeyStore:
             age = (moment - published[0]).total_seconds()
             if 0 <= age < JWKS_CACHE_S:
                 return published[1]
-        document = await self._read_jwks(moment)
+        async with self._units.read() as uow:
+            keys = await uow.signing_keys.published(retired_after=moment - self.publication_window)
+        document = {"keys": [dict(jwk) for jwk in keys]}
         if now is None:
             self._published = (moment, document)
         return document
 
-    async def _read_jwks(self, moment: datetime) -> dict[str, list[dict[str, str]]]:
-        oldest_published_retirement = moment - self.publication_window
-        async with self._database.unit_of_work(read_only=True) as session:
-            records = (
-                await session.scalars(
-                    select(SigningKeyRecord)
-                    .where(
-                        SigningKeyRecord.retired_at.is_(None)
-                        | (SigningKeyRecord.retired_at > oldest_published_retirement)
-                    )
-                    .order_by(SigningKeyRecord.retired_at.is_not(None), SigningKeyRecord.created_at.desc())
-                )
-            ).all()
-        return {"keys": [dict(record.public_jwk) for record in records]}
-
     async def _install(self, private_key: Ed25519PrivateKey, *, unless_present: bool = False) -> str:
-        record = self._new_record(private_key)
-        async with self._database.unit_of_work() as session:
-            await self._lock_keys(session)
-            if unless_present and await session.get(SigningKeyRecord, record.kid) is not None:
-                return record.kid
-            await session.execute(
-                update(SigningKeyRecord)
-                .where(SigningKeyRecord.retired_at.is_(None))
-                .values(retired_at=record.created_at)
-            )
-            session.add(record)
-        self._remember(SigningKey(record.kid, private_key))
-        return record.kid
+        stored = self._sealed(private_key)
+        async with self._units.write() as uow:
+            await uow.signing_keys.lock()
+            if unless_present and await uow.signing_keys.contains(stored.kid):
+                return stored.kid
+            await uow.signing_keys.retire_active(at=stored.created_at)
+            await uow.signing_keys.add(stored)
+        self._remember(SigningKey(stored.kid, private_key))
+        return stored.kid
 
-    def _new_record(self, private_key: Ed25519PrivateKey) -> SigningKeyRecord:
+    def _sealed(self, private_key: Ed25519PrivateKey) -> StoredSigningKey:
+        """The key as it is stored: its public JWK and its private half encrypted under the KEK."""
         jwk = public_jwk(private_key)
         raw = private_key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
         nonce = secrets.token_bytes(_NONCE_BYTES)
         sealed = self._aead.encrypt(nonce, raw, jwk["kid"].encode("ascii"))
-        return SigningKeyRecord(
+        return StoredSigningKey(
             kid=jwk["kid"],
             algorithm=SIGNING_ALGORITHM,
             public_jwk=jwk,
@@ -355,16 +332,16 @@ class SigningKeyStore:
             retired_at=None,
         )
 
-    def _decrypt(self, record: SigningKeyRecord) -> Ed25519PrivateKey:
-        blob = bytes(record.private_key_encrypted)
+    def _decrypt(self, stored: StoredSigningKey) -> Ed25519PrivateKey:
+        blob = stored.private_key_encrypted
         if not blob.startswith(_CIPHERTEXT_VERSION):
-            raise SigningKeyDecryptionError(f"signing key {record.kid} is stored in an unknown format")
+            raise SigningKeyDecryptionError(f"signing key {stored.kid} is stored in an unknown format")
         nonce = blob[1 : 1 + _NONCE_BYTES]
         try:
-            raw = self._aead.decrypt(nonce, blob[1 + _NONCE_BYTES :], record.kid.encode("ascii"))
+            raw = self._aead.decrypt(nonce, blob[1 + _NONCE_BYTES :], stored.kid.encode("ascii"))
         except InvalidTag:
             raise SigningKeyDecryptionError(
-                f"cannot decrypt signing key {record.kid}: the key-encryption key "
+                f"cannot decrypt signing key {stored.kid}: the key-encryption key "
                 "(PARLEY_AUTH_KEY_ENCRYPTION_KEY) is not the one it was stored with"
             ) from None
         return Ed25519PrivateKey.from_private_bytes(raw)
@@ -373,23 +350,3 @@ class SigningKeyStore:
         if self._cached is None or self._cached.key.kid != key.kid:
             self._published = None
         self._cached = _CachedKey(key, self._monotonic())
-
-    @staticmethod
-    async def _active_record(session: AsyncSession) -> SigningKeyRecord | None:
-        return (
-            await session.scalars(
-                select(SigningKeyRecord)
-                .where(SigningKeyRecord.retired_at.is_(None))
-                .order_by(SigningKeyRecord.created_at.desc())
-                .limit(1)
-            )
-        ).first()
-
-    @staticmethod
-    async def _lock_keys(session: AsyncSession) -> None:
-        """Hold the signing-key lock until the transaction ends, so creations never interleave."""
-        bind = session.get_bind()
-        if bind.dialect.name == "postgresql":
-            await session.execute(
-                text("SELECT pg_advisory_xact_lock(:lock_id)"), {"lock_id": _POSTGRES_LOCK_ID}
-            )

@@ -15,14 +15,17 @@ process memory would multiply by the number of replicas.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final
 
+from services.common.clock import utc_now
 from services.common.errors import QuotaViolation, ResourceExhausted
-from services.common.models import utc_now
+
+if TYPE_CHECKING:
+    from services.auth.ports import ThrottleRepository
 
 ACCOUNT_KEY_PREFIX: Final = "email:"
 CLIENT_IP_KEY_PREFIX: Final = "ip:"
@@ -125,27 +128,6 @@ class ThrottleState:
     locked_until: datetime | None
 
 
-class ThrottleStore(Protocol):
-    """Where the counters live; every method runs inside the caller's unit of work."""
-
-    async def states(self, keys: Sequence[str]) -> Mapping[str, ThrottleState]:
-        """The rows of those keys that exist."""
-        ...
-
-    async def add_failure(self, key: str, *, now: datetime, forget_before: datetime) -> int:
-        """Count one failure atomically (restarting from 1 if the last one was before
-        `forget_before`) and return the new count."""
-        ...
-
-    async def lock(self, key: str, until: datetime) -> None:
-        """Lock the key until `until`."""
-        ...
-
-    async def clear(self, key: str) -> None:
-        """Forget the key's failures and lock."""
-        ...
-
-
 @dataclass(frozen=True)
 class ThrottleKeys:
     """The keys one sign-in attempt is counted under; `client_ip` is None when the address is unknown."""
@@ -205,7 +187,7 @@ class LoginThrottle:
         """The keys of an attempt; without a client address only the account is counted."""
         return ThrottleKeys(account=account_key(normalized_email), client_ip=client_ip_key(client_ip))
 
-    async def active_lock(self, store: ThrottleStore, keys: ThrottleKeys) -> ActiveLock | None:
+    async def active_lock(self, store: ThrottleRepository, keys: ThrottleKeys) -> ActiveLock | None:
         """The lock that refuses this attempt now (the one lasting longest), or None."""
         now = self._clock()
         states = await store.states([key for _, key in keys.scoped()])
@@ -220,7 +202,7 @@ class LoginThrottle:
                 found = lock
         return found
 
-    async def failures(self, store: ThrottleStore, keys: ThrottleKeys) -> dict[LockScope, int]:
+    async def failures(self, store: ThrottleRepository, keys: ThrottleKeys) -> dict[LockScope, int]:
         """The current consecutive-failure count per scope (0 when none or forgotten)."""
         now = self._clock()
         states = await store.states([key for _, key in keys.scoped()])
@@ -234,7 +216,7 @@ class LoginThrottle:
         return counts
 
     async def record_failure(
-        self, store: ThrottleStore, keys: ThrottleKeys, *, scopes: Sequence[LockScope] | None = None
+        self, store: ThrottleRepository, keys: ThrottleKeys, *, scopes: Sequence[LockScope] | None = None
     ) -> FailureRecord:
         """Count a failed attempt under its keys (or only `scopes`) and lock those that reached a step."""
         now = self._clock()
@@ -259,7 +241,7 @@ class LoginThrottle:
             locks_started=tuple(started),
         )
 
-    async def clear_account(self, store: ThrottleStore, keys: ThrottleKeys) -> None:
+    async def clear_account(self, store: ThrottleRepository, keys: ThrottleKeys) -> None:
         """Forget the account's failures after a successful sign-in; the client's count stays."""
         await store.clear(keys.account)
 

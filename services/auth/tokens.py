@@ -13,8 +13,7 @@ from typing import Protocol
 import jwt
 
 from services.auth.signing_keys import SIGNING_ALGORITHM, SigningKey
-from services.common.models import utc_now
-from services.common.revocation import RevocationList
+from services.common.clock import utc_now
 
 # Sleeps while waiting out a revocation cutoff's second: the first, and re-checks of an early wake.
 _CUTOFF_WAIT_ROUNDS = 3
@@ -26,6 +25,14 @@ class SigningKeySource(Protocol):
     """Where the issuer gets the key to sign with (`SigningKeyStore` in production)."""
 
     async def active_signing_key(self) -> SigningKey: ...
+
+
+class RevocationCutoffs(Protocol):
+    """The part of `services.common.revocation.RevocationList` the issuer reads."""
+
+    async def user_cutoff(self, user_id: str) -> datetime | None:
+        """The moment before which the user's tokens are refused, if any."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -51,7 +58,7 @@ class AccessTokenIssuer:
         issuer: str,
         audience: str,
         ttl: timedelta,
-        revocations: RevocationList | None = None,
+        revocations: RevocationCutoffs | None = None,
         clock: Callable[[], datetime] = utc_now,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:

@@ -3,6 +3,11 @@
 `build` is the service's wiring. The smaller builders it is made of (`signing_key_store`,
 `account_parts`) are public too: the `parley admin` commands use the same ones, so an
 operator command and the running service never construct these pieces differently.
+
+Auth persists through one `SqlUnitsOfWork` (`services.auth.repository.auth_units_of_work`); its
+after-commit hooks are where cached copies of changed users die: the read cache's entries
+(`read_cache_invalidation`) and this process's API-key checks (`ApiKeyManager.invalidate`). A hook
+that tells other replicas belongs there too.
 """
 
 from __future__ import annotations
@@ -13,15 +18,17 @@ from datetime import timedelta
 from parley.auth.v1 import auth_pb2, auth_pb2_grpc
 from services.auth.accounts import AccountService, AccountSettings
 from services.auth.admin import AccountAdmin
-from services.auth.api_keys import DEFAULT_CACHE_TTL_S, ApiKeyManager
+from services.auth.api_keys import API_KEYS_FEATURE, DEFAULT_CACHE_TTL_S, ApiKeyManager
 from services.auth.email_limits import EmailRateLimits
+from services.auth.login import LoginService
 from services.auth.passwords import Argon2Parameters, CommonPasswords, PasswordHasher, PasswordPolicy
+from services.auth.ports import AuthUnitOfWork
+from services.auth.repository import auth_units_of_work
 from services.auth.servicer import AuthAdminServicer, AuthDomain, AuthInternalServicer, AuthServicer
-from services.auth.session_repository import SqlApiKeyStores, SqlSessionStores
 from services.auth.sessions import SessionManager
 from services.auth.signing_keys import KeyEncryptionKeyError, SigningKeyStore, load_kek
 from services.auth.tokens import AccessTokenIssuer
-from services.common.cache import InMemoryReadCache, ReadCache
+from services.common.cache import InMemoryReadCache, ReadCache, read_cache_invalidation
 from services.common.context import ServiceBundle, ServiceContext
 from services.common.db import Database
 from services.common.identity import CachedJwksVerifier
@@ -29,6 +36,7 @@ from services.common.ratelimit import load_rate_limit_config, rate_limiter_for
 from services.common.revocation import RevocationList
 from services.common.server import ServiceRegistration
 from services.common.settings import Settings, SettingsError
+from services.common.sql_unit_of_work import SqlUnitsOfWork
 
 _SERVICES = auth_pb2.DESCRIPTOR.services_by_name
 
@@ -51,7 +59,7 @@ def key_encryption_key(settings: Settings, *, embedded: bool) -> bytes:
 def signing_key_store(settings: Settings, database: Database, *, embedded: bool) -> SigningKeyStore:
     """The token-signing keys, sealed under the KEK, published for `access_token_ttl_s` after retirement."""
     return SigningKeyStore(
-        database,
+        auth_units_of_work(database),
         key_encryption_key(settings, embedded=embedded),
         access_token_ttl=timedelta(seconds=settings.access_token_ttl_s),
     )
@@ -59,23 +67,18 @@ def signing_key_store(settings: Settings, database: Database, *, embedded: bool)
 
 @dataclass(frozen=True)
 class AccountParts:
-    """What changing accounts needs: password hashing and policy, the session manager, and the read
-    cache whose copies of users every change invalidates."""
+    """What changing accounts needs: the units of work (whose after-commit hooks drop the read
+    cache's copies of changed users), password hashing and policy, and the session manager."""
 
+    units: SqlUnitsOfWork[AuthUnitOfWork]
     common_passwords: CommonPasswords
     hasher: PasswordHasher
     policy: PasswordPolicy
     sessions: SessionManager
     read_cache: ReadCache
 
-    def admin(self, database: Database) -> AccountAdmin:
-        return AccountAdmin(
-            database,
-            hasher=self.hasher,
-            policy=self.policy,
-            sessions=self.sessions,
-            read_cache=self.read_cache,
-        )
+    def admin(self) -> AccountAdmin:
+        return AccountAdmin(self.units, hasher=self.hasher, policy=self.policy, sessions=self.sessions)
 
 
 def account_parts(
@@ -86,18 +89,22 @@ def account_parts(
 ) -> AccountParts:
     """`read_cache`: the one the running services read users through, so changes made here reach
     them; without one nothing is cached (nor invalidated)."""
+    units = auth_units_of_work(database)
+    cache = read_cache if read_cache is not None else InMemoryReadCache(max_entries=0)
+    units.after_commit(read_cache_invalidation(cache))
     common_passwords = CommonPasswords()
     return AccountParts(
+        units=units,
         common_passwords=common_passwords,
         hasher=PasswordHasher(Argon2Parameters()),
         policy=PasswordPolicy(common_passwords),
         sessions=SessionManager(
-            SqlSessionStores(database),
+            units,
             revocations,
             refresh_ttl=timedelta(seconds=settings.refresh_token_ttl_s),
             access_ttl=timedelta(seconds=settings.access_token_ttl_s),
         ),
-        read_cache=read_cache if read_cache is not None else InMemoryReadCache(max_entries=0),
+        read_cache=cache,
     )
 
 
@@ -115,31 +122,37 @@ def build_bundle(
     database = context.database
     signing_keys = signing_key_store(settings, database, embedded=context.embedded)
     parts = account_parts(settings, database, context.revocations, context.read_cache)
-    api_keys = ApiKeyManager(SqlApiKeyStores(database), cache_ttl_s=api_key_cache_ttl_s)
+    api_keys = ApiKeyManager(
+        parts.units,
+        cache_ttl_s=api_key_cache_ttl_s,
+        require_verified_email=API_KEYS_FEATURE in settings.auth_require_verified_email_for,
+    )
+    # Every path that changes a user or revokes a key evicts this process's cached checks.
+    parts.units.after_commit(api_keys.invalidate)
     # Shared by every auth replica through Redis, like the gateway's own counters.
     email_limiter = rate_limiter_for(settings.redis_url)
+    accounts = AccountService(
+        parts.units,
+        hasher=parts.hasher,
+        policy=parts.policy,
+        sessions=parts.sessions,
+        settings=AccountSettings(),
+        read_cache=parts.read_cache,
+        email_limits=EmailRateLimits(load_rate_limit_config(settings.rate_limits_file), email_limiter),
+    )
+    issuer = AccessTokenIssuer(
+        signing_keys,
+        issuer=settings.jwt_issuer,
+        audience=settings.jwt_audience,
+        ttl=timedelta(seconds=settings.access_token_ttl_s),
+        revocations=context.revocations,
+    )
     domain = AuthDomain(
-        accounts=AccountService(
-            database,
-            hasher=parts.hasher,
-            policy=parts.policy,
-            sessions=parts.sessions,
-            settings=AccountSettings(
-                require_verified_email_for=frozenset(settings.auth_require_verified_email_for)
-            ),
-            read_cache=parts.read_cache,
-        ),
+        accounts=accounts,
+        logins=LoginService(accounts, parts.sessions, issuer),
         sessions=parts.sessions,
         api_keys=api_keys,
-        issuer=AccessTokenIssuer(
-            signing_keys,
-            issuer=settings.jwt_issuer,
-            audience=settings.jwt_audience,
-            ttl=timedelta(seconds=settings.access_token_ttl_s),
-            revocations=context.revocations,
-        ),
         signing_keys=signing_keys,
-        email_limits=EmailRateLimits(load_rate_limit_config(settings.rate_limits_file), email_limiter),
     )
     cookie_verifier = CachedJwksVerifier(
         signing_keys.jwks,
@@ -164,7 +177,7 @@ def build_bundle(
             ),
             ServiceRegistration(
                 _SERVICES["AuthAdminService"].full_name,
-                AuthAdminServicer(parts.admin(database), api_keys),
+                AuthAdminServicer(parts.admin()),
                 auth_pb2_grpc.add_AuthAdminServiceServicer_to_server,
             ),
             ServiceRegistration(

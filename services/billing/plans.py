@@ -1,23 +1,18 @@
-"""The plan catalog: what a plan is and how the catalog is listed (no I/O types here)."""
+"""The plan catalog: what a plan is and how the catalog is listed (no SQL types here)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import AbstractAsyncContextManager
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Final
 
+from services.billing.ports import CATALOG_KEY, PLAN_CACHE, BillingUnitsOfWork
+from services.common.cache import InMemoryReadCache, ReadCache
 from services.common.errors import NotFound
 from services.common.money import Money
-from services.common.pagination import (
-    PageCursor,
-    cursor_sort_key_and_id,
-    decode_page_token,
-    effective_page_size,
-    encode_page_token,
-    query_fingerprint,
-)
+from services.common.pagination import BY_INTEGER, Page, keyset_page
 
 
 @dataclass(frozen=True)
@@ -46,53 +41,107 @@ class Plan:
         return self.overage_price_per_1k_tokens is None
 
 
-@dataclass(frozen=True)
-class PlanPage:
-    plans: tuple[Plan, ...]
-    next_page_token: str
-
-
-class PlanStore(Protocol):
-    """Reads plans in catalog order (sort_order, then id)."""
-
-    async def list_after(
-        self, *, after: tuple[int, str] | None, limit: int, include_retired: bool
-    ) -> Sequence[Plan]: ...
-
-    async def get(self, plan_id: str) -> Plan | None: ...
-
-
-# Opens one unit of work and hands the caller a store bound to it.
-PlanStoreFactory = Callable[[], AbstractAsyncContextManager[PlanStore]]
+# Plans change a few times a year, and every change drops the cached catalog after commit; the TTL
+# only bounds how long a change made while the cache was unreachable can go unseen.
+PLAN_CATALOG_TTL_S: Final = 300.0
 
 
 class PlanCatalog:
-    """Lists the plan catalog, page by page."""
+    """Lists the plan catalog, page by page, from the read cache.
 
-    def __init__(self, stores: PlanStoreFactory) -> None:
-        self._stores = stores
+    The catalog is small and read on every pricing page, so it is cached as one entry holding every
+    plan (retired ones included), loaded in one query on a miss and paged in memory. Plan writes
+    (`uow.plans.save`) drop that entry once they commit, through the units' after-commit hook.
+    Without a `read_cache` nothing is cached: every read loads the catalog.
+    """
 
-    async def list_plans(self, *, page_size: int, page_token: str, include_retired: bool) -> PlanPage:
-        limit = effective_page_size(page_size)
-        query = query_fingerprint("plans", include_retired)
-        cursor = decode_page_token(page_token, expected_query=query)
-        after = cursor_sort_key_and_id(cursor, int) if cursor else None
-        async with self._stores() as store:
-            # One extra row tells whether another page exists without a COUNT query.
-            found = list(
-                await store.list_after(after=after, limit=limit + 1, include_retired=include_retired)
-            )
-        page, more = found[:limit], len(found) > limit
-        next_token = ""
-        if more:
-            last = page[-1]
-            next_token = encode_page_token(PageCursor(after=(str(last.sort_order), last.id), query=query))
-        return PlanPage(plans=tuple(page), next_page_token=next_token)
+    def __init__(self, units: BillingUnitsOfWork, read_cache: ReadCache | None = None) -> None:
+        self._units = units
+        cache = read_cache if read_cache is not None else InMemoryReadCache(max_entries=0)
+        self._cache = cache.named(PLAN_CACHE)
+
+    async def list_plans(self, *, page_size: int, page_token: str, include_retired: bool) -> Page[Plan]:
+        """Plans in catalog order (sort_order, then id); retired ones only with `include_retired`."""
+
+        async def fetch(after: tuple[int, str] | None, limit: int) -> Sequence[Plan]:
+            offered = [plan for plan in await self._catalog() if include_retired or not plan.retired]
+            if after is not None:
+                offered = [plan for plan in offered if (plan.sort_order, plan.id) > after]
+            return offered[:limit]
+
+        return await keyset_page(
+            page_size=page_size,
+            page_token=page_token,
+            query=("plans", include_retired),
+            sort_key=BY_INTEGER,
+            position=lambda plan: (plan.sort_order, plan.id),
+            fetch=fetch,
+        )
 
     async def get_plan(self, plan_id: str) -> Plan:
         """One plan, retired or not; an unknown id is NOT_FOUND (PLAN_NOT_FOUND)."""
-        async with self._stores() as store:
-            plan = await store.get(plan_id)
+        plan = next((plan for plan in await self._catalog() if plan.id == plan_id), None)
         if plan is None:
             raise NotFound(f"There is no plan {plan_id!r}.", reason="PLAN_NOT_FOUND")
         return plan
+
+    async def _catalog(self) -> list[Plan]:
+        """Every plan in catalog order (sort_order, then id)."""
+        return await self._cache.get_or_load(
+            CATALOG_KEY, self._load, ttl_s=PLAN_CATALOG_TTL_S, encode=encode_plans, decode=decode_plans
+        )
+
+    async def _load(self) -> list[Plan]:
+        async with self._units.read() as uow:
+            plans = await uow.plans.all_plans()
+        # Sorted here rather than by the database's collation, so paging over the cached list is
+        # consistent with itself on every dialect.
+        return sorted(plans, key=lambda plan: (plan.sort_order, plan.id))
+
+
+def encode_plans(plans: Sequence[Plan]) -> bytes:
+    """Plans as the read cache stores them: JSON, money as minor units, times in ISO 8601."""
+    return json.dumps([_plan_fields(plan) for plan in plans], separators=(",", ":")).encode()
+
+
+def decode_plans(data: bytes) -> list[Plan]:
+    return [_plan_from_fields(fields) for fields in json.loads(data)]
+
+
+def _plan_fields(plan: Plan) -> dict[str, Any]:
+    overage = plan.overage_price_per_1k_tokens
+    return {
+        "id": plan.id,
+        "display_name": plan.display_name,
+        "description": plan.description,
+        "tier": plan.tier,
+        "currency_code": plan.monthly_price.currency_code,
+        "monthly_price_minor": plan.monthly_price.amount_minor,
+        "included_tokens": plan.included_tokens,
+        "overage_price_per_1k_tokens_minor": None if overage is None else overage.amount_minor,
+        "allowed_models": list(plan.allowed_models),
+        "rate_limit_tier": plan.rate_limit_tier,
+        "sort_order": plan.sort_order,
+        "create_time": plan.create_time.isoformat(),
+        "retire_time": None if plan.retire_time is None else plan.retire_time.isoformat(),
+    }
+
+
+def _plan_from_fields(fields: dict[str, Any]) -> Plan:
+    currency = fields["currency_code"]
+    overage = fields["overage_price_per_1k_tokens_minor"]
+    retire_time = fields["retire_time"]
+    return Plan(
+        id=fields["id"],
+        display_name=fields["display_name"],
+        description=fields["description"],
+        tier=fields["tier"],
+        monthly_price=Money(currency, fields["monthly_price_minor"]),
+        included_tokens=fields["included_tokens"],
+        overage_price_per_1k_tokens=None if overage is None else Money(currency, overage),
+        allowed_models=tuple(fields["allowed_models"]),
+        rate_limit_tier=fields["rate_limit_tier"],
+        sort_order=fields["sort_order"],
+        create_time=datetime.fromisoformat(fields["create_time"]),
+        retire_time=None if retire_time is None else datetime.fromisoformat(retire_time),
+    )

@@ -30,7 +30,7 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
             page_size=request.page_size, page_token=request.page_token, include_retired=request.show_retired
         )
         reply = billing_pb2.ListPlansResponse(
-            plans=[plan_to_proto(plan) for plan in page.plans], next_page_token=page.next_page_token
+            plans=[plan_to_proto(plan) for plan in page.items], next_page_token=page.next_page_token
         )
         return await send_cache_headers(context, reply, CATALOG_CACHE)
 

@@ -16,14 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator
 
 from services.common.money import Money
-from services.common.pagination import (
-    PageCursor,
-    cursor_sort_key_and_id,
-    decode_page_token,
-    effective_page_size,
-    encode_page_token,
-    query_fingerprint,
-)
+from services.common.pagination import BY_INTEGER, Page, keyset_page
 
 SHIPPED_CATALOG: Final = Path(__file__).resolve().parent / "data" / "model-catalog.yaml"
 
@@ -88,12 +81,6 @@ class ChatModel:
     accepted_part_kinds: tuple[str, ...]
 
 
-@dataclass(frozen=True)
-class ModelPage:
-    models: tuple[ChatModel, ...]
-    next_page_token: str
-
-
 class ModelCatalog:
     """The models in catalog order, listed page by page."""
 
@@ -112,21 +99,28 @@ class ModelCatalog:
     def get(self, model_id: str) -> ChatModel | None:
         return self._by_id.get(model_id)
 
-    def list_models(self, *, page_size: int, page_token: str) -> ModelPage:
-        limit = effective_page_size(page_size)
-        query = query_fingerprint("models")
-        cursor = decode_page_token(page_token, expected_query=query)
-        after = cursor_sort_key_and_id(cursor, int) if cursor else None
-        positioned = list(enumerate(self._models))
-        if after is not None:
-            # Position then id, like a SQL keyset, so a token stays meaningful across a redeploy.
-            positioned = [(index, model) for index, model in positioned if (index, model.id) > after]
-        page, more = positioned[:limit], len(positioned) > limit
-        next_token = ""
-        if more:
-            last_index, last = page[-1]
-            next_token = encode_page_token(PageCursor(after=(str(last_index), last.id), query=query))
-        return ModelPage(models=tuple(model for _, model in page), next_page_token=next_token)
+    async def list_models(self, *, page_size: int, page_token: str, api_version: str) -> Page[ChatModel]:
+        """The models in catalog order, keyed by (position in the file, id) like a SQL keyset, so a
+        token stays meaningful across a redeploy that changes the file. Each API version's list
+        (`api_version`, e.g. "v1") is its own query: a token from one is refused by the other."""
+        positions = {model.id: index for index, model in enumerate(self._models)}
+
+        async def fetch(after: tuple[int, str] | None, limit: int) -> Sequence[ChatModel]:
+            found = [
+                model
+                for index, model in enumerate(self._models)
+                if after is None or (index, model.id) > after
+            ]
+            return found[:limit]
+
+        return await keyset_page(
+            page_size=page_size,
+            page_token=page_token,
+            query=("models", api_version),
+            sort_key=BY_INTEGER,
+            position=lambda model: (positions[model.id], model.id),
+            fetch=fetch,
+        )
 
 
 def load_model_catalog(path: Path = SHIPPED_CATALOG) -> ModelCatalog:

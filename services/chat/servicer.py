@@ -34,9 +34,11 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     async def ListModels(
         self, request: chat_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> chat_pb2.ListModelsResponse:
-        page = self._catalog.list_models(page_size=request.page_size, page_token=request.page_token)
+        page = await self._catalog.list_models(
+            page_size=request.page_size, page_token=request.page_token, api_version="v1"
+        )
         reply = chat_pb2.ListModelsResponse(
-            models=[model_to_proto(model) for model in page.models], next_page_token=page.next_page_token
+            models=[model_to_proto(model) for model in page.items], next_page_token=page.next_page_token
         )
         return await send_cache_headers(context, reply, CATALOG_CACHE)
 
@@ -50,9 +52,11 @@ class ChatServicerV2(chat_v2_pb2_grpc.ChatServiceServicer):
     async def ListModels(
         self, request: chat_v2_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> chat_v2_pb2.ListModelsResponse:
-        page = self._catalog.list_models(page_size=request.page_size, page_token=request.page_token)
+        page = await self._catalog.list_models(
+            page_size=request.page_size, page_token=request.page_token, api_version="v2"
+        )
         reply = chat_v2_pb2.ListModelsResponse(
-            models=[model_to_proto_v2(model) for model in page.models], next_page_token=page.next_page_token
+            models=[model_to_proto_v2(model) for model in page.items], next_page_token=page.next_page_token
         )
         return await send_cache_headers(context, reply, CATALOG_CACHE)
 

@@ -5,8 +5,9 @@ on a miss and stores what it loaded. `named(name)` gives a view whose keys live 
 whose metrics carry `cache=<name>`; views share everything else (storage, in-flight loads).
 
 Invalidation. Writers delete the entries they made stale *after* their transaction commits:
-`unit_of_work_invalidating` opens the unit of work, repositories call `mark_stale` for what they
-change, and the keys are deleted once the commit succeeded (before the write returns). That alone
+repositories mark what they change (`services.common.unit_of_work.Changes.mark_stale`), and the
+hook `read_cache_invalidation` deletes those keys once the unit of work committed (before the write
+returns). That alone
 leaves the classic race: a reader misses, loads the old row, the writer commits and deletes, and
 the reader then stores the old row, stale until its TTL. So fills are guarded by a per-key lease
 (a fill token, as in memcache's leases): on a miss the reader atomically puts its lease marker where
@@ -39,17 +40,15 @@ import secrets
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict, defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Final, Self, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter
 from redis import RedisError
 from redis.asyncio import Redis
-from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.common.db import Database
+from services.common.unit_of_work import AfterCommitHook, StaleEntry
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +60,6 @@ DEFAULT_LEASE_TTL_S: Final = 5.0
 # After a cache failure, reads go straight to the loader for this long before trying the cache again.
 DEFAULT_RETRY_AFTER_S: Final = 1.0
 DEFAULT_MAX_ENTRIES: Final = 10_000
-
-# Where `unit_of_work_invalidating` keeps the keys a unit of work made stale, in `session.info`.
-_STALE_KEYS_INFO: Final = "parley.read_cache.stale_keys"
 
 
 class CacheMetrics:
@@ -510,40 +506,19 @@ def _value_of(raw: object) -> bytes | None:
 # --------------------------------------------------------------------------------------------------
 
 
-def mark_stale(session: AsyncSession, cache_name: str, *keys: str) -> None:
-    """Have `keys` of the cache view `cache_name` deleted once this unit of work commits.
+def read_cache_invalidation(cache: ReadCache) -> AfterCommitHook:
+    """The after-commit hook that deletes, from `cache`, what a committed unit of work made stale.
 
-    Raises if `session` was not opened by `unit_of_work_invalidating`: a write whose cache entries
-    would never be invalidated is a bug to catch in tests, not a stale read to find in production.
+    Register it on a service's units of work (`SqlUnitsOfWork.after_commit`): the deletes finish
+    before the write returns, so a write's reply is never followed by a read of the entry it made
+    stale. Nothing is deleted when the unit of work rolls back.
     """
-    stale: set[tuple[str, str]] | None = session.info.get(_STALE_KEYS_INFO)
-    if stale is None:
-        raise RuntimeError(
-            f"cache entries of {cache_name!r} were made stale in a unit of work that cannot invalidate "
-            "them; open it with services.common.cache.unit_of_work_invalidating"
-        )
-    stale.update((cache_name, key) for key in keys)
 
+    async def delete_stale(stale: frozenset[StaleEntry]) -> None:
+        by_name: defaultdict[str, list[str]] = defaultdict(list)
+        for entry in stale:
+            by_name[entry.cache].append(entry.key)
+        for cache_name, keys in sorted(by_name.items()):
+            await cache.named(cache_name).delete(*sorted(keys))
 
-@asynccontextmanager
-async def unit_of_work_invalidating(database: Database, cache: ReadCache) -> AsyncIterator[AsyncSession]:
-    """`database.unit_of_work()` that deletes what `mark_stale` marked once it has committed.
-
-    The deletes finish before the block's caller continues, so a write's reply is never followed by
-    a read of the entry it made stale; they are shielded, so a cancelled caller still completes them.
-    Nothing is deleted when the unit of work rolls back.
-    """
-    stale: set[tuple[str, str]] = set()
-    async with database.unit_of_work() as session:
-        session.info[_STALE_KEYS_INFO] = stale
-        yield session
-    if stale:
-        await asyncio.shield(_delete_stale(cache, stale))
-
-
-async def _delete_stale(cache: ReadCache, stale: set[tuple[str, str]]) -> None:
-    by_name: defaultdict[str, list[str]] = defaultdict(list)
-    for cache_name, key in stale:
-        by_name[cache_name].append(key)
-    for cache_name, keys in by_name.items():
-        await cache.named(cache_name).delete(*keys)
+    return delete_stale

@@ -153,6 +153,19 @@ def _is_connection_failure(error: BaseException) -> bool:
     return isinstance(error, ConnectionError | TimeoutError | sqlalchemy_errors.TimeoutError)
 
 
+def _outage(error: BaseException) -> Unavailable | None:
+    """UNAVAILABLE (retry later) when `error` says the database is unreachable: an outage is not an
+    INTERNAL bug for the caller. None for any other error, which the unit of work re-raises."""
+    if not _is_connection_failure(error):
+        return None
+    logger.warning("the database is unavailable: %s", error or type(error).__name__)
+    return Unavailable(
+        "The database is unavailable; try again shortly.",
+        reason="SERVICE_UNAVAILABLE",
+        metadata={"dependency": "database"},
+    )
+
+
 class Database:
     """The process's connection to its relational database.
 
@@ -234,6 +247,36 @@ class Database:
             self._sqlite_writer_turn.release()
 
     @asynccontextmanager
+    async def read_lazily(self) -> AsyncIterator[Callable[[], AsyncSession]]:
+        """A read-only unit of work whose session opens only if something asks for it.
+
+        Yields a function that returns the session (the same one on every call). A block that
+        only runs hot reads (`hot_reads`) never opens one, and so costs no pool checkout, BEGIN or
+        COMMIT; otherwise it behaves like `unit_of_work(read_only=True)`.
+        """
+        opened: list[AsyncSession] = []
+
+        def session() -> AsyncSession:
+            if not opened:
+                opened.append(self._read_only_sessions())
+            return opened[0]
+
+        try:
+            yield session
+            if opened:
+                await opened[0].commit()
+        except BaseException as error:
+            if opened:
+                await opened[0].rollback()
+            outage = _outage(error)
+            if outage is None:
+                raise
+            raise outage from error
+        finally:
+            if opened:
+                await opened[0].close()
+
+    @asynccontextmanager
     async def _transaction(self, *, read_only: bool) -> AsyncIterator[AsyncSession]:
         factory = self._read_only_sessions if read_only else self.sessions
         async with factory() as session:
@@ -243,15 +286,10 @@ class Database:
             except BaseException as error:
                 # BaseException: a cancelled RPC must roll back too, not leave it to connection reset.
                 await session.rollback()
-                if _is_connection_failure(error):
-                    # An outage is UNAVAILABLE (retry later) for the caller, not an INTERNAL bug.
-                    logger.warning("the database is unavailable: %s", error or type(error).__name__)
-                    raise Unavailable(
-                        "The database is unavailable; try again shortly.",
-                        reason="SERVICE_UNAVAILABLE",
-                        metadata={"dependency": "database"},
-                    ) from error
-                raise
+                outage = _outage(error)
+                if outage is None:
+                    raise
+                raise outage from error
 
     async def ping(self) -> None:
         """Run `SELECT 1`; raise `DatabaseUnavailable` if that fails or outlasts the connect timeout.

@@ -23,9 +23,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
 from parley.events.v1 import events_pb2
+from services.common.clock import utc_now
 from services.common.consumers import DeadLetter
 from services.common.db import Database
-from services.common.models import UUID_LENGTH, Base, UTCDateTime, utc_now
+from services.common.models import UUID_LENGTH, Base, UTCDateTime
 from services.common.outbox import EVENTS_ADDED, OutboxEvent
 from services.common.processed_events import CONSUMER_MAX_LENGTH
 from services.common.streams import MalformedStreamEntry

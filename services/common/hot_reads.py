@@ -14,13 +14,16 @@ anything, and on the request path it is most of the CPU. `HotReads` runs such a 
 
 The SQL is still written once, as a SQLAlchemy Core `Select`, and compiled for the engine's dialect
 with the column types' own bind and result processors, so values come back exactly as the ORM
-returns them (UTC datetimes, decoded JSON). Reads that need several statements in one snapshot, or
-that write, stay in `Database.unit_of_work`.
+returns them (UTC datetimes, decoded JSON), in rows whose attributes are the selected columns' keys,
+as SQLAlchemy's rows have. Reads that need several statements in one snapshot, or that write, stay
+in `Database.unit_of_work`; `services.common.sql_unit_of_work` sends a read-only unit of work's
+`HotRead`s here and a writing one's through its transaction.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -61,12 +64,15 @@ class CompiledRead:
     fixed_values: Mapping[str, Any]
     bind_processors: Mapping[str, Processor]
     result_processors: tuple[Processor | None, ...]
+    # A named tuple of the selected columns' keys.
+    row_type: Callable[[Sequence[Any]], Any]
 
 
 class HotRead(Generic[RowT]):
-    """A SELECT, written once, and how to turn one of its rows (a tuple) into a `RowT`."""
+    """A SELECT, written once, and how to turn one of its rows into a `RowT`. A row has an attribute
+    per selected column (its key), whether it came from here or from a SQLAlchemy session."""
 
-    def __init__(self, statement: Select[*tuple[Any, ...]], build: Callable[[tuple[Any, ...]], RowT]) -> None:
+    def __init__(self, statement: Select[*tuple[Any, ...]], build: Callable[[Any], RowT]) -> None:
         self.statement = statement
         self.build = build
         self._compiled: dict[str, CompiledRead] = {}
@@ -96,12 +102,17 @@ def _compile(statement: Select[*tuple[Any, ...]], dialect: Dialect) -> CompiledR
         column.type.dialect_impl(dialect).result_processor(dialect, None)
         for column in statement.selected_columns
     )
+    # The fields are known only at run time; rename=True turns an unnamed column into `_<index>`.
+    row_type = collections.namedtuple(  # type: ignore[misc]
+        "HotRow", [str(column.key) for column in statement.selected_columns], rename=True
+    )
     return CompiledRead(
         sql=compiled.string,
         parameter_order=tuple(compiled.positiontup),
         fixed_values=fixed,
         bind_processors=bind_processors,
         result_processors=result_processors,
+        row_type=row_type._make,
     )
 
 
@@ -114,10 +125,12 @@ def _arguments(compiled: CompiledRead, parameters: Mapping[str, Any]) -> list[An
     return values
 
 
-def _decoded(compiled: CompiledRead, row: Sequence[Any]) -> tuple[Any, ...]:
-    return tuple(
-        value if processor is None else processor(value)
-        for value, processor in zip(row, compiled.result_processors, strict=True)
+def _decoded(compiled: CompiledRead, row: Sequence[Any]) -> Any:
+    return compiled.row_type(
+        [
+            value if processor is None else processor(value)
+            for value, processor in zip(row, compiled.result_processors, strict=True)
+        ]
     )
 
 

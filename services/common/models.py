@@ -16,6 +16,9 @@ from sqlalchemy import DateTime, Dialect, MetaData, String, func
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
+# Re-exported: modules that only need the clock import it from services.common.clock.
+from services.common.clock import utc_now
+
 # Names for indexes and constraints, so migrations can refer to them by a name that is the same on
 # every database (PostgreSQL and SQLite name unnamed constraints differently, or not at all).
 NAMING_CONVENTION: Final[dict[str, str]] = {
@@ -27,11 +30,6 @@ NAMING_CONVENTION: Final[dict[str, str]] = {
 }
 
 UUID_LENGTH: Final = 36
-
-
-def utc_now() -> datetime:
-    """The current time, timezone-aware in UTC."""
-    return datetime.now(UTC)
 
 
 def uuid7() -> uuid.UUID:

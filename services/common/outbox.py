@@ -56,9 +56,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from parley.events.v1 import events_pb2
+from services.common.clock import utc_now
 from services.common.db import Database
 from services.common.events import event_type_for, payload_field_for
-from services.common.models import UUID_LENGTH, Base, UTCDateTime, utc_now
+from services.common.models import UUID_LENGTH, Base, UTCDateTime
 
 logger = logging.getLogger(__name__)
 

@@ -1,8 +1,17 @@
-"""Opaque page tokens and page-size capping, shared by every List RPC.
+"""Keyset pagination, one way for every List RPC: `keyset_page`.
+
+A list is ordered by a sort key then the item id, both descending or both ascending as the query
+says; a page ends where its last item stands, and the next page starts strictly after it. The
+caller hands `keyset_page` the request's page size and token, the parts that identify its query,
+how to read an item's position, and a fetch `(after, limit) -> items`; the helper checks the
+request, fetches one item more than the page to learn whether another page exists (no COUNT), and
+builds the next token.
 
 A page token only positions a cursor: it names where the previous page stopped and a fingerprint
 of the query it belongs to. It grants nothing, because every list query still applies the
-caller's own filters, and a token replayed against a different query is refused.
+caller's own filters, and a token replayed against a different query is refused
+(INVALID_PAGE_TOKEN, like a forged one). A negative page size is INVALID_PAGE_SIZE; zero means
+`DEFAULT_PAGE_SIZE`; more than `MAX_PAGE_SIZE` is capped.
 """
 
 from __future__ import annotations
@@ -11,10 +20,10 @@ import base64
 import binascii
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from services.common.errors import FieldViolation, InvalidArgument
 
@@ -25,6 +34,7 @@ MAX_PAGE_SIZE = 200
 _NOT_ISSUED = "page_token is not a token this server issued."
 
 SortKeyT = TypeVar("SortKeyT")
+ItemT = TypeVar("ItemT")
 
 
 def effective_page_size(
@@ -56,12 +66,12 @@ class PageCursor:
     query: str
 
 
-def encode_page_token(cursor: PageCursor) -> str:
+def _encode_page_token(cursor: PageCursor) -> str:
     payload = json.dumps({"a": list(cursor.after), "q": cursor.query}, separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(payload).decode().rstrip("=")
 
 
-def decode_page_token(token: str, *, expected_query: str) -> PageCursor | None:
+def _decode_page_token(token: str, *, expected_query: str) -> PageCursor | None:
     """The cursor inside `token`, None for the first page; a forged or foreign token is INVALID_ARGUMENT."""
     if not token:
         return None
@@ -77,23 +87,15 @@ def decode_page_token(token: str, *, expected_query: str) -> PageCursor | None:
     return PageCursor(after=after, query=query)
 
 
-def cursor_sort_key_and_id(
-    cursor: PageCursor, parse_sort_key: Callable[[str], SortKeyT]
-) -> tuple[SortKeyT, str]:
-    """The (sort key, id) pair a cursor holds; one that holds no such pair is refused like a forged token.
+@dataclass(frozen=True)
+class SortKey(Generic[SortKeyT]):
+    """How a list's sort key is written into a page token and read back from one.
 
-    `parse_sort_key` turns the stored text back into the sort key and raises ValueError if it cannot.
+    `parse` raises ValueError for text it cannot read; such a token is refused like a forged one.
     """
-    try:
-        sort_key, item_id = cursor.after
-        return parse_sort_key(sort_key), item_id
-    except ValueError:
-        raise _bad_token(_NOT_ISSUED) from None
 
-
-def cursor_time_and_id(cursor: PageCursor) -> tuple[datetime, str]:
-    """The (timezone-aware time, id) pair a cursor holds, for lists ordered by a timestamp then id."""
-    return cursor_sort_key_and_id(cursor, _aware_datetime)
+    to_text: Callable[[SortKeyT], str]
+    parse: Callable[[str], SortKeyT]
 
 
 def _aware_datetime(text: str) -> datetime:
@@ -101,6 +103,64 @@ def _aware_datetime(text: str) -> datetime:
     if moment.tzinfo is None:
         raise ValueError("a cursor time must carry its UTC offset")
     return moment
+
+
+# Lists ordered by a timestamp (then id), and by an integer position (then id).
+BY_TIME: SortKey[datetime] = SortKey(to_text=datetime.isoformat, parse=_aware_datetime)
+BY_INTEGER: SortKey[int] = SortKey(to_text=str, parse=int)
+
+# Where a page starts: strictly after this (sort key, id), or at the beginning when None.
+Position = tuple[SortKeyT, str]
+
+
+@dataclass(frozen=True)
+class Page(Generic[ItemT]):
+    """One page of a list, and the token of the next one ("" on the last page)."""
+
+    items: tuple[ItemT, ...]
+    next_page_token: str
+
+
+async def keyset_page(
+    *,
+    page_size: int,
+    page_token: str,
+    query: Sequence[object],
+    sort_key: SortKey[SortKeyT],
+    position: Callable[[ItemT], Position[SortKeyT]],
+    fetch: Callable[[Position[SortKeyT] | None, int], Awaitable[Sequence[ItemT]]],
+) -> Page[ItemT]:
+    """One page of a keyset-paginated list.
+
+    - `query`: what identifies the list and its filters (its name first, e.g. `("sessions", user_id)`);
+      a token is only accepted back by the same query.
+    - `position(item)`: the item's (sort key, id), in the list's order.
+    - `fetch(after, limit)`: up to `limit` items in list order, strictly after `after` (from the
+      start when None). It is asked for one more item than the page holds.
+
+    Raises INVALID_PAGE_SIZE for a negative size and INVALID_PAGE_TOKEN for a token this query did
+    not issue, before anything is fetched.
+    """
+    limit = effective_page_size(page_size)
+    fingerprint = query_fingerprint(*query)
+    cursor = _decode_page_token(page_token, expected_query=fingerprint)
+    after = _cursor_position(cursor, sort_key) if cursor is not None else None
+    found = list(await fetch(after, limit + 1))
+    items = tuple(found[:limit])
+    if len(found) <= limit or not items:
+        return Page(items=items, next_page_token="")
+    last_key, last_id = position(items[-1])
+    next_cursor = PageCursor(after=(sort_key.to_text(last_key), last_id), query=fingerprint)
+    return Page(items=items, next_page_token=_encode_page_token(next_cursor))
+
+
+def _cursor_position(cursor: PageCursor, sort_key: SortKey[SortKeyT]) -> Position[SortKeyT]:
+    """The (sort key, id) a cursor holds; one that holds no such pair is refused like a forged token."""
+    try:
+        text, item_id = cursor.after
+        return sort_key.parse(text), item_id
+    except ValueError:
+        raise _bad_token(_NOT_ISSUED) from None
 
 
 def _bad_token(message: str) -> InvalidArgument:

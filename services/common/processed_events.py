@@ -24,8 +24,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
+from services.common.clock import utc_now
 from services.common.db import Database
-from services.common.models import UUID_LENGTH, Base, UTCDateTime, utc_now
+from services.common.models import UUID_LENGTH, Base, UTCDateTime
 
 CONSUMER_MAX_LENGTH: Final = 64
 

@@ -21,8 +21,8 @@ from email.utils import format_datetime, parseaddr
 from typing import Final
 
 from parley.events.v1 import events_pb2
+from services.common.clock import utc_now
 from services.common.events import EVENT_TYPES
-from services.common.models import utc_now
 from services.common.ratelimit import (
     LIMIT_ENTRY,
     LimitRequest,

@@ -13,6 +13,7 @@ from sqlalchemy import func, select
 
 from parley.events.v1 import events_pb2
 from services.auth.accounts import AccountSettings
+from services.auth.api_keys import ApiKeyManager
 from services.auth.models import OneTimeTokenRecord, SessionRecord, UserRecord
 from services.auth.opaque import secret_hash
 from services.auth.passwords import Argon2Parameters, PasswordHasher
@@ -37,6 +38,7 @@ from tests.support.auth_accounts import (
     payloads,
     refusal,
     shape,
+    user_events,
     violations,
 )
 
@@ -401,18 +403,19 @@ async def test_a_hash_made_with_old_parameters_is_upgraded_at_sign_in(world: Aut
     assert (await stored_user(world.database, user.id)).password_hash == new_hash
 
 
-async def test_features_can_require_a_verified_email(world: AuthWorld) -> None:
-    accounts = world.with_settings(fast_settings(require_verified_email_for=frozenset({"api_keys"})))
+async def test_api_keys_can_require_a_verified_email_checked_inside_the_creation(world: AuthWorld) -> None:
+    strict = ApiKeyManager(world.units, clock=world.clock, require_verified_email=True)
     user = await world.register("ada@example.com")
-    accounts.require_verified(user, "chat")
     with pytest.raises(FailedPrecondition) as raised:
-        accounts.require_verified(user, "api_keys")
+        await strict.create(user.id, name="ci")
     error = raised.value
     assert error.code == grpc.StatusCode.FAILED_PRECONDITION
     assert (error.reason, error.metadata) == ("EMAIL_NOT_VERIFIED", {"feature": "api_keys"})
-    verified = await world.accounts.verify_email(await email_token(world.database, user.id, "verify_email"))
-    accounts.require_verified(verified, "api_keys")
-    world.accounts.require_verified(user, "api_keys")  # nothing required by default
+    assert await user_events(world.database, events_pb2.ApiKeyCreated) == []
+    # Nothing is required by default.
+    await ApiKeyManager(world.units, clock=world.clock).create(user.id, name="unrestricted")
+    await world.accounts.verify_email(await email_token(world.database, user.id, "verify_email"))
+    assert (await strict.create(user.id, name="ci")).api_key.name == "ci"
 
 
 # --- forgot and reset -------------------------------------------------------------------------------

@@ -6,15 +6,17 @@ import contextlib
 import re
 from collections.abc import AsyncIterator, Awaitable
 from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import select
 
 from parley.events.v1 import events_pb2
-from services.auth.api_keys import ALLOWED_SCOPES, KEY_LENGTH, ApiKeyManager, ApiKeyStore
+from services.auth.api_keys import ALLOWED_SCOPES, KEY_LENGTH, ApiKeyManager
 from services.auth.models import ApiKeyRecord, UserRecord
 from services.auth.opaque import secret_hash
-from services.auth.session_repository import SqlApiKeyStores
+from services.auth.ports import AuthUnitOfWork
+from services.auth.repository import auth_units_of_work
 from services.common.db import Database
 from services.common.errors import (
     FieldViolation,
@@ -30,25 +32,31 @@ KEY_FORMAT = re.compile(r"pk_[a-z2-7]{12}_[A-Za-z0-9_-]{43}")
 CACHE_TTL_S = 30.0
 
 
-class CountingStores:
-    """The real SQL stores, counting the units of work opened (to prove what skips the database)."""
+class CountingUnits:
+    """One replica's real SQL units of work, counting those opened (to prove what skips the database)."""
 
     def __init__(self, database: Database) -> None:
-        self._stores = SqlApiKeyStores(database)
+        self._units = auth_units_of_work(database)
         self.reads = 0
         self.writes = 0
 
     @contextlib.asynccontextmanager
-    async def write(self) -> AsyncIterator[ApiKeyStore]:
+    async def write(self) -> AsyncIterator[AuthUnitOfWork]:
         self.writes += 1
-        async with self._stores.write() as store:
-            yield store
+        async with self._units.write() as uow:
+            yield uow
 
     @contextlib.asynccontextmanager
-    async def read(self) -> AsyncIterator[ApiKeyStore]:
+    async def read(self) -> AsyncIterator[AuthUnitOfWork]:
         self.reads += 1
-        async with self._stores.read() as store:
-            yield store
+        async with self._units.read() as uow:
+            yield uow
+
+    def manager(self, clock: Clock, **options: Any) -> ApiKeyManager:
+        """An ApiKeyManager over these units, evicting its cache after their commits as wiring does."""
+        keys = ApiKeyManager(self, clock=clock, **options)
+        self._units.after_commit(keys.invalidate)
+        return keys
 
 
 @pytest.fixture
@@ -57,13 +65,13 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def stores(database: Database) -> CountingStores:
-    return CountingStores(database)
+def stores(database: Database) -> CountingUnits:
+    return CountingUnits(database)
 
 
 @pytest.fixture
-def keys(stores: CountingStores, clock: Clock) -> ApiKeyManager:
-    return ApiKeyManager(stores, clock=clock, cache_ttl_s=CACHE_TTL_S)
+def keys(stores: CountingUnits, clock: Clock) -> ApiKeyManager:
+    return stores.manager(clock, cache_ttl_s=CACHE_TTL_S)
 
 
 async def add_user(database: Database, name: str) -> str:
@@ -164,7 +172,7 @@ async def test_the_allowed_scopes_are_documented() -> None:
 
 
 async def test_create_reports_every_invalid_field(
-    keys: ApiKeyManager, stores: CountingStores, database: Database, alice: str
+    keys: ApiKeyManager, stores: CountingUnits, database: Database, alice: str
 ) -> None:
     error = await fails_with(
         keys.create(alice, name="   ", scopes=["chat", "admin", "billing:write"], expires_at=START),
@@ -204,29 +212,29 @@ async def test_list_shows_the_owners_keys_newest_first_without_secrets(
 
     page = await keys.list_keys(alice)
 
-    assert [k.name for k in page.api_keys] == ["new", "expiring", "old"]
+    assert [k.name for k in page.items] == ["new", "expiring", "old"]
     assert page.next_page_token == ""
-    listed_new = page.api_keys[0]
+    listed_new = page.items[0]
     assert (listed_new.prefix, listed_new.last_four) == (new.api_key.prefix, new.plaintext[-4:])
     assert listed_new.last_used_at == clock.now
-    assert all(new.plaintext[16:] not in repr(k) for k in page.api_keys)
+    assert all(new.plaintext[16:] not in repr(k) for k in page.items)
 
     clock.advance(timedelta(hours=2))
-    assert [k.name for k in (await keys.list_keys(alice)).api_keys] == ["new", "old"]
+    assert [k.name for k in (await keys.list_keys(alice)).items] == ["new", "old"]
     everything = await keys.list_keys(alice, show_revoked=True)
-    assert [k.name for k in everything.api_keys] == ["new", "revoked", "expiring", "old"]
-    assert everything.api_keys[1].revoked_at is not None
+    assert [k.name for k in everything.items] == ["new", "revoked", "expiring", "old"]
+    assert everything.items[1].revoked_at is not None
 
     first = await keys.list_keys(alice, page_size=2, show_revoked=True)
     second = await keys.list_keys(alice, page_size=2, show_revoked=True, page_token=first.next_page_token)
-    assert [k.name for k in first.api_keys + second.api_keys] == ["new", "revoked", "expiring", "old"]
+    assert [k.name for k in first.items + second.items] == ["new", "revoked", "expiring", "old"]
     assert second.next_page_token == ""
     await fails_with(
         keys.list_keys(alice, page_size=2, page_token=first.next_page_token),
         InvalidArgument,
         "INVALID_PAGE_TOKEN",
     )
-    assert expiring.api_key.id not in {k.id for k in (await keys.list_keys(bob)).api_keys}
+    assert expiring.api_key.id not in {k.id for k in (await keys.list_keys(bob)).items}
 
 
 # --- revoke ---------------------------------------------------------------------------------------
@@ -290,7 +298,7 @@ async def test_check_answers_with_the_keys_identity(keys: ApiKeyManager, alice: 
     ],
 )
 async def test_malformed_keys_are_refused_without_touching_the_database(
-    keys: ApiKeyManager, stores: CountingStores, presented: str
+    keys: ApiKeyManager, stores: CountingUnits, presented: str
 ) -> None:
     error = await fails_with(keys.check(presented), Unauthenticated, "API_KEY_INVALID")
     assert error.metadata == {"cause": "malformed"}
@@ -310,7 +318,7 @@ async def test_unknown_or_wrong_secret_is_invalid(keys: ApiKeyManager, alice: st
 
 
 async def test_expired_keys_are_refused_even_from_the_cache(
-    keys: ApiKeyManager, stores: CountingStores, clock: Clock, alice: str
+    keys: ApiKeyManager, stores: CountingUnits, clock: Clock, alice: str
 ) -> None:
     created = await keys.create(alice, name="key", expires_at=START + timedelta(seconds=10))
     await keys.check(created.plaintext)  # cached
@@ -323,9 +331,9 @@ async def test_expired_keys_are_refused_even_from_the_cache(
 
 
 async def test_a_disabled_users_keys_are_refused(
-    database: Database, stores: CountingStores, clock: Clock, alice: str
+    database: Database, stores: CountingUnits, clock: Clock, alice: str
 ) -> None:
-    keys = ApiKeyManager(stores, clock=clock, cache_ttl_s=CACHE_TTL_S)
+    keys = stores.manager(clock, cache_ttl_s=CACHE_TTL_S)
     created = await keys.create(alice, name="key")
     await keys.check(created.plaintext)
     await set_disabled(database, alice, True)
@@ -334,17 +342,17 @@ async def test_a_disabled_users_keys_are_refused(
     assert keys.forget_user(alice) == 1
     await fails_with(keys.check(created.plaintext), PermissionDenied, "ACCOUNT_DISABLED")
 
-    other_replica = ApiKeyManager(stores, clock=clock, cache_ttl_s=CACHE_TTL_S)
+    other_replica = CountingUnits(database).manager(clock, cache_ttl_s=CACHE_TTL_S)
     await fails_with(other_replica.check(created.plaintext), PermissionDenied, "ACCOUNT_DISABLED")
     await set_disabled(database, alice, False)
     assert (await keys.check(created.plaintext)).user_id == alice
 
 
 async def test_last_used_is_written_at_most_once_a_minute(
-    database: Database, stores: CountingStores, clock: Clock, alice: str
+    database: Database, stores: CountingUnits, clock: Clock, alice: str
 ) -> None:
     for cache_ttl_s in (0.0, CACHE_TTL_S):
-        keys = ApiKeyManager(stores, clock=clock, cache_ttl_s=cache_ttl_s)
+        keys = stores.manager(clock, cache_ttl_s=cache_ttl_s)
         created = await keys.create(alice, name=f"cache {cache_ttl_s}")
         key_id = created.api_key.id
         first_use = clock.now
@@ -366,15 +374,15 @@ async def test_last_used_is_written_at_most_once_a_minute(
 
 
 async def test_another_replica_does_not_rewrite_a_fresh_last_used(
-    database: Database, stores: CountingStores, clock: Clock, alice: str
+    database: Database, stores: CountingUnits, clock: Clock, alice: str
 ) -> None:
-    first = ApiKeyManager(stores, clock=clock, cache_ttl_s=0)
+    first = stores.manager(clock, cache_ttl_s=0)
     created = await first.create(alice, name="key")
     await first.check(created.plaintext)
     used_at = clock.now
     clock.advance(timedelta(seconds=20))
 
-    second = ApiKeyManager(stores, clock=clock, cache_ttl_s=0)
+    second = stores.manager(clock, cache_ttl_s=0)
     writes = stores.writes
     await second.check(created.plaintext)  # it reads last_used_at 20 s ago, so it does not write
 
@@ -383,7 +391,7 @@ async def test_another_replica_does_not_rewrite_a_fresh_last_used(
 
 
 async def test_the_cache_skips_the_database_until_its_ttl_passes(
-    keys: ApiKeyManager, stores: CountingStores, clock: Clock, alice: str
+    keys: ApiKeyManager, stores: CountingUnits, clock: Clock, alice: str
 ) -> None:
     created = await keys.create(alice, name="key")
     assert keys.cache_enabled
@@ -400,8 +408,8 @@ async def test_the_cache_skips_the_database_until_its_ttl_passes(
     assert stores.reads == reads + 1
 
 
-async def test_the_cache_can_be_turned_off(stores: CountingStores, clock: Clock, alice: str) -> None:
-    keys = ApiKeyManager(stores, clock=clock, cache_ttl_s=0)
+async def test_the_cache_can_be_turned_off(stores: CountingUnits, clock: Clock, alice: str) -> None:
+    keys = stores.manager(clock, cache_ttl_s=0)
     created = await keys.create(alice, name="key")
     assert not keys.cache_enabled
 
@@ -411,8 +419,8 @@ async def test_the_cache_can_be_turned_off(stores: CountingStores, clock: Clock,
     assert stores.reads == 3
 
 
-async def test_the_cache_is_bounded(stores: CountingStores, clock: Clock, alice: str) -> None:
-    keys = ApiKeyManager(stores, clock=clock, cache_ttl_s=CACHE_TTL_S, cache_max_entries=2)
+async def test_the_cache_is_bounded(stores: CountingUnits, clock: Clock, alice: str) -> None:
+    keys = stores.manager(clock, cache_ttl_s=CACHE_TTL_S, cache_max_entries=2)
     created = [await keys.create(alice, name=f"key {n}") for n in range(3)]
     for key in created:
         await keys.check(key.plaintext)  # the third evicts the least recently used, the first
@@ -426,10 +434,10 @@ async def test_the_cache_is_bounded(stores: CountingStores, clock: Clock, alice:
 
 
 async def test_other_replicas_see_a_revocation_within_the_cache_ttl(
-    stores: CountingStores, clock: Clock, alice: str
+    database: Database, stores: CountingUnits, clock: Clock, alice: str
 ) -> None:
-    here = ApiKeyManager(stores, clock=clock, cache_ttl_s=CACHE_TTL_S)
-    elsewhere = ApiKeyManager(stores, clock=clock, cache_ttl_s=CACHE_TTL_S)
+    here = stores.manager(clock, cache_ttl_s=CACHE_TTL_S)
+    elsewhere = CountingUnits(database).manager(clock, cache_ttl_s=CACHE_TTL_S)
     created = await here.create(alice, name="key")
     await elsewhere.check(created.plaintext)
 

@@ -113,7 +113,7 @@ async def test_concurrent_bootstraps_make_one_admin(world: AuthWorld) -> None:
     assert sum(outcome.created for outcome in outcomes) == 1
     assert len({outcome.user.id for outcome in outcomes}) == 1
     page = await world.admin.list_users()
-    assert [user.email for user in page.users] == ["root@example.com"]
+    assert [user.email for user in page.items] == ["root@example.com"]
 
 
 # --- listing ------------------------------------------------------------------------------------------
@@ -140,8 +140,8 @@ async def test_list_users_pages_newest_first(world: AuthWorld) -> None:
     while True:
         page = await world.admin.list_users(page_size=2, page_token=token)
         pages += 1
-        assert len(page.users) <= 2
-        seen.extend(user.email for user in page.users)
+        assert len(page.items) <= 2
+        seen.extend(user.email for user in page.items)
         token = page.next_page_token
         if not token:
             break
@@ -149,7 +149,7 @@ async def test_list_users_pages_newest_first(world: AuthWorld) -> None:
     assert seen == [f"{name}@example.com" for name in ("eve", "dee", "cyd", "bob", "ada", "root")]
     everyone = await world.admin.list_users(page_size=0)
     assert everyone.next_page_token == ""
-    assert [user.id for user in everyone.users] == [
+    assert [user.id for user in everyone.items] == [
         users[n].id for n in ("eve", "dee", "cyd", "bob", "ada", "root")
     ]
 
@@ -159,7 +159,7 @@ async def test_users_created_in_the_same_instant_page_by_id(world: AuthWorld) ->
         await world.register(f"twin{n}@example.com")
     first = await world.admin.list_users(page_size=3)
     second = await world.admin.list_users(page_size=3, page_token=first.next_page_token)
-    ids = [user.id for user in (*first.users, *second.users)]
+    ids = [user.id for user in (*first.items, *second.items)]
     assert len(ids) == len(set(ids)) == 5
     assert ids == sorted(ids, reverse=True)
     assert second.next_page_token == ""
@@ -186,14 +186,14 @@ async def test_users_created_in_the_same_instant_page_by_id(world: AuthWorld) ->
 async def test_list_users_filters(world: AuthWorld, query: UserQuery, expected: list[str]) -> None:
     await populate(world)
     page = await world.admin.list_users(filters=query)
-    assert [user.email.partition("@")[0] for user in page.users] == expected
+    assert [user.email.partition("@")[0] for user in page.items] == expected
 
 
 async def test_list_users_filters_by_creation_time(world: AuthWorld) -> None:
     users = await populate(world)
     query = UserQuery(created_at_or_after=users["bob"].created_at, created_before=users["eve"].created_at)
     page = await world.admin.list_users(filters=query)
-    assert [user.email for user in page.users] == ["dee@example.com", "cyd@example.com", "bob@example.com"]
+    assert [user.email for user in page.items] == ["dee@example.com", "cyd@example.com", "bob@example.com"]
 
 
 async def test_list_users_refuses_bad_requests(world: AuthWorld) -> None:
@@ -370,7 +370,7 @@ async def test_two_admins_demoting_each_other_at_once_leave_one_admin(world: Aut
     assert len(failures) == 1
     assert isinstance(failures[0], FailedPrecondition) and failures[0].reason == "LAST_ADMIN"
     admins = await world.admin.list_users(filters=UserQuery(role="admin"))
-    assert len(admins.users) == 1
+    assert len(admins.items) == 1
 
 
 async def test_two_admins_disabling_each_other_at_once_leave_one_admin(world: AuthWorld) -> None:
@@ -385,4 +385,4 @@ async def test_two_admins_disabling_each_other_at_once_leave_one_admin(world: Au
     assert len(failures) == 1
     assert isinstance(failures[0], FailedPrecondition) and failures[0].reason == "LAST_ADMIN"
     admins = await world.admin.list_users(filters=UserQuery(role="admin", disabled=False))
-    assert len(admins.users) == 1
+    assert len(admins.items) == 1

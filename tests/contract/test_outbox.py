@@ -14,10 +14,10 @@ from opentelemetry.sdk.trace import TracerProvider
 from sqlalchemy import select, text, update
 
 from parley.events.v1 import events_pb2
+from services.common.clock import utc_now
 from services.common.db import Database
 from services.common.events import payload_of
 from services.common.migrate import alembic_config, upgrade_async
-from services.common.models import utc_now
 from services.common.outbox import (
     InProcessDispatcher,
     OutboxEvent,

@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from sqlalchemy import exc, func, select, update
 
 from parley.events.v1 import events_pb2
+from services.common.clock import utc_now
 from services.common.consumers import (
     BatchProcessedEvents,
     Consumer,
@@ -24,7 +25,6 @@ from services.common.consumers import (
 )
 from services.common.db import Database
 from services.common.migrate import upgrade_async
-from services.common.models import utc_now
 from services.common.outbox import OutboxEvent, add_event
 from services.common.processed_events import (
     ProcessedEvent,

@@ -14,8 +14,8 @@ from datetime import timedelta
 import pytest
 from redis.asyncio import Redis
 
+from services.common.clock import utc_now
 from services.common.errors import Unavailable
-from services.common.models import utc_now
 from services.common.redis_multiplex import MultiplexedRedis
 from services.common.revocation import InMemoryRevocationList, RedisRevocationList, RevocationList
 

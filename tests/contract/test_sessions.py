@@ -6,21 +6,21 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
+from typing import cast
 
 import pytest
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from parley.events.v1 import events_pb2
 from services.auth.models import RefreshTokenRecord, SessionRecord, UserRecord
 from services.auth.opaque import secret_hash
-from services.auth.session_repository import SqlSessionStore, SqlSessionStores
+from services.auth.ports import AuthUnitOfWork, SessionRepository
+from services.auth.repository import auth_units_of_work
 from services.auth.sessions import (
     AuthMethod,
     RefreshedSession,
     RevokeReason,
     SessionManager,
-    SessionStore,
     StoredRefreshToken,
 )
 from services.common.db import Database
@@ -46,7 +46,11 @@ def revocations(clock: Clock) -> InMemoryRevocationList:
 @pytest.fixture
 def manager(database: Database, revocations: InMemoryRevocationList, clock: Clock) -> SessionManager:
     return SessionManager(
-        SqlSessionStores(database), revocations, refresh_ttl=REFRESH_TTL, access_ttl=ACCESS_TTL, clock=clock
+        auth_units_of_work(database),
+        revocations,
+        refresh_ttl=REFRESH_TTL,
+        access_ttl=ACCESS_TTL,
+        clock=clock,
     )
 
 
@@ -268,8 +272,8 @@ async def test_a_disabled_user_cannot_refresh_and_the_token_stays_unspent(
     await manager.refresh(started.refresh_token)
 
 
-class RacingStores:
-    """Real SQL stores, except that each refresh waits after its read until both have read.
+class RacingUnits:
+    """Real SQL units of work, except that each refresh waits after its read until both have read.
 
     That forces the interleaving a real race may or may not produce: both transactions see the token
     unspent, so only the conditional UPDATE can tell them apart. Used on PostgreSQL only; SQLite
@@ -277,34 +281,47 @@ class RacingStores:
     """
 
     def __init__(self, database: Database) -> None:
-        self._database = database
-        self._stores = SqlSessionStores(database)
+        self._units = auth_units_of_work(database)
         self.barrier = asyncio.Barrier(2)
         self.spends: list[bool] = []
-        self.list_active_sessions = self._stores.list_active_sessions
 
     @contextlib.asynccontextmanager
-    async def write(self) -> AsyncIterator[SessionStore]:
-        async with self._database.unit_of_work() as session:
-            yield _RacingStore(session, self)
+    async def write(self) -> AsyncIterator[AuthUnitOfWork]:
+        async with self._units.write() as uow:
+            # Structurally an AuthUnitOfWork: every attribute but `sessions` is the real one.
+            yield cast(AuthUnitOfWork, _RacingUnitOfWork(uow, self))
 
-    def read(self) -> contextlib.AbstractAsyncContextManager[SessionStore]:
-        return self._stores.read()
+    def read(self) -> contextlib.AbstractAsyncContextManager[AuthUnitOfWork]:
+        return self._units.read()
 
 
-class _RacingStore(SqlSessionStore):
-    def __init__(self, session: AsyncSession, race: RacingStores) -> None:
-        super().__init__(session)
+class _RacingUnitOfWork:
+    """The real unit of work, with its sessions repository replaced by a racing one."""
+
+    def __init__(self, inner: AuthUnitOfWork, race: RacingUnits) -> None:
+        self._inner = inner
+        self.sessions = _RacingSessions(inner.sessions, race)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+
+class _RacingSessions:
+    def __init__(self, inner: SessionRepository, race: RacingUnits) -> None:
+        self._inner = inner
         self._race = race
 
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
     async def find_refresh_token(self, token_hash: str) -> StoredRefreshToken | None:
-        found = await super().find_refresh_token(token_hash)
+        found = await self._inner.find_refresh_token(token_hash)
         async with asyncio.timeout(10):
             await self._race.barrier.wait()
         return found
 
     async def spend_refresh_token(self, token_id: str, *, now: datetime) -> bool:
-        spent = await super().spend_refresh_token(token_id, now=now)
+        spent = await self._inner.spend_refresh_token(token_id, now=now)
         self._race.spends.append(spent)
         return spent
 
@@ -328,10 +345,10 @@ async def test_concurrent_refreshes_of_one_token_let_exactly_one_win_and_revoke_
 ) -> None:
     if forced_interleaving and database.dialect_name == "sqlite":
         pytest.skip("SQLite serializes writing units of work; both cannot read before either writes")
-    racing = RacingStores(database)
-    stores = racing if forced_interleaving else SqlSessionStores(database)
-    manager = SessionManager(stores, revocations, access_ttl=ACCESS_TTL, clock=clock)
-    starter = SessionManager(SqlSessionStores(database), revocations, clock=clock)
+    racing = RacingUnits(database)
+    units = racing if forced_interleaving else auth_units_of_work(database)
+    manager = SessionManager(units, revocations, access_ttl=ACCESS_TTL, clock=clock)
+    starter = SessionManager(auth_units_of_work(database), revocations, clock=clock)
 
     for _ in range(20):
         started = await starter.start(alice, auth_method="jwt")
@@ -376,21 +393,21 @@ async def test_list_sessions_shows_active_ones_most_recent_first_and_flags_the_c
 
     page = await manager.list_sessions(alice, current_session_id=laptop.session.id)
 
-    assert [(s.device, s.current) for s in page.sessions] == [("Phone", False), ("Laptop", True)]
+    assert [(s.device, s.current) for s in page.items] == [("Phone", False), ("Laptop", True)]
     assert page.next_page_token == ""
-    assert page.sessions[0].last_seen_at == clock.now
+    assert page.items[0].last_seen_at == clock.now
 
     first = await manager.list_sessions(alice, page_size=1)
-    assert [s.device for s in first.sessions] == ["Phone"]
+    assert [s.device for s in first.items] == ["Phone"]
     second = await manager.list_sessions(alice, page_size=1, page_token=first.next_page_token)
-    assert [s.device for s in second.sessions] == ["Laptop"]
+    assert [s.device for s in second.items] == ["Laptop"]
     assert second.next_page_token == ""
     await fails_with(
         manager.list_sessions(bob, page_token=first.next_page_token), ParleyError, "INVALID_PAGE_TOKEN"
     )
 
     clock.advance(REFRESH_TTL - timedelta(minutes=1))  # the laptop, idle 2h longer, has expired
-    assert [s.device for s in (await manager.list_sessions(alice)).sessions] == ["Phone"]
+    assert [s.device for s in (await manager.list_sessions(alice)).items] == ["Phone"]
 
 
 # --- revoking -------------------------------------------------------------------------------------
@@ -444,7 +461,7 @@ async def test_logout_ends_the_session_by_id_or_by_refresh_token(
         events_pb2.SESSION_REVOKE_REASON_LOGOUT,
         events_pb2.SESSION_REVOKE_REASON_LOGOUT,
     ]
-    assert (await manager.list_sessions(alice)).sessions == ()
+    assert (await manager.list_sessions(alice)).items == ()
     await fails_with(manager.logout("no-such-session"), NotFound, "NOT_FOUND")
     await fails_with(
         manager.logout_with_refresh_token("no-such-token"), Unauthenticated, "REFRESH_TOKEN_INVALID"
@@ -471,7 +488,7 @@ async def test_revoke_all_but_the_current_session_for_a_password_change(
 
     assert revoked.count == 2
     assert set(revoked.session_ids) == {other.session.id for other in others}
-    assert [s.id for s in (await manager.list_sessions(alice)).sessions] == [current.session.id]
+    assert [s.id for s in (await manager.list_sessions(alice)).items] == [current.session.id]
     assert {
         (e.session_id, e.reason, e.actor_user_id)
         for e in await user_events(database, events_pb2.SessionRevoked)
@@ -512,17 +529,16 @@ async def test_revoke_all_within_the_callers_unit_of_work_commits_or_rolls_back_
 ) -> None:
     started = await manager.start(alice, auth_method="jwt")
 
+    units = auth_units_of_work(database)
     with pytest.raises(RuntimeError):
-        async with database.unit_of_work() as uow:
-            await manager.revoke_all_within(SqlSessionStore(uow), alice, reason=RevokeReason.PASSWORD_RESET)
+        async with units.write() as uow:
+            await manager.revoke_all_within(uow, alice, reason=RevokeReason.PASSWORD_RESET)
             raise RuntimeError("the password reset failed")
     assert (await session_row(database, started.session.id)).revoked_at is None
     assert await user_events(database, events_pb2.SessionRevoked) == []
 
-    async with database.unit_of_work() as uow:
-        revoked = await manager.revoke_all_within(
-            SqlSessionStore(uow), alice, reason=RevokeReason.PASSWORD_RESET
-        )
+    async with units.write() as uow:
+        revoked = await manager.revoke_all_within(uow, alice, reason=RevokeReason.PASSWORD_RESET)
     assert not await revocations.is_revoked(started.session.id, alice, START)
     await manager.propagate(revoked)
 

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.serialization import (
 from sqlalchemy import select
 
 from services.auth.models import SigningKeyRecord
+from services.auth.repository import auth_units_of_work
 from services.auth.signing_keys import (
     EMBEDDED_KEK_PATH,
     JWKS_CACHE_S,
@@ -68,7 +69,7 @@ def clock() -> Clock:
 
 
 def _store(database: Database, kek: bytes, clock: Clock, **options: object) -> SigningKeyStore:
-    return SigningKeyStore(database, kek, clock=clock, access_token_ttl=TTL, **options)  # type: ignore[arg-type]
+    return SigningKeyStore(auth_units_of_work(database), kek, clock=clock, access_token_ttl=TTL, **options)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -208,7 +209,7 @@ async def test_private_keys_are_stored_encrypted_and_a_wrong_kek_fails_clearly(
     database: Database, kek: bytes, clock: Clock
 ) -> None:
     with pytest.raises(KeyEncryptionKeyError, match="32 bytes"):
-        SigningKeyStore(database, kek[:16])
+        SigningKeyStore(auth_units_of_work(database), kek[:16])
     store = _store(database, kek, clock)
     kid = await store.ensure_active_key()
     key = await store.active_signing_key()

@@ -25,18 +25,20 @@ from parley.auth.v1 import auth_pb2, auth_pb2_grpc
 from parley.common.v1 import common_pb2
 from runtime.process import build_services, registrations_of, start_services
 from services.auth.models import UserRecord
-from services.auth.repository import USER_CACHE
+from services.auth.ports import USER_CACHE
 from services.auth.signing_keys import generate_kek
 from services.billing.models import PlanRecord
 from services.billing.plans import Plan, PlanCatalog
-from services.billing.repository import PLAN_CACHE, PlanStoreOpener
-from services.common.cache import CacheMetrics, ReadCache, RedisReadCache
+from services.billing.ports import PLAN_CACHE, BillingUnitOfWork
+from services.billing.repository import billing_units_of_work
+from services.common.cache import CacheMetrics, ReadCache, RedisReadCache, read_cache_invalidation
 from services.common.context import ServiceContext
 from services.common.db import Database
 from services.common.identity import ROLES_HEADER, encode_roles_header
 from services.common.money import Money
 from services.common.revocation import InMemoryRevocationList
 from services.common.settings import Settings, load_settings
+from services.common.sql_unit_of_work import SqlUnitsOfWork
 from tests.support.auth_accounts import email_token
 from tests.support.servers import GATEWAY_SECRET, serving
 from tests.support.tcp_proxy import TcpProxy
@@ -295,18 +297,29 @@ async def test_with_the_cache_down_reads_and_writes_still_work(
 # ---- the plan catalog ----------------------------------------------------------------------------
 
 
+@dataclass
+class PlanReplica:
+    """One billing replica's plan catalog and the units of work its writes go through."""
+
+    catalog: PlanCatalog
+    units: SqlUnitsOfWork[BillingUnitOfWork]
+    registry: CollectorRegistry
+
+
 @asynccontextmanager
 async def plan_readers(
     database: Database, shared_redis: SharedRedis, count: int
-) -> AsyncIterator[Sequence[tuple[PlanStoreOpener, CollectorRegistry]]]:
+) -> AsyncIterator[Sequence[PlanReplica]]:
     async with AsyncExitStack() as stack:
-        openers = []
+        replicas = []
         for _ in range(count):
             registry = CollectorRegistry()
             cache = shared_redis.cache(registry)
             stack.push_async_callback(cache.close)
-            openers.append((PlanStoreOpener(database, cache), registry))
-        yield openers
+            units = billing_units_of_work(database)
+            units.after_commit(read_cache_invalidation(cache))
+            replicas.append(PlanReplica(PlanCatalog(units, cache), units, registry))
+        yield replicas
 
 
 def plan_cache_hits(registry: CollectorRegistry) -> float:
@@ -315,15 +328,16 @@ def plan_cache_hits(registry: CollectorRegistry) -> float:
 
 async def list_ids(catalog: PlanCatalog, *, include_retired: bool = False) -> list[str]:
     page = await catalog.list_plans(page_size=0, page_token="", include_retired=include_retired)
-    return [plan.id for plan in page.plans]
+    return [plan.id for plan in page.items]
 
 
 @pytest.mark.redis
 async def test_plan_reads_are_cached_and_every_plan_write_invalidates_them(
     database: Database, shared_redis: SharedRedis
 ) -> None:
-    async with plan_readers(database, shared_redis, 2) as [(here, registry), (there, other_registry)]:
-        catalog, other_catalog = PlanCatalog(here), PlanCatalog(there)
+    async with plan_readers(database, shared_redis, 2) as [here, there]:
+        catalog, other_catalog = here.catalog, there.catalog
+        registry, other_registry = here.registry, there.registry
         assert await list_ids(catalog) == ["free", "pro", "team"]
         pro = await catalog.get_plan("pro")
         assert await list_ids(other_catalog) == ["free", "pro", "team"]
@@ -338,13 +352,13 @@ async def test_plan_reads_are_cached_and_every_plan_write_invalidates_them(
         assert (await other_catalog.get_plan("pro")).display_name == "Pro"
 
         # Through the store's write path: seen at once, by every reader.
-        async with here.writing() as store:
-            await store.save(replace(pro, display_name="Pro 2", monthly_price=Money("USD", 2_500)))
+        async with here.units.write() as uow:
+            await uow.plans.save(replace(pro, display_name="Pro 2", monthly_price=Money("USD", 2_500)))
         changed = await other_catalog.get_plan("pro")
         assert (changed.display_name, changed.monthly_price) == ("Pro 2", Money("USD", 2_500))
 
-        async with there.writing() as store:
-            await store.save(replace(pro, retire_time=datetime(2031, 1, 1, tzinfo=UTC)))
+        async with there.units.write() as uow:
+            await uow.plans.save(replace(pro, retire_time=datetime(2031, 1, 1, tzinfo=UTC)))
         assert await list_ids(catalog) == ["free", "team"]
         assert await list_ids(catalog, include_retired=True) == ["free", "pro", "team"]
 
@@ -362,8 +376,8 @@ async def test_plan_reads_are_cached_and_every_plan_write_invalidates_them(
             create_time=datetime(2031, 2, 1, tzinfo=UTC),
             retire_time=None,
         )
-        async with here.writing() as store:
-            await store.save(added)
+        async with here.units.write() as uow:
+            await uow.plans.save(added)
         assert await list_ids(other_catalog) == ["free", "team", "enterprise"]
         assert await other_catalog.get_plan("enterprise") == added
 
@@ -372,12 +386,12 @@ async def test_plan_reads_are_cached_and_every_plan_write_invalidates_them(
 async def test_a_plan_write_that_rolls_back_keeps_the_cached_catalog(
     database: Database, shared_redis: SharedRedis
 ) -> None:
-    async with plan_readers(database, shared_redis, 1) as [(opener, registry)]:
-        catalog = PlanCatalog(opener)
+    async with plan_readers(database, shared_redis, 1) as [replica]:
+        catalog, registry = replica.catalog, replica.registry
         free = await catalog.get_plan("free")
         with pytest.raises(RuntimeError, match="abandoned"):
-            async with opener.writing() as store:
-                await store.save(replace(free, display_name="Never"))
+            async with replica.units.write() as uow:
+                await uow.plans.save(replace(free, display_name="Never"))
                 raise RuntimeError("abandoned")
         hits = plan_cache_hits(registry)
         assert (await catalog.get_plan("free")).display_name == "Free"

@@ -16,11 +16,11 @@ from sqlalchemy import delete, select
 
 from parley.events.v1 import events_pb2
 from runtime import cli
+from services.common.clock import utc_now
 from services.common.consumers import DeadLetter
 from services.common.db import Database
 from services.common.dead_letters import SqlDeadLetters
 from services.common.migrate import upgrade_async
-from services.common.models import utc_now
 from services.common.outbox import OutboxEvent, OutboxRelay, add_event
 from services.common.streams import MalformedStreamEntry
 from tests.support.gateway import free_port

@@ -36,6 +36,7 @@ from runtime.process import identity_for, registrations_of, start_services
 from services.auth.signing_keys import SigningKeyStore, generate_kek
 from services.auth.tokens import AccessTokenIssuer
 from services.auth.wiring import account_parts, build_bundle, signing_key_store
+from services.common.clock import utc_now
 from services.common.context import ServiceContext
 from services.common.db import Database
 from services.common.errors import details_of
@@ -49,7 +50,6 @@ from services.common.identity import (
 from services.common.jwks_client import grpc_jwks_fetcher
 from services.common.metrics import new_registry
 from services.common.migrate import upgrade_async
-from services.common.models import utc_now
 from services.common.revocation import InMemoryRevocationList
 from services.common.server import ServerDeps, create_server
 from services.common.settings import Settings, load_settings
@@ -127,7 +127,7 @@ class Edge:
         email = f"{label}-{uuid.uuid4().hex[:10]}@example.com"
         if admin:
             parts = account_parts(self.settings, self.database, self.revocations)
-            await parts.admin(self.database).create_admin(email, PASSWORD, "Admin")
+            await parts.admin().create_admin(email, PASSWORD, "Admin")
         else:
             await self.public.Register(
                 auth_pb2.RegisterRequest(email=email, password=PASSWORD, display_name="Edge")

@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from sqlalchemy import update
 
 from parley.events.v1 import events_pb2
+from services.common.clock import utc_now
 from services.common.consumers import (
     Consumer,
     DeadLetter,
@@ -28,7 +29,6 @@ from services.common.consumers import (
 from services.common.db import Database
 from services.common.dead_letters import SqlDeadLetters
 from services.common.event_metrics import EventPipelineMetrics
-from services.common.models import utc_now
 from services.common.outbox import OutboxEvent, add_event
 from services.common.streams import encode_entry, stream_key
 from tests.support.gateway import free_port

@@ -18,13 +18,15 @@ from parley.billing.v1 import billing_pb2, billing_pb2_grpc
 from runtime.process import build_services, registrations_of
 from services.auth.signing_keys import generate_kek
 from services.auth.wiring import signing_key_store
-from services.billing.repository import PlanStoreOpener
-from services.common.cache import InMemoryReadCache
+from services.billing.ports import BillingUnitOfWork
+from services.billing.repository import billing_units_of_work
+from services.common.cache import InMemoryReadCache, read_cache_invalidation
 from services.common.context import ServiceContext
 from services.common.db import Database
 from services.common.http_cache import etag_matches, strong_etag
 from services.common.revocation import InMemoryRevocationList
 from services.common.settings import Settings, load_settings
+from services.common.sql_unit_of_work import SqlUnitsOfWork
 from tests.support.servers import RunningServer, rich_status, serving
 
 
@@ -55,9 +57,11 @@ def read_cache() -> InMemoryReadCache:
 
 
 @pytest.fixture
-def plans(database: Database, read_cache: InMemoryReadCache) -> PlanStoreOpener:
+def plans(database: Database, read_cache: InMemoryReadCache) -> SqlUnitsOfWork[BillingUnitOfWork]:
     """Plan writes as production makes them: invalidating the read cache the server reads through."""
-    return PlanStoreOpener(database, read_cache)
+    units = billing_units_of_work(database)
+    units.after_commit(read_cache_invalidation(read_cache))
+    return units
 
 
 @pytest.fixture
@@ -69,11 +73,11 @@ async def running(database: Database, read_cache: InMemoryReadCache) -> AsyncIte
         yield running
 
 
-async def change_plan(plans: PlanStoreOpener, plan_id: str, **changes: Any) -> None:
-    async with plans.writing() as store:
-        plan = await store.get(plan_id)
+async def change_plan(plans: SqlUnitsOfWork[BillingUnitOfWork], plan_id: str, **changes: Any) -> None:
+    async with plans.write() as uow:
+        plan = await uow.plans.get(plan_id)
         assert plan is not None
-        await store.save(replace(plan, **changes))
+        await uow.plans.save(replace(plan, **changes))
 
 
 async def test_list_plans_and_get_plan_send_etag_and_cache_control(running: RunningServer) -> None:
@@ -90,7 +94,7 @@ async def test_list_plans_and_get_plan_send_etag_and_cache_control(running: Runn
 
 
 async def test_the_etag_is_stable_until_the_catalog_changes(
-    running: RunningServer, plans: PlanStoreOpener
+    running: RunningServer, plans: SqlUnitsOfWork[BillingUnitOfWork]
 ) -> None:
     list_before, _ = await list_plans(running)
     team_before, _ = await get_plan(running, "team")
@@ -114,7 +118,7 @@ async def test_the_etag_is_stable_until_the_catalog_changes(
 
 
 async def test_get_plan_returns_retired_plans_and_refuses_unknown_ones(
-    running: RunningServer, plans: PlanStoreOpener
+    running: RunningServer, plans: SqlUnitsOfWork[BillingUnitOfWork]
 ) -> None:
     await change_plan(plans, "free", retire_time=datetime.now(UTC))
     reply = await billing(running).GetPlan(billing_pb2.GetPlanRequest(plan_id="free"))

@@ -10,8 +10,8 @@ from sqlalchemy import select, update
 
 from parley.events.v1 import events_pb2
 from runtime.workers import keep_pipeline_history_pruned, prune_pipeline_history
+from services.common.clock import utc_now
 from services.common.db import Database
-from services.common.models import utc_now
 from services.common.outbox import OutboxEvent, add_event
 from services.common.processed_events import ProcessedEvent, SqlProcessedEvents
 from services.common.settings import load_settings

@@ -17,13 +17,15 @@ from services.auth.accounts import AccountService, AccountSettings, User
 from services.auth.admin import AccountAdmin
 from services.auth.models import UserRecord
 from services.auth.passwords import Argon2Parameters, PasswordHasher, PasswordPolicy
-from services.auth.session_repository import SqlSessionStores
+from services.auth.ports import AuthUnitOfWork
+from services.auth.repository import auth_units_of_work
 from services.auth.sessions import SessionManager
 from services.common.db import Database
 from services.common.errors import ParleyError
 from services.common.events import event_type_for, payload_of
 from services.common.outbox import OutboxEvent
 from services.common.revocation import InMemoryRevocationList
+from services.common.sql_unit_of_work import SqlUnitsOfWork
 
 START = datetime(2031, 3, 1, 12, 0, tzinfo=UTC)
 ACCESS_TTL = timedelta(minutes=15)
@@ -54,6 +56,7 @@ class AuthWorld:
     """The account services over one test database, sharing one clock and revocation list."""
 
     database: Database
+    units: SqlUnitsOfWork[AuthUnitOfWork]
     clock: Clock
     hasher: PasswordHasher
     policy: PasswordPolicy
@@ -65,7 +68,7 @@ class AuthWorld:
     def with_settings(self, settings: AccountSettings) -> AccountService:
         """Another AccountService over the same database, with other settings."""
         return AccountService(
-            self.database,
+            self.units,
             hasher=self.hasher,
             policy=self.policy,
             sessions=self.sessions,
@@ -94,17 +97,18 @@ def build_world(database: Database, *, settings: AccountSettings | None = None) 
     hasher = PasswordHasher(CHEAP_ARGON2)
     policy = PasswordPolicy()
     revocations = InMemoryRevocationList(clock=clock)
-    sessions = SessionManager(SqlSessionStores(database), revocations, access_ttl=ACCESS_TTL, clock=clock)
+    units = auth_units_of_work(database)
+    sessions = SessionManager(units, revocations, access_ttl=ACCESS_TTL, clock=clock)
     accounts = AccountService(
-        database,
+        units,
         hasher=hasher,
         policy=policy,
         sessions=sessions,
         settings=settings or fast_settings(),
         clock=clock,
     )
-    admin = AccountAdmin(database, hasher=hasher, policy=policy, sessions=sessions, clock=clock)
-    return AuthWorld(database, clock, hasher, policy, sessions, revocations, accounts, admin)
+    admin = AccountAdmin(units, hasher=hasher, policy=policy, sessions=sessions, clock=clock)
+    return AuthWorld(database, units, clock, hasher, policy, sessions, revocations, accounts, admin)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from google.api import httpbody_pb2
 from google.rpc import error_details_pb2
 
 from parley.auth.v1 import auth_pb2, auth_pb2_grpc
+from services.auth.repository import auth_units_of_work
 from services.auth.signing_keys import SigningKeyStore, generate_kek, load_kek
 from services.auth.tokens import AccessTokenIssuer
 from services.common.call_context import current_identity
@@ -230,7 +231,7 @@ def ticker() -> Ticker:
 @pytest.fixture
 async def keys(key_database: Database, clock: Clock) -> SigningKeyStore:
     store = SigningKeyStore(
-        key_database,
+        auth_units_of_work(key_database),
         load_kek(generate_kek(), None, embedded_data_dir=None),
         clock=clock,
         access_token_ttl=TTL,

@@ -190,32 +190,32 @@ def test_a_valid_custom_catalog_loads(tmp_path: Path) -> None:
 # ---- listing ------------------------------------------------------------------------------------
 
 
-def test_pages_walk_every_model_once_in_catalog_order() -> None:
+async def test_pages_walk_every_model_once_in_catalog_order() -> None:
     catalog = ModelCatalog([model(name) for name in ("c", "a", "b", "e", "d")])
     seen: list[str] = []
     token = ""
     for _ in range(10):
-        page = catalog.list_models(page_size=2, page_token=token)
-        seen.extend(m.id for m in page.models)
+        page = await catalog.list_models(page_size=2, page_token=token, api_version="v1")
+        seen.extend(m.id for m in page.items)
         token = page.next_page_token
         if not token:
             break
     assert seen == ["c", "a", "b", "e", "d"]
 
 
-def test_page_size_defaults_and_negative_is_refused() -> None:
+async def test_page_size_defaults_and_negative_is_refused() -> None:
     catalog = ModelCatalog([model("a"), model("b")])
-    page = catalog.list_models(page_size=0, page_token="")
-    assert [m.id for m in page.models] == ["a", "b"]
+    page = await catalog.list_models(page_size=0, page_token="", api_version="v1")
+    assert [m.id for m in page.items] == ["a", "b"]
     assert page.next_page_token == ""
     with pytest.raises(InvalidArgument) as error:
-        catalog.list_models(page_size=-1, page_token="")
+        await catalog.list_models(page_size=-1, page_token="", api_version="v1")
     assert error.value.reason == "INVALID_PAGE_SIZE"
 
 
-def test_a_forged_page_token_is_refused() -> None:
+async def test_a_forged_page_token_is_refused() -> None:
     with pytest.raises(InvalidArgument) as error:
-        ModelCatalog([model("a")]).list_models(page_size=1, page_token="forged")
+        await ModelCatalog([model("a")]).list_models(page_size=1, page_token="forged", api_version="v1")
     assert error.value.reason == "INVALID_PAGE_TOKEN"
 
 
