@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter
 from gateway.authz import EdgeAuthorizer, add_authorization_service
 from gateway.render import is_public_service, public_services, read_descriptor_set
 from gateway.rls import add_rate_limit_service
+from services.common.listeners import ensure_free
 from services.common.ratelimit import RateLimitConfig, RateLimiter
 from services.common.reflection import add_reflection_service
 
@@ -127,7 +128,12 @@ async def create_edge_server(
 
     add_reflection_service(server, [*services, health.SERVICE_NAME], public_files(parsed))
 
-    bound_port = server.add_insecure_port(f"{host}:{port}")
+    # Checked first: gRPC would log its own error line for a taken port before failing.
+    ensure_free("edge_port", host, port)
+    try:
+        bound_port = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        bound_port = 0
     if bound_port == 0:
         raise OSError(f"the edge gRPC server could not bind {host}:{port}")
     await server.start()

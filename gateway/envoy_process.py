@@ -15,6 +15,7 @@ from types import TracebackType
 from typing import IO
 
 from gateway.render import Topology, write_envoy_config
+from services.common.listeners import ensure_free
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +135,8 @@ class EnvoyProcess:
         """Launch Envoy and return once its admin `/ready` says LIVE."""
         if self._process is not None:
             raise RuntimeError("this EnvoyProcess was already started")
+        # Envoy would only say so in its log: a taken port is reported like a bad setting.
+        self.check_ports()
         config_dir = self._config_dir
         if config_dir is None:
             self._own_config_dir = tempfile.TemporaryDirectory(prefix="parley-envoy-")
@@ -161,6 +164,14 @@ class EnvoyProcess:
                 "topology": self.topology.name,
             },
         )
+
+    def check_ports(self) -> None:
+        """Raise `PortInUseError` for a listener port of the topology that another process holds."""
+        topology = self.topology
+        ensure_free("http_port", topology.listen_address, topology.http_port)
+        if topology.tls is not None:
+            ensure_free("https_port", topology.listen_address, topology.tls.port)
+        ensure_free("envoy_admin_port", "127.0.0.1", topology.admin_port)
 
     async def _read_stderr(self) -> None:
         assert self._process is not None

@@ -9,6 +9,7 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+from services.common.listeners import PortInUseError
 from services.common.settings import (
     DEFAULT_SERVICE_METRICS_PORTS,
     DEFAULT_SERVICE_PORTS,
@@ -158,6 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = _parser().parse_args(argv)
     try:
         return _dispatch(arguments)
+    except PortInUseError as error:
+        sys.stderr.write(f"{error.describe(arguments.command)}\n")
+        return EXIT_BAD_SETTINGS
     except SettingsError as error:
         sys.stderr.write(f"{error}\n")
         return EXIT_BAD_SETTINGS

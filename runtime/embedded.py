@@ -31,6 +31,7 @@ from services.common.context import ServiceContext
 from services.common.contracts import descriptor_set_path
 from services.common.db import Database
 from services.common.health import DependencyProbe
+from services.common.listeners import ensure_free
 from services.common.metrics import serve_metrics
 from services.common.migrate import upgrade_async
 from services.common.server import ServerDeps, create_server
@@ -92,6 +93,9 @@ async def run_embedded(settings: Settings, *, stop: asyncio.Event | None = None)
         ),
     )
     grpc_host = connectable_host(settings.grpc_host)
+    # The child would report a taken port in its own output; checked here, it is one line from us.
+    ensure_free("edge_port", "127.0.0.1", settings.edge_port)
+    ensure_free("edge_metrics_port", settings.metrics_host, settings.edge_metrics_port)
     edge = EdgeChild(
         port=settings.edge_port or free_loopback_port(),
         env=edge_child_env(settings, auth_target=f"{grpc_host}:{grpc_port}", data_dir=data_dir),

@@ -139,7 +139,12 @@ async def run_edge(settings: Settings, *, stop: asyncio.Event | None = None) -> 
     # tokens themselves, from the token's issue time that the edge passes on.
     revocations = revocation_list_for(settings) if settings.redis_url else None
     metrics = (
-        serve_metrics(observability.registry, settings.metrics_host, settings.edge_metrics_port)
+        serve_metrics(
+            observability.registry,
+            settings.metrics_host,
+            settings.edge_metrics_port,
+            setting="edge_metrics_port",
+        )
         if settings.edge_metrics_port
         else None
     )

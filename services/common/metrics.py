@@ -10,6 +10,8 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from services.common.listeners import PortInUseError, is_address_in_use
+
 # Latency buckets from 1 ms to 10 s: RPCs here range from cache hits to provider calls.
 RPC_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -72,7 +74,16 @@ class MetricsEndpoint:
         self.server.server_close()
 
 
-def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> MetricsEndpoint:
-    """Serve `registry` on http://host:port/metrics in a background thread; port 0 picks a free one."""
-    server, _thread = start_http_server(port, addr=host, registry=registry)
+def serve_metrics(
+    registry: CollectorRegistry, host: str, port: int, *, setting: str = "metrics_port"
+) -> MetricsEndpoint:
+    """Serve `registry` on http://host:port/metrics in a background thread; port 0 picks a free one.
+
+    `setting` names the port's setting, for the error when the port is taken (`PortInUseError`)."""
+    try:
+        server, _thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as error:
+        if is_address_in_use(error):
+            raise PortInUseError(setting, host, port) from None
+        raise
     return MetricsEndpoint(server=server, port=int(server.server_port))

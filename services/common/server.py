@@ -21,6 +21,7 @@ from services.common.contracts import contract_files
 from services.common.health import DependencyProbe, HealthMonitor
 from services.common.identity import IdentityResolver
 from services.common.interceptors import CallPipeline
+from services.common.listeners import ensure_free
 from services.common.metrics import HealthMetrics, RpcMetrics
 from services.common.reflection import add_reflection_service
 from services.common.settings import Settings
@@ -115,12 +116,14 @@ def create_server(settings: Settings, deps: ServerDeps) -> tuple[ParleyServer, i
         metrics=HealthMetrics(deps.registry),
     )
     address = f"{settings.grpc_host}:{settings.grpc_port}"
+    # Checked first: gRPC would log its own error line for a taken port before failing.
+    ensure_free("grpc_port", settings.grpc_host, settings.grpc_port)
     try:
         port = server.add_insecure_port(address)
     except RuntimeError:
         port = 0
     if port == 0:
-        raise OSError(f"cannot bind gRPC on {address}; is another process using it?")
+        raise OSError(f"cannot bind gRPC on {address}")
     return ParleyServer(server, monitor, grace_s=settings.shutdown_grace_s), port
 
 
