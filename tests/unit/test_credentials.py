@@ -12,8 +12,10 @@ from typing import Any
 import grpc
 import pytest
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
+from google.protobuf import descriptor_pool
 
 from gateway.authz import EdgeAuthorizer
+from gateway.descriptors import DescriptorIndex, read_descriptor_set
 from parley.auth.v1 import auth_pb2
 from parley.common.v1 import common_pb2
 from services.common.credentials import (
@@ -37,6 +39,7 @@ from services.common.errors import (
 from services.common.identity import Identity, IdentityResolver
 from services.common.roles import role_values
 from services.common.safe_methods import SAFE_HTTP_METHODS, SafeMethods, is_safe_http_method
+from tests.support.gateway import DESCRIPTOR_SET_PATH
 
 API_KEY = "pk_abcdefghijkl_" + "s" * 43
 GOOD_TOKEN = "eyJ.good.token"
@@ -153,6 +156,22 @@ def test_a_grpc_method_is_safe_when_bound_to_a_get_rule() -> None:
     assert not is_safe(UNSAFE_CALL[1])
     assert not is_safe("/parley.auth.v1.AuthInternalService/CheckSession")  # no HTTP rule
     assert not is_safe("/parley.nope.v1.Nothing/Here")  # unknown
+
+
+def test_the_gateway_retries_exactly_the_calls_the_services_treat_as_safe() -> None:
+    """The retry policy (gateway/descriptors.py) and the CSRF rule read the one definition."""
+    descriptor_set = read_descriptor_set(DESCRIPTOR_SET_PATH.read_bytes())
+    pool = descriptor_pool.DescriptorPool()
+    for file in descriptor_set.file:
+        pool.Add(file)
+    is_safe = SafeMethods(pool)
+    verdicts = {
+        f"/{service.full_name}/{method.name}": method.is_read
+        for service in DescriptorIndex(descriptor_set).services
+        for method in service.methods
+    }
+    assert {is_safe(name) for name in verdicts} == {True, False}
+    assert {name: is_safe(name) for name in verdicts} == verdicts
 
 
 # ---- both callers, the same headers -------------------------------------------------------------
