@@ -50,6 +50,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from benchmarks.harness import Measurement, Report, print_report
+from gateway.topology import EDGE_CLUSTER
 from tests.support.databases import fresh_postgres_database
 from tests.support.parley_process import EmbeddedPorts, ParleyProcess, children_of
 from tests.support.rate_limits import scaled_rate_limits
@@ -80,7 +81,6 @@ AUTH_READ_P99_MAX_MS: Final = 50.0
 ENVOY_LISTENER: Final = "parley_http"
 # Envoy's cluster for the edge server: the rate-limit service, ext_authz and (without an OTLP
 # collector) the trace receiver.
-EDGE_CLUSTER: Final = "edge"
 
 # Runs in every wrk thread (and once more for setup/done). A thread stops at its share of the request
 # count; it then sends SIGINT to wrk, because wrk's main thread otherwise sleeps through the whole -d

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import cast
 
 import grpc
@@ -14,7 +13,7 @@ from gateway.edge import EdgeServices
 from parley.auth.v1 import auth_pb2_grpc
 from services.common.identity import CachedJwksVerifier
 from services.common.jwks_client import grpc_jwks_fetcher
-from services.common.ratelimit import load_rate_limit_config, rate_limiter_for
+from services.common.ratelimit import RateLimitConfig, rate_limiter_for
 from services.common.revocation import RevocationList
 from services.common.settings import Settings
 
@@ -35,7 +34,7 @@ def build_edge_wiring(
     settings: Settings,
     *,
     auth_target: str,
-    rate_limits_path: Path,
+    rate_limits: RateLimitConfig,
     revocations: RevocationList | None,
     registry: CollectorRegistry,
 ) -> EdgeWiring:
@@ -52,7 +51,7 @@ def build_edge_wiring(
     stub = cast("auth_pb2_grpc.AuthInternalServiceAsyncStub", auth_pb2_grpc.AuthInternalServiceStub(channel))
     authorizer = EdgeAuthorizer(stub, verifier, registry=registry)
     services = EdgeServices(
-        rate_limits=load_rate_limit_config(rate_limits_path),
+        rate_limits=rate_limits,
         limiter=rate_limiter_for(settings.redis_url),
         authorizer=authorizer,
         registry=registry,

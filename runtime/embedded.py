@@ -10,7 +10,8 @@ from pathlib import Path
 
 from gateway.edge import create_edge_server
 from gateway.envoy_process import EnvoyProcess
-from gateway.render import DEFAULT_RATE_LIMITS_FILE, embedded_topology
+from gateway.settings import load_gateway_settings
+from gateway.topology import embedded_topology
 from runtime.edge_wiring import build_edge_wiring
 from runtime.process import (
     build_services,
@@ -33,6 +34,7 @@ from services.common.db import Database
 from services.common.health import DependencyProbe
 from services.common.metrics import serve_metrics
 from services.common.migrate import upgrade_async
+from services.common.ratelimit import DEFAULT_RATE_LIMITS_FILE, load_rate_limit_config
 from services.common.server import ServerDeps, create_server
 from services.common.settings import SERVICE_NAMES, Settings
 from services.email.sending import MAIL_DIR_NAME
@@ -57,6 +59,9 @@ class EmbeddedAddresses:
 
 async def run_embedded(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     """Run until `stop` is set (or SIGINT/SIGTERM arrives), then shut everything down in order."""
+    # The gateway's data files first: a bad one stops `parley up` before anything is started.
+    gateway_settings = load_gateway_settings()
+    rate_limits = load_rate_limit_config(settings.rate_limits_file or DEFAULT_RATE_LIMITS_FILE)
     observability = set_up_observability(settings, process_name="embedded")
     stop = stop or asyncio.Event()
     install_stop_signals(stop)
@@ -91,11 +96,10 @@ async def run_embedded(settings: Settings, *, stop: asyncio.Event | None = None)
         ),
     )
     grpc_host = connectable_host(settings.grpc_host)
-    rate_limits_path = settings.rate_limits_file or DEFAULT_RATE_LIMITS_FILE
     edge = build_edge_wiring(
         settings,
         auth_target=f"{grpc_host}:{grpc_port}",
-        rate_limits_path=rate_limits_path,
+        rate_limits=rate_limits,
         revocations=context.revocations,
         registry=observability.registry,
     )
@@ -113,6 +117,7 @@ async def run_embedded(settings: Settings, *, stop: asyncio.Event | None = None)
             listen_address=settings.http_host,
             grpc_host=grpc_host,
             max_request_bytes=settings.max_request_bytes,
+            settings=gateway_settings,
         ),
         settings,
     )

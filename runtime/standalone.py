@@ -9,7 +9,7 @@ import sys
 
 from gateway.edge import create_edge_server
 from gateway.envoy_process import EnvoyProcess
-from gateway.render import Topology
+from gateway.topology import Topology
 from runtime.edge_wiring import build_edge_wiring
 from runtime.process import (
     build_services,
@@ -28,6 +28,7 @@ from services.common.contracts import descriptor_set_bytes
 from services.common.db import Database
 from services.common.health import DependencyProbe
 from services.common.metrics import serve_metrics
+from services.common.ratelimit import load_rate_limit_config
 from services.common.server import ServerDeps, create_server
 from services.common.settings import ServiceName, Settings
 
@@ -98,7 +99,7 @@ async def run_gateway(topology: Topology, settings: Settings, *, stop: asyncio.E
     edge = build_edge_wiring(
         settings,
         auth_target=settings.auth_target or f"{auth.host}:{auth.port}",
-        rate_limits_path=topology.rate_limits_path,
+        rate_limits=load_rate_limit_config(topology.rate_limits_path),
         revocations=revocation_list_for(settings),
         registry=observability.registry,
     )

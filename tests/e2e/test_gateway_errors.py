@@ -24,8 +24,8 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
 
+from gateway.descriptors import DescriptorIndex, is_internal_service
 from gateway.envoy_process import EnvoyProcess, EnvoyStartError
-from gateway.render import read_descriptor_set
 from services.common.identity import decode_roles_header
 from tests.support.gateway import (
     DESCRIPTOR_SET_PATH,
@@ -453,13 +453,12 @@ async def test_grpcurl_describes_public_services_but_not_internal_ones(gateway: 
 
 
 def internal_methods() -> Sequence[str]:
-    descriptor_set = read_descriptor_set(DESCRIPTOR_SET_PATH.read_bytes())
+    index = DescriptorIndex.from_bytes(DESCRIPTOR_SET_PATH.read_bytes())
     return [
-        f"{file.package}.{service.name}/{method.name}"
-        for file in descriptor_set.file
-        for service in file.service
-        if service.name.endswith("InternalService")
-        for method in service.method
+        f"{service.full_name}/{method.name}"
+        for service in index.services
+        if is_internal_service(service.full_name)
+        for method in service.methods
     ]
 
 

@@ -38,11 +38,10 @@ from services.auth.tokens import AccessTokenIssuer
 from services.auth.wiring import account_parts, build_bundle, signing_key_store
 from services.common.clock import utc_now
 from services.common.context import ServiceContext
+from services.common.credentials import ACCESS_TOKEN_COOKIE, CSRF_COOKIE
 from services.common.db import Database
 from services.common.errors import details_of
 from services.common.identity import (
-    ACCESS_TOKEN_COOKIE,
-    CSRF_COOKIE,
     CachedJwksVerifier,
     decode_roles_header,
     encode_roles_header,

@@ -11,6 +11,13 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COMMITTED_DIGEST = REPO_ROOT / "gen" / ".inputs.sha256"
+# The generators whose code shapes gen/: the OpenAPI generator and the descriptor walk it uses.
+GENERATORS = (
+    "scripts/gen",
+    "gateway/openapi.py",
+    "gateway/descriptors.py",
+    "services/common/safe_methods.py",
+)
 
 
 def _inputs_digest(repo: Path) -> str:
@@ -40,15 +47,8 @@ def test_committed_gen_is_fresh() -> None:
 def repo_copy(tmp_path: Path) -> Path:
     """The codegen inputs in a fresh directory, sharing this checkout's virtualenv."""
     copy = tmp_path / "repo"
-    (copy / "scripts").mkdir(parents=True)
-    (copy / "gateway").mkdir()
-    for name in (
-        "scripts/_bootstrap.sh",
-        "scripts/gen",
-        "gateway/openapi.py",
-        "pyproject.toml",
-        "constraints.txt",
-    ):
+    for name in ("scripts/_bootstrap.sh", *GENERATORS, "pyproject.toml", "constraints.txt"):
+        (copy / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO_ROOT / name, copy / name)
     if (REPO_ROOT / "buf.yaml").exists():
         shutil.copy2(REPO_ROOT / "buf.yaml", copy / "buf.yaml")
@@ -76,7 +76,7 @@ def test_digest_tracks_proto_contents_and_paths(repo_copy: Path) -> None:
     assert _inputs_digest(repo_copy) != original
 
 
-@pytest.mark.parametrize("name", ["scripts/gen", "gateway/openapi.py"])
+@pytest.mark.parametrize("name", GENERATORS)
 def test_digest_tracks_the_generators(repo_copy: Path, name: str) -> None:
     original = _inputs_digest(repo_copy)
     with (repo_copy / name).open("a") as generator:
