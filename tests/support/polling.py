@@ -61,7 +61,7 @@ class _Attempts:
 
 @overload
 async def eventually(
-    condition: Callable[[], Awaitable[T]],
+    condition: Callable[[], Awaitable[T | None]],
     *,
     what: str,
     timeout_s: float = ...,
@@ -74,7 +74,7 @@ async def eventually(
 
 @overload
 async def eventually(
-    condition: Callable[[], T],
+    condition: Callable[[], T | None],
     *,
     what: str,
     timeout_s: float = ...,
@@ -126,7 +126,7 @@ async def eventually(
 
 
 def eventually_sync(
-    condition: Callable[[], T],
+    condition: Callable[[], T | None],
     *,
     what: str,
     timeout_s: float = DEFAULT_TIMEOUT_S,
