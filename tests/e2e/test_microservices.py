@@ -40,6 +40,7 @@ from tests.support.microservices import (
     running_microservices,
 )
 from tests.support.parley_process import ParleyProcess, children_of, pid_alive
+from tests.support.polling import eventually
 from tests.support.reflection import DESCRIBE_LIST_PLANS, assert_grpcurl_describes
 from tests.support.tcp_proxy import TcpProxy
 
@@ -66,21 +67,23 @@ def billing_service_names() -> set[str]:
 
 async def wait_for_grpc_health(target: str, service: str, expected: str, *, owner: ParleyProcess) -> None:
     """Poll grpc.health.v1.Health/Check with grpcurl until it reports `expected`."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + WAIT_S
     request = json.dumps({"service": service})
-    last = ""
-    while True:
+    last_answer = ""
+
+    async def reported() -> bool:
+        nonlocal last_answer
         check = await grpcurl("-plaintext", "-d", request, target, "grpc.health.v1.Health/Check", timeout_s=5)
-        last = check.stdout + check.stderr
-        if check.returncode == 0 and json.loads(check.stdout).get("status") == expected:
-            return
-        if owner.exited() or loop.time() >= deadline:
-            raise AssertionError(
-                f"health of {service} at {target} is not {expected} within {WAIT_S}s (last: {last})\n"
-                f"{owner.output()[-4000:]}"
-            )
-        await asyncio.sleep(0.1)
+        last_answer = check.stdout + check.stderr
+        return check.returncode == 0 and json.loads(check.stdout).get("status") == expected
+
+    await eventually(
+        reported,
+        what=f"health of {service} at {target} reported {expected}",
+        timeout_s=WAIT_S,
+        interval_s=0.1,
+        alive=owner.check_alive,
+        details=lambda: f"last answer: {last_answer}",
+    )
 
 
 def assert_parley_error(

@@ -39,6 +39,7 @@ from parley.common.v1 import common_pb2
 from runtime.edge_wiring import build_edge_wiring
 from services.common.ratelimit import load_rate_limit_config
 from services.common.settings import Settings
+from tests.support.polling import eventually
 from tests.support.rate_limits import generous_rate_limits
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -293,13 +294,17 @@ async def grpcurl(*args: str, timeout_s: float = 30.0) -> GrpcurlResult:
 
 async def wait_for_healthz(url: str, expected_status: int, *, timeout_s: float = 10.0) -> None:
     """Poll GET /healthz until it answers `expected_status` (Envoy's health checks run on a timer)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    last: int | None = None
+    statuses: list[int] = []
     async with httpx.AsyncClient(timeout=2.0) as client:
-        while loop.time() < deadline:
-            last = (await client.get(f"{url}/healthz")).status_code
-            if last == expected_status:
-                return
-            await asyncio.sleep(0.1)
-    raise AssertionError(f"/healthz stayed {last}, expected {expected_status} within {timeout_s}s")
+
+        async def answered() -> bool:
+            statuses.append((await client.get(f"{url}/healthz")).status_code)
+            return statuses[-1] == expected_status
+
+        await eventually(
+            answered,
+            what=f"/healthz answering {expected_status}",
+            timeout_s=timeout_s,
+            interval_s=0.1,
+            details=lambda: f"statuses seen: {sorted(set(statuses))}",
+        )
