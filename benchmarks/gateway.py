@@ -59,6 +59,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from benchmarks.harness import RESULTS_DIR, Measurement, Report, print_report
+from gateway.topology import EDGE_CLUSTER
 from services.common.settings import SERVICE_NAMES
 from tests.support.databases import fresh_postgres_database
 from tests.support.gateway import free_port
@@ -98,9 +99,6 @@ PYTHON_CPU_PER_AUTH_READ_MOONSHOT_MS: Final = 0.8
 ENVOY_LISTENER: Final = "parley_http"
 PYTHON_TOTAL: Final = "python (all processes)"
 PROFILE_TOP_FRAMES: Final = 15
-# Envoy's cluster for the edge server: the rate-limit service, ext_authz and (without an OTLP
-# collector) the trace receiver.
-EDGE_CLUSTER: Final = "edge"
 
 # Runs in every wrk thread (and once more for setup/done). A thread stops at its share of the request
 # count; it then sends SIGINT to wrk, because wrk's main thread otherwise sleeps through the whole -d

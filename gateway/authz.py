@@ -2,14 +2,13 @@
 Envoy's jwt_authn could not verify.
 
 Envoy calls `Check` on protected routes for every request without an Envoy-verified JWT. The
-credential is found in this order, and the first one present decides (a refused credential is never
-replaced by another one the request also carries):
+credential is read by `services.common.credentials.presented_credential`, the parser the services
+use too (its docstring has the order; the first credential present decides, and a refused one is
+never replaced by another the request also carries). The edge accepts every kind:
 
-1. `Authorization: Bearer pk_…` → `AuthInternalService.CheckApiKey`;
-   `Authorization: Bearer <other>` → the token verifier (Envoy's JWKS cache may be stale right after
-   a key rotation; the verifier refetches on an unknown kid); any other `Authorization` value →
-   TOKEN_INVALID (`cause` malformed).
-2. `X-API-Key: pk_…` → `CheckApiKey`.
+1. An API key (`Authorization: Bearer pk_…` or `X-API-Key`) → `AuthInternalService.CheckApiKey`.
+2. Another bearer token → the token verifier (Envoy's JWKS cache may be stale right after a key
+   rotation; the verifier refetches on an unknown kid).
 3. The `__Host-parley-access` cookie → `AuthInternalService.CheckSession`, with the CSRF cookie,
    the `x-csrf-token` header and the HTTP method.
 4. Nothing → 401 UNAUTHENTICATED.
@@ -33,36 +32,42 @@ import hashlib
 import json
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Final, Generic, Literal, TypeVar
+from dataclasses import dataclass
+from typing import Any, Final, Literal
 
 import grpc
 import jwt
+from cachetools import TLRUCache
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import any_pb2, struct_pb2
 from google.protobuf.json_format import MessageToDict
 from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from parley.auth.v1 import auth_pb2, auth_pb2_grpc
+from services.common.credentials import (
+    API_KEY_HEADER,
+    AUTHORIZATION_HEADER,
+    Credential,
+    CredentialKind,
+    check_csrf,
+    double_submitted_csrf,
+    presented_credential,
+)
 from services.common.errors import (
     ERROR_DOMAIN,
     Internal,
     ParleyError,
     Unauthenticated,
     Unavailable,
-    status_code_from_numeric,
     to_status,
 )
 from services.common.identity import (
-    ACCESS_TOKEN_COOKIE,
     AUTH_METHOD_HEADER,
-    CSRF_COOKIE,
-    CSRF_HEADER,
     IDENTITY_HEADERS,
     PLAN_HEADER,
     ROLES_HEADER,
@@ -70,19 +75,14 @@ from services.common.identity import (
     TOKEN_ISSUED_AT_HEADER,
     USER_ID_HEADER,
     TokenVerifier,
-    check_csrf,
     encode_roles_header,
-    parse_cookies,
-    single_cookie,
 )
 from services.common.metrics import RPC_LATENCY_BUCKETS
 from services.common.roles import ordered_roles, role_names
+from services.common.safe_methods import is_safe_http_method
 
 logger = logging.getLogger(__name__)
 
-API_KEY_HEADER: Final = "x-api-key"
-API_KEY_PREFIX: Final = "pk_"
-SAFE_HTTP_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 DEFAULT_CACHE_ENTRIES: Final = 10_000
 DEFAULT_DENIAL_CACHE_ENTRIES: Final = 1_000
 # Long enough to absorb a burst of retries with one bad key, short enough that a fixed key (or a
@@ -95,7 +95,6 @@ ACCEPTED_CREDENTIALS: Final = (
     "an API key (Authorization: Bearer pk_… or X-API-Key: pk_…), or a signed-in browser session."
 )
 
-CredentialKind = Literal["api_key", "cookie", "jwt"]
 # The metrics label: a credential kind, "malformed" (unparseable credential headers) or "none".
 CredentialLabel = Literal["api_key", "cookie", "jwt", "malformed", "none"]
 
@@ -136,44 +135,6 @@ def is_grpc_request(headers: Mapping[str, str]) -> bool:
     rewritten to gRPC too; the transcoder marks those with x-envoy-original-path."""
     grpc_content = headers.get("content-type", "").lower().startswith("application/grpc")
     return grpc_content and "x-envoy-original-path" not in headers
-
-
-@dataclass(frozen=True)
-class Credential:
-    """What the request presented, and where: `header` is `authorization`, `x-api-key` or `cookie`."""
-
-    kind: CredentialKind
-    secret: str = field(repr=False)
-    header: str
-
-
-def malformed_token(message: str, cause: str = "malformed") -> Unauthenticated:
-    return Unauthenticated(message, reason="TOKEN_INVALID", metadata={"cause": cause})
-
-
-def presented_credential(headers: Mapping[str, str]) -> Credential | None:
-    """The credential that decides the request (see the module docstring for the order), or None.
-
-    Raises `Unauthenticated` TOKEN_INVALID for an `Authorization` header that is not
-    `Bearer <token>`, an empty access cookie, or conflicting access cookies.
-    """
-    authorization = headers.get("authorization", "").strip()
-    if authorization:
-        scheme, _, token = authorization.partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            raise malformed_token("The authorization header must be 'Bearer <token>'.")
-        kind: CredentialKind = "api_key" if token.startswith(API_KEY_PREFIX) else "jwt"
-        return Credential(kind, token, "authorization")
-    api_key = headers.get(API_KEY_HEADER)
-    if api_key is not None:
-        return Credential("api_key", api_key.strip(), API_KEY_HEADER)
-    access_token = single_cookie(parse_cookies(headers.get("cookie", "")), ACCESS_TOKEN_COOKIE)
-    if access_token is None:
-        return None
-    if not access_token:
-        raise malformed_token("The access cookie is empty.")
-    return Credential("cookie", access_token, "cookie")
 
 
 def token_issued_at(token: str) -> int | None:
@@ -242,7 +203,8 @@ class Denial:
 
     @property
     def code(self) -> grpc.StatusCode:
-        return status_code_from_numeric(self.status.code)
+        code: grpc.StatusCode = rpc_status.to_status(self.status).code
+        return code
 
     @property
     def reason(self) -> str:
@@ -292,8 +254,8 @@ def allowed_response(identity: EdgeIdentity, credential: Credential) -> Any:
     to_remove = [name for name in IDENTITY_HEADERS if name not in headers]
     # Services never see key secrets: an API key leaves the request here, in either header.
     to_remove.append(API_KEY_HEADER)
-    if credential.kind == "api_key" and credential.header == "authorization":
-        to_remove.append("authorization")
+    if credential.kind == "api_key" and credential.header == AUTHORIZATION_HEADER:
+        to_remove.append(AUTHORIZATION_HEADER)
     return external_auth_pb2.CheckResponse(
         status=status_pb2.Status(code=grpc.StatusCode.OK.value[0]),
         ok_response=external_auth_pb2.OkHttpResponse(
@@ -331,41 +293,18 @@ def denied_response(denial: Denial, *, request_id: str, grpc_client: bool) -> An
 
 # ---- cache and metrics --------------------------------------------------------------------------
 
-ValueT = TypeVar("ValueT")
+
+def _expires_after_its_ttl(_key: str, entry: tuple[object, float], now: float) -> float:
+    """cachetools' time-to-use of a cached answer stored as (answer, TTL in seconds)."""
+    return now + entry[1]
 
 
-class TtlLruCache(Generic[ValueT]):
-    """A bounded LRU whose entries also expire; `monotonic` is injectable for tests."""
-
-    def __init__(self, max_entries: int, *, monotonic: Callable[[], float] = time.monotonic) -> None:
-        if max_entries < 1:
-            raise ValueError("a cache needs room for at least one entry")
-        self._max_entries = max_entries
-        self._monotonic = monotonic
-        self._entries: OrderedDict[str, tuple[float, ValueT]] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, key: str) -> ValueT | None:
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        expires_at, value = entry
-        if expires_at <= self._monotonic():
-            del self._entries[key]
-            return None
-        self._entries.move_to_end(key)
-        return value
-
-    def put(self, key: str, value: ValueT, ttl_s: float) -> None:
-        if ttl_s <= 0:
-            self._entries.pop(key, None)
-            return
-        self._entries[key] = (self._monotonic() + ttl_s, value)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self._max_entries:
-            self._entries.popitem(last=False)
+def _answer_cache(max_entries: int, monotonic: Callable[[], float]) -> TLRUCache[str, Any]:
+    """A bounded LRU of answers by credential digest, each expiring after its own TTL; an answer
+    whose TTL is not positive is not kept (and removes an older one for the same credential)."""
+    if max_entries < 1:
+        raise ValueError("a cache needs room for at least one entry")
+    return TLRUCache(max_entries, ttu=_expires_after_its_ttl, timer=monotonic)
 
 
 class EdgeAuthzMetrics:
@@ -414,8 +353,9 @@ class EdgeAuthorizer:
         self._auth = auth
         self._verifier = token_verifier
         self._metrics = EdgeAuthzMetrics(registry if registry is not None else CollectorRegistry())
-        self._allowed: TtlLruCache[EdgeIdentity] = TtlLruCache(cache_entries, monotonic=monotonic)
-        self._denied: TtlLruCache[Denial] = TtlLruCache(denial_cache_entries, monotonic=monotonic)
+        # (identity, TTL) and (denial, TTL) by `secret_digest`.
+        self._allowed = _answer_cache(cache_entries, monotonic)
+        self._denied = _answer_cache(denial_cache_entries, monotonic)
         self._denial_ttl_s = min(max(denial_cache_ttl_s, 0.0), MAX_DENIAL_CACHE_TTL_S)
         self._auth_timeout_s = auth_timeout_s
         self._monotonic = monotonic
@@ -511,23 +451,22 @@ class EdgeAuthorizer:
             roles=role_names(reply.identity.roles),
             auth_method="api_key",
         )
-        self._allowed.put(key, identity, reply.cache_ttl.ToTimedelta().total_seconds())
+        self._allowed[key] = (identity, reply.cache_ttl.ToTimedelta().total_seconds())
         return identity
 
     async def _check_session(
         self, access_token: str, headers: Mapping[str, str], method: str, request_id: str
     ) -> Decision:
-        csrf_needed = method.upper() not in SAFE_HTTP_METHODS
-        cookies = parse_cookies(headers.get("cookie", ""))
-        csrf_header = headers.get(CSRF_HEADER, "")
+        safe = is_safe_http_method(method)
         key = secret_digest("cookie", access_token)
         cached = self._cached("cookie", key)
-        if isinstance(cached, EdgeIdentity) and csrf_needed:
-            # A cached session says who; whether this request is forged is decided afresh, always.
-            check_csrf(csrf_header, single_cookie(cookies, CSRF_COOKIE))
         if cached is not None:
+            if isinstance(cached, EdgeIdentity) and not safe:
+                # A cached session says who; whether this request is forged is decided afresh, always.
+                check_csrf(*double_submitted_csrf(headers))
             return cached
-        csrf_cookie = (single_cookie(cookies, CSRF_COOKIE) or "") if csrf_needed else ""
+        # Auth checks the tokens along with the session; a safe call needs none.
+        csrf_header, csrf_cookie = ("", "") if safe else double_submitted_csrf(headers)
         started = self._monotonic()
         try:
             reply = await self._auth.CheckSession(
@@ -551,11 +490,12 @@ class EdgeAuthorizer:
             auth_method="cookie",
             issued_at=token_issued_at(access_token),
         )
-        self._allowed.put(key, identity, reply.cache_ttl.ToTimedelta().total_seconds())
+        self._allowed[key] = (identity, reply.cache_ttl.ToTimedelta().total_seconds())
         return identity
 
     def _cached(self, kind: CredentialKind, key: str) -> Decision | None:
-        found: Decision | None = self._allowed.get(key) or self._denied.get(key)
+        entry: tuple[Decision, float] | None = self._allowed.get(key) or self._denied.get(key)
+        found = entry[0] if entry is not None else None
         self._metrics.cache_lookups.labels(kind, "miss" if found is None else "hit").inc()
         return found
 
@@ -579,7 +519,7 @@ class EdgeAuthorizer:
         denial = Denial(_status_from(error), credential_refused=True)
         # A CSRF refusal belongs to this request, not to the session: the next GET must still pass.
         if not denial.reason.startswith("CSRF_"):
-            self._denied.put(key, denial, self._denial_ttl_s)
+            self._denied[key] = (denial, self._denial_ttl_s)
         return denial
 
     def _observe(self, rpc: str, outcome: str, started: float) -> None:
@@ -594,11 +534,13 @@ def _forwarded(request_id: str) -> tuple[tuple[str, str], ...]:
 def _status_from(error: grpc.aio.AioRpcError) -> status_pb2.Status:
     """The `google.rpc.Status` auth sent in `grpc-status-details-bin`, minus its RequestInfo (the
     edge adds its own); a bare status gets an ErrorInfo for its code's generic reason."""
-    raw = dict(error.trailing_metadata() or ()).get("grpc-status-details-bin")
     code = error.code()
-    if isinstance(raw, bytes):
-        sent = status_pb2.Status.FromString(raw)
-        status = status_pb2.Status(code=sent.code or code.value[0], message=sent.message)
+    try:
+        sent = rpc_status.from_call(error)
+    except ValueError:
+        sent = None  # details that contradict the call's own status are not passed on
+    if sent is not None:
+        status = status_pb2.Status(code=sent.code, message=sent.message)
         status.details.extend(_without_request_info(sent.details))
         if _error_info(status) is not None:
             return status

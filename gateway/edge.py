@@ -20,7 +20,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from prometheus_client import CollectorRegistry, Counter
 
 from gateway.authz import EdgeAuthorizer, add_authorization_service
-from gateway.render import is_public_service, public_services, read_descriptor_set
+from gateway.descriptors import DescriptorIndex, is_internal_service, public_services, read_descriptor_set
 from gateway.rls import add_rate_limit_service
 from services.common.listeners import ensure_free
 from services.common.ratelimit import RateLimitConfig, RateLimiter
@@ -43,7 +43,7 @@ def public_files(
         kept = [
             index
             for index, service in enumerate(file.service)
-            if not file.package.startswith("parley.") or is_public_service(f"{file.package}.{service.name}")
+            if not is_internal_service(f"{file.package}.{service.name}")
         ]
         if len(kept) == len(file.service):
             files.append(file)
@@ -108,7 +108,7 @@ async def create_edge_server(
 ) -> tuple[grpc.aio.Server, int]:
     """Build, bind and start the edge server; port 0 picks a free port, which is returned."""
     parsed = read_descriptor_set(descriptor_set)
-    services = [service.full_name for service in public_services(parsed)]
+    services = [service.full_name for service in public_services(DescriptorIndex(parsed))]
     server = grpc.aio.server()
     add_rate_limit_service(
         server,

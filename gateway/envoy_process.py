@@ -14,7 +14,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-from gateway.render import Topology, write_envoy_config
+from gateway.render import write_envoy_config
+from gateway.topology import Topology
 from services.common.listeners import ensure_free
 
 logger = logging.getLogger(__name__)

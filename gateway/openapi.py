@@ -3,8 +3,9 @@
 The document describes what Envoy's gRPC-JSON transcoder actually serves for each `google.api.http`
 rule: proto field names in JSON (the gateway sets `preserve_proto_field_names`), 64-bit integers as
 strings, proto3 JSON for the well-known types, SSE for server-streaming RPCs, and a `google.rpc.Status`
-body for every error. Only public services (names not ending in `InternalService`) of `parley.*`
-packages are documented, because internal services are never routable through the gateway.
+body for every error. Only public services are documented (the rule and the descriptor walk are
+`gateway/descriptors.py`, shared with the Envoy config renderer), because internal services are never
+routable through the gateway.
 
 Run it as `python -m gateway.openapi --descriptor-set gen/parley/descriptor_set.binpb --out X.json`;
 `scripts/gen` does that for `gen/parley/openapi.json`.
@@ -17,13 +18,27 @@ import copy
 import json
 import logging
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, cast
 
-from google.api import annotations_pb2, field_behavior_pb2, http_pb2
+from google.api import field_behavior_pb2, http_pb2
 from google.protobuf import descriptor_pb2
+
+from gateway.descriptors import (
+    ENUM_VALUE,
+    HTTP_BODY_TYPE,
+    MESSAGE_ONEOF,
+    SERVICE_METHOD,
+    DescriptorIndex,
+    EnumInfo,
+    MessageInfo,
+    ServiceInfo,
+    binding_verb_and_path,
+    http_bindings,
+    type_full_name,
+)
 
 if TYPE_CHECKING:
     from google.protobuf.internal.extension_dict import _ExtensionFieldDescriptor
@@ -31,34 +46,16 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Schema = dict[str, Any]
-CommentIndex = Mapping[tuple[int, ...], str]
 FieldProto = descriptor_pb2.FieldDescriptorProto
 
 OPENAPI_VERSION: Final = "3.1.0"
-PUBLIC_PACKAGE_PREFIX: Final = "parley."
-INTERNAL_SERVICE_SUFFIX: Final = "InternalService"
 SCHEMA_REF_PREFIX: Final = "#/components/schemas/"
-HTTP_BODY_TYPE: Final = "google.api.HttpBody"
 
-# mypy sees google.api as untyped; typing the extension handles here keeps `Extensions[...]` lookups
-# typed as the option message they carry.
-_HTTP_RULE_EXTENSION: Final = cast(
-    "_ExtensionFieldDescriptor[descriptor_pb2.MethodOptions, http_pb2.HttpRule]", annotations_pb2.http
-)
+# mypy sees google.api as untyped; typing the extension handle keeps `Extensions[...]` lookups typed
+# as the option message they carry.
 _FIELD_BEHAVIOR_EXTENSION: Final = cast(
     "_ExtensionFieldDescriptor[descriptor_pb2.FieldOptions, Any]", field_behavior_pb2.field_behavior
 )
-
-# Field numbers used in SourceCodeInfo location paths.
-_FILE_MESSAGE: Final = descriptor_pb2.FileDescriptorProto.MESSAGE_TYPE_FIELD_NUMBER
-_FILE_ENUM: Final = descriptor_pb2.FileDescriptorProto.ENUM_TYPE_FIELD_NUMBER
-_FILE_SERVICE: Final = descriptor_pb2.FileDescriptorProto.SERVICE_FIELD_NUMBER
-_MESSAGE_FIELD: Final = descriptor_pb2.DescriptorProto.FIELD_FIELD_NUMBER
-_MESSAGE_NESTED: Final = descriptor_pb2.DescriptorProto.NESTED_TYPE_FIELD_NUMBER
-_MESSAGE_ENUM: Final = descriptor_pb2.DescriptorProto.ENUM_TYPE_FIELD_NUMBER
-_MESSAGE_ONEOF: Final = descriptor_pb2.DescriptorProto.ONEOF_DECL_FIELD_NUMBER
-_ENUM_VALUE: Final = descriptor_pb2.EnumDescriptorProto.VALUE_FIELD_NUMBER
-_SERVICE_METHOD: Final = descriptor_pb2.ServiceDescriptorProto.METHOD_FIELD_NUMBER
 
 _INT64_SCHEMA: Final[Schema] = {"type": "string", "format": "int64"}
 _SCALAR_SCHEMAS: Final[Mapping[int, Schema]] = {
@@ -285,23 +282,7 @@ def _raw_body_content() -> Schema:
     }
 
 
-# --- Descriptor index ---------------------------------------------------------------------------------
-
-
-def _clean_comment(raw: str) -> str:
-    lines = [line.removeprefix(" ").rstrip() for line in raw.strip("\n").split("\n")]
-    # `buf:lint:ignore RULE` lines are instructions to the linter, not documentation.
-    kept = [line for line in lines if not line.startswith("buf:lint:")]
-    return "\n".join(kept).strip()
-
-
-def _comments_by_path(file: descriptor_pb2.FileDescriptorProto) -> dict[tuple[int, ...], str]:
-    comments: dict[tuple[int, ...], str] = {}
-    for location in file.source_code_info.location:
-        text = location.leading_comments or location.trailing_comments
-        if text.strip():
-            comments[tuple(location.path)] = _clean_comment(text)
-    return comments
+# --- Descriptors ----------------------------------------------------------------------------------
 
 
 def first_sentence(text: str) -> str:
@@ -313,146 +294,17 @@ def first_sentence(text: str) -> str:
     return sentence.removesuffix(".")
 
 
-@dataclass(frozen=True)
-class Element:
-    """A descriptor plus where its comments live in its file's SourceCodeInfo."""
-
-    full_name: str
-    location: tuple[int, ...]
-    comments: CommentIndex
-
-    def comment(self, *subpath: int) -> str:
-        return self.comments.get((*self.location, *subpath), "")
-
-
-@dataclass(frozen=True)
-class MessageInfo(Element):
-    """A message type (nested ones included) with its comments."""
-
-    proto: descriptor_pb2.DescriptorProto
-
-    def field_comment(self, index: int) -> str:
-        return self.comment(_MESSAGE_FIELD, index)
-
-
-@dataclass(frozen=True)
-class EnumInfo(Element):
-    """An enum type with its comments."""
-
-    proto: descriptor_pb2.EnumDescriptorProto
-
-
-@dataclass(frozen=True)
-class ServiceInfo(Element):
-    """A service with its comments and the package that decides whether it is documented."""
-
-    package: str
-    proto: descriptor_pb2.ServiceDescriptorProto
-
-    @property
-    def label(self) -> str:
-        """The service's tag and operation-id prefix: its name, plus the package version after v1
-        (`ChatServiceV2`), so versions side by side never collide and v1's ids never change."""
-        version = self.package.rsplit(".", 1)[-1]
-        if version == "v1" or not re.fullmatch(r"v\d+\w*", version):
-            return self.proto.name
-        return f"{self.proto.name}{version.capitalize()}"
-
-    @property
-    def is_public(self) -> bool:
-        return self.package.startswith(PUBLIC_PACKAGE_PREFIX) and not self.proto.name.endswith(
-            INTERNAL_SERVICE_SUFFIX
-        )
-
-
-def _qualify(scope: str, name: str) -> str:
-    return f"{scope}.{name}" if scope else name
-
-
-def _full_name(type_name: str) -> str:
-    # protoc always writes resolved, fully-qualified type names with a leading dot.
-    return type_name.removeprefix(".")
+def service_label(service: ServiceInfo) -> str:
+    """The service's tag and operation-id prefix: its name, plus the package version after v1
+    (`ChatServiceV2`), so versions side by side never collide and v1's ids never change."""
+    version = service.version
+    if version == "v1" or not re.fullmatch(r"v\d+\w*", version):
+        return service.name
+    return f"{service.name}{version.capitalize()}"
 
 
 def _type_name(field: FieldProto) -> str:
-    return _full_name(field.type_name)
-
-
-class DescriptorIndex:
-    """Every message, enum and service of a FileDescriptorSet, by fully-qualified name."""
-
-    def __init__(self, file_set: descriptor_pb2.FileDescriptorSet) -> None:
-        self.messages: dict[str, MessageInfo] = {}
-        self.enums: dict[str, EnumInfo] = {}
-        self.services: list[ServiceInfo] = []
-        for file in file_set.file:
-            comments = _comments_by_path(file)
-            for index, message in enumerate(file.message_type):
-                self._add_message(message, file.package, (_FILE_MESSAGE, index), comments)
-            for index, enum in enumerate(file.enum_type):
-                self._add_enum(enum, file.package, (_FILE_ENUM, index), comments)
-            for index, service in enumerate(file.service):
-                self.services.append(
-                    ServiceInfo(
-                        full_name=_qualify(file.package, service.name),
-                        location=(_FILE_SERVICE, index),
-                        comments=comments,
-                        package=file.package,
-                        proto=service,
-                    )
-                )
-
-    def _add_message(
-        self,
-        proto: descriptor_pb2.DescriptorProto,
-        scope: str,
-        location: tuple[int, ...],
-        comments: CommentIndex,
-    ) -> None:
-        full_name = _qualify(scope, proto.name)
-        self.messages[full_name] = MessageInfo(full_name, location, comments, proto)
-        for index, nested in enumerate(proto.nested_type):
-            self._add_message(nested, full_name, (*location, _MESSAGE_NESTED, index), comments)
-        for index, enum in enumerate(proto.enum_type):
-            self._add_enum(enum, full_name, (*location, _MESSAGE_ENUM, index), comments)
-
-    def _add_enum(
-        self,
-        proto: descriptor_pb2.EnumDescriptorProto,
-        scope: str,
-        location: tuple[int, ...],
-        comments: CommentIndex,
-    ) -> None:
-        full_name = _qualify(scope, proto.name)
-        self.enums[full_name] = EnumInfo(full_name, location, comments, proto)
-
-    def message(self, full_name: str) -> MessageInfo:
-        try:
-            return self.messages[full_name]
-        except KeyError:
-            raise ValueError(f"message {full_name} is not in the descriptor set") from None
-
-    def enum(self, full_name: str) -> EnumInfo:
-        try:
-            return self.enums[full_name]
-        except KeyError:
-            raise ValueError(f"enum {full_name} is not in the descriptor set") from None
-
-    def resolve_field(self, message: MessageInfo, field_path: str) -> tuple[MessageInfo, int]:
-        """The message declaring the last field of a dotted path, and that field's index in it."""
-        owner = message
-        names = field_path.split(".")
-        for depth, name in enumerate(names):
-            index = next((i for i, f in enumerate(owner.proto.field) if f.name == name), None)
-            if index is None:
-                raise ValueError(f"{message.full_name} has no field {field_path!r}")
-            if depth == len(names) - 1:
-                return owner, index
-            field = owner.proto.field[index]
-            if field.type != FieldProto.TYPE_MESSAGE or field.label == FieldProto.LABEL_REPEATED:
-                raise ValueError(f"{field_path!r} in {message.full_name} crosses a non-message field")
-            owner = self.message(_type_name(field))
-        raise ValueError(f"empty field path in {message.full_name}")
+    return type_full_name(field.type_name)
 
 
 # --- Schemas ------------------------------------------------------------------------------------------
@@ -610,7 +462,7 @@ def _message_description(message: MessageInfo) -> str:
         if not members:
             continue  # the synthetic oneof of a proto3 `optional` field
         line = f"Oneof `{oneof.name}`: at most one of {', '.join(members)} is set."
-        oneof_comment = message.comment(_MESSAGE_ONEOF, oneof_index)
+        oneof_comment = message.comment(MESSAGE_ONEOF, oneof_index)
         parts.append(f"{line} {oneof_comment}" if oneof_comment else line)
     return "\n\n".join(parts)
 
@@ -619,7 +471,7 @@ def _enum_schema(enum: EnumInfo) -> Schema:
     names = [value.name for value in enum.proto.value]
     value_lines = []
     for value_index, value in enumerate(enum.proto.value):
-        comment = " ".join(enum.comment(_ENUM_VALUE, value_index).split())
+        comment = " ".join(enum.comment(ENUM_VALUE, value_index).split())
         value_lines.append(f"- `{value.name}`: {comment}" if comment else f"- `{value.name}`")
     description = "\n".join(value_lines)
     if enum.comment():
@@ -674,30 +526,13 @@ def convert_path_template(template: str) -> tuple[str, list[PathVariable]]:
     return path, variables
 
 
-def _http_bindings(rule: http_pb2.HttpRule) -> Iterator[http_pb2.HttpRule]:
-    yield rule
-    # Bindings nest only one level deep by the google.api.http contract.
-    yield from rule.additional_bindings
-
-
 def _verb_and_template(rule: http_pb2.HttpRule) -> tuple[str, str]:
-    pattern = rule.WhichOneof("pattern")
-    if pattern is None:
+    verb, template = binding_verb_and_path(rule)
+    if not verb:
         raise ValueError(f"http rule {rule.selector!r} has no method and path")
-    if pattern == "custom":
-        verb, template = rule.custom.kind.lower(), rule.custom.path
-    else:
-        verb, template = pattern, getattr(rule, pattern)
     if verb not in _OPENAPI_METHODS:
         raise ValueError(f"http method {verb!r} cannot be described in OpenAPI")
     return verb, template
-
-
-def http_rule(method: descriptor_pb2.MethodDescriptorProto) -> http_pb2.HttpRule | None:
-    """The method's `google.api.http` option, if it has one."""
-    if not method.options.HasExtension(_HTTP_RULE_EXTENSION):
-        return None
-    return method.options.Extensions[_HTTP_RULE_EXTENSION]
 
 
 # --- Operations ---------------------------------------------------------------------------------------
@@ -718,7 +553,7 @@ class _OperationBuilder:
         operation_id: str,
     ) -> tuple[str, str, Schema]:
         method = service.proto.method[method_index]
-        request = self._index.message(_full_name(method.input_type))
+        request = self._index.message(type_full_name(method.input_type))
         verb, template = _verb_and_template(binding)
         path, variables = convert_path_template(template)
 
@@ -728,8 +563,8 @@ class _OperationBuilder:
             body_fields = {binding.body} if binding.body else set()
             parameters.extend(self._query_parameters(request, frozenset(bound | body_fields)))
 
-        operation: Schema = {"operationId": operation_id, "tags": [service.label]}
-        comment = service.comment(_SERVICE_METHOD, method_index)
+        operation: Schema = {"operationId": operation_id, "tags": [service_label(service)]}
+        comment = service.comment(SERVICE_METHOD, method_index)
         if comment:
             operation["summary"] = first_sentence(comment)
             operation["description"] = comment
@@ -822,7 +657,7 @@ class _OperationBuilder:
         return _with_description(content, description)
 
     def _success_response(self, method: descriptor_pb2.MethodDescriptorProto, response_body: str) -> Schema:
-        response = self._index.message(_full_name(method.output_type))
+        response = self._index.message(type_full_name(method.output_type))
         if response.full_name == HTTP_BODY_TYPE:
             return {"description": "The raw response body.", "content": _raw_body_content()}
         if response_body:
@@ -857,29 +692,23 @@ def _event_stream_response(event_schema: Schema, message_name: str) -> Schema:
 # --- Document -----------------------------------------------------------------------------------------
 
 
-def public_services(index: DescriptorIndex) -> list[ServiceInfo]:
-    """The services the gateway routes: `parley.*` ones whose names do not end in `InternalService`."""
-    return [service for service in index.services if service.is_public]
-
-
 def build_openapi(descriptor_set: bytes, *, title: str, version: str) -> dict[str, Any]:
     """The OpenAPI 3.1 document for every http rule of the public services in a FileDescriptorSet."""
-    index = DescriptorIndex(descriptor_pb2.FileDescriptorSet.FromString(descriptor_set))
+    index = DescriptorIndex.from_bytes(descriptor_set)
     schemas = SchemaRegistry(index)
     operations = _OperationBuilder(index, schemas)
     paths: dict[str, dict[str, Schema]] = {}
     tags: list[Schema] = []
-    for service in public_services(index):
-        tags.append(_with_description({"name": service.label}, service.comment()))
-        for method_index, method in enumerate(service.proto.method):
-            rule = http_rule(method)
-            if rule is None:
+    for service in index.public_services():
+        tags.append(_with_description({"name": service_label(service)}, service.comment()))
+        for method in service.methods:
+            if method.rule is None:
                 continue  # gRPC-only method: the transcoder does not route it
-            for binding_number, binding in enumerate(_http_bindings(rule), start=1):
-                operation_id = f"{service.label}_{method.name}"
+            for binding_number, binding in enumerate(http_bindings(method.rule), start=1):
+                operation_id = f"{service_label(service)}_{method.name}"
                 if binding_number > 1:
                     operation_id = f"{operation_id}_{binding_number}"
-                path, verb, operation = operations.build(service, method_index, binding, operation_id)
+                path, verb, operation = operations.build(service, method.index, binding, operation_id)
                 path_item = paths.setdefault(path, {})
                 if verb in path_item:
                     clash = path_item[verb]["operationId"]

@@ -12,21 +12,22 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from email.utils import format_datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Final
 
-if TYPE_CHECKING:
-    from gateway.render import Deprecation, GatewaySettings, PublicMethod, PublicService
-    from services.common.ratelimit import RateLimitConfig, RouteDescriptor, RouteLimits
+from gateway.descriptors import MethodInfo, ServiceInfo
+from gateway.settings import Deprecation, GatewaySettings
+from services.common.identity import GATEWAY_HEADER_PREFIX, PLAN_HEADER, USER_ID_HEADER
+from services.common.ratelimit import RateLimitConfig, RouteDescriptor, RouteLimits
 
-USER_ID_HEADER = "x-parley-user-id"
-PLAN_HEADER = "x-parley-plan"
 API_VERSION_RESPONSE_HEADER = "Parley-API-Version"
 RBAC_FILTER = "envoy.filters.http.rbac"
 ROUTE_HEADERS_FILTER = "parley.route_request_headers"
 HEADER_MUTATION_PER_ROUTE = (
     "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutationPerRoute"
 )
-REQUIRED_ROLE_HEADER = "x-parley-required-role"
+# Names the role a route needs, for the 403 (gateway/local_replies.py); gateway-only, like every
+# header with the prefix.
+REQUIRED_ROLE_HEADER: Final = f"{GATEWAY_HEADER_PREFIX}required-role"
 EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
 # Turns ext_authz off for a route anyone may call.
 EXT_AUTHZ_DISABLED = {
@@ -75,11 +76,11 @@ RATE_LIMIT_FILTERS = (
 class RouteTarget:
     """Where a service's calls go: its upstream cluster."""
 
-    service: PublicService
+    service: ServiceInfo
     cluster: str
 
 
-def method_key(service: PublicService, method: PublicMethod) -> str:
+def method_key(service: ServiceInfo, method: MethodInfo) -> str:
     """`parley.auth.v1.AuthService/Login`: how the settings and rate-limit files name a method."""
     return f"{service.full_name}/{method.name}"
 
@@ -188,7 +189,7 @@ def _required_role_header(role: str) -> dict[str, Any]:
     }
 
 
-def _successor_link(method: PublicMethod, successor: PublicService | None) -> str | None:
+def _successor_link(method: MethodInfo, successor: ServiceInfo | None) -> str | None:
     """The same method's path in the successor version (its collection when the path is templated)."""
     if successor is None:
         return None
@@ -202,10 +203,10 @@ def _successor_link(method: PublicMethod, successor: PublicService | None) -> st
 
 
 def _version_headers(
-    service: PublicService,
-    method: PublicMethod,
+    service: ServiceInfo,
+    method: MethodInfo,
     deprecation: Deprecation | None,
-    successor: PublicService | None,
+    successor: ServiceInfo | None,
 ) -> list[dict[str, Any]]:
     headers = [(API_VERSION_RESPONSE_HEADER, service.version)]
     if deprecation is not None:
@@ -221,8 +222,8 @@ def _version_headers(
     ]
 
 
-def _required_role(service: PublicService, settings: GatewaySettings) -> str | None:
-    for requirement in settings.role_requirements:
+def _required_role(service: ServiceInfo, settings: GatewaySettings) -> str | None:
+    for requirement in settings.authentication.role_required:
         if service.full_name.endswith(requirement.service_suffix):
             return requirement.role
     return None
@@ -234,10 +235,10 @@ def method_routes(
     rate_limits: RateLimitConfig,
 ) -> list[dict[str, Any]]:
     """One Envoy route per public method, in the order of `targets`."""
-    services_by_package: Mapping[str, PublicService] = {
+    services_by_package: Mapping[str, ServiceInfo] = {
         target.service.package: target.service for target in targets
     }
-    deprecations = {deprecation.package: deprecation for deprecation in settings.deprecations}
+    deprecations = settings.api_versions.deprecated
     routes: list[dict[str, Any]] = []
     for target in targets:
         service = target.service
@@ -253,15 +254,15 @@ def method_routes(
             key = method_key(service, method)
             route: dict[str, Any] = {"cluster": target.cluster}
             if method.streaming:
-                route["timeout"] = f"{settings.stream_timeout_s}s"
-                route["idle_timeout"] = f"{settings.stream_idle_timeout_s}s"
+                route["timeout"] = f"{settings.timeouts.stream_s}s"
+                route["idle_timeout"] = f"{settings.timeouts.stream_idle_s}s"
             else:
-                route["timeout"] = f"{settings.unary_timeout_s}s"
+                route["timeout"] = f"{settings.timeouts.unary_s}s"
             # Reads may be retried on any transport failure; writes only when the request provably
             # never reached the service (connect failure, refused stream), so nothing runs twice.
             route["retry_policy"] = {
-                "retry_on": settings.retry_on if method.is_read else settings.write_retry_on,
-                "num_retries": settings.num_retries,
+                "retry_on": settings.retries.retry_on if method.is_read else settings.retries.write_retry_on,
+                "num_retries": settings.retries.num_retries,
             }
             governing = [] if key in rate_limits.routes.exempt else [rate_limits.routes.default]
             if key in rate_limits.routes.methods:
@@ -269,7 +270,7 @@ def method_routes(
             route["rate_limits"] = rate_limits_for(governing)
 
             per_filter: dict[str, Any] = {}
-            if key in settings.open_methods:
+            if key in settings.authentication.open_methods:
                 per_filter[EXT_AUTHZ_FILTER] = EXT_AUTHZ_DISABLED
             elif role is not None:
                 per_filter[RBAC_FILTER] = _role_policy(role)
@@ -292,7 +293,7 @@ def edge_routes(services: Sequence[str], cluster: str, settings: GatewaySettings
         {
             "name": service,
             "match": {"prefix": f"/{service}/", "grpc": {}},
-            "route": {"cluster": cluster, "timeout": f"{settings.unary_timeout_s}s"},
+            "route": {"cluster": cluster, "timeout": f"{settings.timeouts.unary_s}s"},
             "typed_per_filter_config": {EXT_AUTHZ_FILTER: EXT_AUTHZ_DISABLED},
         }
         for service in services

@@ -11,6 +11,8 @@ from typing import Any
 
 from services.common.listeners import PortInUseError
 from services.common.settings import (
+    DEFAULT_GRPC_PORT,
+    DEFAULT_HTTP_PORT,
     DEFAULT_SERVICE_METRICS_PORTS,
     DEFAULT_SERVICE_PORTS,
     SERVICE_NAMES,
@@ -30,8 +32,10 @@ def _parser() -> argparse.ArgumentParser:
 
     up = commands.add_parser("up", help="run everything in one process with SQLite and an Envoy gateway")
     up.add_argument("--data-dir", type=Path, help="where to keep data (default: PARLEY_DATA_DIR or ./var)")
-    up.add_argument("--http-port", type=int, help="gateway port (default 8080)")
-    up.add_argument("--grpc-port", type=int, help="gRPC port for every service (default 50051)")
+    up.add_argument("--http-port", type=int, help=f"gateway port (default {DEFAULT_HTTP_PORT})")
+    up.add_argument(
+        "--grpc-port", type=int, help=f"gRPC port for every service (default {DEFAULT_GRPC_PORT})"
+    )
 
     serve = commands.add_parser("serve", help="run one service alone (microservices mode)")
     serve.add_argument("service", choices=SERVICE_NAMES)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import cast
 
 import grpc
@@ -17,7 +16,7 @@ from parley.auth.v1 import auth_pb2_grpc
 from services.common.contracts import descriptor_set_bytes
 from services.common.identity import CachedJwksVerifier
 from services.common.jwks_client import grpc_jwks_fetcher
-from services.common.ratelimit import load_rate_limit_config, rate_limiter_for
+from services.common.ratelimit import RateLimitConfig, rate_limiter_for
 from services.common.revocation import RevocationList
 from services.common.settings import Settings
 
@@ -38,7 +37,7 @@ def build_edge_wiring(
     settings: Settings,
     *,
     auth_target: str,
-    rate_limits_path: Path,
+    rate_limits: RateLimitConfig,
     revocations: RevocationList | None,
     registry: CollectorRegistry,
 ) -> EdgeWiring:
@@ -55,7 +54,7 @@ def build_edge_wiring(
     stub = cast("auth_pb2_grpc.AuthInternalServiceAsyncStub", auth_pb2_grpc.AuthInternalServiceStub(channel))
     authorizer = EdgeAuthorizer(stub, verifier, registry=registry)
     services = EdgeServices(
-        rate_limits=load_rate_limit_config(rate_limits_path),
+        rate_limits=rate_limits,
         limiter=rate_limiter_for(settings.redis_url),
         authorizer=authorizer,
         registry=registry,
@@ -70,7 +69,7 @@ async def serving_edge(
     host: str,
     port: int,
     auth_target: str,
-    rate_limits_path: Path,
+    rate_limits: RateLimitConfig,
     revocations: RevocationList | None,
     registry: CollectorRegistry,
 ) -> AsyncIterator[int]:
@@ -82,7 +81,7 @@ async def serving_edge(
     edge = build_edge_wiring(
         settings,
         auth_target=auth_target,
-        rate_limits_path=rate_limits_path,
+        rate_limits=rate_limits,
         revocations=revocations,
         registry=registry,
     )

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.envoy_process import EnvoyProcess
-from gateway.render import DEFAULT_RATE_LIMITS_FILE, embedded_topology
+from gateway.settings import load_gateway_settings
+from gateway.topology import embedded_topology
 from runtime.edge_process import EdgeChild
 from runtime.process import (
     build_services,
@@ -34,6 +35,7 @@ from services.common.health import DependencyProbe
 from services.common.listeners import ensure_free
 from services.common.metrics import serve_metrics
 from services.common.migrate import upgrade_async
+from services.common.ratelimit import DEFAULT_RATE_LIMITS_FILE, load_rate_limit_config
 from services.common.server import ServerDeps, create_server
 from services.common.settings import SERVICE_NAMES, Settings
 from services.email.sending import MAIL_DIR_NAME
@@ -59,6 +61,10 @@ class EmbeddedAddresses:
 
 async def run_embedded(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     """Run until `stop` is set (or SIGINT/SIGTERM arrives), then shut everything down in order."""
+    # The gateway's data files first: a bad one stops `parley up` before anything is started.
+    gateway_settings = load_gateway_settings()
+    # The edge process reads the rate limits itself; read here too, a bad file stops us first.
+    load_rate_limit_config(settings.rate_limits_file or DEFAULT_RATE_LIMITS_FILE)
     observability = set_up_observability(settings, process_name="embedded")
     stop = stop or asyncio.Event()
     install_stop_signals(stop)
@@ -112,6 +118,7 @@ async def run_embedded(settings: Settings, *, stop: asyncio.Event | None = None)
             listen_address=settings.http_host,
             grpc_host=grpc_host,
             max_request_bytes=settings.max_request_bytes,
+            settings=gateway_settings,
         ),
         settings,
     )

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from gateway.envoy_process import EnvoyProcess
-from gateway.render import Topology
+from gateway.topology import Topology
 from runtime.edge_wiring import serving_edge
 from runtime.process import (
     build_services,
@@ -25,7 +25,7 @@ from services.common.context import ServiceContext
 from services.common.db import Database
 from services.common.health import DependencyProbe
 from services.common.metrics import serve_metrics
-from services.common.ratelimit import DEFAULT_RATE_LIMITS_FILE
+from services.common.ratelimit import DEFAULT_RATE_LIMITS_FILE, load_rate_limit_config
 from services.common.server import ServerDeps, create_server
 from services.common.settings import DEFAULT_SERVICE_PORTS, ServiceName, Settings
 
@@ -94,6 +94,7 @@ async def run_gateway(topology: Topology, settings: Settings, *, stop: asyncio.E
     # The edge checks API keys and cookie sessions with auth: where the topology routes auth traffic,
     # unless PARLEY_AUTH_TARGET says otherwise.
     auth = topology.upstreams["auth"]
+    rate_limits = load_rate_limit_config(topology.rate_limits_path)
     revocations = revocation_list_for(settings)
     envoy = EnvoyProcess(topology, config_dir=settings.data_dir / "envoy")
     # The edge's own metrics: rate-limit decisions and failures, authorization checks.
@@ -108,7 +109,7 @@ async def run_gateway(topology: Topology, settings: Settings, *, stop: asyncio.E
             host=topology.edge.host,
             port=topology.edge.port,
             auth_target=settings.auth_target or f"{auth.host}:{auth.port}",
-            rate_limits_path=topology.rate_limits_path,
+            rate_limits=rate_limits,
             revocations=revocations,
             registry=observability.registry,
         ):
@@ -132,6 +133,8 @@ async def run_gateway(topology: Topology, settings: Settings, *, stop: asyncio.E
 async def run_edge(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     """`parley edge`: the gateway's edge server alone, for an Envoy that runs elsewhere (`parley up`
     starts it as a child, so rate-limit decisions never queue behind the services' own work)."""
+    # The data file first: a bad one stops the process before anything is started.
+    rate_limits = load_rate_limit_config(settings.rate_limits_file or DEFAULT_RATE_LIMITS_FILE)
     observability = set_up_observability(settings, process_name="edge")
     stop = stop or asyncio.Event()
     install_stop_signals(stop)
@@ -154,7 +157,7 @@ async def run_edge(settings: Settings, *, stop: asyncio.Event | None = None) -> 
             host="127.0.0.1",
             port=settings.edge_port,
             auth_target=settings.auth_target or f"127.0.0.1:{DEFAULT_SERVICE_PORTS['auth']}",
-            rate_limits_path=settings.rate_limits_file or DEFAULT_RATE_LIMITS_FILE,
+            rate_limits=rate_limits,
             revocations=revocations,
             registry=observability.registry,
         ) as port:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
-from gateway.render import (
-    DEFAULT_RATE_LIMITS_FILE,
+from gateway.topology import (
+    OTLP_CLUSTER,
     TlsListener,
     Topology,
     Upstream,
@@ -15,6 +15,7 @@ from gateway.render import (
     local_topology,
 )
 from services.common.contracts import descriptor_set_path
+from services.common.ratelimit import DEFAULT_RATE_LIMITS_FILE
 from services.common.settings import SERVICE_NAMES, Settings, SettingsError
 
 
@@ -86,7 +87,7 @@ def otlp_upstream(endpoint: str | None) -> Upstream | None:
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise SettingsError(f"Invalid Parley settings:\n  PARLEY_OTLP_ENDPOINT: {endpoint!r} needs host:port")
-    return Upstream("otlp", host.strip("[]"), int(port))
+    return Upstream(OTLP_CLUSTER, host.strip("[]"), int(port))
 
 
 def _with_overrides(topology: Topology, overrides: Sequence[str]) -> Topology:

@@ -21,11 +21,13 @@ from services.auth.sessions import Session, SessionManager
 from services.auth.signing_keys import SigningKeyStore
 from services.auth.transport import caller_of, cleared_cookies, send_cookies, session_cookies
 from services.common.call_context import current_identity
+from services.common.credentials import REFRESH_TOKEN_COOKIE, check_csrf
 from services.common.encoding import timestamp_to_proto
 from services.common.errors import Unauthenticated
 from services.common.http_cache import JWKS_CACHE, send_cache_headers
-from services.common.identity import REFRESH_TOKEN_COOKIE, TokenVerifier, check_csrf
+from services.common.identity import TokenVerifier
 from services.common.roles import ROLE_ADMIN, ROLE_NAMES, role_values
+from services.common.safe_methods import is_safe_http_method
 
 _AUTH_METHODS = {
     "jwt": common_pb2.AUTH_METHOD_JWT,
@@ -423,7 +425,7 @@ class AuthInternalServicer(auth_pb2_grpc.AuthInternalServiceServicer):
     ) -> auth_pb2.CheckSessionResponse:
         token_identity = await self._verifier.verify(request.session_cookie)
         csrf: str | None = None
-        if request.http_method.upper() not in _SAFE_HTTP_METHODS:
+        if not is_safe_http_method(request.http_method):
             csrf = checked_csrf(request.csrf_header, request.csrf_cookie)
         checked = await self._sessions.check_session(token_identity.session_id, csrf)
         identity = auth_pb2.Identity(
@@ -438,9 +440,6 @@ class AuthInternalServicer(auth_pb2_grpc.AuthInternalServiceServicer):
         # The answer is bound to a revocable session: the gateway may not cache it.
         response.cache_ttl.FromSeconds(0)
         return response
-
-
-_SAFE_HTTP_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 def checked_csrf(header: str, cookie: str) -> str:

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 import grpc
 
 from services.common.call_context import current_via_gateway
-from services.common.identity import (
+from services.common.credentials import (
     ACCESS_TOKEN_COOKIE,
     CSRF_COOKIE,
     REFRESH_TOKEN_COOKIE,

@@ -12,9 +12,15 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Annotated, Final
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator
+from pydantic import Field, StrictStr, field_validator
 
+from services.common.config_files import (
+    ConfigFileError,
+    ConfigSection,
+    NonEmptyText,
+    PositiveInt,
+    load_yaml_model,
+)
 from services.common.money import Money
 from services.common.pagination import BY_INTEGER, Page, keyset_page
 
@@ -28,8 +34,8 @@ REQUIRED_PART_KIND: Final = "text"
 NANOS_PER_MINOR: Final = 1_000_000_000
 
 
-class ModelCatalogError(ValueError):
-    """The model catalog file is missing or malformed; the message names the file and the problem."""
+class ModelCatalogError(ConfigFileError):
+    """The model catalog file is missing or malformed; the one-line message names the file and the problem."""
 
 
 @dataclass(frozen=True)
@@ -125,42 +131,25 @@ class ModelCatalog:
 
 def load_model_catalog(path: Path = SHIPPED_CATALOG) -> ModelCatalog:
     """Read and validate the catalog file; any problem is a ModelCatalogError naming the file."""
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as error:
-        raise ModelCatalogError(f"cannot read the model catalog {path}: {error}") from error
-    try:
-        document = _CatalogFile.model_validate(raw)
-    except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in problem['loc']) or '<root>'}: {problem['msg']}"
-            for problem in error.errors()
-        )
-        raise ModelCatalogError(f"the model catalog {path} is invalid: {problems}") from None
+    document = load_yaml_model(path, _CatalogFile, ModelCatalogError)
     try:
         return ModelCatalog([entry.to_model(document.currency_code) for entry in document.models])
-    except (ValueError, TypeError) as error:
-        raise ModelCatalogError(f"the model catalog {path} is invalid: {error}") from None
+    except (ValueError, TypeError, ModelCatalogError) as error:
+        raise ModelCatalogError(f"{path}: {error}") from None
 
 
 # ---- the file's schema --------------------------------------------------------------------------
 
-_NonEmpty = Annotated[StrictStr, Field(min_length=1)]
-_Positive = Annotated[StrictInt, Field(gt=0)]
 
-
-class _CatalogEntry(BaseModel):
-    # Strict scalars (no "12" for 12, no 1.0 for 1), while YAML lists may still fill tuples.
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class _CatalogEntry(ConfigSection):
     id: Annotated[StrictStr, Field(pattern=r"^[a-z0-9][a-z0-9.\-]{0,63}$")]
-    display_name: _NonEmpty
+    display_name: NonEmptyText
     provider: Annotated[StrictStr, Field(pattern=r"^[a-z][a-z0-9_\-]*$")]
-    context_window: _Positive
-    max_output_tokens: _Positive
+    context_window: PositiveInt
+    max_output_tokens: PositiveInt
     input_price_per_1k_tokens_minor: StrictStr
     output_price_per_1k_tokens_minor: StrictStr
-    allowed_plans: Annotated[tuple[_NonEmpty, ...], Field(min_length=1)]
+    allowed_plans: Annotated[tuple[NonEmptyText, ...], Field(min_length=1)]
     accepted_part_kinds: Annotated[tuple[StrictStr, ...], Field(min_length=1)]
 
     @field_validator("input_price_per_1k_tokens_minor", "output_price_per_1k_tokens_minor", mode="before")
@@ -205,9 +194,6 @@ class _CatalogEntry(BaseModel):
         )
 
 
-class _CatalogFile(BaseModel):
-    # Strict scalars (no "12" for 12, no 1.0 for 1), while YAML lists may still fill tuples.
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class _CatalogFile(ConfigSection):
     currency_code: Annotated[StrictStr, Field(pattern=r"^[A-Z]{3}$")]
     models: Annotated[tuple[_CatalogEntry, ...], Field(min_length=1)]

@@ -51,7 +51,7 @@ from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
+from typing import Any, Final, Protocol, runtime_checkable
 
 from google.protobuf.message import DecodeError
 from opentelemetry import context as otel_context
@@ -73,9 +73,6 @@ from services.common.streams import (
     entry_for_group,
     reply_text,
 )
-
-if TYPE_CHECKING:
-    from services.common.dead_letters import SqlDeadLetters
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +191,20 @@ class EventSource(Protocol):
     async def replay(self, dead_letter_id: str | None = None) -> int:
         """Put one dead letter (or all when None) back on its stream, for this group only, and
         delete it from the DLQ; returns how many were replayed."""
+
+
+class DeadLetterStore(Protocol):
+    """Durable dead letters per consumer (`services.common.dead_letters.SqlDeadLetters`), for the
+    in-process source of embedded mode, whose dead letters must survive a restart."""
+
+    async def add(self, consumer: str, dead_letter: DeadLetter) -> str:
+        """Store a dead letter (its `dead_letter_id` is ignored) and return the id it got."""
+
+    async def take(self, consumer: str, dead_letter_id: str | None = None) -> list[DeadLetter]:
+        """Delete one dead letter (every one when None) and return what was deleted, oldest first."""
+
+    async def list(self, consumer: str) -> list[DeadLetter]:
+        """The consumer's dead letters, oldest first."""
 
 
 class ProcessedEvents(Protocol):
@@ -433,7 +444,7 @@ class InProcessSource:
         group: str,
         clock: Callable[[], float] = time.monotonic,
         settle_timeout_s: float = 300.0,
-        dead_letters: SqlDeadLetters | None = None,
+        dead_letters: DeadLetterStore | None = None,
     ) -> None:
         self._stream = stream
         self._group = group
@@ -564,7 +575,7 @@ class InProcessSource:
             replayed += 1
         return replayed
 
-    async def _replay_durable(self, store: SqlDeadLetters, dead_letter_id: str | None) -> int:
+    async def _replay_durable(self, store: DeadLetterStore, dead_letter_id: str | None) -> int:
         chosen = [
             dead
             for dead in await store.list(self._group)

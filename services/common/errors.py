@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 ERROR_DOMAIN = "parley.dev"
 
@@ -152,20 +153,14 @@ def _numeric_code(code: grpc.StatusCode) -> int:
     return numeric
 
 
-def status_code_from_numeric(numeric: int) -> grpc.StatusCode:
-    for code in grpc.StatusCode:
-        if code.value[0] == numeric:
-            return code
-    return grpc.StatusCode.UNKNOWN
-
-
 def trailing_metadata_for(status: status_pb2.Status) -> tuple[tuple[str, bytes | str], ...]:
     """Trailers that carry `status` the way grpc-status and Envoy's transcoder expect.
 
     An error that says when to retry (ErrorInfo metadata `retry_after_s`, e.g. ACCOUNT_LOCKED) also
     sends `retry-after`, which reaches JSON clients as the HTTP Retry-After header.
     """
-    trailers: list[tuple[str, bytes | str]] = [("grpc-status-details-bin", status.SerializeToString())]
+    # grpcio-status' own encoding of the details trailer (`grpc-status-details-bin`).
+    trailers: list[tuple[str, bytes | str]] = list(rpc_status.to_status(status).trailing_metadata)
     for detail in status.details:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()

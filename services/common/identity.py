@@ -1,5 +1,8 @@
 """Who is calling: identity from gateway-set headers, or from an access JWT verified on a direct call
-(as a bearer token or in the browser's access cookie, with a CSRF check on state-changing calls)."""
+(as a bearer token or in the browser's access cookie, with a CSRF check on state-changing calls).
+
+The credential itself is read by `services.common.credentials`, the same parser the gateway's check
+uses; this module decides what a service accepts and verifies it."""
 
 from __future__ import annotations
 
@@ -18,28 +21,36 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import jwt
-from google.api import annotations_pb2
-from google.protobuf import descriptor_pool
 from jwt import PyJWK
 
+from services.common.credentials import (
+    check_csrf,
+    double_submitted_csrf,
+    invalid_token,
+    presented_credential,
+)
 from services.common.errors import ParleyError, PermissionDenied, Unauthenticated, Unavailable
 from services.common.models import utc_now
+from services.common.safe_methods import SafeMethods
 
 if TYPE_CHECKING:
     from services.common.revocation import RevocationList
 
 logger = logging.getLogger(__name__)
 
-# The header family only the gateway may set; Envoy strips any client-sent copy before routing.
-GATEWAY_SECRET_HEADER = "x-parley-gateway-secret"  # noqa: S105 - a header name, not a secret
-USER_ID_HEADER = "x-parley-user-id"
-SESSION_ID_HEADER = "x-parley-session-id"
-PLAN_HEADER = "x-parley-plan"
-ROLES_HEADER = "x-parley-roles"
-AUTH_METHOD_HEADER = "x-parley-auth-method"
+# The header family only the gateway may set: Envoy removes every client-sent header with this prefix
+# before any filter runs, and the gateway's own request headers (identity, secret, the route's
+# required role, version negotiation) all carry it.
+GATEWAY_HEADER_PREFIX: Final = "x-parley-"
+GATEWAY_SECRET_HEADER: Final = f"{GATEWAY_HEADER_PREFIX}gateway-secret"
+USER_ID_HEADER: Final = f"{GATEWAY_HEADER_PREFIX}user-id"
+SESSION_ID_HEADER: Final = f"{GATEWAY_HEADER_PREFIX}session-id"
+PLAN_HEADER: Final = f"{GATEWAY_HEADER_PREFIX}plan"
+ROLES_HEADER: Final = f"{GATEWAY_HEADER_PREFIX}roles"
+AUTH_METHOD_HEADER: Final = f"{GATEWAY_HEADER_PREFIX}auth-method"
 # The `iat` of the token behind the identity, so services can still refuse revoked sessions.
-TOKEN_ISSUED_AT_HEADER = "x-parley-token-issued-at"  # noqa: S105 - a header name
-IDENTITY_HEADERS = (
+TOKEN_ISSUED_AT_HEADER: Final = f"{GATEWAY_HEADER_PREFIX}token-issued-at"
+IDENTITY_HEADERS: Final = (
     USER_ID_HEADER,
     SESSION_ID_HEADER,
     PLAN_HEADER,
@@ -47,15 +58,16 @@ IDENTITY_HEADERS = (
     AUTH_METHOD_HEADER,
     TOKEN_ISSUED_AT_HEADER,
 )
-
-# Browser sessions (login with TOKEN_DELIVERY_COOKIE). `__Host-` makes the browser insist on Secure,
-# Path=/ and no Domain, so no sibling host can plant them. The auth servicer sets them at login.
-ACCESS_TOKEN_COOKIE: Final = "__Host-parley-access"  # noqa: S105 - a cookie name
-REFRESH_TOKEN_COOKIE: Final = "__Host-parley-refresh"  # noqa: S105 - a cookie name
-CSRF_COOKIE: Final = "__Host-parley-csrf"
-# Double-submit: a state-changing call authenticated by cookie repeats the CSRF cookie in this header,
-# which another site's page can neither read nor set.
-CSRF_HEADER: Final = "x-csrf-token"
+# Envoy's jwt_authn copies these claims of a verified token into the identity headers (the array
+# claim `roles` arrives as base64 of its JSON, which `decode_roles_header` reads); the gateway's
+# ext_authz check sets the same headers for the other credentials.
+JWT_CLAIM_HEADERS: Final = (
+    (USER_ID_HEADER, "sub"),
+    (SESSION_ID_HEADER, "sid"),
+    (PLAN_HEADER, "plan"),
+    (ROLES_HEADER, "roles"),
+    (TOKEN_ISSUED_AT_HEADER, "iat"),
+)
 
 # Asymmetric algorithms only: a verifier that accepted HS* could be fed a token signed with the public key.
 ALLOWED_JWT_ALGORITHMS = ("EdDSA", "ES256", "RS256")
@@ -122,10 +134,6 @@ class NoTokenVerifier:
         )
 
 
-def _invalid(message: str, cause: str, **extra: str) -> Unauthenticated:
-    return Unauthenticated(message, reason="TOKEN_INVALID", metadata={"cause": cause, **extra})
-
-
 def parse_jwks(jwks: Mapping[str, Any], *, strict: bool) -> dict[str, PyJWK]:
     """The verification keys of a JWK Set by kid.
 
@@ -163,7 +171,7 @@ def parse_jwks(jwks: Mapping[str, Any], *, strict: bool) -> dict[str, PyJWK]:
 def _numeric_date(claims: Mapping[str, Any], name: str) -> float:
     value = claims[name]
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _invalid(f"The token's {name!r} claim is not a time.", "claims", claim=name)
+        raise invalid_token(f"The token's {name!r} claim is not a time.", "claims", claim=name)
     return float(value)
 
 
@@ -198,18 +206,18 @@ class _JwtVerifier(abc.ABC):
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
-            raise _invalid("The token is malformed.", "malformed") from None
+            raise invalid_token("The token is malformed.", "malformed") from None
         algorithm = header.get("alg")
         if algorithm not in ALLOWED_JWT_ALGORITHMS:
-            raise _invalid("The token's algorithm is not accepted.", "algorithm")
+            raise invalid_token("The token's algorithm is not accepted.", "algorithm")
         kid = header.get("kid")
         if not isinstance(kid, str) or not kid:
-            raise _invalid("The token does not name its signing key.", "missing_kid")
+            raise invalid_token("The token does not name its signing key.", "missing_kid")
         key = await self._key_for(kid)
         if key is None:
-            raise _invalid("The token's signing key is unknown.", "unknown_kid")
+            raise invalid_token("The token's signing key is unknown.", "unknown_kid")
         if algorithm != key.algorithm_name:
-            raise _invalid("The token's algorithm is not accepted.", "algorithm")
+            raise invalid_token("The token's algorithm is not accepted.", "algorithm")
         claims = self._verified_claims(token, key)
         identity = self._identity_from(claims)
         await self._refuse_if_revoked(identity, claims)
@@ -232,28 +240,28 @@ class _JwtVerifier(abc.ABC):
                 },
             )
         except jwt.InvalidSignatureError:
-            raise _invalid("The token's signature is not valid.", "signature") from None
+            raise invalid_token("The token's signature is not valid.", "signature") from None
         except jwt.MissingRequiredClaimError as error:
-            raise _invalid(
+            raise invalid_token(
                 f"The token lacks the {error.claim!r} claim.", "missing_claim", claim=error.claim
             ) from None
         except jwt.InvalidIssuerError:
-            raise _invalid("The token was issued by someone else.", "issuer") from None
+            raise invalid_token("The token was issued by someone else.", "issuer") from None
         except jwt.InvalidAudienceError:
-            raise _invalid("The token is meant for another audience.", "audience") from None
+            raise invalid_token("The token is meant for another audience.", "audience") from None
         except jwt.DecodeError:
-            raise _invalid("The token is malformed.", "malformed") from None
+            raise invalid_token("The token is malformed.", "malformed") from None
         except jwt.PyJWTError:
-            raise _invalid("The token's claims are not valid.", "claims") from None
+            raise invalid_token("The token's claims are not valid.", "claims") from None
         now = self._clock().timestamp()
         if _numeric_date(claims, "exp") <= now:
             raise Unauthenticated("The token has expired.", reason="TOKEN_EXPIRED")
         if _numeric_date(claims, "iat") > now + self._max_clock_skew_s:
-            raise _invalid("The token claims to be issued in the future.", "issued_in_future")
+            raise invalid_token("The token claims to be issued in the future.", "issued_in_future")
         if "nbf" in claims and _numeric_date(claims, "nbf") > now + self._max_clock_skew_s:
-            raise _invalid("The token is not valid yet.", "not_yet_valid")
+            raise invalid_token("The token is not valid yet.", "not_yet_valid")
         if not isinstance(claims["sub"], str) or not claims["sub"]:
-            raise _invalid("The token's subject is empty.", "claims", claim="sub")
+            raise invalid_token("The token's subject is empty.", "claims", claim="sub")
         return claims
 
     @staticmethod
@@ -387,59 +395,13 @@ class CachedJwksVerifier(_JwtVerifier):
             self._fetched_at = self._attempted_at
 
 
-class StateChangingMethods:
-    """Whether an RPC may change state, read from its `google.api.http` rule in the descriptor pool.
-
-    Only a GET rule marks a method safe; a method with another verb, with no HTTP rule, or unknown
-    to the pool counts as state-changing. Answers are remembered per method.
-    """
-
-    def __init__(self, pool: descriptor_pool.DescriptorPool | None = None) -> None:
-        self._pool = pool or descriptor_pool.Default()
-        self._answers: dict[str, bool] = {}
-
-    def __call__(self, full_method: str) -> bool:
-        answer = self._answers.get(full_method)
-        if answer is None:
-            answer = self._is_state_changing(full_method)
-            self._answers[full_method] = answer
-        return answer
-
-    def _is_state_changing(self, full_method: str) -> bool:
-        _, service, method = full_method.split("/", 2) if full_method.count("/") == 2 else ("", "", "")
-        if not service or not method:
-            return True
-        try:
-            descriptor = self._pool.FindMethodByName(f"{service}.{method}")
-        except KeyError:
-            return True
-        options = descriptor.GetOptions()
-        if not options.HasExtension(annotations_pb2.http):
-            return True
-        return bool(options.Extensions[annotations_pb2.http].WhichOneof("pattern") != "get")
-
-
-def parse_cookies(header: str) -> dict[str, list[str]]:
-    """Cookie header values (RFC 6265 `name=value; name2=value2`) by name, in order of appearance."""
-    cookies: dict[str, list[str]] = {}
-    for pair in header.split(";"):
-        name, separator, value = pair.partition("=")
-        name = name.strip()
-        if not separator or not name:
-            continue
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] == '"':
-            value = value[1:-1]
-        cookies.setdefault(name, []).append(value)
-    return cookies
-
-
 class IdentityResolver:
     """Decides which identity a call carries, from its invocation metadata and method.
 
-    In order: the gateway's identity headers with its secret; identity headers without it (refused); an
-    `authorization: Bearer` token; the access cookie, with the CSRF double-submit check on
-    state-changing methods; otherwise anonymous.
+    In order: the gateway's identity headers with its secret; identity headers without it (refused);
+    otherwise the credential the request presents (`presented_credential`): a bearer JWT, or the
+    access cookie with the CSRF double-submit check on methods that are not safe; an API key is
+    refused here (the gateway resolves those); nothing presented is anonymous.
     """
 
     def __init__(
@@ -447,7 +409,7 @@ class IdentityResolver:
         *,
         gateway_secret: str | None,
         token_verifier: TokenVerifier,
-        state_changing: Callable[[str], bool] | None = None,
+        is_safe_method: Callable[[str], bool] | None = None,
         revocations: RevocationList | None = None,
         clock: Callable[[], datetime] = utc_now,
         max_clock_skew_s: float = DEFAULT_MAX_CLOCK_SKEW_S,
@@ -456,11 +418,11 @@ class IdentityResolver:
         self._max_clock_skew_s = max_clock_skew_s
         self._gateway_secret = gateway_secret.encode() if gateway_secret else None
         self._token_verifier = token_verifier
-        self._is_state_changing = state_changing or StateChangingMethods()
+        self._is_safe_method = is_safe_method or SafeMethods()
         self._revocations = revocations
 
     async def resolve(self, metadata: Mapping[str, str], method: str = "") -> Identity:
-        """The caller of `method` (`/pkg.Service/Method`; empty counts as state-changing)."""
+        """The caller of `method` (`/pkg.Service/Method`; empty counts as not safe)."""
         presented_secret = metadata.get(GATEWAY_SECRET_HEADER)
         if presented_secret is not None:
             if self._gateway_secret is None or not hmac.compare_digest(
@@ -489,22 +451,21 @@ class IdentityResolver:
 
     async def _from_credential(self, metadata: Mapping[str, str], method: str) -> Identity:
         """The identity the request's own bearer token or access cookie proves, or anonymous."""
-        authorization = metadata.get("authorization", "")
-        if authorization:
-            scheme, _, token = authorization.partition(" ")
-            if scheme.lower() != "bearer" or not token.strip():
-                raise _invalid("The authorization header must be 'Bearer <token>'.", "malformed")
-            return await self._token_verifier.verify(token.strip())
-        cookies = parse_cookies(metadata.get("cookie", ""))
-        access_token = single_cookie(cookies, ACCESS_TOKEN_COOKIE)
-        if access_token is None:
+        credential = presented_credential(metadata)
+        if credential is None:
             return ANONYMOUS
-        if not access_token:
-            raise _invalid("The access cookie is empty.", "malformed")
-        identity = replace(await self._token_verifier.verify(access_token), auth_method="cookie")
-        if self._is_state_changing(method):
-            check_csrf(metadata.get(CSRF_HEADER), single_cookie(cookies, CSRF_COOKIE))
-        return identity
+        if credential.kind == "api_key":
+            # Keys are checked with the auth service, per request and cached, by the gateway only.
+            raise invalid_token(
+                "API keys are accepted through the gateway only; call a service with an access token.",
+                "malformed",
+            )
+        identity = await self._token_verifier.verify(credential.secret)
+        if credential.kind == "jwt":
+            return identity
+        if not self._is_safe_method(method):
+            check_csrf(*double_submitted_csrf(metadata))
+        return replace(identity, auth_method="cookie")
 
     async def _from_gateway_headers(self, metadata: Mapping[str, str]) -> Identity:
         identity = Identity(
@@ -528,7 +489,9 @@ class IdentityResolver:
         # whether the session was revoked since: both are checked here, as for a direct call.
         if moment.timestamp() > self._clock().timestamp() + self._max_clock_skew_s:
             return Identity(
-                credential_error=_invalid("The token claims to be issued in the future.", "issued_in_future")
+                credential_error=invalid_token(
+                    "The token claims to be issued in the future.", "issued_in_future"
+                )
             )
         if self._revocations is not None and await self._revocations.is_revoked(
             identity.session_id, identity.user_id, moment
@@ -566,38 +529,3 @@ def decode_roles_header(value: str) -> frozenset[str]:
             metadata={"cause": "identity_headers"},
         )
     return frozenset(roles)
-
-
-def single_cookie(cookies: Mapping[str, list[str]], name: str) -> str | None:
-    """The cookie's value; several different values are refused, since which one counts is ambiguous."""
-    values = cookies.get(name)
-    if not values:
-        return None
-    if len(set(values)) > 1:
-        if name == CSRF_COOKIE:
-            raise PermissionDenied(
-                "The request carries conflicting CSRF cookies.",
-                reason="CSRF_TOKEN_MISMATCH",
-                metadata={"cause": "duplicate_cookie"},
-            )
-        raise _invalid(f"The request carries conflicting {name} cookies.", "duplicate_cookie")
-    return values[0]
-
-
-def check_csrf(header_token: str | None, cookie_token: str | None) -> None:
-    if not header_token:
-        raise PermissionDenied(
-            f"A state-changing request signed in by cookie needs the {CSRF_HEADER} header.",
-            reason="CSRF_TOKEN_MISSING",
-            metadata={"cause": "header"},
-        )
-    if not cookie_token:
-        raise PermissionDenied(
-            f"A state-changing request signed in by cookie needs the {CSRF_COOKIE} cookie.",
-            reason="CSRF_TOKEN_MISSING",
-            metadata={"cause": "cookie"},
-        )
-    if not hmac.compare_digest(header_token.encode(), cookie_token.encode()):
-        raise PermissionDenied(
-            f"The {CSRF_HEADER} header does not match the CSRF cookie.", reason="CSRF_TOKEN_MISMATCH"
-        )

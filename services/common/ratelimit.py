@@ -29,11 +29,22 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Final, Literal, Protocol
+from typing import Annotated, Final, Literal, Protocol, get_args
 
-import yaml
+from pydantic import Field, field_validator, model_validator
 from redis import RedisError
 
+from services.common.config_files import (
+    ConfigFileError,
+    ConfigSection,
+    Flag,
+    MethodKey,
+    NonEmptyText,
+    Number,
+    PositiveInt,
+    load_yaml_model,
+    validate_document,
+)
 from services.common.errors import QuotaViolation, ResourceExhausted, Unavailable
 from services.common.redis_multiplex import MultiplexedRedis, Script
 
@@ -43,7 +54,8 @@ DEFAULT_RATE_LIMITS_FILE: Final = Path(__file__).resolve().parents[2] / "envoy" 
 
 # Where a route descriptor's entries come from: the client address Envoy saw, and the gateway's
 # identity headers.
-ENTRY_SOURCES: Final = frozenset({"remote_address", "user", "plan"})
+EntrySource = Literal["remote_address", "user", "plan"]
+ENTRY_SOURCES: Final = frozenset(get_args(EntrySource))
 # Key entries whose values are hashed before they become part of a counter key, so no email
 # address sits in Redis.
 HASHED_KEY_ENTRIES: Final = frozenset({"email"})
@@ -56,13 +68,10 @@ MICROSECONDS_PER_SECOND: Final = 1_000_000
 OnFailure = Literal["allow", "deny"]
 
 _NAME_PATTERN: Final = re.compile(r"^[a-z][a-z0-9_]*$")
-_METHOD_PATTERN: Final = re.compile(
-    r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+/[A-Za-z_][A-Za-z0-9_]*$"
-)
 
 
-class RateLimitConfigError(ValueError):
-    """The rate-limit file is unusable; the one-line message names the file and the problem."""
+class RateLimitConfigError(ConfigFileError):
+    """The rate-limit file is unusable; the one-line message names the file, the key and the problem."""
 
 
 class RateLimiterUnavailable(Unavailable):
@@ -224,206 +233,177 @@ def load_rate_limit_config(path: Path | None = None) -> RateLimitConfig:
     """Read and validate a rate-limit file (None: the shipped envoy/ratelimits.yaml); any problem is
     a one-line `RateLimitConfigError`."""
     path = path or DEFAULT_RATE_LIMITS_FILE
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise RateLimitConfigError(f"{path}: cannot be read ({error.strerror or error})") from error
-    try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        problem = " ".join(str(error).split())
-        raise RateLimitConfigError(f"{path}: is not valid YAML ({problem})") from error
-    return parse_rate_limit_config(document, source=str(path))
+    return load_yaml_model(path, _RateLimitFile, RateLimitConfigError).config(str(path))
 
 
 def parse_rate_limit_config(document: object, *, source: str = "<rate limits>") -> RateLimitConfig:
     """Validate an already-parsed rate-limit document (the shape of `envoy/ratelimits.yaml`)."""
-    try:
-        return _parse(document, source)
-    except _InvalidError as problem:
-        raise RateLimitConfigError(f"{source}: {problem}") from None
-
-
-class _InvalidError(Exception):
-    """A problem found while parsing; `parse_rate_limit_config` prefixes it with the file."""
-
-
-def _parse(document: object, source: str) -> RateLimitConfig:
-    top = _mapping(document, "the document", required={"domain", "limits", "routes"})
-    domain = _text(top["domain"], "domain")
-    raw_limits = top["limits"]
-    if not isinstance(raw_limits, list) or not raw_limits:
-        raise _InvalidError("limits must be a non-empty list")
-    rules = tuple(_parse_rule(entry, f"limits[{index}]") for index, entry in enumerate(raw_limits))
-    _check_unique_rules(rules)
-    routes_raw = _mapping(top["routes"], "routes", required={"default"}, optional={"methods", "exempt"})
-    default = _parse_route(routes_raw["default"], "routes.default", rules)
-    methods_raw = routes_raw.get("methods") or {}
-    if not isinstance(methods_raw, dict):
-        raise _InvalidError("routes.methods must be a mapping of 'package.Service/Method' to route limits")
-    methods: dict[str, RouteLimits] = {}
-    for method, route in methods_raw.items():
-        where = f"routes.methods[{method!r}]"
-        if not isinstance(method, str) or not _METHOD_PATTERN.match(method):
-            raise _InvalidError(f"{where}: the key must be a gRPC method 'package.Service/Method'")
-        methods[method] = _parse_route(route, where, rules)
-    exempt = _text_list(routes_raw.get("exempt") or [], "routes.exempt")
-    for method in exempt:
-        if not _METHOD_PATTERN.match(method):
-            raise _InvalidError(f"routes.exempt: {method!r} is not a gRPC method 'package.Service/Method'")
-        if method in methods:
-            raise _InvalidError(f"routes.exempt: {method!r} also has limits under routes.methods")
-    routes = RateLimitRoutes(default=default, methods=MappingProxyType(methods), exempt=frozenset(exempt))
-    return RateLimitConfig(domain=domain, rules=rules, routes=routes, source=source)
-
-
-def _parse_rule(entry: object, where: str) -> RateLimitRule:
-    raw = _mapping(entry, where, required={"name", "descriptor", "key", "rate", "burst"}, optional={"shadow"})
-    name = _text(raw["name"], f"{where}.name")
-    if not _NAME_PATTERN.match(name):
-        raise _InvalidError(f"{where}.name {name!r} must be lower_snake_case (it is a header and key part)")
-    where = f"{where} ({name})"
-    descriptor_raw = _mapping(
-        raw["descriptor"], f"{where}.descriptor", required={LIMIT_ENTRY}, open_keys=True
-    )
-    descriptor = {
-        _text(key, f"{where}.descriptor key"): _text(value, f"{where}.descriptor.{key}")
-        for key, value in descriptor_raw.items()
-    }
-    key = _text_list(raw["key"], f"{where}.key")
-    if not key:
-        raise _InvalidError(f"{where}.key must name at least one entry")
-    overlap = sorted(set(key) & set(descriptor))
-    if overlap:
-        raise _InvalidError(f"{where}.key repeats descriptor entries {overlap}")
-    rate = _mapping(raw["rate"], f"{where}.rate", required={"requests", "per_s"})
-    requests = rate["requests"]
-    if not _is_int(requests) or requests <= 0:
-        raise _InvalidError(f"{where}.rate.requests must be a positive integer, got {requests!r}")
-    per_s = rate["per_s"]
-    if not _is_number(per_s) or per_s <= 0 or not math.isfinite(per_s):
-        raise _InvalidError(f"{where}.rate.per_s must be a positive number of seconds, got {per_s!r}")
-    if per_s / requests < 1 / MICROSECONDS_PER_SECOND:
-        raise _InvalidError(f"{where}.rate is faster than one request per microsecond")
-    burst = raw["burst"]
-    if not _is_int(burst) or burst < 1:
-        raise _InvalidError(f"{where}.burst must be an integer >= 1, got {burst!r}")
-    shadow = raw.get("shadow", False)
-    if not isinstance(shadow, bool):
-        raise _InvalidError(f"{where}.shadow must be true or false, got {shadow!r}")
-    return RateLimitRule(
-        name=name,
-        descriptor=descriptor,
-        key=key,
-        requests=int(requests),
-        per_s=float(per_s),
-        burst=int(burst),
-        shadow=shadow,
+    return validate_document(document, _RateLimitFile, source=source, error=RateLimitConfigError).config(
+        source
     )
 
 
-def _check_unique_rules(rules: Sequence[RateLimitRule]) -> None:
-    names: set[str] = set()
-    descriptors: dict[frozenset[tuple[str, str]], str] = {}
-    for rule in rules:
-        if rule.name in names:
-            raise _InvalidError(f"duplicate limit name {rule.name!r}")
-        names.add(rule.name)
-        signature = frozenset(rule.descriptor.items())
-        if signature in descriptors:
-            raise _InvalidError(
-                f"limits {descriptors[signature]!r} and {rule.name!r} have the same descriptor "
-                f"{dict(rule.descriptor)}; only one of them could ever apply"
-            )
-        descriptors[signature] = rule.name
+# The file's schema: one model per section, unknown keys refused; `_RateLimitFile.config` builds the
+# rules the limiter and the gateway use.
 
 
-def _parse_route(entry: object, where: str, rules: Sequence[RateLimitRule]) -> RouteLimits:
-    raw = _mapping(entry, where, required={"on_failure", "descriptors"})
-    on_failure = raw["on_failure"]
-    if on_failure not in ("allow", "deny"):
-        raise _InvalidError(f"{where}.on_failure must be 'allow' or 'deny', got {on_failure!r}")
-    descriptors_raw = raw["descriptors"]
-    if not isinstance(descriptors_raw, list) or not descriptors_raw:
-        raise _InvalidError(f"{where}.descriptors must be a non-empty list")
-    descriptors = tuple(
-        _parse_route_descriptor(item, f"{where}.descriptors[{index}]", rules)
-        for index, item in enumerate(descriptors_raw)
-    )
-    seen: set[str] = set()
-    for descriptor in descriptors:
-        if descriptor.limit in seen:
-            raise _InvalidError(f"{where} sends limit {descriptor.limit!r} twice")
-        seen.add(descriptor.limit)
-    return RouteLimits(on_failure=on_failure, descriptors=descriptors)
+class _Rate(ConfigSection):
+    requests: PositiveInt
+    per_s: Annotated[Number, Field(gt=0, allow_inf_nan=False)]
+
+    @model_validator(mode="after")
+    def _not_too_fast(self) -> _Rate:
+        if self.per_s / self.requests < 1 / MICROSECONDS_PER_SECOND:
+            raise ValueError("is faster than one request per microsecond")
+        return self
 
 
-def _parse_route_descriptor(entry: object, where: str, rules: Sequence[RateLimitRule]) -> RouteDescriptor:
-    raw = _mapping(entry, where, required={LIMIT_ENTRY, "entries"}, optional={"only_anonymous"})
-    limit = _text(raw[LIMIT_ENTRY], f"{where}.limit")
-    entries = _text_list(raw["entries"], f"{where}.entries")
-    if not entries:
-        raise _InvalidError(f"{where}.entries must name at least one source")
-    unknown = sorted(set(entries) - ENTRY_SOURCES)
-    if unknown:
-        raise _InvalidError(f"{where}.entries {unknown} are not sources (use {sorted(ENTRY_SOURCES)})")
-    if len(set(entries)) != len(entries):
-        raise _InvalidError(f"{where}.entries names a source twice")
-    only_anonymous = raw.get("only_anonymous", False)
-    if not isinstance(only_anonymous, bool):
-        raise _InvalidError(f"{where}.only_anonymous must be true or false, got {only_anonymous!r}")
-    candidates = [rule for rule in rules if rule.descriptor[LIMIT_ENTRY] == limit]
-    if not candidates:
-        raise _InvalidError(f"{where}: no limit has descriptor limit {limit!r}")
-    sent = {LIMIT_ENTRY, *entries}
-    if not any(set(rule.descriptor) <= sent and set(rule.key) <= sent for rule in candidates):
-        names = ", ".join(rule.name for rule in candidates)
-        raise _InvalidError(
-            f"{where}: entries {list(entries)} can never match a {limit!r} limit ({names}): "
-            "each needs its descriptor and key entries"
+class _Limit(ConfigSection):
+    name: NonEmptyText
+    # The entries (and values) a request descriptor must carry; `limit` names the limit.
+    descriptor: Mapping[NonEmptyText, NonEmptyText]
+    key: Annotated[tuple[NonEmptyText, ...], Field(min_length=1)]
+    rate: _Rate
+    burst: PositiveInt
+    shadow: Flag = False
+
+    @field_validator("name")
+    @classmethod
+    def _lower_snake(cls, name: str) -> str:
+        if not _NAME_PATTERN.match(name):
+            raise ValueError(f"{name!r} must be lower_snake_case (it is a header and key part)")
+        return name
+
+    @field_validator("descriptor")
+    @classmethod
+    def _names_its_limit(cls, descriptor: Mapping[str, str]) -> Mapping[str, str]:
+        if LIMIT_ENTRY not in descriptor:
+            raise ValueError(f"needs a {LIMIT_ENTRY!r} entry naming the limit")
+        return descriptor
+
+    @model_validator(mode="after")
+    def _key_is_not_in_the_descriptor(self) -> _Limit:
+        overlap = sorted(set(self.key) & set(self.descriptor))
+        if overlap:
+            raise ValueError(f"key repeats descriptor entries {overlap}")
+        return self
+
+    def rule(self) -> RateLimitRule:
+        return RateLimitRule(
+            name=self.name,
+            descriptor=dict(self.descriptor),
+            key=self.key,
+            requests=self.rate.requests,
+            per_s=float(self.rate.per_s),
+            burst=self.burst,
+            shadow=self.shadow,
         )
-    return RouteDescriptor(limit=limit, entries=entries, only_anonymous=only_anonymous)
 
 
-def _mapping(
-    value: object,
-    where: str,
-    *,
-    required: Iterable[str],
-    optional: Iterable[str] = (),
-    open_keys: bool = False,
-) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise _InvalidError(f"{where} must be a mapping, got {type(value).__name__}")
-    needed = set(required)
-    missing = sorted(needed - set(value))
-    if missing:
-        raise _InvalidError(f"{where} lacks {', '.join(missing)}")
-    if not open_keys:
-        unknown = sorted(str(key) for key in set(value) - needed - set(optional))
-        if unknown:
-            raise _InvalidError(f"{where} has unknown keys {', '.join(unknown)}")
-    return value
+class _RouteDescriptor(ConfigSection):
+    limit: NonEmptyText
+    entries: Annotated[tuple[EntrySource, ...], Field(min_length=1)]
+    only_anonymous: Flag = False
+
+    @field_validator("entries")
+    @classmethod
+    def _each_source_once(cls, entries: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(entries)) != len(entries):
+            raise ValueError("names a source twice")
+        return entries
 
 
-def _text(value: object, where: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise _InvalidError(f"{where} must be a non-empty string, got {value!r}")
-    return value
+class _RouteLimits(ConfigSection):
+    on_failure: OnFailure
+    descriptors: Annotated[tuple[_RouteDescriptor, ...], Field(min_length=1)]
+
+    @field_validator("descriptors")
+    @classmethod
+    def _each_limit_once(cls, descriptors: tuple[_RouteDescriptor, ...]) -> tuple[_RouteDescriptor, ...]:
+        seen: set[str] = set()
+        for descriptor in descriptors:
+            if descriptor.limit in seen:
+                raise ValueError(f"sends limit {descriptor.limit!r} twice")
+            seen.add(descriptor.limit)
+        return descriptors
+
+    def limits(self) -> RouteLimits:
+        return RouteLimits(
+            on_failure=self.on_failure,
+            descriptors=tuple(
+                RouteDescriptor(limit=d.limit, entries=d.entries, only_anonymous=d.only_anonymous)
+                for d in self.descriptors
+            ),
+        )
 
 
-def _text_list(value: object, where: str) -> tuple[str, ...]:
-    if not isinstance(value, list):
-        raise _InvalidError(f"{where} must be a list of names, got {type(value).__name__}")
-    return tuple(_text(item, where) for item in value)
+class _Routes(ConfigSection):
+    default: _RouteLimits
+    methods: Mapping[MethodKey, _RouteLimits] = Field(default_factory=dict)
+    exempt: tuple[MethodKey, ...] = ()
+
+    @model_validator(mode="after")
+    def _exempt_means_no_limits(self) -> _Routes:
+        for method in self.exempt:
+            if method in self.methods:
+                raise ValueError(f"exempt: {method!r} also has limits under routes.methods")
+        return self
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+class _RateLimitFile(ConfigSection):
+    domain: NonEmptyText
+    limits: Annotated[tuple[_Limit, ...], Field(min_length=1)]
+    routes: _Routes
 
+    @model_validator(mode="after")
+    def _consistent(self) -> _RateLimitFile:
+        names: set[str] = set()
+        descriptors: dict[frozenset[tuple[str, str]], str] = {}
+        for limit in self.limits:
+            if limit.name in names:
+                raise ValueError(f"duplicate limit name {limit.name!r}")
+            names.add(limit.name)
+            signature = frozenset(limit.descriptor.items())
+            if signature in descriptors:
+                raise ValueError(
+                    f"limits {descriptors[signature]!r} and {limit.name!r} have the same descriptor "
+                    f"{dict(limit.descriptor)}; only one of them could ever apply"
+                )
+            descriptors[signature] = limit.name
+        routes = [("routes.default", self.routes.default)]
+        routes += [(f"routes.methods[{method!r}]", route) for method, route in self.routes.methods.items()]
+        for where, route in routes:
+            for index, descriptor in enumerate(route.descriptors):
+                self._check_matchable(f"{where}.descriptors[{index}]", descriptor)
+        return self
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    def _check_matchable(self, where: str, descriptor: _RouteDescriptor) -> None:
+        """A route descriptor must be able to match some limit: each needs its descriptor and key entries."""
+        candidates = [limit for limit in self.limits if limit.descriptor[LIMIT_ENTRY] == descriptor.limit]
+        if not candidates:
+            raise ValueError(f"{where}: no limit has descriptor limit {descriptor.limit!r}")
+        sent = {LIMIT_ENTRY, *descriptor.entries}
+        if not any(set(limit.descriptor) <= sent and set(limit.key) <= sent for limit in candidates):
+            names = ", ".join(limit.name for limit in candidates)
+            raise ValueError(
+                f"{where}: entries {list(descriptor.entries)} can never match a {descriptor.limit!r} "
+                f"limit ({names}): each needs its descriptor and key entries"
+            )
+
+    def config(self, source: str) -> RateLimitConfig:
+        routes = RateLimitRoutes(
+            default=self.routes.default.limits(),
+            methods=MappingProxyType(
+                {method: route.limits() for method, route in self.routes.methods.items()}
+            ),
+            exempt=frozenset(self.routes.exempt),
+        )
+        return RateLimitConfig(
+            domain=self.domain,
+            rules=tuple(limit.rule() for limit in self.limits),
+            routes=routes,
+            source=source,
+        )
 
 
 # --- the port ------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 from email.utils import parseaddr
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -13,7 +13,19 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as EnvParseError
 
 ServiceName = Literal["auth", "chat", "billing", "analytics"]
+# The services, which are also the gateway's upstream clusters (one per service, named after it).
 SERVICE_NAMES: tuple[ServiceName, ...] = ("auth", "chat", "billing", "analytics")
+
+# Where things listen unless told otherwise: the defaults of the settings below, of `parley` and of
+# the gateway's topologies (gateway/topology.py).
+DEFAULT_GRPC_PORT: Final = 50051  # every servicer (`parley up`), or one service in its k8s pod
+DEFAULT_EDGE_PORT: Final = 50052  # the gateway's own gRPC server
+DEFAULT_HTTP_PORT: Final = 8080  # the gateway's public listener
+DEFAULT_HTTPS_PORT: Final = 8443  # the same with TLS
+DEFAULT_ENVOY_ADMIN_PORT: Final = 9901
+DEFAULT_METRICS_PORT: Final = 9464
+DEFAULT_EDGE_METRICS_PORT: Final = 9465  # the edge process (`parley edge`, also under `parley up`)
+DEFAULT_MAX_REQUEST_BYTES: Final = 1024 * 1024
 
 # Ports for microservices mode on one machine; k8s gives every service its own address instead.
 DEFAULT_SERVICE_PORTS: dict[ServiceName, int] = {
@@ -33,8 +45,6 @@ DEFAULT_SERVICE_METRICS_PORTS: dict[ServiceName, int] = {
 WorkerName = Literal["relay", "email"]
 WORKER_NAMES: tuple[WorkerName, ...] = ("relay", "email")
 DEFAULT_WORKER_METRICS_PORTS: dict[WorkerName, int] = {"relay": 9481, "email": 9482}
-# `parley edge`: the gateway's edge server (rate limits, ext_authz) in a process of its own.
-DEFAULT_EDGE_METRICS_PORT = 9483
 
 Port = int
 # Product features that can be reserved for accounts with a verified email address.
@@ -57,24 +67,30 @@ class Settings(BaseSettings):
         description="SQLAlchemy async URL; defaults to SQLite under data_dir.",
     )
     grpc_host: str = Field(default="127.0.0.1", description="Address the gRPC server binds.")
-    grpc_port: Port = Field(default=50051, ge=0, le=65535)
+    grpc_port: Port = Field(default=DEFAULT_GRPC_PORT, ge=0, le=65535)
     metrics_host: str = Field(default="127.0.0.1")
-    metrics_port: Port = Field(default=9464, ge=0, le=65535, description="Prometheus /metrics; 0 = off.")
-    http_port: Port = Field(default=8080, ge=0, le=65535, description="The gateway's public HTTP port.")
+    metrics_port: Port = Field(
+        default=DEFAULT_METRICS_PORT, ge=0, le=65535, description="Prometheus /metrics; 0 = off."
+    )
+    http_port: Port = Field(
+        default=DEFAULT_HTTP_PORT, ge=0, le=65535, description="The gateway's public HTTP port."
+    )
     http_host: str = Field(default="127.0.0.1", description="Address the gateway listener binds.")
-    envoy_admin_port: Port = Field(default=9901, ge=0, le=65535)
-    edge_port: Port = Field(default=50052, ge=0, le=65535, description="The gateway's own gRPC sidecar.")
+    envoy_admin_port: Port = Field(default=DEFAULT_ENVOY_ADMIN_PORT, ge=0, le=65535)
+    edge_port: Port = Field(
+        default=DEFAULT_EDGE_PORT, ge=0, le=65535, description="The gateway's own gRPC sidecar."
+    )
     edge_metrics_port: Port = Field(
-        default=9465,
+        default=DEFAULT_EDGE_METRICS_PORT,
         ge=0,
         le=65535,
-        description="`parley up`'s edge process serves its Prometheus /metrics here; 0 = off.",
+        description="The edge process's Prometheus /metrics (`parley edge`, under `parley up` too); 0 = off.",
     )
     gateway_secret: SecretStr | None = Field(
         default=None,
         description="Shared secret that proves a hop came from the gateway; random per run when unset.",
     )
-    max_request_bytes: int = Field(default=1024 * 1024, gt=0, le=64 * 1024 * 1024)
+    max_request_bytes: int = Field(default=DEFAULT_MAX_REQUEST_BYTES, gt=0, le=64 * 1024 * 1024)
     shutdown_grace_s: float = Field(default=5.0, ge=0, le=120)
     health_probe_interval_s: float = Field(default=2.0, gt=0, le=60)
 
@@ -125,13 +141,15 @@ class Settings(BaseSettings):
     )
     tls_cert_file: Path | None = Field(default=None, description="PEM certificate chain: turns on HTTPS.")
     tls_key_file: Path | None = Field(default=None, description="PEM private key of tls_cert_file.")
-    https_port: Port = Field(default=8443, ge=0, le=65535, description="The gateway's HTTPS port, with TLS.")
+    https_port: Port = Field(
+        default=DEFAULT_HTTPS_PORT, ge=0, le=65535, description="The gateway's HTTPS port, with TLS."
+    )
     rate_limits_file: Path | None = Field(
         default=None, description="Rate-limit rules for the gateway; envoy/ratelimits.yaml when unset."
     )
 
     public_base_url: str = Field(
-        default="http://127.0.0.1:8080",
+        default=f"http://127.0.0.1:{DEFAULT_HTTP_PORT}",
         description="Where users reach Parley; every link in an email starts with it.",
     )
     smtp_host: str | None = Field(

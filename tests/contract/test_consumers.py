@@ -1,8 +1,8 @@
 """Contract of the consumer framework: one suite, run against Redis Streams and the in-process source
 (its dead letters in memory, or in the `dead_letters` table on SQLite and PostgreSQL).
 
-Every wait is bounded by `DEADLINE_S`; waits are on the handler's own records (an asyncio.Condition),
-never on fixed sleeps.
+Every wait is bounded by `DEADLINE_S`: it polls the handler's own records, or the source's state,
+never sleeps a fixed time.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from services.common.outbox import InProcessDispatcher, current_trace_context
 from services.common.processed_events import SqlProcessedEvents
 from services.common.streams import encode_entry, stream_key
 from tests.support.databases import fresh_postgres_database, fresh_sqlite_url
+from tests.support.polling import eventually
 
 ADAPTERS = [
     "memory",
@@ -135,30 +136,31 @@ class Recorder:
         self.retry_after_s: float | None = None  # carried by the failures when set
         self.hang_on: str | None = None
         self.hung = asyncio.Event()
-        self._changed = asyncio.Condition()
 
     async def __call__(self, event: events_pb2.Event) -> None:
         self.calls.append((event.id, current_delivery().attempt, time.monotonic()))
-        try:
-            if event.id == self.hang_on:
-                self.hung.set()
-                await asyncio.Event().wait()  # dies here: the test cancels the consumer
-            if self.failing.get(event.id, 0) > 0:
-                self.failing[event.id] -= 1
-                if self.retry_after_s is not None:
-                    raise RetryLaterError(f"cannot handle {event.id} yet", self.retry_after_s)
-                raise RuntimeError(f"cannot handle {event.id} yet")
-            self.effects[event.id] += 1
-        finally:
-            async with self._changed:
-                self._changed.notify_all()
+        if event.id == self.hang_on:
+            self.hung.set()
+            await asyncio.Event().wait()  # dies here: the test cancels the consumer
+        if self.failing.get(event.id, 0) > 0:
+            self.failing[event.id] -= 1
+            if self.retry_after_s is not None:
+                raise RetryLaterError(f"cannot handle {event.id} yet", self.retry_after_s)
+            raise RuntimeError(f"cannot handle {event.id} yet")
+        self.effects[event.id] += 1
 
     def calls_for(self, event_id: str) -> list[tuple[str, int, float]]:
         return [call for call in self.calls if call[0] == event_id]
 
-    async def wait_until(self, condition: Callable[[], bool]) -> None:
-        async with asyncio.timeout(DEADLINE_S), self._changed:
-            await self._changed.wait_for(condition)
+    async def wait_until(self, condition: Callable[[], bool], what: str) -> None:
+        await eventually(condition, what=what, timeout_s=DEADLINE_S, details=lambda: f"calls: {self.calls}")
+
+
+def nothing_pending(source: EventSource) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return await source.pending_count() == 0
+
+    return check
 
 
 def make_events(count: int) -> list[events_pb2.Event]:
@@ -283,7 +285,7 @@ async def test_a_failing_handler_is_retried_with_backoff_then_succeeds(harness: 
     await harness.publish_all([flaky, steady])
 
     async with Running(harness.consumer(handler)):
-        await handler.wait_until(lambda: handler.effects[flaky.id] == 1)
+        await handler.wait_until(lambda: handler.effects[flaky.id] == 1, "the flaky event handled")
 
     calls = handler.calls_for(flaky.id)
     # The attempt number is the entry's delivery count.
@@ -306,11 +308,10 @@ async def test_a_poison_event_is_dead_lettered_while_the_rest_flow(harness: Harn
     await harness.publish_all([first, poison, *rest])
 
     async with Running(harness.consumer(handler, max_attempts=3)):
-        await handler.wait_until(lambda: len(handler.calls_for(poison.id)) == 3)
-        await handler.wait_until(lambda: sum(handler.effects.values()) == 4)
-        async with asyncio.timeout(DEADLINE_S):
-            while await harness.source.pending_count():
-                await asyncio.sleep(BLOCK_S)  # the DLQ write follows the last failed call
+        await handler.wait_until(lambda: len(handler.calls_for(poison.id)) == 3, "three calls for the poison")
+        await handler.wait_until(lambda: sum(handler.effects.values()) == 4, "the other four handled")
+        # The dead-letter write follows the last failed call.
+        await eventually(nothing_pending(harness.source), what="nothing pending", timeout_s=DEADLINE_S)
 
     assert handler.effects == Counter({event.id: 1 for event in [first, *rest]})
     assert [attempt for _id, attempt, _at in handler.calls_for(poison.id)] == [1, 2, 3]
@@ -332,10 +333,12 @@ async def test_replaying_dead_letters_delivers_them_after_a_fix(harness: Harness
     consumer = harness.consumer(handler, max_attempts=2)
 
     async with Running(consumer):
-        await handler.wait_until(lambda: handler.effects[healthy.id] == 1)
-        async with asyncio.timeout(DEADLINE_S):
-            while len(await harness.source.dead_letters()) < 2:
-                await asyncio.sleep(BLOCK_S)
+        await handler.wait_until(lambda: handler.effects[healthy.id] == 1, "the healthy event handled")
+
+        async def both_dead_lettered() -> bool:
+            return len(await harness.source.dead_letters()) == 2
+
+        await eventually(both_dead_lettered, what="both poison events dead-lettered", timeout_s=DEADLINE_S)
     dead = await harness.source.dead_letters()
     assert [letter.event_id for letter in dead] == [poison_a.id, poison_b.id]
 
@@ -343,13 +346,13 @@ async def test_replaying_dead_letters_delivers_them_after_a_fix(harness: Harness
     assert await harness.source.replay(dead[0].dead_letter_id) == 1
     assert [letter.event_id for letter in await harness.source.dead_letters()] == [poison_b.id]
     async with Running(consumer):
-        await handler.wait_until(lambda: handler.effects[poison_a.id] == 1)
+        await handler.wait_until(lambda: handler.effects[poison_a.id] == 1, "the replayed event handled")
     assert handler.effects[poison_b.id] == 0
 
     assert await harness.source.replay() == 1
     assert await harness.source.dead_letters() == []
     async with Running(consumer):
-        await handler.wait_until(lambda: handler.effects[poison_b.id] == 1)
+        await handler.wait_until(lambda: handler.effects[poison_b.id] == 1, "the replayed event handled")
     assert handler.effects == Counter({poison_a.id: 1, poison_b.id: 1, healthy.id: 1})
     assert await harness.source.pending_count() == 0
 
@@ -375,10 +378,9 @@ async def test_a_dead_consumers_entries_are_reclaimed_and_each_effect_applied_on
     survivor = harness.consumer(handler, member="survivor", visibility_timeout_s=0.2)
     calls_before = len(handler.calls)
     async with Running(survivor):
-        await handler.wait_until(lambda: len(handler.effects) == 5)
-        async with asyncio.timeout(DEADLINE_S):
-            while await harness.source.pending_count():
-                await asyncio.sleep(BLOCK_S)  # the already-processed two are acked without a call
+        await handler.wait_until(lambda: len(handler.effects) == 5, "every event handled")
+        # The two the dead consumer had processed are acknowledged without a call.
+        await eventually(nothing_pending(harness.source), what="nothing pending", timeout_s=DEADLINE_S)
 
     assert handler.effects == Counter({event.id: 1 for event in events})
     # The survivor ran the handler only for the three events the dead consumer had not processed.
@@ -501,7 +503,7 @@ async def test_a_retry_waits_at_least_the_errors_retry_after(harness: Harness) -
     await harness.publish(event)
 
     async with Running(harness.consumer(handler)):
-        await handler.wait_until(lambda: handler.effects[event.id] == 1)
+        await handler.wait_until(lambda: handler.effects[event.id] == 1, "the event handled on its retry")
 
     first, second = handler.calls_for(event.id)
     assert second[2] - first[2] >= 0.4
@@ -517,7 +519,7 @@ async def test_a_retry_after_beyond_the_visibility_timeout_is_cut_short(harness:
     visibility_timeout_s = 1.0
 
     async with Running(harness.consumer(handler, visibility_timeout_s=visibility_timeout_s)):
-        await handler.wait_until(lambda: handler.effects[event.id] == 1)
+        await handler.wait_until(lambda: handler.effects[event.id] == 1, "the event handled on its retry")
 
     # Retried by its holder before the entry looks abandoned, not after 600 s.
     first, second = handler.calls_for(event.id)

@@ -78,7 +78,7 @@ async def test_unit_of_work_rolls_back_when_cancelled(db: Database) -> None:
         async with db.unit_of_work() as session:
             await session.execute(insert(notes).values(id="c", body="cancelled"))
             inserted.set()
-            await asyncio.sleep(30)
+            await asyncio.Event().wait()  # until cancelled
 
     task = asyncio.create_task(slow_rpc())
     await inserted.wait()

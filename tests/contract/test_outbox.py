@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -26,6 +25,7 @@ from services.common.outbox import (
     outbox_lag_seconds,
     prune_relayed,
 )
+from tests.support.polling import eventually
 
 
 class RecordingDispatcher:
@@ -43,6 +43,8 @@ class RecordingDispatcher:
             self.failures_left -= 1
             raise ConnectionError("stream unavailable")
         if self.delay_s:
+            # A slow dispatch, as a real stream's is: concurrent relays' batches overlap in real time,
+            # which is the race the advisory lock must win.
             await asyncio.sleep(self.delay_s)
         self.delivered.extend(event.id for event in events)
 
@@ -71,10 +73,13 @@ async def outbox_rows(db: Database) -> list[OutboxEvent]:
         return list(await session.scalars(select(OutboxEvent).order_by(OutboxEvent.sequence)))
 
 
-async def eventually(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not condition():
-            await asyncio.sleep(0.01)
+async def warmed_up(database: Database, dispatcher: RecordingDispatcher) -> None:
+    """Have the running relay deliver one event, then forget it: the relay has made a pass and is
+    waiting now, so whatever it delivers next, something woke it for."""
+    [warm_up] = await commit_events(database, ["warm-up"])
+    await eventually(lambda: dispatcher.delivered == [warm_up], what="the warm-up event relayed")
+    dispatcher.calls = 0
+    dispatcher.delivered.clear()
 
 
 @contextlib.asynccontextmanager
@@ -159,10 +164,11 @@ async def test_envelope_carries_the_event(database: Database) -> None:
 
 
 async def test_failed_dispatch_is_recorded_and_retried_after_backoff(database: Database) -> None:
+    clock = SteppedClock()
     expected = await commit_events(database, ["a", "b"])
     dispatcher = RecordingDispatcher(failures=2)
-    # Backoff of 0.3-0.6s (jitter): long enough that the immediate second attempt is surely early.
-    relay = OutboxRelay(database, dispatcher, retry_base_s=0.6, retry_max_s=0.6)
+    # Backoff of 0.3-0.6s (jitter), by the relay's clock, which only the test moves.
+    relay = OutboxRelay(database, dispatcher, retry_base_s=0.6, retry_max_s=0.6, clock=clock)
 
     assert await relay.relay_once() == 0
     head, second = await outbox_rows(database)
@@ -170,7 +176,7 @@ async def test_failed_dispatch_is_recorded_and_retried_after_backoff(database: D
     assert head.attempts == 1
     assert head.last_error == "ConnectionError: stream unavailable"
     assert head.next_attempt_at is not None
-    assert head.next_attempt_at > utc_now()
+    assert clock.now + timedelta(seconds=0.3) <= head.next_attempt_at <= clock.now + timedelta(seconds=0.6)
     assert second.attempts == 0
     assert second.relayed_at is None
 
@@ -178,12 +184,12 @@ async def test_failed_dispatch_is_recorded_and_retried_after_backoff(database: D
     assert await relay.relay_once() == 0
     assert dispatcher.calls == 1
 
-    await asyncio.sleep(0.65)
+    clock.advance(seconds=0.6)  # past the longest backoff
     assert await relay.relay_once() == 0
     head, _ = await outbox_rows(database)
     assert head.attempts == 2
 
-    await asyncio.sleep(0.65)
+    clock.advance(seconds=0.6)
     assert await relay.relay_once() == 2
     assert dispatcher.delivered == expected
     head, second = await outbox_rows(database)
@@ -206,7 +212,8 @@ async def test_a_partial_dispatch_marks_what_was_delivered(database: Database) -
 
     dispatcher = InProcessDispatcher()
     dispatcher.subscribe("flaky", consumer)
-    relay = OutboxRelay(database, dispatcher, retry_base_s=0.01, retry_max_s=0.01)
+    clock = SteppedClock()
+    relay = OutboxRelay(database, dispatcher, retry_base_s=0.01, retry_max_s=0.01, clock=clock)
 
     assert await relay.relay_once() == 2
     rows = await outbox_rows(database)
@@ -214,7 +221,8 @@ async def test_a_partial_dispatch_marks_what_was_delivered(database: Database) -
     assert rows[2].attempts == 1
     assert rows[2].last_error == "ValueError: consumer hiccup"
 
-    await asyncio.sleep(0.03)
+    assert await relay.relay_once() == 0  # backing off
+    clock.advance(seconds=0.01)
     assert await relay.relay_once() == 2
     assert seen == expected
 
@@ -249,43 +257,53 @@ async def test_in_process_dispatcher_delivers_each_event_to_every_matching_consu
 
 
 async def test_a_new_relay_picks_up_what_is_pending(database: Database) -> None:
+    clock = SteppedClock()
     first_batch = await commit_events(database, ["a", "b"])
-    crashed = OutboxRelay(database, RecordingDispatcher(failures=1), retry_base_s=0.01, retry_max_s=0.01)
+    crashed = OutboxRelay(
+        database, RecordingDispatcher(failures=1), retry_base_s=0.01, retry_max_s=0.01, clock=clock
+    )
     assert await crashed.relay_once() == 0
     second_batch = await commit_events(database, ["c"])
 
-    await asyncio.sleep(0.03)
+    clock.advance(seconds=0.01)  # the retry the crashed relay scheduled is due
     dispatcher = RecordingDispatcher()
-    assert await relay_until_idle(OutboxRelay(database, dispatcher)) == 3
+    assert await relay_until_idle(OutboxRelay(database, dispatcher, clock=clock)) == 3
     assert dispatcher.delivered == first_batch + second_batch
 
 
-async def test_run_relays_when_woken_and_survives_errors(database: Database) -> None:
-    dispatcher = RecordingDispatcher(failures=1)
+async def test_run_relays_when_woken_and_survives_errors(
+    database: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    dispatcher = RecordingDispatcher()
     # A long idle poll: only wake() can explain a prompt delivery.
     relay = OutboxRelay(database, dispatcher, idle_poll_s=60, retry_base_s=0.01, retry_max_s=0.05)
     async with running(relay) as task:
-        await asyncio.sleep(0.05)
+        await warmed_up(database, dispatcher)
+        dispatcher.failures_left = 1
         first = await commit_events(database, ["a"])
         relay.wake()
-        await eventually(lambda: dispatcher.calls >= 1)
+        await eventually(lambda: dispatcher.calls >= 1, what="a first, failing, dispatch")
         relay.wake()
-        await eventually(lambda: dispatcher.delivered == first)
+        await eventually(lambda: dispatcher.delivered == first, what="the event relayed on its retry")
 
         # The outbox table vanishing (a database error, not a dispatch failure) must not end the loop.
         async with database.unit_of_work() as session:
             await session.execute(text("ALTER TABLE outbox_events RENAME TO outbox_events_away"))
         relay.wake()
-        await asyncio.sleep(0.2)
+        await eventually(
+            lambda: "outbox relay failed" in caplog.text, what="the relay logging the database error"
+        )
         assert not task.done()
         async with database.unit_of_work() as session:
             await session.execute(text("ALTER TABLE outbox_events_away RENAME TO outbox_events"))
 
         second = await commit_events(database, ["b", "c"])
-        started = time.monotonic()
         relay.wake()
-        await eventually(lambda: dispatcher.delivered == first + second)
-        assert time.monotonic() - started < 5
+        await eventually(
+            lambda: dispatcher.delivered == first + second,
+            what="the relay back at work once the table is back",
+            timeout_s=5,
+        )
     assert task.done()
 
 
@@ -294,14 +312,14 @@ async def test_a_commit_that_wrote_events_wakes_the_relay(database: Database) ->
     # The idle poll is far longer than the bound below, so only the commit hook can deliver in time.
     relay = OutboxRelay(database, dispatcher, idle_poll_s=600)
     async with running(relay):
-        await asyncio.sleep(0.05)
+        await warmed_up(database, dispatcher)
         first = await commit_events(database, ["a", "b"])
-        await eventually(lambda: dispatcher.delivered == first)
+        await eventually(lambda: dispatcher.delivered == first, what="the commit hook waking the relay")
         # A commit without events does not wake it; a later one with events does.
         async with database.unit_of_work() as session:
             await session.execute(text("SELECT 1"))
         second = await commit_events(database, ["c"])
-        await eventually(lambda: dispatcher.delivered == first + second)
+        await eventually(lambda: dispatcher.delivered == first + second, what="the second commit relayed")
 
 
 async def test_outbox_lag_is_the_age_of_the_oldest_unrelayed_event(database: Database) -> None:
@@ -335,8 +353,9 @@ async def test_concurrent_relays_on_postgres_deliver_each_event_once_in_order(po
                 expected += await commit_events(db, [f"u{round_}-{index}" for index in range(round_ % 4 + 1)])
                 for relay in relays:
                     relay.wake()
-            await eventually(lambda: len(log) >= len(expected), timeout_s=20)
-            await asyncio.sleep(0.1)  # room for a wrong duplicate delivery to show up
+            await eventually(lambda: len(log) >= len(expected), what="every event relayed", timeout_s=20)
+        # Stopped, so every batch in flight has finished; and one more pass each finds nothing left.
+        assert [await relay.relay_once() for relay in relays] == [0, 0, 0]
         assert log == expected
         assert await outbox_lag_seconds(db) == 0.0
     finally:
@@ -348,9 +367,8 @@ async def test_a_failed_dispatch_is_retried_when_due_without_a_wake(database: Da
     # The idle poll is far longer than the bound: only the scheduled retries can deliver in time.
     relay = OutboxRelay(database, dispatcher, idle_poll_s=600, retry_base_s=0.05, retry_max_s=0.2)
     async with running(relay):
-        await asyncio.sleep(0.05)
         committed = await commit_events(database, ["a"])
-        await eventually(lambda: dispatcher.delivered == committed)
+        await eventually(lambda: dispatcher.delivered == committed, what="the event relayed on its retries")
     assert dispatcher.calls == 3
 
 
@@ -493,10 +511,9 @@ async def test_run_wakes_for_the_nearest_due_time(database: Database) -> None:
     # The idle poll is far longer than the bound: only the wake-up at the due time can deliver in time.
     relay = OutboxRelay(database, dispatcher, idle_poll_s=600)
     async with running(relay):
-        await asyncio.sleep(0.05)
         due_at = utc_now() + timedelta(seconds=0.3)
         delayed = await commit_delayed(database, "soon", due_at)
-        await eventually(lambda: dispatcher.delivered == [delayed])
+        await eventually(lambda: dispatcher.delivered == [delayed], what="the delayed event relayed")
     assert due_at <= dispatcher.arrivals[0] < due_at + timedelta(seconds=1)
 
 

@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from runtime.process import read_cache_for
 from services.common.cache import CacheMetrics, InMemoryReadCache, ReadCache, RedisReadCache
 from services.common.settings import load_settings
+from tests.support.polling import eventually
 from tests.support.tcp_proxy import TcpProxy
 
 ADAPTERS = ["memory", pytest.param("redis", marks=pytest.mark.redis)]
@@ -102,6 +103,7 @@ async def under_test(request: pytest.FixtureRequest) -> AsyncIterator[CacheUnder
     client = Redis.from_url(redis_url)
     prefix = f"parley-test:{uuid.uuid4().hex}:cache:"
     try:
+        # Entries expire on Redis's own clock, which no test can move: real time has to pass.
         yield CacheUnderTest(redis_cache(client, prefix, registry).named("things"), registry, asyncio.sleep)
     finally:
         await drop_keys(client, prefix)
@@ -392,7 +394,11 @@ async def test_a_filler_that_outlives_its_lease_cannot_overwrite_a_newer_fill(re
         stuck_reader = asyncio.create_task(read(here, stuck))
         async with asyncio.timeout(WAIT_S):
             await stuck.loading.wait()
-        await asyncio.sleep(SHORT_TTL_S + 0.3)  # the lease expires in Redis, on Redis's clock
+
+        async def lease_expired() -> bool:  # in Redis, on Redis's clock
+            return not await clients[0].exists(f"{prefix}things:k")
+
+        await eventually(lease_expired, what="the stuck filler's lease expired", timeout_s=WAIT_S)
 
         stuck.value = "v2"
         await there.delete("k")

@@ -1,15 +1,15 @@
 """Contract of the access-token revocation list: one suite, run against every adapter.
 
 Expiry is checked against real time (Redis expires keys on its own clock), with lifetimes of a few
-hundred milliseconds.
+hundred milliseconds: a test polls until an entry is gone, or until a witness entry with the same
+lifetime is, never sleeps a fixed time.
 """
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from collections.abc import AsyncIterator
-from datetime import timedelta
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime, timedelta
 
 import pytest
 from redis.asyncio import Redis
@@ -18,6 +18,7 @@ from services.common.clock import utc_now
 from services.common.errors import Unavailable
 from services.common.redis_multiplex import MultiplexedRedis
 from services.common.revocation import InMemoryRevocationList, RedisRevocationList, RevocationList
+from tests.support.polling import eventually
 
 ADAPTERS = ["memory", pytest.param("redis", marks=pytest.mark.redis)]
 LONG = timedelta(minutes=15)
@@ -40,6 +41,15 @@ async def revocations(request: pytest.FixtureRequest) -> AsyncIterator[Revocatio
         if keys:
             await client.delete(*keys)
         await client.aclose()
+
+
+def revocation_gone(
+    revocations: RevocationList, session_id: str, user_id: str, issued_at: datetime
+) -> Callable[[], Awaitable[bool]]:
+    async def gone() -> bool:
+        return not await revocations.is_revoked(session_id, user_id, issued_at)
+
+    return gone
 
 
 async def test_nothing_is_revoked_at_first(revocations: RevocationList) -> None:
@@ -83,15 +93,20 @@ async def test_the_latest_cutoff_and_the_longest_lifetime_win(revocations: Revoc
     later = now + timedelta(seconds=30)
     await revocations.revoke_user_tokens_before("u1", later, now + LONG)
     # An older cutoff arriving late must not shorten the later one's reach...
-    await revocations.revoke_user_tokens_before("u1", now, now + timedelta(milliseconds=300))
+    short = now + timedelta(milliseconds=300)
+    await revocations.revoke_user_tokens_before("u1", now, short)
+    await revocations.revoke_user_tokens_before("witness", now, short)
     assert await revocations.is_revoked("s1", "u1", later - timedelta(seconds=1))
-    # ...nor its lifetime.
-    await asyncio.sleep(0.5)
+    # ...nor its lifetime: it outlives a witness that had only the short one.
+    witness_gone = revocation_gone(revocations, "", "witness", now - timedelta(seconds=1))
+    await eventually(witness_gone, what="the witness cutoff gone")
     assert await revocations.is_revoked("s1", "u1", later - timedelta(seconds=1))
 
+    short = utc_now() + timedelta(milliseconds=300)
     await revocations.revoke_session("s1", utc_now() + LONG)
-    await revocations.revoke_session("s1", utc_now() + timedelta(milliseconds=300))
-    await asyncio.sleep(0.5)
+    await revocations.revoke_session("s1", short)
+    await revocations.revoke_session("witness", short)
+    await eventually(revocation_gone(revocations, "witness", "u2", now), what="the witness session gone")
     assert await revocations.is_revoked("s1", "u2", now)
 
 
@@ -101,9 +116,10 @@ async def test_entries_vanish_when_the_tokens_they_refuse_have_expired(revocatio
     await revocations.revoke_user_tokens_before("u1", now, now + timedelta(milliseconds=300))
     assert await revocations.is_revoked("s1", "u9", now)
     assert await revocations.is_revoked("s9", "u1", now - timedelta(seconds=1))
-    await asyncio.sleep(0.6)
-    assert not await revocations.is_revoked("s1", "u9", now)
-    assert not await revocations.is_revoked("s9", "u1", now - timedelta(seconds=1))
+    await eventually(revocation_gone(revocations, "s1", "u9", now), what="the session's entry gone")
+    await eventually(
+        revocation_gone(revocations, "s9", "u1", now - timedelta(seconds=1)), what="the user's cutoff gone"
+    )
 
 
 async def test_a_revocation_that_ends_in_the_past_is_a_no_op(revocations: RevocationList) -> None:

@@ -23,6 +23,7 @@ from services.auth.signing_keys import JWKS_CACHE_S, generate_kek
 from services.common.db import Database
 from tests.support.auth_accounts import build_world
 from tests.support.parley_process import PARLEY, REPO_ROOT, EmbeddedPorts, ParleyProcess
+from tests.support.polling import eventually
 
 STRONG_PASSWORD = "violet-harbour-lantern-42"
 ADMIN_EMAIL = "root@example.com"
@@ -364,13 +365,14 @@ async def test_a_rotation_under_a_running_parley_up_keeps_old_tokens_valid(tmp_p
             assert PREVIOUS_KID.search(rotated.stdout)[1] == old_kid  # type: ignore[index]
 
             # GetJwks answers from memory for up to JWKS_CACHE_S, so the new key shows within that.
-            deadline = asyncio.get_running_loop().time() + JWKS_CACHE_S + 5
-            while True:
-                jwks = (await gateway.get("/.well-known/jwks.json")).json()
-                if len(jwks["keys"]) > 1 or asyncio.get_running_loop().time() > deadline:
-                    break
-                await asyncio.sleep(0.25)
-            assert [key["kid"] for key in jwks["keys"]] == [new_kid, old_kid]  # active first
+            async def published_kids() -> list[str] | None:
+                kids = [key["kid"] for key in (await gateway.get("/.well-known/jwks.json")).json()["keys"]]
+                return kids if len(kids) > 1 else None
+
+            kids = await eventually(
+                published_kids, what="a second key in the JWKS", timeout_s=JWKS_CACHE_S + 5, interval_s=0.25
+            )
+            assert kids == [new_kid, old_kid]  # active first
             me = await gateway.get("/v1/users/me", headers=bearer(before))
             assert me.status_code == 200, me.text
             assert me.json()["user"]["email"] == ADMIN_EMAIL
@@ -397,18 +399,29 @@ async def sign_in(gateway: httpx.AsyncClient) -> str:
 
 
 async def signed_in_with_kid(gateway: httpx.AsyncClient, kid: str, *, timeout_s: float) -> str:
-    deadline = time.monotonic() + timeout_s
-    while True:
+    async def token_with_kid() -> str | None:
         token = await sign_in(gateway)
-        if jwt.get_unverified_header(token)["kid"] == kid:
-            return token
-        assert time.monotonic() < deadline, f"new sign-ins still carry the old kid after {timeout_s}s"
-        await asyncio.sleep(1.0)
+        return token if jwt.get_unverified_header(token)["kid"] == kid else None
+
+    return await eventually(
+        token_with_kid, what=f"a sign-in whose token carries kid {kid}", timeout_s=timeout_s, interval_s=1.0
+    )
 
 
 async def until_ok(gateway: httpx.AsyncClient, path: str, token: str, *, timeout_s: float = 15.0) -> None:
     """The verifier refetches the JWKS for an unknown kid at most every 5 s, so allow a few tries."""
-    deadline = time.monotonic() + timeout_s
-    while (response := await gateway.get(path, headers=bearer(token))).status_code != 200:
-        assert time.monotonic() < deadline, response.text
-        await asyncio.sleep(0.5)
+    last_answer = ""
+
+    async def answered_ok() -> bool:
+        nonlocal last_answer
+        response = await gateway.get(path, headers=bearer(token))
+        last_answer = f"{response.status_code} {response.text}"
+        return response.status_code == 200
+
+    await eventually(
+        answered_ok,
+        what=f"GET {path} answering 200",
+        timeout_s=timeout_s,
+        interval_s=0.5,
+        details=lambda: f"last answer: {last_answer}",
+    )

@@ -680,7 +680,8 @@ def test_failed_logins_back_off_and_lock_the_account_even_for_the_right_password
         retry_after_s = int(detail(known_locked, "ErrorInfo")["metadata"]["retry_after_s"])
         assert retry_after_s == 1
 
-        # It is a backoff step, not a verdict: once it lifts, the right password works.
+        # It is a backoff step, not a verdict: once it lifts, the right password works. Real time: the
+        # server is another process on the real clock, and the wait is the retry-after it announced.
         time.sleep(retry_after_s + 0.2)
         assert attempt_login(client, known, PASSWORD).status_code == 200
 
@@ -952,7 +953,8 @@ def test_a_disabled_users_tokens_keys_and_password_are_refused(
             reason="SESSION_REVOKED",
         )
         # Disabling refused every token of the user issued before it, by `iat` in whole seconds: a
-        # token issued within the second of the cutoff counts as before it (docs/auth.md).
+        # token issued within the second of the cutoff counts as before it (docs/auth.md). Real time:
+        # the server is another process on the wall clock; this waits into the cutoff's next second.
         time.sleep(max(0.0, math.ceil(disabled_by) - time.time() + 0.05))
         assert client.get("/v1/users/me", headers=login(client, email).bearer).status_code == 200
 

@@ -236,6 +236,7 @@ def wait_for_next_second() -> None:
     compares with the whole-second `iat`, so a token issued within the cutoff's second is refused
     too; see test_a_sign_in_in_the_same_second_as_a_password_reset_gets_a_working_token.
     """
+    # Real time: the server under test is another process on the wall clock, which no test can move.
     time.sleep(1.02 - time.time() % 1)
 
 
@@ -626,7 +627,8 @@ def test_a_sign_in_right_after_a_password_reset_gets_a_working_token(parley: Par
     user = register(parley, email)
     ok(parley.http.post("/v1/auth/forgot-password", json={"email": email}))
     token = emailed_token(parley.database, user_id=user["id"], template="password_reset")
-    time.sleep(1.0 - time.time() % 1)  # the start of a second: reset and sign-in fit in it
+    # The start of a second, so reset and sign-in fit in it: the server is on the real wall clock.
+    time.sleep(1.0 - time.time() % 1)
     ok(parley.http.post("/v1/auth/reset-password", json={"token": token, "new_password": NEW_PASSWORD}))
     access = login(parley, email, password=NEW_PASSWORD)["tokens"]["access_token"]
     [reset_event] = parley.events("user.password_reset", user["id"])

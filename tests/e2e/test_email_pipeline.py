@@ -57,12 +57,12 @@ from tests.support.email_pipeline import (
     redis_url_via,
     text_body,
     text_of,
-    wait_until,
 )
 from tests.support.gateway import free_port
 from tests.support.mail import RecordingHandler, SteerableHandler, smtp_server, smtp_server_at
 from tests.support.microservices import migrate, run_parley, running_microservices
 from tests.support.parley_process import EmbeddedPorts, ParleyProcess
+from tests.support.polling import eventually
 from tests.support.tcp_proxy import TcpProxy
 
 logger = logging.getLogger(__name__)
@@ -133,11 +133,11 @@ async def wait_for_mail(
     async def arrived() -> bool:
         return any(containing in text_body(mail) for mail in mails_to(recorder, address))
 
-    await wait_until(
+    await eventually(
         arrived,
-        f"a mail to {address} with {containing!r}",
+        what=f"a mail to {address} with {containing!r}",
         timeout_s=MAIL_WAIT_S,
-        context=context,
+        details=context,
         alive=alive,
     )
     [text] = [text_body(mail) for mail in mails_to(recorder, address) if containing in text_body(mail)]
@@ -249,8 +249,10 @@ async def test_sign_up_and_password_reset_mails_arrive_and_their_links_work(
                                 for line in json_log_lines(email_worker)
                             )
 
-                        await wait_until(
-                            sent_in_the_trace, f"an 'email sent' log line in trace {trace_id}", timeout_s=10.0
+                        await eventually(
+                            sent_in_the_trace,
+                            what=f"an 'email sent' log line in trace {trace_id}",
+                            timeout_s=10.0,
                         )
 
                         ok(await client.post("/v1/auth/forgot-password", json={"email": address}))
@@ -333,9 +335,9 @@ async def test_embedded_without_smtp_writes_eml_files_whose_link_verifies(tmp_pa
         async def written() -> bool:
             return bool(mails_to_address())
 
-        await wait_until(
+        await eventually(
             written,
-            f"an .eml file for {address} in {mail_dir}",
+            what=f"an .eml file for {address} in {mail_dir}",
             timeout_s=MAIL_WAIT_S,
             alive=parley.check_alive,
         )
@@ -385,9 +387,9 @@ async def test_requests_never_wait_on_smtp(tmp_path: Path) -> None:
             async def first_mail_held() -> bool:
                 return recorder.holding.is_set()
 
-            await wait_until(
+            await eventually(
                 first_mail_held,
-                "the SMTP server holds the first verification mail",
+                what="the SMTP server holds the first verification mail",
                 timeout_s=MAIL_WAIT_S,
                 alive=parley.check_alive,
             )
@@ -441,30 +443,37 @@ async def test_a_redis_outage_loses_and_repeats_no_mail(
                 await start_both(workers, config)
                 relay, email_worker = (worker.process for worker in workers.started)
                 loop = asyncio.get_running_loop()
-                # The outage starts 1 s in; one transaction every 0.6 s spreads the 20 over 12 s, so
-                # two commit before the cut, most during the outage, and the last after it.
+                # The outage starts once two transactions committed; one every 0.6 s spreads the 20
+                # over 12 s, so most commit during the outage, and the last ones after it.
                 started = loop.time()
+                two_committed = asyncio.Event()
 
                 async def outage() -> None:
-                    await asyncio.sleep(1.0)
+                    await two_committed.wait()
                     await proxy.cut()
+                    # Real time: how long Redis stays away is the scenario under test.
                     await asyncio.sleep(OUTAGE_S)
                     await proxy.restore()
 
                 async def produce() -> None:
                     for index, batch in enumerate(batches):
+                        # Real time: the load's pace is the scenario (commits spread over the outage).
                         await asyncio.sleep(max(0.0, started + index * 0.6 - loop.time()))
                         await produce_email_jobs(pipeline_database, batch)
+                        if index == 1:
+                            two_committed.set()
 
                 await asyncio.gather(outage(), produce())
-                healed_s = await wait_until(
+                settling_since = loop.time()
+                await eventually(
                     settled_with(pipeline_redis, pipeline_database, recorder, OUTAGE_JOBS),
-                    "every job delivered and the pipeline settled after the outage",
+                    what="every job delivered and the pipeline settled after the outage",
                     timeout_s=SETTLE_WAIT_S,
                     alive=workers.check_alive,
-                    context=lambda: delivery_report(recorder, addresses),
-                    poll_s=0.5,
+                    details=lambda: delivery_report(recorder, addresses),
+                    interval_s=0.5,
                 )
+                healed_s = loop.time() - settling_since
                 assert_each_delivered_once(recorder, addresses)
                 # Nothing reached the SMTP server twice, and each outcome was recorded once.
                 assert recorder.data_commands == OUTAGE_JOBS
@@ -503,17 +512,20 @@ async def test_a_worker_killed_mid_batch_leaves_no_mail_unsent_or_doubled(
                 return int(await pipeline_redis.xlen(stream_key("auth"))) == jobs
 
             # All in the stream first, so the worker reads them as one batch.
-            await wait_until(
-                all_published, f"{jobs} jobs in the stream", timeout_s=MAIL_WAIT_S, alive=workers.check_alive
+            await eventually(
+                all_published,
+                what=f"{jobs} jobs in the stream",
+                timeout_s=MAIL_WAIT_S,
+                alive=workers.check_alive,
             )
             doomed = await workers.start("email", config, name="email-doomed")
 
             async def holding() -> bool:
                 return recorder.holding.is_set()
 
-            await wait_until(
+            await eventually(
                 holding,
-                f"mail #{held} held by the SMTP server",
+                what=f"mail #{held} held by the SMTP server",
                 timeout_s=MAIL_WAIT_S,
                 alive=workers.check_alive,
             )
@@ -527,12 +539,12 @@ async def test_a_worker_killed_mid_batch_leaves_no_mail_unsent_or_doubled(
             assert pending["pending"] == jobs, "the whole batch should be unacknowledged"
 
             await workers.start("email", dataclasses.replace(config, smtp_timeout_s=1.0, retry_cap_s=0.5))
-            await wait_until(
+            await eventually(
                 settled_with(pipeline_redis, pipeline_database, recorder, jobs),
-                "the dead worker's batch taken over and delivered",
+                what="the dead worker's batch taken over and delivered",
                 timeout_s=SETTLE_WAIT_S,
                 alive=workers.check_alive,
-                context=lambda: delivery_report(recorder, addresses),
+                details=lambda: delivery_report(recorder, addresses),
             )
             assert_each_delivered_once(recorder, addresses)
             assert mails_to(recorder, recorder.held_recipients[0])
@@ -563,20 +575,20 @@ async def test_mail_waits_for_an_smtp_server_that_is_down(
         async def retried() -> bool:
             return await email_worker.metric("parley_consumer_retries_total", consumer=EMAIL_CONSUMER) > 0
 
-        await wait_until(
+        await eventually(
             retried,
-            "the email worker retrying against the absent SMTP server",
+            what="the email worker retrying against the absent SMTP server",
             timeout_s=MAIL_WAIT_S,
             alive=workers.check_alive,
         )
         controller = smtp_server_at(recorder, smtp_port)
         try:
-            await wait_until(
+            await eventually(
                 settled_with(pipeline_redis, pipeline_database, recorder, jobs),
-                "every job delivered once the SMTP server is up",
+                what="every job delivered once the SMTP server is up",
                 timeout_s=SETTLE_WAIT_S,
                 alive=workers.check_alive,
-                context=lambda: delivery_report(recorder, addresses),
+                details=lambda: delivery_report(recorder, addresses),
             )
         finally:
             controller.stop()
@@ -608,12 +620,12 @@ async def test_a_refused_mail_is_dead_lettered_at_once_and_replayed_once_fixed(
             event_ids = await produce_email_jobs(pipeline_database, [*good[:5], poison, *good[5:]])
             poison_event_id = event_ids[5]
 
-            await wait_until(
+            await eventually(
                 settled_with(pipeline_redis, pipeline_database, recorder, len(good)),
-                "the good jobs delivered and the poison one settled",
+                what="the good jobs delivered and the poison one settled",
                 timeout_s=SETTLE_WAIT_S,
                 alive=workers.check_alive,
-                context=lambda: delivery_report(recorder, good),
+                details=lambda: delivery_report(recorder, good),
             )
             assert_each_delivered_once(recorder, good)
             [dead] = await dead_letters_via_cli(redis_url)
@@ -634,9 +646,9 @@ async def test_a_refused_mail_is_dead_lettered_at_once_and_replayed_once_fixed(
             async def relay_sees_the_dead_letter() -> bool:
                 return await relay_worker.metric("parley_dead_letters", consumer=EMAIL_CONSUMER) == 1
 
-            await wait_until(
+            await eventually(
                 relay_sees_the_dead_letter,
-                "the relay's parley_dead_letters gauge shows the dead letter",
+                what="the relay's parley_dead_letters gauge shows the dead letter",
                 timeout_s=SETTLE_WAIT_S,
                 alive=workers.check_alive,
             )
@@ -661,12 +673,12 @@ async def test_a_refused_mail_is_dead_lettered_at_once_and_replayed_once_fixed(
             )
             assert replayed.returncode == 0, replayed.describe()
             everyone = [*good, poison]
-            await wait_until(
+            await eventually(
                 settled_with(pipeline_redis, pipeline_database, recorder, len(everyone)),
-                "the replayed job delivered",
+                what="the replayed job delivered",
                 timeout_s=SETTLE_WAIT_S,
                 alive=workers.check_alive,
-                context=lambda: delivery_report(recorder, everyone),
+                details=lambda: delivery_report(recorder, everyone),
             )
             assert_each_delivered_once(recorder, everyone)
             assert await dead_letters_via_cli(redis_url) == []

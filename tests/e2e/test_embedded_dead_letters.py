@@ -15,11 +15,12 @@ import httpx
 import pytest
 
 from services.email.worker import EMAIL_CONSUMER
-from tests.support.email_pipeline import MAIL_FROM, PUBLIC_BASE_URL, delivery_report, mails_to, wait_until
+from tests.support.email_pipeline import MAIL_FROM, PUBLIC_BASE_URL, delivery_report, mails_to
 from tests.support.mail import SteerableHandler, smtp_server
 from tests.support.microservices import run_parley
 from tests.support.outbox import read_events
 from tests.support.parley_process import EmbeddedPorts, ParleyProcess
+from tests.support.polling import eventually
 
 pytestmark = pytest.mark.envoy
 
@@ -107,7 +108,7 @@ async def test_a_refused_mail_is_dead_lettered_durably_and_replayed_once(tmp_pat
             async def dead_lettered() -> bool:
                 return outcomes(data_dir, request_id) == (0, 1) and bool(await dead_letters(data_dir))
 
-            await wait_until(dead_lettered, "the verification mail dead-lettered", timeout_s=MAIL_WAIT_S)
+            await eventually(dead_lettered, what="the verification mail dead-lettered", timeout_s=MAIL_WAIT_S)
             [dead] = await dead_letters(data_dir)
             assert (dead["event_id"], dead["type"], dead["attempts"]) == (request_id, "email.requested", 1)
             assert "550" in dead["error"], dead
@@ -128,11 +129,11 @@ async def test_a_refused_mail_is_dead_lettered_durably_and_replayed_once(tmp_pat
             async def sent() -> bool:
                 return outcomes(data_dir, request_id)[0] == 1
 
-            await wait_until(
+            await eventually(
                 sent,
-                "the replayed verification mail sent",
+                what="the replayed verification mail sent",
                 timeout_s=MAIL_WAIT_S,
-                context=lambda: delivery_report(recorder, [address]),
+                details=lambda: delivery_report(recorder, [address]),
             )
             assert len(mails_to(recorder, address)) == 1, delivery_report(recorder, [address])
             assert await dead_letters(data_dir) == []

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import signal
 import sqlite3
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 from services.common.contracts import descriptor_set_bytes, descriptor_set_path
 from tests.support.gateway import grpcurl
 from tests.support.parley_process import EmbeddedPorts, ParleyProcess, children_of, command_of, pid_alive
+from tests.support.polling import eventually_sync
 from tests.support.reflection import (
     DESCRIBE_CASES,
     LIST_PLANS_METHOD,
@@ -62,9 +62,7 @@ def parley_up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Parley
     process.start()
     process.wait_until_http_ok(f"http://127.0.0.1:{ports.http}/healthz")
     # Envoy can answer /healthz a moment before `parley up` prints where everything listens.
-    deadline = time.monotonic() + 10
-    while "Parley is up" not in process.output() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    eventually_sync(lambda: "Parley is up" in process.output(), what="`parley up` announcing itself")
     yield process, ports
     process.terminate()
 

@@ -8,7 +8,6 @@ import datetime as dt
 import json
 import ssl
 import struct
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from services.common.errors import details_of
 from tests.support.gateway import free_port
 from tests.support.outbox import read_events
 from tests.support.parley_process import EmbeddedPorts, ParleyProcess
+from tests.support.polling import eventually_sync
 from tests.support.tls import self_signed_certificate
 
 pytestmark = pytest.mark.envoy
@@ -330,6 +330,18 @@ def test_grpc_web_clients_reach_public_services(edge: Edge) -> None:
 # ---- logs and traces ----------------------------------------------------------------------------
 
 
+def access_log_entries(edge: Edge, request_id: str) -> list[dict[str, Any]]:
+    """Envoy's access-log entries (JSON lines with a path) for one request, once Envoy flushed them."""
+
+    def logged() -> list[dict[str, Any]]:
+        lines = (edge.data_dir / "parley.log").read_text(errors="replace").splitlines()
+        entries = (json.loads(line) for line in lines if request_id in line and line.startswith("{"))
+        return [entry for entry in entries if "path" in entry]
+
+    # Envoy flushes its access log every second.
+    return eventually_sync(logged, what=f"the access log of request {request_id}", interval_s=0.2)
+
+
 def test_access_logs_are_json_with_request_and_trace_ids(edge: Edge) -> None:
     trace_id = uuid.uuid4().hex
     traceparent = f"00-{trace_id}-{uuid.uuid4().hex[:16]}-01"
@@ -341,16 +353,8 @@ def test_access_logs_are_json_with_request_and_trace_ids(edge: Edge) -> None:
     )
     assert response.status_code == 200, response.text
     request_id = response.headers["x-request-id"]
-    deadline = time.monotonic() + 10  # Envoy flushes its access log every second
-    access: list[dict[str, Any]] = []
-    while not access and time.monotonic() < deadline:
-        time.sleep(0.2)
-        entries = [
-            json.loads(line)
-            for line in (edge.data_dir / "parley.log").read_text(errors="replace").splitlines()
-            if request_id in line and line.startswith("{")
-        ]
-        access = [entry for entry in entries if entry.get("path") == "/v1/auth/register"]
+    entries = access_log_entries(edge, request_id)
+    access = [entry for entry in entries if entry["path"] == "/v1/auth/register"]
     assert access, entries
     assert access[0]["trace_id"] == trace_id
     assert access[0]["grpc_path"] == "/parley.auth.v1.AuthService/Register"
@@ -362,16 +366,7 @@ def test_access_logs_are_json_with_request_and_trace_ids(edge: Edge) -> None:
 
 def test_a_request_without_traceparent_still_gets_a_logged_trace_id(edge: Edge) -> None:
     request_id = edge.http.get("/v1/billing/plans").headers["x-request-id"]
-    deadline = time.monotonic() + 10
-    logged: list[dict[str, Any]] = []
-    while not logged and time.monotonic() < deadline:
-        time.sleep(0.2)
-        logged = [
-            json.loads(line)
-            for line in (edge.data_dir / "parley.log").read_text(errors="replace").splitlines()
-            if request_id in line and line.startswith("{") and '"path"' in line
-        ]
-    assert logged, request_id
+    logged = access_log_entries(edge, request_id)
     assert len(logged[0]["trace_id"]) == 32 and int(logged[0]["trace_id"], 16) != 0
 
 

@@ -24,8 +24,8 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
 
+from gateway.descriptors import DescriptorIndex, is_internal_service
 from gateway.envoy_process import EnvoyProcess, EnvoyStartError
-from gateway.render import read_descriptor_set
 from services.common.identity import decode_roles_header
 from tests.support.gateway import (
     DESCRIPTOR_SET_PATH,
@@ -46,6 +46,7 @@ from tests.support.gateway import (
     start_health_upstream,
     wait_for_healthz,
 )
+from tests.support.polling import eventually
 
 pytestmark = [pytest.mark.envoy, pytest.mark.asyncio(loop_scope="module")]
 
@@ -92,6 +93,7 @@ class StandInRpcs(grpc.GenericRpcHandler):
 
     @staticmethod
     async def _too_slow(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        # A hold in the fake upstream, in real time: Envoy's route timeout (real time) is under test.
         await asyncio.sleep(UNARY_TIMEOUT_S * 10)
         return b""
 
@@ -377,15 +379,13 @@ async def test_access_log_is_json_with_request_id_and_traceparent(
     response = await client.get("/v1/no/such/thing", headers={"traceparent": traceparent})
     request_id = response.headers["x-request-id"]
 
-    for _ in range(50):  # Envoy flushes its access log asynchronously.
-        entries = [
-            json.loads(line) for line in access_log_path.read_text().splitlines() if line.startswith("{")
-        ]
-        matching = [entry for entry in entries if entry["request_id"] == request_id]
-        if matching:
-            break
-        await asyncio.sleep(0.1)
-    (entry,) = matching
+    def logged() -> list[dict[str, Any]]:
+        lines = access_log_path.read_text().splitlines()
+        entries = (json.loads(line) for line in lines if line.startswith("{"))
+        return [entry for entry in entries if entry["request_id"] == request_id]
+
+    # Envoy flushes its access log asynchronously.
+    (entry,) = await eventually(logged, what=f"the access log of request {request_id}", interval_s=0.1)
     assert entry["traceparent"] == traceparent
     assert entry["status"] == 404
     assert entry["path"] == "/v1/no/such/thing"
@@ -453,13 +453,12 @@ async def test_grpcurl_describes_public_services_but_not_internal_ones(gateway: 
 
 
 def internal_methods() -> Sequence[str]:
-    descriptor_set = read_descriptor_set(DESCRIPTOR_SET_PATH.read_bytes())
+    index = DescriptorIndex.from_bytes(DESCRIPTOR_SET_PATH.read_bytes())
     return [
-        f"{file.package}.{service.name}/{method.name}"
-        for file in descriptor_set.file
-        for service in file.service
-        if service.name.endswith("InternalService")
-        for method in service.method
+        f"{service.full_name}/{method.name}"
+        for service in index.services
+        if is_internal_service(service.full_name)
+        for method in service.methods
     ]
 
 
@@ -584,7 +583,7 @@ async def main() -> None:
     envoy = EnvoyProcess(embedded_test_topology(free_port()))
     await envoy.start()
     print(envoy.pid, flush=True)
-    await asyncio.sleep(3600)
+    await asyncio.Event().wait()  # until the test kills this process
 
 asyncio.run(main())
 """
@@ -607,8 +606,6 @@ async def test_envoy_dies_with_a_killed_parent() -> None:
         parent.kill()  # SIGKILL: no stop(), no atexit, nothing in Python runs
         await parent.wait()
 
-    for _ in range(100):
-        if not process_running(envoy_pid):
-            break
-        await asyncio.sleep(0.05)
-    assert not process_running(envoy_pid)
+    await eventually(
+        lambda: not process_running(envoy_pid), what=f"Envoy (pid {envoy_pid}) exited", timeout_s=5
+    )

@@ -21,7 +21,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from prometheus_client import CollectorRegistry
 
-from gateway.render import Topology
+from gateway.topology import Topology
 from parley.billing.v1 import billing_pb2, billing_pb2_grpc
 from services.common.errors import details_of
 from services.common.ratelimit import load_rate_limit_config

@@ -42,8 +42,6 @@ pytestmark = [pytest.mark.envoy, pytest.mark.asyncio(loop_scope="module")]
 STREAM_MESSAGE = "parley.chat.v1.ChatService/StreamMessage"
 # A generous bound on waiting for one event, so a gateway that buffers fails the test instead of hanging it.
 EVENT_TIMEOUT_S = 10.0
-# The upstream pauses between deltas, as a model producing tokens would.
-DELTA_PAUSE_S = 0.02
 
 # The conversation id chooses how the scripted upstream behaves.
 COMPLETES = "c1"
@@ -134,8 +132,6 @@ class ScriptedChat(chat_pb2_grpc.ChatServiceServicer):
         for position, event in enumerate(scripted_reply(request.conversation_id, request.content)):
             if position == 1 and request.request_id in self._gates:
                 await self._gates[request.request_id].wait()
-            elif position > 1:
-                await asyncio.sleep(DELTA_PAUSE_S)
             self.produced[request.request_id].append(str(event.WhichOneof("event")))
             yield event
         if request.conversation_id == ABORTED_AFTER_START:

@@ -23,7 +23,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from gateway.envoy_process import envoy_binary_path
-from gateway.render import load_gateway_settings
+from gateway.settings import load_gateway_settings
 from services.common.settings import SERVICE_NAMES
 from tests.support.databases import asyncpg_dsn
 from tests.support.gateway import (
@@ -40,6 +40,7 @@ from tests.support.microservices import (
     running_microservices,
 )
 from tests.support.parley_process import ParleyProcess, children_of, pid_alive
+from tests.support.polling import eventually
 from tests.support.reflection import DESCRIBE_LIST_PLANS, assert_grpcurl_describes
 from tests.support.tcp_proxy import TcpProxy
 
@@ -66,21 +67,23 @@ def billing_service_names() -> set[str]:
 
 async def wait_for_grpc_health(target: str, service: str, expected: str, *, owner: ParleyProcess) -> None:
     """Poll grpc.health.v1.Health/Check with grpcurl until it reports `expected`."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + WAIT_S
     request = json.dumps({"service": service})
-    last = ""
-    while True:
+    last_answer = ""
+
+    async def reported() -> bool:
+        nonlocal last_answer
         check = await grpcurl("-plaintext", "-d", request, target, "grpc.health.v1.Health/Check", timeout_s=5)
-        last = check.stdout + check.stderr
-        if check.returncode == 0 and json.loads(check.stdout).get("status") == expected:
-            return
-        if owner.exited() or loop.time() >= deadline:
-            raise AssertionError(
-                f"health of {service} at {target} is not {expected} within {WAIT_S}s (last: {last})\n"
-                f"{owner.output()[-4000:]}"
-            )
-        await asyncio.sleep(0.1)
+        last_answer = check.stdout + check.stderr
+        return check.returncode == 0 and json.loads(check.stdout).get("status") == expected
+
+    await eventually(
+        reported,
+        what=f"health of {service} at {target} reported {expected}",
+        timeout_s=WAIT_S,
+        interval_s=0.1,
+        alive=owner.check_alive,
+        details=lambda: f"last answer: {last_answer}",
+    )
 
 
 def assert_parley_error(
@@ -100,8 +103,8 @@ def assert_parley_error(
 
 def envoy_health_check_interval_s() -> float:
     settings = load_gateway_settings()
-    assert settings.health_check_unhealthy_threshold >= 2, "the early-call check below assumes this"
-    return settings.health_check_interval_ms / 1000
+    assert settings.health_check.unhealthy_threshold >= 2, "the early-call check below assumes this"
+    return settings.health_check.interval_ms / 1000
 
 
 async def signed_in(client: httpx.AsyncClient) -> dict[str, str]:
@@ -343,12 +346,21 @@ async def test_the_cli_refuses_bad_settings_clearly(tmp_path: Path) -> None:
         "PARLEY_METRICS_PORT": str(free_port()),
         "PARLEY_DATA_DIR": str(tmp_path / "data"),
     }
-    bad_port, no_secret, bad_database = await asyncio.gather(
+    bad_limits = tmp_path / "ratelimits.yaml"
+    bad_limits.write_text(
+        "domain: parley\n"
+        "limits: [{name: a, descriptor: {limit: a}, key: [user], rate: {requests: 1, per_s: 1}, bursts: 2}]\n"
+        "routes: {default: {on_failure: allow, descriptors: [{limit: a, entries: [user]}]}}\n"
+    )
+    with_bad_limits = {**ports, "PARLEY_RATE_LIMITS_FILE": str(bad_limits), "PARLEY_GATEWAY_SECRET": "s"}
+    bad_port, no_secret, bad_database, up_bad_file, gateway_bad_file = await asyncio.gather(
         run_parley("up", env={**ports, "PARLEY_GRPC_PORT": "not-a-port"}),
         run_parley("gateway", "--topology", "local", env=ports),
         run_parley(
             "serve", "billing", "--port", str(free_port()), env={**ports, "PARLEY_DATABASE_URL": "mysql://x"}
         ),
+        run_parley("up", env=with_bad_limits),
+        run_parley("gateway", "--topology", "local", env=with_bad_limits),
     )
 
     for result in (bad_port, no_secret, bad_database):
@@ -360,6 +372,14 @@ async def test_the_cli_refuses_bad_settings_clearly(tmp_path: Path) -> None:
     assert "PARLEY_GATEWAY_SECRET" in no_secret.stderr
     assert "PARLEY_DATABASE_URL" in bad_database.stderr
     assert "mysql://x" in bad_database.stderr
+    # A bad data file is reported the same way: one line naming the file and the key, exit code 2.
+    for result in (up_bad_file, gateway_bad_file):
+        assert result.returncode == 2, result.describe()
+        assert result.stderr == (
+            f"{bad_limits}: limits[0].bursts: unknown key; did you mean 'burst'? "
+            "(allowed here: burst, descriptor, key, name, rate, shadow); "
+            "limits[0].burst: required key is missing\n"
+        ), result.describe()
     # Nothing was started, so nothing was written.
     assert not (tmp_path / "data").exists()
 

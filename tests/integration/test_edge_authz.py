@@ -11,10 +11,8 @@ one is forged with a stranger's key.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
-import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -38,11 +36,10 @@ from services.auth.tokens import AccessTokenIssuer
 from services.auth.wiring import account_parts, build_bundle, signing_key_store
 from services.common.clock import utc_now
 from services.common.context import ServiceContext
+from services.common.credentials import ACCESS_TOKEN_COOKIE, CSRF_COOKIE
 from services.common.db import Database
 from services.common.errors import details_of
 from services.common.identity import (
-    ACCESS_TOKEN_COOKIE,
-    CSRF_COOKIE,
     CachedJwksVerifier,
     decode_roles_header,
     encode_roles_header,
@@ -54,6 +51,7 @@ from services.common.revocation import InMemoryRevocationList
 from services.common.server import ServerDeps, create_server
 from services.common.settings import Settings, load_settings
 from services.common.telemetry import create_tracer_provider
+from tests.support.polling import eventually
 from tests.support.servers import GATEWAY_SECRET
 from tests.support.tcp_proxy import TcpProxy
 
@@ -437,15 +435,15 @@ async def test_a_token_signed_by_a_key_envoy_does_not_know_yet_is_allowed(edge: 
 
 async def wait_until_published(edge: Edge, kid: str) -> None:
     """Until auth's GetJwks (served from a short in-memory copy) lists `kid`."""
-    deadline = time.monotonic() + JWKS_PROPAGATION_TIMEOUT_S
-    kids: list[str] = []
-    while time.monotonic() < deadline:
+
+    async def published_kids() -> list[str] | None:
         document = await edge.public.GetJwks(auth_pb2.GetJwksRequest())
         kids = [key["kid"] for key in json.loads(document.data)["keys"]]
-        if kid in kids:
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"kid {kid} was not published within {JWKS_PROPAGATION_TIMEOUT_S} s: {kids}")
+        return kids if kid in kids else None
+
+    await eventually(
+        published_kids, what=f"kid {kid} published", timeout_s=JWKS_PROPAGATION_TIMEOUT_S, interval_s=0.1
+    )
 
 
 async def test_a_malformed_authorization_header_is_refused(edge: Edge) -> None:

@@ -10,7 +10,6 @@ end to end in tests/e2e/test_email_pipeline.py.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -29,6 +28,7 @@ from services.common.ratelimit import InMemoryRateLimiter
 from services.common.settings import Settings, load_settings
 from services.email.worker import EMAIL_CONSUMER, EMAIL_EVENT_SOURCE
 from tests.support.mail import SAMPLE_PARAMS, RecordingHandler, email_requested_event, smtp_server
+from tests.support.polling import eventually
 
 DEADLINE_S = 15.0
 POLL_BLOCK_S = 0.02
@@ -86,12 +86,15 @@ def worker_for(settings: Settings, database: Database) -> tuple[Consumer, InProc
 
 async def poll_until(consumer: Consumer, done: Callable[[], Awaitable[bool]], what: str) -> None:
     """Run the consumer one batch at a time until `done()` holds (bounded)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + DEADLINE_S
-    while not await done():
-        if loop.time() > deadline:
-            raise AssertionError(f"not within {DEADLINE_S}s: {what}")
+
+    async def polled_until_done() -> bool:
+        if await done():
+            return True
         await consumer.poll_once(block_s=POLL_BLOCK_S)
+        return False
+
+    # No pause between attempts: each one blocks on the source for up to POLL_BLOCK_S.
+    await eventually(polled_until_done, what=what, timeout_s=DEADLINE_S, interval_s=0)
 
 
 def received(recorder: RecordingHandler, count: int) -> Callable[[], Awaitable[bool]]:

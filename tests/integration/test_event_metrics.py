@@ -32,6 +32,7 @@ from services.common.event_metrics import EventPipelineMetrics
 from services.common.outbox import OutboxEvent, add_event
 from services.common.streams import encode_entry, stream_key
 from tests.support.gateway import free_port
+from tests.support.polling import eventually
 
 DEADLINE_S = 15.0
 
@@ -222,11 +223,20 @@ async def test_sample_forever_keeps_sampling_through_an_outage_and_stops_when_as
     sampler = asyncio.create_task(
         metrics.sample_forever(stop, 0.05, database=database, redis=down, rediscover_s=0.0)
     )
+
+    def sampler_running() -> None:
+        assert not sampler.done(), "the sampler stopped on its own"
+
+    def redis_sample_errors() -> float:
+        return sample_value(registry, "parley_event_metrics_sample_errors_total", part="redis") or 0
+
     try:
-        async with asyncio.timeout(DEADLINE_S):
-            while (sample_value(registry, "parley_event_metrics_sample_errors_total", part="redis") or 0) < 3:
-                assert not sampler.done(), "the sampler stopped on its own"
-                await asyncio.sleep(0.05)
+        await eventually(
+            lambda: redis_sample_errors() >= 3,
+            what="three failed Redis samples",
+            timeout_s=DEADLINE_S,
+            alive=sampler_running,
+        )
         # The database part is sampled all along, whatever Redis does.
         assert sample_value(registry, "parley_outbox_lag_seconds") == 0.0
         assert sample_value(registry, "parley_event_metrics_sample_errors_total", part="database") == 0

@@ -15,6 +15,7 @@ from services.common.db import Database
 from services.common.outbox import OutboxEvent, add_event
 from services.common.processed_events import ProcessedEvent, SqlProcessedEvents
 from services.common.settings import load_settings
+from tests.support.polling import eventually
 
 DEADLINE_S = 10.0
 
@@ -72,8 +73,11 @@ async def test_the_housekeeping_task_prunes_at_once_and_stops_when_asked(databas
     await mark_relayed(database, event_id, days_ago=2)
     stop = asyncio.Event()
     task = asyncio.create_task(keep_pipeline_history_pruned(stop, database, settings, interval_s=3600))
+
+    async def pruned() -> bool:
+        return not (await remaining(database))[0]
+
+    await eventually(pruned, what="the relayed event pruned", timeout_s=DEADLINE_S, interval_s=0.01)
+    stop.set()
     async with asyncio.timeout(DEADLINE_S):
-        while (await remaining(database))[0]:
-            await asyncio.sleep(0.01)
-        stop.set()
         await task

@@ -3,8 +3,7 @@ interceptors, on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 import pytest
@@ -18,6 +17,7 @@ from parley.chat.v1 import chat_pb2, chat_pb2_grpc
 from services.common.db import Database
 from services.common.health import DependencyProbe
 from services.common.migrate import upgrade_async
+from tests.support.polling import eventually
 from tests.support.servers import (
     GATEWAY_SECRET,
     RunningServer,
@@ -136,10 +136,12 @@ async def test_metrics_count_each_rpc_by_code(running: RunningServer) -> None:
     labels = {"grpc_service": "parley.billing.v1.BillingService", "grpc_method": "ListPlans"}
     sample = running.registry.get_sample_value
     # The client may see the reply before the server's interceptor has finished counting it.
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 5.0
-    while sample("parley_rpc_server_handling_seconds_count", labels) != 2 and loop.time() < deadline:
-        await asyncio.sleep(0.01)
+    await eventually(
+        lambda: sample("parley_rpc_server_handling_seconds_count", labels) == 2,
+        what="both calls timed",
+        timeout_s=5.0,
+        interval_s=0.01,
+    )
     assert sample("parley_rpc_server_handled_total", {**labels, "grpc_code": "OK"}) == 1
     assert sample("parley_rpc_server_handled_total", {**labels, "grpc_code": "INVALID_ARGUMENT"}) == 1
     assert sample("parley_rpc_server_handling_seconds_count", labels) == 2
@@ -203,21 +205,18 @@ async def test_health_follows_database_reachability(postgres_url: str) -> None:
 
             assert await status() == health_pb2.HealthCheckResponse.SERVING
             await proxy.cut()
-            await _eventually(status, health_pb2.HealthCheckResponse.NOT_SERVING)
+            not_serving = status_is(status, health_pb2.HealthCheckResponse.NOT_SERVING)
+            await eventually(not_serving, what="NOT_SERVING without the database", interval_s=0.1)
             await proxy.restore()
-            await _eventually(status, health_pb2.HealthCheckResponse.SERVING)
+            serving_again = status_is(status, health_pb2.HealthCheckResponse.SERVING)
+            await eventually(serving_again, what="SERVING with the database back", interval_s=0.1)
     finally:
         await database.dispose()
         await proxy.close()
 
 
-async def _eventually(read: object, expected: int, *, within_s: float = 10.0) -> None:
-    assert callable(read)
-    deadline = asyncio.get_running_loop().time() + within_s
-    last = None
-    while asyncio.get_running_loop().time() < deadline:
-        last = await read()
-        if last == expected:
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"expected {expected}, still {last} after {within_s}s")
+def status_is(read: Callable[[], Awaitable[int]], expected: int) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return await read() == expected
+
+    return check

@@ -24,6 +24,7 @@ from services.common.streams import (
     decode_entry,
     stream_key,
 )
+from tests.support.polling import eventually
 from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.redis
@@ -157,10 +158,14 @@ async def unrelayed_rows(database: Database) -> list[OutboxEvent]:
 
 async def relay_until_everything_is_relayed(database: Database, relay: OutboxRelay) -> None:
     """Drive the relay (waiting out its backoff) until no row is left unrelayed; bounded in time."""
-    async with asyncio.timeout(RELAY_DEADLINE_S):
-        while await unrelayed_rows(database):
-            if not await relay.relay_once():
-                await asyncio.sleep(0.01)  # a retry is scheduled a few ms ahead; nothing to wait on
+
+    async def everything_relayed() -> bool:
+        await relay.relay_once()
+        return not await unrelayed_rows(database)
+
+    await eventually(
+        everything_relayed, what="every outbox row relayed", timeout_s=RELAY_DEADLINE_S, interval_s=0.01
+    )
 
 
 def ids_of(events: Sequence[events_pb2.Event], source: str) -> list[str]:
@@ -308,15 +313,22 @@ async def test_a_group_that_falls_behind_holds_the_relay_back_instead_of_losing_
             await publisher.dispatch(produced[room:])
         assert len(await unrelayed_rows(database)) == produced_count - room
 
-        async with asyncio.timeout(RELAY_DEADLINE_S):
-            while len(received) < produced_count:
-                reply: Any = await redis.xreadgroup(group, "reader", {stream_key(source): ">"}, count=20)
-                for _stream, entries in reply or []:
-                    for entry_id, fields in entries:
-                        received.append(decode_entry(fields).id)
-                        await redis.xack(stream_key(source), group, entry_id)
-                await relay.relay_once()
-                await asyncio.sleep(0.005)  # the relay may be backing off for a few ms
+        async def everything_received() -> bool:
+            """Read and acknowledge what is there, making room for the relay, which then adds more."""
+            reply: Any = await redis.xreadgroup(group, "reader", {stream_key(source): ">"}, count=20)
+            for _stream, entries in reply or []:
+                for entry_id, fields in entries:
+                    received.append(decode_entry(fields).id)
+                    await redis.xack(stream_key(source), group, entry_id)
+            await relay.relay_once()
+            return len(received) >= produced_count
+
+        await eventually(
+            everything_received,
+            what=f"{produced_count} events received",
+            timeout_s=RELAY_DEADLINE_S,
+            interval_s=0.005,  # the relay may be backing off for a few ms
+        )
     finally:
         await publisher.aclose()
 

@@ -9,10 +9,9 @@ in the shared Redis test database: a test using them clears them before and afte
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from email.message import EmailMessage
@@ -203,28 +202,7 @@ async def produce_email_jobs(
     return event_ids
 
 
-# ---- waiting and checking ------------------------------------------------------------------------
-
-
-async def wait_until(
-    condition: Callable[[], Awaitable[bool]],
-    what: str,
-    *,
-    timeout_s: float,
-    context: Callable[[], str] = str,
-    alive: Callable[[], None] = lambda: None,
-    poll_s: float = 0.1,
-) -> float:
-    """Poll `condition` until it holds; fail after `timeout_s` saying `what` and `context()`, or as
-    soon as `alive()` raises (a process the condition depends on died). Returns the seconds it took."""
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    while not await condition():
-        alive()
-        if loop.time() - started > timeout_s:
-            raise AssertionError(f"not within {timeout_s}s: {what}\n{context()}")
-        await asyncio.sleep(poll_s)
-    return loop.time() - started
+# ---- checking -----------------------------------------------------------------------------------
 
 
 async def unrelayed_events(database: Database) -> int:

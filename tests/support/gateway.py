@@ -29,20 +29,17 @@ import httpx
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
+from gateway.descriptors import DescriptorIndex, is_internal_service, public_services
 from gateway.edge import create_edge_server
 from gateway.envoy_process import EnvoyProcess
-from gateway.render import (
-    GatewaySettings,
-    Topology,
-    embedded_topology,
-    load_gateway_settings,
-    public_services,
-    read_descriptor_set,
-)
+from gateway.settings import GatewaySettings, load_gateway_settings
+from gateway.topology import Topology, embedded_topology
 from parley.auth.v1 import auth_pb2, auth_pb2_grpc
 from parley.common.v1 import common_pb2
 from runtime.edge_wiring import build_edge_wiring
+from services.common.ratelimit import load_rate_limit_config
 from services.common.settings import Settings
+from tests.support.polling import eventually
 from tests.support.rate_limits import generous_rate_limits
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -70,30 +67,26 @@ def free_port() -> int:
 
 
 def public_service_names(descriptor_set_path: Path = DESCRIPTOR_SET_PATH) -> list[str]:
-    return [
-        service.full_name
-        for service in public_services(read_descriptor_set(descriptor_set_path.read_bytes()))
-    ]
+    index = DescriptorIndex.from_bytes(descriptor_set_path.read_bytes())
+    return [service.full_name for service in public_services(index)]
 
 
 def internal_service_names(descriptor_set_path: Path = DESCRIPTOR_SET_PATH) -> list[str]:
-    descriptor_set = read_descriptor_set(descriptor_set_path.read_bytes())
-    return sorted(
-        f"{file.package}.{service.name}"
-        for file in descriptor_set.file
-        for service in file.service
-        if file.package.startswith("parley.") and service.name.endswith("InternalService")
+    index = DescriptorIndex.from_bytes(descriptor_set_path.read_bytes())
+    return sorted(service.full_name for service in index.services if is_internal_service(service.full_name))
+
+
+def fast_settings(*, unary_timeout_s: int | None = None) -> GatewaySettings:
+    """Production settings with health checks fast enough for a test to watch a status change (and,
+    when given, a shorter unary deadline)."""
+    settings = load_gateway_settings()
+    fast_checks = settings.health_check.model_copy(
+        update={"interval_ms": 200, "unhealthy_interval_ms": 200, "timeout_ms": 500}
     )
-
-
-def fast_settings(**overrides: object) -> GatewaySettings:
-    """Production settings with health checks fast enough for a test to watch a status change."""
-    defaults: dict[str, object] = {
-        "health_check_interval_ms": 200,
-        "health_check_unhealthy_interval_ms": 200,
-        "health_check_timeout_ms": 500,
-    }
-    return dataclasses.replace(load_gateway_settings(), **{**defaults, **overrides})  # type: ignore[arg-type]
+    timeouts = settings.timeouts
+    if unary_timeout_s is not None:
+        timeouts = timeouts.model_copy(update={"unary_s": unary_timeout_s})
+    return settings.model_copy(update={"health_check": fast_checks, "timeouts": timeouts})
 
 
 def embedded_test_topology(
@@ -158,7 +151,7 @@ async def running_gateway(
     edge = build_edge_wiring(
         settings,
         auth_target=f"{auth.host}:{auth.port}",
-        rate_limits_path=topology.rate_limits_path,
+        rate_limits=load_rate_limit_config(topology.rate_limits_path),
         revocations=None,
         registry=registry or CollectorRegistry(),
     )
@@ -301,13 +294,17 @@ async def grpcurl(*args: str, timeout_s: float = 30.0) -> GrpcurlResult:
 
 async def wait_for_healthz(url: str, expected_status: int, *, timeout_s: float = 10.0) -> None:
     """Poll GET /healthz until it answers `expected_status` (Envoy's health checks run on a timer)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    last: int | None = None
+    statuses: list[int] = []
     async with httpx.AsyncClient(timeout=2.0) as client:
-        while loop.time() < deadline:
-            last = (await client.get(f"{url}/healthz")).status_code
-            if last == expected_status:
-                return
-            await asyncio.sleep(0.1)
-    raise AssertionError(f"/healthz stayed {last}, expected {expected_status} within {timeout_s}s")
+
+        async def answered() -> bool:
+            statuses.append((await client.get(f"{url}/healthz")).status_code)
+            return statuses[-1] == expected_status
+
+        await eventually(
+            answered,
+            what=f"/healthz answering {expected_status}",
+            timeout_s=timeout_s,
+            interval_s=0.1,
+            details=lambda: f"statuses seen: {sorted(set(statuses))}",
+        )

@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import ssl
 import threading
-import time
 import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.parser import BytesParser
@@ -225,6 +224,8 @@ class SteerableHandler(RecordingHandler):
         self._data_seen = 0
         self._released = threading.Event()
         self._release_reply = HELD_TOO_LONG
+        # How release(), on the test's thread, wakes the held DATA, which waits on the server's loop.
+        self._wake_held: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
         self.holding = threading.Event()
         self.held_recipients: tuple[str, ...] = ()
 
@@ -238,8 +239,14 @@ class SteerableHandler(RecordingHandler):
 
     def release(self, reply: str) -> None:
         """Answer the held DATA with `reply` (a 250 records the message as received)."""
-        self._release_reply = reply
-        self._released.set()
+        with self._lock:
+            self._release_reply = reply
+            self._released.set()
+            waiter = self._wake_held
+        if waiter is not None:
+            loop, woken = waiter
+            with suppress(RuntimeError):  # the server, and its loop, already stopped
+                loop.call_soon_threadsafe(woken.set)
 
     async def handle_RCPT(
         self, server: Any, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
@@ -257,13 +264,18 @@ class SteerableHandler(RecordingHandler):
         if not hold:
             return await super().handle_DATA(server, session, envelope)
         self.held_recipients = tuple(envelope.rcpt_tos)
+        woken = asyncio.Event()
+        with self._lock:
+            self._wake_held = (asyncio.get_running_loop(), woken)
+            if self._released.is_set():
+                woken.set()
         self.holding.set()
-        # Polled rather than awaited: the event is set from the test's thread, this runs on the
-        # server's loop. If the client dies meanwhile, aiosmtpd cancels this coroutine.
-        deadline = time.monotonic() + self._hold_timeout_s
-        while not self._released.is_set() and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        reply = self._release_reply if self._released.is_set() else HELD_TOO_LONG
+        # If the client dies meanwhile, aiosmtpd cancels this coroutine.
+        with suppress(TimeoutError):
+            async with asyncio.timeout(self._hold_timeout_s):
+                await woken.wait()
+        with self._lock:
+            reply = self._release_reply if self._released.is_set() else HELD_TOO_LONG
         if reply.startswith("250"):
             return await super().handle_DATA(server, session, envelope)
         with self._lock:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +13,7 @@ from pathlib import Path
 import httpx
 
 from tests.support.gateway import free_port
+from tests.support.polling import eventually, eventually_sync
 from tests.support.rate_limits import generous_rate_limits
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -67,20 +66,15 @@ class ParleyProcess:
         return self.log_path.read_text(errors="replace")
 
     def wait_until_http_ok(self, url: str, *, timeout_s: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise AssertionError(
-                    f"parley exited with {self.process.returncode}:\n{self.output()[-4000:]}"
-                )
-            try:
-                if httpx.get(url, timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"{url} did not answer 200 within {timeout_s}s:\n{self.output()[-4000:]}")
+        eventually_sync(
+            lambda: httpx.get(url, timeout=1.0).status_code == 200,
+            what=f"{url} answering 200",
+            timeout_s=timeout_s,
+            interval_s=0.2,
+            retrying_on=(httpx.HTTPError,),
+            alive=self.check_alive,
+            details=self._output_tail,
+        )
 
     def terminate(self, *, signum: int = signal.SIGTERM, timeout_s: float = 20.0) -> int:
         """Send `signum` (SIGTERM, or SIGINT as Ctrl-C does) and wait; returns the exit code."""
@@ -106,55 +100,65 @@ class ParleyProcess:
     def exited(self) -> bool:
         return self.process is not None and self.process.poll() is not None
 
-    def _failure(self, what: str) -> AssertionError:
-        assert self.process is not None
-        state = "running" if self.process.poll() is None else f"exited with {self.process.returncode}"
-        return AssertionError(f"parley {' '.join(self.args)} ({state}): {what}:\n{self.output()[-4000:]}")
+    def check_alive(self) -> None:
+        """Raise when the process has exited: a wait on it fails at once instead of at its deadline."""
+        assert self.process is not None, "start() first"
+        if self.process.poll() is not None:
+            raise AssertionError(
+                f"parley {' '.join(self.args)} exited with {self.process.returncode}:\n{self._output_tail()}"
+            )
+
+    def _output_tail(self) -> str:
+        return f"parley {' '.join(self.args)} output:\n{self.output()[-4000:]}"
 
     async def wait_for_output(self, text: str, *, timeout_s: float = 20.0) -> None:
         """Wait until `text` appears in the process's output; fail early if the process exits."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while text not in self.output():
-            if self.exited():
-                raise self._failure(f"exited before printing {text!r}")
-            if loop.time() >= deadline:
-                raise self._failure(f"did not print {text!r} within {timeout_s}s")
-            await asyncio.sleep(0.05)
+
+        def printed() -> bool:
+            # Read before the liveness check, so output printed just before exiting still counts.
+            if text in self.output():
+                return True
+            self.check_alive()
+            return False
+
+        await eventually(printed, what=f"{text!r} printed", timeout_s=timeout_s, details=self._output_tail)
 
     async def wait_for_http_status(
         self, url: str, expected_status: int = 200, *, timeout_s: float = 20.0
     ) -> httpx.Response:
         """Poll GET `url` until it answers `expected_status`; returns that response."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        last = "no answer"
+        last_answer = "none"
         async with httpx.AsyncClient(timeout=2.0) as client:
-            while True:
-                if self.exited():
-                    raise self._failure(f"exited while waiting for {expected_status} from {url}")
-                try:
-                    response = await client.get(url)
-                    if response.status_code == expected_status:
-                        return response
-                    last = f"{response.status_code} {response.text[:500]}"
-                except httpx.HTTPError as error:
-                    last = f"{type(error).__name__}: {error}"
-                if loop.time() >= deadline:
-                    raise self._failure(
-                        f"{url} did not answer {expected_status} within {timeout_s}s (last: {last})"
-                    )
-                await asyncio.sleep(0.1)
+
+            async def answered() -> httpx.Response | None:
+                nonlocal last_answer
+                response = await client.get(url)
+                if response.status_code == expected_status:
+                    return response
+                last_answer = f"{response.status_code} {response.text[:500]}"
+                return None
+
+            return await eventually(
+                answered,
+                what=f"{url} answering {expected_status}",
+                timeout_s=timeout_s,
+                interval_s=0.1,
+                retrying_on=(httpx.HTTPError,),
+                alive=self.check_alive,
+                details=lambda: f"last answer: {last_answer}\n{self._output_tail()}",
+            )
 
     async def wait_for_exit(self, *, timeout_s: float = 20.0) -> int:
         """Wait for the process to exit on its own; returns the exit code."""
         assert self.process is not None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while (code := self.process.poll()) is None:
-            if loop.time() >= deadline:
-                raise self._failure(f"did not exit within {timeout_s}s")
-            await asyncio.sleep(0.05)
+        process = self.process
+        # A returncode of 0 is falsy, hence the wrapping tuple.
+        (code,) = await eventually(
+            lambda: None if process.poll() is None else (process.returncode,),
+            what=f"parley {' '.join(self.args)} exited",
+            timeout_s=timeout_s,
+            details=self._output_tail,
+        )
         return code
 
     async def stop(self, *, signum: int = signal.SIGTERM, timeout_s: float = 20.0) -> int:

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from gateway.render import DEFAULT_RATE_LIMITS_FILE
+from services.common.ratelimit import DEFAULT_RATE_LIMITS_FILE
 
 
 def scaled_rate_limits(

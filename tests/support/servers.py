@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import grpc
-from google.rpc import status_pb2
+from grpc_status import rpc_status
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
@@ -72,10 +72,9 @@ async def serving(
 
 def rich_status(error: grpc.aio.AioRpcError) -> dict[str, object]:
     """The google.rpc.Status a client reads off the trailers: its message and details by type name."""
-    raw = dict(error.trailing_metadata() or ()).get("grpc-status-details-bin")
-    assert isinstance(raw, bytes), "every error must carry grpc-status-details-bin"
-    status = status_pb2.Status.FromString(raw)
-    assert status.code == error.code().value[0]
+    # grpcio-status also checks that the Status agrees with the call's own code and message.
+    status = rpc_status.from_call(error)
+    assert status is not None, "every error must carry grpc-status-details-bin"
     return {"message": status.message, **details_of(status)}
 
 

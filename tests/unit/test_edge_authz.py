@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -23,24 +22,20 @@ from google.protobuf.json_format import MessageToDict
 from google.rpc import error_details_pb2, status_pb2
 
 from gateway.authz import (
-    Credential,
     Denial,
     EdgeAuthorizer,
     EdgeIdentity,
-    TtlLruCache,
     allowed_response,
     denied_response,
-    presented_credential,
     request_headers,
     secret_digest,
     token_issued_at,
 )
 from parley.auth.v1 import auth_pb2
 from parley.common.v1 import common_pb2
+from services.common.credentials import ACCESS_TOKEN_COOKIE, CSRF_COOKIE, Credential
 from services.common.errors import PermissionDenied, Unauthenticated, details_of
 from services.common.identity import (
-    ACCESS_TOKEN_COOKIE,
-    CSRF_COOKIE,
     Identity,
     decode_roles_header,
     encode_roles_header,
@@ -52,17 +47,11 @@ AttributeContext = attribute_context_pb2.AttributeContext
 HttpRequest = AttributeContext.HttpRequest
 
 
-def refusal(headers: Mapping[str, str]) -> Unauthenticated:
-    with pytest.raises(Unauthenticated) as raised:
-        presented_credential(headers)
-    return raised.value
-
-
 def header_values(options: Any) -> dict[str, str]:
     return {option.header.key: option.header.value for option in options}
 
 
-# ---- headers and credentials --------------------------------------------------------------------
+# ---- headers ---------------------------------------------------------------------------------------
 
 
 def test_headers_come_from_the_map_lower_cased() -> None:
@@ -83,51 +72,6 @@ def test_raw_header_maps_join_repeats_as_envoy_does() -> None:
         headers={"ignored": "when a raw map is present"},
     )
     assert request_headers(http) == {"cookie": "a=1; b=2", "accept": "text/html,application/json"}
-
-
-@pytest.mark.parametrize(
-    ("headers", "expected"),
-    [
-        ({"authorization": f"Bearer {API_KEY}"}, Credential("api_key", API_KEY, "authorization")),
-        ({"authorization": f"bearer   {API_KEY} "}, Credential("api_key", API_KEY, "authorization")),
-        ({"x-api-key": f" {API_KEY}"}, Credential("api_key", API_KEY, "x-api-key")),
-        ({"authorization": "Bearer eyJ.a.b"}, Credential("jwt", "eyJ.a.b", "authorization")),
-        ({"cookie": f"theme=dark; {ACCESS_TOKEN_COOKIE}=eyJ.c.d"}, Credential("cookie", "eyJ.c.d", "cookie")),
-        # The first credential present decides; a failing token is never swapped for another one.
-        (
-            {"authorization": "Bearer eyJ.a.b", "x-api-key": API_KEY, "cookie": f"{ACCESS_TOKEN_COOKIE}=c"},
-            Credential("jwt", "eyJ.a.b", "authorization"),
-        ),
-        (
-            {"x-api-key": API_KEY, "cookie": f"{ACCESS_TOKEN_COOKIE}=c"},
-            Credential("api_key", API_KEY, "x-api-key"),
-        ),
-        # An empty X-API-Key is still the credential presented (auth's format check refuses it).
-        ({"x-api-key": ""}, Credential("api_key", "", "x-api-key")),
-    ],
-)
-def test_the_credential_that_decides(headers: dict[str, str], expected: Credential) -> None:
-    assert presented_credential(headers) == expected
-
-
-def test_no_credential_at_all() -> None:
-    assert presented_credential({"cookie": f"{CSRF_COOKIE}=x; theme=dark", "authorization": "  "}) is None
-
-
-@pytest.mark.parametrize(
-    "authorization", ["Basic dXNlcjpwYXNz", "Bearer", "Bearer    ", "Token abc", "eyJ.a.b"]
-)
-def test_a_malformed_authorization_header_is_an_invalid_token(authorization: str) -> None:
-    error = refusal({"authorization": authorization, "x-api-key": API_KEY})
-    assert (error.reason, error.metadata) == ("TOKEN_INVALID", {"cause": "malformed"})
-    assert "Bearer <token>" in error.message
-
-
-def test_empty_and_conflicting_access_cookies_are_refused() -> None:
-    empty = refusal({"cookie": f"{ACCESS_TOKEN_COOKIE}="})
-    assert (empty.reason, empty.metadata) == ("TOKEN_INVALID", {"cause": "malformed"})
-    conflicting = refusal({"cookie": f"{ACCESS_TOKEN_COOKIE}=a; {ACCESS_TOKEN_COOKIE}=b"})
-    assert (conflicting.reason, conflicting.metadata) == ("TOKEN_INVALID", {"cause": "duplicate_cookie"})
 
 
 # ---- encodings ----------------------------------------------------------------------------------
@@ -168,28 +112,58 @@ class FakeMonotonic:
         return self.now
 
 
-def test_cache_entries_expire() -> None:
+class CountingApiKeys:
+    """Stands in for AuthInternalService.CheckApiKey: every key is a user, cached for `ttl_s`."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self.calls: list[str] = []
+
+    async def CheckApiKey(
+        self, request: auth_pb2.CheckApiKeyRequest, **_: object
+    ) -> auth_pb2.CheckApiKeyResponse:
+        self.calls.append(request.api_key)
+        response = auth_pb2.CheckApiKeyResponse(
+            identity=auth_pb2.Identity(user_id=f"owner-of-{request.api_key}", roles=[common_pb2.ROLE_USER])
+        )
+        response.cache_ttl.FromTimedelta(timedelta(seconds=self.ttl_s))
+        return response
+
+
+async def test_allowed_answers_expire_after_the_ttl_auth_gives() -> None:
     clock = FakeMonotonic()
-    cache: TtlLruCache[str] = TtlLruCache(10, monotonic=clock)
-    cache.put("a", "A", ttl_s=30)
-    cache.put("zero", "Z", ttl_s=0)
+    keys = CountingApiKeys(ttl_s=30)
+    authorizer = EdgeAuthorizer(keys, NoTokens(), monotonic=clock)  # type: ignore[arg-type]
+    request = check_request("GET", {"x-api-key": API_KEY})
+    await authorizer.check(request)
     clock.now += 29.9
-    assert cache.get("a") == "A"
-    assert cache.get("zero") is None
+    assert (await authorizer.check(request)).status.code == 0
+    assert len(keys.calls) == 1
     clock.now += 0.1
-    assert cache.get("a") is None
-    assert len(cache) == 0
+    await authorizer.check(request)
+    assert len(keys.calls) == 2
+    # A TTL of zero means "do not cache".
+    keys.ttl_s = 0
+    uncached = check_request("GET", {"x-api-key": "pk_uncached"})
+    await authorizer.check(uncached)
+    await authorizer.check(uncached)
+    assert keys.calls[2:] == ["pk_uncached", "pk_uncached"]
 
 
-def test_the_cache_is_bounded_and_evicts_the_least_recently_used() -> None:
-    cache: TtlLruCache[int] = TtlLruCache(3, monotonic=FakeMonotonic())
-    for number in range(3):
-        cache.put(str(number), number, ttl_s=60)
-    assert cache.get("0") == 0  # now the most recent
-    cache.put("3", 3, ttl_s=60)
-    assert len(cache) == 3
-    assert cache.get("1") is None
-    assert [cache.get(key) for key in ("0", "2", "3")] == [0, 2, 3]
+async def test_the_answer_cache_is_bounded_and_evicts_the_least_recently_used() -> None:
+    keys = CountingApiKeys(ttl_s=60)
+    authorizer = EdgeAuthorizer(keys, NoTokens(), cache_entries=3, monotonic=FakeMonotonic())  # type: ignore[arg-type]
+
+    async def check(key: str) -> None:
+        assert (await authorizer.check(check_request("GET", {"x-api-key": key}))).status.code == 0
+
+    for key in ("pk_0", "pk_1", "pk_2", "pk_0", "pk_3"):  # pk_0 is used again, so pk_1 is the oldest
+        await check(key)
+    assert keys.calls == ["pk_0", "pk_1", "pk_2", "pk_3"]
+    await check("pk_1")  # evicted: asked again, which evicts pk_2
+    for key in ("pk_0", "pk_3", "pk_1"):
+        await check(key)
+    assert keys.calls == ["pk_0", "pk_1", "pk_2", "pk_3", "pk_1"]
 
 
 # ---- response shapes ----------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from gateway.render import load_gateway_settings
+from gateway.settings import load_gateway_settings
 from parley.common.v1 import common_pb2
 from services.common import errors
 

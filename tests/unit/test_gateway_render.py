@@ -16,23 +16,17 @@ from typing import Any
 import pytest
 import yaml
 
+from gateway.descriptors import DescriptorIndex, MethodInfo, ServiceInfo, public_services
 from gateway.envoy_process import envoy_binary_path
-from gateway.render import (
-    GatewayConfigError,
-    PublicMethod,
-    PublicService,
-    RoleRequirement,
+from gateway.render import render_envoy_config, write_envoy_config
+from gateway.settings import GatewayConfigError, RoleRequirement, load_gateway_settings
+from gateway.topology import (
     TlsListener,
     Topology,
     Upstream,
     embedded_topology,
     k8s_topology,
-    load_gateway_settings,
     local_topology,
-    public_services,
-    read_descriptor_set,
-    render_envoy_config,
-    write_envoy_config,
 )
 from services.common.ratelimit import load_rate_limit_config
 from tests.support.gateway import DESCRIPTOR_SET_PATH, internal_service_names, public_service_names
@@ -122,13 +116,13 @@ def routes_by_name(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {route["name"]: route for route in all_routes}
 
 
-def public_methods() -> list[tuple[PublicService, PublicMethod]]:
+def public_methods() -> list[tuple[ServiceInfo, MethodInfo]]:
     """Every method of every public service in the descriptor set, as (service, method)."""
-    services = public_services(read_descriptor_set(DESCRIPTOR_SET_PATH.read_bytes()))
+    services = public_services(DescriptorIndex.from_bytes(DESCRIPTOR_SET_PATH.read_bytes()))
     return [(service, method) for service in services for method in service.methods]
 
 
-def method_key(service: PublicService, method: PublicMethod) -> str:
+def method_key(service: ServiceInfo, method: MethodInfo) -> str:
     return f"{service.full_name}/{method.name}"
 
 
@@ -258,8 +252,8 @@ def test_docs_and_liveness_are_answered_by_envoy_without_credentials(topology: T
     by_name = routes_by_name(rendered(topology))
     settings = topology.settings
 
-    assert by_name["docs_page"]["match"] == {"path": settings.docs_page_path}
-    assert by_name["openapi"]["match"] == {"path": settings.openapi_path}
+    assert by_name["docs_page"]["match"] == {"path": settings.docs.page_path}
+    assert by_name["openapi"]["match"] == {"path": settings.docs.openapi_path}
     assert by_name["livez"]["match"] == {"path": "/livez"}
     assert by_name["livez"]["direct_response"]["body"]["inline_string"] == '{"status":"ALIVE"}'
     openapi_file = Path(by_name["openapi"]["direct_response"]["body"]["filename"])
@@ -280,10 +274,10 @@ def test_streaming_methods_get_the_stream_timeout(topology: Topology) -> None:
     for service, method in public_methods():
         route = by_name[method_key(service, method)]["route"]
         if method.streaming:
-            assert route["timeout"] == f"{settings.stream_timeout_s}s"
-            assert route["idle_timeout"] == f"{settings.stream_idle_timeout_s}s"
+            assert route["timeout"] == f"{settings.timeouts.stream_s}s"
+            assert route["idle_timeout"] == f"{settings.timeouts.stream_idle_s}s"
         else:
-            assert route["timeout"] == f"{settings.unary_timeout_s}s"
+            assert route["timeout"] == f"{settings.timeouts.unary_s}s"
             assert "idle_timeout" not in route
 
 
@@ -292,18 +286,20 @@ def test_reads_retry_on_transport_failures_and_writes_only_when_never_sent(topol
     settings = topology.settings
 
     # A write retried after it may have reached the service could run twice.
-    assert not {"reset", "unavailable", "5xx", "gateway-error"} & set(settings.write_retry_on.split(","))
+    assert not {"reset", "unavailable", "5xx", "gateway-error"} & set(
+        settings.retries.write_retry_on.split(",")
+    )
     verbs = {method.http_verb for _, method in public_methods()}
     assert {"get", "post"} <= verbs
     for service, method in public_methods():
         retry = by_name[method_key(service, method)]["route"]["retry_policy"]
-        expected = settings.retry_on if method.http_verb == "get" else settings.write_retry_on
-        assert retry == {"retry_on": expected, "num_retries": settings.num_retries}
+        expected = settings.retries.retry_on if method.http_verb == "get" else settings.retries.write_retry_on
+        assert retry == {"retry_on": expected, "num_retries": settings.retries.num_retries}
 
 
 def test_open_methods_skip_ext_authz_and_every_other_method_needs_a_credential(topology: Topology) -> None:
     by_name = routes_by_name(rendered(topology))
-    open_methods = topology.settings.open_methods
+    open_methods = topology.settings.authentication.open_methods
     keys = {method_key(service, method) for service, method in public_methods()}
 
     # A misspelt entry in gateway.yaml would silently leave its method closed.
@@ -319,7 +315,9 @@ def test_open_methods_skip_ext_authz_and_every_other_method_needs_a_credential(t
 
 def test_admin_methods_need_the_admin_role(topology: Topology) -> None:
     by_name = routes_by_name(rendered(topology))
-    assert topology.settings.role_requirements == (RoleRequirement("AdminService", "admin"),)
+    assert topology.settings.authentication.role_required == (
+        RoleRequirement(service_suffix="AdminService", role="admin"),
+    )
 
     admin_keys = [method_key(s, m) for s, m in public_methods() if s.full_name.endswith("AdminService")]
     assert "parley.auth.v1.AuthAdminService/SetUserRoles" in admin_keys
@@ -418,7 +416,7 @@ def test_rate_limit_filters_fail_open_or_closed_by_stage(topology: Topology) -> 
         assert limiter["domain"] == domain
         assert limiter["rate_limit_service"]["grpc_service"]["envoy_grpc"] == {"cluster_name": "edge"}
         assert limiter["rate_limited_as_resource_exhausted"] is True
-        assert limiter["timeout"] == f"{topology.settings.rate_limit_timeout_ms / 1000:g}s"
+        assert limiter["timeout"] == f"{topology.settings.rate_limiting.timeout_ms / 1000:g}s"
 
 
 def test_the_filter_chain_authenticates_after_transcoding_and_limits_after_authenticating(
@@ -447,7 +445,7 @@ def test_the_filter_chain_authenticates_after_transcoding_and_limits_after_authe
 
 def test_deprecated_versions_announce_their_sunset_and_successor(topology: Topology) -> None:
     by_name = routes_by_name(rendered(topology))
-    (deprecation,) = [d for d in topology.settings.deprecations if d.package == "parley.chat.v1"]
+    deprecation = topology.settings.api_versions.deprecated["parley.chat.v1"]
     assert deprecation.successor == "parley.chat.v2"
 
     deprecated_routes = 0
@@ -480,7 +478,9 @@ def test_unversioned_paths_negotiate_from_a_table_of_versions(topology: Topology
     source: str = edge["default_source_code"]["inline_string"]
     settings = topology.settings
 
-    assert f"local UNVERSIONED_PREFIX = {settings.unversioned_prefix!r}".replace("'", '"') in source
+    assert (
+        f"local UNVERSIONED_PREFIX = {settings.api_versions.unversioned_prefix!r}".replace("'", '"') in source
+    )
     assert 'local VERSION_HEADER = "parley-api-version"' in source
     offered = lua_table(source, "OFFERED")
     newest_stable = lua_table(source, "NEWEST_STABLE")
@@ -502,7 +502,7 @@ def test_unversioned_paths_negotiate_from_a_table_of_versions(topology: Topology
     assert unversioned == ["/.well-known/jwks.json"]
     assert set(newest_stable) == set(offered)
     for segment, (newest,) in newest_stable.items():
-        assert newest == max(v for v in offered[segment] if v in settings.stable_versions)
+        assert newest == max(v for v in offered[segment] if v in settings.api_versions.stable)
 
 
 def test_upstream_clusters_speak_http2_and_health_check_their_service(topology: Topology) -> None:
@@ -793,11 +793,9 @@ def test_settings_file_loads() -> None:
         "grpc-accept-encoding",
         "grpc-status-details-bin",
     )
-    assert settings.identity_header_prefix == "x-parley-"
-    assert settings.gateway_secret_header.startswith(settings.identity_header_prefix)
-    assert "parley.billing.v1.BillingService/HandleWebhook" in settings.open_methods
-    assert settings.stable_versions == ("v1", "v2")
-    assert settings.unversioned_prefix == "/api/"
+    assert "parley.billing.v1.BillingService/HandleWebhook" in settings.authentication.open_methods
+    assert settings.api_versions.stable == ("v1", "v2")
+    assert settings.api_versions.unversioned_prefix == "/api/"
 
 
 def envoy_validate(path: Path) -> subprocess.CompletedProcess[str]:

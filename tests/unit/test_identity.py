@@ -31,27 +31,24 @@ from services.auth.repository import auth_units_of_work
 from services.auth.signing_keys import SigningKeyStore, generate_kek, load_kek
 from services.auth.tokens import AccessTokenIssuer
 from services.common.call_context import current_identity
+from services.common.credentials import ACCESS_TOKEN_COOKIE, CSRF_COOKIE, CSRF_HEADER, parse_cookies
 from services.common.db import Database
 from services.common.errors import ParleyError, PermissionDenied, Unauthenticated, Unavailable
 from services.common.identity import (
-    ACCESS_TOKEN_COOKIE,
     ANONYMOUS,
-    CSRF_COOKIE,
-    CSRF_HEADER,
     CachedJwksVerifier,
     Identity,
     IdentityResolver,
     JwksTokenVerifier,
     NoTokenVerifier,
-    StateChangingMethods,
     decode_roles_header,
     encode_roles_header,
-    parse_cookies,
 )
 from services.common.jwks_client import grpc_jwks_fetcher
 from services.common.metrics import new_registry
 from services.common.migrate import upgrade_async
 from services.common.revocation import InMemoryRevocationList
+from services.common.safe_methods import SafeMethods
 from services.common.server import ServerDeps, ServiceRegistration, create_server
 from services.common.settings import load_settings
 from services.common.telemetry import create_tracer_provider
@@ -669,17 +666,17 @@ async def test_role_requirements() -> None:
     assert error.value.reason == "PERMISSION_DENIED"
 
 
-def test_state_changing_methods_come_from_the_http_rules() -> None:
-    state_changing = StateChangingMethods()
-    assert not state_changing(GET_METHOD)
-    assert not state_changing("/parley.auth.v1.AuthService/GetJwks")
-    assert state_changing(PATCH_METHOD)
-    assert state_changing(POST_METHOD)
-    assert state_changing("/parley.auth.v1.AuthService/RevokeSession")  # DELETE
-    assert state_changing(INTERNAL_METHOD)  # no HTTP rule
-    assert state_changing("/parley.nope.v1.Nothing/Here")  # unknown
-    assert state_changing("")
-    assert state_changing("not a method")
+def test_safe_methods_come_from_the_http_rules() -> None:
+    is_safe = SafeMethods()
+    assert is_safe(GET_METHOD)
+    assert is_safe("/parley.auth.v1.AuthService/GetJwks")
+    assert not is_safe(PATCH_METHOD)
+    assert not is_safe(POST_METHOD)
+    assert not is_safe("/parley.auth.v1.AuthService/RevokeSession")  # DELETE
+    assert not is_safe(INTERNAL_METHOD)  # no HTTP rule
+    assert not is_safe("/parley.nope.v1.Nothing/Here")  # unknown
+    assert not is_safe("")
+    assert not is_safe("not a method")
 
 
 def test_cookie_header_parsing() -> None:

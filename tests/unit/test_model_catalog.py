@@ -159,8 +159,9 @@ def test_a_malformed_entry_is_refused_with_the_file_and_the_field(
 
 def test_duplicate_ids_are_refused(tmp_path: Path) -> None:
     path = write_catalog(tmp_path, entry(), entry(display_name="Again"))
-    with pytest.raises(ModelCatalogError, match="repeated: m-1"):
+    with pytest.raises(ModelCatalogError, match="repeated: m-1") as error:
         load_model_catalog(path)
+    assert str(error.value).startswith(f"{path}: ")
 
 
 def test_a_bad_currency_or_an_empty_catalog_is_refused(tmp_path: Path) -> None:
@@ -171,11 +172,11 @@ def test_a_bad_currency_or_an_empty_catalog_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_missing_or_unparseable_file_is_a_catalog_error(tmp_path: Path) -> None:
-    with pytest.raises(ModelCatalogError, match="cannot read"):
+    with pytest.raises(ModelCatalogError, match=r"absent\.yaml: cannot be read"):
         load_model_catalog(tmp_path / "absent.yaml")
     broken = tmp_path / "broken.yaml"
     broken.write_text("models: [unclosed", encoding="utf-8")
-    with pytest.raises(ModelCatalogError, match="cannot read"):
+    with pytest.raises(ModelCatalogError, match=r"broken\.yaml: is not valid YAML"):
         load_model_catalog(broken)
 
 

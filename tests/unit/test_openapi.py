@@ -13,15 +13,14 @@ from google.protobuf import descriptor_pb2
 from grpc_tools import protoc  # type: ignore[import-untyped]
 from openapi_spec_validator import validate
 
+from gateway.descriptors import DescriptorIndex
 from gateway.openapi import (
-    DescriptorIndex,
     build_openapi,
     convert_path_template,
     error_model_schemas,
     first_sentence,
-    http_rule,
-    public_services,
     render,
+    service_label,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -675,9 +674,9 @@ def test_real_document_covers_every_public_http_rule(real_doc: dict[str, Any]) -
     index = DescriptorIndex(descriptor_pb2.FileDescriptorSet.FromString(REAL_DESCRIPTOR_SET.read_bytes()))
     expected: dict[tuple[str, str], str] = {}
     without_rule: list[str] = []
-    for service in public_services(index):
-        for method in service.proto.method:
-            rule = http_rule(method)
+    for service in index.public_services():
+        for method in service.methods:
+            rule = method.rule
             if rule is None:
                 without_rule.append(f"{service.full_name}.{method.name}")
                 continue
@@ -686,7 +685,9 @@ def test_real_document_covers_every_public_http_rule(real_doc: dict[str, Any]) -
                 verb = binding.WhichOneof("pattern")
                 template = binding.custom.path if verb == "custom" else getattr(binding, verb)
                 verb = binding.custom.kind.lower() if verb == "custom" else verb
-                operation_id = f"{service.label}_{method.name}" + (f"_{number}" if number > 1 else "")
+                operation_id = f"{service_label(service)}_{method.name}" + (
+                    f"_{number}" if number > 1 else ""
+                )
                 expected[(verb, convert_path_template(template)[0])] = operation_id
     assert without_rule == [], "every public method must be routable through the gateway"
     assert expected, "the real descriptor set has no public http rules"

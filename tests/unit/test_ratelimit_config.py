@@ -21,6 +21,7 @@ from services.common.ratelimit import (
     parse_rate_limit_config,
     rate_limited_error,
 )
+from services.common.settings import SettingsError
 
 
 @pytest.fixture(scope="module")
@@ -204,68 +205,128 @@ def _append_limit(**overrides: Any) -> Any:
 
 LOGIN = "parley.auth.v1.AuthService/Login"
 INVALID_DOCUMENTS = [
-    pytest.param(_set(("surprise",), 1), "the document has unknown keys surprise", id="unknown-top-key"),
-    pytest.param(_delete(("domain",)), "the document lacks domain", id="missing-domain"),
-    pytest.param(_set(("limits",), []), "limits must be a non-empty list", id="no-limits"),
-    pytest.param(_set(("limits", 0, "burst_size"), 3), "unknown keys burst_size", id="unknown-limit-key"),
-    pytest.param(_set(("limits", 0, "rate", "per"), "1m"), "unknown keys per", id="unknown-rate-key"),
     pytest.param(
-        _set(("limits", 0, "rate", "requests"), 0), "rate.requests must be a positive", id="zero-rate"
+        _set(("surprise",), 1),
+        "surprise: unknown key (allowed here: domain, limits, routes)",
+        id="unknown-top-key",
+    ),
+    pytest.param(_delete(("domain",)), "domain: required key is missing", id="missing-domain"),
+    pytest.param(_set(("limits",), []), "limits: Tuple should have at least 1 item", id="no-limits"),
+    pytest.param(
+        _set(("limits", 0, "burst_size"), 3),
+        "limits[0].burst_size: unknown key; did you mean 'burst'? "
+        "(allowed here: burst, descriptor, key, name, rate, shadow)",
+        id="unknown-limit-key",
     ),
     pytest.param(
-        _set(("limits", 0, "rate", "requests"), 1.5), "rate.requests must be a positive", id="float-req"
+        _set(("limits", 0, "rate", "per"), "1m"),
+        "limits[0].rate.per: unknown key; did you mean 'per_s'? (allowed here: per_s, requests)",
+        id="unknown-rate-key",
     ),
     pytest.param(
-        _set(("limits", 0, "rate", "per_s"), -60), "rate.per_s must be a positive", id="negative-per"
+        _set(("limits", 0, "rate", "requests"), 0),
+        "limits[0].rate.requests: Input should be greater than 0 (got 0)",
+        id="zero-rate",
     ),
-    pytest.param(_set(("limits", 0, "rate", "per_s"), True), "rate.per_s must be a positive", id="bool-per"),
-    pytest.param(_set(("limits", 0, "rate", "per_s"), 1e-9), "faster than one request per", id="too-fast"),
-    pytest.param(_set(("limits", 0, "burst"), 0), "burst must be an integer >= 1", id="zero-burst"),
-    pytest.param(_set(("limits", 0, "shadow"), "yes"), "shadow must be true or false", id="shadow-text"),
-    pytest.param(_set(("limits", 0, "name"), "Per-User"), "must be lower_snake_case", id="bad-name"),
-    pytest.param(_set(("limits", 0, "descriptor"), {"plan": "pro"}), "descriptor lacks limit", id="no-limit"),
     pytest.param(
-        _set(("limits", 0, "descriptor", "plan"), 3), "descriptor.plan must be a non-empty", id="int-val"
+        _set(("limits", 0, "rate", "requests"), 1.5),
+        "limits[0].rate.requests: Input should be a valid integer (got 1.5)",
+        id="float-req",
     ),
-    pytest.param(_set(("limits", 0, "key"), []), "key must name at least one entry", id="empty-key"),
-    pytest.param(_set(("limits", 0, "key"), ["limit"]), "key repeats descriptor entries", id="key-overlap"),
+    pytest.param(
+        _set(("limits", 0, "rate", "per_s"), -60),
+        "limits[0].rate.per_s: Input should be greater than 0",
+        id="negative-per",
+    ),
+    pytest.param(
+        _set(("limits", 0, "rate", "per_s"), True),
+        "limits[0].rate.per_s: Input should be a valid number (got True)",
+        id="bool-per",
+    ),
+    pytest.param(
+        _set(("limits", 0, "rate", "per_s"), "60"),
+        "limits[0].rate.per_s: Input should be a valid number (got '60')",
+        id="text-per",
+    ),
+    pytest.param(
+        _set(("limits", 0, "rate", "per_s"), 1e-9),
+        "limits[0].rate: is faster than one request per microsecond",
+        id="too-fast",
+    ),
+    pytest.param(
+        _set(("limits", 0, "burst"), 0), "limits[0].burst: Input should be greater than 0", id="zero-burst"
+    ),
+    pytest.param(
+        _set(("limits", 0, "shadow"), "yes"),
+        "limits[0].shadow: Input should be a valid boolean",
+        id="shadow-text",
+    ),
+    pytest.param(
+        _set(("limits", 0, "name"), "Per-User"),
+        "limits[0].name: 'Per-User' must be lower_snake_case",
+        id="bad-name",
+    ),
+    pytest.param(
+        _set(("limits", 0, "descriptor"), {"plan": "pro"}),
+        "limits[0].descriptor: needs a 'limit' entry",
+        id="no-limit",
+    ),
+    pytest.param(
+        _set(("limits", 0, "descriptor", "plan"), 3),
+        "limits[0].descriptor.plan: Input should be a valid string (got 3)",
+        id="int-val",
+    ),
+    pytest.param(
+        _set(("limits", 0, "key"), []), "limits[0].key: Tuple should have at least 1 item", id="empty-key"
+    ),
+    pytest.param(
+        _set(("limits", 0, "key"), ["limit"]), "limits[0]: key repeats descriptor entries", id="key-overlap"
+    ),
     pytest.param(
         _append_limit(descriptor={"limit": "other"}), "duplicate limit name 'per_user'", id="dup-name"
     ),
     pytest.param(_append_limit(name="per_user_again"), "have the same descriptor", id="dup-descriptor"),
-    pytest.param(_delete(("routes", "default")), "routes lacks default", id="no-default-route"),
-    pytest.param(_set(("routes", "extra"), {}), "routes has unknown keys extra", id="unknown-routes-key"),
+    pytest.param(
+        _delete(("routes", "default")), "routes.default: required key is missing", id="no-default-route"
+    ),
+    pytest.param(
+        _set(("routes", "extra"), {}),
+        "routes.extra: unknown key (allowed here: default, exempt, methods)",
+        id="unknown-routes-key",
+    ),
     pytest.param(
         _set(("routes", "default", "on_failure"), "open"),
-        "on_failure must be 'allow' or 'deny'",
+        "routes.default.on_failure: Input should be 'allow' or 'deny' (got 'open')",
         id="on-failure",
     ),
     pytest.param(
-        _set(("routes", "default", "descriptors"), []), "descriptors must be a non-empty", id="no-desc"
+        _set(("routes", "default", "descriptors"), []),
+        "routes.default.descriptors: Tuple should have at least 1 item",
+        id="no-desc",
     ),
     pytest.param(
         _set(("routes", "default", "descriptors", 0, "entries"), ["user", "header"]),
-        "entries ['header'] are not sources",
+        "routes.default.descriptors[0].entries[1]: Input should be 'remote_address', 'user' or 'plan'",
         id="unknown-source",
     ),
     pytest.param(
         _set(("routes", "default", "descriptors", 0, "entries"), ["user", "user"]),
-        "names a source twice",
+        "routes.default.descriptors[0].entries: names a source twice",
         id="repeated-source",
     ),
     pytest.param(
         _set(("routes", "default", "descriptors", 0, "only_anonymous"), 1),
-        "only_anonymous must be true or false",
+        "routes.default.descriptors[0].only_anonymous: Input should be a valid boolean (got 1)",
         id="only-anonymous-int",
     ),
     pytest.param(
         _set(("routes", "default", "descriptors", 0, "shadow"), True),
-        "unknown keys shadow",
+        "routes.default.descriptors[0].shadow: unknown key (allowed here: entries, limit, only_anonymous)",
         id="unknown-desc-key",
     ),
     pytest.param(
         _set(("routes", "default", "descriptors", 0, "limit"), "nobody"),
-        "no limit has descriptor limit 'nobody'",
+        "routes.default.descriptors[0]: no limit has descriptor limit 'nobody'",
         id="uncovered-limit",
     ),
     pytest.param(
@@ -275,15 +336,22 @@ INVALID_DOCUMENTS = [
     ),
     pytest.param(
         _set(("routes", "default", "descriptors"), [{"limit": "login", "entries": ["remote_address"]}] * 2),
-        "sends limit 'login' twice",
+        "routes.default.descriptors: sends limit 'login' twice",
         id="repeated-limit",
     ),
     pytest.param(
         _set(("routes", "methods", "AuthService.Login"), {"on_failure": "deny", "descriptors": []}),
-        "the key must be a gRPC method",
+        "routes.methods['AuthService.Login']: the key 'AuthService.Login' is not a gRPC method",
         id="bad-method-name",
     ),
-    pytest.param(_set(("routes", "methods"), ["x"]), "routes.methods must be a mapping", id="methods-list"),
+    pytest.param(
+        _set(("routes", "methods"), ["x"]), "routes.methods must be a mapping, got list", id="methods-list"
+    ),
+    pytest.param(
+        _set(("routes", "exempt"), [LOGIN]),
+        f"exempt: '{LOGIN}' also has limits under routes.methods",
+        id="exempt-and-limited",
+    ),
     pytest.param(
         _set(("routes", "methods", LOGIN, "descriptors", 0, "limit"), "register"),
         f"routes.methods['{LOGIN}'].descriptors[0]: no limit has descriptor limit 'register'",
@@ -305,6 +373,8 @@ def test_an_invalid_file_is_refused_in_one_line(mutate: Any, problem: str, tmp_p
     assert message.startswith(f"{path}: ")
     assert problem in message
     assert "\n" not in message
+    # A bad rate-limit file is a settings error: `parley` prints it in one line and exits 2.
+    assert isinstance(raised.value, SettingsError)
 
 
 def test_a_file_that_is_not_yaml_is_refused_in_one_line(tmp_path: Path) -> None:
@@ -323,7 +393,7 @@ def test_a_missing_file_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_document_that_is_not_a_mapping_is_refused() -> None:
-    with pytest.raises(RateLimitConfigError, match="the document must be a mapping"):
+    with pytest.raises(RateLimitConfigError, match="the document must be a mapping, got list"):
         parse_rate_limit_config(["limits"], source="inline")
 
 

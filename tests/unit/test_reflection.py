@@ -8,8 +8,8 @@ import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, text_format
 from grpc_reflection.v1alpha import reflection_pb2
 
+from gateway.descriptors import read_descriptor_set
 from gateway.edge import public_files
-from gateway.render import read_descriptor_set
 from services.common.reflection import (
     REFLECTION_V1_FILE,
     MissingDescriptorError,

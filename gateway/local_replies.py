@@ -1,0 +1,209 @@
+"""Errors Envoy produces itself (no route, bad JSON, body too large, upstream down, refused
+credentials, rate limited, /healthz), rewritten into the Parley error shape: Envoy's
+`local_reply_config.mappers`.
+
+JSON clients get a `google.rpc.Status` body with an `ErrorInfo` and the request's `RequestInfo`, like
+the services' own errors; gRPC clients get Envoy's gRPC-shaped reply (grpc-status from the HTTP
+status) with the message as grpc-message. The classes of error and their reasons are data
+(`local_replies` in `envoy/gateway.yaml`); what the edge server already shaped (ext_authz refusals,
+rate limiting) passes through.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Final, Literal
+
+from gateway.rls import RATE_LIMITED_GRPC_MESSAGE
+from gateway.routes import REQUIRED_ROLE_HEADER
+from gateway.settings import GatewaySettings, LocalReply
+from services.common.identity import GATEWAY_HEADER_PREFIX
+
+# Request headers the Lua filter sets for a refusal of its own, read back here. Gateway-only headers:
+# no client can send them (Envoy strips the prefix first).
+VERSION_ERROR_HEADER: Final = f"{GATEWAY_HEADER_PREFIX}api-version-error"
+MEDIA_TYPE_ERROR_HEADER: Final = f"{GATEWAY_HEADER_PREFIX}media-type-error"
+
+
+def _status_filter(op: Literal["EQ", "GE", "LE"], status: int) -> dict[str, Any]:
+    return {
+        "status_code_filter": {
+            "comparison": {
+                "op": op,
+                "value": {
+                    "default_value": status,
+                    "runtime_key": f"parley.local_reply.{op.lower()}_{status}",
+                },
+            }
+        }
+    }
+
+
+def _status_range_filter(low: int, high: int) -> dict[str, Any]:
+    if low == high:
+        return _status_filter("EQ", low)
+    return {"and_filter": {"filters": [_status_filter("GE", low), _status_filter("LE", high)]}}
+
+
+# A request from a gRPC client: gRPC content type, and not a JSON request the transcoder rewrote
+# into gRPC (the transcoder records the original path in x-envoy-original-path). Envoy itself
+# decides from the client's original headers that a local reply must be gRPC-shaped.
+_GRPC_CLIENT_FILTER: dict[str, Any] = {
+    "and_filter": {
+        "filters": [
+            {
+                "header_filter": {
+                    "header": {"name": "content-type", "string_match": {"prefix": "application/grpc"}}
+                }
+            },
+            {
+                "header_filter": {
+                    "header": {"name": "x-envoy-original-path", "present_match": True, "invert_match": True}
+                }
+            },
+        ]
+    }
+}
+
+
+def _response_flag_filter(flag: str) -> dict[str, Any]:
+    return {"response_flag_filter": {"flags": [flag]}}
+
+
+def _and(*filters: dict[str, Any]) -> dict[str, Any]:
+    return {"and_filter": {"filters": list(filters)}}
+
+
+def _passthrough(content_type: str | None = None) -> dict[str, Any]:
+    """Keep the body the producing filter chose (ext_authz and the rate-limit service write their own)."""
+    override: dict[str, Any] = {"text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"}}
+    if content_type:
+        override["content_type"] = content_type
+    return override
+
+
+def local_reply_mappers(settings: GatewaySettings, *, max_request_bytes: int) -> list[dict[str, Any]]:
+    """`local_reply_config.mappers`, first match wins: /healthz, then the replies whose producer wrote
+    the details (ext_authz refusals, rate limiting), then gRPC clients, then JSON clients.
+
+    gRPC clients get Envoy's gRPC-shaped reply (grpc-status from the HTTP status, e.g. 404 becomes
+    UNIMPLEMENTED) with our message as grpc-message; everyone else gets the JSON error shape.
+    """
+    request_info = {
+        "@type": "type.googleapis.com/google.rpc.RequestInfo",
+        "request_id": "%REQ(X-REQUEST-ID)%",
+    }
+
+    def error_body(code: int, message: str, reason: str, metadata: Mapping[str, str]) -> dict[str, Any]:
+        error_info: dict[str, Any] = {
+            "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+            "reason": reason,
+            "domain": settings.error_domain,
+        }
+        if metadata:
+            error_info["metadata"] = dict(metadata)
+        return {"code": code, "message": message, "details": [error_info, request_info]}
+
+    healthz_request = {
+        "header_filter": {"header": {"name": ":path", "string_match": {"exact": settings.healthz.path}}}
+    }
+    media_type_error_request = {
+        "header_filter": {"header": {"name": MEDIA_TYPE_ERROR_HEADER, "present_match": True}}
+    }
+    version_error_request = {
+        "header_filter": {"header": {"name": VERSION_ERROR_HEADER, "present_match": True}}
+    }
+    # The rate-limit service's raw body is a JSON fragment: `"message":"…","details":[{…},{…}` — the
+    # request id is only known here, so the gateway closes the object around it.
+    rate_limited_json = (
+        '{"code":8,%LOCAL_REPLY_BODY%,{"@type":"type.googleapis.com/google.rpc.RequestInfo",'
+        '"request_id":"%REQ(X-REQUEST-ID)%"}]}'
+    )
+    mappers: list[dict[str, Any]] = [
+        {
+            "filter": _and(_status_filter("EQ", 200), healthz_request),
+            "body_format_override": {"json_format": {"status": "SERVING"}},
+        },
+        {
+            "filter": _and(_status_filter("EQ", 503), healthz_request),
+            "body_format_override": {
+                "json_format": error_body(
+                    14, settings.healthz.not_serving_message, "UPSTREAM_UNAVAILABLE", {}
+                )
+            },
+        },
+        {
+            "filter": _and(_status_filter("EQ", 400), version_error_request),
+            "body_format_override": {
+                "json_format": error_body(
+                    3,
+                    f"The {settings.api_versions.header} header names a version that does not serve "
+                    "this path.",
+                    "UNSUPPORTED_API_VERSION",
+                    {"requested_version": f"%REQ({VERSION_ERROR_HEADER})%"},
+                )
+            },
+        },
+        {
+            "filter": _and(_status_filter("EQ", 415), media_type_error_request),
+            "body_format_override": {
+                "json_format": error_body(
+                    3,
+                    "Request bodies are JSON: send them with Content-Type: application/json.",
+                    "UNSUPPORTED_MEDIA_TYPE",
+                    {"content_type": f"%REQ({MEDIA_TYPE_ERROR_HEADER})%"},
+                )
+            },
+        },
+        # ext_authz refusals (401/403) carry the auth service's own reason and details, shaped by the
+        # edge server for the client kind (JSON body, or a message plus grpc-status-details-bin).
+        {
+            "filter": _and(
+                _response_flag_filter("UAEX"), _status_range_filter(401, 403), _GRPC_CLIENT_FILTER
+            ),
+            "body_format_override": _passthrough(),
+        },
+        {
+            "filter": _and(_response_flag_filter("UAEX"), _status_range_filter(401, 403)),
+            "body_format_override": _passthrough("application/json"),
+        },
+        {
+            "filter": _and(_response_flag_filter("RL"), _GRPC_CLIENT_FILTER),
+            "body_format_override": {"text_format_source": {"inline_string": RATE_LIMITED_GRPC_MESSAGE}},
+        },
+        {
+            "filter": _response_flag_filter("RL"),
+            "body_format_override": {
+                "text_format_source": {"inline_string": rate_limited_json},
+                "content_type": "application/json",
+            },
+        },
+    ]
+    for reply in settings.local_replies:
+        mappers.append(
+            {
+                "filter": _and(_reply_filter(reply), _GRPC_CLIENT_FILTER),
+                "body_format_override": {"text_format_source": {"inline_string": reply.message}},
+            }
+        )
+    for reply in settings.local_replies:
+        metadata = dict(reply.metadata)
+        if reply.status_low == 413:
+            metadata["max_request_bytes"] = str(max_request_bytes)
+        elif reply.status_low == 403:
+            # Which role was missing: RBAC-guarded routes name it in a request header.
+            metadata["role"] = f"%REQ({REQUIRED_ROLE_HEADER.upper()})%"
+        mappers.append(
+            {
+                "filter": _reply_filter(reply),
+                "body_format_override": {
+                    "json_format": error_body(reply.grpc_code, reply.message, reply.reason, metadata)
+                },
+            }
+        )
+    return mappers
+
+
+def _reply_filter(reply: LocalReply) -> dict[str, Any]:
+    status = _status_range_filter(reply.status_low, reply.status_high)
+    return _and(status, _response_flag_filter(reply.response_flag)) if reply.response_flag else status
