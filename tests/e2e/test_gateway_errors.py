@@ -27,6 +27,7 @@ from grpc_status import rpc_status
 from gateway.descriptors import DescriptorIndex, is_internal_service
 from gateway.envoy_process import EnvoyProcess, EnvoyStartError
 from services.common.identity import decode_roles_header
+from services.common.listeners import PortInUseError
 from tests.support.gateway import (
     DESCRIPTOR_SET_PATH,
     REPO_ROOT,
@@ -547,15 +548,25 @@ def process_running(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-async def test_envoy_that_cannot_start_reports_its_stderr(gateway: RunningGateway) -> None:
+async def test_a_port_another_gateway_holds_is_refused_before_envoy_starts(gateway: RunningGateway) -> None:
     # The running gateway already holds this HTTP port.
     clashing = dataclasses.replace(gateway.topology, admin_port=free_port())
     envoy = EnvoyProcess(clashing, startup_timeout_s=20.0)
 
+    with pytest.raises(PortInUseError) as raised:
+        await envoy.start()
+
+    assert (raised.value.setting, raised.value.port) == ("http_port", clashing.http_port)
+    assert envoy.pid is None, "no Envoy was started"
+
+
+async def test_envoy_that_cannot_start_reports_its_stderr(upstream: HealthUpstream) -> None:
+    envoy = EnvoyProcess(embedded_test_topology(upstream.port), log_level="nonsense", startup_timeout_s=20.0)
+
     with pytest.raises(EnvoyStartError, match="before becoming ready") as raised:
         await envoy.start()
 
-    assert f"{clashing.listen_address}:{clashing.http_port}" in str(raised.value)
+    assert "invalid log level" in str(raised.value)
     assert envoy.returncode is not None
 
 
