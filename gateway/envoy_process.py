@@ -46,6 +46,21 @@ def dies_with_parent(command: list[str]) -> list[str]:
     return command if setpriv is None else [setpriv, "--pdeathsig", "KILL", "--", *command]
 
 
+async def terminate(process: asyncio.subprocess.Process, *, grace_s: float, name: str) -> None:
+    """SIGTERM, then SIGKILL if `process` has not exited after `grace_s`; a no-op once it exited."""
+    if process.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(process.wait(), timeout=grace_s)
+    except TimeoutError:
+        logger.warning("%s ignored SIGTERM for %.1fs; killing it", name, grace_s)
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
+
+
 class EnvoyStartError(RuntimeError):
     """Envoy exited or never became ready; the message carries the end of its stderr."""
 
@@ -241,17 +256,8 @@ class EnvoyProcess:
 
     async def stop(self) -> None:
         """SIGTERM, then SIGKILL after the grace period; safe to call more than once."""
-        process = self._process
-        if process is not None and process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), timeout=self._stop_grace_s)
-            except TimeoutError:
-                logger.warning("envoy ignored SIGTERM for %.1fs; killing it", self._stop_grace_s)
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
-                await process.wait()
+        if self._process is not None:
+            await terminate(self._process, grace_s=self._stop_grace_s, name="envoy")
         if self._stderr_reader is not None:
             await self._drain_stderr()
             self._stderr_reader.cancel()

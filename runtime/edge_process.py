@@ -10,17 +10,15 @@ to the same output, and is stopped before the services on the way down.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import signal
 import sys
 from collections.abc import Mapping
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway.envoy_process import dies_with_parent
+from gateway.envoy_process import dies_with_parent, terminate
 
 logger = logging.getLogger(__name__)
 
@@ -100,18 +98,8 @@ class EdgeChild:
 
     async def stop(self) -> None:
         """SIGTERM (the child drains its calls), then SIGKILL after the grace; safe to repeat."""
-        process = self._process
-        if process is None or process.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(process.wait(), timeout=self._stop_grace_s)
-        except TimeoutError:
-            logger.warning("the edge process ignored SIGTERM for %.1fs; killing it", self._stop_grace_s)
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await process.wait()
+        if self._process is not None:
+            await terminate(self._process, grace_s=self._stop_grace_s, name="the edge process")
 
 
 async def _serving(health: health_pb2_grpc.HealthStub) -> bool:
