@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 import jwt
 from jwt import PyJWK
 
+from services.common.clock import utc_now
 from services.common.credentials import (
     check_csrf,
     double_submitted_csrf,
@@ -30,7 +31,6 @@ from services.common.credentials import (
     presented_credential,
 )
 from services.common.errors import ParleyError, PermissionDenied, Unauthenticated, Unavailable
-from services.common.models import utc_now
 from services.common.safe_methods import SafeMethods
 
 if TYPE_CHECKING:

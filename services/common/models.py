@@ -16,7 +16,7 @@ from sqlalchemy import DateTime, Dialect, MetaData, String, func
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-# Re-exported: modules that only need the clock import it from services.common.clock.
+# The default of the timestamp columns below.
 from services.common.clock import utc_now
 
 # Names for indexes and constraints, so migrations can refer to them by a name that is the same on

@@ -19,8 +19,8 @@ from typing import Final, Protocol
 
 from redis import RedisError
 
+from services.common.clock import utc_now
 from services.common.errors import Unavailable
-from services.common.models import utc_now
 from services.common.redis_multiplex import MultiplexedRedis, Script
 
 logger = logging.getLogger(__name__)

@@ -40,6 +40,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.schema import ScalarElementColumnDefault
 
+from services.common.clock import utc_now
 from services.common.db import Database, create_engine_for
 from services.common.migrate import (
     COMMON_VERSIONS_DIR,
@@ -50,7 +51,7 @@ from services.common.migrate import (
     upgrade,
     upgrade_async,
 )
-from services.common.models import UTCDateTime, utc_now
+from services.common.models import UTCDateTime
 
 # A branch of its own in a temporary version location, as a service's `migrations/versions` is.
 # Revision 2 rebuilds a table other rows point at, which SQLite can only do in batch mode with
