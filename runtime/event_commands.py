@@ -50,12 +50,12 @@ from services.common.consumers import DeadLetter, RedisStreamSource, dlq_key
 from services.common.db import Database, DatabaseUnavailable
 from services.common.dead_letters import SqlDeadLetters
 from services.common.migrate import upgrade_async
+from services.common.redis_multiplex import reply_text
 from services.common.settings import Settings
 from services.common.streams import (
     STREAM_KEY_PREFIX,
     MalformedStreamEntry,
     decode_entry,
-    reply_text,
     stream_key,
 )
 

@@ -29,7 +29,12 @@ from services.common.jwks_client import grpc_jwks_fetcher
 from services.common.logs import configure_logging
 from services.common.metrics import new_registry
 from services.common.redis_multiplex import MultiplexedRedis
-from services.common.revocation import InMemoryRevocationList, RedisRevocationList, RevocationList
+from services.common.revocation import (
+    InMemoryRevocationList,
+    RedisRevocationList,
+    RevocationFeedMirror,
+    RevocationList,
+)
 from services.common.server import ServiceRegistration
 from services.common.settings import ServiceName, Settings
 from services.common.telemetry import create_tracer_provider
@@ -57,7 +62,12 @@ def revocation_list_for(settings: Settings) -> RevocationList:
     """Redis when configured (shared by every replica and service), else this process's memory."""
     if settings.redis_url is None:
         return InMemoryRevocationList()
-    return RedisRevocationList(MultiplexedRedis.from_url(settings.redis_url), key_prefix="parley:revoked:")
+    prefix = "parley:revoked:"
+    return RedisRevocationList(
+        MultiplexedRedis.from_url(settings.redis_url),
+        key_prefix=prefix,
+        mirror=RevocationFeedMirror(settings.redis_url, key_prefix=prefix),
+    )
 
 
 # A cache read that takes longer than this is abandoned (and counted) for a read of the database:

@@ -63,6 +63,7 @@ from redis.asyncio import Redis
 from parley.events.v1 import events_pb2
 from services.common.metrics import RPC_LATENCY_BUCKETS
 from services.common.outbox import trace_context_of
+from services.common.redis_multiplex import reply_text
 from services.common.streams import (
     FIELD_EVENT,
     FIELD_EVENT_ID,
@@ -71,7 +72,6 @@ from services.common.streams import (
     decode_entry,
     encode_entry,
     entry_for_group,
-    reply_text,
 )
 
 logger = logging.getLogger(__name__)

@@ -37,7 +37,8 @@ from services.common.consumers import DLQ_KEY_PREFIX, dlq_key
 from services.common.db import Database, DatabaseUnavailable
 from services.common.dead_letters import SqlDeadLetters
 from services.common.outbox import outbox_lag_seconds
-from services.common.streams import STREAM_KEY_PREFIX, reply_text
+from services.common.redis_multiplex import reply_text
+from services.common.streams import STREAM_KEY_PREFIX
 
 logger = logging.getLogger(__name__)
 

@@ -142,6 +142,11 @@ class _Protocol(asyncio.Protocol):
                 future.set_exception(error)
 
 
+def reply_text(value: bytes | str) -> str:
+    """A Redis reply item as text, whether the client decodes responses or not."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def _specific(error: ResponseError) -> ResponseError:
     message = str(error)
     if message.startswith("NOSCRIPT"):

@@ -23,6 +23,7 @@ from redis.backoff import NoBackoff
 
 from parley.events.v1 import events_pb2
 from services.common.outbox import PartialDispatch
+from services.common.redis_multiplex import reply_text
 
 STREAM_KEY_PREFIX: Final = "parley:events:"
 
@@ -116,11 +117,6 @@ def entry_for_group(fields: Mapping[str, bytes]) -> str | None:
     """
     target = fields.get(FIELD_FOR_GROUP)
     return None if target is None else target.decode(errors="replace")
-
-
-def reply_text(value: bytes | str) -> str:
-    """A Redis reply item as text, whether the client decodes responses or not."""
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def decode_entry(

@@ -17,10 +17,20 @@ from redis.asyncio import Redis
 from services.common.clock import utc_now
 from services.common.errors import Unavailable
 from services.common.redis_multiplex import MultiplexedRedis
-from services.common.revocation import InMemoryRevocationList, RedisRevocationList, RevocationList
+from services.common.revocation import (
+    InMemoryRevocationList,
+    RedisRevocationList,
+    RevocationFeedMirror,
+    RevocationList,
+)
 from tests.support.polling import eventually
+from tests.support.tcp_proxy import TcpProxy
 
-ADAPTERS = ["memory", pytest.param("redis", marks=pytest.mark.redis)]
+ADAPTERS = [
+    "memory",
+    pytest.param("redis", marks=pytest.mark.redis),
+    pytest.param("redis-mirrored", marks=pytest.mark.redis),
+]
 LONG = timedelta(minutes=15)
 
 
@@ -32,7 +42,12 @@ async def revocations(request: pytest.FixtureRequest) -> AsyncIterator[Revocatio
     redis_url: str = request.getfixturevalue("redis_url")
     client = Redis.from_url(redis_url)
     prefix = f"parley-test:{uuid.uuid4().hex}:revoked:"
-    revocations = RedisRevocationList(MultiplexedRedis.from_url(redis_url), key_prefix=prefix)
+    mirror = None
+    if request.param == "redis-mirrored":
+        mirror = RevocationFeedMirror(redis_url, key_prefix=prefix)
+        mirror.start()
+        await eventually(lambda: mirror.fresh, what="the mirror follows the feed", timeout_s=5)
+    revocations = RedisRevocationList(MultiplexedRedis.from_url(redis_url), key_prefix=prefix, mirror=mirror)
     try:
         yield revocations
     finally:
@@ -168,3 +183,80 @@ async def test_an_unreachable_redis_fails_closed_as_unavailable() -> None:
             await revocations.revoke_session("s1", utc_now() + LONG)
     finally:
         await revocations.aclose()
+
+
+# A reader whose own Redis connection leads nowhere: what it answers comes from its mirror alone.
+UNREACHABLE = "redis://127.0.0.1:1/0"
+
+
+@pytest.mark.redis
+async def test_revocations_reach_every_mirror_and_are_answered_from_it(redis_url: str) -> None:
+    prefix = f"parley-test:{uuid.uuid4().hex}:revoked:"
+    client = Redis.from_url(redis_url)
+    writer = RedisRevocationList(MultiplexedRedis.from_url(redis_url), key_prefix=prefix)
+    await writer.revoke_session("before", utc_now() + LONG)
+    mirror = RevocationFeedMirror(redis_url, key_prefix=prefix)
+    reader = RedisRevocationList(MultiplexedRedis.from_url(UNREACHABLE), key_prefix=prefix, mirror=mirror)
+    try:
+        mirror.start()
+        await eventually(lambda: mirror.fresh, what="the mirror follows the feed", timeout_s=5)
+        assert await reader.is_revoked("before", "u1", utc_now()), "copied when the mirror started"
+        assert not await reader.is_revoked("s1", "u1", utc_now())
+
+        await writer.revoke_session("s1", utc_now() + LONG)
+        cutoff = utc_now()
+        await writer.revoke_user_tokens_before("u2", cutoff, cutoff + LONG)
+
+        async def seen() -> bool:
+            return await reader.is_revoked("s1", "u1", utc_now())
+
+        await eventually(seen, what="the revocation reached the mirror", timeout_s=5, interval_s=0.005)
+        assert await reader.is_revoked("", "u2", cutoff - timedelta(seconds=5))
+        assert not await reader.is_revoked("", "u2", cutoff + timedelta(seconds=5))
+    finally:
+        await reader.aclose()
+        await writer.aclose()
+        keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+
+
+@pytest.mark.redis
+async def test_a_mirror_that_lost_the_feed_is_not_trusted_and_catches_up_after(redis_url: str) -> None:
+    prefix = f"parley-test:{uuid.uuid4().hex}:revoked:"
+    client = Redis.from_url(redis_url)
+    address = client.connection_pool.connection_kwargs
+    proxy = TcpProxy(address.get("host", "127.0.0.1"), address.get("port", 6379))
+    await proxy.start()
+    mirror = RevocationFeedMirror(f"redis://127.0.0.1:{proxy.port}/{address.get('db', 0)}", key_prefix=prefix)
+    reader = RedisRevocationList(MultiplexedRedis.from_url(UNREACHABLE), key_prefix=prefix, mirror=mirror)
+    writer = RedisRevocationList(MultiplexedRedis.from_url(redis_url), key_prefix=prefix)
+    try:
+        mirror.start()
+        await eventually(lambda: mirror.fresh, what="the mirror follows the feed", timeout_s=5)
+        assert not await reader.is_revoked("s1", "u1", utc_now())
+
+        await proxy.cut()
+        await eventually(lambda: not mirror.fresh, what="the mirror knows it lost the feed", timeout_s=5)
+        with pytest.raises(Unavailable):
+            # Not fresh, so Redis is asked; it cannot be reached: fail closed.
+            await reader.is_revoked("s1", "u1", utc_now())
+        await writer.revoke_session("s1", utc_now() + LONG)
+
+        await proxy.restore()
+
+        async def caught_up() -> bool:
+            return mirror.fresh and await reader.is_revoked("s1", "u1", utc_now())
+
+        await eventually(
+            caught_up, what="the mirror copied what it missed", timeout_s=10, retrying_on=(Unavailable,)
+        )
+    finally:
+        await reader.aclose()
+        await writer.aclose()
+        await proxy.close()
+        keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
