@@ -22,6 +22,7 @@ from runtime.process import (
     registrations_of,
     revocation_list_for,
     set_up_observability,
+    settle_heap,
     start_services,
     stop_services,
     until_stopped_or_exited,
@@ -151,6 +152,7 @@ async def run_embedded(settings: Settings, *, stop: asyncio.Event | None = None)
             mail_dir=None if settings.smtp_host else data_dir / MAIL_DIR_NAME,
         )
         announce(addresses)
+        settle_heap()
         await until_stopped_or_exited(stop, {"envoy": envoy.wait, "the edge process": edge.wait})
     finally:
         stop.set()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -177,6 +178,19 @@ def _request_stop(stop: asyncio.Event, signum: int) -> None:
         return
     logger.info("received %s, shutting down", signal.Signals(signum).name)
     stop.set()
+
+
+def settle_heap() -> None:
+    """Collect once, then freeze what start-up built, at the end of a process's start.
+
+    A full (generation 2) collection walks every tracked object, and start-up leaves hundreds of
+    thousands (descriptors, models, compiled statements): each full collection then paused the
+    event loop for 50-90 ms, the slowest requests under load. Frozen objects are never walked again,
+    so later full collections see only what the requests made. They are never freed either, which
+    is right for what start-up builds: it lives as long as the process.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def connectable_host(bind_host: str) -> str:

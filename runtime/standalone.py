@@ -17,6 +17,7 @@ from runtime.process import (
     registrations_of,
     revocation_list_for,
     set_up_observability,
+    settle_heap,
     start_services,
     stop_services,
     until_stopped_or_exited,
@@ -73,6 +74,7 @@ async def serve_service(name: ServiceName, settings: Settings, *, stop: asyncio.
         )
         sys.stdout.write(f"parley {name} serving gRPC on {settings.grpc_host}:{port}\n")
         sys.stdout.flush()
+        settle_heap()
         await stop.wait()
     finally:
         await server.stop()
@@ -120,6 +122,7 @@ async def run_gateway(topology: Topology, settings: Settings, *, stop: asyncio.E
                     f"{topology.http_port}\n"
                 )
                 sys.stdout.flush()
+                settle_heap()
                 await until_stopped_or_exited(stop, {"envoy": envoy.wait})
             finally:
                 await envoy.stop()
@@ -166,6 +169,7 @@ async def run_edge(settings: Settings, *, stop: asyncio.Event | None = None) -> 
             )
             sys.stdout.write(f"parley edge serving gRPC on 127.0.0.1:{port}\n")
             sys.stdout.flush()
+            settle_heap()
             await stop.wait()
     finally:
         if revocations is not None:
