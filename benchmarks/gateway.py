@@ -25,8 +25,9 @@ Where the time goes: every Python process's /metrics and Envoy's admin /stats ar
 after each measured run, with each process's CPU time. The differences give Envoy's whole-request
 time, the service leg as Envoy sees it and the handler time in Python, the RLS decision time, and
 each process's CPU per request; "python (all processes)" is the sum over every Parley process.
-`--profile` also samples each Python process with py-spy during the closed-loop authenticated run
-and reports the hottest frames (raw samples are written beside the JSON).
+`--profile` then runs the closed-loop authenticated read once more, with py-spy sampling each Python
+process (not during the measured runs: the sampler's own CPU would skew them), and reports where
+the samples fall by component and the hottest frames (raw samples are written beside the JSON).
 
 Caveats: the load generator, Envoy, Redis and the Python processes share this machine's cores, and the
 machine is shared with whatever else runs (the load average is recorded), so ratios are the
@@ -934,11 +935,7 @@ async def run(arguments: argparse.Namespace) -> tuple[Report, list[str]]:
             breakdowns: dict[str, object] = {}
             first_failures: dict[str, str] = {}
             for workload in WORKLOADS:
-                profiler = None
-                if arguments.profile and workload.name == AUTHENTICATED_READ:
-                    profile_dir.mkdir(parents=True, exist_ok=True)
-                    profiler = Profiler(profile_dir, targets, arguments.seconds)
-                measured = await _measure(workload, arguments, wrk, client, targets, profiler=profiler)
+                measured = await _measure(workload, arguments, wrk, client, targets, profiler=None)
                 report.measurements.append(measured.measurement)
                 breakdowns[workload.name] = measured.breakdown
                 if measured.warmup_failure:
@@ -946,8 +943,13 @@ async def run(arguments: argparse.Namespace) -> tuple[Report, list[str]]:
                 if measured.failure:
                     failures.append(workload.name)
                     first_failures[workload.name] = measured.failure
-                if profiler is not None:
-                    report.notes["profile_of_authenticated_read"] = await profiler.finish()
+            if arguments.profile:
+                # A run of its own after the measured ones: the sampler's CPU would skew their figures.
+                profile_dir.mkdir(parents=True, exist_ok=True)
+                profiler = Profiler(profile_dir, targets, arguments.seconds)
+                read = next(workload for workload in WORKLOADS if workload.name == AUTHENTICATED_READ)
+                await _measure(read, arguments, wrk, client, targets, profiler=profiler)
+                report.notes["profile_of_authenticated_read"] = await profiler.finish()
             report.notes["where_the_time_goes"] = breakdowns
             if first_failures:
                 report.notes["first_failure"] = first_failures
