@@ -41,6 +41,7 @@ from services.common.processed_events import SqlProcessedEvents
 from services.common.streams import encode_entry, stream_key
 from tests.support.databases import fresh_postgres_database, fresh_sqlite_url
 from tests.support.polling import eventually
+from tests.support.redis_keys import delete_namespace
 
 ADAPTERS = [
     "memory",
@@ -207,8 +208,7 @@ async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
             publish_to_redis,
         )
     finally:
-        keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
-        await client.delete(stream, dlq_key(group), *keys)
+        await delete_namespace(client, prefix, stream, dlq_key(group))
         await client.aclose()
 
 
@@ -592,6 +592,5 @@ async def test_a_replayed_dead_letter_goes_to_its_own_group_only(redis_url: str)
         assert len(healthy.calls) == 1
         assert failing.effects == Counter({event.id: 1})
     finally:
-        keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
-        await client.delete(stream, dlq_key(failing_group), dlq_key(healthy_group), *keys)
+        await delete_namespace(client, prefix, stream, dlq_key(failing_group), dlq_key(healthy_group))
         await client.aclose()

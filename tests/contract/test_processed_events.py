@@ -33,6 +33,7 @@ from services.common.processed_events import (
     record_processed,
 )
 from services.common.streams import stream_key
+from tests.support.redis_keys import delete_namespace
 
 ADAPTERS = [
     "memory",
@@ -78,9 +79,7 @@ async def processed(adapter: tuple[str, str]) -> AsyncIterator[ProcessedEvents]:
         try:
             yield RedisProcessedEvents(client, ttl_s=600, key_prefix=prefix)
         finally:
-            keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
-            if keys:
-                await client.delete(*keys)
+            await delete_namespace(client, prefix)
             await client.aclose()
     else:
         await upgrade_async(url)

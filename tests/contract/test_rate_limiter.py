@@ -28,6 +28,7 @@ from services.common.ratelimit import (
 )
 from services.common.redis_multiplex import MultiplexedRedis
 from tests.support.polling import eventually
+from tests.support.redis_keys import delete_namespace
 from tests.support.tcp_proxy import TcpProxy
 
 ADAPTERS = ["memory", pytest.param("redis", marks=pytest.mark.redis)]
@@ -84,9 +85,7 @@ async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
 async def delete_keys(redis_url: str, prefix: str) -> None:
     client = Redis.from_url(redis_url)
     try:
-        keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
-        if keys:
-            await client.delete(*keys)
+        await delete_namespace(client, prefix)
     finally:
         await client.aclose()
 
@@ -286,9 +285,7 @@ async def test_redis_counters_expire_when_full(redis_url: str) -> None:
         await eventually(expired, what=f"{key} expired in Redis", timeout_s=5, interval_s=0.01)
     finally:
         await limiter.aclose()
-        keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
-        if keys:
-            await client.delete(*keys)
+        await delete_namespace(client, prefix)
         await client.aclose()
 
 
@@ -304,9 +301,7 @@ async def test_redis_reloads_its_script_after_a_flush(redis_url: str) -> None:
         assert (await take(limiter, limit)).remaining == 1
     finally:
         await limiter.aclose()
-        keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
-        if keys:
-            await client.delete(*keys)
+        await delete_namespace(client, prefix)
         await client.aclose()
 
 

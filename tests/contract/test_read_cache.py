@@ -21,6 +21,7 @@ from runtime.process import read_cache_for
 from services.common.cache import CacheMetrics, InMemoryReadCache, ReadCache, RedisReadCache
 from services.common.settings import load_settings
 from tests.support.polling import eventually
+from tests.support.redis_keys import delete_namespace
 from tests.support.tcp_proxy import TcpProxy
 
 ADAPTERS = ["memory", pytest.param("redis", marks=pytest.mark.redis)]
@@ -82,9 +83,7 @@ def redis_cache(client: Redis, prefix: str, registry: CollectorRegistry, **optio
 
 
 async def drop_keys(client: Redis, prefix: str) -> None:
-    keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
-    if keys:
-        await client.delete(*keys)
+    await delete_namespace(client, prefix)
 
 
 @pytest.fixture(params=ADAPTERS)

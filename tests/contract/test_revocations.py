@@ -24,6 +24,7 @@ from services.common.revocation import (
     RevocationList,
 )
 from tests.support.polling import eventually
+from tests.support.redis_keys import delete_namespace
 from tests.support.tcp_proxy import TcpProxy
 
 ADAPTERS = [
@@ -52,9 +53,7 @@ async def revocations(request: pytest.FixtureRequest) -> AsyncIterator[Revocatio
         yield revocations
     finally:
         await revocations.aclose()
-        keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
-        if keys:
-            await client.delete(*keys)
+        await delete_namespace(client, prefix)
         await client.aclose()
 
 
@@ -158,9 +157,7 @@ async def test_revocations_are_shared_by_every_instance_on_the_same_store(redis_
         ttl_ms = await second_client.pttl(f"{prefix}session:s1")
         assert 0 < ttl_ms <= LONG.total_seconds() * 1000
     finally:
-        keys = [key async for key in first_client.scan_iter(match=f"{prefix}*")]
-        if keys:
-            await first_client.delete(*keys)
+        await delete_namespace(first_client, prefix)
         for instance in (writer, reader, other_namespace):
             await instance.aclose()
         await first_client.aclose()
@@ -216,9 +213,7 @@ async def test_revocations_reach_every_mirror_and_are_answered_from_it(redis_url
     finally:
         await reader.aclose()
         await writer.aclose()
-        keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
-        if keys:
-            await client.delete(*keys)
+        await delete_namespace(client, prefix)
         await client.aclose()
 
 
@@ -256,7 +251,5 @@ async def test_a_mirror_that_lost_the_feed_is_not_trusted_and_catches_up_after(r
         await reader.aclose()
         await writer.aclose()
         await proxy.close()
-        keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
-        if keys:
-            await client.delete(*keys)
+        await delete_namespace(client, prefix)
         await client.aclose()

@@ -40,6 +40,7 @@ from services.common.revocation import InMemoryRevocationList
 from services.common.settings import Settings, load_settings
 from services.common.sql_unit_of_work import SqlUnitsOfWork
 from tests.support.auth_accounts import email_token
+from tests.support.redis_keys import delete_namespace
 from tests.support.servers import GATEWAY_SECRET, serving
 from tests.support.tcp_proxy import TcpProxy
 
@@ -105,9 +106,7 @@ async def shared_redis(redis_url: str) -> AsyncIterator[SharedRedis]:
     prefix = f"parley-test:{uuid.uuid4().hex}:cache:"
     yield SharedRedis(redis_url, prefix)
     client = Redis.from_url(redis_url)
-    keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
-    if keys:
-        await client.delete(*keys)
+    await delete_namespace(client, prefix)
     await client.aclose()
 
 

@@ -41,6 +41,7 @@ from tests.support.mail import (
     server_tls_context,
     smtp_server,
 )
+from tests.support.redis_keys import delete_namespace
 from tests.support.tls import self_signed_certificate
 
 BASE_URL = "https://app.parley.test"
@@ -281,9 +282,7 @@ async def redis_limiters(redis_url: str) -> AsyncIterator[tuple[RedisRateLimiter
         yield first, second
     finally:
         cleaner = Redis.from_url(redis_url)
-        keys = [key async for key in cleaner.scan_iter(match=f"{prefix}*")]
-        if keys:
-            await cleaner.delete(*keys)
+        await delete_namespace(cleaner, prefix)
         await cleaner.aclose()
         await first.aclose()
         await second.aclose()

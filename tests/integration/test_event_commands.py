@@ -25,6 +25,7 @@ from services.common.consumers import Consumer, RedisProcessedEvents, RedisStrea
 from services.common.streams import encode_entry, stream_key
 from tests.support.gateway import free_port
 from tests.support.parley_process import PARLEY, REPO_ROOT
+from tests.support.redis_keys import delete_namespace
 
 pytestmark = pytest.mark.redis
 
@@ -110,8 +111,7 @@ async def world(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterato
     try:
         yield world
     finally:
-        keys = [key async for key in client.scan_iter(match=f"{world.key_prefix}*")]
-        await client.delete(world.stream, dlq_key(world.group), *keys)
+        await delete_namespace(client, world.key_prefix, world.stream, dlq_key(world.group))
         await client.aclose()
 
 

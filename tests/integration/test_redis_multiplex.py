@@ -13,6 +13,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.common.redis_multiplex import MultiplexedRedis, RedisAddress, Script
+from tests.support.redis_keys import delete_namespace
 from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.redis
@@ -22,9 +23,7 @@ pytestmark = pytest.mark.redis
 async def prefix(redis: Redis) -> AsyncIterator[str]:
     namespace = f"parley-test:{uuid.uuid4().hex}:"
     yield namespace
-    keys = [key async for key in redis.scan_iter(match=f"{namespace}*")]
-    if keys:
-        await redis.delete(*keys)
+    await delete_namespace(redis, namespace)
 
 
 @pytest.fixture

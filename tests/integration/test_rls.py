@@ -30,6 +30,7 @@ from services.common.ratelimit import (
     load_rate_limit_config,
     parse_rate_limit_config,
 )
+from tests.support.redis_keys import delete_namespace
 from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.redis
@@ -116,9 +117,7 @@ async def rls(redis_url: str) -> AsyncIterator[RunningRls]:
     finally:
         await limiter.aclose()
         client = Redis.from_url(redis_url)
-        keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
-        if keys:
-            await client.delete(*keys)
+        await delete_namespace(client, prefix)
         await client.aclose()
 
 
