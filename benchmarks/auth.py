@@ -194,6 +194,7 @@ async def _servers(settings: Settings, database: Database) -> AsyncIterator[Serv
         await main_server.stop()
         await uncached_server.stop()
         await identity.close()
+        await context.revocations.aclose()
 
 
 def _internal_only(bundle: ServiceBundle) -> list[ServiceRegistration]:
