@@ -33,7 +33,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 import grpc
@@ -72,7 +72,7 @@ from services.common.identity import (
     PLAN_HEADER,
     ROLES_HEADER,
     SESSION_ID_HEADER,
-    TOKEN_ISSUED_AT_HEADER,
+    TOKEN_TIME_HEADERS,
     USER_ID_HEADER,
     TokenVerifier,
     encode_roles_header,
@@ -137,16 +137,20 @@ def is_grpc_request(headers: Mapping[str, str]) -> bool:
     return grpc_content and "x-envoy-original-path" not in headers
 
 
-def token_issued_at(token: str) -> int | None:
-    """The `iat` claim of a JWT, read without verification: call only once the token is verified."""
+def token_time_headers(token: str) -> dict[str, str]:
+    """The time-claim identity headers of a JWT (`TOKEN_TIME_HEADERS`), as jwt_authn's
+    claim_to_headers writes them; read without verification, so call only once the token is verified.
+    A claim that is absent or not whole seconds gets no header (and the services refuse the identity)."""
     try:
         claims = jwt.decode(token, options={"verify_signature": False})
     except jwt.PyJWTError:
-        return None
-    issued_at = claims.get("iat")
-    if isinstance(issued_at, bool) or not isinstance(issued_at, int | float):
-        return None
-    return int(issued_at)
+        return {}
+    headers = {}
+    for header, claim in TOKEN_TIME_HEADERS:
+        value = claims.get(claim)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            headers[header] = str(value)
+    return headers
 
 
 def secret_digest(kind: CredentialKind, secret: str) -> str:
@@ -166,8 +170,9 @@ class EdgeIdentity:
     plan: str
     roles: tuple[str, ...]
     auth_method: CredentialKind
-    # The token's `iat` (epoch seconds) when a JWT (bearer or cookie) is involved.
-    issued_at: int | None = None
+    # The token's time claims (`token_time_headers`) when a JWT (bearer or cookie) is involved: the
+    # services check them by the token rules, as for an identity Envoy's jwt_authn vouches for.
+    token_times: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     def upstream_headers(self) -> dict[str, str]:
         """The identity headers to set; a header whose value is empty is left out (and removed)."""
@@ -178,7 +183,7 @@ class EdgeIdentity:
             # Encoded by the one function services decode with (`decode_roles_header`).
             ROLES_HEADER: encode_roles_header(self.roles),
             AUTH_METHOD_HEADER: self.auth_method,
-            TOKEN_ISSUED_AT_HEADER: "" if self.issued_at is None else str(self.issued_at),
+            **self.token_times,
         }
         return {name: value for name, value in values.items() if value}
 
@@ -419,7 +424,7 @@ class EdgeAuthorizer:
             plan=verified.plan,
             roles=ordered_roles(verified.roles),
             auth_method="jwt",
-            issued_at=token_issued_at(token),
+            token_times=token_time_headers(token),
         )
 
     async def _check_api_key(self, api_key: str, request_id: str) -> Decision:
@@ -488,7 +493,7 @@ class EdgeAuthorizer:
             plan=reply.identity.plan_id,
             roles=role_names(reply.identity.roles),
             auth_method="cookie",
-            issued_at=token_issued_at(access_token),
+            token_times=token_time_headers(access_token),
         )
         self._allowed[key] = (identity, reply.cache_ttl.ToTimedelta().total_seconds())
         return identity

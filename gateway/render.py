@@ -43,6 +43,7 @@ from services.common.identity import (
 from services.common.ratelimit import RateLimitConfigError, load_rate_limit_config
 from services.common.reflection import REFLECTION_SERVICES
 from services.common.settings import SERVICE_NAMES
+from services.common.token_rules import CLOCK_SKEW_S, MAX_LIFETIME_S
 
 TEMPLATE_NAME: Final = "envoy.yaml.j2"
 LUA_TEMPLATE_NAME: Final = "api_edge.lua.j2"
@@ -350,6 +351,7 @@ def render_envoy_config(topology: Topology, *, template_dir: Path = ENVOY_DIR) -
         lua_source=lua_source,
         cors_policy=_cors_policy(topology),
         identity_claims=JWT_CLAIM_HEADERS,
+        token_rules={"clock_skew_s": CLOCK_SKEW_S, "max_lifetime_s": MAX_LIFETIME_S},
         gateway_header_prefix=GATEWAY_HEADER_PREFIX,
         gateway_secret_header=GATEWAY_SECRET_HEADER,
         auth_method_header=AUTH_METHOD_HEADER,

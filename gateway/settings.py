@@ -97,7 +97,6 @@ class Authentication(ConfigSection):
     open_methods: frozenset[MethodKey]
     role_required: tuple[RoleRequirement, ...] = ()
     jwks_cache_duration_s: PositiveInt
-    jwt_max_lifetime_s: PositiveInt
     ext_authz_timeout_ms: PositiveInt
     ext_authz_headers: tuple[HeaderName, ...]
 

@@ -20,6 +20,7 @@ from services.common.settings import (
     SERVICE_NAMES,
     ServiceName,
 )
+from services.common.token_rules import DEFAULT_AUDIENCE, DEFAULT_ISSUER
 
 TopologyName = Literal["embedded", "local", "k8s"]
 # The cluster of the gateway's own gRPC server (reflection, health, rate limits, ext_authz).
@@ -67,9 +68,10 @@ class Topology:
     # /healthz is 503 unless at least this percentage of each upstream cluster's hosts is healthy.
     min_healthy_percent: float = 100.0
     settings: GatewaySettings = field(default_factory=load_gateway_settings)
-    # Claims jwt_authn insists on; the auth service issues tokens with these.
-    jwt_issuer: str = "parley"
-    jwt_audience: str = "parley-api"
+    # Claims jwt_authn insists on; the auth service issues tokens with these (PARLEY_JWT_ISSUER and
+    # PARLEY_JWT_AUDIENCE, through `runtime.topologies.with_edge_settings`).
+    jwt_issuer: str = DEFAULT_ISSUER
+    jwt_audience: str = DEFAULT_AUDIENCE
     # Browser origins allowed to call the API (with credentials); empty: no cross-origin access.
     cors_allowed_origins: tuple[str, ...] = ()
     # A second listener serving HTTPS (and h2 over ALPN) when set.

@@ -19,6 +19,7 @@ from services.common.jwks_client import grpc_jwks_fetcher
 from services.common.ratelimit import RateLimitConfig, rate_limiter_for
 from services.common.revocation import RevocationList
 from services.common.settings import Settings
+from services.common.token_rules import TokenRules
 
 
 @dataclass
@@ -45,10 +46,7 @@ def build_edge_wiring(
     this process's memory (one gateway: `parley up`); authentication checks go to `auth_target`."""
     channel = grpc.aio.insecure_channel(auth_target)
     verifier = CachedJwksVerifier(
-        grpc_jwks_fetcher(channel),
-        issuer=settings.jwt_issuer,
-        audience=settings.jwt_audience,
-        revocations=revocations,
+        grpc_jwks_fetcher(channel), rules=TokenRules.of(settings), revocations=revocations
     )
     # grpc.aio channels make async stubs; the generated stubs are typed for the sync flavour.
     stub = cast("auth_pb2_grpc.AuthInternalServiceAsyncStub", auth_pb2_grpc.AuthInternalServiceStub(channel))

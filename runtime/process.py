@@ -39,6 +39,7 @@ from services.common.revocation import (
 from services.common.server import ServiceRegistration
 from services.common.settings import ServiceName, Settings
 from services.common.telemetry import create_tracer_provider
+from services.common.token_rules import TokenRules
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def identity_for(
     local_jwks = next((bundle.jwks for bundle in bundles if bundle.jwks is not None), None)
     if settings.jwks_path is not None:
         verifier = JwksTokenVerifier.from_file(
-            settings.jwks_path, issuer=settings.jwt_issuer, audience=settings.jwt_audience
+            settings.jwks_path, rules=TokenRules.of(settings), revocations=context.revocations
         )
     elif local_jwks is not None or settings.auth_target is not None:
         if local_jwks is None:
@@ -136,10 +137,7 @@ def identity_for(
             channel = grpc.aio.insecure_channel(settings.auth_target)
             local_jwks = grpc_jwks_fetcher(channel)
         verifier = CachedJwksVerifier(
-            local_jwks,
-            issuer=settings.jwt_issuer,
-            audience=settings.jwt_audience,
-            revocations=context.revocations,
+            local_jwks, rules=TokenRules.of(settings), revocations=context.revocations
         )
     else:
         logger.warning("no PARLEY_AUTH_TARGET: bearer tokens cannot be verified by this process")

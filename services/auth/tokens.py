@@ -14,6 +14,7 @@ import jwt
 
 from services.auth.signing_keys import SIGNING_ALGORITHM, SigningKey
 from services.common.clock import utc_now
+from services.common.token_rules import MAX_LIFETIME_S
 
 # Sleeps while waiting out a revocation cutoff's second: the first, and re-checks of an early wake.
 _CUTOFF_WAIT_ROUNDS = 3
@@ -48,7 +49,8 @@ class AccessTokenIssuer:
     """Signs access JWTs with the active key.
 
     Header: `alg` EdDSA, `kid`, `typ` JWT. Claims, exactly: `sub` (user id), `sid` (session id),
-    `plan`, `roles` (a list), `iss`, `aud`, `iat`, `exp` (whole seconds) and a unique `jti`.
+    `plan`, `roles` (a list), `iss`, `aud`, `iat`, `nbf` (= `iat`), `exp` (whole seconds) and a unique
+    `jti`: everything `services.common.token_rules` requires, within its lifetime cap.
     """
 
     def __init__(
@@ -62,8 +64,8 @@ class AccessTokenIssuer:
         clock: Callable[[], datetime] = utc_now,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
-        if ttl <= timedelta(0):
-            raise ValueError("an access token needs a positive lifetime")
+        if not timedelta(0) < ttl <= timedelta(seconds=MAX_LIFETIME_S):
+            raise ValueError(f"an access token lives more than 0 and at most {MAX_LIFETIME_S} seconds")
         self._keys = keys
         self._issuer = issuer
         self._audience = audience
@@ -88,6 +90,7 @@ class AccessTokenIssuer:
             "iss": self._issuer,
             "aud": self._audience,
             "iat": issued_at,
+            "nbf": issued_at,
             "exp": expires_at,
             "jti": jti,
         }

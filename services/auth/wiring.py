@@ -37,6 +37,7 @@ from services.common.revocation import RevocationList
 from services.common.server import ServiceRegistration
 from services.common.settings import Settings, SettingsError
 from services.common.sql_unit_of_work import SqlUnitsOfWork
+from services.common.token_rules import TokenRules
 
 _SERVICES = auth_pb2.DESCRIPTOR.services_by_name
 
@@ -154,11 +155,9 @@ def build_bundle(
         api_keys=api_keys,
         signing_keys=signing_keys,
     )
+    # CheckSession verifies the access cookie by the same rules as every other verifier.
     cookie_verifier = CachedJwksVerifier(
-        signing_keys.jwks,
-        issuer=settings.jwt_issuer,
-        audience=settings.jwt_audience,
-        revocations=context.revocations,
+        signing_keys.jwks, rules=TokenRules.of(settings), revocations=context.revocations
     )
 
     async def prepare() -> None:

@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -32,6 +32,7 @@ from services.common.credentials import (
 )
 from services.common.errors import ParleyError, PermissionDenied, Unauthenticated, Unavailable
 from services.common.safe_methods import SafeMethods
+from services.common.token_rules import ALLOWED_ALGORITHMS, TokenRules, apply_to_vouched_claims
 
 if TYPE_CHECKING:
     from services.common.revocation import RevocationList
@@ -48,32 +49,39 @@ SESSION_ID_HEADER: Final = f"{GATEWAY_HEADER_PREFIX}session-id"
 PLAN_HEADER: Final = f"{GATEWAY_HEADER_PREFIX}plan"
 ROLES_HEADER: Final = f"{GATEWAY_HEADER_PREFIX}roles"
 AUTH_METHOD_HEADER: Final = f"{GATEWAY_HEADER_PREFIX}auth-method"
-# The `iat` of the token behind the identity, so services can still refuse revoked sessions.
+# The time claims of the token behind a jwt or cookie identity, so services can apply the token rules
+# Envoy cannot (`services.common.token_rules.apply_to_vouched_claims`) and refuse revoked sessions.
 TOKEN_ISSUED_AT_HEADER: Final = f"{GATEWAY_HEADER_PREFIX}token-issued-at"
+TOKEN_NOT_BEFORE_HEADER: Final = f"{GATEWAY_HEADER_PREFIX}token-not-before"
+TOKEN_EXPIRES_AT_HEADER: Final = f"{GATEWAY_HEADER_PREFIX}token-expires-at"
+TOKEN_TIME_HEADERS: Final = (
+    (TOKEN_ISSUED_AT_HEADER, "iat"),
+    (TOKEN_NOT_BEFORE_HEADER, "nbf"),
+    (TOKEN_EXPIRES_AT_HEADER, "exp"),
+)
 IDENTITY_HEADERS: Final = (
     USER_ID_HEADER,
     SESSION_ID_HEADER,
     PLAN_HEADER,
     ROLES_HEADER,
     AUTH_METHOD_HEADER,
-    TOKEN_ISSUED_AT_HEADER,
+    *(header for header, _ in TOKEN_TIME_HEADERS),
 )
 # Envoy's jwt_authn copies these claims of a verified token into the identity headers (the array
-# claim `roles` arrives as base64 of its JSON, which `decode_roles_header` reads); the gateway's
-# ext_authz check sets the same headers for the other credentials.
+# claim `roles` arrives as base64 of its JSON, which `decode_roles_header` reads; a claim the token
+# lacks leaves its header out); the gateway's ext_authz check sets the same headers for the other
+# credentials. jwt_authn sets no auth-method header: its identities are "jwt".
 JWT_CLAIM_HEADERS: Final = (
     (USER_ID_HEADER, "sub"),
     (SESSION_ID_HEADER, "sid"),
     (PLAN_HEADER, "plan"),
     (ROLES_HEADER, "roles"),
-    (TOKEN_ISSUED_AT_HEADER, "iat"),
+    *TOKEN_TIME_HEADERS,
 )
-
-# Asymmetric algorithms only: a verifier that accepted HS* could be fed a token signed with the public key.
-ALLOWED_JWT_ALGORITHMS = ("EdDSA", "ES256", "RS256")
-REQUIRED_CLAIMS = ("exp", "iat", "sub", "iss", "aud")
-# How far a token's `iat` may lie in the future: clocks of different hosts drift a little.
-DEFAULT_MAX_CLOCK_SKEW_S: Final = 60.0
+# The auth methods whose identity rests on an access token, checked against the token rules when the
+# gateway vouches for them; an API key identity carries no token.
+TOKEN_AUTH_METHODS: Final = frozenset({"jwt", "cookie"})
+API_KEY_AUTH_METHOD: Final = "api_key"
 
 
 @dataclass(frozen=True)
@@ -137,7 +145,7 @@ class NoTokenVerifier:
 def parse_jwks(jwks: Mapping[str, Any], *, strict: bool) -> dict[str, PyJWK]:
     """The verification keys of a JWK Set by kid.
 
-    Only signature keys for `ALLOWED_JWT_ALGORITHMS` with a `kid` are kept. `strict` (a configured
+    Only signature keys for `token_rules.ALLOWED_ALGORITHMS` with a `kid` are kept. `strict` (a configured
     file) raises on any other key; otherwise (a fetched set) such keys are skipped with a warning,
     so one odd key cannot take verification down.
     """
@@ -155,7 +163,7 @@ def parse_jwks(jwks: Mapping[str, Any], *, strict: bool) -> dict[str, PyJWK]:
         if key is not None:
             if not key.key_id:
                 problem = "every JWKS key needs a 'kid'"
-            elif key.algorithm_name not in ALLOWED_JWT_ALGORITHMS:
+            elif key.algorithm_name not in ALLOWED_ALGORITHMS:
                 problem = f"key {key.key_id!r} is for {key.algorithm_name}, not an accepted algorithm"
             elif isinstance(raw, Mapping) and raw.get("use", "sig") != "sig":
                 problem = f"key {key.key_id!r} is not a signature key"
@@ -168,35 +176,25 @@ def parse_jwks(jwks: Mapping[str, Any], *, strict: bool) -> dict[str, PyJWK]:
     return keys
 
 
-def _numeric_date(claims: Mapping[str, Any], name: str) -> float:
-    value = claims[name]
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise invalid_token(f"The token's {name!r} claim is not a time.", "claims", claim=name)
-    return float(value)
-
-
 class _JwtVerifier(abc.ABC):
-    """The checks every access-token verifier makes; subclasses say where keys come from.
+    """Verifies access tokens: the header, the signature, then the claims and revocation, all by the
+    one rule set (`services.common.token_rules`); subclasses say where keys come from.
 
-    In order: a parseable header; an accepted asymmetric `alg`; a `kid` naming a known key whose own
-    algorithm is the header's; a valid signature; `iss`, `aud`, `exp`, `iat` and `sub` present and
-    right; not expired, not issued in the future; and not revoked. Each failure has its own `cause`.
+    In order: a parseable header; an accepted asymmetric `alg` and a `kid` (`TokenRules.check_header`);
+    a known key for that kid whose own algorithm is the header's; a valid signature; then every claim
+    rule and revocation (`TokenRules.apply`). Each failure has its own `cause`.
     """
 
     def __init__(
         self,
         *,
-        issuer: str,
-        audience: str,
+        rules: TokenRules,
         revocations: RevocationList | None,
         clock: Callable[[], datetime],
-        max_clock_skew_s: float,
     ) -> None:
-        self._issuer = issuer
-        self._audience = audience
+        self._rules = rules
         self._revocations = revocations
         self._clock = clock
-        self._max_clock_skew_s = max_clock_skew_s
 
     @abc.abstractmethod
     async def _key_for(self, kid: str) -> PyJWK | None:
@@ -207,82 +205,38 @@ class _JwtVerifier(abc.ABC):
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
             raise invalid_token("The token is malformed.", "malformed") from None
-        algorithm = header.get("alg")
-        if algorithm not in ALLOWED_JWT_ALGORITHMS:
-            raise invalid_token("The token's algorithm is not accepted.", "algorithm")
-        kid = header.get("kid")
-        if not isinstance(kid, str) or not kid:
-            raise invalid_token("The token does not name its signing key.", "missing_kid")
+        kid = self._rules.check_header(header)
         key = await self._key_for(kid)
         if key is None:
             raise invalid_token("The token's signing key is unknown.", "unknown_kid")
-        if algorithm != key.algorithm_name:
+        if header["alg"] != key.algorithm_name:
             raise invalid_token("The token's algorithm is not accepted.", "algorithm")
-        claims = self._verified_claims(token, key)
-        identity = self._identity_from(claims)
-        await self._refuse_if_revoked(identity, claims)
-        return identity
-
-    def _verified_claims(self, token: str, key: PyJWK) -> dict[str, Any]:
-        try:
-            claims: dict[str, Any] = jwt.decode(
-                token,
-                key=key.key,
-                algorithms=[key.algorithm_name],
-                issuer=self._issuer,
-                audience=self._audience,
-                # Times are checked below against the injectable clock.
-                options={
-                    "require": list(REQUIRED_CLAIMS),
-                    "verify_exp": False,
-                    "verify_iat": False,
-                    "verify_nbf": False,
-                },
-            )
-        except jwt.InvalidSignatureError:
-            raise invalid_token("The token's signature is not valid.", "signature") from None
-        except jwt.MissingRequiredClaimError as error:
-            raise invalid_token(
-                f"The token lacks the {error.claim!r} claim.", "missing_claim", claim=error.claim
-            ) from None
-        except jwt.InvalidIssuerError:
-            raise invalid_token("The token was issued by someone else.", "issuer") from None
-        except jwt.InvalidAudienceError:
-            raise invalid_token("The token is meant for another audience.", "audience") from None
-        except jwt.DecodeError:
-            raise invalid_token("The token is malformed.", "malformed") from None
-        except jwt.PyJWTError:
-            raise invalid_token("The token's claims are not valid.", "claims") from None
-        now = self._clock().timestamp()
-        if _numeric_date(claims, "exp") <= now:
-            raise Unauthenticated("The token has expired.", reason="TOKEN_EXPIRED")
-        if _numeric_date(claims, "iat") > now + self._max_clock_skew_s:
-            raise invalid_token("The token claims to be issued in the future.", "issued_in_future")
-        if "nbf" in claims and _numeric_date(claims, "nbf") > now + self._max_clock_skew_s:
-            raise invalid_token("The token is not valid yet.", "not_yet_valid")
-        if not isinstance(claims["sub"], str) or not claims["sub"]:
-            raise invalid_token("The token's subject is empty.", "claims", claim="sub")
-        return claims
-
-    @staticmethod
-    def _identity_from(claims: Mapping[str, Any]) -> Identity:
-        roles = claims.get("roles", [])
+        claims = _signed_claims(token, key)
+        accepted = await self._rules.apply(header, claims, now=self._clock(), revocations=self._revocations)
         return Identity(
-            user_id=str(claims["sub"]),
-            session_id=str(claims.get("sid", "")),
-            plan=str(claims.get("plan", "")),
-            roles=frozenset(str(role) for role in roles) if isinstance(roles, list) else frozenset(),
+            user_id=accepted.subject,
+            session_id=accepted.session_id,
+            plan=accepted.plan,
+            roles=accepted.roles,
             auth_method="jwt",
         )
 
-    async def _refuse_if_revoked(self, identity: Identity, claims: Mapping[str, Any]) -> None:
-        if self._revocations is None:
-            return
-        issued_at = datetime.fromtimestamp(_numeric_date(claims, "iat"), UTC)
-        if await self._revocations.is_revoked(identity.session_id, identity.user_id, issued_at):
-            raise Unauthenticated(
-                "This session has been signed out; sign in again.", reason="SESSION_REVOKED"
-            )
+
+def _signed_claims(token: str, key: PyJWK) -> dict[str, Any]:
+    """The payload of a token whose signature `key` verifies; no claim is judged here."""
+    try:
+        payload = jwt.api_jws.decode(token, key=key.key, algorithms=[key.algorithm_name])
+    except jwt.InvalidSignatureError:
+        raise invalid_token("The token's signature is not valid.", "signature") from None
+    except jwt.PyJWTError:
+        raise invalid_token("The token is malformed.", "malformed") from None
+    try:
+        claims = json.loads(payload)
+    except ValueError:
+        claims = None
+    if not isinstance(claims, dict):
+        raise invalid_token("The token is malformed.", "malformed")
+    return claims
 
 
 class JwksTokenVerifier(_JwtVerifier):
@@ -292,24 +246,18 @@ class JwksTokenVerifier(_JwtVerifier):
         self,
         jwks: Mapping[str, Any],
         *,
-        issuer: str,
-        audience: str,
+        rules: TokenRules,
         revocations: RevocationList | None = None,
         clock: Callable[[], datetime] = utc_now,
-        max_clock_skew_s: float = DEFAULT_MAX_CLOCK_SKEW_S,
     ) -> None:
-        super().__init__(
-            issuer=issuer,
-            audience=audience,
-            revocations=revocations,
-            clock=clock,
-            max_clock_skew_s=max_clock_skew_s,
-        )
+        super().__init__(rules=rules, revocations=revocations, clock=clock)
         self._keys = parse_jwks(jwks, strict=True)
 
     @classmethod
-    def from_file(cls, path: Path, *, issuer: str, audience: str) -> JwksTokenVerifier:
-        return cls(json.loads(path.read_text()), issuer=issuer, audience=audience)
+    def from_file(
+        cls, path: Path, *, rules: TokenRules, revocations: RevocationList | None = None
+    ) -> JwksTokenVerifier:
+        return cls(json.loads(path.read_text()), rules=rules, revocations=revocations)
 
     async def _key_for(self, kid: str) -> PyJWK | None:
         return self._keys.get(kid)
@@ -331,22 +279,14 @@ class CachedJwksVerifier(_JwtVerifier):
         self,
         fetch_jwks: JwksFetcher,
         *,
-        issuer: str,
-        audience: str,
+        rules: TokenRules,
         cache_ttl_s: float = 300,
         min_refetch_interval_s: float = 5,
         revocations: RevocationList | None = None,
         clock: Callable[[], datetime] = utc_now,
         monotonic: Callable[[], float] = time.monotonic,
-        max_clock_skew_s: float = DEFAULT_MAX_CLOCK_SKEW_S,
     ) -> None:
-        super().__init__(
-            issuer=issuer,
-            audience=audience,
-            revocations=revocations,
-            clock=clock,
-            max_clock_skew_s=max_clock_skew_s,
-        )
+        super().__init__(rules=rules, revocations=revocations, clock=clock)
         self._fetch_jwks = fetch_jwks
         self._cache_ttl_s = cache_ttl_s
         self._min_refetch_interval_s = min_refetch_interval_s
@@ -412,10 +352,8 @@ class IdentityResolver:
         is_safe_method: Callable[[str], bool] | None = None,
         revocations: RevocationList | None = None,
         clock: Callable[[], datetime] = utc_now,
-        max_clock_skew_s: float = DEFAULT_MAX_CLOCK_SKEW_S,
     ) -> None:
         self._clock = clock
-        self._max_clock_skew_s = max_clock_skew_s
         self._gateway_secret = gateway_secret.encode() if gateway_secret else None
         self._token_verifier = token_verifier
         self._is_safe_method = is_safe_method or SafeMethods()
@@ -468,40 +406,41 @@ class IdentityResolver:
         return replace(identity, auth_method="cookie")
 
     async def _from_gateway_headers(self, metadata: Mapping[str, str]) -> Identity:
+        """The identity the gateway vouches for. One that rests on an access token (auth method jwt,
+        jwt_authn's default, or cookie) must come with the token's time claims, and passes the token
+        rules Envoy cannot apply (`apply_to_vouched_claims`): a claim the token lacked, a lifetime
+        over the cap, a time in the future, an expiry Envoy let through within its clock skew, or a
+        revoked session or user leaves the caller anonymous with that refusal, as on a direct call."""
+        auth_method = metadata.get(AUTH_METHOD_HEADER) or "jwt"
         identity = Identity(
             user_id=metadata[USER_ID_HEADER],
             session_id=metadata.get(SESSION_ID_HEADER, ""),
             plan=metadata.get(PLAN_HEADER, ""),
             roles=decode_roles_header(metadata.get(ROLES_HEADER, "")),
-            auth_method=metadata.get(AUTH_METHOD_HEADER, "jwt") or "jwt",
+            auth_method=auth_method,
         )
-        issued_at = metadata.get(TOKEN_ISSUED_AT_HEADER, "")
-        if not issued_at:
+        if auth_method == API_KEY_AUTH_METHOD:
             return identity
-        if not issued_at.isdigit():
-            raise Unauthenticated(
-                "The gateway's token time is not a number.",
-                reason="UNTRUSTED_IDENTITY",
-                metadata={"cause": "identity_headers"},
-            )
-        moment = datetime.fromtimestamp(int(issued_at), UTC)
-        # Envoy's jwt_authn checks signature, issuer, audience and expiry, but not `iat`, nor
-        # whether the session was revoked since: both are checked here, as for a direct call.
-        if moment.timestamp() > self._clock().timestamp() + self._max_clock_skew_s:
-            return Identity(
-                credential_error=invalid_token(
-                    "The token claims to be issued in the future.", "issued_in_future"
-                )
-            )
-        if self._revocations is not None and await self._revocations.is_revoked(
-            identity.session_id, identity.user_id, moment
-        ):
-            return Identity(
-                credential_error=Unauthenticated(
-                    "This session has been signed out; sign in again.", reason="SESSION_REVOKED"
-                )
-            )
+        if auth_method not in TOKEN_AUTH_METHODS:
+            raise _gateway_fault(f"The gateway's auth method {auth_method!r} is not one services know.")
+        claims: dict[str, object] = {"sub": identity.user_id, "sid": identity.session_id}
+        for header, claim in TOKEN_TIME_HEADERS:
+            value = metadata.get(header, "")
+            if not value:
+                continue  # the token lacked the claim: the rules refuse it as such
+            if not (value.isascii() and value.isdigit()):
+                raise _gateway_fault(f"The gateway's {header} header is not a number of seconds.")
+            claims[claim] = int(value)
+        try:
+            await apply_to_vouched_claims(claims, now=self._clock(), revocations=self._revocations)
+        except Unauthenticated as error:
+            return Identity(credential_error=error)
         return identity
+
+
+def _gateway_fault(message: str) -> Unauthenticated:
+    """Identity headers no gateway of ours sets: refused outright, like a forged identity."""
+    return Unauthenticated(message, reason="UNTRUSTED_IDENTITY", metadata={"cause": "identity_headers"})
 
 
 def encode_roles_header(roles: Iterable[str]) -> str:
@@ -517,15 +456,7 @@ def decode_roles_header(value: str) -> frozenset[str]:
     try:
         roles = json.loads(base64.b64decode(value, validate=True))
     except (ValueError, binascii.Error) as error:
-        raise Unauthenticated(
-            "The gateway's roles header is not base64 JSON.",
-            reason="UNTRUSTED_IDENTITY",
-            metadata={"cause": "identity_headers"},
-        ) from error
+        raise _gateway_fault("The gateway's roles header is not base64 JSON.") from error
     if not isinstance(roles, list) or not all(isinstance(role, str) for role in roles):
-        raise Unauthenticated(
-            "The gateway's roles header is not a list of names.",
-            reason="UNTRUSTED_IDENTITY",
-            metadata={"cause": "identity_headers"},
-        )
+        raise _gateway_fault("The gateway's roles header is not a list of names.")
     return frozenset(roles)

@@ -12,6 +12,8 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as EnvParseError
 
+from services.common.token_rules import DEFAULT_AUDIENCE, DEFAULT_ISSUER, MAX_LIFETIME_S
+
 ServiceName = Literal["auth", "chat", "billing", "analytics"]
 # The services, which are also the gateway's upstream clusters (one per service, named after it).
 SERVICE_NAMES: tuple[ServiceName, ...] = ("auth", "chat", "billing", "analytics")
@@ -97,8 +99,8 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"
 
-    jwt_issuer: str = Field(default="parley", min_length=1)
-    jwt_audience: str = Field(default="parley-api", min_length=1)
+    jwt_issuer: str = Field(default=DEFAULT_ISSUER, min_length=1)
+    jwt_audience: str = Field(default=DEFAULT_AUDIENCE, min_length=1)
     jwks_path: Path | None = Field(
         default=None,
         description="A JWKS file whose keys verify direct-call JWTs until the auth service serves them.",
@@ -118,7 +120,9 @@ class Settings(BaseSettings):
         default=None,
         description="A PEM Ed25519 private key that becomes the active signing key at start if new.",
     )
-    access_token_ttl_s: int = Field(default=900, ge=60, le=24 * 3600, description="Access JWT lifetime.")
+    access_token_ttl_s: int = Field(
+        default=900, ge=60, le=MAX_LIFETIME_S, description="Access JWT lifetime, up to the token rules' cap."
+    )
     refresh_token_ttl_s: int = Field(
         default=30 * 24 * 3600, ge=3600, le=365 * 24 * 3600, description="Refresh token lifetime."
     )

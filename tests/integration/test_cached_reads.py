@@ -34,7 +34,7 @@ from services.billing.repository import billing_units_of_work
 from services.common.cache import CacheMetrics, ReadCache, RedisReadCache, read_cache_invalidation
 from services.common.context import ServiceContext
 from services.common.db import Database
-from services.common.identity import ROLES_HEADER, encode_roles_header
+from services.common.identity import AUTH_METHOD_HEADER, ROLES_HEADER, encode_roles_header
 from services.common.money import Money
 from services.common.revocation import InMemoryRevocationList
 from services.common.settings import Settings, load_settings
@@ -68,7 +68,12 @@ class AuthInstance:
 
 
 def as_user(user_id: str) -> tuple[tuple[str, str], ...]:
-    return (("x-parley-gateway-secret", GATEWAY_SECRET), ("x-parley-user-id", user_id))
+    # An identity the gateway vouches for by API key: no token, so no token claims to check.
+    return (
+        ("x-parley-gateway-secret", GATEWAY_SECRET),
+        ("x-parley-user-id", user_id),
+        (AUTH_METHOD_HEADER, "api_key"),
+    )
 
 
 AS_ADMIN = (*as_user(ADMIN_ID), (ROLES_HEADER, encode_roles_header(["user", "admin"])))

@@ -51,6 +51,7 @@ from services.common.revocation import InMemoryRevocationList
 from services.common.server import ServerDeps, create_server
 from services.common.settings import Settings, load_settings
 from services.common.telemetry import create_tracer_provider
+from services.common.token_rules import TokenRules
 from tests.support.polling import eventually
 from tests.support.servers import GATEWAY_SECRET
 from tests.support.tcp_proxy import TcpProxy
@@ -67,6 +68,8 @@ IDENTITY_HEADERS = {
     "x-parley-roles",
     "x-parley-auth-method",
     "x-parley-token-issued-at",
+    "x-parley-token-not-before",
+    "x-parley-token-expires-at",
 }
 # Long enough for the auth replica's in-memory JWKS copy (5 s) to pick up a rotation.
 JWKS_PROPAGATION_TIMEOUT_S = 15.0
@@ -201,8 +204,7 @@ async def edge(sqlite_url: str) -> AsyncIterator[Edge]:
     # As the gateway builds it: auth's JWKS over gRPC, refetched on an unknown kid (at once, here).
     verifier = CachedJwksVerifier(
         grpc_jwks_fetcher(edge_to_auth),
-        issuer=settings.jwt_issuer,
-        audience=settings.jwt_audience,
+        rules=TokenRules.of(settings),
         min_refetch_interval_s=0,
         revocations=revocations,
     )
@@ -274,6 +276,16 @@ def denied_json(response: Any, *, status: int, reason: str) -> dict[str, Any]:
     return body
 
 
+def time_headers(token: str) -> dict[str, str]:
+    """The identity headers of a token's time claims, as Envoy's jwt_authn copies them."""
+    claims = jwt.decode(token, options={"verify_signature": False})
+    return {
+        "x-parley-token-issued-at": str(claims["iat"]),
+        "x-parley-token-not-before": str(claims["nbf"]),
+        "x-parley-token-expires-at": str(claims["exp"]),
+    }
+
+
 def challenge(response: Any) -> str | None:
     return headers_of(response.denied_response.headers).get("www-authenticate")
 
@@ -300,6 +312,8 @@ async def test_a_valid_api_key_allows_with_the_identity_headers_and_metadata(edg
     assert removed == [
         "x-parley-session-id",
         "x-parley-token-issued-at",
+        "x-parley-token-not-before",
+        "x-parley-token-expires-at",
         "x-api-key",
         *(["authorization"] if form == "authorization" else []),
     ]
@@ -352,7 +366,7 @@ async def test_a_cookie_session_reads_without_a_csrf_token(edge: Edge) -> None:
         "x-parley-plan": "free",
         "x-parley-roles": USER_ROLES,
         "x-parley-auth-method": "cookie",
-        "x-parley-token-issued-at": str(jwt.decode(access, options={"verify_signature": False})["iat"]),
+        **time_headers(access),
     }
     assert MessageToDict(response.dynamic_metadata)["auth_method"] == "cookie"
 
@@ -424,7 +438,7 @@ async def test_a_token_signed_by_a_key_envoy_does_not_know_yet_is_allowed(edge: 
         "x-parley-plan": "free",
         "x-parley-roles": USER_ROLES,
         "x-parley-auth-method": "jwt",
-        "x-parley-token-issued-at": str(jwt.decode(fresh.token, options={"verify_signature": False})["iat"]),
+        **time_headers(fresh.token),
     }
     assert MessageToDict(response.dynamic_metadata) == {
         "roles": ["user"],

@@ -31,7 +31,7 @@ from services.auth.sessions import SessionManager
 from services.auth.signing_keys import generate_kek
 from services.common.context import ServiceContext
 from services.common.db import Database
-from services.common.identity import ROLES_HEADER, encode_roles_header
+from services.common.identity import AUTH_METHOD_HEADER, ROLES_HEADER, encode_roles_header
 from services.common.revocation import InMemoryRevocationList
 from services.common.settings import load_settings
 from tests.support.auth_accounts import CHEAP_ARGON2, STRONG_PASSWORD
@@ -96,7 +96,12 @@ async def lists(database: Database) -> AsyncIterator[Lists]:
     context = ServiceContext(settings, database, InMemoryRevocationList(), embedded=False)
     bundles = build_services(["auth", "billing", "chat"], context)
     await start_services(bundles)
-    as_user: Metadata = (("x-parley-gateway-secret", GATEWAY_SECRET), ("x-parley-user-id", seeded.user_id))
+    # An identity the gateway vouches for by API key: no token, so no token claims to check.
+    as_user: Metadata = (
+        ("x-parley-gateway-secret", GATEWAY_SECRET),
+        ("x-parley-user-id", seeded.user_id),
+        (AUTH_METHOD_HEADER, "api_key"),
+    )
     as_admin: Metadata = (*as_user, (ROLES_HEADER, encode_roles_header(["user", "admin"])))
     async with serving(registrations_of(bundles)) as running:
         auth = auth_pb2_grpc.AuthServiceStub(running.channel)

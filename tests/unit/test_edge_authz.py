@@ -29,7 +29,7 @@ from gateway.authz import (
     denied_response,
     request_headers,
     secret_digest,
-    token_issued_at,
+    token_time_headers,
 )
 from parley.auth.v1 import auth_pb2
 from parley.common.v1 import common_pb2
@@ -86,11 +86,19 @@ def test_roles_follow_the_contract_order_as_tokens_do() -> None:
     )
 
 
-def test_issued_at_is_read_from_the_token() -> None:
-    token = jwt.encode({"iat": 1_800_000_000, "sub": "u"}, "k" * 32, algorithm="HS256")
-    assert token_issued_at(token) == 1_800_000_000
-    assert token_issued_at(jwt.encode({"sub": "u"}, "k" * 32, algorithm="HS256")) is None
-    assert token_issued_at("not a token") is None
+def test_the_time_claims_are_read_from_the_token_as_jwt_authn_copies_them() -> None:
+    claims = {"sub": "u", "iat": 1_800_000_000, "nbf": 1_800_000_000, "exp": 1_800_000_900}
+    token = jwt.encode(claims, "k" * 32, algorithm="HS256")
+    assert token_time_headers(token) == {
+        "x-parley-token-issued-at": "1800000000",
+        "x-parley-token-not-before": "1800000000",
+        "x-parley-token-expires-at": "1800000900",
+    }
+    # A claim that is absent, or not whole seconds, gets no header: the services refuse the identity.
+    odd = jwt.encode({"sub": "u", "iat": 1.5e9, "nbf": True, "exp": "soon"}, "k" * 32, algorithm="HS256")
+    assert token_time_headers(odd) == {}
+    assert token_time_headers(jwt.encode({"sub": "u"}, "k" * 32, algorithm="HS256")) == {}
+    assert token_time_headers("not a token") == {}
 
 
 def test_cache_keys_never_contain_the_secret() -> None:
@@ -174,7 +182,11 @@ ADMIN = EdgeIdentity(
     plan="pro",
     roles=("user", "admin"),
     auth_method="cookie",
-    issued_at=1_800_000_000,
+    token_times={
+        "x-parley-token-issued-at": "1800000000",
+        "x-parley-token-not-before": "1800000000",
+        "x-parley-token-expires-at": "1800000900",
+    },
 )
 
 
@@ -188,6 +200,8 @@ def test_an_allow_sets_every_identity_header_and_the_metadata() -> None:
         "x-parley-roles": encode_roles_header(["user", "admin"]),
         "x-parley-auth-method": "cookie",
         "x-parley-token-issued-at": "1800000000",
+        "x-parley-token-not-before": "1800000000",
+        "x-parley-token-expires-at": "1800000900",
     }
     roles = header_values(response.ok_response.headers)["x-parley-roles"]
     assert decode_roles_header(roles) == {"user", "admin"}
@@ -214,6 +228,8 @@ def test_an_api_key_allow_removes_the_key_and_the_headers_it_cannot_fill() -> No
     assert list(response.ok_response.headers_to_remove) == [
         "x-parley-session-id",
         "x-parley-token-issued-at",
+        "x-parley-token-not-before",
+        "x-parley-token-expires-at",
         "x-api-key",
         "authorization",
     ]

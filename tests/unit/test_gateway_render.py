@@ -19,7 +19,7 @@ import yaml
 from gateway.descriptors import DescriptorIndex, MethodInfo, ServiceInfo, public_services
 from gateway.envoy_process import envoy_binary_path
 from gateway.render import render_envoy_config, write_envoy_config
-from gateway.settings import GatewayConfigError, RoleRequirement, load_gateway_settings
+from gateway.settings import ENVOY_DIR, GatewayConfigError, RoleRequirement, load_gateway_settings
 from gateway.topology import (
     TlsListener,
     Topology,
@@ -28,7 +28,9 @@ from gateway.topology import (
     k8s_topology,
     local_topology,
 )
+from services.common.identity import JWT_CLAIM_HEADERS
 from services.common.ratelimit import load_rate_limit_config
+from services.common.token_rules import CLOCK_SKEW_S, MAX_LIFETIME_S
 from tests.support.gateway import DESCRIPTOR_SET_PATH, internal_service_names, public_service_names
 from tests.support.tls import self_signed_certificate
 
@@ -539,6 +541,25 @@ def test_jwks_is_fetched_through_the_gateways_own_open_route(topology: Topology)
     get_jwks = routes_by_name(config)["parley.auth.v1.AuthService/GetJwks"]
     assert per_filter(get_jwks) == {EXT_AUTHZ: EXT_AUTHZ_OFF}
     assert get_jwks["route"]["rate_limits"] == []
+
+
+def test_jwt_authn_applies_the_token_rules_it_can_and_forwards_the_claims_for_the_rest(
+    topology: Topology,
+) -> None:
+    """One rule set: Envoy's lifetime cap, clock skew, issuer and audience are the token rules' and the
+    settings' values, not a copy; the time claims reach the services, which check the rest."""
+    pinned = dataclasses.replace(topology, jwt_issuer="https://id.parley.test", jwt_audience="parley-edge")
+    provider = http_filter(rendered(pinned), "envoy.filters.http.jwt_authn")["providers"]["parley"]
+
+    assert (provider["issuer"], provider["audiences"]) == ("https://id.parley.test", ["parley-edge"])
+    assert provider["max_lifetime"] == f"{MAX_LIFETIME_S}s"
+    assert provider["clock_skew_seconds"] == CLOCK_SKEW_S
+    assert provider["require_expiration"] is True
+    assert [(c["header_name"], c["claim_name"]) for c in provider["claim_to_headers"]] == list(
+        JWT_CLAIM_HEADERS
+    )
+    assert {"iat", "nbf", "exp", "sub", "sid"} <= {claim for _, claim in JWT_CLAIM_HEADERS}
+    assert "jwt_max_lifetime_s" not in (ENVOY_DIR / "gateway.yaml").read_text()
 
 
 def test_spans_go_to_the_otlp_upstream_or_else_to_the_edge(topology: Topology) -> None:

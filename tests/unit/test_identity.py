@@ -52,12 +52,15 @@ from services.common.safe_methods import SafeMethods
 from services.common.server import ServerDeps, ServiceRegistration, create_server
 from services.common.settings import load_settings
 from services.common.telemetry import create_tracer_provider
+from services.common.token_rules import TokenRules
 from tests.support.servers import rich_status
 
 ISSUER = "parley-test"
 AUDIENCE = "parley-api"
+RULES = TokenRules(issuer=ISSUER, audience=AUDIENCE)
 TTL = timedelta(minutes=15)
 START = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+NOW = int(START.timestamp())
 
 GET_METHOD = "/parley.auth.v1.AuthService/GetCurrentUser"  # GET /v1/users/me
 PATCH_METHOD = "/parley.auth.v1.AuthService/UpdateCurrentUser"  # PATCH /v1/users/me
@@ -119,7 +122,7 @@ def signing_key() -> Ed25519PrivateKey:
 def static_verifier(signing_key: Ed25519PrivateKey) -> JwksTokenVerifier:
     public = signing_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
     jwks = {"keys": [{"kty": "OKP", "crv": "Ed25519", "x": _b64(public), "kid": "k1", "alg": "EdDSA"}]}
-    return JwksTokenVerifier(jwks, issuer=ISSUER, audience=AUDIENCE)
+    return JwksTokenVerifier(jwks, rules=RULES)
 
 
 def _claims(**overrides: Any) -> dict[str, Any]:
@@ -132,6 +135,7 @@ def _claims(**overrides: Any) -> dict[str, Any]:
         "iss": ISSUER,
         "aud": AUDIENCE,
         "iat": now,
+        "nbf": now,
         "exp": now + 300,
         "jti": "j1",
     }
@@ -188,16 +192,12 @@ async def test_static_jwks_refuses_unknown_kids_other_keys_and_garbage(
 
 def test_a_configured_jwks_with_a_symmetric_or_kidless_key_is_refused_at_start() -> None:
     with pytest.raises(ValueError, match="not an accepted algorithm"):
-        JwksTokenVerifier(
-            {"keys": [{"kty": "oct", "k": _b64(b"s" * 32), "kid": "h1"}]}, issuer=ISSUER, audience=AUDIENCE
-        )
+        JwksTokenVerifier({"keys": [{"kty": "oct", "k": _b64(b"s" * 32), "kid": "h1"}]}, rules=RULES)
     public = Ed25519PrivateKey.generate().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
     with pytest.raises(ValueError, match="needs a 'kid'"):
-        JwksTokenVerifier(
-            {"keys": [{"kty": "OKP", "crv": "Ed25519", "x": _b64(public)}]}, issuer=ISSUER, audience=AUDIENCE
-        )
+        JwksTokenVerifier({"keys": [{"kty": "OKP", "crv": "Ed25519", "x": _b64(public)}]}, rules=RULES)
     with pytest.raises(TypeError):
-        JwksTokenVerifier({"keys": "none"}, issuer=ISSUER, audience=AUDIENCE)
+        JwksTokenVerifier({"keys": "none"}, rules=RULES)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -273,8 +273,7 @@ def verifier(
 ) -> CachedJwksVerifier:
     return CachedJwksVerifier(
         fetch,
-        issuer=ISSUER,
-        audience=AUDIENCE,
+        rules=RULES,
         cache_ttl_s=300,
         min_refetch_interval_s=5,
         revocations=revocations,
@@ -306,13 +305,13 @@ async def test_issued_token_has_exactly_the_contract_header_and_claims(
     header, claims, _ = _segments(issued.token)
     active = await keys.active_signing_key()
     assert header == {"alg": "EdDSA", "kid": active.kid, "typ": "JWT"}
-    assert set(claims) == {"sub", "sid", "plan", "roles", "iss", "aud", "iat", "exp", "jti"}
+    assert set(claims) == {"sub", "sid", "plan", "roles", "iss", "aud", "iat", "nbf", "exp", "jti"}
     assert claims["sub"] == "user-1"
     assert claims["sid"] == "session-1"
     assert claims["plan"] == "pro"
     assert claims["roles"] == ["user", "admin"]
     assert (claims["iss"], claims["aud"]) == (ISSUER, AUDIENCE)
-    assert claims["iat"] == int(START.timestamp())
+    assert claims["iat"] == claims["nbf"] == int(START.timestamp())
     assert claims["exp"] - claims["iat"] == 900
     assert issued.expires_at == START + TTL
     assert claims["jti"] == issued.jti
@@ -430,10 +429,27 @@ FORGERIES: list[tuple[str, Forgery, str]] = [
     ("missing exp", _resigned(exp=None), "TOKEN_INVALID/missing_claim"),
     ("missing sub", _resigned(sub=None), "TOKEN_INVALID/missing_claim"),
     ("missing iat", _resigned(iat=None), "TOKEN_INVALID/missing_claim"),
+    ("missing nbf", _resigned(nbf=None), "TOKEN_INVALID/missing_claim"),
     ("missing iss", _resigned(iss=None), "TOKEN_INVALID/missing_claim"),
     ("missing aud", _resigned(aud=None), "TOKEN_INVALID/missing_claim"),
     ("empty sub", _resigned(sub=""), "TOKEN_INVALID/claims"),
     ("exp not a number", _resigned(exp="tomorrow"), "TOKEN_INVALID/claims"),
+    ("iat not whole seconds", _resigned(iat=START.timestamp() + 0.5), "TOKEN_INVALID/claims"),
+    ("roles not a list", _resigned(roles="admin"), "TOKEN_INVALID/claims"),
+    (
+        "a 48-hour lifetime",
+        _resigned(exp=int(START.timestamp()) + 48 * 3600),
+        "TOKEN_INVALID/lifetime",
+    ),
+    (
+        "a 48-hour lifetime, nearly over",
+        _resigned(
+            iat=int(START.timestamp()) - 47 * 3600,
+            nbf=int(START.timestamp()) - 47 * 3600,
+            exp=int(START.timestamp()) + 3600,
+        ),
+        "TOKEN_INVALID/lifetime",
+    ),
     ("issued in the future", _resigned(iat=int(START.timestamp()) + 3600), "TOKEN_INVALID/issued_in_future"),
     ("not valid yet", _resigned(nbf=int(START.timestamp()) + 3600), "TOKEN_INVALID/not_yet_valid"),
     ("garbage", lambda token, key, kid: "not-a-jwt", "TOKEN_INVALID/malformed"),
@@ -623,6 +639,135 @@ async def test_gateway_headers_need_the_gateway_secret() -> None:
     assert _reason(spoofed) == "UNTRUSTED_IDENTITY/identity_headers"
 
 
+def _vouched(auth_method: str | None = None, **times: int | str | None) -> dict[str, str]:
+    """Gateway headers for a token-based identity issued at START and valid for TTL; `times` (iat,
+    nbf, exp) override the time headers, None dropping one, as for a token that lacked the claim."""
+    values: dict[str, int | str | None] = {"iat": NOW, "nbf": NOW, "exp": NOW + 900}
+    values.update(times)
+    names = {"iat": "issued-at", "nbf": "not-before", "exp": "expires-at"}
+    headers = {
+        "x-parley-gateway-secret": "s3cret",
+        "x-parley-user-id": "user-1",
+        "x-parley-session-id": "session-1",
+        "x-parley-roles": encode_roles_header(["user"]),
+        **{
+            f"x-parley-token-{names[claim]}": str(value)
+            for claim, value in values.items()
+            if value is not None
+        },
+    }
+    if auth_method is not None:
+        headers["x-parley-auth-method"] = auth_method
+    return headers
+
+
+@pytest.fixture
+def gateway_resolver(clock: Clock, revocations: InMemoryRevocationList) -> IdentityResolver:
+    return IdentityResolver(
+        gateway_secret="s3cret", token_verifier=NoTokenVerifier(), revocations=revocations, clock=clock
+    )
+
+
+@pytest.mark.parametrize("auth_method", [None, "jwt", "cookie"])
+async def test_a_vouched_token_identity_with_its_time_claims_is_accepted(
+    gateway_resolver: IdentityResolver, auth_method: str | None
+) -> None:
+    identity = await resolve_strictly(gateway_resolver, _vouched(auth_method))
+    assert (identity.user_id, identity.session_id, identity.auth_method) == (
+        "user-1",
+        "session-1",
+        auth_method or "jwt",  # jwt_authn sets no auth-method header
+    )
+
+
+@pytest.mark.parametrize(
+    ("times", "reason"),
+    [
+        pytest.param({"iat": None}, "TOKEN_INVALID/missing_claim", id="no-iat"),
+        pytest.param({"nbf": None}, "TOKEN_INVALID/missing_claim", id="no-nbf"),
+        pytest.param({"exp": None}, "TOKEN_INVALID/missing_claim", id="no-exp"),
+        pytest.param({"iat": "", "nbf": "", "exp": ""}, "TOKEN_INVALID/missing_claim", id="empty-headers"),
+        # Envoy lets `exp` run late by its clock skew; the service does not.
+        pytest.param({"exp": NOW - 20}, "TOKEN_EXPIRED", id="expired-within-envoys-skew"),
+        pytest.param(
+            {"iat": NOW + 3600, "exp": NOW + 4000}, "TOKEN_INVALID/issued_in_future", id="iat-ahead"
+        ),
+        pytest.param({"nbf": NOW + 3600}, "TOKEN_INVALID/not_yet_valid", id="nbf-ahead"),
+        # Envoy's max_lifetime bounds `exp - now` only.
+        pytest.param(
+            {"iat": NOW - 47 * 3600, "nbf": NOW - 47 * 3600, "exp": NOW + 3600},
+            "TOKEN_INVALID/lifetime",
+            id="48h-lifetime",
+        ),
+    ],
+)
+@pytest.mark.parametrize("auth_method", [None, "cookie"])
+async def test_a_vouched_token_identity_breaking_a_token_rule_is_refused(
+    gateway_resolver: IdentityResolver,
+    auth_method: str | None,
+    times: dict[str, int | str | None],
+    reason: str,
+) -> None:
+    identity = await gateway_resolver.resolve(_vouched(auth_method, **times))
+    assert not identity.is_authenticated
+    with pytest.raises(Unauthenticated) as refused:
+        identity.require_user()
+    assert _reason(refused) == reason
+
+
+async def test_a_vouched_identity_is_refused_once_its_session_or_user_is_revoked(
+    gateway_resolver: IdentityResolver, revocations: InMemoryRevocationList, clock: Clock
+) -> None:
+    await revocations.revoke_session("session-1", until=clock() + TTL)
+    for auth_method in (None, "cookie"):
+        with pytest.raises(Unauthenticated) as revoked:
+            await resolve_strictly(gateway_resolver, _vouched(auth_method))
+        assert _reason(revoked) == "SESSION_REVOKED"
+        # Without its `iat` the identity is refused all the same, never waved through.
+        with pytest.raises(Unauthenticated) as no_iat:
+            await resolve_strictly(gateway_resolver, _vouched(auth_method, iat=None))
+        assert _reason(no_iat) == "TOKEN_INVALID/missing_claim"
+
+    other_session = {**_vouched(), "x-parley-session-id": "session-2"}
+    assert (await resolve_strictly(gateway_resolver, other_session)).session_id == "session-2"
+    clock.advance(seconds=5)
+    await revocations.revoke_user_tokens_before("user-1", clock(), until=clock() + TTL)
+    with pytest.raises(Unauthenticated) as cut_off:
+        await resolve_strictly(gateway_resolver, other_session)
+    assert _reason(cut_off) == "SESSION_REVOKED"
+    issued_after = int(clock().timestamp()) + 1
+    later = {
+        **_vouched(iat=issued_after, nbf=issued_after, exp=issued_after + 900),
+        "x-parley-session-id": "s-3",
+    }
+    assert (await resolve_strictly(gateway_resolver, later)).session_id == "s-3"
+
+
+async def test_an_api_key_identity_carries_no_token_and_needs_no_time_claims(
+    gateway_resolver: IdentityResolver, revocations: InMemoryRevocationList, clock: Clock
+) -> None:
+    headers = {key: value for key, value in _vouched("api_key").items() if "-token-" not in key}
+    del headers["x-parley-session-id"]
+    assert (await resolve_strictly(gateway_resolver, headers)).auth_method == "api_key"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param(_vouched(iat="1.7e9"), id="iat-not-digits"),
+        pytest.param(_vouched(exp="-5"), id="exp-negative"),
+        pytest.param(_vouched(nbf="\u00b2"), id="nbf-a-unicode-digit"),
+        pytest.param(_vouched("password"), id="unknown-auth-method"),
+    ],
+)
+async def test_vouched_headers_no_gateway_of_ours_sets_are_a_gateway_fault(
+    gateway_resolver: IdentityResolver, headers: dict[str, str]
+) -> None:
+    with pytest.raises(Unauthenticated) as refused:
+        await gateway_resolver.resolve(headers)
+    assert _reason(refused) == "UNTRUSTED_IDENTITY/identity_headers"
+
+
 async def test_roles_header_is_base64_json_and_anything_else_is_a_gateway_fault() -> None:
     # jwt_authn copies the `roles` claim as base64 of its JSON; every credential uses that format.
     assert encode_roles_header(["user", "admin"]) == base64.b64encode(b'["user","admin"]').decode()
@@ -659,6 +804,7 @@ async def test_role_requirements() -> None:
             "x-parley-gateway-secret": "s",
             "x-parley-user-id": "u",
             "x-parley-roles": encode_roles_header(["user"]),
+            "x-parley-auth-method": "api_key",
         }
     )
     with pytest.raises(PermissionDenied) as error:
@@ -857,9 +1003,7 @@ async def test_over_grpc_the_jwks_is_fetched_and_cookie_calls_are_csrf_checked(
 ) -> None:
     jwks_port = await auth_server(None)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{jwks_port}") as jwks_channel:
-        verifier = CachedJwksVerifier(
-            grpc_jwks_fetcher(jwks_channel), issuer=ISSUER, audience=AUDIENCE, clock=clock
-        )
+        verifier = CachedJwksVerifier(grpc_jwks_fetcher(jwks_channel), rules=RULES, clock=clock)
         port = await auth_server(verifier)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = auth_pb2_grpc.AuthServiceStub(channel)
@@ -905,7 +1049,7 @@ async def test_over_grpc_the_jwks_is_fetched_and_cookie_calls_are_csrf_checked(
 async def test_the_auth_process_can_verify_with_its_own_store(
     keys: SigningKeyStore, issuer: AccessTokenIssuer, clock: Clock
 ) -> None:
-    local = CachedJwksVerifier(keys.jwks, issuer=ISSUER, audience=AUDIENCE, clock=clock)
+    local = CachedJwksVerifier(keys.jwks, rules=RULES, clock=clock)
     assert (await local.verify(await _issue(issuer))).user_id == "user-1"
 
 
