@@ -38,6 +38,7 @@ from parley.auth.v1 import auth_pb2, auth_pb2_grpc
 from parley.common.v1 import common_pb2
 from runtime.edge_wiring import build_edge_wiring
 from services.common.ratelimit import load_rate_limit_config
+from services.common.revocation import RevocationList
 from services.common.settings import Settings
 from tests.support.polling import eventually
 from tests.support.rate_limits import generous_rate_limits
@@ -138,11 +139,14 @@ async def running_gateway(
     stdout: int | None = None,
     redis_url: str | None = None,
     registry: CollectorRegistry | None = None,
+    revocations: RevocationList | None = None,
 ) -> AsyncIterator[RunningGateway]:
     """Start the edge server on the topology's edge port, then Envoy; stop both on exit.
 
     The edge asks the topology's auth upstream about API keys and cookies, and keeps rate-limit
-    counters in Redis at `redis_url` (shared with other gateways) or in its own memory.
+    counters in Redis at `redis_url` (shared with other gateways) or in its own memory. With
+    `revocations` (the services' list, as `parley gateway` reads it from Redis) its token verifier
+    refuses revoked sessions too.
     """
     auth = topology.upstreams["auth"]
     settings = Settings(
@@ -152,7 +156,7 @@ async def running_gateway(
         settings,
         auth_target=f"{auth.host}:{auth.port}",
         rate_limits=load_rate_limit_config(topology.rate_limits_path),
-        revocations=None,
+        revocations=revocations,
         registry=registry or CollectorRegistry(),
     )
     edge_server, _ = await create_edge_server(
