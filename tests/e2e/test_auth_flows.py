@@ -58,7 +58,7 @@ ACCESS_COOKIE = "__Host-parley-access"
 REFRESH_COOKIE = "__Host-parley-refresh"
 CSRF_COOKIE = "__Host-parley-csrf"
 SESSION_COOKIES = (ACCESS_COOKIE, REFRESH_COOKIE, CSRF_COOKIE)
-CLAIMS = {"sub", "sid", "plan", "roles", "iss", "aud", "iat", "exp", "jti"}
+CLAIMS = {"sub", "sid", "plan", "roles", "iss", "aud", "iat", "nbf", "exp", "jti"}
 # A new user's fields: the verify, last-login and disable times stay unset (absent) until they happen.
 USER_FIELDS = {"id", "email", "display_name", "email_verified", "roles", "plan_id", "disabled"}
 USER_FIELDS |= {"create_time", "update_time"}
@@ -352,7 +352,7 @@ def test_login_returns_an_eddsa_access_jwt_and_an_opaque_refresh_token(parley: P
     assert claims["sid"] == session["id"]
     assert (claims["plan"], claims["roles"]) == ("free", ["user"])
     assert (claims["iss"], claims["aud"]) == (ISSUER, AUDIENCE)
-    assert before <= claims["iat"] <= time.time()
+    assert before <= claims["iat"] == claims["nbf"] <= time.time()
     assert claims["exp"] - claims["iat"] == ACCESS_TTL_S
     assert len(claims["jti"]) >= 16
     assert parse_time(tokens["access_token_expire_time"]) == datetime.fromtimestamp(claims["exp"], UTC)
