@@ -15,9 +15,10 @@ The rules, in the order they are checked (each failure has its own reason and `c
    fed a token signed with the public key), and a `kid`;
 2. (the verifier: a known key for that kid, of that algorithm, and a valid signature;)
 3. `exp`, `iat`, `nbf`, `sub`, `iss` and `aud` present; `iss` and `aud` the deployment's;
-4. `exp`, `iat` and `nbf` whole seconds; `exp` in the future (no grace: TOKEN_EXPIRED); `iat` and
-   `nbf` no more than CLOCK_SKEW_S in the future; `exp - iat` at most MAX_LIFETIME_S;
-5. `sub` a non-empty string; `sid` and `plan` strings, `roles` a list of strings, when present;
+4. `exp`, `iat` and `nbf` whole seconds; `sub` a non-empty string; `sid` and `plan` strings and
+   `roles` a list of strings, when present;
+5. `exp` in the future (no grace: TOKEN_EXPIRED); `iat` and `nbf` no more than CLOCK_SKEW_S in the
+   future; `exp - iat` at most MAX_LIFETIME_S;
 6. not revoked: the session (`sid`) and the user's cutoff (`iat` before it) are looked up whenever
    the token got this far, and every token that gets this far has its `iat`.
 """
@@ -158,6 +159,13 @@ def _optional_text(claims: Mapping[str, Any], name: str) -> str:
 
 def _checked_times_and_subject(claims: Mapping[str, Any], now: datetime) -> AcceptedToken:
     expires_at, issued_at, not_before = (_whole_seconds(claims, name) for name in TIME_CLAIMS)
+    subject = claims["sub"]
+    if not isinstance(subject, str) or not subject:
+        raise invalid_token("The token's subject is empty.", "claims", claim="sub")
+    session_id, plan = _optional_text(claims, "sid"), _optional_text(claims, "plan")
+    roles = claims.get("roles", [])
+    if not isinstance(roles, list) or not all(isinstance(role, str) for role in roles):
+        raise invalid_token("The token's roles are not a list of names.", "claims", claim="roles")
     moment = now.timestamp()
     if expires_at <= moment:
         raise Unauthenticated("The token has expired.", reason="TOKEN_EXPIRED")
@@ -169,16 +177,10 @@ def _checked_times_and_subject(claims: Mapping[str, Any], now: datetime) -> Acce
         raise invalid_token(
             f"The token lives longer than the {MAX_LIFETIME_S // 3600} hours a token may.", "lifetime"
         )
-    subject = claims["sub"]
-    if not isinstance(subject, str) or not subject:
-        raise invalid_token("The token's subject is empty.", "claims", claim="sub")
-    roles = claims.get("roles", [])
-    if not isinstance(roles, list) or not all(isinstance(role, str) for role in roles):
-        raise invalid_token("The token's roles are not a list of names.", "claims", claim="roles")
     return AcceptedToken(
         subject=subject,
-        session_id=_optional_text(claims, "sid"),
-        plan=_optional_text(claims, "plan"),
+        session_id=session_id,
+        plan=plan,
         roles=frozenset(roles),
         issued_at=issued_at,
         not_before=not_before,
