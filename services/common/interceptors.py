@@ -38,7 +38,8 @@ from services.common.call_context import (
 from services.common.errors import Internal, ParleyError, Unimplemented, to_status, trailing_metadata_for
 from services.common.identity import GATEWAY_SECRET_HEADER, IdentityResolver
 from services.common.metrics import RpcMetrics
-from services.common.validation import RequestValidator
+from services.common.required_fields import descriptor_of
+from services.common.validation import RequestCheck, RequestValidator
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ class CallPipeline(grpc.aio.ServerInterceptor):
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         metrics = _MethodMetrics(self._metrics, method)
-        validates = not handler.request_streaming
+        validate = self._validation_of(handler)
 
         async def prepare(request: Any, context: grpc.aio.ServicerContext, call: _Call) -> None:
             metadata = _metadata_of(context)
@@ -188,8 +189,8 @@ class CallPipeline(grpc.aio.ServerInterceptor):
             current_identity.set(identity)
             # resolve() refuses a wrong secret, so a secret header still here is the gateway's.
             current_via_gateway.set(GATEWAY_SECRET_HEADER in metadata)
-            if validates and isinstance(request, Message):
-                self._validator.check(request)
+            if validate is not None:
+                validate(request)
 
         def wrap_unary(behavior: Behavior) -> Behavior:
             async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -236,6 +237,22 @@ class CallPipeline(grpc.aio.ServerInterceptor):
 
         return _rebuild(handler, wrap_unary, wrap_streaming)
 
+    def _validation_of(self, handler: grpc.RpcMethodHandler) -> RequestCheck | None:
+        """The validation step of a method's single request, put together once; None for none."""
+        if handler.request_streaming:
+            return None
+        message_class = _message_class(handler.request_deserializer)
+        if message_class is not None:
+            return self._validator.check_for(descriptor_of(message_class))
+        # Not a generated `FromString`: what it returns is checked by its type on each call.
+        validator = self._validator
+
+        def check_by_type(request: Any) -> None:
+            if isinstance(request, Message):
+                validator.check(request)
+
+        return check_by_type
+
     @staticmethod
     async def _map_error(error: BaseException, method: str, context: grpc.aio.ServicerContext) -> None:
         """Turn domain errors, unimplemented methods and crashes into typed statuses, never
@@ -255,6 +272,12 @@ class CallPipeline(grpc.aio.ServerInterceptor):
         else:
             logger.exception("unhandled error in %s", method, exc_info=error)
             await abort_with(context, Internal("An internal error occurred; it has been logged."))
+
+
+def _message_class(deserialize: Callable[[bytes], Any] | None) -> type[Message] | None:
+    """The generated message class whose `FromString` `deserialize` is, if it is one."""
+    owner = getattr(deserialize, "__self__", None)
+    return owner if isinstance(owner, type) and issubclass(owner, Message) else None
 
 
 async def _drive(result: object) -> AsyncIterator[Any]:

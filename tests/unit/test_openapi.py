@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import pytest
-from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2
-from grpc_tools import protoc  # type: ignore[import-untyped]
 from openapi_spec_validator import validate
 
 from gateway.descriptors import DescriptorIndex
@@ -22,6 +19,7 @@ from gateway.openapi import (
     render,
     service_label,
 )
+from tests.support.protos import compile_descriptor_set
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REAL_DESCRIPTOR_SET = REPO_ROOT / "gen" / "parley" / "descriptor_set.binpb"
@@ -290,35 +288,10 @@ message RunResponse {}
 """
 
 
-def _compile(tmp_path: Path, sources: dict[str, str]) -> bytes:
-    for name, text in sources.items():
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(text)
-    googleapis_root = Path(annotations_pb2.__file__).resolve().parents[2]
-    well_known_root = resources.files("grpc_tools") / "_proto"
-    out = tmp_path / "set.binpb"
-    exit_code = protoc.main(
-        [
-            "protoc",
-            f"-I{tmp_path}",
-            f"-I{googleapis_root}",
-            f"-I{well_known_root}",
-            "--include_imports",
-            "--include_source_info",
-            f"--descriptor_set_out={out}",
-            *sources,
-            "google/rpc/status.proto",
-            "google/rpc/error_details.proto",
-        ]
-    )
-    assert exit_code == 0
-    return out.read_bytes()
-
-
 @pytest.fixture(scope="module")
 def descriptor_set(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     tmp_path = tmp_path_factory.mktemp("protos")
-    return _compile(
+    return compile_descriptor_set(
         tmp_path,
         {"parley/testing/v1/widgets.proto": WIDGETS_PROTO, "acme/v1/acme.proto": FOREIGN_PROTO},
     )
