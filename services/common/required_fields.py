@@ -225,7 +225,7 @@ def _own_required(message_type: Descriptor) -> tuple[RequiredField, ...]:
     return tuple(
         _required_field(field)
         for field in message_type.fields
-        if field_behavior_pb2.REQUIRED in behaviors(field)
+        if field_behavior_pb2.REQUIRED in _behaviors(field)
     )
 
 
@@ -248,7 +248,7 @@ def _required_field(field: FieldDescriptor) -> RequiredField:
     )
 
 
-def behaviors(field: FieldDescriptor) -> frozenset[int]:
+def _behaviors(field: FieldDescriptor) -> frozenset[int]:
     """The field's `google.api.field_behavior` values."""
     return frozenset(field.GetOptions().Extensions[_FIELD_BEHAVIOR])
 
