@@ -727,9 +727,9 @@ class _OperationBuilder:
         else:
             schema = self._schemas.field_schema(owner, field_index)
         schema.pop("description", None)
+        # Never a required body, even for a REQUIRED field: the transcoder sets the body field from an
+        # empty body too, so the services cannot tell (and do not refuse) a request without one.
         content = {"content": {"application/json": {"schema": schema}}}
-        if field.name in self._schemas.rules.required(owner.full_name):
-            content["required"] = True
         return _with_description(content, description)
 
     def _success_response(self, method: descriptor_pb2.MethodDescriptorProto, response_body: str) -> Schema:

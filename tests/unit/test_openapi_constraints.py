@@ -151,7 +151,8 @@ def test_every_request_field_is_published_with_the_rules_the_services_enforce(
                 assert parameter.get("required", False) == is_required, where
                 assert published(parameter["schema"]) == expected.keywords(field.name), where
             elif binding.body == field.name and body is not None:
-                assert operation["requestBody"].get("required", False) == is_required, where
+                # The transcoder sets a body field from an empty body too, so it is never missing.
+                assert "required" not in operation["requestBody"], where
                 assert published(body) == expected.keywords(field.name), where
             elif binding.body == "*" and body is not None:
                 object_schema = resolved(document, body)
