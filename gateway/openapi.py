@@ -3,9 +3,11 @@
 The document describes what Envoy's gRPC-JSON transcoder actually serves for each `google.api.http`
 rule: proto field names in JSON (the gateway sets `preserve_proto_field_names`), 64-bit integers as
 strings, proto3 JSON for the well-known types, SSE for server-streaming RPCs, and a `google.rpc.Status`
-body for every error. Only public services are documented (the rule and the descriptor walk are
-`gateway/descriptors.py`, shared with the Envoy config renderer), because internal services are never
-routable through the gateway.
+body for every error. Request schemas carry the rules the services enforce (`required`, `minLength`,
+`minItems`, `minimum`, ...), read from the very modules that enforce them
+(`services/common/required_fields.py`, `services/common/validation.py`). Only public services are
+documented (the rule and the descriptor walk are `gateway/descriptors.py`, shared with the Envoy config
+renderer), because internal services are never routable through the gateway.
 
 Run it as `python -m gateway.openapi --descriptor-set gen/parley/descriptor_set.binpb --out X.json`;
 `scripts/gen` does that for `gen/parley/openapi.json`.
@@ -24,7 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from google.api import field_behavior_pb2, http_pb2
-from google.protobuf import descriptor_pb2
+from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.descriptor import FieldDescriptor
 
 from gateway.descriptors import (
     ENUM_VALUE,
@@ -37,8 +40,11 @@ from gateway.descriptors import (
     ServiceInfo,
     binding_verb_and_path,
     http_bindings,
+    read_descriptor_set,
     type_full_name,
 )
+from services.common.required_fields import RequiredField, RequiredFields, Requirement
+from services.common.validation import floors_of
 
 if TYPE_CHECKING:
     from google.protobuf.internal.extension_dict import _ExtensionFieldDescriptor
@@ -324,11 +330,71 @@ def _with_description(schema: Schema, description: str) -> Schema:
     return schema
 
 
+class EnforcedRules:
+    """What the services enforce on each message's own fields, from the modules that enforce it.
+
+    REQUIRED fields hold in every message (when it is present at all); field floors only in the
+    request message of an RPC, as the validation step applies them.
+    """
+
+    def __init__(self, descriptor_set: bytes, request_types: frozenset[str]) -> None:
+        self._pool = descriptor_pool.DescriptorPool()
+        for file in read_descriptor_set(descriptor_set).file:
+            self._pool.Add(file)
+        self._required = RequiredFields()
+        self._request_types = request_types
+
+    def required(self, message: str) -> dict[str, RequiredField]:
+        """The REQUIRED fields of a message type, by name."""
+        rules = self._required.rules_for(self._pool.FindMessageTypeByName(message))
+        return {field.name: field for field in rules.required}
+
+    def minimums(self, message: str) -> dict[str, int]:
+        """The smallest value of each integer field a floor covers, by name; only in request types."""
+        if message not in self._request_types:
+            return {}
+        return {
+            name: floor.minimum
+            for name, floor in floors_of(self._pool.FindMessageTypeByName(message)).items()
+        }
+
+    def keywords(self, message: str, field_name: str, schema: Schema) -> Schema:
+        """The JSON Schema keywords that state the field's enforced rules, for its `schema`."""
+        keywords: Schema = {}
+        required = self.required(message).get(field_name)
+        if required is not None:
+            keywords.update(_requirement_keywords(required, schema))
+        minimum = self.minimums(message).get(field_name)
+        if minimum is not None:
+            if schema.get("type") != "integer":
+                raise ValueError(f"{message}.{field_name}: a floor can only be published on a JSON integer")
+            keywords["minimum"] = minimum
+        return keywords
+
+
+def _requirement_keywords(required: RequiredField, schema: Schema) -> Schema:
+    match required.requirement:
+        case Requirement.NOT_EMPTY:
+            return {"minLength": 1}
+        case Requirement.HAS_ELEMENTS:
+            return {"minProperties": 1} if schema.get("type") == "object" else {"minItems": 1}
+        case Requirement.NOT_UNSPECIFIED:
+            return {"not": {"const": _zero_name(required.field)}}
+        case Requirement.SET:
+            return {}
+
+
+def _zero_name(field: FieldDescriptor) -> str:
+    assert field.enum_type is not None
+    return field.enum_type.values_by_number[0].name
+
+
 class SchemaRegistry:
     """Builds field schemas and collects a component schema for every message and enum they reach."""
 
-    def __init__(self, index: DescriptorIndex) -> None:
+    def __init__(self, index: DescriptorIndex, rules: EnforcedRules) -> None:
         self._index = index
+        self.rules = rules
         self._components: dict[str, Schema] = error_model_schemas()
         self._pending: list[str] = []
         self._queued: set[str] = set()
@@ -390,6 +456,7 @@ class SchemaRegistry:
             schema["writeOnly"] = True
         if field.options.deprecated:
             schema["deprecated"] = True
+        schema.update(self.rules.keywords(message.full_name, field.name, schema))
         return _with_description(schema, description)
 
     # -- objects --
@@ -398,6 +465,7 @@ class SchemaRegistry:
         """The JSON object form of a message, leaving out the dotted field paths in `excluded_paths`."""
         properties: dict[str, Schema] = {}
         required: list[str] = []
+        enforced = self.rules.required(message.full_name)
         for field_index, field in enumerate(message.proto.field):
             if field.name in excluded_paths:
                 continue
@@ -413,7 +481,7 @@ class SchemaRegistry:
                 )
             else:
                 properties[field.name] = self.field_schema(message, field_index)
-            if field_behavior_pb2.REQUIRED in _field_behaviors(field):
+            if field.name in enforced:
                 required.append(field.name)
         schema: Schema = {"type": "object", "properties": properties}
         if required:
@@ -589,6 +657,7 @@ class _OperationBuilder:
         if field.label == FieldProto.LABEL_REPEATED:
             raise ValueError(f"path variable {variable.field_path!r} of {request.full_name} is repeated")
         schema = self._schemas.value_schema(field)
+        schema.update(self._schemas.rules.keywords(owner.full_name, field.name, schema))
         if variable.pattern is not None:
             schema["pattern"] = variable.pattern
         return _with_description(
@@ -604,8 +673,9 @@ class _OperationBuilder:
                 continue
             if self._query_safe(field):
                 parameter = self._query_parameter(field.name, request, field_index)
-                # Only top-level fields: a required field of an unset nested message is not required.
-                if field_behavior_pb2.REQUIRED in _field_behaviors(field):
+                # Only top-level fields: a required field of an unset nested message is not required
+                # (its other rules, published by _query_parameter, hold whenever it is sent).
+                if field.name in self._schemas.rules.required(request.full_name):
                     parameter["required"] = True
                 parameters.append(parameter)
             elif field.type == FieldProto.TYPE_MESSAGE and field.label != FieldProto.LABEL_REPEATED:
@@ -627,6 +697,7 @@ class _OperationBuilder:
         schema = self._schemas.value_schema(field)
         if field.label == FieldProto.LABEL_REPEATED:
             schema = {"type": "array", "items": schema}
+        schema.update(self._schemas.rules.keywords(owner.full_name, field.name, schema))
         parameter: Schema = {"name": name, "in": "query", "schema": schema}
         if field.options.deprecated:
             parameter["deprecated"] = True
@@ -637,7 +708,10 @@ class _OperationBuilder:
             if request.full_name == HTTP_BODY_TYPE:
                 return {"content": _raw_body_content()}
             schema = self._schemas.message_or_subset_schema(request, path_bound)
-            return {"content": {"application/json": {"schema": schema}}}
+            content: Schema = {"content": {"application/json": {"schema": schema}}}
+            if set(self._schemas.rules.required(request.full_name)) - path_bound:
+                content["required"] = True
+            return content
         owner, field_index = self._index.resolve_field(request, body)
         field = owner.proto.field[field_index]
         description = owner.field_comment(field_index)
@@ -653,7 +727,9 @@ class _OperationBuilder:
         else:
             schema = self._schemas.field_schema(owner, field_index)
         schema.pop("description", None)
-        content: Schema = {"content": {"application/json": {"schema": schema}}}
+        # Never a required body, even for a REQUIRED field: the transcoder sets the body field from an
+        # empty body too, so the services cannot tell (and do not refuse) a request without one.
+        content = {"content": {"application/json": {"schema": schema}}}
         return _with_description(content, description)
 
     def _success_response(self, method: descriptor_pb2.MethodDescriptorProto, response_body: str) -> Schema:
@@ -695,7 +771,12 @@ def _event_stream_response(event_schema: Schema, message_name: str) -> Schema:
 def build_openapi(descriptor_set: bytes, *, title: str, version: str) -> dict[str, Any]:
     """The OpenAPI 3.1 document for every http rule of the public services in a FileDescriptorSet."""
     index = DescriptorIndex.from_bytes(descriptor_set)
-    schemas = SchemaRegistry(index)
+    request_types = frozenset(
+        type_full_name(method.proto.input_type)
+        for service in index.public_services()
+        for method in service.methods
+    )
+    schemas = SchemaRegistry(index, EnforcedRules(descriptor_set, request_types))
     operations = _OperationBuilder(index, schemas)
     paths: dict[str, dict[str, Schema]] = {}
     tags: list[Schema] = []

@@ -5,7 +5,9 @@
    keep the trace id without the cost of a span nobody reads.
 2. Metrics: request id, RED metrics.
 3. Identity: gateway headers, or a verified JWT (bearer or cookie, with CSRF).
-4. Validation: contract rules on the request message.
+4. Validation: the request bytes are decoded here, not by grpc (a malformed body is INVALID_ARGUMENT
+   / MALFORMED_REQUEST like any other bad input, instead of grpc's UNKNOWN and an ERROR traceback),
+   then checked against the contract's rules (services/common/validation.py).
 5. Error mapping: domain errors become `google.rpc.Status` with `ErrorInfo`.
 
 Steps 1 (when spans are not recorded) to 5 are one interceptor, `CallPipeline`, that wraps each
@@ -24,7 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -35,9 +37,17 @@ from services.common.call_context import (
     current_request_id,
     current_via_gateway,
 )
-from services.common.errors import Internal, ParleyError, Unimplemented, to_status, trailing_metadata_for
+from services.common.errors import (
+    Internal,
+    InvalidArgument,
+    ParleyError,
+    Unimplemented,
+    to_status,
+    trailing_metadata_for,
+)
 from services.common.identity import GATEWAY_SECRET_HEADER, IdentityResolver
 from services.common.metrics import RpcMetrics
+from services.common.required_fields import descriptor_of
 from services.common.validation import RequestValidator
 
 logger = logging.getLogger(__name__)
@@ -175,9 +185,9 @@ class CallPipeline(grpc.aio.ServerInterceptor):
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         metrics = _MethodMetrics(self._metrics, method)
-        validates = not handler.request_streaming
+        accept = self._acceptor(handler, method)
 
-        async def prepare(request: Any, context: grpc.aio.ServicerContext, call: _Call) -> None:
+        async def prepare(context: grpc.aio.ServicerContext, call: _Call) -> None:
             metadata = _metadata_of(context)
             call.begin(method, metadata, continue_trace=self._continue_trace)
             try:
@@ -188,15 +198,14 @@ class CallPipeline(grpc.aio.ServerInterceptor):
             current_identity.set(identity)
             # resolve() refuses a wrong secret, so a secret header still here is the gateway's.
             current_via_gateway.set(GATEWAY_SECRET_HEADER in metadata)
-            if validates and isinstance(request, Message):
-                self._validator.check(request)
 
         def wrap_unary(behavior: Behavior) -> Behavior:
-            async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def wrapped(raw: Any, context: grpc.aio.ServicerContext) -> Any:
                 call = _Call(metrics, context)
                 try:
                     try:
-                        await prepare(request, context, call)
+                        await prepare(context, call)
+                        request = accept(raw)
                         result = behavior(request, context)
                         response = await result if inspect.isawaitable(result) else result
                     except BaseException as error:
@@ -214,12 +223,12 @@ class CallPipeline(grpc.aio.ServerInterceptor):
             return wrapped
 
         def wrap_streaming(behavior: Behavior) -> Behavior:
-            async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async def wrapped(raw: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 call = _Call(metrics, context)
                 try:
                     try:
-                        await prepare(request, context, call)
-                        async for item in _drive(behavior(request, context)):
+                        await prepare(context, call)
+                        async for item in _drive(behavior(accept(raw), context)):
                             yield item
                     except BaseException as error:
                         await self._map_error(error, method, context)
@@ -235,6 +244,42 @@ class CallPipeline(grpc.aio.ServerInterceptor):
             return wrapped
 
         return _rebuild(handler, wrap_unary, wrap_streaming)
+
+    def _acceptor(self, handler: grpc.RpcMethodHandler, method: str) -> Callable[[Any], Any]:
+        """What the validation step does to the method's raw request (or request stream), built once.
+
+        A request stream is decoded message by message as the servicer reads it (every servicer here
+        iterates it; `context.read()` would see the raw bytes); only single requests are validated.
+        """
+        deserialize = handler.request_deserializer
+        if deserialize is None:
+            return _unchanged
+        message_class = _message_class(deserialize)
+        message_name = descriptor_of(message_class).full_name if message_class is not None else "request"
+        decode = _decoder(deserialize, message_name, method)
+        if handler.request_streaming:
+            return lambda requests: _decoded_stream(requests, decode)
+        if message_class is None:
+            # Not a generated `FromString`: what it returns is checked by its type on each call.
+            validator = self._validator
+
+            def decode_and_check(raw: bytes) -> Any:
+                request = decode(raw)
+                if isinstance(request, Message):
+                    validator.check(request)
+                return request
+
+            return decode_and_check
+        validate = self._validator.check_for(descriptor_of(message_class))
+        if validate is None:
+            return decode
+
+        def decode_and_validate(raw: bytes) -> Any:
+            request = decode(raw)
+            validate(request)
+            return request
+
+        return decode_and_validate
 
     @staticmethod
     async def _map_error(error: BaseException, method: str, context: grpc.aio.ServicerContext) -> None:
@@ -257,6 +302,39 @@ class CallPipeline(grpc.aio.ServerInterceptor):
             await abort_with(context, Internal("An internal error occurred; it has been logged."))
 
 
+def _unchanged(request: Any) -> Any:
+    return request
+
+
+def _message_class(deserialize: Callable[[bytes], Any]) -> type[Message] | None:
+    """The generated message class whose `FromString` `deserialize` is, if it is one."""
+    owner = getattr(deserialize, "__self__", None)
+    return owner if isinstance(owner, type) and issubclass(owner, Message) else None
+
+
+def _decoder(deserialize: Callable[[bytes], Any], message_name: str, method: str) -> Callable[[bytes], Any]:
+    def decode(raw: bytes) -> Any:
+        try:
+            return deserialize(raw)
+        except DecodeError:
+            # The client's fault, answered precisely: no traceback, nothing above DEBUG.
+            logger.debug("malformed %s body (%d bytes) for %s", message_name, len(raw), method)
+            raise InvalidArgument(
+                f"The request body is not a valid {message_name} protobuf message.",
+                reason="MALFORMED_REQUEST",
+                metadata={"message_type": message_name},
+            ) from None
+
+    return decode
+
+
+async def _decoded_stream(
+    requests: AsyncIterator[bytes], decode: Callable[[bytes], Any]
+) -> AsyncIterator[Any]:
+    async for raw in requests:
+        yield decode(raw)
+
+
 async def _drive(result: object) -> AsyncIterator[Any]:
     """Normalise a streaming behaviour's result: an async generator, or a coroutine using context.write."""
     if inspect.isasyncgen(result):
@@ -271,26 +349,28 @@ def _rebuild(
     wrap_unary_response: Callable[[Behavior], Behavior],
     wrap_streaming_response: Callable[[Behavior], Behavior],
 ) -> grpc.RpcMethodHandler:
+    """The handler with wrapped behaviours; grpc hands them the raw request bytes, which the
+    pipeline decodes itself (see `CallPipeline._acceptor`), and serializes responses as before."""
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(
             wrap_unary_response(handler.unary_unary),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=None,
             response_serializer=handler.response_serializer,
         )
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(
             wrap_streaming_response(handler.unary_stream),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=None,
             response_serializer=handler.response_serializer,
         )
     if handler.stream_unary:
         return grpc.stream_unary_rpc_method_handler(
             wrap_unary_response(handler.stream_unary),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=None,
             response_serializer=handler.response_serializer,
         )
     return grpc.stream_stream_rpc_method_handler(
         wrap_streaming_response(handler.stream_stream),
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=None,
         response_serializer=handler.response_serializer,
     )

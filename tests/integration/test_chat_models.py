@@ -220,7 +220,8 @@ async def test_other_rpcs_stay_unimplemented_in_both_versions(running: RunningSe
         assert isinstance(info, error_details_pb2.ErrorInfo)
         assert (info.reason, info.metadata["method"]) == ("NOT_IMPLEMENTED", method)
 
-    stream = v2(running).StreamMessage(chat_v2_pb2.StreamMessageRequest(conversation_id="c1"))
+    hello = [chat_v2_pb2.ContentPart(text=chat_v2_pb2.TextPart(text="hello"))]
+    stream = v2(running).StreamMessage(chat_v2_pb2.StreamMessageRequest(conversation_id="c1", parts=hello))
     with pytest.raises(grpc.aio.AioRpcError) as streamed:
         async for _ in stream:
             pass

@@ -102,7 +102,7 @@ async def test_contract_only_rpcs_answer_unimplemented_honestly(running: Running
 
 async def test_server_streaming_rpcs_go_through_the_same_chain(running: RunningServer) -> None:
     chat: chat_pb2_grpc.ChatServiceAsyncStub = chat_pb2_grpc.ChatServiceStub(running.channel)  # type: ignore[assignment]
-    stream = chat.StreamMessage(chat_pb2.StreamMessageRequest(conversation_id="c1"))
+    stream = chat.StreamMessage(chat_pb2.StreamMessageRequest(conversation_id="c1", content="hello"))
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         async for _ in stream:
             pass

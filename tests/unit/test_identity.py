@@ -1016,10 +1016,9 @@ async def test_over_grpc_the_jwks_is_fetched_and_cookie_calls_are_csrf_checked(
             assert safe.user.id == "user-1"
 
             # A state-changing one without the CSRF header: 403 as soon as it asks for the caller.
+            update = auth_pb2.UpdateCurrentUserRequest(user=auth_pb2.User(display_name="Ada"))
             with pytest.raises(grpc.aio.AioRpcError) as missing:
-                await stub.UpdateCurrentUser(
-                    auth_pb2.UpdateCurrentUserRequest(), metadata=(("cookie", _cookie(token, "t0k")),)
-                )
+                await stub.UpdateCurrentUser(update, metadata=(("cookie", _cookie(token, "t0k")),))
             assert missing.value.code() == grpc.StatusCode.PERMISSION_DENIED
             info = rich_status(missing.value)["ErrorInfo"]
             assert isinstance(info, error_details_pb2.ErrorInfo)
@@ -1027,7 +1026,7 @@ async def test_over_grpc_the_jwks_is_fetched_and_cookie_calls_are_csrf_checked(
 
             # Cookies split over several `cookie` entries are read together.
             passed = await stub.UpdateCurrentUser(
-                auth_pb2.UpdateCurrentUserRequest(),
+                update,
                 metadata=(
                     ("cookie", f"{ACCESS_TOKEN_COOKIE}={token}"),
                     ("cookie", f"{CSRF_COOKIE}=t0k"),

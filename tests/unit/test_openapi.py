@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import pytest
-from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2
-from grpc_tools import protoc  # type: ignore[import-untyped]
 from openapi_spec_validator import validate
 
 from gateway.descriptors import DescriptorIndex
@@ -22,6 +19,7 @@ from gateway.openapi import (
     render,
     service_label,
 )
+from tests.support.protos import compile_descriptor_set
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REAL_DESCRIPTOR_SET = REPO_ROOT / "gen" / "parley" / "descriptor_set.binpb"
@@ -189,15 +187,15 @@ message GetWidgetRequest {
 // Request for ListWidgets.
 message ListWidgetsRequest {
   // The shelf.
-  string shelf_id = 1;
+  string shelf_id = 1 [(google.api.field_behavior) = REQUIRED];
   // The page size.
-  int32 page_size = 2 [(google.api.field_behavior) = REQUIRED];
+  int32 page_size = 2;
   // Only these colours.
-  repeated Color colors = 3;
+  repeated Color colors = 3 [(google.api.field_behavior) = REQUIRED];
   // A filter.
   Filter filter = 4;
   // Only changed since.
-  google.protobuf.Timestamp since = 5;
+  google.protobuf.Timestamp since = 5 [(google.api.field_behavior) = REQUIRED];
   // Not expressible as a query parameter.
   google.protobuf.Struct extra = 6;
   // Repeated messages cannot be query parameters.
@@ -209,7 +207,7 @@ message ListWidgetsRequest {
 // A filter on widgets.
 message Filter {
   // Only this plan.
-  string plan = 1;
+  string plan = 1 [(google.api.field_behavior) = REQUIRED];
   // At least this size.
   int64 min_size = 2;
   // Deeper than one level is not flattened.
@@ -229,7 +227,7 @@ message CreateWidgetRequest {
   // The shelf.
   string shelf_id = 1;
   // The widget to create.
-  Widget widget = 2;
+  Widget widget = 2 [(google.api.field_behavior) = REQUIRED];
   // Idempotency key.
   string request_id = 3;
 }
@@ -246,6 +244,18 @@ message UpdateWidgetRequest {
 message WatchWidgetsRequest {
   // The shelf to watch.
   string shelf_id = 1 [(google.api.field_behavior) = REQUIRED];
+  // Only widgets of this colour.
+  Color color = 2 [(google.api.field_behavior) = REQUIRED];
+  // Only widgets with these labels.
+  map<string, string> labels = 3 [(google.api.field_behavior) = REQUIRED];
+  // Where the last watch stopped.
+  bytes cursor = 4 [(google.api.field_behavior) = REQUIRED];
+  // At most this many events.
+  optional int32 limit = 5 [(google.api.field_behavior) = REQUIRED];
+  // Events per batch; not a page size, so no floor.
+  int32 batch_size = 6;
+  // Events per page.
+  int32 page_size = 7;
 }
 
 // One change.
@@ -290,35 +300,10 @@ message RunResponse {}
 """
 
 
-def _compile(tmp_path: Path, sources: dict[str, str]) -> bytes:
-    for name, text in sources.items():
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(text)
-    googleapis_root = Path(annotations_pb2.__file__).resolve().parents[2]
-    well_known_root = resources.files("grpc_tools") / "_proto"
-    out = tmp_path / "set.binpb"
-    exit_code = protoc.main(
-        [
-            "protoc",
-            f"-I{tmp_path}",
-            f"-I{googleapis_root}",
-            f"-I{well_known_root}",
-            "--include_imports",
-            "--include_source_info",
-            f"--descriptor_set_out={out}",
-            *sources,
-            "google/rpc/status.proto",
-            "google/rpc/error_details.proto",
-        ]
-    )
-    assert exit_code == 0
-    return out.read_bytes()
-
-
 @pytest.fixture(scope="module")
 def descriptor_set(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     tmp_path = tmp_path_factory.mktemp("protos")
-    return _compile(
+    return compile_descriptor_set(
         tmp_path,
         {"parley/testing/v1/widgets.proto": WIDGETS_PROTO, "acme/v1/acme.proto": FOREIGN_PROTO},
     )
@@ -414,24 +399,33 @@ def test_get_query_parameters_flatten_one_level(doc: dict[str, Any]) -> None:
     assert by_name["page_size"] == {
         "name": "page_size",
         "in": "query",
-        "required": True,
         "description": "The page size.",
-        "schema": {"type": "integer", "format": "int32"},
+        "schema": {"type": "integer", "format": "int32", "minimum": 0},
     }
-    assert by_name["colors"]["schema"] == {"type": "array", "items": {"$ref": f"{REF}{NS}.Color"}}
+    assert by_name["colors"] == {
+        "name": "colors",
+        "in": "query",
+        "required": True,
+        "description": "Only these colours.",
+        "schema": {"type": "array", "items": {"$ref": f"{REF}{NS}.Color"}, "minItems": 1},
+    }
+    # Required inside `filter` only when a filter is sent: never required, but never empty.
     assert by_name["filter.plan"] == {
         "name": "filter.plan",
         "in": "query",
         "description": "Only this plan.",
-        "schema": {"type": "string"},
+        "schema": {"type": "string", "minLength": 1},
     }
     assert by_name["filter.min_size"]["schema"] == {"type": "string", "format": "int64"}
+    assert by_name["since"]["required"] is True
     assert by_name["since"]["schema"]["format"] == "date-time"
+    assert by_name["shelf_id"]["schema"] == {"type": "string", "minLength": 1}
     assert "requestBody" not in doc["paths"]["/v1/shelves/{shelf_id}/widgets"]["get"]
 
 
 def test_body_field_binding(doc: dict[str, Any]) -> None:
     create = doc["paths"]["/v1/shelves/{shelf_id}/widgets"]["post"]
+    # `widget` is REQUIRED, but the transcoder sets it from an empty body too: the body is optional.
     assert create["requestBody"] == {
         "description": "The widget to create.",
         "content": {"application/json": {"schema": {"$ref": f"{REF}{NS}.Widget"}}},
@@ -460,9 +454,41 @@ def test_body_star_without_path_fields_references_the_request(doc: dict[str, Any
     watch = doc["paths"]["/v1/widgets:watch"]["post"]
     assert "parameters" not in watch
     assert watch["requestBody"] == {
-        "content": {"application/json": {"schema": {"$ref": f"{REF}{NS}.WatchWidgetsRequest"}}}
+        "content": {"application/json": {"schema": {"$ref": f"{REF}{NS}.WatchWidgetsRequest"}}},
+        "required": True,
     }
-    assert _schemas(doc)[f"{NS}.WatchWidgetsRequest"]["required"] == ["shelf_id"]
+
+
+def test_request_schemas_publish_the_rules_the_services_enforce(doc: dict[str, Any]) -> None:
+    request = _schemas(doc)[f"{NS}.WatchWidgetsRequest"]
+    assert request["required"] == ["shelf_id", "color", "labels", "cursor", "limit"]
+    props = request["properties"]
+    assert props["shelf_id"]["minLength"] == 1
+    assert props["color"] == {
+        "$ref": f"{REF}{NS}.Color",
+        "not": {"const": "COLOR_UNSPECIFIED"},
+        "description": "Only widgets of this colour.",
+    }
+    assert props["labels"]["minProperties"] == 1
+    assert props["cursor"]["minLength"] == 1
+    assert props["limit"] == {
+        "type": "integer",
+        "format": "int32",
+        "description": "At most this many events.",
+    }
+    assert "minimum" not in props["batch_size"]
+    assert props["page_size"]["minimum"] == 0
+
+
+def test_a_required_field_the_services_cannot_enforce_stops_the_generator(tmp_path: Path) -> None:
+    proto = WIDGETS_PROTO.replace(
+        "int32 page_size = 7;", "int32 page_size = 7 [(google.api.field_behavior) = REQUIRED];"
+    )
+    unenforceable = compile_descriptor_set(tmp_path, {"parley/testing/v1/widgets.proto": proto})
+    with pytest.raises(
+        ValueError, match="page_size is REQUIRED but a zero value cannot be told from an unset one"
+    ):
+        build_openapi(unenforceable, title="Widgets", version="v9")
 
 
 def test_server_streaming_is_an_event_stream_of_the_message(doc: dict[str, Any]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from google.protobuf import descriptor_pb2, descriptor_pool, text_format
+from google.protobuf import descriptor_pb2, text_format
 from grpc_reflection.v1alpha import reflection_pb2
 
 from gateway.descriptors import read_descriptor_set
@@ -19,6 +19,7 @@ from services.common.reflection import (
     reflection_v1_file,
 )
 from tests.support.gateway import DESCRIPTOR_SET_PATH, internal_service_names
+from tests.support.protos import pool_of
 
 BASE_FILE = "demo/v1/base.proto"
 LIBRARY_FILE = "demo/v1/library.proto"
@@ -264,13 +265,6 @@ def test_a_request_for_nothing_is_an_invalid_argument() -> None:
 
 
 # --- the files a server describes ------------------------------------------------------------------
-
-
-def pool_of(*files: descriptor_pb2.FileDescriptorProto) -> descriptor_pool.DescriptorPool:
-    pool = descriptor_pool.DescriptorPool()
-    for file in files:
-        pool.Add(file)
-    return pool
 
 
 def test_a_service_the_files_lack_comes_from_the_pool_with_its_imports() -> None:

@@ -953,7 +953,7 @@ class UpdateCurrentUserRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """The fields to update; currently only "display_name" is allowed."""
+        """The fields to update, currently only "display_name"; unset or empty means the fields the request sets (AIP-134)."""
 
     def __init__(
         self,

@@ -495,7 +495,7 @@ class UpdateConversationRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """The fields to update: any of "title", "system_prompt", "model" and "archived"."""
+        """The fields to update: any of "title", "system_prompt", "model" and "archived"; unset or empty means the fields the request sets (AIP-134)."""
 
     def __init__(
         self,

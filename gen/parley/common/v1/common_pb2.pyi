@@ -19,6 +19,20 @@ with domain "parley.dev" and a reason from `ErrorReason` (the value name without
 also carries `google.rpc.BadRequest` field violations, and exhausted limits a
 `google.rpc.QuotaFailure`.
 
+Required fields. A field marked `(google.api.field_behavior) = REQUIRED` is checked by every
+service before the RPC runs, and published in the OpenAPI document: a string or bytes field must
+not be empty, a message field must be set, a repeated or map field must have an element, an enum
+must not be its UNSPECIFIED value, and a number or bool may be REQUIRED only when it is `optional`
+(and must then be set). Inside a message field, REQUIRED applies when that field is set (in each
+element of a repeated one). In an update request, REQUIRED fields inside the resource apply only
+where `update_mask` names them (or `*`); `update_mask` itself is OPTIONAL (AIP-134: an empty mask
+means the fields the request sets). A violation fails with INVALID_ARGUMENT and a BadRequest field
+violation per missing field, whose reason is REQUIRED_FIELD and whose field is the path in proto
+names (e.g. `user.display_name`, `parts[0].text`).
+
+Malformed input. A request body that is not a valid encoding of the request message fails with
+INVALID_ARGUMENT and reason MALFORMED_REQUEST, from the gateway (JSON) or the service (protobuf).
+
 Idempotency. Every RPC that changes billing state takes a client-chosen `string request_id`;
 a retry with the same id returns the first outcome instead of acting twice.
 """
@@ -135,7 +149,7 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     No route matches the method and path, including every internal service (HTTP 404, code 5).
     """
     ERROR_REASON_MALFORMED_REQUEST: _ErrorReason.ValueType  # 2
-    """The body or query could not be parsed into the request message (HTTP 400, code 3)."""
+    """The body or query could not be parsed into the request message, by the gateway or the service (HTTP 400, code 3)."""
     ERROR_REASON_REQUEST_TOO_LARGE: _ErrorReason.ValueType  # 3
     """The request body exceeds the route's size limit (HTTP 413, code 8)."""
     ERROR_REASON_UNSUPPORTED_MEDIA_TYPE: _ErrorReason.ValueType  # 4
@@ -183,6 +197,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """A dependency such as the database is down; retry later (code 14)."""
     ERROR_REASON_CONCURRENT_MODIFICATION: _ErrorReason.ValueType  # 109
     """The operation conflicts with a concurrent change; retry (code 10)."""
+    ERROR_REASON_REQUIRED_FIELD: _ErrorReason.ValueType  # 110
+    """Field-violation reason: a REQUIRED field is missing or empty (see "Required fields" above)."""
     ERROR_REASON_INVALID_CREDENTIALS: _ErrorReason.ValueType  # 200
     """Authentication and account reasons (values 200-299).
 
@@ -329,7 +345,7 @@ ERROR_REASON_ROUTE_NOT_FOUND: ErrorReason.ValueType  # 1
 No route matches the method and path, including every internal service (HTTP 404, code 5).
 """
 ERROR_REASON_MALFORMED_REQUEST: ErrorReason.ValueType  # 2
-"""The body or query could not be parsed into the request message (HTTP 400, code 3)."""
+"""The body or query could not be parsed into the request message, by the gateway or the service (HTTP 400, code 3)."""
 ERROR_REASON_REQUEST_TOO_LARGE: ErrorReason.ValueType  # 3
 """The request body exceeds the route's size limit (HTTP 413, code 8)."""
 ERROR_REASON_UNSUPPORTED_MEDIA_TYPE: ErrorReason.ValueType  # 4
@@ -377,6 +393,8 @@ ERROR_REASON_SERVICE_UNAVAILABLE: ErrorReason.ValueType  # 108
 """A dependency such as the database is down; retry later (code 14)."""
 ERROR_REASON_CONCURRENT_MODIFICATION: ErrorReason.ValueType  # 109
 """The operation conflicts with a concurrent change; retry (code 10)."""
+ERROR_REASON_REQUIRED_FIELD: ErrorReason.ValueType  # 110
+"""Field-violation reason: a REQUIRED field is missing or empty (see "Required fields" above)."""
 ERROR_REASON_INVALID_CREDENTIALS: ErrorReason.ValueType  # 200
 """Authentication and account reasons (values 200-299).
 

@@ -19,6 +19,20 @@ with domain "parley.dev" and a reason from `ErrorReason` (the value name without
 also carries `google.rpc.BadRequest` field violations, and exhausted limits a
 `google.rpc.QuotaFailure`.
 
+Required fields. A field marked `(google.api.field_behavior) = REQUIRED` is checked by every
+service before the RPC runs, and published in the OpenAPI document: a string or bytes field must
+not be empty, a message field must be set, a repeated or map field must have an element, an enum
+must not be its UNSPECIFIED value, and a number or bool may be REQUIRED only when it is `optional`
+(and must then be set). Inside a message field, REQUIRED applies when that field is set (in each
+element of a repeated one). In an update request, REQUIRED fields inside the resource apply only
+where `update_mask` names them (or `*`); `update_mask` itself is OPTIONAL (AIP-134: an empty mask
+means the fields the request sets). A violation fails with INVALID_ARGUMENT and a BadRequest field
+violation per missing field, whose reason is REQUIRED_FIELD and whose field is the path in proto
+names (e.g. `user.display_name`, `parts[0].text`).
+
+Malformed input. A request body that is not a valid encoding of the request message fails with
+INVALID_ARGUMENT and reason MALFORMED_REQUEST, from the gateway (JSON) or the service (protobuf).
+
 Idempotency. Every RPC that changes billing state takes a client-chosen `string request_id`;
 a retry with the same id returns the first outcome instead of acting twice.
 """
