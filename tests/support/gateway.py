@@ -162,6 +162,7 @@ async def running_gateway(
         topology.edge.port,
         services_for_envoy=edge.services,
     )
+    edge.start()
     envoy = EnvoyProcess(topology, stdout=stdout)
     try:
         await envoy.start()
