@@ -121,7 +121,8 @@ class AccountAdmin:
     async def disable_user(self, user_id: str, *, actor_id: str, reason: str = "") -> DisabledUser:
         """Disable a user: set disabled_at, end every session (reason user_disabled, with the
         actor), refuse every access token issued so far, and write `user.disabled`, in one unit of
-        work; the user's cached copies and API-key checks are dropped once it commits.
+        work; the user's cached copies and API-key checks are dropped once it commits, here and (by
+        the announcement `propagate` makes) in every auth replica and gateway edge.
 
         Disabling an already disabled user changes nothing and writes nothing. Disabling the last
         enabled admin (yourself included) is FAILED_PRECONDITION / LAST_ADMIN. API keys are not
