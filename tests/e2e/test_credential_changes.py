@@ -345,9 +345,11 @@ async def measure(
     deployment: Deployment,
     change: Callable[[], Awaitable[None]],
     probes: list[tuple[str, str, dict[str, str], Collection[int]]],
+    request: pytest.FixtureRequest,
 ) -> None:
     """Make `change`, then poll every gateway with every probe (what, path, headers, refusals) at
-    once; each must be refused within a second. The delays are logged."""
+    once; each must be refused within a second. The delays are logged, and kept as the test's
+    `refusal_delays_ms` user property (for reports)."""
     await change()
     # Taken when the change returned: requests sent from here on must be refused within a second.
     since = time.monotonic()
@@ -365,6 +367,8 @@ async def measure(
         deployment.name,
         ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in measured.items()),
     )
+    delays_ms = {label: round(delay * 1000) for label, delay in measured.items()}
+    request.node.user_properties.append(("refusal_delays_ms", delays_ms))
     slow = {label: delay for label, delay in measured.items() if delay >= WITHIN_S}
     assert not slow, f"refused later than {WITHIN_S} s: {slow}"
 
@@ -373,7 +377,7 @@ async def measure(
 
 
 async def test_a_revoked_key_is_refused_everywhere_within_a_second_and_cannot_mint_a_new_key(
-    deployment: Deployment,
+    deployment: Deployment, request: pytest.FixtureRequest
 ) -> None:
     victim = await member(deployment.first, deployment.admin_headers)
     for gateway in deployment.gateways:
@@ -384,7 +388,7 @@ async def test_a_revoked_key_is_refused_everywhere_within_a_second_and_cannot_mi
             revoked = await client.delete(f"/v1/users/me/api-keys/{victim.api_key_id}", headers=victim.bearer)
         assert revoked.status_code == 200, revoked.text
 
-    await measure(deployment, revoke, [("key", "/v1/users/me", victim.key, {401})])
+    await measure(deployment, revoke, [("key", "/v1/users/me", victim.key, {401})], request)
 
     for gateway in deployment.gateways:
         async with httpx.AsyncClient(base_url=gateway.url, timeout=15.0) as client:
@@ -394,7 +398,7 @@ async def test_a_revoked_key_is_refused_everywhere_within_a_second_and_cannot_mi
 
 
 async def test_a_disabled_users_key_and_cookie_session_are_refused_everywhere_within_a_second(
-    deployment: Deployment,
+    deployment: Deployment, request: pytest.FixtureRequest
 ) -> None:
     victim = await member(deployment.first, deployment.admin_headers)
     for gateway in deployment.gateways:
@@ -416,11 +420,12 @@ async def test_a_disabled_users_key_and_cookie_session_are_refused_everywhere_wi
             ("cookie", "/v1/users/me", victim.cookie, {401, 403}),
             ("token", "/v1/users/me", victim.bearer, {401}),
         ],
+        request,
     )
 
 
 async def test_an_admin_who_loses_the_role_is_refused_admin_routes_everywhere_within_a_second(
-    deployment: Deployment,
+    deployment: Deployment, request: pytest.FixtureRequest
 ) -> None:
     demoted = await member(deployment.first, deployment.admin_headers, admin=True)
     for gateway in deployment.gateways:
@@ -446,6 +451,7 @@ async def test_an_admin_who_loses_the_role_is_refused_admin_routes_everywhere_wi
             # Its token still says admin: refused, so the client refreshes.
             ("token", "/v1/admin/users", demoted.bearer, {401}),
         ],
+        request,
     )
     async with httpx.AsyncClient(base_url=deployment.first.url, timeout=15.0) as client:
         refreshed = await client.post("/v1/auth/refresh", json={"refresh_token": demoted.refresh_token})
