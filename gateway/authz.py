@@ -21,8 +21,14 @@ carries the `google.rpc.Status` of the refusal as the JSON error body (or as
 503: the edge never fails open.
 
 Answers from auth are cached in process for the `cache_ttl` auth returns (keyed by a SHA-256 of the
-secret, never the secret itself); denials for at most one second, in a cache of their own so a
-flood of bad keys cannot evict the good ones. The CSRF double-submit check is never cached.
+secret, never the secret itself), in a `WatchedCache` that `gateway.credential_feed` keeps current:
+auth streams which users' credential decisions changed (a key revoked, a user disabled, roles,
+password or sessions changed) and the cache forgets theirs within milliseconds. While that stream
+is not confirmed current (`MAX_CONFIRMED_AGE_S`), no cached answer is used: every check goes to
+auth. Methods whose contract marks them sensitive (`MethodAccess.sensitive`: creating a key,
+changing the password or the profile) are always checked afresh, by auth from its database too.
+Denials are cached for at most one second, in a cache of their own so a flood of bad keys cannot
+evict the good ones. The CSRF double-submit check is never cached.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from grpc_status import rpc_status
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from parley.auth.v1 import auth_pb2, auth_pb2_grpc
+from services.common.credential_changes import MAX_CONFIRMED_AGE_S, Ticket, WatchedCache
 from services.common.credentials import (
     API_KEY_HEADER,
     AUTHORIZATION_HEADER,
@@ -89,6 +96,9 @@ DEFAULT_DENIAL_CACHE_ENTRIES: Final = 1_000
 # restored session) works again at once.
 MAX_DENIAL_CACHE_TTL_S: Final = 1.0
 DEFAULT_AUTH_TIMEOUT_S: Final = 1.0
+# An answer about a user who changed this recently is not cached: the auth replica that gave it may
+# have answered from its own cache, which can be up to MAX_CONFIRMED_AGE_S behind the change feed.
+SETTLE_AFTER_CHANGE_S: Final = 2 * MAX_CONFIRMED_AGE_S
 REALM: Final = "parley"
 ACCEPTED_CREDENTIALS: Final = (
     "This route needs a credential: an access token (Authorization: Bearer <token>), "
@@ -324,7 +334,8 @@ class EdgeAuthzMetrics:
         )
         self.cache_lookups = Counter(
             "parley_edge_authz_cache_lookups_total",
-            "Lookups of cached auth answers, by credential kind and outcome (hit, miss).",
+            "Lookups of cached auth answers, by credential kind and outcome (hit, miss; unconfirmed: "
+            "the credential-change feed is not current, sensitive: the method is checked afresh).",
             ("credential", "outcome"),
             registry=registry,
         )
@@ -348,6 +359,8 @@ class EdgeAuthorizer:
         auth: auth_pb2_grpc.AuthInternalServiceAsyncStub,
         token_verifier: TokenVerifier,
         *,
+        confirmed_age_s: Callable[[], float | None],
+        sensitive_paths: frozenset[str] = frozenset(),
         registry: CollectorRegistry | None = None,
         cache_entries: int = DEFAULT_CACHE_ENTRIES,
         denial_cache_entries: int = DEFAULT_DENIAL_CACHE_ENTRIES,
@@ -355,11 +368,20 @@ class EdgeAuthorizer:
         auth_timeout_s: float = DEFAULT_AUTH_TIMEOUT_S,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`confirmed_age_s`: how long ago the credential-change feed was last confirmed current
+        (`gateway.credential_feed`); None, or `MAX_CONFIRMED_AGE_S` and more, and nothing cached is
+        used. `sensitive_paths`: the gRPC paths (`/pkg.Service/Method`) always checked afresh."""
         self._auth = auth
         self._verifier = token_verifier
+        self._sensitive_paths = sensitive_paths
         self._metrics = EdgeAuthzMetrics(registry if registry is not None else CollectorRegistry())
-        # (identity, TTL) and (denial, TTL) by `secret_digest`.
-        self._allowed = _answer_cache(cache_entries, monotonic)
+        # Identities by `secret_digest`, each about its user; (denial, TTL) by `secret_digest`.
+        self._allowed: WatchedCache[EdgeIdentity] = WatchedCache(
+            max_entries=cache_entries,
+            confirmed_age_s=confirmed_age_s,
+            timer=monotonic,
+            settle_s=SETTLE_AFTER_CHANGE_S,
+        )
         self._denied = _answer_cache(denial_cache_entries, monotonic)
         self._denial_ttl_s = min(max(denial_cache_ttl_s, 0.0), MAX_DENIAL_CACHE_TTL_S)
         self._auth_timeout_s = auth_timeout_s
@@ -368,6 +390,11 @@ class EdgeAuthorizer:
     @property
     def metrics(self) -> EdgeAuthzMetrics:
         return self._metrics
+
+    @property
+    def decisions(self) -> WatchedCache[EdgeIdentity]:
+        """The cache of allowed answers, for the credential-change feed to keep current."""
+        return self._allowed
 
     async def check(self, request: Any) -> Any:
         """The `CheckResponse` for Envoy's `CheckRequest`."""
@@ -382,7 +409,9 @@ class EdgeAuthorizer:
             label = credential.kind if credential is not None else "none"
             # After transcoding every JSON call is a POST; CSRF is about the method the client used.
             method = headers.get("x-envoy-original-method") or str(http.method)
-            decision = await self._decide(credential, headers, method, request_id)
+            # After transcoding the path is the gRPC one, `/pkg.Service/Method`, for every client.
+            sensitive = str(http.path).split("?", 1)[0] in self._sensitive_paths
+            decision = await self._decide(credential, headers, method, request_id, sensitive=sensitive)
         except ParleyError as error:
             if label == "none":
                 label = "malformed"
@@ -403,14 +432,22 @@ class EdgeAuthorizer:
         return denied_response(decision, request_id=request_id, grpc_client=is_grpc_request(headers))
 
     async def _decide(
-        self, credential: Credential | None, headers: Mapping[str, str], method: str, request_id: str
+        self,
+        credential: Credential | None,
+        headers: Mapping[str, str],
+        method: str,
+        request_id: str,
+        *,
+        sensitive: bool,
     ) -> Decision:
         if credential is None:
             return Denial.of(Unauthenticated(ACCEPTED_CREDENTIALS), credential_refused=False)
         if credential.kind == "api_key":
-            return await self._check_api_key(credential.secret, request_id)
+            return await self._check_api_key(credential.secret, request_id, sensitive=sensitive)
         if credential.kind == "cookie":
-            return await self._check_session(credential.secret, headers, method, request_id)
+            return await self._check_session(
+                credential.secret, headers, method, request_id, sensitive=sensitive
+            )
         return await self._verify_token(credential.secret)
 
     async def _verify_token(self, token: str) -> Decision:
@@ -427,7 +464,7 @@ class EdgeAuthorizer:
             token_times=token_time_headers(token),
         )
 
-    async def _check_api_key(self, api_key: str, request_id: str) -> Decision:
+    async def _check_api_key(self, api_key: str, request_id: str, *, sensitive: bool) -> Decision:
         if not api_key:
             return Denial.of(
                 Unauthenticated(
@@ -436,13 +473,14 @@ class EdgeAuthorizer:
                 credential_refused=True,
             )
         key = secret_digest("api_key", api_key)
-        cached = self._cached("api_key", key)
+        cached = self._cached("api_key", key, sensitive=sensitive)
         if cached is not None:
             return cached
+        ticket = self._allowed.ticket()
         started = self._monotonic()
         try:
             reply = await self._auth.CheckApiKey(
-                auth_pb2.CheckApiKeyRequest(api_key=api_key),
+                auth_pb2.CheckApiKeyRequest(api_key=api_key, skip_cache=sensitive),
                 timeout=self._auth_timeout_s,
                 metadata=_forwarded(request_id),
             )
@@ -456,15 +494,15 @@ class EdgeAuthorizer:
             roles=role_names(reply.identity.roles),
             auth_method="api_key",
         )
-        self._allowed[key] = (identity, reply.cache_ttl.ToTimedelta().total_seconds())
+        self._remember(key, identity, reply.cache_ttl.ToTimedelta().total_seconds(), ticket)
         return identity
 
     async def _check_session(
-        self, access_token: str, headers: Mapping[str, str], method: str, request_id: str
+        self, access_token: str, headers: Mapping[str, str], method: str, request_id: str, *, sensitive: bool
     ) -> Decision:
         safe = is_safe_http_method(method)
         key = secret_digest("cookie", access_token)
-        cached = self._cached("cookie", key)
+        cached = self._cached("cookie", key, sensitive=sensitive)
         if cached is not None:
             if isinstance(cached, EdgeIdentity) and not safe:
                 # A cached session says who; whether this request is forged is decided afresh, always.
@@ -472,6 +510,7 @@ class EdgeAuthorizer:
             return cached
         # Auth checks the tokens along with the session; a safe call needs none.
         csrf_header, csrf_cookie = ("", "") if safe else double_submitted_csrf(headers)
+        ticket = self._allowed.ticket()
         started = self._monotonic()
         try:
             reply = await self._auth.CheckSession(
@@ -495,14 +534,29 @@ class EdgeAuthorizer:
             auth_method="cookie",
             token_times=token_time_headers(access_token),
         )
-        self._allowed[key] = (identity, reply.cache_ttl.ToTimedelta().total_seconds())
+        self._remember(key, identity, reply.cache_ttl.ToTimedelta().total_seconds(), ticket)
         return identity
 
-    def _cached(self, kind: CredentialKind, key: str) -> Decision | None:
-        entry: tuple[Decision, float] | None = self._allowed.get(key) or self._denied.get(key)
-        found = entry[0] if entry is not None else None
-        self._metrics.cache_lookups.labels(kind, "miss" if found is None else "hit").inc()
+    def _cached(self, kind: CredentialKind, key: str, *, sensitive: bool) -> Decision | None:
+        """A cached answer for the credential: an allowed one only while the cache is trusted and the
+        method is not sensitive; a denial always (refusing is never unsafe)."""
+        found: Decision | None = None
+        if sensitive:
+            outcome = "sensitive"
+        elif not self._allowed.trusted:
+            outcome = "unconfirmed"
+        else:
+            found = self._allowed.get(key)
+            outcome = "miss" if found is None else "hit"
+        if found is None:
+            denied: tuple[Denial, float] | None = self._denied.get(key)
+            if denied is not None:
+                found, outcome = denied[0], "hit"
+        self._metrics.cache_lookups.labels(kind, outcome).inc()
         return found
+
+    def _remember(self, key: str, identity: EdgeIdentity, ttl_s: float, ticket: Ticket) -> None:
+        self._allowed.put(key, identity.user_id, identity, ttl_s=ttl_s, ticket=ticket)
 
     def _refused_by_auth(self, rpc: str, error: grpc.aio.AioRpcError, started: float, key: str) -> Denial:
         code = error.code()

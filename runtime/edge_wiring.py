@@ -1,4 +1,5 @@
-"""The gateway's edge server as a running unit: its rate limiter, its authorizer, the server itself."""
+"""The gateway's edge server as a running unit: its rate limiter, its authorizer and the feed of
+credential changes that keeps the authorizer's cache current, the server itself."""
 
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from gateway.authz import EdgeAuthorizer
+from gateway.credential_feed import CredentialFeedFollower
 from gateway.edge import EdgeServices, create_edge_server
 from parley.auth.v1 import auth_pb2_grpc
+from runtime.process import sensitive_methods
 from services.common.contracts import descriptor_set_bytes
+from services.common.credential_changes import FeedConfirmation
 from services.common.identity import CachedJwksVerifier
 from services.common.jwks_client import grpc_jwks_fetcher
 from services.common.ratelimit import RateLimitConfig, rate_limiter_for
@@ -28,8 +32,14 @@ class EdgeWiring:
 
     services: EdgeServices
     auth_channel: grpc.aio.Channel
+    credential_feed: CredentialFeedFollower
+
+    def start(self) -> None:
+        """Start following auth's credential changes (until then nothing cached is used)."""
+        self.credential_feed.start()
 
     async def close(self) -> None:
+        await self.credential_feed.stop()
         await self.auth_channel.close()
         await self.services.limiter.aclose()
 
@@ -43,21 +53,30 @@ def build_edge_wiring(
     registry: CollectorRegistry,
 ) -> EdgeWiring:
     """Rate limits in Redis when PARLEY_REDIS_URL is set (exact across gateway replicas), else in
-    this process's memory (one gateway: `parley up`); authentication checks go to `auth_target`."""
+    this process's memory (one gateway: `parley up`); authentication checks, and the stream of
+    credential changes that keeps their cache current, go to `auth_target`."""
     channel = grpc.aio.insecure_channel(auth_target)
     verifier = CachedJwksVerifier(
         grpc_jwks_fetcher(channel), rules=TokenRules.of(settings), revocations=revocations
     )
     # grpc.aio channels make async stubs; the generated stubs are typed for the sync flavour.
     stub = cast("auth_pb2_grpc.AuthInternalServiceAsyncStub", auth_pb2_grpc.AuthInternalServiceStub(channel))
-    authorizer = EdgeAuthorizer(stub, verifier, registry=registry)
+    confirmation = FeedConfirmation()
+    authorizer = EdgeAuthorizer(
+        stub,
+        verifier,
+        confirmed_age_s=confirmation.age_s,
+        sensitive_paths=sensitive_methods(),
+        registry=registry,
+    )
+    feed = CredentialFeedFollower(stub, authorizer.decisions, confirmation, registry=registry)
     services = EdgeServices(
         rate_limits=rate_limits,
         limiter=rate_limiter_for(settings.redis_url),
         authorizer=authorizer,
         registry=registry,
     )
-    return EdgeWiring(services=services, auth_channel=channel)
+    return EdgeWiring(services=services, auth_channel=channel, credential_feed=feed)
 
 
 @contextlib.asynccontextmanager
@@ -87,6 +106,7 @@ async def serving_edge(
         server, bound_port = await create_edge_server(
             descriptor_set_bytes(), host=host, port=port, services_for_envoy=edge.services
         )
+        edge.start()
         try:
             yield bound_port
         finally:

@@ -157,6 +157,8 @@ async def run_embedded(settings: Settings, *, stop: asyncio.Event | None = None)
     finally:
         stop.set()
         await envoy.stop()
+        # Before the server: the edge's credential-change stream, which never ends on its own, then
+        # ends with it instead of holding the server's grace period.
         await edge.stop()
         await server.stop()
         await stop_services(bundles)

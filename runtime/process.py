@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib
 import logging
 import signal
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
@@ -18,7 +20,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from services.common.cache import CacheMetrics, InMemoryReadCache, ReadCache, RedisReadCache
+from services.common.call_context import current_method
 from services.common.context import ServiceBundle, ServiceContext
+from services.common.contracts import contract_files
 from services.common.identity import (
     CachedJwksVerifier,
     IdentityResolver,
@@ -28,6 +32,7 @@ from services.common.identity import (
 )
 from services.common.jwks_client import grpc_jwks_fetcher
 from services.common.logs import configure_logging
+from services.common.method_access import access_by_path, sensitive_paths
 from services.common.metrics import new_registry
 from services.common.redis_multiplex import MultiplexedRedis
 from services.common.revocation import (
@@ -60,15 +65,31 @@ def set_up_observability(settings: Settings, *, process_name: str) -> Observabil
     )
 
 
+def sensitive_methods() -> frozenset[str]:
+    """The gRPC paths of every method whose contract marks it sensitive (`MethodAccess.sensitive`),
+    read from the generated module of each contract file that defines services."""
+    services: list[ServiceDescriptor] = []
+    for file in contract_files():
+        if file.package.startswith("parley.") and file.service:
+            module = importlib.import_module(file.name.removesuffix(".proto").replace("/", ".") + "_pb2")
+            services.extend(module.DESCRIPTOR.services_by_name[service.name] for service in file.service)
+    return sensitive_paths(access_by_path(services))
+
+
 def revocation_list_for(settings: Settings) -> RevocationList:
-    """Redis when configured (shared by every replica and service), else this process's memory."""
+    """Redis when configured (shared by every replica and service), else this process's memory.
+
+    With Redis, checks read the process's mirror of the list, except for calls of sensitive methods,
+    which ask Redis itself (an action on the caller's own credentials never rests on a copy)."""
     if settings.redis_url is None:
         return InMemoryRevocationList()
     prefix = "parley:revoked:"
+    sensitive = sensitive_methods()
     return RedisRevocationList(
         MultiplexedRedis.from_url(settings.redis_url),
         key_prefix=prefix,
         mirror=RevocationFeedMirror(settings.redis_url, key_prefix=prefix),
+        authoritative=lambda: current_method.get() in sensitive,
     )
 
 

@@ -77,6 +77,9 @@ async def serve_service(name: ServiceName, settings: Settings, *, stop: asyncio.
         settle_heap()
         await stop.wait()
     finally:
+        # The edges' credential-change streams never end on their own: end them before the grace
+        # period, which is for the calls in flight.
+        context.revocations.credential_changes().close()
         await server.stop()
         await stop_services(bundles)
         await identity.close()

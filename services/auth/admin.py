@@ -121,7 +121,8 @@ class AccountAdmin:
     async def disable_user(self, user_id: str, *, actor_id: str, reason: str = "") -> DisabledUser:
         """Disable a user: set disabled_at, end every session (reason user_disabled, with the
         actor), refuse every access token issued so far, and write `user.disabled`, in one unit of
-        work; the user's cached copies and API-key checks are dropped once it commits.
+        work; the user's cached copies and API-key checks are dropped once it commits, here and (by
+        the announcement `propagate` makes) in every auth replica and gateway edge.
 
         Disabling an already disabled user changes nothing and writes nothing. Disabling the last
         enabled admin (yourself included) is FAILED_PRECONDITION / LAST_ADMIN. API keys are not
@@ -166,9 +167,11 @@ class AccountAdmin:
         """Replace a user's roles ("user" is always kept) and write `user.role_changed`.
 
         Unknown role names are INVALID_ARGUMENT (field `roles`); taking the admin role from the last
-        enabled admin is FAILED_PRECONDITION / LAST_ADMIN. When the admin role is taken away, every
-        access token the user holds is refused from now on, so their next request must refresh and
-        gets a token without it (their sessions stay signed in). No change writes nothing.
+        enabled admin is FAILED_PRECONDITION / LAST_ADMIN. On any change, every access token the
+        user holds is refused from now on, so their next request must refresh and gets a token with
+        the new roles (their sessions stay signed in), and every cache of the user's credential
+        decisions forgets them (an API key's roles change at the gateway within a second). No
+        change writes nothing.
         """
         unknown = sorted(set(roles) - KNOWN_ROLES)
         if unknown:
@@ -182,19 +185,20 @@ class AccountAdmin:
             )
         wanted = ordered_roles([ROLE_USER, *roles])
         now = self._clock()
-        demoted = False
+        changed = False
         async with self._units.write() as uow:
             admins, user = await _lock_admins_and_user(uow, user_id)
             previous = user.roles
             if previous != wanted:
+                changed = True
                 demoted = ROLE_ADMIN in previous and ROLE_ADMIN not in wanted
                 if demoted and user.id in admins and len(admins) == 1:
                     raise _last_admin("remove the admin role from")
                 user = await uow.users.save(replace(user, roles=wanted), now=now)
                 _role_changed(uow, user.id, previous, wanted, actor_id=actor_id)
-        if demoted:
-            # No session ends: the tokens already issued still say "admin", so they are refused and
-            # the client's refresh mints new ones from the stored roles.
+        if changed:
+            # No session ends: the tokens already issued carry the old roles, so they are refused
+            # and the client's refresh mints new ones from the stored roles.
             await self._sessions.propagate(
                 RevokedSessions(user_id=user.id, session_ids=(), all_sessions=True, revoked_at=now)
             )

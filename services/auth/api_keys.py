@@ -9,14 +9,19 @@ by prefix, compares hashes in constant time, and refuses revoked and expired key
 disabled users. `last_used_at` is written at most once a minute per key, so a busy key does not
 turn every request into a write.
 
-Cache: a successful check is remembered in process for `cache_ttl_s` seconds (a cachetools
-TTL cache, bounded, least recently used first out), keyed by the key's SHA-256, never by the
-plaintext. It is cleared by the after-commit hook `invalidate`: revoking a key evicts that key, and
-any committed change to a user (disable, enable, roles, password, plan: every `users.save`) evicts
-that user's keys, whichever code path made the change. Other replicas (and the gateway's own cache,
-which `CheckApiKeyResponse.cache_ttl` bounds) can keep accepting a revoked key, a disabled user's
-key or a stale plan and roles for up to the TTL. `cache_ttl_s=0` turns the cache off (the benchmark
-runs with and without it).
+Cache: a successful check is remembered in process for `cache_ttl_s` seconds (a
+`services.common.credential_changes.WatchedCache`: bounded, least recently used first out), keyed by
+the key's SHA-256, never by the plaintext. Three things clear it:
+- the after-commit hook `invalidate`: revoking a key evicts that key, and any committed change to a
+  user (disable, enable, roles, password, plan: every `users.save`) evicts that user's keys,
+  whichever code path made the change, in this process;
+- credential changes heard from the revocation list (`changes`), which every replica hears: a
+  revoked key (announced by `revoke`), a disabled user, changed roles or password (announced by
+  the session manager), so every replica, and every gateway edge, forgets the user's keys;
+- a gap in hearing them: while the list is not confirmed current the cache answers nothing.
+A check that a change overtook is not cached. `check(skip_cache=True)` (sensitive actions) reads
+the database whatever is cached. `cache_ttl_s=0` turns the cache off (the benchmark runs with and
+without it).
 
 Creating a key may need a verified email address (`require_verified_email`); that rule is checked
 from the users repository inside the same unit of work that inserts the key.
@@ -35,12 +40,11 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Final
 
-from cachetools import TTLCache
-
 from parley.events.v1 import events_pb2
 from services.auth.opaque import new_secret, secret_hash
 from services.auth.ports import API_KEY_CHECK_CACHE, USER_CACHE, AuthUnitsOfWork
 from services.common.clock import utc_now
+from services.common.credential_changes import CredentialChangeFeed, WatchedCache
 from services.common.errors import (
     FailedPrecondition,
     FieldViolation,
@@ -167,26 +171,33 @@ class ApiKeyManager:
         self,
         units: AuthUnitsOfWork,
         *,
+        changes: CredentialChangeFeed,
         clock: Callable[[], datetime] = utc_now,
         cache_ttl_s: float = DEFAULT_CACHE_TTL_S,
         cache_max_entries: int = DEFAULT_CACHE_MAX_ENTRIES,
         last_used_interval: timedelta = LAST_USED_INTERVAL,
         require_verified_email: bool = False,
     ) -> None:
-        """`require_verified_email`: creating a key needs a verified email address."""
+        """`changes`: where revocations are announced and every replica hears credential changes
+        (the revocation list). `require_verified_email`: creating a key needs a verified email."""
         if cache_ttl_s < 0 or cache_max_entries < 1:
             raise ValueError("cache_ttl_s must be >= 0 and cache_max_entries >= 1")
         self._units = units
+        self._changes = changes
         self._clock = clock
         self._cache_ttl = timedelta(seconds=cache_ttl_s)
         self._last_used_interval = last_used_interval
         self._require_verified_email = require_verified_email
         # Full-key SHA-256 → the last successful check, timed by the injected clock.
-        self._cache: TTLCache[str, _CachedCheck] | None = (
-            TTLCache(maxsize=cache_max_entries, ttl=cache_ttl_s, timer=lambda: self._clock().timestamp())
-            if cache_ttl_s > 0
-            else None
-        )
+        self._cache: WatchedCache[_CachedCheck] | None = None
+        if cache_ttl_s > 0:
+            hub = changes.credential_changes()
+            self._cache = WatchedCache(
+                max_entries=cache_max_entries,
+                confirmed_age_s=hub.confirmed_age_s,
+                timer=lambda: self._clock().timestamp(),
+            )
+            hub.subscribe(self._cache)
 
     @property
     def cache_ttl(self) -> timedelta:
@@ -272,8 +283,10 @@ class ApiKeyManager:
     async def revoke(self, user_id: str, key_id: str, *, actor_user_id: str | None = None) -> ApiKey:
         """Revoke one of the user's keys; another user's (or an unknown) id is NOT_FOUND.
 
-        Writes `api_key.revoked` (once: revoking again changes nothing); the key's cached check is
-        evicted once that commits. `actor_user_id` defaults to the owner; pass an administrator's id.
+        Writes `api_key.revoked` (once: revoking again changes nothing); once that commits, the
+        key's cached check is evicted here and the change is announced to every replica and gateway
+        (again on every call, so a retry after a failed announcement repairs it). `actor_user_id`
+        defaults to the owner; pass an administrator's id.
         """
         now = self._clock()
         async with self._units.write() as uow:
@@ -293,6 +306,7 @@ class ApiKeyManager:
                     ),
                 )
                 api_key = replace(api_key, revoked_at=now)
+        await self._changes.credentials_changed(user_id)
         return api_key
 
     async def invalidate(self, stale: frozenset[StaleEntry]) -> None:
@@ -300,22 +314,17 @@ class ApiKeyManager:
         if self._cache is None:
             return
         for digest in keys_of(stale, API_KEY_CHECK_CACHE):
-            self._cache.pop(digest, None)
+            self._cache.pop(digest)
         for user_id in keys_of(stale, USER_CACHE):
             self.forget_user(user_id)
 
     def forget_user(self, user_id: str) -> int:
-        """Evict every cached check of a user's keys; returns how many were evicted. Other replicas
-        catch up within the TTL."""
-        if self._cache is None:
-            return 0
-        stale = [digest for digest, entry in self._cache.items() if entry.identity.user_id == user_id]
-        for digest in stale:
-            self._cache.pop(digest, None)
-        return len(stale)
+        """Evict every cached check of a user's keys in this process; returns how many were evicted."""
+        return self._cache.forget_user(user_id) if self._cache is not None else 0
 
-    async def check(self, plaintext: str) -> ApiKeyIdentity:
-        """The identity a presented key acts for.
+    async def check(self, plaintext: str, *, skip_cache: bool = False) -> ApiKeyIdentity:
+        """The identity a presented key acts for; with `skip_cache`, read from the database even
+        when a checked answer is cached (a sensitive action).
 
         Raises `Unauthenticated` API_KEY_INVALID (malformed, unknown or wrong secret),
         API_KEY_REVOKED or API_KEY_EXPIRED, and `PermissionDenied` ACCOUNT_DISABLED.
@@ -325,13 +334,15 @@ class ApiKeyManager:
             raise _invalid_key("malformed")
         digest = secret_hash(plaintext)
         now = self._clock()
-        cached = self._cache.get(digest) if self._cache is not None else None
+        cache = self._cache
+        cached = cache.get(digest) if cache is not None and not skip_cache else None
         if cached is not None:
             if cached.key_expires_at is not None and cached.key_expires_at <= now:
                 self._forget_check(digest)
                 raise _expired_key()
             await self._mark_used(cached, now)
             return cached.identity
+        ticket = cache.ticket() if cache is not None else None
         async with self._units.read() as uow:
             stored = await uow.api_keys.find_by_prefix(match.group("prefix"))
         # compare_digest on the hex digests: equal lengths, time independent of where they differ.
@@ -358,14 +369,14 @@ class ApiKeyManager:
             key_expires_at=api_key.expires_at,
             last_used_at=api_key.last_used_at,
         )
-        if self._cache is not None:
-            self._cache[digest] = entry
+        if cache is not None and ticket is not None:
+            cache.put(digest, api_key.user_id, entry, ttl_s=self._cache_ttl.total_seconds(), ticket=ticket)
         await self._mark_used(entry, now)
         return entry.identity
 
     def _forget_check(self, digest: str) -> None:
         if self._cache is not None:
-            self._cache.pop(digest, None)
+            self._cache.pop(digest)
 
     async def _mark_used(self, entry: _CachedCheck, now: datetime) -> None:
         """Write `last_used_at` when the one we know of is a minute old or more; best effort."""

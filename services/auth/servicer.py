@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import grpc
 from google.api import httpbody_pb2
@@ -21,6 +22,7 @@ from services.auth.sessions import Session, SessionManager
 from services.auth.signing_keys import SigningKeyStore
 from services.auth.transport import caller_of, cleared_cookies, send_cookies, session_cookies
 from services.common.call_context import current_identity
+from services.common.credential_changes import CredentialChangeHub
 from services.common.credentials import REFRESH_TOKEN_COOKIE, check_csrf
 from services.common.encoding import timestamp_to_proto
 from services.common.errors import Unauthenticated
@@ -396,17 +398,25 @@ class AuthAdminServicer(auth_pb2_grpc.AuthAdminServiceServicer):
 
 
 class AuthInternalServicer(auth_pb2_grpc.AuthInternalServiceServicer):
-    """What the gateway asks: is this API key, or this cookie session, good, and for whom?"""
+    """What the gateway asks: is this API key, or this cookie session, good, and for whom? And
+    what changed since, so it can forget what it cached."""
 
-    def __init__(self, sessions: SessionManager, api_keys: ApiKeyManager, verifier: TokenVerifier) -> None:
+    def __init__(
+        self,
+        sessions: SessionManager,
+        api_keys: ApiKeyManager,
+        verifier: TokenVerifier,
+        changes: CredentialChangeHub,
+    ) -> None:
         self._sessions = sessions
         self._api_keys = api_keys
         self._verifier = verifier
+        self._changes = changes
 
     async def CheckApiKey(
         self, request: auth_pb2.CheckApiKeyRequest, context: grpc.aio.ServicerContext
     ) -> auth_pb2.CheckApiKeyResponse:
-        checked = await self._api_keys.check(request.api_key)
+        checked = await self._api_keys.check(request.api_key, skip_cache=request.skip_cache)
         identity = auth_pb2.Identity(
             user_id=checked.user_id,
             plan_id=checked.plan_id,
@@ -440,6 +450,16 @@ class AuthInternalServicer(auth_pb2_grpc.AuthInternalServiceServicer):
         # The answer is bound to a revocable session: the gateway may not cache it.
         response.cache_ttl.FromSeconds(0)
         return response
+
+    async def WatchCredentialChanges(
+        self, request: auth_pb2.WatchCredentialChangesRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[auth_pb2.WatchCredentialChangesResponse]:
+        async for news in self._changes.follow():
+            message = auth_pb2.WatchCredentialChangesResponse(
+                resync=news.everything, user_ids=sorted(news.user_ids)
+            )
+            message.confirmed_age.FromTimedelta(timedelta(seconds=news.confirmed_age_s))
+            yield message
 
 
 def checked_csrf(header: str, cookie: str) -> str:

@@ -14,7 +14,8 @@ succeeds and the family is revoked.
 Lifetimes: a session lives `refresh_ttl` (30 days by default) past its last refresh — every refresh
 slides `expires_at` forward, and the new refresh token expires with it. Access tokens live
 `access_ttl`; revoking a session also puts its id on the revocation list until the last access token
-it could have minted has expired.
+it could have minted has expired, and tells every cache of the user's credential decisions (the
+gateway edge's) to forget them.
 
 No SQL or gRPC here: storage is the auth unit of work's `sessions` repository (`services.auth.ports`).
 Each operation is one unit of work; `start_within` and `revoke_all_within` join the caller's, so a
@@ -195,12 +196,15 @@ class SessionRevocations(Protocol):
 
     Access JWTs are verified without a database round trip, so ending a session must also reach the
     verifiers: their session id (or, for "all of a user's sessions", every token issued before a
-    moment) is listed `until` the last token that could carry it has expired.
+    moment) is listed `until` the last token that could carry it has expired. And every cache of
+    the user's credential decisions (the gateway's, in every replica) is told to forget them.
     """
 
     async def revoke_session(self, session_id: str, until: datetime) -> None: ...
 
     async def revoke_user_tokens_before(self, user_id: str, moment: datetime, until: datetime) -> None: ...
+
+    async def credentials_changed(self, user_id: str) -> None: ...
 
 
 class SessionManager:
@@ -352,6 +356,7 @@ class SessionManager:
             },
         )
         await self._revocations.revoke_session(reused.id, now + self._access_ttl)
+        await self._revocations.credentials_changed(reused.user_id)
         raise Unauthenticated(
             "This refresh token was already used; the session has been ended for safety. Sign in again.",
             reason="REFRESH_TOKEN_REUSED",
@@ -421,6 +426,7 @@ class SessionManager:
             )
         if revoked_now:
             await self._revocations.revoke_session(session_id, now + self._access_ttl)
+            await self._revocations.credentials_changed(user_id)
         return session
 
     async def logout(self, session_id: str) -> Session:
@@ -435,6 +441,7 @@ class SessionManager:
             )
         if revoked_now:
             await self._revocations.revoke_session(session.id, now + self._access_ttl)
+            await self._revocations.credentials_changed(session.user_id)
         return session
 
     async def logout_with_refresh_token(self, refresh_token: str) -> Session:
@@ -454,6 +461,7 @@ class SessionManager:
             )
         if revoked_now:
             await self._revocations.revoke_session(session.id, now + self._access_ttl)
+            await self._revocations.credentials_changed(session.user_id)
         return session
 
     async def _revoke_within(
@@ -534,12 +542,14 @@ class SessionManager:
         )
 
     async def propagate(self, revoked: RevokedSessions) -> None:
-        """Tell the access-token verifiers about committed revocations (see `SessionRevocations`)."""
+        """Tell the access-token verifiers and the caches of credential decisions about committed
+        revocations (see `SessionRevocations`)."""
         until = revoked.revoked_at + self._access_ttl
         for session_id in revoked.session_ids:
             await self._revocations.revoke_session(session_id, until)
         if revoked.all_sessions:
             await self._revocations.revoke_user_tokens_before(revoked.user_id, revoked.revoked_at, until)
+        await self._revocations.credentials_changed(revoked.user_id)
 
     async def check_session(self, session_id: str, csrf_token: str | None = None) -> SessionCheck:
         """Whether a cookie session may act now; when `csrf_token` is given, it must match the

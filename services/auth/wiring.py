@@ -6,8 +6,10 @@ operator command and the running service never construct these pieces differentl
 
 Auth persists through one `SqlUnitsOfWork` (`services.auth.repository.auth_units_of_work`); its
 after-commit hooks are where cached copies of changed users die: the read cache's entries
-(`read_cache_invalidation`) and this process's API-key checks (`ApiKeyManager.invalidate`). A hook
-that tells other replicas belongs there too.
+(`read_cache_invalidation`) and this process's API-key checks (`ApiKeyManager.invalidate`). Other
+replicas and the gateway's edges hear credential changes from the revocation list
+(`RevocationList.credentials_changed`, announced by the API-key and session managers), which
+`AuthInternalService.WatchCredentialChanges` streams to each edge.
 """
 
 from __future__ import annotations
@@ -125,6 +127,7 @@ def build_bundle(
     parts = account_parts(settings, database, context.revocations, context.read_cache)
     api_keys = ApiKeyManager(
         parts.units,
+        changes=context.revocations,
         cache_ttl_s=api_key_cache_ttl_s,
         require_verified_email=API_KEYS_FEATURE in settings.auth_require_verified_email_for,
     )
@@ -181,7 +184,9 @@ def build_bundle(
             ),
             ServiceRegistration(
                 _SERVICES["AuthInternalService"].full_name,
-                AuthInternalServicer(parts.sessions, api_keys, cookie_verifier),
+                AuthInternalServicer(
+                    parts.sessions, api_keys, cookie_verifier, context.revocations.credential_changes()
+                ),
                 auth_pb2_grpc.add_AuthInternalServiceServicer_to_server,
             ),
         ],

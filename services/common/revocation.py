@@ -15,7 +15,14 @@ feed stream in Redis, in the same script that stores it, and the mirror follows 
 read that Redis answers as soon as an entry arrives, so a revocation reaches every replica within
 milliseconds). The mirror vouches for itself only while its reads keep returning; when it has
 heard nothing for `staleness_s` (Redis or the connection is down), checks go to Redis again, and
-fail closed with UNAVAILABLE if Redis cannot answer, as without a mirror.
+fail closed with UNAVAILABLE if Redis cannot answer, as without a mirror. A check made for a
+sensitive method (`authoritative`, wired by the composition root) always asks Redis: an action on
+the caller's own credentials never rests on a copy.
+
+The list also carries credential changes (`credentials_changed`): "this user's credential decisions
+changed", which refuses no token but makes every cache of such decisions forget the user's (see
+`services.common.credential_changes`). Each list has a `CredentialChangeHub` for this process's
+listeners: fed directly by the in-memory list, and from the feed (kind `credentials`) by a mirror.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from typing import Final, Protocol
 from redis import RedisError
 
 from services.common.clock import utc_now
+from services.common.credential_changes import CredentialChangeHub
 from services.common.errors import Unavailable
 from services.common.redis_multiplex import MultiplexedRedis, Script, reply_text
 
@@ -56,6 +64,15 @@ class RevocationList(Protocol):
 
     async def user_cutoff(self, user_id: str) -> datetime | None:
         """The moment before which `user_id`'s tokens are refused, if one is in force."""
+        ...
+
+    async def credentials_changed(self, user_id: str) -> None:
+        """Tell every cache of credential decisions, in every process, to forget `user_id`'s (a key
+        revoked, the user disabled, roles or password changed, a session ended). Refuses no token."""
+        ...
+
+    def credential_changes(self) -> CredentialChangeHub:
+        """This process's listeners of credential changes, and how current the list is known to be."""
         ...
 
     async def aclose(self) -> None:
@@ -85,6 +102,8 @@ class InMemoryRevocationList:
         # user id -> (moment as a Unix timestamp, until)
         self._users: dict[str, tuple[float, datetime]] = {}
         self._swept_at: datetime | None = None
+        # This list is where changes happen, so it always holds every one of them.
+        self._changes = CredentialChangeHub(lambda: 0.0)
 
     async def is_revoked(self, session_id: str, user_id: str, issued_at: datetime) -> bool:
         now = self._clock()
@@ -116,6 +135,12 @@ class InMemoryRevocationList:
             self._users[user_id] = (moment.timestamp(), until)
         else:
             self._users[user_id] = (max(previous[0], moment.timestamp()), max(previous[1], until))
+
+    async def credentials_changed(self, user_id: str) -> None:
+        self._changes.changed(user_id)
+
+    def credential_changes(self) -> CredentialChangeHub:
+        return self._changes
 
     async def aclose(self) -> None:
         """Nothing to release: the entries live in this process."""
@@ -151,6 +176,8 @@ return 1
 
 SESSION_KIND: Final = "session"
 USER_KIND: Final = "user"
+# A credential change: in the feed only (no key), since it refuses nothing and is news only once.
+CREDENTIALS_KIND: Final = "credentials"
 # Revocations live minutes; the feed only has to cover what a mirror may still be catching up on.
 FEED_MAX_LENGTH: Final = 100_000
 DEFAULT_STALENESS_S: Final = 2.0
@@ -169,6 +196,11 @@ class RevocationFeedMirror:
     nothing), then reads the feed with a blocking read that returns at least every `block_ms`. The
     copy is `fresh` while those reads keep returning; after `staleness_s` without one it is not,
     and it copies everything again once the connection is back.
+
+    Credential changes in the feed go to `changes`, the hub of this process's listeners. Whenever
+    following (re)starts, the listeners forget everything first: changes written while nobody
+    followed are not in the feed after the point it starts from. Following starts when a listener
+    first asks how current the hub is, as it does when a check first needs the copy.
     """
 
     def __init__(
@@ -191,14 +223,27 @@ class RevocationFeedMirror:
         self._staleness_s = staleness_s
         self._block_ms = block_ms
         self.local = InMemoryRevocationList(clock=clock)
+        self.changes = CredentialChangeHub(self._confirmed_age_for_listeners)
         self._confirmed_at: float | None = None
         self._task: asyncio.Task[None] | None = None
 
     @property
     def fresh(self) -> bool:
         """Whether the copy was known current within the last `staleness_s`."""
+        return self.confirmed_age_s() is not None
+
+    def confirmed_age_s(self) -> float | None:
+        """How long ago a read of the feed last returned, while the copy is `fresh`; else None."""
         confirmed = self._confirmed_at
-        return confirmed is not None and self._monotonic() - confirmed < self._staleness_s
+        if confirmed is None:
+            return None
+        age = self._monotonic() - confirmed
+        return age if age < self._staleness_s else None
+
+    def _confirmed_age_for_listeners(self) -> float | None:
+        with contextlib.suppress(RuntimeError):  # no running loop: nothing can follow yet
+            self.start()
+        return self.confirmed_age_s()
 
     def start(self) -> None:
         """Start following the feed, on the running event loop (again after `stop()`)."""
@@ -223,6 +268,9 @@ class RevocationFeedMirror:
             try:
                 position = await self._end_of_feed(client)
                 await self._copy_everything(client)
+                # Before the copy counts as current: listeners must not trust what they cached
+                # while nobody followed.
+                self.changes.lost_track()
                 self._confirmed_at = self._monotonic()
                 while True:
                     replies = await client.execute(
@@ -276,7 +324,9 @@ class RevocationFeedMirror:
         )
 
     async def _remember(self, kind: str, entry_id: str, value: str, until: datetime) -> None:
-        if kind == SESSION_KIND:
+        if kind == CREDENTIALS_KIND:
+            self.changes.changed(entry_id)
+        elif kind == SESSION_KIND:
             await self.local.revoke_session(entry_id, until)
         elif kind == USER_KIND:
             moment = datetime.fromtimestamp(float(value), UTC)
@@ -287,11 +337,13 @@ class RedisRevocationList:
     """Revocations in Redis, shared by every replica; each key expires when its tokens would.
 
     Keys: `<prefix>session:<session id>` (value "1") and `<prefix>user:<user id>` (the cutoff as a
-    Unix timestamp), and the feed `<prefix>feed` that every change is appended to. With a `mirror`,
-    checks read this process's copy while it is fresh (see the module docstring); otherwise, and
-    whenever it is not, they read Redis, over one multiplexed connection
+    Unix timestamp), and the feed `<prefix>feed` that every change is appended to (credential
+    changes only there). With a `mirror`, checks read this process's copy while it is fresh (see the
+    module docstring), unless `authoritative()` says the current call needs Redis's own answer;
+    otherwise, and whenever the copy is not fresh, they read Redis, over one multiplexed connection
     (`services.common.redis_multiplex`). When Redis cannot answer, checks fail closed with
-    UNAVAILABLE.
+    UNAVAILABLE. Without a mirror, credential changes are written but nobody here hears them, and
+    `credential_changes()` is never confirmed current.
     """
 
     def __init__(
@@ -301,6 +353,7 @@ class RedisRevocationList:
         key_prefix: str = "parley:revoked:",
         clock: Callable[[], datetime] = utc_now,
         mirror: RevocationFeedMirror | None = None,
+        authoritative: Callable[[], bool] = lambda: False,
     ) -> None:
         self._client = client
         self._prefix = key_prefix
@@ -308,6 +361,8 @@ class RedisRevocationList:
         self._clock = clock
         self._merge = Script(_MERGE_ENTRY)
         self._mirror = mirror
+        self._authoritative = authoritative
+        self._unheard = CredentialChangeHub(lambda: None)
 
     def _session_key(self, session_id: str) -> str:
         return f"{self._prefix}{SESSION_KIND}:{session_id}"
@@ -317,7 +372,7 @@ class RedisRevocationList:
 
     async def is_revoked(self, session_id: str, user_id: str, issued_at: datetime) -> bool:
         mirror = self._mirror
-        if mirror is not None:
+        if mirror is not None and not self._authoritative():
             if mirror.fresh:
                 return await mirror.local.is_revoked(session_id, user_id, issued_at)
             mirror.start()
@@ -348,6 +403,22 @@ class RedisRevocationList:
         await self._store(USER_KIND, user_id, repr(moment.timestamp()), until, keep_max=True)
         if self._mirror is not None:
             await self._mirror.local.revoke_user_tokens_before(user_id, moment, until)
+
+    async def credentials_changed(self, user_id: str) -> None:
+        now = self._clock()
+        fields = {"kind": CREDENTIALS_KIND, "id": user_id, "value": repr(now.timestamp())}
+        fields["until_ms"] = str(int(now.timestamp() * 1000))
+        entry = [part for pair in fields.items() for part in pair]
+        try:
+            await self._client.execute("XADD", self._feed, "MAXLEN", "~", FEED_MAX_LENGTH, "*", *entry)
+        except RedisError as error:
+            raise _unavailable(error) from error
+        if self._mirror is not None:
+            # This process's listeners hear it at once, not only when the feed brings it back.
+            self._mirror.changes.changed(user_id)
+
+    def credential_changes(self) -> CredentialChangeHub:
+        return self._mirror.changes if self._mirror is not None else self._unheard
 
     async def aclose(self) -> None:
         """Stop following the feed; close the client and its connection."""

@@ -404,7 +404,9 @@ async def test_a_hash_made_with_old_parameters_is_upgraded_at_sign_in(world: Aut
 
 
 async def test_api_keys_can_require_a_verified_email_checked_inside_the_creation(world: AuthWorld) -> None:
-    strict = ApiKeyManager(world.units, clock=world.clock, require_verified_email=True)
+    strict = ApiKeyManager(
+        world.units, changes=world.revocations, clock=world.clock, require_verified_email=True
+    )
     user = await world.register("ada@example.com")
     with pytest.raises(FailedPrecondition) as raised:
         await strict.create(user.id, name="ci")
@@ -413,7 +415,8 @@ async def test_api_keys_can_require_a_verified_email_checked_inside_the_creation
     assert (error.reason, error.metadata) == ("EMAIL_NOT_VERIFIED", {"feature": "api_keys"})
     assert await user_events(world.database, events_pb2.ApiKeyCreated) == []
     # Nothing is required by default.
-    await ApiKeyManager(world.units, clock=world.clock).create(user.id, name="unrestricted")
+    unrestricted = ApiKeyManager(world.units, changes=world.revocations, clock=world.clock)
+    await unrestricted.create(user.id, name="unrestricted")
     await world.accounts.verify_email(await email_token(world.database, user.id, "verify_email"))
     assert (await strict.create(user.id, name="ci")).api_key.name == "ci"
 

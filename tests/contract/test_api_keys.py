@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from parley.events.v1 import events_pb2
 from services.auth.api_keys import ALLOWED_SCOPES, KEY_LENGTH, ApiKeyManager
@@ -26,6 +26,8 @@ from services.common.errors import (
     PermissionDenied,
     Unauthenticated,
 )
+from services.common.redis_multiplex import MultiplexedRedis
+from services.common.revocation import InMemoryRevocationList, RedisRevocationList, RevocationList
 from tests.support.auth_accounts import START, Clock, set_disabled, user_events
 
 KEY_FORMAT = re.compile(r"pk_[a-z2-7]{12}_[A-Za-z0-9_-]{43}")
@@ -33,10 +35,12 @@ CACHE_TTL_S = 30.0
 
 
 class CountingUnits:
-    """One replica's real SQL units of work, counting those opened (to prove what skips the database)."""
+    """One replica's real SQL units of work, counting those opened (to prove what skips the database),
+    and the revocation list its replicas share (in one process, like every replica on one Redis)."""
 
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, feed: RevocationList) -> None:
         self._units = auth_units_of_work(database)
+        self._feed = feed
         self.reads = 0
         self.writes = 0
 
@@ -54,7 +58,7 @@ class CountingUnits:
 
     def manager(self, clock: Clock, **options: Any) -> ApiKeyManager:
         """An ApiKeyManager over these units, evicting its cache after their commits as wiring does."""
-        keys = ApiKeyManager(self, clock=clock, **options)
+        keys = ApiKeyManager(self, changes=self._feed, clock=clock, **options)
         self._units.after_commit(keys.invalidate)
         return keys
 
@@ -65,8 +69,13 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def stores(database: Database) -> CountingUnits:
-    return CountingUnits(database)
+def feed() -> InMemoryRevocationList:
+    return InMemoryRevocationList()
+
+
+@pytest.fixture
+def stores(database: Database, feed: InMemoryRevocationList) -> CountingUnits:
+    return CountingUnits(database, feed)
 
 
 @pytest.fixture
@@ -101,6 +110,12 @@ async def bob(database: Database) -> str:
 async def key_row(database: Database, key_id: str) -> ApiKeyRecord:
     async with database.unit_of_work(read_only=True) as session:
         return (await session.scalars(select(ApiKeyRecord).where(ApiKeyRecord.id == key_id))).one()
+
+
+async def revoke_behind_the_back(database: Database, key_id: str) -> None:
+    """Revoke a key in the table directly: no after-commit hook runs, no change is announced."""
+    async with database.unit_of_work() as session:
+        await session.execute(update(ApiKeyRecord).where(ApiKeyRecord.id == key_id).values(revoked_at=START))
 
 
 async def fails_with(call: Awaitable[object], error_type: type[ParleyError], reason: str) -> ParleyError:
@@ -331,18 +346,18 @@ async def test_expired_keys_are_refused_even_from_the_cache(
 
 
 async def test_a_disabled_users_keys_are_refused(
-    database: Database, stores: CountingUnits, clock: Clock, alice: str
+    database: Database, stores: CountingUnits, feed: InMemoryRevocationList, clock: Clock, alice: str
 ) -> None:
     keys = stores.manager(clock, cache_ttl_s=CACHE_TTL_S)
     created = await keys.create(alice, name="key")
     await keys.check(created.plaintext)
     await set_disabled(database, alice, True)
 
-    # This replica forgets the user's cached checks when told; the others within the TTL.
+    # This replica forgets the user's cached checks when told (the others hear it from the feed).
     assert keys.forget_user(alice) == 1
     await fails_with(keys.check(created.plaintext), PermissionDenied, "ACCOUNT_DISABLED")
 
-    other_replica = CountingUnits(database).manager(clock, cache_ttl_s=CACHE_TTL_S)
+    other_replica = CountingUnits(database, feed).manager(clock, cache_ttl_s=CACHE_TTL_S)
     await fails_with(other_replica.check(created.plaintext), PermissionDenied, "ACCOUNT_DISABLED")
     await set_disabled(database, alice, False)
     assert (await keys.check(created.plaintext)).user_id == alice
@@ -433,17 +448,76 @@ async def test_the_cache_is_bounded(stores: CountingUnits, clock: Clock, alice: 
     assert stores.reads == reads + 1
 
 
-async def test_other_replicas_see_a_revocation_within_the_cache_ttl(
-    database: Database, stores: CountingUnits, clock: Clock, alice: str
+async def test_other_replicas_forget_a_revoked_key_at_once(
+    database: Database, stores: CountingUnits, feed: InMemoryRevocationList, clock: Clock, alice: str
 ) -> None:
     here = stores.manager(clock, cache_ttl_s=CACHE_TTL_S)
-    elsewhere = CountingUnits(database).manager(clock, cache_ttl_s=CACHE_TTL_S)
+    elsewhere_units = CountingUnits(database, feed)
+    elsewhere = elsewhere_units.manager(clock, cache_ttl_s=CACHE_TTL_S)
     created = await here.create(alice, name="key")
+    kept = await here.create(alice, name="another key")
     await elsewhere.check(created.plaintext)
+    await elsewhere.check(kept.plaintext)
+    reads = elsewhere_units.reads
+    await elsewhere.check(created.plaintext)
+    assert elsewhere_units.reads == reads, "cached there"
 
     await here.revoke(alice, created.api_key.id)
 
     await fails_with(here.check(created.plaintext), Unauthenticated, "API_KEY_REVOKED")
-    assert (await elsewhere.check(created.plaintext)).key_id == created.api_key.id  # the documented window
-    clock.advance(timedelta(seconds=CACHE_TTL_S))
     await fails_with(elsewhere.check(created.plaintext), Unauthenticated, "API_KEY_REVOKED")
+    # The owner's other keys were forgotten too (one change to the user), and still work.
+    assert (await elsewhere.check(kept.plaintext)).key_id == kept.api_key.id
+
+
+async def test_a_replica_that_does_not_hear_changes_never_answers_from_its_cache(
+    database: Database, clock: Clock, alice: str
+) -> None:
+    # A list with no mirror of its feed is never confirmed current; the address leads nowhere.
+    deaf = RedisRevocationList(MultiplexedRedis.from_url("redis://127.0.0.1:1/0"), key_prefix="deaf:")
+    try:
+        units = CountingUnits(database, deaf)
+        keys = units.manager(clock, cache_ttl_s=CACHE_TTL_S)
+        writer = CountingUnits(database, InMemoryRevocationList()).manager(clock)
+        created = await writer.create(alice, name="key")
+
+        for _ in range(3):
+            await keys.check(created.plaintext)
+        assert units.reads == 3
+    finally:
+        await deaf.aclose()
+
+
+async def test_a_sensitive_check_reads_the_database_whatever_is_cached(
+    keys: ApiKeyManager, stores: CountingUnits, database: Database, alice: str
+) -> None:
+    created = await keys.create(alice, name="key")
+    await keys.check(created.plaintext)
+    reads = stores.reads
+
+    # Revoked behind the services' back: only a read of the database can see it.
+    await revoke_behind_the_back(database, created.api_key.id)
+
+    assert (await keys.check(created.plaintext)).key_id == created.api_key.id  # from the cache
+    await fails_with(keys.check(created.plaintext, skip_cache=True), Unauthenticated, "API_KEY_REVOKED")
+    assert stores.reads == reads + 1
+
+
+async def test_a_check_overtaken_by_a_change_is_not_cached(
+    database: Database, feed: InMemoryRevocationList, clock: Clock, alice: str
+) -> None:
+    # The change lands while the check reads the database: the answer read may predate it.
+    class RevokingMidRead(CountingUnits):
+        @contextlib.asynccontextmanager
+        async def read(self) -> AsyncIterator[AuthUnitOfWork]:
+            async with super().read() as uow:
+                yield uow
+            await feed.credentials_changed(alice)
+
+    units = RevokingMidRead(database, feed)
+    keys = units.manager(clock, cache_ttl_s=CACHE_TTL_S)
+    created = await keys.create(alice, name="key")
+
+    await keys.check(created.plaintext)
+    await keys.check(created.plaintext)
+    assert units.reads == 2

@@ -7,6 +7,7 @@ lifetime is, never sleeps a fixed time.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
@@ -251,5 +252,193 @@ async def test_a_mirror_that_lost_the_feed_is_not_trusted_and_catches_up_after(r
         await reader.aclose()
         await writer.aclose()
         await proxy.close()
+        await delete_namespace(client, prefix)
+        await client.aclose()
+
+
+# ---- credential changes -----------------------------------------------------------------------------
+
+
+class Heard:
+    """A listener of credential changes that records what it was told."""
+
+    def __init__(self) -> None:
+        self.users: list[str] = []
+        self.everything = 0
+
+    def forget_user(self, user_id: str) -> int:
+        self.users.append(user_id)
+        return 0
+
+    def forget_everything(self) -> int:
+        self.everything += 1
+        return 0
+
+
+# The two lists processes run with: in memory (embedded), and Redis followed by a mirror.
+HEARING = ["memory", pytest.param("redis-mirrored", marks=pytest.mark.redis)]
+
+
+@pytest.fixture(params=HEARING)
+async def hearing(request: pytest.FixtureRequest) -> AsyncIterator[RevocationList]:
+    if request.param == "memory":
+        yield InMemoryRevocationList()
+        return
+    redis_url: str = request.getfixturevalue("redis_url")
+    client = Redis.from_url(redis_url)
+    prefix = f"parley-test:{uuid.uuid4().hex}:revoked:"
+    mirror = RevocationFeedMirror(redis_url, key_prefix=prefix)
+    revocations = RedisRevocationList(MultiplexedRedis.from_url(redis_url), key_prefix=prefix, mirror=mirror)
+    try:
+        yield revocations
+    finally:
+        await revocations.aclose()
+        await delete_namespace(client, prefix)
+        await client.aclose()
+
+
+async def test_a_credential_change_is_heard_here_at_once_and_refuses_no_token(
+    hearing: RevocationList,
+) -> None:
+    hub = hearing.credential_changes()
+    heard = Heard()
+    hub.subscribe(heard)
+    await eventually(lambda: hub.confirmed_age_s() is not None, what="the list is current", timeout_s=5)
+
+    await hearing.credentials_changed("u1")
+
+    assert heard.users[:1] == ["u1"]
+    assert not await hearing.is_revoked("s1", "u1", utc_now() - timedelta(minutes=1))
+    age = hub.confirmed_age_s()
+    assert age is not None and age < 2.0
+
+
+async def test_the_stream_an_edge_follows_starts_afresh_and_carries_each_change(
+    hearing: RevocationList,
+) -> None:
+    hub = hearing.credential_changes()
+    await eventually(lambda: hub.confirmed_age_s() is not None, what="the list is current", timeout_s=5)
+    stream = hub.follow(heartbeat_s=0.05)
+    try:
+        async with asyncio.timeout(5):
+            first = await anext(stream)
+            assert first.everything
+            await hearing.credentials_changed("u1")
+            news = await anext(stream)
+            while not news.user_ids:  # a heartbeat may come first
+                news = await anext(stream)
+        assert news.user_ids == {"u1"}
+        assert not news.everything
+    finally:
+        await stream.aclose()
+
+
+@pytest.mark.redis
+async def test_credential_changes_reach_every_mirror(redis_url: str) -> None:
+    prefix = f"parley-test:{uuid.uuid4().hex}:revoked:"
+    client = Redis.from_url(redis_url)
+    writer = RedisRevocationList(
+        MultiplexedRedis.from_url(redis_url),
+        key_prefix=prefix,
+        mirror=RevocationFeedMirror(redis_url, key_prefix=prefix),
+    )
+    # Another replica: what it hears comes through the feed, its own connection leads nowhere.
+    mirror = RevocationFeedMirror(redis_url, key_prefix=prefix)
+    reader = RedisRevocationList(MultiplexedRedis.from_url(UNREACHABLE), key_prefix=prefix, mirror=mirror)
+    heard = Heard()
+    hub = reader.credential_changes()
+    hub.subscribe(heard)
+    try:
+        # Asking how current it is starts the following, as a cache's first lookup does.
+        await eventually(lambda: hub.confirmed_age_s() is not None, what="the mirror follows", timeout_s=5)
+        assert heard.everything == 1, "listeners forget everything whenever following starts"
+
+        await writer.credentials_changed("u1")
+
+        await eventually(lambda: heard.users == ["u1"], what="the change reached the mirror", timeout_s=5)
+        # A change refuses nothing: the feed entry leaves no key behind.
+        assert await client.keys(f"{prefix}user:*") == []
+    finally:
+        await reader.aclose()
+        await writer.aclose()
+        await delete_namespace(client, prefix)
+        await client.aclose()
+
+
+@pytest.mark.redis
+async def test_listeners_forget_everything_when_the_mirror_comes_back_from_a_gap(redis_url: str) -> None:
+    prefix = f"parley-test:{uuid.uuid4().hex}:revoked:"
+    client = Redis.from_url(redis_url)
+    address = client.connection_pool.connection_kwargs
+    proxy = TcpProxy(address.get("host", "127.0.0.1"), address.get("port", 6379))
+    await proxy.start()
+    mirror = RevocationFeedMirror(f"redis://127.0.0.1:{proxy.port}/{address.get('db', 0)}", key_prefix=prefix)
+    reader = RedisRevocationList(MultiplexedRedis.from_url(UNREACHABLE), key_prefix=prefix, mirror=mirror)
+    writer = RedisRevocationList(MultiplexedRedis.from_url(redis_url), key_prefix=prefix)
+    heard = Heard()
+    hub = reader.credential_changes()
+    hub.subscribe(heard)
+    try:
+        await eventually(lambda: hub.confirmed_age_s() is not None, what="the mirror follows", timeout_s=5)
+        assert heard.everything == 1
+
+        await proxy.cut()
+        await eventually(lambda: hub.confirmed_age_s() is None, what="the gap is known", timeout_s=5)
+        await writer.credentials_changed("missed")
+        await proxy.restore()
+
+        await eventually(lambda: hub.confirmed_age_s() is not None, what="the mirror is back", timeout_s=10)
+        # The change written in the gap is not in the feed after the point the mirror resumed from.
+        assert heard.everything == 2
+        assert "missed" not in heard.users
+    finally:
+        await reader.aclose()
+        await writer.aclose()
+        await proxy.close()
+        await delete_namespace(client, prefix)
+        await client.aclose()
+
+
+@pytest.mark.redis
+async def test_a_list_without_a_mirror_hears_nothing_and_is_never_current(redis_url: str) -> None:
+    prefix = f"parley-test:{uuid.uuid4().hex}:revoked:"
+    client = Redis.from_url(redis_url)
+    revocations = RedisRevocationList(MultiplexedRedis.from_url(redis_url), key_prefix=prefix)
+    heard = Heard()
+    revocations.credential_changes().subscribe(heard)
+    try:
+        await revocations.credentials_changed("u1")
+        assert heard.users == []
+        assert revocations.credential_changes().confirmed_age_s() is None
+        assert await client.xlen(f"{prefix}feed") == 1  # written for the mirrors of others
+    finally:
+        await revocations.aclose()
+        await delete_namespace(client, prefix)
+        await client.aclose()
+
+
+@pytest.mark.redis
+async def test_a_check_for_a_sensitive_call_asks_redis_not_the_mirror(redis_url: str) -> None:
+    prefix = f"parley-test:{uuid.uuid4().hex}:revoked:"
+    client = Redis.from_url(redis_url)
+    mirror = RevocationFeedMirror(redis_url, key_prefix=prefix)
+    sensitive = False
+    # Its own connection leads nowhere: an answer that needs Redis fails closed.
+    reader = RedisRevocationList(
+        MultiplexedRedis.from_url(UNREACHABLE),
+        key_prefix=prefix,
+        mirror=mirror,
+        authoritative=lambda: sensitive,
+    )
+    try:
+        mirror.start()
+        await eventually(lambda: mirror.fresh, what="the mirror follows the feed", timeout_s=5)
+        assert not await reader.is_revoked("s1", "u1", utc_now())
+
+        sensitive = True
+        with pytest.raises(Unavailable):
+            await reader.is_revoked("s1", "u1", utc_now())
+    finally:
+        await reader.aclose()
         await delete_namespace(client, prefix)
         await client.aclose()

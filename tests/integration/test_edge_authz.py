@@ -2,17 +2,20 @@
 
 Auth runs from its production wiring (`services.auth.wiring.build_bundle`) in the production server
 factory, on a fresh SQLite database; the edge's `Authorization` service runs on its own grpc.aio
-server and reaches auth through a TCP proxy, so a test can cut the line. Every check is a real
-`CheckRequest` sent with the generated `AuthorizationStub`, shaped as Envoy sends it. Users, API
-keys and sessions are made through auth's own RPCs; the only tokens not minted by auth's RPCs are
-signed with auth's real keys (read from the same database with the same KEK) at chosen times, and
-one is forged with a stranger's key.
+server and reaches auth through a TCP proxy, so a test can cut the line, and it follows auth's
+credential changes over that line as the gateway does (`gateway.credential_feed`). Every check is a
+real `CheckRequest` sent with the generated `AuthorizationStub`, shaped as Envoy sends it. Users,
+API keys and sessions are made, revoked, disabled and demoted through auth's own RPCs; the only
+tokens not minted by auth's RPCs are signed with auth's real keys (read from the same database with
+the same KEK) at chosen times, and one is forged with a stranger's key.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -29,6 +32,7 @@ from google.rpc import error_details_pb2, status_pb2
 from prometheus_client import CollectorRegistry
 
 from gateway.authz import EdgeAuthorizer, add_authorization_service
+from gateway.credential_feed import CredentialFeedFollower
 from parley.auth.v1 import auth_pb2, auth_pb2_grpc
 from runtime.process import identity_for, registrations_of, start_services
 from services.auth.signing_keys import SigningKeyStore, generate_kek
@@ -36,6 +40,7 @@ from services.auth.tokens import AccessTokenIssuer
 from services.auth.wiring import account_parts, build_bundle, signing_key_store
 from services.common.clock import utc_now
 from services.common.context import ServiceContext
+from services.common.credential_changes import MAX_CONFIRMED_AGE_S, FeedConfirmation
 from services.common.credentials import ACCESS_TOKEN_COOKIE, CSRF_COOKIE
 from services.common.db import Database
 from services.common.errors import details_of
@@ -56,6 +61,8 @@ from tests.support.polling import eventually
 from tests.support.servers import GATEWAY_SECRET
 from tests.support.tcp_proxy import TcpProxy
 
+logger = logging.getLogger(__name__)
+
 PASSWORD = "violet-harbour-lantern-42"
 AttributeContext = attribute_context_pb2.AttributeContext
 # The roles header as services decode it (base64 of a JSON array, as Envoy's claim_to_headers writes).
@@ -73,6 +80,9 @@ IDENTITY_HEADERS = {
 }
 # Long enough for the auth replica's in-memory JWKS copy (5 s) to pick up a rotation.
 JWKS_PROPAGATION_TIMEOUT_S = 15.0
+# The paths Envoy sends the edge after transcoding: an ordinary method and a sensitive one.
+GET_CURRENT_USER_PATH = "/parley.auth.v1.AuthService/GetCurrentUser"
+CREATE_API_KEY_PATH = "/parley.auth.v1.AuthService/CreateApiKey"
 
 
 @dataclass
@@ -95,8 +105,12 @@ class Edge:
     auth_link: TcpProxy
     signing_keys: SigningKeyStore
     revocations: InMemoryRevocationList
+    authorizer: EdgeAuthorizer
+    admin: auth_pb2_grpc.AuthAdminServiceAsyncStub
 
-    async def check(self, headers: dict[str, str], *, method: str = "GET", path: str = "/v1/users/me") -> Any:
+    async def check(
+        self, headers: dict[str, str], *, method: str = "GET", path: str = GET_CURRENT_USER_PATH
+    ) -> Any:
         request_id = f"req-{uuid.uuid4().hex[:12]}"
         request = external_auth_pb2.CheckRequest(
             attributes=AttributeContext(
@@ -213,13 +227,23 @@ async def edge(sqlite_url: str) -> AsyncIterator[Edge]:
     internal = cast(
         "auth_pb2_grpc.AuthInternalServiceAsyncStub", auth_pb2_grpc.AuthInternalServiceStub(edge_to_auth)
     )
-    authorizer = EdgeAuthorizer(internal, verifier, registry=registry)
+    confirmation = FeedConfirmation()
+    authorizer = EdgeAuthorizer(
+        internal,
+        verifier,
+        confirmed_age_s=confirmation.age_s,
+        sensitive_paths=frozenset({CREATE_API_KEY_PATH}),
+        registry=registry,
+    )
+    feed = CredentialFeedFollower(internal, authorizer.decisions, confirmation, registry=registry)
+    feed.start()
     edge_server = grpc.aio.server()
     add_authorization_service(edge_server, authorizer)
     edge_port = edge_server.add_insecure_port("127.0.0.1:0")
     await edge_server.start()
     envoy_side = grpc.aio.insecure_channel(f"127.0.0.1:{edge_port}")
     try:
+        await eventually(lambda: authorizer.decisions.trusted, what="the edge follows auth's changes")
         yield Edge(
             settings=settings,
             database=database,
@@ -229,8 +253,13 @@ async def edge(sqlite_url: str) -> AsyncIterator[Edge]:
             auth_link=auth_link,
             signing_keys=signing_key_store(settings, database, embedded=False),
             revocations=revocations,
+            authorizer=authorizer,
+            admin=cast(
+                "auth_pb2_grpc.AuthAdminServiceAsyncStub", auth_pb2_grpc.AuthAdminServiceStub(test_channel)
+            ),
         )
     finally:
+        await feed.stop()
         await envoy_side.close()
         await edge_server.stop(None)
         await edge_to_auth.close()
@@ -507,22 +536,124 @@ async def test_a_grpc_client_gets_the_status_in_grpc_status_details_bin(edge: Ed
     assert request_info.request_id.startswith("req-")
 
 
-# ---- caching and auth outages -------------------------------------------------------------------
+# ---- caching, credential changes and auth outages ----------------------------------------------
 
 
-async def test_a_cached_api_key_is_answered_while_auth_is_unreachable(edge: Edge) -> None:
-    account = await edge.sign_up("cached")
-    _, secret = await edge.api_key(account)
+async def cached_key(edge: Edge, account: Account) -> tuple[str, str, dict[str, str]]:
+    """A new key of the account, checked at the edge until an answer comes from its cache (nothing
+    is cached in the first seconds after the edge (re)subscribed to auth's changes). Returns the
+    key's id, its secret and the identity headers it was allowed with."""
+    key_id, secret = await edge.api_key(account)
     first = allowed(await edge.check({"x-api-key": secret}))
 
-    await edge.auth_link.cut()
-    second = await edge.check({"authorization": f"Bearer {secret}"})
+    async def answered_from_the_cache() -> bool:
+        hits = edge.metric("parley_edge_authz_cache_lookups_total", credential="api_key", outcome="hit")
+        assert allowed(await edge.check({"x-api-key": secret})) == first
+        return (
+            edge.metric("parley_edge_authz_cache_lookups_total", credential="api_key", outcome="hit") > hits
+        )
 
-    assert allowed(second) == first
-    hits = edge.metric("parley_edge_authz_cache_lookups_total", credential="api_key", outcome="hit")
-    misses = edge.metric("parley_edge_authz_cache_lookups_total", credential="api_key", outcome="miss")
-    assert (hits, misses) == (1, 1)
-    assert edge.metric("parley_edge_authz_auth_call_seconds_count", rpc="CheckApiKey", outcome="ok") == 1
+    await eventually(answered_from_the_cache, what="the key's answer cached at the edge", interval_s=0.1)
+    return key_id, secret, first
+
+
+async def refused_within(edge: Edge, headers: dict[str, str], reason: str, *, bound_s: float = 1.0) -> float:
+    """Poll the edge with `headers` until it refuses with `reason`; returns how long that took."""
+    started = time.monotonic()
+
+    async def refused() -> bool:
+        response = await edge.check(headers)
+        if response.WhichOneof("http_response") != "denied_response":
+            return False
+        denied_json(response, status=response.denied_response.status.code, reason=reason)
+        return True
+
+    await eventually(refused, what=f"the edge refuses with {reason}", timeout_s=bound_s, interval_s=0.005)
+    return time.monotonic() - started
+
+
+async def test_a_cached_key_is_refused_within_a_second_of_its_revocation(edge: Edge) -> None:
+    account = await edge.sign_up("revoked-while-cached")
+    key_id, secret, _ = await cached_key(edge, account)
+
+    await edge.public.RevokeApiKey(
+        auth_pb2.RevokeApiKeyRequest(api_key_id=key_id), metadata=bearer(account.access_token)
+    )
+
+    await refused_within(edge, {"x-api-key": secret}, "API_KEY_REVOKED")
+    assert edge.metric("parley_edge_authz_cache_evictions_total", cause="user_changed") >= 1
+
+
+async def test_a_disabled_users_cached_key_is_refused_within_a_second(edge: Edge) -> None:
+    admin = await edge.sign_up("disabler", admin=True)
+    account = await edge.sign_up("disabled-while-cached")
+    _, secret, _ = await cached_key(edge, account)
+
+    await edge.admin.DisableUser(
+        auth_pb2.DisableUserRequest(user_id=account.user_id), metadata=bearer(admin.access_token)
+    )
+
+    await refused_within(edge, {"x-api-key": secret}, "ACCOUNT_DISABLED")
+
+
+async def test_a_cached_keys_roles_follow_a_role_change_within_a_second(edge: Edge) -> None:
+    root = await edge.sign_up("root", admin=True)
+    demoted = await edge.sign_up("demoted", admin=True)
+    _, secret, headers = await cached_key(edge, demoted)
+    assert headers["x-parley-roles"] == ADMIN_ROLES
+
+    await edge.admin.SetUserRoles(
+        auth_pb2.SetUserRolesRequest(user_id=demoted.user_id, roles=[]), metadata=bearer(root.access_token)
+    )
+
+    async def demoted_at_the_edge() -> bool:
+        return allowed(await edge.check({"x-api-key": secret}))["x-parley-roles"] == USER_ROLES
+
+    await eventually(demoted_at_the_edge, what="the key's roles lose admin", timeout_s=1.0, interval_s=0.005)
+
+
+async def test_a_sensitive_method_is_checked_with_auth_every_time(edge: Edge) -> None:
+    account = await edge.sign_up("sensitive")
+    _, secret, _ = await cached_key(edge, account)
+    calls = edge.metric("parley_edge_authz_auth_call_seconds_count", rpc="CheckApiKey", outcome="ok")
+
+    for _ in range(2):
+        allowed(await edge.check({"x-api-key": secret}, method="POST", path=CREATE_API_KEY_PATH))
+    assert (
+        edge.metric("parley_edge_authz_auth_call_seconds_count", rpc="CheckApiKey", outcome="ok") == calls + 2
+    )
+    assert (
+        edge.metric("parley_edge_authz_cache_lookups_total", credential="api_key", outcome="sensitive") == 2
+    )
+
+
+async def test_when_the_feed_breaks_the_edge_stops_answering_from_its_cache(edge: Edge) -> None:
+    account = await edge.sign_up("cut-off")
+    _, secret, first = await cached_key(edge, account)
+
+    # The line to auth carries the feed too: cutting it leaves the cached key unusable, never a pass.
+    await edge.auth_link.cut()
+    cut_at = time.monotonic()
+
+    async def refused_for_now() -> bool:
+        response = await edge.check({"x-api-key": secret})
+        if response.WhichOneof("http_response") != "denied_response":
+            return False
+        denied_json(response, status=503, reason="SERVICE_UNAVAILABLE")
+        return True
+
+    await eventually(refused_for_now, what="503 instead of a cached pass", timeout_s=MAX_CONFIRMED_AGE_S)
+    logger.info("cached answers stopped %.3f s after the feed was cut", time.monotonic() - cut_at)
+    assert edge.metric("parley_edge_credential_feed_fresh") == 0
+    assert (
+        edge.metric("parley_edge_authz_cache_lookups_total", credential="api_key", outcome="unconfirmed") >= 1
+    )
+
+    # Back: the edge resubscribes, starts afresh, and caches again.
+    await edge.auth_link.restore()
+    await eventually(lambda: edge.authorizer.decisions.trusted, what="the feed is back", timeout_s=10)
+    assert edge.metric("parley_edge_authz_cache_evictions_total", cause="resync") >= 1
+    assert allowed(await edge.check({"x-api-key": secret})) == first
 
 
 async def test_when_auth_is_unreachable_the_edge_refuses_with_503(edge: Edge) -> None:

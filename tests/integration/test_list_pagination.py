@@ -56,7 +56,8 @@ class Seeded:
 async def seed(database: Database) -> Seeded:
     """Users, sessions and API keys written through the domain, as the RPCs would write them."""
     units = auth_units_of_work(database)
-    sessions = SessionManager(units, InMemoryRevocationList())
+    revocations = InMemoryRevocationList()
+    sessions = SessionManager(units, revocations)
     accounts = AccountService(
         units, hasher=PasswordHasher(CHEAP_ARGON2), policy=PasswordPolicy(), sessions=sessions
     )
@@ -67,7 +68,7 @@ async def seed(database: Database) -> Seeded:
     started = [
         await sessions.start(owner, auth_method="jwt", device_name=f"Device {n}") for n in range(SEEDED)
     ]
-    keys = ApiKeyManager(units)
+    keys = ApiKeyManager(units, changes=revocations)
     created = [await keys.create(owner, name=f"key {n}") for n in range(SEEDED)]
     return Seeded(
         user_id=owner,

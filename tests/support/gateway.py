@@ -37,6 +37,7 @@ from gateway.topology import Topology, embedded_topology
 from parley.auth.v1 import auth_pb2, auth_pb2_grpc
 from parley.common.v1 import common_pb2
 from runtime.edge_wiring import build_edge_wiring
+from services.common.credential_changes import HEARTBEAT_INTERVAL_S
 from services.common.ratelimit import load_rate_limit_config
 from services.common.revocation import RevocationList
 from services.common.settings import Settings
@@ -165,6 +166,7 @@ async def running_gateway(
         topology.edge.port,
         services_for_envoy=edge.services,
     )
+    edge.start()
     envoy = EnvoyProcess(topology, stdout=stdout)
     try:
         await envoy.start()
@@ -208,6 +210,15 @@ class FixedApiKeyAuth(auth_pb2_grpc.AuthInternalServiceServicer):
     ) -> auth_pb2.CheckSessionResponse:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, "No sessions here.")
         raise AssertionError("abort raises")
+
+    async def WatchCredentialChanges(
+        self, request: auth_pb2.WatchCredentialChangesRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[auth_pb2.WatchCredentialChangesResponse]:
+        """Nothing ever changes here: a resync, then a heartbeat as often as auth sends one."""
+        yield auth_pb2.WatchCredentialChangesResponse(resync=True)
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+            yield auth_pb2.WatchCredentialChangesResponse()
 
 
 @dataclass

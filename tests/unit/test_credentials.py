@@ -224,7 +224,7 @@ class FakeAuth:
 
 async def at_the_edge(http_method: str, headers: dict[str, str]) -> str:
     """`allow <auth method>` or the refusal's `REASON[/cause]`, from the edge's CheckResponse."""
-    authorizer = EdgeAuthorizer(FakeAuth(), FakeVerifier())  # type: ignore[arg-type]
+    authorizer = EdgeAuthorizer(FakeAuth(), FakeVerifier(), confirmed_age_s=lambda: None)  # type: ignore[arg-type]
     response = await authorizer.check(
         external_auth_pb2.CheckRequest(
             attributes=AttributeContext(

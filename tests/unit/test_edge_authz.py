@@ -1,15 +1,17 @@
 """The pure parts of the edge authorizer: reading Envoy's CheckRequest headers, picking the credential,
-the identity-header encodings, the answer cache, and the shapes of allow and deny responses.
+the identity-header encodings, the answer cache and what makes it forget or refuse to answer, and
+the shapes of allow and deny responses.
 
 One group drives `EdgeAuthorizer` with a stand-in for `AuthInternalService`: the real auth never
 lets a cookie session be cached (its `cache_ttl` is 0), so the CSRF check on a cached session can
-only be reached this way.
+only be reached this way; and the feed's age is a number the test sets.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -20,6 +22,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from google.protobuf.json_format import MessageToDict
 from google.rpc import error_details_pb2, status_pb2
+from prometheus_client import CollectorRegistry
 
 from gateway.authz import (
     Denial,
@@ -120,28 +123,47 @@ class FakeMonotonic:
         return self.now
 
 
+class FeedAge:
+    """How long ago the credential-change feed was confirmed current, as the test says."""
+
+    def __init__(self, age_s: float | None = 0.0) -> None:
+        self.age_s = age_s
+
+    def __call__(self) -> float | None:
+        return self.age_s
+
+
 class CountingApiKeys:
-    """Stands in for AuthInternalService.CheckApiKey: every key is a user, cached for `ttl_s`."""
+    """Stands in for AuthInternalService.CheckApiKey: every key is a user, cached for `ttl_s`.
+    `during_call` runs while a call is in flight (to land a change there)."""
 
     def __init__(self, ttl_s: float) -> None:
         self.ttl_s = ttl_s
         self.calls: list[str] = []
+        self.skipped_cache: list[bool] = []
+        self.during_call: Callable[[], object] = lambda: None
 
     async def CheckApiKey(
         self, request: auth_pb2.CheckApiKeyRequest, **_: object
     ) -> auth_pb2.CheckApiKeyResponse:
         self.calls.append(request.api_key)
+        self.skipped_cache.append(request.skip_cache)
+        self.during_call()
         response = auth_pb2.CheckApiKeyResponse(
-            identity=auth_pb2.Identity(user_id=f"owner-of-{request.api_key}", roles=[common_pb2.ROLE_USER])
+            identity=auth_pb2.Identity(user_id=owner_of(request.api_key), roles=[common_pb2.ROLE_USER])
         )
         response.cache_ttl.FromTimedelta(timedelta(seconds=self.ttl_s))
         return response
 
 
+def owner_of(api_key: str) -> str:
+    return f"owner-of-{api_key}"
+
+
 async def test_allowed_answers_expire_after_the_ttl_auth_gives() -> None:
     clock = FakeMonotonic()
     keys = CountingApiKeys(ttl_s=30)
-    authorizer = EdgeAuthorizer(keys, NoTokens(), monotonic=clock)  # type: ignore[arg-type]
+    authorizer = EdgeAuthorizer(keys, NoTokens(), confirmed_age_s=FeedAge(), monotonic=clock)  # type: ignore[arg-type]
     request = check_request("GET", {"x-api-key": API_KEY})
     await authorizer.check(request)
     clock.now += 29.9
@@ -160,7 +182,13 @@ async def test_allowed_answers_expire_after_the_ttl_auth_gives() -> None:
 
 async def test_the_answer_cache_is_bounded_and_evicts_the_least_recently_used() -> None:
     keys = CountingApiKeys(ttl_s=60)
-    authorizer = EdgeAuthorizer(keys, NoTokens(), cache_entries=3, monotonic=FakeMonotonic())  # type: ignore[arg-type]
+    authorizer = EdgeAuthorizer(
+        keys,  # type: ignore[arg-type]
+        NoTokens(),
+        confirmed_age_s=FeedAge(),
+        cache_entries=3,
+        monotonic=FakeMonotonic(),
+    )
 
     async def check(key: str) -> None:
         assert (await authorizer.check(check_request("GET", {"x-api-key": key}))).status.code == 0
@@ -172,6 +200,114 @@ async def test_the_answer_cache_is_bounded_and_evicts_the_least_recently_used() 
     for key in ("pk_0", "pk_3", "pk_1"):
         await check(key)
     assert keys.calls == ["pk_0", "pk_1", "pk_2", "pk_3", "pk_1"]
+
+
+# ---- what the cache may answer --------------------------------------------------------------------
+
+
+async def checks_reaching_auth(authorizer: EdgeAuthorizer, keys: CountingApiKeys, key: str = API_KEY) -> int:
+    """Check `key` once and say how many checks so far reached auth."""
+    assert (await authorizer.check(check_request("GET", {"x-api-key": key}))).status.code == 0
+    return len(keys.calls)
+
+
+@pytest.mark.parametrize(
+    ("age_s", "answered_from_the_cache"),
+    [(0.0, True), (0.99, True), (1.0, False), (None, False)],
+)
+async def test_cached_answers_are_used_only_while_the_feed_is_confirmed_within_a_second(
+    age_s: float | None, answered_from_the_cache: bool
+) -> None:
+    keys = CountingApiKeys(ttl_s=30)
+    feed = FeedAge(0.0)
+    registry = CollectorRegistry()
+    authorizer = EdgeAuthorizer(
+        keys,  # type: ignore[arg-type]
+        NoTokens(),
+        confirmed_age_s=feed,
+        registry=registry,
+        monotonic=FakeMonotonic(),
+    )
+    await checks_reaching_auth(authorizer, keys)
+
+    feed.age_s = age_s
+    assert await checks_reaching_auth(authorizer, keys) == (1 if answered_from_the_cache else 2)
+    outcome = "hit" if answered_from_the_cache else "unconfirmed"
+    assert metric(registry, "parley_edge_authz_cache_lookups_total", credential="api_key", outcome=outcome)
+
+
+async def test_a_change_to_a_user_makes_the_edge_forget_that_users_answers_only() -> None:
+    keys = CountingApiKeys(ttl_s=600)
+    clock = FakeMonotonic()
+    authorizer = EdgeAuthorizer(keys, NoTokens(), confirmed_age_s=FeedAge(), monotonic=clock)  # type: ignore[arg-type]
+    await checks_reaching_auth(authorizer, keys, "pk_a")
+    await checks_reaching_auth(authorizer, keys, "pk_b")
+
+    assert authorizer.decisions.forget_user(owner_of("pk_a")) == 1
+    clock.now += 60  # past the settle window (the answer had no change to wait out here anyway)
+    assert await checks_reaching_auth(authorizer, keys, "pk_b") == 2
+    assert await checks_reaching_auth(authorizer, keys, "pk_a") == 3
+    assert await checks_reaching_auth(authorizer, keys, "pk_a") == 3
+
+    assert authorizer.decisions.forget_everything() == 2
+    assert await checks_reaching_auth(authorizer, keys, "pk_b") == 4
+
+
+async def test_an_answer_a_change_overtook_is_used_once_and_not_cached() -> None:
+    keys = CountingApiKeys(ttl_s=30)
+    clock = FakeMonotonic()
+    authorizer = EdgeAuthorizer(keys, NoTokens(), confirmed_age_s=FeedAge(), monotonic=clock)  # type: ignore[arg-type]
+    keys.during_call = lambda: authorizer.decisions.forget_user(owner_of(API_KEY))
+
+    assert await checks_reaching_auth(authorizer, keys) == 1
+    keys.during_call = lambda: None
+    assert await checks_reaching_auth(authorizer, keys) == 2, "the first answer was not kept"
+
+
+async def test_answers_about_a_user_who_just_changed_are_not_cached_for_two_seconds() -> None:
+    # Another auth replica may still answer from its own cache, up to a second behind the feed.
+    keys = CountingApiKeys(ttl_s=30)
+    clock = FakeMonotonic()
+    authorizer = EdgeAuthorizer(keys, NoTokens(), confirmed_age_s=FeedAge(), monotonic=clock)  # type: ignore[arg-type]
+    authorizer.decisions.forget_user(owner_of(API_KEY))
+
+    clock.now += 1.9
+    assert await checks_reaching_auth(authorizer, keys) == 1
+    assert await checks_reaching_auth(authorizer, keys) == 2
+    clock.now += 0.2
+    assert await checks_reaching_auth(authorizer, keys) == 3
+    assert await checks_reaching_auth(authorizer, keys) == 3
+
+
+CREATE_API_KEY = "/parley.auth.v1.AuthService/CreateApiKey"
+
+
+async def test_sensitive_methods_are_checked_afresh_by_auth_every_time() -> None:
+    keys = CountingApiKeys(ttl_s=30)
+    registry = CollectorRegistry()
+    authorizer = EdgeAuthorizer(
+        keys,  # type: ignore[arg-type]
+        NoTokens(),
+        confirmed_age_s=FeedAge(),
+        sensitive_paths=frozenset({CREATE_API_KEY}),
+        registry=registry,
+        monotonic=FakeMonotonic(),
+    )
+    await checks_reaching_auth(authorizer, keys)
+    assert await checks_reaching_auth(authorizer, keys) == 1, "cached for ordinary methods"
+
+    for path in (CREATE_API_KEY, f"{CREATE_API_KEY}?alt=json"):
+        request = check_request("POST", {"x-api-key": API_KEY}, path=path)
+        assert (await authorizer.check(request)).status.code == 0
+    assert keys.skipped_cache == [False, True, True]
+    assert (
+        metric(registry, "parley_edge_authz_cache_lookups_total", credential="api_key", outcome="sensitive")
+        == 2
+    )
+
+
+def metric(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    return registry.get_sample_value(name, labels) or 0.0
 
 
 # ---- response shapes ----------------------------------------------------------------------------
@@ -317,17 +453,21 @@ class NoTokens:
         raise AssertionError("no bearer token in these requests")
 
 
-def check_request(method: str, headers: dict[str, str]) -> Any:
+def check_request(
+    method: str, headers: dict[str, str], *, path: str = "/parley.auth.v1.AuthService/X"
+) -> Any:
     return external_auth_pb2.CheckRequest(
         attributes=AttributeContext(
-            request=AttributeContext.Request(http=HttpRequest(id="req-9", method=method, headers=headers))
+            request=AttributeContext.Request(
+                http=HttpRequest(id="req-9", method=method, path=path, headers=headers)
+            )
         )
     )
 
 
 async def test_a_cached_session_still_checks_csrf_on_unsafe_methods() -> None:
     sessions = CacheableSessions()
-    authorizer = EdgeAuthorizer(sessions, NoTokens())  # type: ignore[arg-type]
+    authorizer = EdgeAuthorizer(sessions, NoTokens(), confirmed_age_s=FeedAge())  # type: ignore[arg-type]
     cookie = f"{ACCESS_TOKEN_COOKIE}=eyJ.session.token; {CSRF_COOKIE}=csrf-1"
     first = await authorizer.check(check_request("GET", {"cookie": cookie}))
     assert first.status.code == 0
@@ -375,7 +515,13 @@ async def test_which_denials_are_cached(
 ) -> None:
     clock = FakeMonotonic()
     sessions = RefusingSessions(reason, code)
-    authorizer = EdgeAuthorizer(sessions, NoTokens(), denial_cache_ttl_s=30, monotonic=clock)  # type: ignore[arg-type]
+    authorizer = EdgeAuthorizer(
+        sessions,  # type: ignore[arg-type]
+        NoTokens(),
+        confirmed_age_s=FeedAge(None),
+        denial_cache_ttl_s=30,
+        monotonic=clock,
+    )
     request = check_request("POST", {"cookie": f"{ACCESS_TOKEN_COOKIE}=eyJ.x.y", "x-csrf-token": "t"})
     for _ in range(3):
         response = await authorizer.check(request)

@@ -1474,16 +1474,22 @@ class CheckApiKeyRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     API_KEY_FIELD_NUMBER: _builtins.int
+    SKIP_CACHE_FIELD_NUMBER: _builtins.int
     api_key: _builtins.str
     """The full `pk_…` secret as presented."""
+    skip_cache: _builtins.bool
+    """Check the stored key and its user even when a checked answer is cached: the request is a
+    sensitive action (`parley.common.v1.MethodAccess.sensitive`).
+    """
     def __init__(
         self,
         *,
         api_key: _builtins.str = ...,
+        skip_cache: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "skip_cache", b"skip_cache"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1582,3 +1588,54 @@ class CheckSessionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CheckSessionResponse: _TypeAlias = CheckSessionResponse  # noqa: Y015
+
+@_typing.final
+class WatchCredentialChangesRequest(_message.Message):
+    """Request for AuthInternalService.WatchCredentialChanges."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchCredentialChangesRequest: _TypeAlias = WatchCredentialChangesRequest  # noqa: Y015
+
+@_typing.final
+class WatchCredentialChangesResponse(_message.Message):
+    """One message of AuthInternalService.WatchCredentialChanges."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESYNC_FIELD_NUMBER: _builtins.int
+    USER_IDS_FIELD_NUMBER: _builtins.int
+    CONFIRMED_AGE_FIELD_NUMBER: _builtins.int
+    resync: _builtins.bool
+    """Drop every cached credential decision: set on the first message, and after auth may have missed changes."""
+    @_builtins.property
+    def user_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The users whose cached credential decisions to drop (API keys, sessions, roles, plan)."""
+
+    @_builtins.property
+    def confirmed_age(self) -> _duration_pb2.Duration:
+        """How long before sending auth was last confirmed to hold every change (zero when it is the source)."""
+
+    def __init__(
+        self,
+        *,
+        resync: _builtins.bool = ...,
+        user_ids: _abc.Iterable[_builtins.str] | None = ...,
+        confirmed_age: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["confirmed_age", b"confirmed_age"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confirmed_age", b"confirmed_age", "resync", b"resync", "user_ids", b"user_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchCredentialChangesResponse: _TypeAlias = WatchCredentialChangesResponse  # noqa: Y015

@@ -1100,6 +1100,11 @@ class AuthInternalServiceStub:
                 request_serializer=parley_dot_auth_dot_v1_dot_auth__pb2.CheckSessionRequest.SerializeToString,
                 response_deserializer=parley_dot_auth_dot_v1_dot_auth__pb2.CheckSessionResponse.FromString,
                 _registered_method=True)
+        self.WatchCredentialChanges = channel.unary_stream(
+                '/parley.auth.v1.AuthInternalService/WatchCredentialChanges',
+                request_serializer=parley_dot_auth_dot_v1_dot_auth__pb2.WatchCredentialChangesRequest.SerializeToString,
+                response_deserializer=parley_dot_auth_dot_v1_dot_auth__pb2.WatchCredentialChangesResponse.FromString,
+                _registered_method=True)
 
 
 class AuthInternalServiceServicer:
@@ -1123,6 +1128,16 @@ class AuthInternalServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchCredentialChanges(self, request, context):
+        """Streams which users' credential decisions changed (a key revoked, a user disabled, roles,
+        password or sessions changed), so the edge evicts what it cached about them. The first message
+        and any after a gap say to drop everything; while auth is current, a message (maybe empty)
+        arrives at least every 200 ms, and the edge answers from its cache only while they keep coming.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuthInternalServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -1135,6 +1150,11 @@ def add_AuthInternalServiceServicer_to_server(servicer, server):
                     servicer.CheckSession,
                     request_deserializer=parley_dot_auth_dot_v1_dot_auth__pb2.CheckSessionRequest.FromString,
                     response_serializer=parley_dot_auth_dot_v1_dot_auth__pb2.CheckSessionResponse.SerializeToString,
+            ),
+            'WatchCredentialChanges': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchCredentialChanges,
+                    request_deserializer=parley_dot_auth_dot_v1_dot_auth__pb2.WatchCredentialChangesRequest.FromString,
+                    response_serializer=parley_dot_auth_dot_v1_dot_auth__pb2.WatchCredentialChangesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1195,6 +1215,33 @@ class AuthInternalService:
             '/parley.auth.v1.AuthInternalService/CheckSession',
             parley_dot_auth_dot_v1_dot_auth__pb2.CheckSessionRequest.SerializeToString,
             parley_dot_auth_dot_v1_dot_auth__pb2.CheckSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchCredentialChanges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/parley.auth.v1.AuthInternalService/WatchCredentialChanges',
+            parley_dot_auth_dot_v1_dot_auth__pb2.WatchCredentialChangesRequest.SerializeToString,
+            parley_dot_auth_dot_v1_dot_auth__pb2.WatchCredentialChangesResponse.FromString,
             options,
             channel_credentials,
             insecure,

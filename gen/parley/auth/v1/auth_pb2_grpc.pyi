@@ -377,6 +377,12 @@ class AuthInternalServiceStub:
     """Resolves a presented API key secret to the identity it acts for."""
     CheckSession: _grpc.UnaryUnaryMultiCallable[_auth_pb2.CheckSessionRequest, _auth_pb2.CheckSessionResponse]
     """Resolves a browser session cookie to its identity and checks the CSRF token on unsafe methods."""
+    WatchCredentialChanges: _grpc.UnaryStreamMultiCallable[_auth_pb2.WatchCredentialChangesRequest, _auth_pb2.WatchCredentialChangesResponse]
+    """Streams which users' credential decisions changed (a key revoked, a user disabled, roles,
+    password or sessions changed), so the edge evicts what it cached about them. The first message
+    and any after a gap say to drop everything; while auth is current, a message (maybe empty)
+    arrives at least every 200 ms, and the edge answers from its cache only while they keep coming.
+    """
 
 @_typing.type_check_only
 class AuthInternalServiceAsyncStub(AuthInternalServiceStub):
@@ -391,6 +397,12 @@ class AuthInternalServiceAsyncStub(AuthInternalServiceStub):
     """Resolves a presented API key secret to the identity it acts for."""
     CheckSession: _aio.UnaryUnaryMultiCallable[_auth_pb2.CheckSessionRequest, _auth_pb2.CheckSessionResponse]  # type: ignore[assignment]
     """Resolves a browser session cookie to its identity and checks the CSRF token on unsafe methods."""
+    WatchCredentialChanges: _aio.UnaryStreamMultiCallable[_auth_pb2.WatchCredentialChangesRequest, _auth_pb2.WatchCredentialChangesResponse]  # type: ignore[assignment]
+    """Streams which users' credential decisions changed (a key revoked, a user disabled, roles,
+    password or sessions changed), so the edge evicts what it cached about them. The first message
+    and any after a gap say to drop everything; while auth is current, a message (maybe empty)
+    arrives at least every 200 ms, and the edge answers from its cache only while they keep coming.
+    """
 
 class AuthInternalServiceServicer(metaclass=_abc_1.ABCMeta):
     """Credential checks for the gateway's edge server; never routable through the gateway.
@@ -414,5 +426,17 @@ class AuthInternalServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.CheckSessionResponse, _abc.Awaitable[_auth_pb2.CheckSessionResponse]]:
         """Resolves a browser session cookie to its identity and checks the CSRF token on unsafe methods."""
+
+    @_abc_1.abstractmethod
+    def WatchCredentialChanges(
+        self,
+        request: _auth_pb2.WatchCredentialChangesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_auth_pb2.WatchCredentialChangesResponse], _abc.AsyncIterator[_auth_pb2.WatchCredentialChangesResponse]]:
+        """Streams which users' credential decisions changed (a key revoked, a user disabled, roles,
+        password or sessions changed), so the edge evicts what it cached about them. The first message
+        and any after a gap say to drop everything; while auth is current, a message (maybe empty)
+        arrives at least every 200 ms, and the edge answers from its cache only while they keep coming.
+        """
 
 def add_AuthInternalServiceServicer_to_server(servicer: AuthInternalServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
