@@ -305,8 +305,8 @@ class CachedJwksVerifier(_JwtVerifier):
 
     async def _key_for(self, kid: str) -> PyJWK | None:
         stale = self._fetched_at is None or self._monotonic() - self._fetched_at >= self._cache_ttl_s
-        if stale and self._may_fetch():
-            await self._refetch()
+        if stale:
+            await self._refresh()
         if self._fetched_at is None:
             raise Unavailable(
                 "Tokens cannot be verified right now: the signing keys are unavailable.",
@@ -314,10 +314,19 @@ class CachedJwksVerifier(_JwtVerifier):
                 metadata={"dependency": "jwks"},
             )
         key = self._keys.get(kid)
-        if key is None and self._may_fetch():
-            await self._refetch()
+        if key is None:
+            await self._refresh()
             key = self._keys.get(kid)
         return key
+
+    async def _refresh(self) -> None:
+        """Fetch the set if the budget allows; otherwise wait for a fetch already under way, so the
+        calls that arrive while the first fetch runs use its keys instead of finding none."""
+        if self._may_fetch():
+            await self._refetch()
+        elif self._fetching.locked():
+            async with self._fetching:
+                pass
 
     async def _refetch(self) -> None:
         wanted_at = self._monotonic()

@@ -249,9 +249,13 @@ class CountingFetch:
     keys: SigningKeyStore
     calls: int = 0
     failing: bool = False
+    # When set, each fetch waits for it: a fetch that is still under way.
+    gate: asyncio.Event | None = None
 
     async def __call__(self) -> Mapping[str, Any]:
         self.calls += 1
+        if self.gate is not None:
+            await self.gate.wait()
         if self.failing:
             raise ConnectionError("auth is down")
         return await self.keys.jwks()
@@ -562,6 +566,23 @@ async def test_unknown_kids_cannot_hammer_the_jwks_endpoint(
     results = await asyncio.gather(*(verifier.verify(token) for token in forged), return_exceptions=True)
     assert all(isinstance(result, Unauthenticated) for result in results)
     assert fetch.calls == 2  # twenty concurrent unknown kids, one refetch
+
+
+async def test_calls_during_the_first_fetch_wait_for_its_keys(
+    verifier: CachedJwksVerifier, issuer: AccessTokenIssuer, fetch: CountingFetch
+) -> None:
+    token = await _issue(issuer)
+    fetch.gate = asyncio.Event()
+    first = asyncio.create_task(verifier.verify(token))
+    while fetch.calls == 0:
+        await asyncio.sleep(0)
+    # These arrive while the first fetch is under way, within the refetch budget it spent.
+    others = [asyncio.create_task(verifier.verify(token)) for _ in range(3)]
+    await asyncio.sleep(0)
+    fetch.gate.set()
+    identities = await asyncio.gather(first, *others)
+    assert {identity.user_id for identity in identities} == {"user-1"}
+    assert fetch.calls == 1
 
 
 async def test_a_failing_fetch_keeps_the_cached_keys_and_no_keys_is_unavailable(
