@@ -35,7 +35,7 @@ from services.common.errors import FieldViolation
 EMAIL_MAX: Final = 320
 LOCAL_PART_MAX: Final = 64
 DOMAIN_MAX: Final = 253
-# Longer input is no address; it is not normalized (NFKC can grow text eighteenfold) and matches no one.
+# Longer input is no address: it is left as it is (NFKC can grow text eighteenfold) and matches no one.
 _INPUT_MAX: Final = 4 * EMAIL_MAX
 
 # Local part: anything printable but whitespace and "@" (quoted forms are not supported); with the
@@ -51,7 +51,7 @@ def normalize_email(value: str) -> str:
     found by every spelling of it, its own included.
     """
     if len(value) > _INPUT_MAX:
-        return value.strip().lower()
+        return value
     text = unicodedata.normalize("NFKC", value).strip()
     local, at, domain = text.rpartition("@")
     if not at:

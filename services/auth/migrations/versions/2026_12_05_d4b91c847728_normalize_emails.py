@@ -1,11 +1,10 @@
 """auth: store every email address in its canonical spelling (ADR 0015)
 
 Before this revision an address was only trimmed and lower-cased, so `users.email` may hold
-spellings that `normalize_email` now folds together (fullwidth letters, a U-label domain given as
-`xn--` in capitals...). Each row gets its canonical spelling. When several rows share one, the
-account that keeps the address is, in this order: the row already spelled canonically, an enabled
-one, a verified one, the oldest (then the smallest id). The others keep their rows, data and old
-spelling, which no
+spellings that `normalize_email` now folds together (fullwidth or mathematical letters, ligatures).
+Each row gets its canonical spelling. When several rows share one, the account that keeps the
+address is, in this order: the row already spelled canonically, an enabled one, a verified one,
+the oldest (then the smallest id). The others keep their rows, data and old spelling, which no
 sign-in can reach any more (every look-up goes through the canonical spelling), and are disabled,
 so a look-alike that was registered beside a real account stops working; an admin can list them
 with the `disabled` filter and enable one after review. Nothing is deleted.
