@@ -29,6 +29,7 @@ from services.auth.signing_keys import (
 )
 from services.auth.wiring import account_parts, key_encryption_key, signing_key_store
 from services.common.clock import utc_now
+from services.common.data_dir import prepare_data_dir
 from services.common.db import Database, DatabaseUnavailable
 from services.common.errors import FieldViolation, InvalidArgument, ParleyError
 from services.common.migrate import upgrade_async
@@ -199,7 +200,7 @@ def _utc(moment: datetime) -> str:
 def _run_against_database(settings: Settings, operation: Callable[[Database], Awaitable[None]]) -> int:
     """Reach the database, migrate it, run `operation`, close the pool; 0 when it all went well."""
     if settings.database_url is None:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        prepare_data_dir(settings.data_dir)
     url = settings.resolved_database_url
 
     async def run() -> None:

@@ -9,6 +9,7 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+from services.common.data_dir import prepare_data_dir, restrict_new_files_to_owner
 from services.common.listeners import PortInUseError
 from services.common.settings import (
     DEFAULT_GRPC_PORT,
@@ -157,6 +158,9 @@ def _at_least_one(text: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Before anything can write a file: whatever any command or child creates is its owner's alone
+    # (the data dir holds the database and mails with live reset links; services/common/data_dir.py).
+    restrict_new_files_to_owner()
     # Parley forks only to exec Envoy, never to run Python that uses gRPC; grpc's fork handlers would
     # just log "skipping fork() handlers" noise on every child start.
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
@@ -202,7 +206,7 @@ def _dispatch(arguments: argparse.Namespace) -> int:  # noqa: PLR0911 - one retu
     from services.common.migrate import upgrade
 
     if settings.database_url is None:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        prepare_data_dir(settings.data_dir)
     upgrade(settings.resolved_database_url)
     sys.stdout.write(f"migrated {_redacted(settings.resolved_database_url)}\n")
     return 0

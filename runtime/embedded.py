@@ -31,6 +31,7 @@ from runtime.topologies import with_edge_settings
 from runtime.workers import EmbeddedWorkers
 from services.common.context import ServiceContext
 from services.common.contracts import descriptor_set_path
+from services.common.data_dir import prepare_data_dir
 from services.common.db import Database
 from services.common.health import DependencyProbe
 from services.common.listeners import ensure_free
@@ -70,8 +71,7 @@ async def run_embedded(settings: Settings, *, stop: asyncio.Event | None = None)
     stop = stop or asyncio.Event()
     install_stop_signals(stop)
 
-    data_dir = settings.data_dir.resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = prepare_data_dir(settings.data_dir)
     database_url = settings.resolved_database_url
     await upgrade_async(database_url)
     database = Database(database_url)

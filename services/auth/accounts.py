@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
 import unicodedata
 from collections.abc import Callable, Sequence
@@ -29,9 +28,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from parley.events.v1 import events_pb2
 from services.auth.email_limits import FORGOT_PASSWORD_EMAIL_LIMIT, LOGIN_EMAIL_LIMIT, EmailRateLimits
+from services.auth.emails import EMAIL_MAX, email_violations, normalize_email
 from services.auth.opaque import new_secret, secret_hash
 from services.auth.passwords import PasswordHasher, PasswordPolicy
-from services.auth.ports import EMAIL_MAX, USER_CACHE, AuthUnitOfWork, AuthUnitsOfWork, EmailTaken
+from services.auth.ports import USER_CACHE, AuthUnitOfWork, AuthUnitsOfWork, EmailTaken
 from services.auth.sessions import (
     AuthMethod,
     RevokedSessions,
@@ -71,7 +71,6 @@ VERIFY_EMAIL_TEMPLATE: Final = "verify_email"
 PASSWORD_RESET_TEMPLATE: Final = "password_reset"  # noqa: S105 - a template name, not a password
 
 DISPLAY_NAME_MAX: Final = 100
-LOCAL_PART_MAX: Final = 64
 # Far longer than any `opaque.new_secret()`; longer input is refused before it is hashed.
 _TOKEN_MAX: Final = 256
 
@@ -181,52 +180,9 @@ def _datetime_or_none(text: str | None) -> datetime | None:
     return None if text is None else datetime.fromisoformat(text)
 
 
-# Local part: anything printable but whitespace and "@" (quoted forms are not supported). Domain:
-# dot-separated LDH labels, at least two (internationalised domains in their xn-- form).
-_LOCAL_PART = re.compile(r"[^\s@\"(),:;<>\[\]\\]+")
-_DOMAIN_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
-
-
-def normalize_email(value: str) -> str:
-    """The stored form of an address: surrounding whitespace removed, lower-cased."""
-    return value.strip().lower()
-
-
 def _violation(field_name: str, description: str) -> list[FieldViolation]:
     """The one violation a field check reports (checks stop at the first problem they find)."""
     return [FieldViolation(field=field_name, description=description, reason="INVALID_ARGUMENT")]
-
-
-def email_violations(normalized: str, *, field_name: str = "email") -> list[FieldViolation]:
-    """Why `normalized` (see `normalize_email`) is not an address we accept; empty when it is."""
-
-    if not normalized:
-        return _violation(field_name, "An email address is required.")
-    if len(normalized) > EMAIL_MAX:
-        return _violation(field_name, f"The email address must be at most {EMAIL_MAX} characters.")
-    local, at, domain = normalized.rpartition("@")
-    labels = domain.split(".")
-    if (
-        not at
-        or not local
-        or len(local) > LOCAL_PART_MAX
-        or _LOCAL_PART.fullmatch(local) is None
-        or any(not character.isprintable() for character in local)
-        or len(domain) > 253
-        or len(labels) < 2
-        or any(_DOMAIN_LABEL.fullmatch(label) is None for label in labels)
-    ):
-        return _violation(field_name, "This is not a valid email address.")
-    return []
-
-
-def checked_email(value: str, *, field_name: str = "email") -> str:
-    """The normalized address; INVALID_ARGUMENT with a field violation when it is malformed."""
-    normalized = normalize_email(value)
-    violations = email_violations(normalized, field_name=field_name)
-    if violations:
-        raise InvalidArgument(violations[0].description, field_violations=violations)
-    return normalized
 
 
 # Bidirectional overrides and isolates can make a name render as something else ("spoofing").
@@ -534,10 +490,11 @@ class AccountService:
         """Spend the email's sign-in budget, check the credentials (see `authenticate`), and in one
         unit of work record the sign-in, start a session with its first refresh token and write
         `user.login_succeeded` with the session's id. Issuing the access token is the caller's."""
+        address = normalize_email(email)
         if self._email_limits is not None:
-            await self._email_limits.spend(LOGIN_EMAIL_LIMIT, email)
+            await self._email_limits.spend(LOGIN_EMAIL_LIMIT, address)
         method = AuthMethod(auth_method)
-        checked = await self._check_credentials(email, password, client_ip=client_ip)
+        checked = await self._check_credentials(address, password, client_ip=client_ip)
         async with self._units.write() as uow:
             user = await self._record_success(uow, checked)
             started = await self._sessions.start_within(
@@ -578,7 +535,7 @@ class AccountService:
           hash of the same cost) and for a wrong password: counted, backed off, locked.
         - PERMISSION_DENIED / ACCOUNT_DISABLED for a disabled user, only after the right password.
         """
-        checked = await self._check_credentials(email, password, client_ip=client_ip)
+        checked = await self._check_credentials(normalize_email(email), password, client_ip=client_ip)
         async with self._units.write() as uow:
             user = await self._record_success(uow, checked)
             uow.outbox.record(
@@ -587,10 +544,11 @@ class AccountService:
             )
         return user
 
-    async def _check_credentials(self, email: str, password: str, *, client_ip: str) -> _CheckedCredentials:
-        """The read and the hashing of a sign-in, outside any writing unit of work; each refusal is
-        counted and its events written in one unit of work of its own."""
-        address = normalize_email(email)
+    async def _check_credentials(self, address: str, password: str, *, client_ip: str) -> _CheckedCredentials:
+        """The read and the hashing of a sign-in for the canonical `address`, outside any writing
+        unit of work; each refusal is counted and its events written in one unit of work of its own.
+        A malformed address is looked up like any other and found by no one: it gets the answer of
+        an unknown one."""
         ip = _clean_ip(client_ip)
         keys = self._throttle.keys(address, ip)
         async with self._units.read() as uow:
@@ -683,10 +641,10 @@ class AccountService:
         The email's reset-mail budget is spent first, for every address alike. Within
         `email_cooldown` of the previous reset email nothing is sent, also silently.
         """
-        if self._email_limits is not None:
-            await self._email_limits.spend(FORGOT_PASSWORD_EMAIL_LIMIT, email)
-        started = time.monotonic()
         address = normalize_email(email)
+        if self._email_limits is not None:
+            await self._email_limits.spend(FORGOT_PASSWORD_EMAIL_LIMIT, address)
+        started = time.monotonic()
         now = self._clock()
         async with self._units.write() as uow:
             user = await uow.users.by_email(address) if len(address) <= EMAIL_MAX else None

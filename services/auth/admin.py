@@ -22,13 +22,12 @@ from services.auth.accounts import (
     clean_display_name,
     display_name_violations,
     email_already_registered,
-    email_violations,
     invalid_fields,
-    normalize_email,
     user_not_found,
 )
+from services.auth.emails import EMAIL_MAX, email_violations, normalize_email
 from services.auth.passwords import PasswordHasher, PasswordPolicy
-from services.auth.ports import EMAIL_MAX, AuthUnitOfWork, AuthUnitsOfWork, EmailTaken, UserQuery
+from services.auth.ports import AuthUnitOfWork, AuthUnitsOfWork, EmailTaken, UserQuery
 from services.auth.sessions import RevokedSessions, RevokeReason, SessionManager
 from services.common.clock import utc_now
 from services.common.errors import FailedPrecondition, FieldViolation, InvalidArgument

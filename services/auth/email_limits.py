@@ -31,8 +31,10 @@ class EmailRateLimits:
         self._config = config
         self._limiter = limiter
 
-    async def spend(self, limit: str, email: str) -> None:
-        matched = self._config.match([("limit", limit), ("email", email.strip().lower())])
+    async def spend(self, limit: str, address: str) -> None:
+        """`address` in its canonical spelling (`emails.normalize_email`), so that every spelling of
+        one address spends one budget."""
+        matched = self._config.match([("limit", limit), ("email", address)])
         if matched is None:
             return  # the rules file does not limit this endpoint per email
         rule, counter_key = matched

@@ -8,14 +8,14 @@ from datetime import datetime
 from sqlalchemy import JSON, ForeignKey, Index, Integer, LargeBinary, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from services.auth.ports import EMAIL_MAX
+from services.auth.emails import EMAIL_MAX
 from services.common.models import Base, Timestamps, UuidPrimaryKey
 
 SHA256_HEX = 64
 
 
 class UserRecord(UuidPrimaryKey, Timestamps, Base):
-    """An account; `email` is stored lower-cased and is unique."""
+    """An account; `email` is stored in its canonical spelling (`services.auth.emails`) and is unique."""
 
     __tablename__ = "users"
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Final, Protocol
 
+from services.auth.emails import email_search_texts
 from services.common.unit_of_work import Outbox, UnitsOfWork
 
 if TYPE_CHECKING:
@@ -24,9 +25,6 @@ if TYPE_CHECKING:
     from services.auth.api_keys import ApiKey, StoredApiKey
     from services.auth.sessions import AuthMethod, RevokeReason, Session, StoredRefreshToken, StoredSession
     from services.auth.throttle import ThrottleState
-
-# The longest email address accepted (RFC 5321's path limit less its brackets); `users.email` holds it.
-EMAIL_MAX: Final = 320
 
 # The name of the cache of users by id (`AccountService.get_user`); a user's entry is marked stale by
 # every `UserRepository.save` and `add`, and the API-key check cache listens for the same marks.
@@ -51,6 +49,12 @@ class UserQuery:
     email_verified: bool | None = None
     created_at_or_after: datetime | None = None
     created_before: datetime | None = None
+
+    @property
+    def email_texts(self) -> tuple[str, ...]:
+        """`text` as it may appear inside stored addresses (`emails.email_search_texts`); an address
+        containing any of them matches."""
+        return email_search_texts(self.text)
 
 
 @dataclass(frozen=True)

@@ -291,13 +291,9 @@ class SqlUserRepository:
 def _conditions(query: UserQuery) -> list[ColumnElement[bool]]:
     conditions: list[ColumnElement[bool]] = []
     if query.text:
-        needle = query.text.lower()
-        conditions.append(
-            or_(
-                UserRecord.email.contains(needle, autoescape=True),
-                func.lower(UserRecord.display_name).contains(needle, autoescape=True),
-            )
-        )
+        matches = [func.lower(UserRecord.display_name).contains(query.text.lower(), autoescape=True)]
+        matches += [UserRecord.email.contains(text, autoescape=True) for text in query.email_texts]
+        conditions.append(or_(*matches))
     if query.role is not None:
         conditions.append(_role_held(query.role))
     if query.plan_id:

@@ -65,8 +65,9 @@ def domain_rate_rule(per_minute: int, burst: int) -> RateLimitRule:
 def recipient_domain(recipient: str) -> str:
     """The lower-cased domain of one bare address; `PermanentDeliveryError` for anything else.
 
-    Non-ASCII local parts pass (auth accepts them; sending them needs a server with SMTPUTF8), the
-    domain must be an ASCII host name, as auth requires.
+    Non-ASCII local parts pass (accounts stored before auth required ASCII ones, ADR 0015, may have
+    them; sending them needs a server with SMTPUTF8); the domain must be an ASCII host name, which
+    auth stores as IDNA A-labels.
     """
     _, address = parseaddr(recipient)
     local, _, domain = address.partition("@")

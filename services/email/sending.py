@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import ssl
 from email.message import EmailMessage
@@ -20,6 +21,7 @@ from uuid import uuid4
 
 import aiosmtplib
 
+from services.common.data_dir import PRIVATE_DIR_MODE, PRIVATE_FILE_MODE
 from services.common.settings import Settings, SmtpSecurity
 from services.email.errors import EmailDeliveryError, PermanentDeliveryError, TemporaryDeliveryError
 
@@ -177,9 +179,13 @@ class EmlFileSender:
         return message_id
 
     def _write(self, path: Path, content: bytes) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # Owner-only: a mail holds a live verification or reset link (services/common/data_dir.py).
+        path.parent.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.{uuid4().hex}.tmp")
-        partial.write_bytes(content)
+        with os.fdopen(
+            os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE), "wb"
+        ) as file:
+            file.write(content)
         partial.replace(path)
 
 

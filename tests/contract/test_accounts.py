@@ -118,7 +118,7 @@ async def test_register_creates_an_unverified_user_and_queues_the_verification_e
 
 
 async def test_register_refuses_malformed_fields_without_writing(world: AuthWorld) -> None:
-    # The rules themselves, case by case, are in tests/unit/test_account_fields.py.
+    # The rules themselves, case by case, are in tests/unit/test_email_addresses.py and test_display_names.py.
     error = await refusal(world.accounts.register("ada@localhost", STRONG_PASSWORD, "Ada"), InvalidArgument)
     assert error.reason == "INVALID_ARGUMENT"
     assert violations(error) == [("email", "INVALID_ARGUMENT")]

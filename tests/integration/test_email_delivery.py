@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
+import stat
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
@@ -270,6 +272,20 @@ async def test_eml_sink_writes_one_parseable_file_per_message(tmp_path: Path) ->
     text, html = parts_of(message)
     assert f"{BASE_URL}/verify-email?token=tok-verify-0123456789" in text
     assert f"{BASE_URL}/verify-email?token=tok-verify-0123456789" in html
+
+
+async def test_eml_files_are_owner_only_whatever_the_umask(tmp_path: Path) -> None:
+    # A mail holds a live verification or reset link; the data dir's other users must not read it.
+    settings = load_settings(data_dir=tmp_path / "data", public_base_url=BASE_URL, mail_from=MAIL_FROM)
+    sender = EmlFileSender.from_settings(settings)
+    delivery = EmailDelivery.from_settings(settings, sender=sender, limiter=InMemoryRateLimiter())
+    previous = os.umask(0o022)
+    try:
+        sent = await delivery.deliver(email_requested_event("password_reset"))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(sender.directory.stat().st_mode) == 0o700
+    assert stat.S_IMODE(sender.path_for(sent.message_id).stat().st_mode) == 0o600
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ from services.common.revocation import InMemoryRevocationList
 from services.common.server import ServerDeps, create_server
 from services.common.settings import load_settings
 from services.common.telemetry import create_tracer_provider
+from tests.support.look_alikes import fullwidth, mathematical_bold
 from tests.support.rate_limits import scaled_rate_limits
 from tests.support.tcp_proxy import TcpProxy
 
@@ -147,6 +148,34 @@ async def test_two_auth_replicas_share_one_email_budget_in_redis(
             except grpc.aio.AioRpcError as error:
                 codes.append(error.code())
     assert codes == [grpc.StatusCode.OK] * FORGOT_BURST + [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2
+
+
+async def forgot_code(auth: Any, email: str) -> grpc.StatusCode:
+    try:
+        await auth.ForgotPassword(auth_pb2.ForgotPasswordRequest(email=email), timeout=10)
+    except grpc.aio.AioRpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["memory", "redis"])
+async def test_every_spelling_of_an_address_spends_its_one_budget(
+    sqlite_url: str, redis_url: str, tmp_path: Path, shared: bool
+) -> None:
+    """Fullwidth or mathematical letters are the same address (NFKC): they must not buy more guesses."""
+    await upgrade_async(sqlite_url)
+    local = f"spelled-{uuid.uuid4().hex[:8]}"
+    spellings = [
+        f"{fullwidth(local)}@example.com",
+        f"{local}@{fullwidth('EXAMPLE.COM')}",
+        f"{mathematical_bold(local)}@Example.com",
+    ]
+    assert len(spellings) == LOGIN_BURST
+    async with auth_service(sqlite_url, email_limits_file(tmp_path), redis_url if shared else None) as auth:
+        assert [await login_code(auth, email) for email in spellings] == [grpc.StatusCode.UNAUTHENTICATED] * 3
+        assert await login_code(auth, f"{local}@example.com") == grpc.StatusCode.RESOURCE_EXHAUSTED
+        forgot = [await forgot_code(auth, email) for email in [*spellings[:FORGOT_BURST], spellings[-1]]]
+    assert forgot == [grpc.StatusCode.OK] * FORGOT_BURST + [grpc.StatusCode.RESOURCE_EXHAUSTED]
 
 
 async def test_login_fails_closed_when_the_limiter_is_down(

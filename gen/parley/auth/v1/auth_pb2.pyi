@@ -68,7 +68,7 @@ class User(_message.Message):
     id: _builtins.str
     """Opaque user id."""
     email: _builtins.str
-    """The sign-in email address, stored lower-cased."""
+    """The sign-in email address in its canonical form: NFKC, lower-cased, the domain in IDNA A-labels."""
     display_name: _builtins.str
     """The name shown in the product; the only field the user may update for now."""
     email_verified: _builtins.bool

@@ -254,6 +254,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The CSRF header does not match the CSRF cookie (code 7)."""
     ERROR_REASON_LAST_ADMIN: _ErrorReason.ValueType  # 225
     """The change would leave the system without an enabled administrator (code 9)."""
+    ERROR_REASON_EMAIL_LOCAL_PART_NOT_ASCII: _ErrorReason.ValueType  # 226
+    """Field-violation reason: the email's local part is not ASCII after NFKC (look-alike letters)."""
     ERROR_REASON_MODEL_NOT_FOUND: _ErrorReason.ValueType  # 300
     """Chat reasons (values 300-399).
 
@@ -450,6 +452,8 @@ ERROR_REASON_CSRF_TOKEN_MISMATCH: ErrorReason.ValueType  # 224
 """The CSRF header does not match the CSRF cookie (code 7)."""
 ERROR_REASON_LAST_ADMIN: ErrorReason.ValueType  # 225
 """The change would leave the system without an enabled administrator (code 9)."""
+ERROR_REASON_EMAIL_LOCAL_PART_NOT_ASCII: ErrorReason.ValueType  # 226
+"""Field-violation reason: the email's local part is not ASCII after NFKC (look-alike letters)."""
 ERROR_REASON_MODEL_NOT_FOUND: ErrorReason.ValueType  # 300
 """Chat reasons (values 300-399).
 
