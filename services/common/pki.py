@@ -120,9 +120,10 @@ def _single(workload: str) -> CertificateSpec:
     return CertificateSpec(workload, (workload,))
 
 
-# `parley up`: one process hosts every service; Envoy and the edge are separate children.
+# `parley up`: one process hosts every service ("services"); Envoy and the edge are separate children.
+EMBEDDED_SERVICES: Final = "services"
 EMBEDDED_CERTIFICATES: Final = (
-    CertificateSpec("services", SERVICE_WORKLOADS),
+    CertificateSpec(EMBEDDED_SERVICES, SERVICE_WORKLOADS),
     _single(EDGE),
     _single(GATEWAY),
     _single(OPERATOR),
