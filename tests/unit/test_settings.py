@@ -46,8 +46,8 @@ def test_port_clash_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_secrets_are_never_echoed(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(SettingsError) as error:
-        load_settings(gateway_secret=["hunter2-marker"])
-    assert "PARLEY_GATEWAY_SECRET" in str(error.value)
+        load_settings(smtp_password=["hunter2-marker"], smtp_username="u")
+    assert "PARLEY_SMTP_PASSWORD" in str(error.value)
     assert "hunter2-marker" not in str(error.value)
 
 
