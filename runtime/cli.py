@@ -139,6 +139,34 @@ def _add_pki_commands(commands: Any) -> None:
     grpcurl.add_argument("arguments", nargs=argparse.REMAINDER, help="grpcurl's own arguments")
 
 
+GRPCURL_OPTIONS = ("--data-dir", "--server")
+
+
+def _grpcurl_arguments(argv: Sequence[str]) -> argparse.Namespace:
+    """`parley grpcurl`'s own options come first; everything from the first other argument on is
+    grpcurl's, flags included (argparse would take a leading `-d` for an option of ours)."""
+    options: dict[str, str] = {}
+    index = 1
+    while index < len(argv):
+        name, equals, value = argv[index].partition("=")
+        if name not in GRPCURL_OPTIONS:
+            break
+        if not equals:
+            index += 1
+            if index == len(argv):
+                _parser().parse_args(argv)  # reports the missing value and exits 2
+            value = argv[index]
+        options[name] = value
+        index += 1
+    data_dir = options.get("--data-dir")
+    return argparse.Namespace(
+        command="grpcurl",
+        data_dir=Path(data_dir) if data_dir is not None else None,
+        server=options.get("--server"),
+        arguments=list(argv[index:]),
+    )
+
+
 def _add_events_commands(commands: Any) -> None:
     """`parley events tail | dlq list | dlq replay` (runtime.event_commands runs them)."""
     events = commands.add_parser(
@@ -203,7 +231,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Parley forks only to exec Envoy, never to run Python that uses gRPC; grpc's fork handlers would
     # just log "skipping fork() handlers" noise on every child start.
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
-    arguments = _parser().parse_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    if given[:1] == ["grpcurl"] and not {"-h", "--help"} & set(given[1:2]):
+        arguments = _grpcurl_arguments(given)
+    else:
+        arguments = _parser().parse_args(given)
     try:
         return _dispatch(arguments)
     except PortInUseError as error:
