@@ -190,7 +190,7 @@ def announce(addresses: EmbeddedAddresses) -> None:
         f"  Gateway: JSON/REST, gRPC, SSE   {gateway}      try: curl {gateway}/v1/billing/plans",
         f"  gRPC, every service, mTLS       {grpc_target}  try: parley grpcurl {data_dir_flag}"
         f"{grpc_target} list",
-        f"  Certificates (operator: grpcurl) {addresses.pki_dir}",
+        f"  Certificates (mTLS, operator's) {addresses.pki_dir}",
         f"  Health                          {gateway}/healthz",
         f"  Metrics (Prometheus)            {addresses.metrics_url or 'off'}",
         f"  Edge metrics (rate limits)      {addresses.edge_metrics_url or 'off'}",

@@ -258,6 +258,13 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _service_certificate_pair(self) -> Settings:
+        # A certificate from one place and its key from another (a default) would never match.
+        if (self.service_cert_file is None) != (self.service_key_file is None):
+            raise ValueError("service_cert_file and service_key_file must be set together")
+        return self
+
+    @model_validator(mode="after")
     def _tls_pair(self) -> Settings:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file must be set together")

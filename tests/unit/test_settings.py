@@ -87,3 +87,28 @@ def test_feature_lists_are_comma_separated(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("PARLEY_AUTH_REQUIRE_VERIFIED_EMAIL_FOR", "api_keys,teleport")
     with pytest.raises(SettingsError, match="PARLEY_AUTH_REQUIRE_VERIFIED_EMAIL_FOR"):
         load_settings()
+
+
+def test_the_service_certificate_defaults_to_the_data_dirs_pki(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PARLEY_DATA_DIR", "/srv/parley")
+    files = load_settings().service_tls_files("chat")
+    assert (files.ca_file, files.cert_file, files.key_file) == (
+        Path("/srv/parley/pki/ca.pem"),
+        Path("/srv/parley/pki/chat.pem"),
+        Path("/srv/parley/pki/chat-key.pem"),
+    )
+
+    monkeypatch.setenv("PARLEY_SERVICE_CERT_FILE", "/run/secrets/tls.crt")
+    monkeypatch.setenv("PARLEY_SERVICE_KEY_FILE", "/run/secrets/tls.key")
+    mounted = load_settings().service_tls_files("chat")
+    assert (mounted.ca_file, mounted.cert_file, mounted.key_file) == (
+        Path("/srv/parley/pki/ca.pem"),
+        Path("/run/secrets/tls.crt"),
+        Path("/run/secrets/tls.key"),
+    )
+
+
+def test_a_service_certificate_needs_its_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PARLEY_SERVICE_CERT_FILE", "/run/secrets/tls.crt")
+    with pytest.raises(SettingsError, match="service_cert_file and service_key_file must be set together"):
+        load_settings()
