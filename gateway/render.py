@@ -70,8 +70,8 @@ class SdsFiles:
     """The two SDS files of a rendered config, in a folder of their own beside it.
 
     They name the PEM files, never their content: Envoy reads the certificate and key from those
-    paths, rereads them when a file is moved into their folder (a rotation), and its admin
-    `/config_dump` shows the paths only.
+    paths and rereads them when a file is moved into their folder (a rotation). Its admin
+    `/config_dump` shows what it loaded: the certificate and the CA (public), the key as `[redacted]`.
     """
 
     directory: Path
