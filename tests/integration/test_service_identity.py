@@ -155,10 +155,12 @@ async def _user_with_api_key(pki: ServicePki, target: str) -> tuple[str, str]:
 # ---- the calls, one per port ---------------------------------------------------------------------
 
 
-def check_api_key(secret: str) -> Call:
+def check_api_key(secret: str, metadata: tuple[tuple[str, str], ...] = ()) -> Call:
     async def call(channel: grpc.aio.Channel) -> Any:
         stub = auth_pb2_grpc.AuthInternalServiceStub(channel)
-        return await stub.CheckApiKey(auth_pb2.CheckApiKeyRequest(api_key=secret), timeout=5)
+        return await stub.CheckApiKey(
+            auth_pb2.CheckApiKeyRequest(api_key=secret), metadata=metadata, timeout=5
+        )
 
     return call
 
@@ -181,9 +183,17 @@ def ext_authz_check(metadata: tuple[tuple[str, str], ...] = ()) -> Call:
     return call
 
 
-async def should_rate_limit(channel: grpc.aio.Channel) -> Any:
-    stub = rls_pb2_grpc.RateLimitServiceStub(channel)
-    return await stub.ShouldRateLimit(rls_pb2.RateLimitRequest(domain="parley"), timeout=5)
+def should_rate_limit_with(metadata: tuple[tuple[str, str], ...]) -> Call:
+    async def call(channel: grpc.aio.Channel) -> Any:
+        stub = rls_pb2_grpc.RateLimitServiceStub(channel)
+        return await stub.ShouldRateLimit(
+            rls_pb2.RateLimitRequest(domain="parley"), metadata=metadata, timeout=5
+        )
+
+    return call
+
+
+should_rate_limit = should_rate_limit_with(())
 
 
 PORTS: dict[str, tuple[str, str, Call]] = {
@@ -358,6 +368,40 @@ async def test_identity_headers_from_a_workload_that_is_not_the_gateway_are_refu
         assert (info.reason, dict(info.metadata)) == ("UNTRUSTED_IDENTITY", {"cause": "identity_headers"})
     else:
         assert_caller_not_allowed(refused.value, caller, "parley.auth.v1.AuthAdminService/ListUsers")
+
+
+@pytest.mark.parametrize(
+    ("port", "caller", "refusal"),
+    [
+        # The edge may ask auth about keys, never as a user it names itself.
+        ("auth internal RPC", "edge", "UNTRUSTED_IDENTITY"),
+        ("edge ext_authz", "edge", "CALLER_NOT_ALLOWED"),
+        ("edge rate limits", "operator", "CALLER_NOT_ALLOWED"),
+        ("public service method", "operator", "UNTRUSTED_IDENTITY"),
+    ],
+)
+async def test_forged_identity_headers_are_refused_on_every_port(
+    mesh: Mesh, port: str, caller: str, refusal: str
+) -> None:
+    server, workload, _ = PORTS[port]
+    calls: dict[str, Call] = {
+        "auth internal RPC": check_api_key(mesh.api_key, ADMIN_HEADERS),
+        "edge ext_authz": ext_authz_check(ADMIN_HEADERS),
+        "edge rate limits": should_rate_limit_with(ADMIN_HEADERS),
+        "public service method": list_plans(ADMIN_HEADERS),
+    }
+    async with mesh.pki.channel(target_of(mesh, server), as_=caller, server=workload) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await calls[port](channel)
+    info = rich_status(refused.value)["ErrorInfo"]
+    assert isinstance(info, error_details_pb2.ErrorInfo)
+    assert info.reason == refusal
+    expected = (
+        grpc.StatusCode.UNAUTHENTICATED
+        if refusal == "UNTRUSTED_IDENTITY"
+        else grpc.StatusCode.PERMISSION_DENIED
+    )
+    assert refused.value.code() == expected
 
 
 async def test_the_edge_may_check_keys_but_not_claim_a_user(mesh: Mesh) -> None:
