@@ -56,7 +56,9 @@ from services.common.db import Database
 from services.common.health import DependencyProbe
 from services.common.metrics import new_registry
 from services.common.migrate import upgrade_async
+from services.common.pki import GATEWAY, MICROSERVICES_CERTIFICATES, PkiReport, ensure_pki
 from services.common.server import ParleyServer, ServerDeps, ServiceRegistration, create_server
+from services.common.service_tls import secure_channel_for
 from services.common.settings import Settings, load_settings
 from tests.support.databases import fresh_postgres_database
 
@@ -138,7 +140,7 @@ async def run(arguments: argparse.Namespace) -> Report:
             "users": USERS,
             "api_keys": USERS * KEYS_PER_USER,
             "bounds": {"requests": arguments.requests, "seconds": arguments.seconds},
-            "setup": "server and client in one process and event loop, loopback gRPC, one channel",
+            "setup": "server and client in one process and event loop, loopback gRPC with mTLS, one channel",
             "load_average_at_start": load_at_start,
         }
     )
@@ -158,12 +160,22 @@ async def _database_url(*, sqlite: bool) -> AsyncIterator[tuple[str, str]]:
 
 @contextlib.asynccontextmanager
 async def _servers(settings: Settings, database: Database) -> AsyncIterator[Servers]:
+    with tempfile.TemporaryDirectory(prefix="parley-bench-pki-") as pki_directory:
+        # As in production: the server proves it is auth; the client is `parley gateway`'s process
+        # (Envoy and the edge), whose certificate may call both the public and the internal RPCs.
+        pki = ensure_pki(Path(pki_directory), MICROSERVICES_CERTIFICATES)
+        async with _servers_with(settings, database, pki) as servers:
+            yield servers
+
+
+@contextlib.asynccontextmanager
+async def _servers_with(settings: Settings, database: Database, pki: PkiReport) -> AsyncIterator[Servers]:
     observability = set_up_observability(settings, process_name="bench-auth")
     context = ServiceContext(settings, database, revocation_list_for(settings), embedded=False)
     deployed = build_bundle(context)
     uncached = build_bundle(context, api_key_cache_ttl_s=0)
     await start_services([deployed, uncached])
-    identity = identity_for(settings, [deployed], context, settings.resolved_gateway_secret())
+    identity = identity_for(settings, [deployed], context, pki.files("auth"))
 
     def serve(
         registrations: list[ServiceRegistration], registry: CollectorRegistry
@@ -175,6 +187,7 @@ async def _servers(settings: Settings, database: Database) -> AsyncIterator[Serv
                 identity=identity.resolver,
                 registry=registry,
                 tracer_provider=observability.tracer_provider,
+                tls=pki.files("auth"),
                 probes=[DependencyProbe("database", database.ping)],
             ),
         )
@@ -184,8 +197,8 @@ async def _servers(settings: Settings, database: Database) -> AsyncIterator[Serv
     uncached_server, uncached_port = serve(_internal_only(uncached), new_registry())
     await main_server.start()
     await uncached_server.start()
-    main = grpc.aio.insecure_channel(f"127.0.0.1:{main_port}")
-    uncached_channel = grpc.aio.insecure_channel(f"127.0.0.1:{uncached_port}")
+    main = secure_channel_for(f"127.0.0.1:{main_port}", pki.files(GATEWAY), server="auth")
+    uncached_channel = secure_channel_for(f"127.0.0.1:{uncached_port}", pki.files(GATEWAY), server="auth")
     try:
         yield Servers(main, uncached_channel)
     finally:

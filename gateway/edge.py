@@ -1,5 +1,8 @@
 """The gateway's own gRPC server: what Envoy asks the edge, and what operators ask the gateway.
 
+It listens with mTLS like every Parley server. Its services for Envoy (rate limits, ext_authz, the
+span receiver) answer the gateway's workload only; health and reflection any workload of the CA.
+
 - Reflection and health: Envoy routes `grpc.reflection.*` and `grpc.health.v1.Health` here, so
   `grpcurl <gateway> list` shows exactly the public Parley services whatever process hosts them.
 - Envoy's global rate-limit service (gateway/rls.py), over Redis or, embedded, in memory.
@@ -22,9 +25,13 @@ from prometheus_client import CollectorRegistry, Counter
 from gateway.authz import EdgeAuthorizer, add_authorization_service
 from gateway.descriptors import DescriptorIndex, is_internal_service, public_services, read_descriptor_set
 from gateway.rls import add_rate_limit_service
+from services.common.callers import CallerPolicy
+from services.common.interceptors import CallerCheck
 from services.common.listeners import ensure_free
+from services.common.pki import GATEWAY, TlsFiles
 from services.common.ratelimit import RateLimitConfig, RateLimiter
 from services.common.reflection import add_reflection_service
+from services.common.service_tls import server_credentials
 
 logger = logging.getLogger(__name__)
 
@@ -103,13 +110,18 @@ class DroppingTraceReceiver(trace_service_pb2_grpc.TraceServiceServicer):
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
+# Who may call the edge's services for Envoy.
+ENVOY_CALLERS = CallerPolicy({}, default=frozenset({GATEWAY}))
+
+
 async def create_edge_server(
-    descriptor_set: bytes, host: str, port: int, services_for_envoy: EdgeServices
+    descriptor_set: bytes, host: str, port: int, tls: TlsFiles, services_for_envoy: EdgeServices
 ) -> tuple[grpc.aio.Server, int]:
-    """Build, bind and start the edge server; port 0 picks a free port, which is returned."""
+    """Build, bind and start the edge server with certificate `tls`; port 0 picks a free port, which is
+    returned."""
     parsed = read_descriptor_set(descriptor_set)
     services = [service.full_name for service in public_services(DescriptorIndex(parsed))]
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=[CallerCheck(ENVOY_CALLERS)])
     add_rate_limit_service(
         server,
         services_for_envoy.rate_limits,
@@ -130,8 +142,9 @@ async def create_edge_server(
 
     # Checked first: gRPC would log its own error line for a taken port before failing.
     ensure_free("edge_port", host, port)
+    credentials = server_credentials(tls)
     try:
-        bound_port = server.add_insecure_port(f"{host}:{port}")
+        bound_port = server.add_secure_port(f"{host}:{port}", credentials)
     except RuntimeError:
         bound_port = 0
     if bound_port == 0:

@@ -15,6 +15,7 @@ import ipaddress
 import json
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -36,10 +37,10 @@ from gateway.topology import OTLP_CLUSTER, Topology, Upstream
 from services.common.identity import (
     AUTH_METHOD_HEADER,
     GATEWAY_HEADER_PREFIX,
-    GATEWAY_SECRET_HEADER,
     JWT_CLAIM_HEADERS,
     USER_ID_HEADER,
 )
+from services.common.pki import server_name, workload_uri
 from services.common.ratelimit import RateLimitConfigError, load_rate_limit_config
 from services.common.reflection import REFLECTION_SERVICES
 from services.common.settings import SERVICE_NAMES
@@ -59,6 +60,34 @@ JWKS_PATH: Final = "/.well-known/jwks.json"
 TRANSCODER_FILTER: Final = "envoy.filters.http.grpc_json_transcoder"
 # Envoy's own JSON and OpenAPI documents are served from memory; the OpenAPI document is ~200 KiB.
 MAX_DIRECT_RESPONSE_BYTES: Final = 4 * MIB
+# The SDS resources Envoy reads its certificate and its trust bundle from (files in `SdsFiles`).
+CERTIFICATE_SDS_NAME: Final = "parley_workload_certificate"
+TRUST_BUNDLE_SDS_NAME: Final = "parley_service_ca"
+SDS_RESOURCE_TYPE: Final = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+
+
+@dataclass(frozen=True)
+class SdsFiles:
+    """The two SDS files of a rendered config, in a folder of their own beside it.
+
+    They name the PEM files, never their content: Envoy reads the certificate and key from those
+    paths and rereads them when a file is moved into their folder (a rotation). Its admin
+    `/config_dump` shows what it loaded: the certificate and the CA (public), the key as `[redacted]`.
+    """
+
+    directory: Path
+
+    @classmethod
+    def beside(cls, config_path: Path) -> SdsFiles:
+        return cls(config_path.with_name(f"{config_path.stem}-sds"))
+
+    @property
+    def certificate(self) -> Path:
+        return self.directory / "certificate.yaml"
+
+    @property
+    def validation(self) -> Path:
+        return self.directory / "validation.yaml"
 
 
 def _discovery_type(host: str) -> str:
@@ -250,8 +279,73 @@ def _cors_policy(topology: Topology) -> dict[str, Any]:
     }
 
 
-def render_envoy_config(topology: Topology, *, template_dir: Path = ENVOY_DIR) -> str:
-    """The complete Envoy bootstrap for `topology`, as YAML."""
+def render_sds_resources(topology: Topology) -> dict[str, str]:
+    """The SDS files' content by `SdsFiles` property: Envoy's certificate, and the CA it checks the
+    services and the edge with (each watched in its folder, so a replaced file is picked up)."""
+    tls = topology.gateway_tls
+    certificate = {
+        "@type": SDS_RESOURCE_TYPE,
+        "name": CERTIFICATE_SDS_NAME,
+        "tls_certificate": {
+            "certificate_chain": {"filename": str(tls.cert_file.resolve())},
+            "private_key": {"filename": str(tls.key_file.resolve())},
+            "watched_directory": {"path": str(tls.cert_file.resolve().parent)},
+        },
+    }
+    validation = {
+        "@type": SDS_RESOURCE_TYPE,
+        "name": TRUST_BUNDLE_SDS_NAME,
+        "validation_context": {
+            "trusted_ca": {"filename": str(tls.ca_file.resolve())},
+            "watched_directory": {"path": str(tls.ca_file.resolve().parent)},
+        },
+    }
+    return {
+        "certificate": json.dumps({"resources": [certificate]}, indent=2),
+        "validation": json.dumps({"resources": [validation]}, indent=2),
+    }
+
+
+def _upstream_tls(name: str, sds: SdsFiles) -> dict[str, Any]:
+    """The transport socket of a cluster to Parley workload `name`: mTLS with the gateway's certificate,
+    accepting only `name`'s certificate from the Parley CA."""
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": server_name(name),
+            "common_tls_context": {
+                # gRPC servers insist on h2 by ALPN.
+                "alpn_protocols": ["h2"],
+                "tls_params": {
+                    "tls_minimum_protocol_version": "TLSv1_2",
+                    "tls_maximum_protocol_version": "TLSv1_3",
+                },
+                "tls_certificate_sds_secret_configs": [
+                    {"name": CERTIFICATE_SDS_NAME, "sds_config": _file_source(sds.certificate)}
+                ],
+                "combined_validation_context": {
+                    "default_validation_context": {
+                        "match_typed_subject_alt_names": [
+                            {"san_type": "URI", "matcher": {"exact": workload_uri(name)}}
+                        ]
+                    },
+                    "validation_context_sds_secret_config": {
+                        "name": TRUST_BUNDLE_SDS_NAME,
+                        "sds_config": _file_source(sds.validation),
+                    },
+                },
+            },
+        },
+    }
+
+
+def _file_source(path: Path) -> dict[str, Any]:
+    return {"path_config_source": {"path": str(path.resolve())}, "resource_api_version": "V3"}
+
+
+def render_envoy_config(topology: Topology, *, sds: SdsFiles, template_dir: Path = ENVOY_DIR) -> str:
+    """The complete Envoy bootstrap for `topology`, as YAML; its certificates come from `sds`."""
     try:
         descriptor_bytes = topology.descriptor_set_path.read_bytes()
     except OSError as error:
@@ -276,6 +370,8 @@ def render_envoy_config(topology: Topology, *, template_dir: Path = ENVOY_DIR) -
             "discovery": _discovery_type(upstream.host),
             # An area with no public service yet is still checked, via the server's overall health.
             "health_service": health_services.get(area, ""),
+            # The service's workload is the area's name.
+            "transport_socket": _upstream_tls(area, sds),
         }
         for area, upstream in sorted(topology.upstreams.items())
         if area in SERVICE_NAMES
@@ -345,6 +441,7 @@ def render_envoy_config(topology: Topology, *, template_dir: Path = ENVOY_DIR) -
         clusters=clusters,
         edge=topology.edge,
         edge_discovery=_discovery_type(topology.edge.host),
+        edge_transport_socket=_upstream_tls(topology.edge.name, sds),
         descriptor_set_path=str(topology.descriptor_set_path.resolve()),
         local_reply_mappers=local_reply_mappers(settings, max_request_bytes=topology.max_request_bytes),
         access_log_path=str(topology.access_log_path) if topology.access_log_path else None,
@@ -353,7 +450,6 @@ def render_envoy_config(topology: Topology, *, template_dir: Path = ENVOY_DIR) -
         identity_claims=JWT_CLAIM_HEADERS,
         token_rules={"clock_skew_s": CLOCK_SKEW_S, "max_lifetime_s": MAX_LIFETIME_S},
         gateway_header_prefix=GATEWAY_HEADER_PREFIX,
-        gateway_secret_header=GATEWAY_SECRET_HEADER,
         auth_method_header=AUTH_METHOD_HEADER,
         user_id_header=USER_ID_HEADER,
         jwks_uri=f"http://127.0.0.1:{topology.http_port}{JWKS_PATH}",
@@ -367,11 +463,28 @@ def render_envoy_config(topology: Topology, *, template_dir: Path = ENVOY_DIR) -
 
 
 def write_envoy_config(topology: Topology, path: Path) -> Path:
-    """Render and write the config readable only by its owner (it carries the gateway secret)."""
-    rendered = render_envoy_config(topology)
+    """Render and write the config, and its SDS files beside it (`SdsFiles.beside`), owner-only.
+
+    They hold no secret (the certificate files are only named), but they say where the keys are.
+    """
+    missing = topology.gateway_tls.missing()
+    if missing:
+        raise GatewayConfigError(
+            f"the gateway's certificate files are missing: {', '.join(map(str, missing))}"
+        )
+    sds = SdsFiles.beside(path)
+    rendered = render_envoy_config(topology, sds=sds)
+    sds.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    resources = render_sds_resources(topology)
+    _write_owner_only(sds.certificate, resources["certificate"])
+    _write_owner_only(sds.validation, resources["validation"])
+    _write_owner_only(path, rendered)
+    return path
+
+
+def _write_owner_only(path: Path, content: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-        handle.write(rendered)
+        handle.write(content)
     path.chmod(0o600)
-    return path

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Final, Literal
 
 from gateway.settings import GatewayConfigError, GatewaySettings, load_gateway_settings
+from services.common.pki import TlsFiles
 from services.common.ratelimit import DEFAULT_RATE_LIMITS_FILE
 from services.common.settings import (
     DEFAULT_EDGE_PORT,
@@ -31,7 +32,11 @@ OTLP_CLUSTER: Final = "otlp"
 
 @dataclass(frozen=True)
 class Upstream:
-    """One gRPC endpoint the gateway forwards to (a DNS name or an IP literal)."""
+    """One gRPC endpoint the gateway forwards to (a DNS name or an IP literal).
+
+    The service upstreams and the edge are Parley workloads named like their cluster: Envoy reaches
+    them over mTLS and accepts only the certificate of that workload (`spiffe://parley.local/<name>`).
+    """
 
     name: str
     host: str
@@ -59,8 +64,8 @@ class Topology:
     upstreams: Mapping[str, Upstream]
     # The gateway's own gRPC server: reflection, health, rate limits and ext_authz.
     edge: Upstream
-    # Kept out of repr so a logged or printed topology never shows it.
-    gateway_secret: str = field(repr=False)
+    # The certificate Envoy presents to the services and the edge, and the CA it checks them with.
+    gateway_tls: TlsFiles
     descriptor_set_path: Path
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     # None: JSON access log lines go to Envoy's stdout.
@@ -84,10 +89,6 @@ class Topology:
         missing = sorted(set(SERVICE_NAMES) - set(self.upstreams))
         if missing:
             raise GatewayConfigError(f"topology {self.name!r} has no upstream for {', '.join(missing)}")
-        if not self.gateway_secret or not self.gateway_secret.isprintable():
-            raise GatewayConfigError(
-                "the gateway secret must be non-empty printable text (it is a header value)"
-            )
         if self.max_request_bytes <= 0:
             raise GatewayConfigError("max_request_bytes must be positive")
         if not 0.0 <= self.min_healthy_percent <= 100.0:
@@ -111,8 +112,8 @@ def embedded_topology(
     edge_port: int,
     http_port: int,
     admin_port: int,
-    secret: str,
     *,
+    gateway_tls: TlsFiles,
     descriptor_set_path: Path,
     listen_address: str = "127.0.0.1",
     grpc_host: str = "127.0.0.1",
@@ -128,7 +129,7 @@ def embedded_topology(
         listen_address=listen_address,
         upstreams={name: Upstream(name, grpc_host, grpc_port) for name in SERVICE_NAMES},
         edge=Upstream(EDGE_CLUSTER, grpc_host, edge_port),
-        gateway_secret=secret,
+        gateway_tls=gateway_tls,
         descriptor_set_path=descriptor_set_path,
         max_request_bytes=max_request_bytes,
         access_log_path=access_log_path,
@@ -137,8 +138,8 @@ def embedded_topology(
 
 
 def local_topology(
-    secret: str,
     *,
+    gateway_tls: TlsFiles,
     descriptor_set_path: Path,
     http_port: int = DEFAULT_HTTP_PORT,
     admin_port: int = DEFAULT_ENVOY_ADMIN_PORT,
@@ -158,7 +159,7 @@ def local_topology(
         listen_address=listen_address,
         upstreams={name: Upstream(name, host, service_ports[name]) for name in SERVICE_NAMES},
         edge=Upstream(EDGE_CLUSTER, host, edge_port),
-        gateway_secret=secret,
+        gateway_tls=gateway_tls,
         descriptor_set_path=descriptor_set_path,
         max_request_bytes=max_request_bytes,
         access_log_path=access_log_path,
@@ -167,8 +168,8 @@ def local_topology(
 
 
 def k8s_topology(
-    secret: str,
     *,
+    gateway_tls: TlsFiles,
     descriptor_set_path: Path,
     namespace: str = "parley",
     cluster_domain: str = "cluster.local",
@@ -196,7 +197,7 @@ def k8s_topology(
             for name in SERVICE_NAMES
         },
         edge=Upstream(EDGE_CLUSTER, "127.0.0.1", edge_port),
-        gateway_secret=secret,
+        gateway_tls=gateway_tls,
         descriptor_set_path=descriptor_set_path,
         max_request_bytes=max_request_bytes,
         min_healthy_percent=min_healthy_percent,

@@ -1,4 +1,4 @@
-"""The one `parley` entry point: up, serve, worker, gateway, migrate, admin, events."""
+"""The one `parley` entry point: up, serve, worker, gateway, migrate, admin, events, pki, grpcurl."""
 
 from __future__ import annotations
 
@@ -94,7 +94,78 @@ def _parser() -> argparse.ArgumentParser:
         action.add_argument("--data-dir", type=Path, help="default: PARLEY_DATA_DIR or ./var")
         action.add_argument("--database-url", help="default: PARLEY_DATABASE_URL or SQLite in the data dir")
     _add_events_commands(commands)
+    _add_pki_commands(commands)
     return parser
+
+
+def _add_pki_commands(commands: Any) -> None:
+    """`parley pki init` and `parley grpcurl` (runtime.pki_commands runs them)."""
+    pki = commands.add_parser("pki", help="the certificates every process proves its workload with (mTLS)")
+    actions = pki.add_subparsers(dest="pki_command", required=True, metavar="ACTION")
+    init = actions.add_parser(
+        "init",
+        help="create or renew a CA and the workloads' certificates (microservices mode, tests)",
+        description=(
+            "Creates what is missing, renews what expires within 30 days (or names other workloads, or "
+            "was signed by another CA), keeps the rest. Each certificate is NAME.pem and NAME-key.pem; "
+            "a process finds its own through PARLEY_SERVICE_CA_FILE / _CERT_FILE / _KEY_FILE, by "
+            "default <data dir>/pki/<its workload>.pem. `parley up` keeps its own in its data dir."
+        ),
+    )
+    init.add_argument("--dir", type=Path, help="where to keep them (default: <data dir>/pki)")
+    init.add_argument("--data-dir", type=Path, help="default: PARLEY_DATA_DIR or ./var")
+    init.add_argument(
+        "--workloads",
+        nargs="+",
+        metavar="SPEC",
+        help=(
+            "certificates to keep: NAME (for workload NAME) or NAME=W1,W2 (one certificate naming "
+            "several); default: auth chat billing analytics gateway=gateway,edge edge operator"
+        ),
+    )
+    grpcurl = commands.add_parser(
+        "grpcurl",
+        help="grpcurl with the operator's certificate, for a service port",
+        description=(
+            "Runs grpcurl with -cacert/-cert/-key of the operator's certificate (PARLEY_SERVICE_*_FILE, "
+            "else <data dir>/pki/operator.pem) and -servername of the workload it must reach: --server, "
+            "else the area of the first parley.<area>.vN symbol given, else auth. Everything after the "
+            "options goes to grpcurl, e.g. `parley grpcurl 127.0.0.1:50051 list`."
+        ),
+    )
+    grpcurl.add_argument("--data-dir", type=Path, help="default: PARLEY_DATA_DIR or ./var")
+    grpcurl.add_argument(
+        "--server", metavar="WORKLOAD", help="the workload listening there, e.g. chat or edge"
+    )
+    grpcurl.add_argument("arguments", nargs=argparse.REMAINDER, help="grpcurl's own arguments")
+
+
+GRPCURL_OPTIONS = ("--data-dir", "--server")
+
+
+def _grpcurl_arguments(argv: Sequence[str]) -> argparse.Namespace:
+    """`parley grpcurl`'s own options come first; everything from the first other argument on is
+    grpcurl's, flags included (argparse would take a leading `-d` for an option of ours)."""
+    options: dict[str, str] = {}
+    index = 1
+    while index < len(argv):
+        name, equals, value = argv[index].partition("=")
+        if name not in GRPCURL_OPTIONS:
+            break
+        if not equals:
+            index += 1
+            if index == len(argv):
+                _parser().parse_args(argv)  # reports the missing value and exits 2
+            value = argv[index]
+        options[name] = value
+        index += 1
+    data_dir = options.get("--data-dir")
+    return argparse.Namespace(
+        command="grpcurl",
+        data_dir=Path(data_dir) if data_dir is not None else None,
+        server=options.get("--server"),
+        arguments=list(argv[index:]),
+    )
 
 
 def _add_events_commands(commands: Any) -> None:
@@ -164,7 +235,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Parley forks only to exec Envoy, never to run Python that uses gRPC; grpc's fork handlers would
     # just log "skipping fork() handlers" noise on every child start.
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
-    arguments = _parser().parse_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    if given[:1] == ["grpcurl"] and not {"-h", "--help"} & set(given[1:2]):
+        arguments = _grpcurl_arguments(given)
+    else:
+        arguments = _parser().parse_args(given)
     try:
         return _dispatch(arguments)
     except PortInUseError as error:
@@ -202,6 +277,8 @@ def _dispatch(arguments: argparse.Namespace) -> int:  # noqa: PLR0911 - one retu
         return _admin(arguments)
     if arguments.command == "events":
         return _events(arguments)
+    if arguments.command in ("pki", "grpcurl"):
+        return _pki(arguments)
     settings = load_settings(**_given(database_url=arguments.database_url))
     from services.common.migrate import upgrade
 
@@ -288,6 +365,24 @@ def _events(arguments: argparse.Namespace) -> int:
     from runtime.event_commands import Output, run_events_command
 
     return run_events_command(arguments, settings, Output(stdout=sys.stdout, stderr=sys.stderr))
+
+
+def _pki(arguments: argparse.Namespace) -> int:
+    settings = load_settings(**_given(data_dir=arguments.data_dir))
+    from runtime.command_errors import CommandError
+    from runtime.pki_commands import init_pki, run_grpcurl
+    from services.common.pki import MICROSERVICES_CERTIFICATES
+
+    try:
+        if arguments.command == "grpcurl":
+            return run_grpcurl(settings, arguments.server, arguments.arguments)
+        specs = arguments.workloads or [
+            f"{spec.name}={','.join(spec.workloads)}" for spec in MICROSERVICES_CERTIFICATES
+        ]
+        return init_pki(arguments.dir or settings.pki_dir, specs, sys.stdout)
+    except CommandError as error:
+        sys.stderr.write(f"{error.message}\n")
+        return error.exit_code
 
 
 def _given(**values: object) -> dict[str, object]:

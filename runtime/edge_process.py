@@ -19,6 +19,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.envoy_process import dies_with_parent, terminate
+from services.common.pki import EDGE, TlsFiles
+from services.common.service_tls import secure_channel_for
 
 logger = logging.getLogger(__name__)
 
@@ -28,18 +30,21 @@ class EdgeStartError(RuntimeError):
 
 
 class EdgeChild:
-    """One `parley edge` child, serving on 127.0.0.1:`port`, configured by `env` (PARLEY_*)."""
+    """One `parley edge` child, serving on 127.0.0.1:`port`, configured by `env` (PARLEY_*); its health
+    is asked with the certificate `tls` (the parent's own)."""
 
     def __init__(
         self,
         *,
         port: int,
         env: Mapping[str, str],
+        tls: TlsFiles,
         startup_timeout_s: float = 30.0,
         stop_grace_s: float = 5.0,
     ) -> None:
         self.port = port
         self._env = dict(env)
+        self._tls = tls
         self._startup_timeout_s = startup_timeout_s
         self._stop_grace_s = stop_grace_s
         self._process: asyncio.subprocess.Process | None = None
@@ -75,7 +80,7 @@ class EdgeChild:
         exited = asyncio.ensure_future(process.wait())
         try:
             async with asyncio.timeout(self._startup_timeout_s):
-                async with grpc.aio.insecure_channel(self.target) as channel:
+                async with secure_channel_for(self.target, self._tls, server=EDGE) as channel:
                     health = health_pb2_grpc.HealthStub(channel)
                     while not exited.done():
                         if await _serving(health):

@@ -20,8 +20,10 @@ from services.common.contracts import descriptor_set_bytes
 from services.common.credential_changes import FeedConfirmation
 from services.common.identity import CachedJwksVerifier
 from services.common.jwks_client import grpc_jwks_fetcher
+from services.common.pki import TlsFiles
 from services.common.ratelimit import RateLimitConfig, rate_limiter_for
 from services.common.revocation import RevocationList
+from services.common.service_tls import secure_channel_for
 from services.common.settings import Settings
 from services.common.token_rules import TokenRules
 
@@ -48,14 +50,16 @@ def build_edge_wiring(
     settings: Settings,
     *,
     auth_target: str,
+    tls: TlsFiles,
     rate_limits: RateLimitConfig,
     revocations: RevocationList | None,
     registry: CollectorRegistry,
 ) -> EdgeWiring:
     """Rate limits in Redis when PARLEY_REDIS_URL is set (exact across gateway replicas), else in
     this process's memory (one gateway: `parley up`); authentication checks, and the stream of
-    credential changes that keeps their cache current, go to `auth_target`."""
-    channel = grpc.aio.insecure_channel(auth_target)
+    credential changes that keeps their cache current, go to `auth_target`, over mTLS with the
+    edge's certificate `tls`."""
+    channel = secure_channel_for(auth_target, tls, server="auth")
     verifier = CachedJwksVerifier(
         grpc_jwks_fetcher(channel), rules=TokenRules.of(settings), revocations=revocations
     )
@@ -85,12 +89,14 @@ async def serving_edge(
     *,
     host: str,
     port: int,
+    tls: TlsFiles,
     auth_target: str,
     rate_limits: RateLimitConfig,
     revocations: RevocationList | None,
     registry: CollectorRegistry,
 ) -> AsyncIterator[int]:
-    """The edge server, started on host:port (0: a free port, which is yielded), until the block ends.
+    """The edge server, started on host:port (0: a free port, which is yielded), until the block ends;
+    it listens and calls auth with the certificate `tls`.
 
     The one way every process runs it: `parley edge` (and `parley up`, which starts that as a child)
     and `parley gateway`.
@@ -98,13 +104,14 @@ async def serving_edge(
     edge = build_edge_wiring(
         settings,
         auth_target=auth_target,
+        tls=tls,
         rate_limits=rate_limits,
         revocations=revocations,
         registry=registry,
     )
     try:
         server, bound_port = await create_edge_server(
-            descriptor_set_bytes(), host=host, port=port, services_for_envoy=edge.services
+            descriptor_set_bytes(), host=host, port=port, tls=tls, services_for_envoy=edge.services
         )
         edge.start()
         try:

@@ -37,9 +37,18 @@ from services.common.health import DependencyProbe
 from services.common.listeners import ensure_free
 from services.common.metrics import serve_metrics
 from services.common.migrate import upgrade_async
+from services.common.pki import (
+    EDGE,
+    EMBEDDED_CERTIFICATES,
+    EMBEDDED_SERVICES,
+    GATEWAY,
+    PkiReport,
+    TlsFiles,
+    ensure_pki,
+)
 from services.common.ratelimit import DEFAULT_RATE_LIMITS_FILE, load_rate_limit_config
 from services.common.server import ServerDeps, create_server
-from services.common.settings import SERVICE_NAMES, Settings
+from services.common.settings import DEFAULT_DATA_DIR, PKI_DIR_NAME, SERVICE_NAMES, Settings
 from services.email.sending import MAIL_DIR_NAME
 
 logger = logging.getLogger(__name__)
@@ -59,6 +68,8 @@ class EmbeddedAddresses:
     database_url: str
     # Where mails go when no SMTP server is configured; None when they go to SMTP.
     mail_dir: Path | None
+    # The CA and every workload's certificate, the operator's (for grpcurl) included.
+    pki_dir: Path
 
 
 async def run_embedded(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
@@ -72,10 +83,10 @@ async def run_embedded(settings: Settings, *, stop: asyncio.Event | None = None)
     install_stop_signals(stop)
 
     data_dir = prepare_data_dir(settings.data_dir)
+    pki = embedded_pki(data_dir / PKI_DIR_NAME)
     database_url = settings.resolved_database_url
     await upgrade_async(database_url)
     database = Database(database_url)
-    gateway_secret = settings.resolved_gateway_secret()
 
     workers = EmbeddedWorkers(
         settings, database, registry=observability.registry, tracer_provider=observability.tracer_provider
@@ -88,7 +99,8 @@ async def run_embedded(settings: Settings, *, stop: asyncio.Event | None = None)
         read_cache=read_cache_for(settings, observability.registry),
     )
     bundles = build_services(SERVICE_NAMES, context)
-    identity = identity_for(settings, bundles, context, gateway_secret)
+    services_tls = pki.files(EMBEDDED_SERVICES)
+    identity = identity_for(settings, bundles, context, services_tls)
     server, grpc_port = create_server(
         settings,
         ServerDeps(
@@ -96,25 +108,19 @@ async def run_embedded(settings: Settings, *, stop: asyncio.Event | None = None)
             identity=identity.resolver,
             registry=observability.registry,
             tracer_provider=observability.tracer_provider,
+            tls=services_tls,
             probes=[DependencyProbe("database", database.ping)],
         ),
     )
     grpc_host = connectable_host(settings.grpc_host)
-    # The child would report a taken port in its own output; checked here, it is one line from us.
-    ensure_free("edge_port", "127.0.0.1", settings.edge_port)
-    ensure_free("edge_metrics_port", settings.metrics_host, settings.edge_metrics_port)
-    edge = EdgeChild(
-        port=settings.edge_port or free_loopback_port(),
-        env=edge_child_env(settings, auth_target=f"{grpc_host}:{grpc_port}", data_dir=data_dir),
-        stop_grace_s=settings.shutdown_grace_s,
-    )
+    edge = edge_child(settings, pki, auth_target=f"{grpc_host}:{grpc_port}", data_dir=data_dir)
     topology = with_edge_settings(
         embedded_topology(
             grpc_port,
             edge.port,
             settings.http_port,
             settings.envoy_admin_port,
-            gateway_secret,
+            gateway_tls=pki.files(GATEWAY),
             descriptor_set_path=descriptor_set_path(),
             listen_address=settings.http_host,
             grpc_host=grpc_host,
@@ -150,6 +156,7 @@ async def run_embedded(settings: Settings, *, stop: asyncio.Event | None = None)
             data_dir=data_dir,
             database_url=database_url,
             mail_dir=None if settings.smtp_host else data_dir / MAIL_DIR_NAME,
+            pki_dir=pki.directory,
         )
         announce(addresses)
         settle_heap()
@@ -177,10 +184,15 @@ def announce(addresses: EmbeddedAddresses) -> None:
     """Tell the person at the terminal where everything listens (stdout, not the JSON log)."""
     gateway, grpc_target = addresses.gateway_url, addresses.grpc_target
     database_kind = addresses.database_url.split("://", 1)[0]
+    data_dir_flag = (
+        "" if addresses.data_dir == DEFAULT_DATA_DIR.resolve() else f"--data-dir {addresses.data_dir} "
+    )
     lines = [
         "Parley is up (embedded mode).",
         f"  Gateway: JSON/REST, gRPC, SSE   {gateway}      try: curl {gateway}/v1/billing/plans",
-        f"  gRPC, every service, direct     {grpc_target}  try: grpcurl -plaintext {grpc_target} list",
+        f"  gRPC, every service, mTLS       {grpc_target}  try: parley grpcurl {data_dir_flag}"
+        f"{grpc_target} list",
+        f"  Certificates (mTLS, operator's) {addresses.pki_dir}",
         f"  Health                          {gateway}/healthz",
         f"  Metrics (Prometheus)            {addresses.metrics_url or 'off'}",
         f"  Edge metrics (rate limits)      {addresses.edge_metrics_url or 'off'}",
@@ -195,12 +207,43 @@ def announce(addresses: EmbeddedAddresses) -> None:
     sys.stdout.flush()
 
 
-def edge_child_env(settings: Settings, *, auth_target: str, data_dir: Path) -> dict[str, str]:
+def embedded_pki(directory: Path) -> PkiReport:
+    """The CA and the certificates of `parley up`'s processes and of its operator, made on the first
+    start and renewed near their end (every start checks)."""
+    report = ensure_pki(directory, EMBEDDED_CERTIFICATES)
+    for status in (report.ca, *report.certificates):
+        if status.action != "kept":
+            logger.info(
+                "certificate %s",
+                status.action,
+                extra={"certificate": status.name, "directory": str(directory)},
+            )
+    return report
+
+
+def edge_child(settings: Settings, pki: PkiReport, *, auth_target: str, data_dir: Path) -> EdgeChild:
+    """The `parley edge` child (not started): it proves to be the edge with its own certificate, and
+    is asked for its health with the services process's."""
+    # The child would report a taken port in its own output; checked here, it is one line from us.
+    ensure_free("edge_port", "127.0.0.1", settings.edge_port)
+    ensure_free("edge_metrics_port", settings.metrics_host, settings.edge_metrics_port)
+    return EdgeChild(
+        port=settings.edge_port or free_loopback_port(),
+        env=edge_child_env(settings, auth_target=auth_target, data_dir=data_dir, tls=pki.files(EDGE)),
+        tls=pki.files(EMBEDDED_SERVICES),
+        stop_grace_s=settings.shutdown_grace_s,
+    )
+
+
+def edge_child_env(settings: Settings, *, auth_target: str, data_dir: Path, tls: TlsFiles) -> dict[str, str]:
     """What `parley edge` must be told besides the environment it inherits: the settings `parley up`
-    took from its flags or worked out itself."""
+    took from its flags or worked out itself, and its certificate."""
     env = {
         "PARLEY_AUTH_TARGET": auth_target,
         "PARLEY_DATA_DIR": str(data_dir),
+        "PARLEY_SERVICE_CA_FILE": str(tls.ca_file),
+        "PARLEY_SERVICE_CERT_FILE": str(tls.cert_file),
+        "PARLEY_SERVICE_KEY_FILE": str(tls.key_file),
         "PARLEY_METRICS_HOST": settings.metrics_host,
         "PARLEY_EDGE_METRICS_PORT": str(settings.edge_metrics_port),
         "PARLEY_RATE_LIMITS_FILE": str(settings.rate_limits_file or DEFAULT_RATE_LIMITS_FILE),

@@ -34,6 +34,7 @@ from services.common.jwks_client import grpc_jwks_fetcher
 from services.common.logs import configure_logging
 from services.common.method_access import access_by_path, sensitive_paths
 from services.common.metrics import new_registry
+from services.common.pki import PkiError, TlsFiles
 from services.common.redis_multiplex import MultiplexedRedis
 from services.common.revocation import (
     InMemoryRevocationList,
@@ -42,7 +43,8 @@ from services.common.revocation import (
     RevocationList,
 )
 from services.common.server import ServiceRegistration
-from services.common.settings import ServiceName, Settings
+from services.common.service_tls import TlsMaterial, secure_channel_for
+from services.common.settings import ServiceName, Settings, SettingsError
 from services.common.telemetry import create_tracer_provider
 from services.common.token_rules import TokenRules
 
@@ -141,10 +143,26 @@ class Identity:
             await self.channel.close()
 
 
+def service_tls_for(settings: Settings, name: str) -> TlsFiles:
+    """This process's certificate files (PARLEY_SERVICE_*_FILE, else certificate `name` in the data
+    dir's pki folder), checked now: a missing or mismatched file stops the start with one message."""
+    files = settings.service_tls_files(name)
+    try:
+        TlsMaterial.read(files)
+    except (OSError, PkiError) as error:
+        raise SettingsError(
+            "Invalid Parley settings:\n"
+            f"  PARLEY_SERVICE_CA_FILE / _CERT_FILE / _KEY_FILE: {error} (this process needs the "
+            f"certificate of workload {name!r}; `parley pki init --dir {settings.pki_dir}` makes one)"
+        ) from None
+    return files
+
+
 def identity_for(
-    settings: Settings, bundles: Sequence[ServiceBundle], context: ServiceContext, gateway_secret: str | None
+    settings: Settings, bundles: Sequence[ServiceBundle], context: ServiceContext, tls: TlsFiles
 ) -> Identity:
-    """How this process verifies callers: its own signing keys when it hosts auth, else auth's JWKS."""
+    """How this process verifies callers: its own signing keys when it hosts auth, else auth's JWKS
+    (fetched over mTLS with this process's certificate `tls`)."""
     channel = None
     verifier: TokenVerifier
     local_jwks = next((bundle.jwks for bundle in bundles if bundle.jwks is not None), None)
@@ -155,7 +173,7 @@ def identity_for(
     elif local_jwks is not None or settings.auth_target is not None:
         if local_jwks is None:
             assert settings.auth_target is not None
-            channel = grpc.aio.insecure_channel(settings.auth_target)
+            channel = secure_channel_for(settings.auth_target, tls, server="auth")
             local_jwks = grpc_jwks_fetcher(channel)
         verifier = CachedJwksVerifier(
             local_jwks, rules=TokenRules.of(settings), revocations=context.revocations
@@ -163,9 +181,7 @@ def identity_for(
     else:
         logger.warning("no PARLEY_AUTH_TARGET: bearer tokens cannot be verified by this process")
         verifier = NoTokenVerifier()
-    resolver = IdentityResolver(
-        gateway_secret=gateway_secret, token_verifier=verifier, revocations=context.revocations
-    )
+    resolver = IdentityResolver(token_verifier=verifier, revocations=context.revocations)
     return Identity(resolver, channel)
 
 

@@ -16,6 +16,7 @@ from runtime.process import (
     read_cache_for,
     registrations_of,
     revocation_list_for,
+    service_tls_for,
     set_up_observability,
     settle_heap,
     start_services,
@@ -26,6 +27,7 @@ from services.common.context import ServiceContext
 from services.common.db import Database
 from services.common.health import DependencyProbe
 from services.common.metrics import serve_metrics
+from services.common.pki import EDGE
 from services.common.ratelimit import DEFAULT_RATE_LIMITS_FILE, load_rate_limit_config
 from services.common.server import ServerDeps, create_server
 from services.common.settings import DEFAULT_SERVICE_PORTS, ServiceName, Settings
@@ -35,12 +37,11 @@ logger = logging.getLogger(__name__)
 
 async def serve_service(name: ServiceName, settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     """Host one service's gRPC servers until stopped; schema changes are `parley migrate`'s job."""
+    tls = service_tls_for(settings, name)
     observability = set_up_observability(settings, process_name=name)
     stop = stop or asyncio.Event()
     install_stop_signals(stop)
     database = Database(settings.resolved_database_url)
-    if settings.gateway_secret is None:
-        logger.warning("PARLEY_GATEWAY_SECRET is unset: identity headers from a gateway will be refused")
     context = ServiceContext(
         settings,
         database,
@@ -49,8 +50,7 @@ async def serve_service(name: ServiceName, settings: Settings, *, stop: asyncio.
         read_cache=read_cache_for(settings, observability.registry),
     )
     bundles = build_services([name], context)
-    gateway_secret = settings.gateway_secret.get_secret_value() if settings.gateway_secret else None
-    identity = identity_for(settings, bundles, context, gateway_secret)
+    identity = identity_for(settings, bundles, context, tls)
     server, port = create_server(
         settings,
         ServerDeps(
@@ -58,6 +58,7 @@ async def serve_service(name: ServiceName, settings: Settings, *, stop: asyncio.
             identity=identity.resolver,
             registry=observability.registry,
             tracer_provider=observability.tracer_provider,
+            tls=tls,
             probes=[DependencyProbe("database", database.ping)],
         ),
     )
@@ -92,7 +93,11 @@ async def serve_service(name: ServiceName, settings: Settings, *, stop: asyncio.
 
 
 async def run_gateway(topology: Topology, settings: Settings, *, stop: asyncio.Event | None = None) -> None:
-    """Run Envoy for `topology` plus the edge gRPC server (reflection, health, rate limits, ext_authz)."""
+    """Run Envoy for `topology` plus the edge gRPC server (reflection, health, rate limits, ext_authz).
+
+    Both are in this process's trust: Envoy presents the topology's certificate and the edge server
+    the same one, which names both workloads (`gateway` and `edge`).
+    """
     observability = set_up_observability(settings, process_name="gateway")
     stop = stop or asyncio.Event()
     install_stop_signals(stop)
@@ -113,6 +118,7 @@ async def run_gateway(topology: Topology, settings: Settings, *, stop: asyncio.E
             settings,
             host=topology.edge.host,
             port=topology.edge.port,
+            tls=topology.gateway_tls,
             auth_target=settings.auth_target or f"{auth.host}:{auth.port}",
             rate_limits=rate_limits,
             revocations=revocations,
@@ -141,6 +147,7 @@ async def run_edge(settings: Settings, *, stop: asyncio.Event | None = None) -> 
     starts it as a child, so rate-limit decisions never queue behind the services' own work)."""
     # The data file first: a bad one stops the process before anything is started.
     rate_limits = load_rate_limit_config(settings.rate_limits_file or DEFAULT_RATE_LIMITS_FILE)
+    tls = service_tls_for(settings, EDGE)
     observability = set_up_observability(settings, process_name="edge")
     stop = stop or asyncio.Event()
     install_stop_signals(stop)
@@ -162,6 +169,7 @@ async def run_edge(settings: Settings, *, stop: asyncio.Event | None = None) -> 
             settings,
             host="127.0.0.1",
             port=settings.edge_port,
+            tls=tls,
             auth_target=settings.auth_target or f"127.0.0.1:{DEFAULT_SERVICE_PORTS['auth']}",
             rate_limits=rate_limits,
             revocations=revocations,

@@ -14,24 +14,25 @@ from gateway.topology import (
     k8s_topology,
     local_topology,
 )
+from runtime.process import service_tls_for
 from services.common.contracts import descriptor_set_path
+from services.common.pki import GATEWAY
 from services.common.ratelimit import DEFAULT_RATE_LIMITS_FILE
 from services.common.settings import SERVICE_NAMES, Settings, SettingsError
 
 
 def topology_from_settings(name: str, settings: Settings, upstream_overrides: Sequence[str]) -> Topology:
-    """The topology `name`, with ports from settings and any `service=host:port` overrides applied."""
-    if settings.gateway_secret is None:
-        raise SettingsError(
-            "Invalid Parley settings:\n  PARLEY_GATEWAY_SECRET: required for `parley gateway`; the services "
-            "must be started with the same value"
-        )
-    secret = settings.gateway_secret.get_secret_value()
+    """The topology `name`, with ports from settings and any `service=host:port` overrides applied.
+
+    Envoy and the edge server of `parley gateway` present one certificate, which names both
+    workloads: PARLEY_SERVICE_*_FILE, else `gateway` in the data dir's pki folder.
+    """
+    gateway_tls = service_tls_for(settings, GATEWAY)
     descriptors = descriptor_set_path()
     topology: Topology
     if name == "k8s":
         topology = k8s_topology(
-            secret,
+            gateway_tls=gateway_tls,
             descriptor_set_path=descriptors,
             http_port=settings.http_port,
             admin_port=settings.envoy_admin_port,
@@ -44,7 +45,7 @@ def topology_from_settings(name: str, settings: Settings, upstream_overrides: Se
             settings.edge_port,
             settings.http_port,
             settings.envoy_admin_port,
-            secret,
+            gateway_tls=gateway_tls,
             descriptor_set_path=descriptors,
             listen_address=settings.http_host,
             max_request_bytes=settings.max_request_bytes,
@@ -52,7 +53,7 @@ def topology_from_settings(name: str, settings: Settings, upstream_overrides: Se
     else:
         # Upstream ports are `parley serve`'s defaults (DEFAULT_SERVICE_PORTS); --upstream overrides them.
         topology = local_topology(
-            secret,
+            gateway_tls=gateway_tls,
             descriptor_set_path=descriptors,
             http_port=settings.http_port,
             admin_port=settings.envoy_admin_port,

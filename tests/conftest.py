@@ -36,6 +36,7 @@ from tests.support.databases import (
     fresh_postgres_database,
     fresh_sqlite_url,
 )
+from tests.support.pki import ServicePki, make_test_pki
 
 DEFAULT_POSTGRES_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/15"
@@ -198,3 +199,15 @@ async def database(database_url: str) -> AsyncIterator[Database]:
         yield db
     finally:
         await db.dispose()
+
+
+@pytest.fixture(scope="session")
+def service_pki(tmp_path_factory: pytest.TempPathFactory) -> ServicePki:
+    """The session's CA and a certificate for every workload (tests/support/pki.py)."""
+    return make_test_pki(tmp_path_factory.mktemp("service-pki"))
+
+
+@pytest.fixture(scope="session")
+def foreign_pki(tmp_path_factory: pytest.TempPathFactory) -> ServicePki:
+    """Another CA with the same workloads' certificates: whatever it signed, Parley servers refuse."""
+    return make_test_pki(tmp_path_factory.mktemp("foreign-pki"))

@@ -10,7 +10,6 @@ import abc
 import asyncio
 import base64
 import binascii
-import hmac
 import json
 import logging
 import time
@@ -40,10 +39,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # The header family only the gateway may set: Envoy removes every client-sent header with this prefix
-# before any filter runs, and the gateway's own request headers (identity, secret, the route's
-# required role, version negotiation) all carry it.
+# before any filter runs, and the gateway's own request headers (identity, the route's required
+# role, version negotiation) all carry it. Services believe them only from the gateway's workload.
 GATEWAY_HEADER_PREFIX: Final = "x-parley-"
-GATEWAY_SECRET_HEADER: Final = f"{GATEWAY_HEADER_PREFIX}gateway-secret"
 USER_ID_HEADER: Final = f"{GATEWAY_HEADER_PREFIX}user-id"
 SESSION_ID_HEADER: Final = f"{GATEWAY_HEADER_PREFIX}session-id"
 PLAN_HEADER: Final = f"{GATEWAY_HEADER_PREFIX}plan"
@@ -347,7 +345,8 @@ class CachedJwksVerifier(_JwtVerifier):
 class IdentityResolver:
     """Decides which identity a call carries, from its invocation metadata and method.
 
-    In order: the gateway's identity headers with its secret; identity headers without it (refused);
+    In order: the identity headers of a call from the gateway's workload (its client certificate
+    says so, see `services.common.service_tls`); identity headers from any other caller (refused);
     otherwise the credential the request presents (`presented_credential`): a bearer JWT, or the
     access cookie with the CSRF double-submit check on methods that are not safe; an API key is
     refused here (the gateway resolves those); nothing presented is anonymous.
@@ -356,30 +355,22 @@ class IdentityResolver:
     def __init__(
         self,
         *,
-        gateway_secret: str | None,
         token_verifier: TokenVerifier,
         is_safe_method: Callable[[str], bool] | None = None,
         revocations: RevocationList | None = None,
         clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self._clock = clock
-        self._gateway_secret = gateway_secret.encode() if gateway_secret else None
         self._token_verifier = token_verifier
         self._is_safe_method = is_safe_method or SafeMethods()
         self._revocations = revocations
 
-    async def resolve(self, metadata: Mapping[str, str], method: str = "") -> Identity:
-        """The caller of `method` (`/pkg.Service/Method`; empty counts as not safe)."""
-        presented_secret = metadata.get(GATEWAY_SECRET_HEADER)
-        if presented_secret is not None:
-            if self._gateway_secret is None or not hmac.compare_digest(
-                presented_secret.encode(), self._gateway_secret
-            ):
-                raise Unauthenticated(
-                    "The gateway credential is not valid.",
-                    reason="UNTRUSTED_IDENTITY",
-                    metadata={"cause": "gateway_secret"},
-                )
+    async def resolve(
+        self, metadata: Mapping[str, str], method: str = "", *, from_gateway: bool = False
+    ) -> Identity:
+        """The caller of `method` (`/pkg.Service/Method`; empty counts as not safe); `from_gateway`:
+        the call's peer proved to be the gateway's workload."""
+        if from_gateway:
             if metadata.get(USER_ID_HEADER):
                 return await self._from_gateway_headers(metadata)
             # The gateway vouched for no one (an open route, or a credential it leaves to the

@@ -4,7 +4,9 @@
    recorded; otherwise the caller's W3C trace context is simply continued, so logs and outbox events
    keep the trace id without the cost of a span nobody reads.
 2. Metrics: request id, RED metrics.
-3. Identity: gateway headers, or a verified JWT (bearer or cookie, with CSRF).
+3. Caller and identity: the workload the peer's client certificate names must be allowed to call
+   the method (`services.common.callers`, CALLER_NOT_ALLOWED); then the user: identity headers from
+   the gateway's workload only, or a verified JWT (bearer or cookie, with CSRF).
 4. Validation: the request bytes are decoded here, not by grpc (a malformed body is INVALID_ARGUMENT
    / MALFORMED_REQUEST like any other bad input, instead of grpc's UNKNOWN and an ERROR traceback),
    then checked against the contract's rules (services/common/validation.py).
@@ -37,6 +39,7 @@ from services.common.call_context import (
     current_request_id,
     current_via_gateway,
 )
+from services.common.callers import CallerPolicy
 from services.common.errors import (
     Internal,
     InvalidArgument,
@@ -45,9 +48,11 @@ from services.common.errors import (
     to_status,
     trailing_metadata_for,
 )
-from services.common.identity import GATEWAY_SECRET_HEADER, IdentityResolver
+from services.common.identity import Identity, IdentityResolver
 from services.common.metrics import RpcMetrics
+from services.common.pki import GATEWAY
 from services.common.required_fields import descriptor_of
+from services.common.service_tls import peer_workloads
 from services.common.validation import RequestValidator
 
 logger = logging.getLogger(__name__)
@@ -147,25 +152,10 @@ class _Call:
             otel_context.detach(self._trace_token)
 
 
-class CallPipeline(grpc.aio.ServerInterceptor):
-    """Metrics, identity, validation and error mapping for every call (see the module docstring).
+class _WrappingInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps each method's handler once (`_wrap`) and reuses the wrapper for every later call."""
 
-    `continue_trace`: attach the caller's `traceparent` as the current trace context; for servers
-    that do not run the OpenTelemetry instrumentation, which does that itself.
-    """
-
-    def __init__(
-        self,
-        metrics: RpcMetrics,
-        resolver: IdentityResolver,
-        validator: RequestValidator,
-        *,
-        continue_trace: bool,
-    ) -> None:
-        self._metrics = metrics
-        self._resolver = resolver
-        self._validator = validator
-        self._continue_trace = continue_trace
+    def __init__(self) -> None:
         # method -> (the handler grpc gave us, our wrapper of it)
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
@@ -184,6 +174,51 @@ class CallPipeline(grpc.aio.ServerInterceptor):
         return wrapped
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        raise NotImplementedError
+
+
+def authorized_caller(
+    callers: CallerPolicy, context: grpc.aio.ServicerContext, method: str
+) -> frozenset[str]:
+    """The workloads of the call's peer, once `callers` allows them `method`; else CALLER_NOT_ALLOWED."""
+    caller = peer_workloads(context)
+    callers.check(caller, method)
+    return caller
+
+
+class CallPipeline(_WrappingInterceptor):
+    """Metrics, caller and identity, validation and error mapping for every call (see the module
+    docstring).
+
+    `continue_trace`: attach the caller's `traceparent` as the current trace context; for servers
+    that do not run the OpenTelemetry instrumentation, which does that itself.
+    """
+
+    def __init__(
+        self,
+        metrics: RpcMetrics,
+        callers: CallerPolicy,
+        resolver: IdentityResolver,
+        validator: RequestValidator,
+        *,
+        continue_trace: bool,
+    ) -> None:
+        super().__init__()
+        self._metrics = metrics
+        self._callers = callers
+        self._resolver = resolver
+        self._validator = validator
+        self._continue_trace = continue_trace
+
+    async def _caller_and_identity(
+        self, context: grpc.aio.ServicerContext, metadata: Mapping[str, str], method: str
+    ) -> tuple[bool, Identity]:
+        """Step 3: the peer's workload must be allowed `method`; then the user the call acts for
+        (whether the peer is the gateway, whose identity headers alone are believed, and who)."""
+        from_gateway = GATEWAY in authorized_caller(self._callers, context, method)
+        return from_gateway, await self._resolver.resolve(metadata, method, from_gateway=from_gateway)
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         metrics = _MethodMetrics(self._metrics, method)
         accept = self._acceptor(handler, method)
 
@@ -191,13 +226,12 @@ class CallPipeline(grpc.aio.ServerInterceptor):
             metadata = _metadata_of(context)
             call.begin(method, metadata, continue_trace=self._continue_trace)
             try:
-                identity = await self._resolver.resolve(metadata, method)
+                from_gateway, identity = await self._caller_and_identity(context, metadata, method)
             except ParleyError as error:
                 await abort_with(context, error)
                 return
             current_identity.set(identity)
-            # resolve() refuses a wrong secret, so a secret header still here is the gateway's.
-            current_via_gateway.set(GATEWAY_SECRET_HEADER in metadata)
+            current_via_gateway.set(from_gateway)
 
         def wrap_unary(behavior: Behavior) -> Behavior:
             async def wrapped(raw: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -252,13 +286,10 @@ class CallPipeline(grpc.aio.ServerInterceptor):
         iterates it; `context.read()` would see the raw bytes); only single requests are validated.
         """
         deserialize = handler.request_deserializer
-        if deserialize is None:
-            return _unchanged
+        if deserialize is None or handler.request_streaming:
+            return request_decoder(handler, method)
         message_class = _message_class(deserialize)
-        message_name = descriptor_of(message_class).full_name if message_class is not None else "request"
-        decode = _decoder(deserialize, message_name, method)
-        if handler.request_streaming:
-            return lambda requests: _decoded_stream(requests, decode)
+        decode = request_decoder(handler, method)
         if message_class is None:
             # Not a generated `FromString`: what it returns is checked by its type on each call.
             validator = self._validator
@@ -300,6 +331,62 @@ class CallPipeline(grpc.aio.ServerInterceptor):
         else:
             logger.exception("unhandled error in %s", method, exc_info=error)
             await abort_with(context, Internal("An internal error occurred; it has been logged."))
+
+
+class CallerCheck(_WrappingInterceptor):
+    """Step 3's caller check alone, for a server that hosts no Parley service: the edge, whose
+    callers are Envoy (ext_authz, rate limits, spans) and, for health and reflection, any workload.
+    It decodes the request itself too, so a malformed body is INVALID_ARGUMENT here as well."""
+
+    def __init__(self, callers: CallerPolicy) -> None:
+        super().__init__()
+        self._callers = callers
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        callers = self._callers
+        decode = request_decoder(handler, method)
+
+        async def admitted(raw: Any, context: grpc.aio.ServicerContext) -> Any:
+            """The decoded request of an allowed caller; anyone else's call ends here."""
+            try:
+                authorized_caller(callers, context, method)
+                return decode(raw)
+            except ParleyError as error:
+                await abort_with(context, error)  # raises grpc's AbortError
+                raise
+
+        def wrap_unary(behavior: Behavior) -> Behavior:
+            async def wrapped(raw: Any, context: grpc.aio.ServicerContext) -> Any:
+                result = behavior(await admitted(raw, context), context)
+                return await result if inspect.isawaitable(result) else result
+
+            return wrapped
+
+        def wrap_streaming(behavior: Behavior) -> Behavior:
+            async def wrapped(raw: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                async for item in _drive(behavior(await admitted(raw, context), context)):
+                    yield item
+
+            return wrapped
+
+        return _rebuild(handler, wrap_unary, wrap_streaming)
+
+
+def request_decoder(handler: grpc.RpcMethodHandler, method: str) -> Callable[[Any], Any]:
+    """What turns the method's raw request (or request stream) into messages, built once.
+
+    A request stream is decoded message by message as the servicer reads it (every servicer here
+    iterates it; `context.read()` would see the raw bytes).
+    """
+    deserialize = handler.request_deserializer
+    if deserialize is None:
+        return _unchanged
+    message_class = _message_class(deserialize)
+    message_name = descriptor_of(message_class).full_name if message_class is not None else "request"
+    decode = _decoder(deserialize, message_name, method)
+    if handler.request_streaming:
+        return lambda requests: _decoded_stream(requests, decode)
+    return decode
 
 
 def _unchanged(request: Any) -> Any:

@@ -1,4 +1,4 @@
-"""The server factory every Parley process uses: one interceptor chain, health, reflection."""
+"""The server factory every Parley process uses: mTLS, one interceptor chain, health, reflection."""
 
 from __future__ import annotations
 
@@ -17,13 +17,16 @@ from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
+from services.common.callers import CallerPolicy
 from services.common.contracts import contract_files
 from services.common.health import DependencyProbe, HealthMonitor
 from services.common.identity import IdentityResolver
 from services.common.interceptors import CallPipeline
 from services.common.listeners import ensure_free
 from services.common.metrics import HealthMetrics, RpcMetrics
+from services.common.pki import TlsFiles
 from services.common.reflection import add_reflection_service
+from services.common.service_tls import server_credentials
 from services.common.settings import Settings
 from services.common.telemetry import records_spans
 from services.common.validation import RequestValidator
@@ -58,6 +61,8 @@ class ServerDeps:
     identity: IdentityResolver
     registry: CollectorRegistry
     tracer_provider: TracerProvider
+    # The process's certificate: the listener requires a client certificate from the same CA.
+    tls: TlsFiles
     probes: Sequence[DependencyProbe] = ()
     validator: RequestValidator = field(default_factory=RequestValidator)
 
@@ -91,10 +96,22 @@ class ParleyServer:
 
 
 def create_server(settings: Settings, deps: ServerDeps) -> tuple[ParleyServer, int]:
-    """Build (not start) the server, bound to settings.grpc_host:grpc_port; port 0 picks a free one."""
+    """Build (not start) the server, bound to settings.grpc_host:grpc_port; port 0 picks a free one.
+
+    The port speaks TLS only and requires a client certificate from the CA of `deps.tls`, so no byte
+    of an unauthenticated peer reaches a servicer; each method then admits the callers its contract
+    names (`services.common.callers`).
+    """
     tracing = records_spans(deps.tracer_provider)
+    service_names = [registration.full_name for registration in deps.services]
     interceptors: list[grpc.aio.ServerInterceptor] = [
-        CallPipeline(RpcMetrics(deps.registry), deps.identity, deps.validator, continue_trace=not tracing)
+        CallPipeline(
+            RpcMetrics(deps.registry),
+            CallerPolicy.from_contracts(service_names),
+            deps.identity,
+            deps.validator,
+            continue_trace=not tracing,
+        )
     ]
     if tracing:
         # Outermost, so the span covers the whole call; without recording, the pipeline only
@@ -106,7 +123,6 @@ def create_server(settings: Settings, deps: ServerDeps) -> tuple[ParleyServer, i
 
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    service_names = [registration.full_name for registration in deps.services]
     add_reflection_service(server, [*service_names, "grpc.health.v1.Health"], contract_files())
     monitor = HealthMonitor(
         health_servicer,
@@ -118,8 +134,9 @@ def create_server(settings: Settings, deps: ServerDeps) -> tuple[ParleyServer, i
     address = f"{settings.grpc_host}:{settings.grpc_port}"
     # Checked first: gRPC would log its own error line for a taken port before failing.
     ensure_free("grpc_port", settings.grpc_host, settings.grpc_port)
+    credentials = server_credentials(deps.tls)
     try:
-        port = server.add_insecure_port(address)
+        port = server.add_secure_port(address, credentials)
     except RuntimeError:
         port = 0
     if port == 0:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 from email.utils import parseaddr
 from pathlib import Path
 from typing import Annotated, Final, Literal
@@ -12,6 +11,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as EnvParseError
 
+from services.common.pki import TlsFiles
 from services.common.token_rules import DEFAULT_AUDIENCE, DEFAULT_ISSUER, MAX_LIFETIME_S
 
 ServiceName = Literal["auth", "chat", "billing", "analytics"]
@@ -28,6 +28,9 @@ DEFAULT_ENVOY_ADMIN_PORT: Final = 9901
 DEFAULT_METRICS_PORT: Final = 9464
 DEFAULT_EDGE_METRICS_PORT: Final = 9465  # the edge process (`parley edge`, also under `parley up`)
 DEFAULT_MAX_REQUEST_BYTES: Final = 1024 * 1024
+DEFAULT_DATA_DIR: Final = Path("var")
+# The data dir's folder of certificates (services.common.pki's layout).
+PKI_DIR_NAME: Final = "pki"
 
 # Ports for microservices mode on one machine; k8s gives every service its own address instead.
 DEFAULT_SERVICE_PORTS: dict[ServiceName, int] = {
@@ -63,7 +66,9 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="PARLEY_", extra="ignore", frozen=True)
 
-    data_dir: Path = Field(default=Path("var"), description="Where embedded mode keeps SQLite and files.")
+    data_dir: Path = Field(
+        default=DEFAULT_DATA_DIR, description="Where embedded mode keeps SQLite and files."
+    )
     database_url: str | None = Field(
         default=None,
         description="SQLAlchemy async URL; defaults to SQLite under data_dir.",
@@ -88,9 +93,17 @@ class Settings(BaseSettings):
         le=65535,
         description="The edge process's Prometheus /metrics (`parley edge`, under `parley up` too); 0 = off.",
     )
-    gateway_secret: SecretStr | None = Field(
+    service_ca_file: Path | None = Field(
         default=None,
-        description="Shared secret that proves a hop came from the gateway; random per run when unset.",
+        description="PEM bundle of the CA of every workload's certificate; data_dir/pki/ca.pem if unset.",
+    )
+    service_cert_file: Path | None = Field(
+        default=None,
+        description="PEM certificate naming this process's workload; data_dir/pki/<workload>.pem if unset.",
+    )
+    service_key_file: Path | None = Field(
+        default=None,
+        description="PEM private key of service_cert_file; data_dir/pki/<workload>-key.pem if unset.",
     )
     max_request_bytes: int = Field(default=DEFAULT_MAX_REQUEST_BYTES, gt=0, le=64 * 1024 * 1024)
     shutdown_grace_s: float = Field(default=5.0, ge=0, le=120)
@@ -248,6 +261,13 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _service_certificate_pair(self) -> Settings:
+        # A certificate from one place and its key from another (a default) would never match.
+        if (self.service_cert_file is None) != (self.service_key_file is None):
+            raise ValueError("service_cert_file and service_key_file must be set together")
+        return self
+
+    @model_validator(mode="after")
     def _tls_pair(self) -> Settings:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file must be set together")
@@ -297,11 +317,19 @@ class Settings(BaseSettings):
             return self.database_url
         return f"sqlite+aiosqlite:///{(self.data_dir / 'parley.db').resolve()}"
 
-    def resolved_gateway_secret(self) -> str:
-        """The configured secret, or a fresh random one (only meaningful for a single embedded run)."""
-        if self.gateway_secret is not None:
-            return self.gateway_secret.get_secret_value()
-        return secrets.token_urlsafe(32)
+    @property
+    def pki_dir(self) -> Path:
+        """Where `parley up` keeps its PKI, and where `parley pki init` writes one by default."""
+        return self.data_dir / PKI_DIR_NAME
+
+    def service_tls_files(self, name: str) -> TlsFiles:
+        """This process's certificate files: each one as set, else certificate `name` in `pki_dir`."""
+        defaults = TlsFiles.in_directory(self.pki_dir, name)
+        return TlsFiles(
+            ca_file=self.service_ca_file or defaults.ca_file,
+            cert_file=self.service_cert_file or defaults.cert_file,
+            key_file=self.service_key_file or defaults.key_file,
+        )
 
 
 class SettingsError(Exception):

@@ -58,6 +58,7 @@ from parley.events.v1 import events_pb2
 from services.common.events import payload_of
 from tests.support.outbox import emailed_token, read_events
 from tests.support.parley_process import PARLEY, REPO_ROOT, EmbeddedPorts, ParleyProcess
+from tests.support.pki import ServicePki, embedded_pki
 
 pytestmark = pytest.mark.envoy
 
@@ -107,6 +108,11 @@ class Deployment:
     @property
     def database(self) -> Path:
         return self.data_dir / "parley.db"
+
+    @property
+    def pki(self) -> ServicePki:
+        """The certificates `parley up` made: its edge's (which asks auth about keys), the operator's."""
+        return embedded_pki(self.data_dir)
 
     def client(self, source_ip: str = "127.0.0.1") -> httpx.Client:
         """An HTTP client of the gateway whose connections come from `source_ip` (any 127.0.0.0/8)."""
@@ -878,8 +884,8 @@ def test_cookie_sessions_need_the_double_submitted_csrf_token_to_change_state(ga
 
 
 def check_api_key(deployment: Deployment, api_key: str) -> auth_pb2.CheckApiKeyResponse:
-    """AuthInternalService.CheckApiKey, straight to the gRPC port as the gateway would call it."""
-    with grpc.insecure_channel(deployment.grpc_target) as channel:
+    """AuthInternalService.CheckApiKey, straight to the gRPC port as the gateway's edge calls it."""
+    with deployment.pki.sync_channel(deployment.grpc_target, as_="edge") as channel:
         stub = auth_pb2_grpc.AuthInternalServiceStub(channel)
         response: auth_pb2.CheckApiKeyResponse = stub.CheckApiKey(
             auth_pb2.CheckApiKeyRequest(api_key=api_key), timeout=10
@@ -1122,7 +1128,6 @@ SPOOFED_IDENTITY = {
     "x-parley-plan": "team",
     "x-parley-roles": "user,admin",
     "x-parley-auth-method": "jwt",
-    "x-parley-gateway-secret": "a-guess",
 }
 
 
@@ -1140,27 +1145,38 @@ def test_identity_headers_sent_through_the_gateway_are_stripped(gateway: httpx.C
     assert me.json()["user"]["id"] == caller.user_id
 
 
-def test_identity_headers_over_grpc_are_stripped_by_the_gateway_and_refused_without_it(
+def test_identity_headers_over_grpc_are_stripped_by_the_gateway_and_refused_from_anyone_else(
     parley: Deployment, gateway: httpx.Client
 ) -> None:
     _, victim = new_user(gateway, "grpc-impersonated")
     claimed = (("x-parley-user-id", victim.user_id), ("x-parley-roles", "user,admin"))
 
-    def get_me(target: str, metadata: Sequence[tuple[str, str]]) -> GrpcRefusal:
-        with grpc.insecure_channel(target) as channel:
+    def get_me(channel: grpc.Channel) -> GrpcRefusal:
+        with channel:
             stub = auth_pb2_grpc.AuthServiceStub(channel)
             return grpc_refusal(
-                lambda: stub.GetCurrentUser(auth_pb2.GetCurrentUserRequest(), metadata=metadata, timeout=10)
+                lambda: stub.GetCurrentUser(auth_pb2.GetCurrentUserRequest(), metadata=claimed, timeout=10)
             )
 
-    through_gateway = get_me(f"127.0.0.1:{parley.ports.http}", claimed)
+    through_gateway = get_me(grpc.insecure_channel(f"127.0.0.1:{parley.ports.http}"))
     assert through_gateway == GrpcRefusal(grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED", {})
 
-    direct = get_me(parley.grpc_target, claimed)
-    assert direct == GrpcRefusal(
+    # Straight to the services' port, with the certificates `parley up` keeps: the operator's may call
+    # GetCurrentUser but never as someone else; the edge's may not call it at all.
+    as_operator = get_me(parley.pki.sync_channel(parley.grpc_target, as_="operator"))
+    assert as_operator == GrpcRefusal(
         grpc.StatusCode.UNAUTHENTICATED, "UNTRUSTED_IDENTITY", {"cause": "identity_headers"}
     )
-    with_guessed_secret = get_me(parley.grpc_target, (*claimed, ("x-parley-gateway-secret", "a-guess")))
-    assert with_guessed_secret == GrpcRefusal(
-        grpc.StatusCode.UNAUTHENTICATED, "UNTRUSTED_IDENTITY", {"cause": "gateway_secret"}
+    as_edge = get_me(parley.pki.sync_channel(parley.grpc_target, as_="edge"))
+    assert as_edge == GrpcRefusal(
+        grpc.StatusCode.PERMISSION_DENIED,
+        "CALLER_NOT_ALLOWED",
+        {"caller": "edge", "method": "parley.auth.v1.AuthService/GetCurrentUser"},
     )
+    # Without a certificate there is no call at all.
+    with grpc.insecure_channel(parley.grpc_target) as channel, pytest.raises(grpc.RpcError) as refused:
+        auth_pb2_grpc.AuthServiceStub(channel).GetCurrentUser(
+            auth_pb2.GetCurrentUserRequest(), metadata=claimed, timeout=10
+        )
+    error: Any = refused.value
+    assert error.code() == grpc.StatusCode.UNAVAILABLE

@@ -40,6 +40,7 @@ from parley.events.v1 import events_pb2
 from services.common.events import payload_of
 from tests.support.outbox import email_requests, emailed_token, read_events
 from tests.support.parley_process import PARLEY, EmbeddedPorts, ParleyProcess
+from tests.support.pki import embedded_pki
 
 pytestmark = pytest.mark.envoy
 
@@ -87,10 +88,13 @@ class Parley:
     def payloads(self, event_type: str, subject: str) -> list[Any]:
         return [payload_of(event) for event in self.events(event_type, subject)]
 
-    def channel(self, port: int) -> grpc.Channel:
-        return grpc.insecure_channel(
-            f"127.0.0.1:{port}", options=[("grpc.primary_user_agent", GRPC_USER_AGENT)]
-        )
+    def channel(self, port: int, *, as_: str = "operator") -> grpc.Channel:
+        """A channel to the gateway (plaintext, as any client) or to the services' port, presenting
+        workload `as_`'s certificate from the PKI `parley up` made."""
+        options = [("grpc.primary_user_agent", GRPC_USER_AGENT)]
+        if port == self.ports.http:
+            return grpc.insecure_channel(f"127.0.0.1:{port}", options=options)
+        return embedded_pki(self.data_dir).sync_channel(f"127.0.0.1:{port}", as_=as_, options=options)
 
 
 @pytest.fixture(scope="module")
@@ -732,7 +736,8 @@ def test_api_keys_are_created_listed_checked_over_internal_grpc_and_revoked(parl
     assert secret not in listing.text
     assert secret[len(key["prefix"]) + 1 :] not in listing.text
 
-    with parley.channel(parley.ports.grpc) as channel:
+    # As the gateway's edge asks auth about keys and sessions.
+    with parley.channel(parley.ports.grpc, as_="edge") as channel:
         internal = auth_pb2_grpc.AuthInternalServiceStub(channel)
         checked = internal.CheckApiKey(auth_pb2.CheckApiKeyRequest(api_key=secret), timeout=10)
         assert checked.identity == auth_pb2.Identity(
@@ -929,7 +934,8 @@ def test_the_gateway_check_of_a_cookie_session(parley: Parley) -> None:
     cookies = assert_session_cookies(response)
     access, csrf = cookies[ACCESS_COOKIE], cookies[CSRF_COOKIE]
 
-    with parley.channel(parley.ports.grpc) as channel:
+    # As the gateway's edge asks auth about keys and sessions.
+    with parley.channel(parley.ports.grpc, as_="edge") as channel:
         internal = auth_pb2_grpc.AuthInternalServiceStub(channel)
 
         def check(method: str, header: str = "", cookie: str = csrf) -> auth_pb2.CheckSessionResponse:
@@ -1123,7 +1129,8 @@ def test_admins_list_find_disable_enable_and_set_roles(parley: Parley, admin: Ad
     )
     refused_login = parley.http.post("/v1/auth/login", json={"email": emails[0], "password": PASSWORD})
     assert_error(refused_login, status=403, code=7, reason="ACCOUNT_DISABLED")
-    with parley.channel(parley.ports.grpc) as channel:
+    # As the gateway's edge asks auth about keys and sessions.
+    with parley.channel(parley.ports.grpc, as_="edge") as channel:
         internal = auth_pb2_grpc.AuthInternalServiceStub(channel)
         with pytest.raises(grpc.RpcError) as key_refused:
             internal.CheckApiKey(auth_pb2.CheckApiKeyRequest(api_key=key_secret), timeout=10)

@@ -32,10 +32,12 @@ import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.auth.signing_keys import generate_kek
+from services.common.pki import GATEWAY, MICROSERVICES_CERTIFICATES, ensure_pki
 from tests.support.databases import fresh_postgres_database
 from tests.support.gateway import free_port
-from tests.support.microservices import WAIT_S, migrate, run_parley
+from tests.support.microservices import WAIT_S, certificate_env, migrate, run_parley
 from tests.support.parley_process import EmbeddedPorts, ParleyProcess
+from tests.support.pki import ServicePki
 from tests.support.polling import eventually
 from tests.support.rate_limits import generous_rate_limits
 from tests.support.tcp_proxy import TcpProxy
@@ -142,14 +144,16 @@ async def microservices(
     directory = tmp_path_factory.mktemp("credential-changes-mesh")
     async with fresh_postgres_database(postgres_server_url) as database_url:
         await migrate(database_url)
-        secret = secrets.token_urlsafe(24)
+        # What `parley pki init` makes; each process gets its certificate by file, as in k8s.
+        pki = ServicePki(directory / "pki")
+        ensure_pki(pki.directory, MICROSERVICES_CERTIFICATES)
         auth_port = free_port()
         auth = ParleyProcess(
             ["serve", "auth", "--port", str(auth_port)],
             env={
                 "PARLEY_DATABASE_URL": database_url,
                 "PARLEY_REDIS_URL": redis_url,
-                "PARLEY_GATEWAY_SECRET": secret,
+                **certificate_env(pki.files("auth")),
                 "PARLEY_AUTH_KEY_ENCRYPTION_KEY": generate_kek(),
                 "PARLEY_METRICS_PORT": str(free_port()),
                 "PARLEY_SHUTDOWN_GRACE_S": "2",
@@ -170,7 +174,7 @@ async def microservices(
                 ParleyProcess(
                     ["gateway", "--topology", "local", f"--upstream=auth=127.0.0.1:{auth_port}", *upstreams],
                     env={
-                        "PARLEY_GATEWAY_SECRET": secret,
+                        **certificate_env(pki.files(GATEWAY)),
                         "PARLEY_REDIS_URL": redis_url,
                         "PARLEY_AUTH_TARGET": auth_target,
                         "PARLEY_HTTP_PORT": str(http_port),

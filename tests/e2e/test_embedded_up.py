@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import signal
 import sqlite3
-import uuid
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import httpx
 import pytest
+from cryptography import x509
 from google.protobuf import descriptor_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
 from services.common.contracts import descriptor_set_bytes, descriptor_set_path
+from services.common.pki import workloads_of_certificate
 from tests.support.gateway import grpcurl
+from tests.support.microservices import run_parley
 from tests.support.parley_process import EmbeddedPorts, ParleyProcess, children_of, command_of, pid_alive
+from tests.support.pki import embedded_pki, grpcurl_tls
 from tests.support.polling import eventually_sync
 from tests.support.reflection import (
     DESCRIBE_CASES,
@@ -35,6 +40,7 @@ from tests.support.reflection import (
 pytestmark = pytest.mark.envoy
 
 PASSWORD = "violet-harbour-lantern-42"
+LIST_PLANS = "parley.billing.v1.BillingService/ListPlans"
 
 
 def parley_services() -> tuple[set[str], set[str]]:
@@ -51,8 +57,12 @@ def parley_services() -> tuple[set[str], set[str]]:
 
 
 @pytest.fixture(scope="module")
-def parley_up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ParleyProcess, EmbeddedPorts]]:
-    data_dir = tmp_path_factory.mktemp("parley-data")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("parley-data")
+
+
+@pytest.fixture(scope="module")
+def parley_up(data_dir: Path) -> Iterator[tuple[ParleyProcess, EmbeddedPorts]]:
     ports = EmbeddedPorts()
     process = ParleyProcess(
         ["up"],
@@ -89,84 +99,99 @@ def assert_error_body(
     return dict(body)
 
 
-def test_it_prints_where_everything_listens(parley_up: tuple[ParleyProcess, EmbeddedPorts]) -> None:
+@pytest.fixture(scope="module")
+def operator(parley_up: tuple[ParleyProcess, EmbeddedPorts], data_dir: Path) -> list[str]:
+    """grpcurl's flags for the services' port, with the operator's certificate `parley up` made."""
+    return grpcurl_tls(embedded_pki(data_dir).files("operator"), server="billing")
+
+
+def test_it_prints_where_everything_listens(
+    parley_up: tuple[ParleyProcess, EmbeddedPorts], data_dir: Path
+) -> None:
     process, ports = parley_up
     output = process.output()
     assert f"http://127.0.0.1:{ports.http}" in output
     assert f"127.0.0.1:{ports.grpc}" in output
+    assert f"parley grpcurl --data-dir {data_dir} 127.0.0.1:{ports.grpc} list" in output
+    assert str(data_dir / "pki") in output
     assert f"http://127.0.0.1:{ports.metrics}/metrics" in output
 
 
-def test_json_call_reaches_a_servicer_and_comes_back_transcoded(gateway: httpx.Client) -> None:
-    response = gateway.get("/v1/billing/plans")
-    assert response.status_code == 200, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    assert response.headers["x-request-id"]
-    assert "server" not in response.headers or "envoy" not in response.headers["server"].lower()
-    assert not any(name.startswith("grpc-") for name in response.headers)
-    plans = response.json()["plans"]
-    assert [plan["id"] for plan in plans] == ["free", "pro", "team"]
-    pro = plans[1]
-    # proto field names, int64 as JSON strings, enums by name
-    assert pro["monthly_price"] == {"currency_code": "USD", "amount_minor": "2000", "minor_nanos": 0}
-    assert pro["included_tokens"] == "2000000"
-    assert pro["tier"] == "PLAN_TIER_PRO"
-    assert plans[0]["hard_stop"] is True
-
-
-def test_service_errors_come_back_as_typed_json(gateway: httpx.Client) -> None:
-    invalid = gateway.get("/v1/billing/plans", params={"page_size": -1})
-    body = assert_error_body(invalid, status=400, grpc_code=3, reason="INVALID_ARGUMENT")
-    details = body["details"]
-    assert isinstance(details, list)
-    bad_request = next(d for d in details if d["@type"].endswith("google.rpc.BadRequest"))
-    assert bad_request["field_violations"][0]["field"] == "page_size"
-    request_info = next(d for d in details if d["@type"].endswith("google.rpc.RequestInfo"))
-    assert request_info["request_id"] == invalid.headers["x-request-id"]
-
-    # GetSubscription needs a caller: without one the gateway refuses it before billing sees it.
-    anonymous = gateway.get("/v1/billing/subscription")
-    assert_error_body(anonymous, status=401, grpc_code=16, reason="UNAUTHENTICATED")
-    unimplemented = gateway.get("/v1/billing/subscription", headers=signed_in(gateway))
-    assert_error_body(unimplemented, status=501, grpc_code=12, reason="NOT_IMPLEMENTED")
-
-
-def signed_in(gateway: httpx.Client) -> dict[str, str]:
-    """A new account's bearer header, from registering and signing in through the gateway."""
-    email = f"embedded-{uuid.uuid4().hex[:10]}@example.com"
-    registered = gateway.post(
-        "/v1/auth/register", json={"email": email, "password": PASSWORD, "display_name": "Embedded"}
+def test_the_data_dir_holds_the_pki_owner_only(
+    parley_up: tuple[ParleyProcess, EmbeddedPorts], data_dir: Path
+) -> None:
+    pki = data_dir / "pki"
+    assert stat.S_IMODE(pki.stat().st_mode) == 0o700
+    names = sorted(path.name for path in pki.iterdir())
+    assert names == sorted(
+        f"{name}{suffix}"
+        for name in ("ca", "services", "edge", "gateway", "operator")
+        for suffix in (".pem", "-key.pem")
     )
-    assert registered.status_code == 200, registered.text
-    login = gateway.post("/v1/auth/login", json={"email": email, "password": PASSWORD})
-    assert login.status_code == 200, login.text
-    return {"authorization": f"Bearer {login.json()['tokens']['access_token']}"}
+    assert {stat.S_IMODE(path.stat().st_mode) for path in pki.iterdir()} == {0o600}
+    ca = x509.load_pem_x509_certificate((pki / "ca.pem").read_bytes())
+    expected = {
+        "services": {"auth", "chat", "billing", "analytics"},
+        "edge": {"edge"},
+        "gateway": {"gateway"},
+        "operator": {"operator"},
+    }
+    for name, workloads in expected.items():
+        certificate = x509.load_pem_x509_certificate((pki / f"{name}.pem").read_bytes())
+        certificate.verify_directly_issued_by(ca)
+        assert workloads_of_certificate(certificate) == workloads
 
 
-def test_gateway_errors_share_the_service_error_shape(gateway: httpx.Client) -> None:
-    unknown = gateway.get("/v1/no/such/thing")
-    assert_error_body(unknown, status=404, grpc_code=5, reason="ROUTE_NOT_FOUND")
-
-    malformed = gateway.post(
-        "/v1/auth/register", content=b'{"email": "a@b.c", ', headers={"content-type": "application/json"}
-    )
-    assert_error_body(malformed, status=400, grpc_code=3, reason="MALFORMED_REQUEST")
-
-    oversize = gateway.post(
-        "/v1/auth/register",
-        content=b'{"display_name": "' + b"x" * (2 * 1024 * 1024) + b'"}',
-        headers={"content-type": "application/json"},
-    )
-    assert_error_body(oversize, status=413, grpc_code=8, reason="REQUEST_TOO_LARGE")
+def admin_documents(admin_url: str) -> dict[str, str]:
+    """What Envoy's admin shows, with every base64 `inline_bytes` value decoded next to it (SDS
+    secrets are dumped that way: a leak would be base64 of the PEM)."""
+    documents = {}
+    with httpx.Client(base_url=admin_url, timeout=10.0) as admin:
+        for path in ("/config_dump", "/config_dump?include_eds", "/certs"):
+            text = admin.get(path).raise_for_status().text
+            decoded = [
+                base64.b64decode(value).decode(errors="replace") for value in inline_bytes(json.loads(text))
+            ]
+            documents[path] = "\n".join([text, *decoded])
+    return documents
 
 
-def test_healthz_answers(gateway: httpx.Client) -> None:
-    response = gateway.get("/healthz")
-    assert response.status_code == 200
-    assert response.json() == {"status": "SERVING"}
+def inline_bytes(node: object) -> list[str]:
+    if isinstance(node, dict):
+        found = [value for key, value in node.items() if key == "inline_bytes" and isinstance(value, str)]
+        return found + [item for value in node.values() for item in inline_bytes(value)]
+    if isinstance(node, list):
+        return [item for value in node for item in inline_bytes(value)]
+    return []
 
 
-async def test_grpcurl_through_the_gateway_and_direct(parley_up: tuple[ParleyProcess, EmbeddedPorts]) -> None:
+def test_envoy_admin_shows_no_secret(parley_up: tuple[ParleyProcess, EmbeddedPorts], data_dir: Path) -> None:
+    """Finding 2 of issue 11: the admin interface on 127.0.0.1 showed the gateway's master secret."""
+    documents = admin_documents(f"http://127.0.0.1:{parley_up[1].admin}")
+    secret_files = [*(data_dir / "pki").glob("*-key.pem"), *(data_dir / "secrets").iterdir()]
+    assert len(secret_files) == 6, secret_files  # five private keys and the key-encryption key
+    for name, document in documents.items():
+        assert "PRIVATE KEY" not in document, name
+        assert "gateway-secret" not in document, name
+        flat = document.replace("\\n", "").replace("\n", "")
+        for secret_file in secret_files:
+            secret = secret_file.read_text()
+            body = "".join(line for line in secret.splitlines() if not line.startswith("-----"))
+            assert body.strip()
+            assert body not in flat, (name, secret_file)
+            assert base64.b64encode(secret.encode()).decode() not in document, (name, secret_file)
+            for line in body.split():
+                assert line not in document, (name, secret_file)
+    # The dump is the real one: Envoy's certificate came by SDS, its key is shown redacted.
+    dump = documents["/config_dump"]
+    assert '"name": "parley_workload_certificate"' in dump
+    assert "[redacted]" in dump
+    assert "spiffe://parley.local/gateway" in documents["/certs"]
+
+
+async def test_grpcurl_through_the_gateway_and_direct(
+    parley_up: tuple[ParleyProcess, EmbeddedPorts], operator: list[str]
+) -> None:
     _, ports = parley_up
     public, internal = parley_services()
 
@@ -176,25 +201,66 @@ async def test_grpcurl_through_the_gateway_and_direct(parley_up: tuple[ParleyPro
     assert public <= listed
     assert not internal & listed
 
-    direct = await grpcurl("-plaintext", f"127.0.0.1:{ports.grpc}", "list")
+    direct = await grpcurl(*operator, f"127.0.0.1:{ports.grpc}", "list")
     assert direct.returncode == 0, direct.stderr
     assert public | internal <= set(direct.stdout.split())
 
-    for port in (ports.http, ports.grpc):
+    for transport, port in ((["-plaintext"], ports.http), (operator, ports.grpc)):
         call = await grpcurl(
-            "-plaintext", "-d", "{}", f"127.0.0.1:{port}", "parley.billing.v1.BillingService/ListPlans"
+            *transport, "-d", "{}", f"127.0.0.1:{port}", "parley.billing.v1.BillingService/ListPlans"
         )
         assert call.returncode == 0, call.stderr
         assert [plan["id"] for plan in json.loads(call.stdout)["plans"]] == ["free", "pro", "team"]
 
+    # Without the operator's certificate the services' port does not answer at all.
+    plaintext = await grpcurl("-plaintext", f"127.0.0.1:{ports.grpc}", "list")
+    assert plaintext.returncode != 0
+    assert f'Failed to dial target host "127.0.0.1:{ports.grpc}"' in plaintext.stderr
+
+
+async def test_parley_grpcurl_adds_the_operators_certificate(
+    parley_up: tuple[ParleyProcess, EmbeddedPorts], data_dir: Path
+) -> None:
+    _, ports = parley_up
+    target = f"127.0.0.1:{ports.grpc}"
+    listed = await run_parley("grpcurl", "--data-dir", str(data_dir), target, "list", env={})
+    assert listed.returncode == 0, listed.describe()
+    assert "parley.billing.v1.BillingInternalService" in listed.stdout.split()
+
+    call = await run_parley(
+        "grpcurl", "--data-dir", str(data_dir), "-d", '{"page_size": 1}', target, LIST_PLANS, env={}
+    )
+    assert call.returncode == 0, call.describe()
+    assert [plan["id"] for plan in json.loads(call.stdout)["plans"]] == ["free"]
+
+    # The operator is not the edge: the internal credential check stays closed to it.
+    probe = await run_parley(
+        "grpcurl",
+        "--data-dir",
+        str(data_dir),
+        "-d",
+        '{"api_key": "pk_guess"}',
+        target,
+        "parley.auth.v1.AuthInternalService/CheckApiKey",
+        env={},
+    )
+    assert probe.returncode != 0
+    assert "PermissionDenied" in probe.stderr
+    assert "operator may not call parley.auth.v1.AuthInternalService/CheckApiKey" in probe.stderr
+
+    elsewhere = await run_parley("grpcurl", "--data-dir", str(data_dir / "nowhere"), target, "list", env={})
+    assert elsewhere.returncode == 2
+    assert "no operator certificate" in elsewhere.stderr
+    assert "Traceback" not in elsewhere.stderr
+
 
 @pytest.mark.parametrize("case", DESCRIBE_CASES, ids=lambda case: case.symbol)
 async def test_grpcurl_describes_every_kind_of_symbol_through_the_gateway_and_direct(
-    parley_up: tuple[ParleyProcess, EmbeddedPorts], case: DescribeCase
+    parley_up: tuple[ParleyProcess, EmbeddedPorts], operator: list[str], case: DescribeCase
 ) -> None:
     _, ports = parley_up
-    for port in (ports.http, ports.grpc):
-        await assert_grpcurl_describes(f"127.0.0.1:{port}", case)
+    await assert_grpcurl_describes(f"127.0.0.1:{ports.http}", case)
+    await assert_grpcurl_describes(f"127.0.0.1:{ports.grpc}", case, transport=operator)
 
 
 async def test_grpcurl_prints_a_request_template_through_the_gateway(
@@ -218,7 +284,7 @@ async def test_grpcurl_prints_a_request_template_through_the_gateway(
 
 
 async def test_internal_services_are_described_on_the_service_port_only(
-    parley_up: tuple[ParleyProcess, EmbeddedPorts],
+    parley_up: tuple[ParleyProcess, EmbeddedPorts], operator: list[str]
 ) -> None:
     _, ports = parley_up
     _, internal = parley_services()
@@ -228,7 +294,7 @@ async def test_internal_services_are_described_on_the_service_port_only(
         assert hidden.returncode != 0
         assert f"Symbol not found: {symbol}" in hidden.stderr
 
-        shown = await grpcurl("-plaintext", f"127.0.0.1:{ports.grpc}", "describe", symbol)
+        shown = await grpcurl(*operator, f"127.0.0.1:{ports.grpc}", "describe", symbol)
         assert shown.returncode == 0, shown.stderr
 
 
@@ -315,6 +381,7 @@ def test_signals_stop_everything_and_a_restart_keeps_the_data(tmp_path: Path) ->
     assert any("envoy" in command for command in commands), commands
     assert any("runtime.cli edge" in command for command in commands), commands
 
+    ca = (data_dir / "pki" / "ca.pem").read_bytes()
     # An operator retires a plan directly in the embedded database while Parley runs.
     with sqlite3.connect(data_dir / "parley.db") as connection:
         connection.execute("UPDATE plans SET retired_at = '2026-01-01 00:00:00' WHERE id = 'team'")
@@ -332,6 +399,8 @@ def test_signals_stop_everything_and_a_restart_keeps_the_data(tmp_path: Path) ->
         ).json()["plans"]
         assert retired[-1]["id"] == "team"
         assert retired[-1]["retired"] is True
+        # The PKI is reused while valid: the same CA (and so the same operator certificate) as before.
+        assert (data_dir / "pki" / "ca.pem").read_bytes() == ca
     finally:
         # Ctrl-C in a terminal sends SIGINT to the foreground process; that must stop cleanly too.
         assert second.terminate(signum=signal.SIGINT) == 0

@@ -33,7 +33,6 @@ from tests.support.gateway import (
     REPO_ROOT,
     TEST_API_KEY,
     TEST_API_KEY_HEADERS,
-    TEST_GATEWAY_SECRET,
     TEST_USER_ID,
     HealthUpstream,
     RunningGateway,
@@ -47,6 +46,7 @@ from tests.support.gateway import (
     start_health_upstream,
     wait_for_healthz,
 )
+from tests.support.pki import ServicePki
 from tests.support.polling import eventually
 
 pytestmark = [pytest.mark.envoy, pytest.mark.asyncio(loop_scope="module")]
@@ -113,8 +113,8 @@ def stand_in() -> StandInRpcs:
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def upstream(stand_in: StandInRpcs) -> AsyncIterator[HealthUpstream]:
-    server = await start_health_upstream(public_service_names(), handlers=[stand_in])
+async def upstream(stand_in: StandInRpcs, service_pki: ServicePki) -> AsyncIterator[HealthUpstream]:
+    server = await start_health_upstream(public_service_names(), pki=service_pki, handlers=[stand_in])
     yield server
     await server.stop()
 
@@ -125,14 +125,17 @@ def access_log_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def gateway(upstream: HealthUpstream, access_log_path: Path) -> AsyncIterator[RunningGateway]:
+async def gateway(
+    upstream: HealthUpstream, access_log_path: Path, service_pki: ServicePki
+) -> AsyncIterator[RunningGateway]:
     topology = embedded_test_topology(
         upstream.port,
+        pki=service_pki,
         settings=fast_settings(unary_timeout_s=UNARY_TIMEOUT_S),
         max_request_bytes=MAX_REQUEST_BYTES,
     )
     with access_log_path.open("wb") as envoy_stdout:
-        async with running_gateway(topology, stdout=envoy_stdout.fileno()) as running:
+        async with running_gateway(topology, pki=service_pki, stdout=envoy_stdout.fileno()) as running:
             await wait_for_healthz(running.http_url, 200)
             yield running
 
@@ -338,8 +341,10 @@ async def test_success_reaches_the_service_with_only_gateway_identity_headers(
     assert response.headers["content-type"] == "application/json"
     assert_clean_headers(response)
     received = stand_in.metadata[REGISTER]
-    parley_headers = [(key, value) for key, value in received if key.startswith("x-parley-")]
-    assert parley_headers == [("x-parley-gateway-secret", TEST_GATEWAY_SECRET)]
+    # Every client-sent x-parley-* header is gone, and the gateway adds none of its own: it proves
+    # itself with its certificate, so no request carries a bearer secret.
+    assert [key for key, _ in received if key.startswith("x-parley-")] == []
+    assert "forged" not in str(received)
     # An untrusted client cannot choose the request id; the one the service saw is the one returned.
     assert response.headers["x-request-id"] != "client-chosen-id"
     assert ("x-request-id", response.headers["x-request-id"]) in received
@@ -363,7 +368,6 @@ async def test_a_credential_reaches_the_service_as_gateway_identity_headers(
     parley_headers = {key: value for key, value in received.items() if key.startswith("x-parley-")}
     assert decode_roles_header(parley_headers.pop("x-parley-roles")) == frozenset({"user"})
     assert parley_headers == {
-        "x-parley-gateway-secret": TEST_GATEWAY_SECRET,
         "x-parley-user-id": TEST_USER_ID,
         "x-parley-plan": "free",
         "x-parley-auth-method": "api_key",
@@ -507,9 +511,10 @@ async def test_grpc_health_through_the_gateway_is_the_edge(gateway: RunningGatew
 
 
 @pytest_asyncio.fixture(loop_scope="module")
-async def gateway_without_upstream() -> AsyncIterator[RunningGateway]:
+async def gateway_without_upstream(service_pki: ServicePki) -> AsyncIterator[RunningGateway]:
     # Nothing listens on the upstream port: every health check and every connection fails.
-    async with running_gateway(embedded_test_topology(free_port())) as running:
+    topology = embedded_test_topology(free_port(), pki=service_pki)
+    async with running_gateway(topology, pki=service_pki) as running:
         yield running
 
 
@@ -560,8 +565,12 @@ async def test_a_port_another_gateway_holds_is_refused_before_envoy_starts(gatew
     assert envoy.pid is None, "no Envoy was started"
 
 
-async def test_envoy_that_cannot_start_reports_its_stderr(upstream: HealthUpstream) -> None:
-    envoy = EnvoyProcess(embedded_test_topology(upstream.port), log_level="nonsense", startup_timeout_s=20.0)
+async def test_envoy_that_cannot_start_reports_its_stderr(
+    upstream: HealthUpstream, service_pki: ServicePki
+) -> None:
+    envoy = EnvoyProcess(
+        embedded_test_topology(upstream.port, pki=service_pki), log_level="nonsense", startup_timeout_s=20.0
+    )
 
     with pytest.raises(EnvoyStartError, match="before becoming ready") as raised:
         await envoy.start()
@@ -570,8 +579,8 @@ async def test_envoy_that_cannot_start_reports_its_stderr(upstream: HealthUpstre
     assert envoy.returncode is not None
 
 
-async def test_stop_ends_the_envoy_process(upstream: HealthUpstream) -> None:
-    envoy = EnvoyProcess(embedded_test_topology(upstream.port))
+async def test_stop_ends_the_envoy_process(upstream: HealthUpstream, service_pki: ServicePki) -> None:
+    envoy = EnvoyProcess(embedded_test_topology(upstream.port, pki=service_pki))
     await envoy.start()
     pid = envoy.pid
     assert pid is not None
@@ -589,9 +598,10 @@ import asyncio, sys
 from pathlib import Path
 from gateway.envoy_process import EnvoyProcess
 from tests.support.gateway import embedded_test_topology, free_port
+from tests.support.pki import ServicePki
 
 async def main() -> None:
-    envoy = EnvoyProcess(embedded_test_topology(free_port()))
+    envoy = EnvoyProcess(embedded_test_topology(free_port(), pki=ServicePki(Path(sys.argv[1]))))
     await envoy.start()
     print(envoy.pid, flush=True)
     await asyncio.Event().wait()  # until the test kills this process
@@ -600,11 +610,12 @@ asyncio.run(main())
 """
 
 
-async def test_envoy_dies_with_a_killed_parent() -> None:
+async def test_envoy_dies_with_a_killed_parent(service_pki: ServicePki) -> None:
     parent = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
         ORPHAN_SCRIPT,
+        str(service_pki.directory),
         cwd=REPO_ROOT,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,

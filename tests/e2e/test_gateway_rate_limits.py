@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,9 @@ from gateway.topology import Topology
 from parley.billing.v1 import billing_pb2, billing_pb2_grpc
 from services.common.errors import details_of
 from services.common.ratelimit import load_rate_limit_config
-from tests.support.gateway import TEST_GATEWAY_SECRET, RunningGateway, embedded_test_topology, running_gateway
+from tests.support.gateway import RunningGateway, embedded_test_topology, running_gateway
 from tests.support.parley_process import EmbeddedPorts, ParleyProcess
+from tests.support.pki import ServicePki, embedded_pki
 from tests.support.rate_limits import scaled_rate_limits
 from tests.support.tcp_proxy import TcpProxy
 
@@ -35,17 +37,26 @@ pytestmark = [pytest.mark.envoy, pytest.mark.asyncio(loop_scope="module")]
 HOUR = 3600.0
 
 
+@dataclass(frozen=True)
+class Services:
+    """A running `parley up`: its ports, and the PKI it made (whose gateway and edge certificates
+    the test gateways present, as its own gateway does)."""
+
+    ports: EmbeddedPorts
+    pki: ServicePki
+
+
 @pytest.fixture(scope="module")
-def parley(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPorts]:
+def parley(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
     """The real services (and their own gateway, unused here) for the test gateways to front."""
     data_dir = tmp_path_factory.mktemp("parley-limits")
     ports = EmbeddedPorts()
-    env = {**ports.env(), "PARLEY_DATA_DIR": str(data_dir), "PARLEY_GATEWAY_SECRET": TEST_GATEWAY_SECRET}
+    env = {**ports.env(), "PARLEY_DATA_DIR": str(data_dir)}
     process = ParleyProcess(["up"], env=env, log_path=data_dir / "up.log")
     process.start()
     try:
         process.wait_until_http_ok(f"http://127.0.0.1:{ports.http}/healthz")
-        yield ports
+        yield Services(ports, embedded_pki(data_dir))
     finally:
         process.terminate()
 
@@ -58,21 +69,22 @@ def tight_limits(directory: Path, **limits: dict[str, Any]) -> tuple[Path, dict[
     return scaled_rate_limits(1, overrides=overrides, directory=directory), renamed
 
 
-def topology_for(ports: EmbeddedPorts, limits_file: Path) -> Topology:
-    return dataclasses.replace(embedded_test_topology(ports.grpc), rate_limits_path=limits_file)
+def topology_for(services: Services, limits_file: Path) -> Topology:
+    topology = embedded_test_topology(services.ports.grpc, pki=services.pki)
+    return dataclasses.replace(topology, rate_limits_path=limits_file)
 
 
 @pytest_asyncio.fixture(loop_scope="module")
 async def two_gateways(
-    parley: EmbeddedPorts, redis_url: str, tmp_path: Path
+    parley: Services, redis_url: str, tmp_path: Path
 ) -> AsyncIterator[tuple[list[RunningGateway], dict[str, str], int]]:
     burst = 20
     limits_file, names = tight_limits(
         tmp_path, anonymous={"burst": burst, "rate": {"requests": 1, "per_s": HOUR}}
     )
     async with (
-        running_gateway(topology_for(parley, limits_file), redis_url=redis_url) as first,
-        running_gateway(topology_for(parley, limits_file), redis_url=redis_url) as second,
+        running_gateway(topology_for(parley, limits_file), pki=parley.pki, redis_url=redis_url) as first,
+        running_gateway(topology_for(parley, limits_file), pki=parley.pki, redis_url=redis_url) as second,
     ):
         yield [first, second], names, burst
 
@@ -126,13 +138,13 @@ def assert_rate_limited_body(response: httpx.Response, limit: str) -> None:
 
 
 async def test_grpc_callers_get_resource_exhausted_with_the_same_details(
-    parley: EmbeddedPorts, redis_url: str, tmp_path: Path
+    parley: Services, redis_url: str, tmp_path: Path
 ) -> None:
     limits_file, names = tight_limits(
         tmp_path, anonymous={"burst": 2, "rate": {"requests": 1, "per_s": HOUR}}
     )
     async with (
-        running_gateway(topology_for(parley, limits_file), redis_url=redis_url) as gateway,
+        running_gateway(topology_for(parley, limits_file), pki=parley.pki, redis_url=redis_url) as gateway,
         grpc.aio.insecure_channel(gateway.grpc_target) as channel,
     ):
         stub = billing_pb2_grpc.BillingServiceStub(channel)
@@ -152,7 +164,7 @@ async def test_grpc_callers_get_resource_exhausted_with_the_same_details(
 
 
 async def test_signed_in_callers_are_limited_per_user_by_plan(
-    parley: EmbeddedPorts, redis_url: str, tmp_path: Path
+    parley: Services, redis_url: str, tmp_path: Path
 ) -> None:
     limits_file, _names = tight_limits(
         tmp_path,
@@ -160,7 +172,7 @@ async def test_signed_in_callers_are_limited_per_user_by_plan(
         anonymous={"burst": 1000},
     )
     async with (
-        running_gateway(topology_for(parley, limits_file), redis_url=redis_url) as gateway,
+        running_gateway(topology_for(parley, limits_file), pki=parley.pki, redis_url=redis_url) as gateway,
         httpx.AsyncClient(base_url=gateway.http_url, timeout=15.0) as client,
     ):
         headers = []
@@ -178,7 +190,7 @@ async def test_signed_in_callers_are_limited_per_user_by_plan(
 
 
 async def test_when_redis_is_down_reads_fail_open_and_login_fails_closed(
-    parley: EmbeddedPorts, redis_url: str, tmp_path: Path
+    parley: Services, redis_url: str, tmp_path: Path
 ) -> None:
     limits_file, _ = tight_limits(tmp_path)
     redis_host, redis_port = httpx.URL(redis_url).host, httpx.URL(redis_url).port or 6379
@@ -189,6 +201,7 @@ async def test_when_redis_is_down_reads_fail_open_and_login_fails_closed(
         async with (
             running_gateway(
                 topology_for(parley, limits_file),
+                pki=parley.pki,
                 redis_url=f"redis://127.0.0.1:{proxy.port}/0",
                 registry=registry,
             ) as gateway,

@@ -36,6 +36,7 @@ from tests.support.gateway import (
     start_health_upstream,
     wait_for_healthz,
 )
+from tests.support.pki import ServicePki
 
 pytestmark = [pytest.mark.envoy, pytest.mark.asyncio(loop_scope="module")]
 
@@ -144,10 +145,11 @@ def chat() -> ScriptedChat:
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def upstream(chat: ScriptedChat) -> AsyncIterator[HealthUpstream]:
+async def upstream(chat: ScriptedChat, service_pki: ServicePki) -> AsyncIterator[HealthUpstream]:
     # Every area's cluster points at this one port, so it reports SERVING for every public service.
     server = await start_health_upstream(
         public_service_names(),
+        pki=service_pki,
         servicers=[functools.partial(chat_pb2_grpc.add_ChatServiceServicer_to_server, chat)],
     )
     yield server
@@ -155,8 +157,9 @@ async def upstream(chat: ScriptedChat) -> AsyncIterator[HealthUpstream]:
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def gateway(upstream: HealthUpstream) -> AsyncIterator[RunningGateway]:
-    async with running_gateway(embedded_test_topology(upstream.port)) as running:
+async def gateway(upstream: HealthUpstream, service_pki: ServicePki) -> AsyncIterator[RunningGateway]:
+    topology = embedded_test_topology(upstream.port, pki=service_pki)
+    async with running_gateway(topology, pki=service_pki) as running:
         await wait_for_healthz(running.http_url, 200)
         yield running
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import secrets
 import signal
 import sqlite3
 import uuid
@@ -24,7 +23,8 @@ from sqlalchemy.engine import make_url
 
 from gateway.envoy_process import envoy_binary_path
 from gateway.settings import load_gateway_settings
-from services.common.settings import SERVICE_NAMES
+from services.common.pki import MICROSERVICES_CERTIFICATES, TlsFiles, ensure_pki
+from services.common.settings import SERVICE_NAMES, ServiceName
 from tests.support.databases import asyncpg_dsn
 from tests.support.gateway import (
     free_port,
@@ -35,11 +35,14 @@ from tests.support.gateway import (
 from tests.support.microservices import (
     SHUTDOWN_GRACE_S,
     WAIT_S,
+    Microservices,
+    certificate_env,
     migrate,
     run_parley,
     running_microservices,
 )
 from tests.support.parley_process import ParleyProcess, children_of, pid_alive
+from tests.support.pki import grpcurl_tls
 from tests.support.polling import eventually
 from tests.support.reflection import DESCRIBE_LIST_PLANS, assert_grpcurl_describes
 from tests.support.tcp_proxy import TcpProxy
@@ -65,14 +68,24 @@ def billing_service_names() -> set[str]:
     }
 
 
-async def wait_for_grpc_health(target: str, service: str, expected: str, *, owner: ParleyProcess) -> None:
+def operator(mesh: Microservices, service: str) -> list[str]:
+    """grpcurl's flags for `service`'s port, with the operator's certificate `parley pki init` made."""
+    return grpcurl_tls(mesh.pki.files("operator"), server=service)
+
+
+async def wait_for_grpc_health(
+    mesh: Microservices, service_name: ServiceName, service: str, expected: str, *, owner: ParleyProcess
+) -> None:
     """Poll grpc.health.v1.Health/Check with grpcurl until it reports `expected`."""
     request = json.dumps({"service": service})
+    target = mesh.grpc_target(service_name)
     last_answer = ""
 
     async def reported() -> bool:
         nonlocal last_answer
-        check = await grpcurl("-plaintext", "-d", request, target, "grpc.health.v1.Health/Check", timeout_s=5)
+        check = await grpcurl(
+            *operator(mesh, service_name), "-d", request, target, "grpc.health.v1.Health/Check", timeout_s=5
+        )
         last_answer = check.stdout + check.stderr
         return check.returncode == 0 and json.loads(check.stdout).get("status") == expected
 
@@ -219,17 +232,31 @@ async def test_microservices_serve_json_and_grpc_through_the_gateway(
             assert public <= listed
             assert not internal & listed
 
-            direct = await grpcurl("-plaintext", mesh.grpc_target("billing"), "list")
+            direct = await grpcurl(*operator(mesh, "billing"), mesh.grpc_target("billing"), "list")
             assert direct.returncode == 0, direct.stderr
             direct_parley = {name for name in direct.stdout.split() if name.startswith("parley.")}
             assert direct_parley == billing_service_names()
             assert "parley.billing.v1.BillingInternalService" in direct_parley
 
-            for target in (mesh.grpc_target("billing"), f"127.0.0.1:{mesh.http_port}"):
-                call = await grpcurl("-plaintext", "-d", "{}", target, LIST_PLANS)
+            for transport, target in (
+                (operator(mesh, "billing"), mesh.grpc_target("billing")),
+                (["-plaintext"], f"127.0.0.1:{mesh.http_port}"),
+            ):
+                call = await grpcurl(*transport, "-d", "{}", target, LIST_PLANS)
                 assert call.returncode == 0, call.stderr
                 assert [plan["id"] for plan in json.loads(call.stdout)["plans"]] == SEEDED_PLANS
-                await assert_grpcurl_describes(target, DESCRIBE_LIST_PLANS)
+                await assert_grpcurl_describes(target, DESCRIBE_LIST_PLANS, transport=transport)
+
+            # Each service port answers only callers with a certificate of the mesh's CA.
+            for name in SERVICE_NAMES:
+                plaintext = await grpcurl("-plaintext", mesh.grpc_target(name), "list")
+                assert plaintext.returncode != 0
+                assert f'Failed to dial target host "{mesh.grpc_target(name)}"' in plaintext.stderr
+            # A service may not call another's public methods: they are the gateway's (and operator's).
+            as_chat = grpcurl_tls(mesh.pki.files("chat"), server="billing")
+            refused = await grpcurl(*as_chat, "-d", "{}", mesh.grpc_target("billing"), LIST_PLANS)
+            assert refused.returncode != 0
+            assert f"chat may not call {LIST_PLANS}" in refused.stderr
         except AssertionError as failure:
             raise AssertionError(f"{failure}\n{mesh.output_tails()}") from None
 
@@ -285,17 +312,13 @@ async def test_health_follows_the_database_end_to_end(postgres_url: str, tmp_pat
             billing = mesh.services["billing"]
             healthz_url = f"{mesh.gateway_url}/healthz"
             try:
-                await wait_for_grpc_health(
-                    mesh.grpc_target("billing"), BILLING_SERVICE, "SERVING", owner=billing
-                )
+                await wait_for_grpc_health(mesh, "billing", BILLING_SERVICE, "SERVING", owner=billing)
                 await mesh.gateway.wait_for_http_status(healthz_url, 200, timeout_s=WAIT_S)
 
                 loop = asyncio.get_running_loop()
                 await proxy.cut()
                 cut_at = loop.time()
-                await wait_for_grpc_health(
-                    mesh.grpc_target("billing"), BILLING_SERVICE, "NOT_SERVING", owner=billing
-                )
+                await wait_for_grpc_health(mesh, "billing", BILLING_SERVICE, "NOT_SERVING", owner=billing)
                 async with httpx.AsyncClient(base_url=mesh.gateway_url, timeout=10.0) as client:
                     # Until Envoy's health checks catch up, calls still reach billing, whose database is
                     # gone: that must be UNAVAILABLE from the service too, never INTERNAL (a 500).
@@ -319,9 +342,7 @@ async def test_health_follows_the_database_end_to_end(postgres_url: str, tmp_pat
                     assert_parley_error(refused, status=503, grpc_code=14, reasons={"UPSTREAM_UNAVAILABLE"})
 
                     await proxy.restore()
-                    await wait_for_grpc_health(
-                        mesh.grpc_target("billing"), BILLING_SERVICE, "SERVING", owner=billing
-                    )
+                    await wait_for_grpc_health(mesh, "billing", BILLING_SERVICE, "SERVING", owner=billing)
                     await mesh.gateway.wait_for_http_status(healthz_url, 200, timeout_s=WAIT_S)
                     # /healthz and routing read the host's health on different threads; on a loaded
                     # machine routing can lag by a moment, so the first call after recovery is polled.
@@ -352,8 +373,15 @@ async def test_the_cli_refuses_bad_settings_clearly(tmp_path: Path) -> None:
         "limits: [{name: a, descriptor: {limit: a}, key: [user], rate: {requests: 1, per_s: 1}, bursts: 2}]\n"
         "routes: {default: {on_failure: allow, descriptors: [{limit: a, entries: [user]}]}}\n"
     )
-    with_bad_limits = {**ports, "PARLEY_RATE_LIMITS_FILE": str(bad_limits), "PARLEY_GATEWAY_SECRET": "s"}
-    bad_port, no_secret, bad_database, up_bad_file, gateway_bad_file = await asyncio.gather(
+    # The gateway's certificate is fine here, so the file is what gets reported.
+    pki = tmp_path / "pki"
+    ensure_pki(pki, MICROSERVICES_CERTIFICATES)
+    with_bad_limits = {
+        **ports,
+        **certificate_env(TlsFiles.in_directory(pki, "gateway")),
+        "PARLEY_RATE_LIMITS_FILE": str(bad_limits),
+    }
+    bad_port, no_certificate, bad_database, up_bad_file, gateway_bad_file = await asyncio.gather(
         run_parley("up", env={**ports, "PARLEY_GRPC_PORT": "not-a-port"}),
         run_parley("gateway", "--topology", "local", env=ports),
         run_parley(
@@ -363,13 +391,16 @@ async def test_the_cli_refuses_bad_settings_clearly(tmp_path: Path) -> None:
         run_parley("gateway", "--topology", "local", env=with_bad_limits),
     )
 
-    for result in (bad_port, no_secret, bad_database):
+    for result in (bad_port, no_certificate, bad_database):
         assert result.returncode == 2, result.describe()
         assert result.stderr.startswith("Invalid Parley settings:"), result.describe()
         assert "Traceback" not in result.stderr + result.stdout, result.describe()
     assert "PARLEY_GRPC_PORT" in bad_port.stderr
     assert "not-a-port" in bad_port.stderr
-    assert "PARLEY_GATEWAY_SECRET" in no_secret.stderr
+    # No certificate, no gateway: the message names the settings, the file and how to make one.
+    assert "PARLEY_SERVICE_CA_FILE / _CERT_FILE / _KEY_FILE" in no_certificate.stderr
+    assert str(tmp_path / "data" / "pki" / "gateway.pem") in no_certificate.stderr
+    assert "parley pki init" in no_certificate.stderr
     assert "PARLEY_DATABASE_URL" in bad_database.stderr
     assert "mysql://x" in bad_database.stderr
     # A bad data file is reported the same way: one line naming the file and the key, exit code 2.
@@ -388,6 +419,10 @@ async def test_the_cli_refuses_bad_settings_clearly(tmp_path: Path) -> None:
 
 
 async def test_the_rendered_k8s_config_passes_envoy_validation(tmp_path: Path) -> None:
+    # An operator's first steps: the certificates, in the data dir where every process finds its own.
+    initialized = await run_parley("pki", "init", env={"PARLEY_DATA_DIR": str(tmp_path / "data")})
+    assert initialized.returncode == 0, initialized.describe()
+    assert "gateway    issued" in initialized.stdout
     config = tmp_path / "k8s.yaml"
     rendered = await run_parley(
         "gateway",
@@ -395,13 +430,16 @@ async def test_the_rendered_k8s_config_passes_envoy_validation(tmp_path: Path) -
         "k8s",
         "--render",
         str(config),
-        env={"PARLEY_GATEWAY_SECRET": secrets.token_urlsafe(24)},
+        env={"PARLEY_DATA_DIR": str(tmp_path / "data")},
     )
     assert rendered.returncode == 0, rendered.describe()
     assert rendered.stdout.strip() == f"wrote {config}"
     text = config.read_text()
     for name in SERVICE_NAMES:
         assert f"{name}.parley.svc.cluster.local" in text
+        assert f"spiffe://parley.local/{name}" in text
+    sds = (tmp_path / "k8s-sds" / "certificate.yaml").read_text()
+    assert str(tmp_path / "data" / "pki" / "gateway-key.pem") in sds
 
     validate = await asyncio.create_subprocess_exec(
         str(envoy_binary_path()),

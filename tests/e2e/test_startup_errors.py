@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from services.auth.signing_keys import generate_kek
+from services.common.pki import MICROSERVICES_CERTIFICATES, ensure_pki
 from tests.support.gateway import free_port
 from tests.support.microservices import run_parley
 from tests.support.parley_process import EmbeddedPorts
@@ -70,6 +71,8 @@ CASES = [
 def _env(tmp_path: Path) -> dict[str, str]:
     ports = EmbeddedPorts()
     certificate, key = self_signed_certificate(tmp_path)
+    # Every process finds its workload's certificate in the data dir, as after `parley pki init`.
+    ensure_pki(tmp_path / "data" / "pki", MICROSERVICES_CERTIFICATES)
     return {
         **ports.env(),
         "PARLEY_HTTPS_PORT": str(free_port()),
@@ -77,7 +80,6 @@ def _env(tmp_path: Path) -> dict[str, str]:
         "PARLEY_TLS_KEY_FILE": str(key),
         "PARLEY_DATA_DIR": str(tmp_path / "data"),
         "PARLEY_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'data' / 'parley.db'}",
-        "PARLEY_GATEWAY_SECRET": "startup-errors-secret",
         "PARLEY_AUTH_KEY_ENCRYPTION_KEY": generate_kek(),
         # The workers refuse to start without the streams' Redis (not contacted before they listen).
         "PARLEY_REDIS_URL": "redis://127.0.0.1:1/0",

@@ -63,13 +63,13 @@ from services.common.settings import Settings, load_settings
 from services.common.telemetry import create_tracer_provider
 from tests.support.databases import fresh_sqlite_url
 from tests.support.gateway import (
-    TEST_GATEWAY_SECRET,
     RunningGateway,
     embedded_test_topology,
     fast_settings,
     running_gateway,
 )
 from tests.support.outbox import emailed_token
+from tests.support.pki import SERVICES, ServicePki
 from tests.support.polling import eventually
 from tests.support.redis_keys import delete_namespace
 
@@ -152,6 +152,8 @@ class TokenStack:
     settings: Settings
     database_path: Path
     services_port: int
+    # Who the matrix calls the service port and the edge as.
+    pki: ServicePki
     gateway: RunningGateway
     edge_registry: CollectorRegistry
     # Auth's signing keys (the same database and KEK); the active one when Envoy fetched the JWKS.
@@ -179,7 +181,9 @@ def _revocation_list(redis_url: str, prefix: str) -> RedisRevocationList:
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def token_stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> AsyncIterator[TokenStack]:
+async def token_stack(
+    tmp_path_factory: pytest.TempPathFactory, redis_url: str, service_pki: ServicePki
+) -> AsyncIterator[TokenStack]:
     database_url = fresh_sqlite_url(tmp_path_factory.mktemp("token-rules"))
     database_path = Path(database_url.removeprefix("sqlite+aiosqlite:///"))
     await upgrade_async(database_url)
@@ -193,7 +197,7 @@ async def token_stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) 
     context = ServiceContext(settings, database, services_revocations, embedded=False)
     bundles = build_services(["auth"], context)
     await start_services(bundles)
-    identity = identity_for(settings, bundles, context, TEST_GATEWAY_SECRET)
+    identity = identity_for(settings, bundles, context, service_pki.files(SERVICES))
     server, port = create_server(
         settings,
         ServerDeps(
@@ -201,6 +205,7 @@ async def token_stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) 
             identity=identity.resolver,
             registry=new_registry(),
             tracer_provider=create_tracer_provider(service="token-rules", otlp_endpoint=None),
+            tls=service_pki.files(SERVICES),
         ),
     )
     await server.start()
@@ -218,7 +223,8 @@ async def token_stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) 
         cached_key = await keys.active_signing_key()
         # Envoy fetches the JWKS as it starts, and keeps it for ENVOY_JWKS_CACHE_S.
         async with running_gateway(
-            embedded_test_topology(port, settings=gateway_settings),
+            embedded_test_topology(port, settings=gateway_settings, pki=service_pki),
+            pki=service_pki,
             registry=edge_registry,
             revocations=edge_revocations,
         ) as gateway:
@@ -226,6 +232,7 @@ async def token_stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) 
                 settings=settings,
                 database_path=database_path,
                 services_port=port,
+                pki=service_pki,
                 gateway=gateway,
                 edge_registry=edge_registry,
                 keys=keys,
@@ -255,20 +262,27 @@ class VerifierPaths:
 
     def __init__(self, stack: TokenStack) -> None:
         self.http = httpx.AsyncClient(base_url=stack.gateway.http_url, timeout=15.0)
-        self._services = grpc.aio.insecure_channel(f"127.0.0.1:{stack.services_port}")
+        services = f"127.0.0.1:{stack.services_port}"
+        # A direct caller of a public method is the operator with a user's token; CheckSession is
+        # the edge's; the edge's own Check is Envoy's (the gateway workload).
+        self._as_operator = stack.pki.channel(services, as_="operator")
+        self._as_edge = stack.pki.channel(services, as_="edge")
         edge = stack.gateway.topology.edge
-        self._edge = grpc.aio.insecure_channel(f"{edge.host}:{edge.port}")
+        self._edge = stack.pki.channel(f"{edge.host}:{edge.port}", as_="gateway", server="edge")
         # grpc.aio channels make async stubs; the generated stubs are typed for the sync flavour.
-        self._auth = cast("auth_pb2_grpc.AuthServiceAsyncStub", auth_pb2_grpc.AuthServiceStub(self._services))
+        self._auth = cast(
+            "auth_pb2_grpc.AuthServiceAsyncStub", auth_pb2_grpc.AuthServiceStub(self._as_operator)
+        )
         self._internal = cast(
             "auth_pb2_grpc.AuthInternalServiceAsyncStub",
-            auth_pb2_grpc.AuthInternalServiceStub(self._services),
+            auth_pb2_grpc.AuthInternalServiceStub(self._as_edge),
         )
         self._authorization = external_auth_pb2_grpc.AuthorizationStub(self._edge)
 
     async def close(self) -> None:
         await self.http.aclose()
-        await self._services.close()
+        await self._as_operator.close()
+        await self._as_edge.close()
         await self._edge.close()
 
     async def verdict(self, path: str, token: str) -> Verdict:

@@ -40,8 +40,9 @@ from services.common.revocation import InMemoryRevocationList
 from services.common.settings import Settings, load_settings
 from services.common.sql_unit_of_work import SqlUnitsOfWork
 from tests.support.auth_accounts import email_token
+from tests.support.pki import ServicePki
 from tests.support.redis_keys import delete_namespace
-from tests.support.servers import GATEWAY_SECRET, serving
+from tests.support.servers import serving
 from tests.support.tcp_proxy import TcpProxy
 
 PASSWORD = "violet-harbour-lantern-42"
@@ -68,12 +69,9 @@ class AuthInstance:
 
 
 def as_user(user_id: str) -> tuple[tuple[str, str], ...]:
-    # An identity the gateway vouches for by API key: no token, so no token claims to check.
-    return (
-        ("x-parley-gateway-secret", GATEWAY_SECRET),
-        ("x-parley-user-id", user_id),
-        (AUTH_METHOD_HEADER, "api_key"),
-    )
+    """The identity headers the gateway sends for `user_id` by API key (the instances' channel is
+    the gateway's): no token, so no token claims to check."""
+    return (("x-parley-user-id", user_id), (AUTH_METHOD_HEADER, "api_key"))
 
 
 AS_ADMIN = (*as_user(ADMIN_ID), (ROLES_HEADER, encode_roles_header(["user", "admin"])))
@@ -82,13 +80,13 @@ USER_AND_ADMIN = [common_pb2.ROLE_USER, common_pb2.ROLE_ADMIN]
 
 @asynccontextmanager
 async def auth_instance(
-    settings: Settings, database: Database, cache: ReadCache, registry: CollectorRegistry
+    settings: Settings, database: Database, cache: ReadCache, registry: CollectorRegistry, pki: ServicePki
 ) -> AsyncIterator[AuthInstance]:
     """The auth service as `parley serve auth` builds it, with `cache` (metrics in `registry`)."""
     context = ServiceContext(settings, database, InMemoryRevocationList(), embedded=False, read_cache=cache)
     bundles = build_services(["auth"], context)
     await start_services(bundles)
-    async with serving(registrations_of(bundles)) as running:
+    async with serving(registrations_of(bundles), pki=pki) as running:
         yield AuthInstance(
             auth_pb2_grpc.AuthServiceStub(running.channel),
             auth_pb2_grpc.AuthAdminServiceStub(running.channel),
@@ -122,7 +120,7 @@ def settings() -> Settings:
 
 @asynccontextmanager
 async def two_instances(
-    settings: Settings, database: Database, shared_redis: SharedRedis
+    settings: Settings, database: Database, shared_redis: SharedRedis, pki: ServicePki
 ) -> AsyncIterator[tuple[AuthInstance, AuthInstance]]:
     """Two auth replicas on one database, their read caches in one Redis."""
     async with AsyncExitStack() as stack:
@@ -132,7 +130,7 @@ async def two_instances(
             cache = shared_redis.cache(registry)
             stack.push_async_callback(cache.close)
             instances.append(
-                await stack.enter_async_context(auth_instance(settings, database, cache, registry))
+                await stack.enter_async_context(auth_instance(settings, database, cache, registry, pki))
             )
         yield instances[0], instances[1]
 
@@ -164,9 +162,9 @@ async def rename_behind_the_services(database: Database, user_id: str, name: str
 
 @pytest.mark.redis
 async def test_get_current_user_is_served_from_the_cache_until_the_user_changes(
-    settings: Settings, database: Database, shared_redis: SharedRedis
+    settings: Settings, database: Database, shared_redis: SharedRedis, service_pki: ServicePki
 ) -> None:
-    async with two_instances(settings, database, shared_redis) as (first, second):
+    async with two_instances(settings, database, shared_redis, service_pki) as (first, second):
         user = await register(first, "ada@example.com")
 
         assert (await first.current_user(user.id)).display_name == "Ada"
@@ -195,11 +193,11 @@ async def test_get_current_user_is_served_from_the_cache_until_the_user_changes(
 
 @pytest.mark.redis
 async def test_every_write_to_a_user_shows_in_the_next_get_current_user(
-    settings: Settings, database: Database, shared_redis: SharedRedis
+    settings: Settings, database: Database, shared_redis: SharedRedis, service_pki: ServicePki
 ) -> None:
     """Each write goes to one replica while the other holds the user cached; the next read there
     must show the write."""
-    async with two_instances(settings, database, shared_redis) as (writer, reader):
+    async with two_instances(settings, database, shared_redis, service_pki) as (writer, reader):
         user = await register(writer, "grace@example.com", "Grace")
         root = await register(writer, "root@example.com", "Root")
         # Another admin, so that disabling Grace (an admin by then) is allowed.
@@ -264,9 +262,9 @@ async def test_every_write_to_a_user_shows_in_the_next_get_current_user(
 
 @pytest.mark.redis
 async def test_an_unknown_user_is_not_found_and_nothing_is_cached(
-    settings: Settings, database: Database, shared_redis: SharedRedis
+    settings: Settings, database: Database, shared_redis: SharedRedis, service_pki: ServicePki
 ) -> None:
-    async with two_instances(settings, database, shared_redis) as (first, _second):
+    async with two_instances(settings, database, shared_redis, service_pki) as (first, _second):
         for _ in range(2):
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await first.current_user("nobody")
@@ -277,7 +275,7 @@ async def test_an_unknown_user_is_not_found_and_nothing_is_cached(
 
 @pytest.mark.redis
 async def test_with_the_cache_down_reads_and_writes_still_work(
-    settings: Settings, database: Database, shared_redis: SharedRedis
+    settings: Settings, database: Database, shared_redis: SharedRedis, service_pki: ServicePki
 ) -> None:
     target = urlsplit(shared_redis.url)
     proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 6379)
@@ -285,7 +283,7 @@ async def test_with_the_cache_down_reads_and_writes_still_work(
     registry = CollectorRegistry()
     cache = shared_redis.cache(registry, url=f"redis://127.0.0.1:{proxy.port}{target.path}")
     try:
-        async with auth_instance(settings, database, cache, registry) as instance:
+        async with auth_instance(settings, database, cache, registry, service_pki) as instance:
             user = await register(instance, "alan@example.com", "Alan")
             assert (await instance.current_user(user.id)).display_name == "Alan"
 

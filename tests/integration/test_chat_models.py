@@ -25,6 +25,7 @@ from services.common.http_cache import etag_matches, strong_etag
 from services.common.revocation import InMemoryRevocationList
 from services.common.settings import load_settings
 from tests.support.databases import fresh_sqlite_url
+from tests.support.pki import ServicePki
 from tests.support.servers import RunningServer, hosted, rich_status, serving
 
 V1_SERVICE = "parley.chat.v1.ChatService"
@@ -57,8 +58,8 @@ async def unused_database(tmp_path: Path) -> AsyncIterator[Database]:
 
 
 @pytest.fixture
-async def running(unused_database: Database) -> AsyncIterator[RunningServer]:
-    async with serving(hosted(("chat",), unused_database)) as running:
+async def running(unused_database: Database, service_pki: ServicePki) -> AsyncIterator[RunningServer]:
+    async with serving(hosted(("chat",), unused_database), pki=service_pki) as running:
         yield running
 
 
@@ -176,16 +177,18 @@ async def test_the_etag_is_stable_per_content_and_differs_between_versions_and_p
     assert page_one not in {first, v1_etag}
 
 
-async def test_a_changed_catalog_changes_the_etag(unused_database: Database) -> None:
+async def test_a_changed_catalog_changes_the_etag(unused_database: Database, service_pki: ServicePki) -> None:
     shipped = load_model_catalog()
     cheaper = [
         replace(model, input_price_per_1k_tokens=UnitPrice("USD", 0, 1)) if model.id == "gpt-4o" else model
         for model in shipped.models
     ]
     context = ServiceContext(load_settings(), unused_database, InMemoryRevocationList(), embedded=False)
-    async with serving(build_bundle(context, catalog=shipped).registrations) as before:
+    async with serving(build_bundle(context, catalog=shipped).registrations, pki=service_pki) as before:
         etag_before = await _models_etag(v2(before), chat_v2_pb2.ListModelsRequest())
-    async with serving(build_bundle(context, catalog=ModelCatalog(cheaper)).registrations) as after:
+    async with serving(
+        build_bundle(context, catalog=ModelCatalog(cheaper)).registrations, pki=service_pki
+    ) as after:
         etag_after = await _models_etag(v2(after), chat_v2_pb2.ListModelsRequest())
         reply = await v2(after).ListModels(chat_v2_pb2.ListModelsRequest())
     assert etag_after != etag_before
@@ -235,10 +238,12 @@ async def test_both_versions_report_serving(running: RunningServer) -> None:
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-async def test_the_model_catalog_and_the_plan_catalog_agree(database: Database) -> None:
+async def test_the_model_catalog_and_the_plan_catalog_agree(
+    database: Database, service_pki: ServicePki
+) -> None:
     # Two sources name the same relation (billing's plans.allowed_models, the catalog's allowed_plans);
     # this fails the build when one is edited without the other.
-    async with serving(hosted(("billing", "chat"), database)) as running:
+    async with serving(hosted(("billing", "chat"), database), pki=service_pki) as running:
         billing = billing_pb2_grpc.BillingServiceStub(running.channel)
         plans = (await billing.ListPlans(billing_pb2.ListPlansRequest(show_retired=True))).plans
         models = (await v2(running).ListModels(chat_v2_pb2.ListModelsRequest())).models

@@ -33,6 +33,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.authz import EdgeAuthorizer, add_authorization_service
 from gateway.credential_feed import CredentialFeedFollower
+from gateway.edge import ENVOY_CALLERS
 from parley.auth.v1 import auth_pb2, auth_pb2_grpc
 from runtime.process import identity_for, registrations_of, start_services
 from services.auth.signing_keys import SigningKeyStore, generate_kek
@@ -49,16 +50,18 @@ from services.common.identity import (
     decode_roles_header,
     encode_roles_header,
 )
+from services.common.interceptors import CallerCheck
 from services.common.jwks_client import grpc_jwks_fetcher
 from services.common.metrics import new_registry
 from services.common.migrate import upgrade_async
 from services.common.revocation import InMemoryRevocationList
 from services.common.server import ServerDeps, create_server
+from services.common.service_tls import server_credentials
 from services.common.settings import Settings, load_settings
 from services.common.telemetry import create_tracer_provider
 from services.common.token_rules import TokenRules
+from tests.support.pki import ServicePki
 from tests.support.polling import eventually
-from tests.support.servers import GATEWAY_SECRET
 from tests.support.tcp_proxy import TcpProxy
 
 logger = logging.getLogger(__name__)
@@ -190,7 +193,7 @@ def bearer(token: str) -> tuple[tuple[str, str], ...]:
 
 
 @pytest.fixture
-async def edge(sqlite_url: str) -> AsyncIterator[Edge]:
+async def edge(sqlite_url: str, service_pki: ServicePki) -> AsyncIterator[Edge]:
     await upgrade_async(sqlite_url)
     settings = load_settings(
         database_url=sqlite_url, grpc_port=0, metrics_port=0, auth_key_encryption_key=generate_kek()
@@ -200,7 +203,7 @@ async def edge(sqlite_url: str) -> AsyncIterator[Edge]:
     context = ServiceContext(settings, database, revocations, embedded=False)
     bundle = build_bundle(context)
     await start_services([bundle])
-    identity = identity_for(settings, [bundle], context, GATEWAY_SECRET)
+    identity = identity_for(settings, [bundle], context, service_pki.files("auth"))
     auth_server, auth_port = create_server(
         settings,
         ServerDeps(
@@ -208,13 +211,15 @@ async def edge(sqlite_url: str) -> AsyncIterator[Edge]:
             identity=identity.resolver,
             registry=new_registry(),
             tracer_provider=create_tracer_provider(service="auth", otlp_endpoint=None),
+            tls=service_pki.files("auth"),
         ),
     )
     await auth_server.start()
     auth_link = TcpProxy("127.0.0.1", auth_port)
     await auth_link.start()
-    test_channel = grpc.aio.insecure_channel(f"127.0.0.1:{auth_port}")
-    edge_to_auth = grpc.aio.insecure_channel(f"127.0.0.1:{auth_link.port}")
+    # The test signs users up as a direct caller with their own tokens; the edge calls as the edge.
+    test_channel = service_pki.channel(f"127.0.0.1:{auth_port}", as_="operator")
+    edge_to_auth = service_pki.channel(f"127.0.0.1:{auth_link.port}", as_="edge")
     # As the gateway builds it: auth's JWKS over gRPC, refetched on an unknown kid (at once, here).
     verifier = CachedJwksVerifier(
         grpc_jwks_fetcher(edge_to_auth),
@@ -237,11 +242,11 @@ async def edge(sqlite_url: str) -> AsyncIterator[Edge]:
     )
     feed = CredentialFeedFollower(internal, authorizer.decisions, confirmation, registry=registry)
     feed.start()
-    edge_server = grpc.aio.server()
+    edge_server = grpc.aio.server(interceptors=[CallerCheck(ENVOY_CALLERS)])
     add_authorization_service(edge_server, authorizer)
-    edge_port = edge_server.add_insecure_port("127.0.0.1:0")
+    edge_port = edge_server.add_secure_port("127.0.0.1:0", server_credentials(service_pki.files("edge")))
     await edge_server.start()
-    envoy_side = grpc.aio.insecure_channel(f"127.0.0.1:{edge_port}")
+    envoy_side = service_pki.channel(f"127.0.0.1:{edge_port}", as_="gateway", server="edge")
     try:
         await eventually(lambda: authorizer.decisions.trusted, what="the edge follows auth's changes")
         yield Edge(

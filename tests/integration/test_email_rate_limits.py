@@ -28,6 +28,7 @@ from services.common.server import ServerDeps, create_server
 from services.common.settings import load_settings
 from services.common.telemetry import create_tracer_provider
 from tests.support.look_alikes import fullwidth, mathematical_bold
+from tests.support.pki import ServicePki
 from tests.support.rate_limits import scaled_rate_limits
 from tests.support.tcp_proxy import TcpProxy
 
@@ -60,7 +61,9 @@ def email_limits_file(directory: Path) -> Path:
 
 
 @asynccontextmanager
-async def auth_service(database_url: str, limits: Path, redis_url: str | None) -> AsyncIterator[Any]:
+async def auth_service(
+    database_url: str, limits: Path, redis_url: str | None, pki: ServicePki
+) -> AsyncIterator[Any]:
     settings = load_settings(
         database_url=database_url,
         grpc_port=0,
@@ -73,7 +76,7 @@ async def auth_service(database_url: str, limits: Path, redis_url: str | None) -
     context = ServiceContext(settings, database, InMemoryRevocationList(), embedded=False)
     bundle = build_bundle(context)
     await start_services([bundle])
-    identity = identity_for(settings, [bundle], context, None)
+    identity = identity_for(settings, [bundle], context, pki.files("auth"))
     server, port = create_server(
         settings,
         ServerDeps(
@@ -81,10 +84,12 @@ async def auth_service(database_url: str, limits: Path, redis_url: str | None) -
             identity=identity.resolver,
             registry=new_registry(),
             tracer_provider=create_tracer_provider(service="auth", otlp_endpoint=None),
+            tls=pki.files("auth"),
         ),
     )
     await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    # Sign-ups and sign-ins as the gateway sends them.
+    channel = pki.channel(f"127.0.0.1:{port}", as_="gateway")
     try:
         yield cast("auth_pb2_grpc.AuthServiceAsyncStub", auth_pb2_grpc.AuthServiceStub(channel))
     finally:
@@ -105,12 +110,12 @@ async def login_code(auth: Any, email: str) -> grpc.StatusCode:
 
 @pytest.mark.parametrize("shared", [False, True], ids=["memory", "redis"])
 async def test_login_attempts_per_email_are_limited_and_say_when_to_retry(
-    sqlite_url: str, redis_url: str, tmp_path: Path, shared: bool
+    sqlite_url: str, redis_url: str, tmp_path: Path, shared: bool, service_pki: ServicePki
 ) -> None:
     await upgrade_async(sqlite_url)
     limits = email_limits_file(tmp_path)
     victim, bystander = (f"{name}-{uuid.uuid4().hex[:8]}@example.com" for name in ("victim", "bystander"))
-    async with auth_service(sqlite_url, limits, redis_url if shared else None) as auth:
+    async with auth_service(sqlite_url, limits, redis_url if shared else None, service_pki) as auth:
         # Unknown accounts spend alike: the limit reveals nothing about which addresses exist.
         codes = [await login_code(auth, victim) for _ in range(LOGIN_BURST)]
         assert codes == [grpc.StatusCode.UNAUTHENTICATED] * LOGIN_BURST
@@ -130,14 +135,14 @@ async def test_login_attempts_per_email_are_limited_and_say_when_to_retry(
 
 
 async def test_two_auth_replicas_share_one_email_budget_in_redis(
-    sqlite_url: str, redis_url: str, tmp_path: Path
+    sqlite_url: str, redis_url: str, tmp_path: Path, service_pki: ServicePki
 ) -> None:
     await upgrade_async(sqlite_url)
     limits = email_limits_file(tmp_path)
     email = f"shared-{uuid.uuid4().hex[:8]}@example.com"
     async with (
-        auth_service(sqlite_url, limits, redis_url) as first,
-        auth_service(sqlite_url, limits, redis_url) as second,
+        auth_service(sqlite_url, limits, redis_url, service_pki) as first,
+        auth_service(sqlite_url, limits, redis_url, service_pki) as second,
     ):
         codes = []
         for attempt in range(FORGOT_BURST + 2):
@@ -160,7 +165,7 @@ async def forgot_code(auth: Any, email: str) -> grpc.StatusCode:
 
 @pytest.mark.parametrize("shared", [False, True], ids=["memory", "redis"])
 async def test_every_spelling_of_an_address_spends_its_one_budget(
-    sqlite_url: str, redis_url: str, tmp_path: Path, shared: bool
+    sqlite_url: str, redis_url: str, tmp_path: Path, shared: bool, service_pki: ServicePki
 ) -> None:
     """Fullwidth or mathematical letters are the same address (NFKC): they must not buy more guesses."""
     await upgrade_async(sqlite_url)
@@ -171,7 +176,9 @@ async def test_every_spelling_of_an_address_spends_its_one_budget(
         f"{mathematical_bold(local)}@Example.com",
     ]
     assert len(spellings) == LOGIN_BURST
-    async with auth_service(sqlite_url, email_limits_file(tmp_path), redis_url if shared else None) as auth:
+    async with auth_service(
+        sqlite_url, email_limits_file(tmp_path), redis_url if shared else None, service_pki
+    ) as auth:
         assert [await login_code(auth, email) for email in spellings] == [grpc.StatusCode.UNAUTHENTICATED] * 3
         assert await login_code(auth, f"{local}@example.com") == grpc.StatusCode.RESOURCE_EXHAUSTED
         forgot = [await forgot_code(auth, email) for email in [*spellings[:FORGOT_BURST], spellings[-1]]]
@@ -179,7 +186,7 @@ async def test_every_spelling_of_an_address_spends_its_one_budget(
 
 
 async def test_login_fails_closed_when_the_limiter_is_down(
-    sqlite_url: str, redis_url: str, tmp_path: Path
+    sqlite_url: str, redis_url: str, tmp_path: Path, service_pki: ServicePki
 ) -> None:
     await upgrade_async(sqlite_url)
     host, port = redis_url.removeprefix("redis://").split("/")[0].split(":")
@@ -187,7 +194,7 @@ async def test_login_fails_closed_when_the_limiter_is_down(
     await proxy.start()
     try:
         async with auth_service(
-            sqlite_url, email_limits_file(tmp_path), f"redis://127.0.0.1:{proxy.port}/0"
+            sqlite_url, email_limits_file(tmp_path), f"redis://127.0.0.1:{proxy.port}/0", service_pki
         ) as auth:
             email = f"outage-{uuid.uuid4().hex[:8]}@example.com"
             assert await login_code(auth, email) == grpc.StatusCode.UNAUTHENTICATED

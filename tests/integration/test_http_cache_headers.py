@@ -27,6 +27,7 @@ from services.common.http_cache import etag_matches, strong_etag
 from services.common.revocation import InMemoryRevocationList
 from services.common.settings import Settings, load_settings
 from services.common.sql_unit_of_work import SqlUnitsOfWork
+from tests.support.pki import ServicePki
 from tests.support.servers import RunningServer, rich_status, serving
 
 
@@ -65,11 +66,13 @@ def plans(database: Database, read_cache: InMemoryReadCache) -> SqlUnitsOfWork[B
 
 
 @pytest.fixture
-async def running(database: Database, read_cache: InMemoryReadCache) -> AsyncIterator[RunningServer]:
+async def running(
+    database: Database, read_cache: InMemoryReadCache, service_pki: ServicePki
+) -> AsyncIterator[RunningServer]:
     context = ServiceContext(
         load_settings(), database, InMemoryRevocationList(), embedded=False, read_cache=read_cache
     )
-    async with serving(registrations_of(build_services(("billing",), context))) as running:
+    async with serving(registrations_of(build_services(("billing",), context)), pki=service_pki) as running:
         yield running
 
 
@@ -143,14 +146,14 @@ def auth_settings() -> Settings:
     return load_settings(auth_key_encryption_key=generate_kek())
 
 
-async def jwks_call(settings: Settings, database: Database) -> tuple[dict[str, str], Any]:
+async def jwks_call(settings: Settings, database: Database, pki: ServicePki) -> tuple[dict[str, str], Any]:
     """Start a fresh auth server (no JWKS in memory yet) and call GetJwks on it."""
     context = ServiceContext(settings, database, InMemoryRevocationList(), embedded=False)
     bundles = build_services(("auth",), context)
     for bundle in bundles:
         for prepare in bundle.on_start:
             await prepare()
-    async with serving(registrations_of(bundles)) as running:
+    async with serving(registrations_of(bundles), pki=pki) as running:
         stub: auth_pb2_grpc.AuthServiceAsyncStub = auth_pb2_grpc.AuthServiceStub(running.channel)  # type: ignore[assignment]
         first = await headers_and_reply(stub.GetJwks(auth_pb2.GetJwksRequest()))
         second = await headers_and_reply(stub.GetJwks(auth_pb2.GetJwksRequest()))
@@ -158,9 +161,11 @@ async def jwks_call(settings: Settings, database: Database) -> tuple[dict[str, s
     return first
 
 
-async def test_get_jwks_sends_etag_and_cache_control_with_its_http_body(database: Database) -> None:
+async def test_get_jwks_sends_etag_and_cache_control_with_its_http_body(
+    database: Database, service_pki: ServicePki
+) -> None:
     settings = auth_settings()
-    headers, body = await jwks_call(settings, database)
+    headers, body = await jwks_call(settings, database, service_pki)
     assert body.content_type == "application/json"
     assert b'"keys"' in body.data
     assert headers["cache-control"] == "public, max-age=60"
@@ -168,7 +173,7 @@ async def test_get_jwks_sends_etag_and_cache_control_with_its_http_body(database
 
     # A rotation changes the key set, and so the ETag.
     await signing_key_store(settings, database, embedded=False).rotate()
-    rotated_headers, rotated = await jwks_call(settings, database)
+    rotated_headers, rotated = await jwks_call(settings, database, service_pki)
     assert rotated.data != body.data
     assert rotated_headers["etag"] != headers["etag"]
     assert not etag_matches(headers["etag"], rotated_headers["etag"])

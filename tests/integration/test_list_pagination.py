@@ -35,7 +35,8 @@ from services.common.identity import AUTH_METHOD_HEADER, ROLES_HEADER, encode_ro
 from services.common.revocation import InMemoryRevocationList
 from services.common.settings import load_settings
 from tests.support.auth_accounts import CHEAP_ARGON2, STRONG_PASSWORD
-from tests.support.servers import GATEWAY_SECRET, rich_status, serving
+from tests.support.pki import ServicePki
+from tests.support.servers import rich_status, serving
 
 SEEDED = 5
 PAGE_SIZE = 2
@@ -91,20 +92,17 @@ def ids_of(items: Sequence[Any]) -> list[str]:
 
 
 @pytest.fixture
-async def lists(database: Database) -> AsyncIterator[Lists]:
+async def lists(database: Database, service_pki: ServicePki) -> AsyncIterator[Lists]:
     seeded = await seed(database)
     settings = load_settings(auth_key_encryption_key=generate_kek())
     context = ServiceContext(settings, database, InMemoryRevocationList(), embedded=False)
     bundles = build_services(["auth", "billing", "chat"], context)
     await start_services(bundles)
-    # An identity the gateway vouches for by API key: no token, so no token claims to check.
-    as_user: Metadata = (
-        ("x-parley-gateway-secret", GATEWAY_SECRET),
-        ("x-parley-user-id", seeded.user_id),
-        (AUTH_METHOD_HEADER, "api_key"),
-    )
+    # The running server's channel is the gateway's: its identity headers are believed. An identity
+    # it vouches for by API key carries no token, so no token claims to check.
+    as_user: Metadata = (("x-parley-user-id", seeded.user_id), (AUTH_METHOD_HEADER, "api_key"))
     as_admin: Metadata = (*as_user, (ROLES_HEADER, encode_roles_header(["user", "admin"])))
-    async with serving(registrations_of(bundles)) as running:
+    async with serving(registrations_of(bundles), pki=service_pki) as running:
         auth = auth_pb2_grpc.AuthServiceStub(running.channel)
         admin = auth_pb2_grpc.AuthAdminServiceStub(running.channel)
         billing = billing_pb2_grpc.BillingServiceStub(running.channel)

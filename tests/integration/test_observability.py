@@ -17,6 +17,7 @@ from opentelemetry.trace import SpanKind
 from parley.billing.v1 import billing_pb2, billing_pb2_grpc
 from services.common.logs import JsonFormatter
 from services.common.telemetry import create_tracer_provider
+from tests.support.pki import ServicePki
 from tests.support.servers import crashing_billing, serving
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -24,11 +25,11 @@ TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
 
 
 @pytest.fixture
-async def traced() -> AsyncIterator[tuple[InMemorySpanExporter, grpc.aio.Channel]]:
+async def traced(service_pki: ServicePki) -> AsyncIterator[tuple[InMemorySpanExporter, grpc.aio.Channel]]:
     spans = InMemorySpanExporter()
     provider = create_tracer_provider(service="test", otlp_endpoint=None, record_spans=True)
     provider.add_span_processor(SimpleSpanProcessor(spans))
-    async with serving([crashing_billing()], tracer_provider=provider) as running:
+    async with serving([crashing_billing()], pki=service_pki, tracer_provider=provider) as running:
         yield spans, running.channel
     provider.shutdown()
 

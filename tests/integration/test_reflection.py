@@ -16,6 +16,7 @@ from parley.billing.v1 import billing_pb2
 from services.common.db import Database
 from services.common.migrate import upgrade_async
 from tests.support.gateway import grpcurl
+from tests.support.pki import ServicePki, grpcurl_tls
 from tests.support.reflection import (
     DESCRIBE_CASES,
     LIST_PLANS_METHOD,
@@ -42,12 +43,14 @@ INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def billing(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RunningServer]:
+async def billing(
+    tmp_path_factory: pytest.TempPathFactory, service_pki: ServicePki
+) -> AsyncIterator[RunningServer]:
     url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('reflection') / 'parley.db'}"
     await upgrade_async(url)
     database = Database(url, connect_timeout_s=3.0)
     try:
-        async with serving(hosted(("billing",), database)) as running:
+        async with serving(hosted(("billing",), database), pki=service_pki) as running:
             yield running
     finally:
         await database.dispose()
@@ -57,10 +60,15 @@ def target(running: RunningServer) -> str:
     return f"127.0.0.1:{running.port}"
 
 
+def operator(running: RunningServer) -> list[str]:
+    """grpcurl's flags for the service port, as an operator runs it (docs/service-identity.md)."""
+    return grpcurl_tls(running.pki.files("operator"), server="billing")
+
+
 async def test_grpcurl_lists_every_service_with_health_and_both_reflection_versions(
     billing: RunningServer,
 ) -> None:
-    result = await grpcurl("-plaintext", target(billing), "list")
+    result = await grpcurl(*operator(billing), target(billing), "list")
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == sorted(
@@ -74,7 +82,7 @@ async def test_grpcurl_lists_every_service_with_health_and_both_reflection_versi
 
 
 async def test_grpcurl_lists_the_methods_of_a_service(billing: RunningServer) -> None:
-    result = await grpcurl("-plaintext", target(billing), "list", "parley.billing.v1.BillingService")
+    result = await grpcurl(*operator(billing), target(billing), "list", "parley.billing.v1.BillingService")
 
     assert result.returncode == 0, result.stderr
     service = billing_pb2.DESCRIPTOR.services_by_name["BillingService"]
@@ -83,12 +91,15 @@ async def test_grpcurl_lists_the_methods_of_a_service(billing: RunningServer) ->
 
 @pytest.mark.parametrize("case", DESCRIBE_CASES, ids=lambda case: case.symbol)
 async def test_grpcurl_describes_every_kind_of_symbol(billing: RunningServer, case: DescribeCase) -> None:
-    await assert_grpcurl_describes(target(billing), case)
+    await assert_grpcurl_describes(target(billing), case, transport=operator(billing))
 
 
 async def test_grpcurl_describes_internal_services_on_the_service_port(billing: RunningServer) -> None:
     result = await grpcurl(
-        "-plaintext", target(billing), "describe", "parley.billing.v1.BillingInternalService.ReserveCredits"
+        *operator(billing),
+        target(billing),
+        "describe",
+        "parley.billing.v1.BillingInternalService.ReserveCredits",
     )
 
     assert result.returncode == 0, result.stderr
@@ -97,7 +108,7 @@ async def test_grpcurl_describes_internal_services_on_the_service_port(billing: 
 
 async def test_grpcurl_prints_a_request_template(billing: RunningServer) -> None:
     result = await grpcurl(
-        "-plaintext", "-msg-template", target(billing), "describe", "parley.billing.v1.ListPlansRequest"
+        *operator(billing), "-msg-template", target(billing), "describe", "parley.billing.v1.ListPlansRequest"
     )
 
     assert result.returncode == 0, result.stderr
@@ -107,7 +118,11 @@ async def test_grpcurl_prints_a_request_template(billing: RunningServer) -> None
 
 async def test_grpcurl_invokes_a_method_it_learnt_by_reflection(billing: RunningServer) -> None:
     result = await grpcurl(
-        "-plaintext", "-d", '{"page_size": 2}', target(billing), "parley.billing.v1.BillingService/ListPlans"
+        *operator(billing),
+        "-d",
+        '{"page_size": 2}',
+        target(billing),
+        "parley.billing.v1.BillingService/ListPlans",
     )
 
     assert result.returncode == 0, result.stderr
@@ -117,7 +132,7 @@ async def test_grpcurl_invokes_a_method_it_learnt_by_reflection(billing: Running
 
 
 async def test_grpcurl_reports_an_unknown_symbol(billing: RunningServer) -> None:
-    result = await grpcurl("-plaintext", target(billing), "describe", "parley.billing.v1.NoSuchThing")
+    result = await grpcurl(*operator(billing), target(billing), "describe", "parley.billing.v1.NoSuchThing")
 
     assert result.returncode != 0
     assert "Symbol not found: parley.billing.v1.NoSuchThing" in result.stderr

@@ -14,6 +14,7 @@ from google.rpc import error_details_pb2
 from parley.auth.v1 import auth_pb2, auth_pb2_grpc
 from parley.chat.v1 import chat_pb2, chat_pb2_grpc
 from services.common.server import contract_only_services
+from tests.support.pki import ServicePki
 from tests.support.polling import eventually
 from tests.support.servers import RunningServer, rich_status, serving
 
@@ -34,12 +35,12 @@ MALFORMED = {
 
 
 @pytest.fixture
-async def running() -> AsyncIterator[RunningServer]:
+async def running(service_pki: ServicePki) -> AsyncIterator[RunningServer]:
     registrations = [
         *contract_only_services(auth_pb2, auth_pb2_grpc),
         *contract_only_services(chat_pb2, chat_pb2_grpc),
     ]
-    async with serving(registrations) as running:
+    async with serving(registrations, pki=service_pki) as running:
         yield running
 
 

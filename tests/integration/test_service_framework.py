@@ -17,9 +17,9 @@ from parley.chat.v1 import chat_pb2, chat_pb2_grpc
 from services.common.db import Database
 from services.common.health import DependencyProbe
 from services.common.migrate import upgrade_async
+from tests.support.pki import ServicePki
 from tests.support.polling import eventually
 from tests.support.servers import (
-    GATEWAY_SECRET,
     RunningServer,
     crashing_billing,
     hosted,
@@ -34,8 +34,8 @@ def billing(running: RunningServer) -> billing_pb2_grpc.BillingServiceAsyncStub:
 
 
 @pytest.fixture
-async def running(database: Database) -> AsyncIterator[RunningServer]:
-    async with serving(hosted(("billing", "chat"), database)) as running:
+async def running(database: Database, service_pki: ServicePki) -> AsyncIterator[RunningServer]:
+    async with serving(hosted(("billing", "chat"), database), pki=service_pki) as running:
         yield running
 
 
@@ -112,19 +112,17 @@ async def test_server_streaming_rpcs_go_through_the_same_chain(running: RunningS
     assert info.reason == "NOT_IMPLEMENTED"
 
 
-async def test_identity_headers_without_the_gateway_secret_are_refused(running: RunningServer) -> None:
+async def test_identity_headers_are_believed_from_the_gateway_only(running: RunningServer) -> None:
+    operator = billing_pb2_grpc.BillingServiceStub(running.channel_as("operator"))
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await billing(running).ListPlans(
-            billing_pb2.ListPlansRequest(), metadata=(("x-parley-user-id", "admin"),)
-        )
+        await operator.ListPlans(billing_pb2.ListPlansRequest(), metadata=(("x-parley-user-id", "admin"),))
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
     info = rich_status(caught.value)["ErrorInfo"]
     assert isinstance(info, error_details_pb2.ErrorInfo)
-    assert info.reason == "UNTRUSTED_IDENTITY"
+    assert (info.reason, dict(info.metadata)) == ("UNTRUSTED_IDENTITY", {"cause": "identity_headers"})
 
     reply = await billing(running).ListPlans(
-        billing_pb2.ListPlansRequest(),
-        metadata=(("x-parley-gateway-secret", GATEWAY_SECRET), ("x-parley-user-id", "u1")),
+        billing_pb2.ListPlansRequest(), metadata=(("x-parley-user-id", "u1"),)
     )
     assert len(reply.plans) == 3
 
@@ -170,8 +168,8 @@ async def test_health_and_reflection_are_registered(running: RunningServer) -> N
     } <= names
 
 
-async def test_unexpected_crash_is_internal_without_leaking_details() -> None:
-    async with serving([crashing_billing()]) as running:
+async def test_unexpected_crash_is_internal_without_leaking_details(service_pki: ServicePki) -> None:
+    async with serving([crashing_billing()], pki=service_pki) as running:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await billing(running).GetPlan(billing_pb2.GetPlanRequest(plan_id="pro"))
     assert caught.value.code() == grpc.StatusCode.INTERNAL
@@ -183,7 +181,7 @@ async def test_unexpected_crash_is_internal_without_leaking_details() -> None:
 
 
 @pytest.mark.postgres
-async def test_health_follows_database_reachability(postgres_url: str) -> None:
+async def test_health_follows_database_reachability(postgres_url: str, service_pki: ServicePki) -> None:
     """NOT_SERVING while PostgreSQL cannot be reached, SERVING again once it returns."""
     await upgrade_async(postgres_url)
     target = make_url(postgres_url)
@@ -195,7 +193,9 @@ async def test_health_follows_database_reachability(postgres_url: str) -> None:
     )
     probes = [DependencyProbe("database", database.ping, timeout_s=1.0)]
     try:
-        async with serving(hosted(("billing",), database), probes=probes, probe_interval_s=0.2) as running:
+        async with serving(
+            hosted(("billing",), database), pki=service_pki, probes=probes, probe_interval_s=0.2
+        ) as running:
             health = health_pb2_grpc.HealthStub(running.channel)
             service = "parley.billing.v1.BillingService"
 

@@ -42,6 +42,15 @@ def bootstrap_from(config: Mapping[str, Any]) -> betterproto2.Message:
     return message_from(bootstrap, config, "")
 
 
+def discovery_resources_from(document: Mapping[str, Any]) -> list[Any]:
+    """The resources of an xDS file (a `DiscoveryResponse`'s `resources`, as SDS reads from a path),
+    each checked as the message its `@type` names (a packed `google.protobuf.Any` each)."""
+    resources = document.get("resources")
+    if not isinstance(resources, list) or set(document) != {"resources"}:
+        raise EnvoyConfigTypeError("<root>: an xDS file holds exactly a 'resources' list")
+    return [_packed(resource, f"resources[{index}]") for index, resource in enumerate(resources)]
+
+
 def _info(message_class: type[betterproto2.Message]) -> Any:
     """betterproto2's field metadata of a message class (typed loosely by the library)."""
     return cast("Any", message_class)._betterproto

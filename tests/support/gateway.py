@@ -6,11 +6,15 @@ test module using it runs its fixtures and tests on one loop, e.g.:
     pytestmark = [pytest.mark.envoy, pytest.mark.asyncio(loop_scope="module")]
 
     @pytest_asyncio.fixture(loop_scope="module", scope="module")
-    async def gateway() -> AsyncIterator[RunningGateway]:
-        upstream = await start_health_upstream(public_service_names())
-        async with running_gateway(embedded_test_topology(upstream.port)) as gateway:
+    async def gateway(service_pki: ServicePki) -> AsyncIterator[RunningGateway]:
+        upstream = await start_health_upstream(public_service_names(), pki=service_pki)
+        topology = embedded_test_topology(upstream.port, pki=service_pki)
+        async with running_gateway(topology, pki=service_pki) as gateway:
             yield gateway
         await upstream.stop()
+
+Every hop is mTLS with the session's PKI, as in production: Envoy presents the gateway's
+certificate, the edge server the edge's, the stand-in upstream the services process's.
 """
 
 from __future__ import annotations
@@ -38,16 +42,18 @@ from parley.auth.v1 import auth_pb2, auth_pb2_grpc
 from parley.common.v1 import common_pb2
 from runtime.edge_wiring import build_edge_wiring
 from services.common.credential_changes import HEARTBEAT_INTERVAL_S
+from services.common.pki import EDGE, GATEWAY
 from services.common.ratelimit import load_rate_limit_config
 from services.common.revocation import RevocationList
+from services.common.service_tls import server_credentials
 from services.common.settings import Settings
+from tests.support.pki import SERVICES, ServicePki
 from tests.support.polling import eventually
 from tests.support.rate_limits import generous_rate_limits
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DESCRIPTOR_SET_PATH = REPO_ROOT / "gen" / "parley" / "descriptor_set.binpb"
 GRPCURL = Path(sys.executable).parent / "grpcurl"
-TEST_GATEWAY_SECRET = "test-gateway-secret"
 
 
 _HANDED_OUT_PORTS: set[int] = set()
@@ -94,18 +100,19 @@ def fast_settings(*, unary_timeout_s: int | None = None) -> GatewaySettings:
 def embedded_test_topology(
     grpc_port: int,
     *,
+    pki: ServicePki,
     descriptor_set_path: Path = DESCRIPTOR_SET_PATH,
-    secret: str = TEST_GATEWAY_SECRET,
     settings: GatewaySettings | None = None,
     max_request_bytes: int | None = None,
 ) -> Topology:
-    """The embedded topology on free ports, every upstream at `grpc_port` on loopback."""
+    """The embedded topology on free ports, every upstream at `grpc_port` on loopback; Envoy presents
+    the gateway's certificate of `pki`."""
     topology = embedded_topology(
         grpc_port=grpc_port,
         edge_port=free_port(),
         http_port=free_port(),
         admin_port=free_port(),
-        secret=secret,
+        gateway_tls=pki.files(GATEWAY),
         descriptor_set_path=descriptor_set_path,
         settings=settings or fast_settings(),
     )
@@ -137,12 +144,14 @@ class RunningGateway:
 async def running_gateway(
     topology: Topology,
     *,
+    pki: ServicePki,
     stdout: int | None = None,
     redis_url: str | None = None,
     registry: CollectorRegistry | None = None,
     revocations: RevocationList | None = None,
 ) -> AsyncIterator[RunningGateway]:
-    """Start the edge server on the topology's edge port, then Envoy; stop both on exit.
+    """Start the edge server on the topology's edge port (with the edge's certificate of `pki`), then
+    Envoy; stop both on exit.
 
     The edge asks the topology's auth upstream about API keys and cookies, and keeps rate-limit
     counters in Redis at `redis_url` (shared with other gateways) or in its own memory. With
@@ -156,6 +165,7 @@ async def running_gateway(
     edge = build_edge_wiring(
         settings,
         auth_target=f"{auth.host}:{auth.port}",
+        tls=pki.files(EDGE),
         rate_limits=load_rate_limit_config(topology.rate_limits_path),
         revocations=revocations,
         registry=registry or CollectorRegistry(),
@@ -164,6 +174,7 @@ async def running_gateway(
         topology.descriptor_set_path.read_bytes(),
         topology.edge.host,
         topology.edge.port,
+        tls=pki.files(EDGE),
         services_for_envoy=edge.services,
     )
     edge.start()
@@ -245,9 +256,12 @@ class HealthUpstream:
 async def start_health_upstream(
     serving: Iterable[str],
     *,
+    pki: ServicePki,
     handlers: Iterable[grpc.GenericRpcHandler] = (),
     servicers: Iterable[Callable[[grpc.aio.Server], None]] = (),
 ) -> HealthUpstream:
+    """Start the stand-in on a free port; it listens with mTLS like a Parley service (the services
+    process's certificate of `pki`), so Envoy and the edge reach it as they would the real one."""
     server = grpc.aio.server()
     servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
@@ -258,7 +272,7 @@ async def start_health_upstream(
         add_to_server(server)
     for name in ("", *serving):
         await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_secure_port("127.0.0.1:0", server_credentials(pki.files(SERVICES)))
     await server.start()
     return HealthUpstream(server=server, port=port, health=servicer)
 

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from services.auth.signing_keys import generate_kek
+from services.common.pki import GATEWAY, MICROSERVICES_CERTIFICATES, TlsFiles, ensure_pki
 from services.common.settings import SERVICE_NAMES, ServiceName
 from tests.support.gateway import free_port, run_to_completion
 from tests.support.parley_process import PARLEY, REPO_ROOT, ParleyProcess
+from tests.support.pki import ServicePki
 from tests.support.rate_limits import generous_rate_limits
 
 # Every wait for a process to come up is bounded by this; failures carry the process output tail.
@@ -55,6 +56,15 @@ async def migrate(database_url: str) -> CliResult:
     return result
 
 
+def certificate_env(files: TlsFiles) -> dict[str, str]:
+    """The variables that give a `parley` process its certificate."""
+    return {
+        "PARLEY_SERVICE_CA_FILE": str(files.ca_file),
+        "PARLEY_SERVICE_CERT_FILE": str(files.cert_file),
+        "PARLEY_SERVICE_KEY_FILE": str(files.key_file),
+    }
+
+
 @dataclass
 class Microservices:
     """Four `parley serve` processes and one `parley gateway` (local topology) on free ports."""
@@ -63,6 +73,8 @@ class Microservices:
     grpc_ports: dict[ServiceName, int]
     gateway: ParleyProcess
     http_port: int
+    # What `parley pki init` makes: every process's certificate, and the operator's.
+    pki: ServicePki
 
     @property
     def gateway_url(self) -> str:
@@ -94,9 +106,10 @@ async def running_microservices(
 
     `database_urls` replaces the database URL of single services (e.g. billing behind a proxy);
     `service_env` adds variables to single services, `gateway_env` to the gateway. Whatever is
-    still running at the end is killed.
+    still running at the end is killed. Each process is given its certificate by file, as k8s does.
     """
-    secret = secrets.token_urlsafe(24)
+    pki = ServicePki(directory / "pki")
+    ensure_pki(pki.directory, MICROSERVICES_CERTIFICATES)
     grpc_ports = {name: free_port() for name in SERVICE_NAMES}
     # What an operator gives microservices: the signing keys' encryption key (auth), and where auth
     # serves the JWKS that every other service verifies tokens with.
@@ -106,7 +119,7 @@ async def running_microservices(
             ["serve", name, "--port", str(grpc_ports[name])],
             env={
                 "PARLEY_DATABASE_URL": (database_urls or {}).get(name, database_url),
-                "PARLEY_GATEWAY_SECRET": secret,
+                **certificate_env(pki.files(name)),
                 "PARLEY_AUTH_KEY_ENCRYPTION_KEY": kek,
                 "PARLEY_AUTH_TARGET": f"127.0.0.1:{grpc_ports['auth']}",
                 "PARLEY_METRICS_PORT": str(free_port()),
@@ -126,7 +139,7 @@ async def running_microservices(
             *(f"--upstream={name}=127.0.0.1:{port}" for name, port in grpc_ports.items()),
         ],
         env={
-            "PARLEY_GATEWAY_SECRET": secret,
+            **certificate_env(pki.files(GATEWAY)),
             "PARLEY_HTTP_PORT": str(http_port),
             "PARLEY_ENVOY_ADMIN_PORT": str(free_port()),
             "PARLEY_EDGE_PORT": str(free_port()),
@@ -140,7 +153,7 @@ async def running_microservices(
         },
         log_path=directory / "gateway.log",
     )
-    running = Microservices(services, grpc_ports, gateway, http_port)
+    running = Microservices(services, grpc_ports, gateway, http_port, pki)
     try:
         for process in running.processes:
             process.start()

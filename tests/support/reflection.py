@@ -71,8 +71,12 @@ DESCRIBE_CASES: tuple[DescribeCase, ...] = (
 )
 
 
-async def assert_grpcurl_describes(target: str, case: DescribeCase) -> None:
-    result = await grpcurl("-plaintext", target, "describe", case.symbol)
+async def assert_grpcurl_describes(
+    target: str, case: DescribeCase, *, transport: Sequence[str] = ("-plaintext",)
+) -> None:
+    """`transport`: grpcurl's flags for the target: plaintext for the gateway, the operator's
+    certificate (tests.support.pki.grpcurl_tls) for a service port."""
+    result = await grpcurl(*transport, target, "describe", case.symbol)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"{case.symbol} is {case.kind}:\n"), result.stdout
     for line in case.shows:

@@ -1,10 +1,11 @@
-"""Start the production gRPC server factory in-process for tests: port 0, the real interceptor chain."""
+"""Start the production gRPC server factory in-process for tests: port 0, mTLS with the session's PKI,
+the real interceptor chain."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_status import rpc_status
@@ -23,8 +24,7 @@ from services.common.revocation import InMemoryRevocationList
 from services.common.server import ParleyServer, ServerDeps, ServiceRegistration, create_server
 from services.common.settings import ServiceName, load_settings
 from services.common.telemetry import create_tracer_provider
-
-GATEWAY_SECRET = "test-gateway-secret"
+from tests.support.pki import SERVICES, ServicePki
 
 
 def hosted(names: Sequence[ServiceName], database: Database) -> list[ServiceRegistration]:
@@ -35,38 +35,61 @@ def hosted(names: Sequence[ServiceName], database: Database) -> list[ServiceRegi
 
 @dataclass
 class RunningServer:
+    """A started server; `channel` calls it as the gateway (whose identity headers it believes)."""
+
     server: ParleyServer
     port: int
     registry: CollectorRegistry
+    pki: ServicePki
     channel: grpc.aio.Channel
+    _opened: list[grpc.aio.Channel] = field(default_factory=list)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def channel_as(self, workload: str) -> grpc.aio.Channel:
+        """A channel presenting workload `workload`'s certificate; closed with the server."""
+        channel = self.pki.channel(self.target, as_=workload)
+        self._opened.append(channel)
+        return channel
+
+    async def close_channels(self) -> None:
+        for channel in (self.channel, *self._opened):
+            await channel.close()
 
 
 @asynccontextmanager
 async def serving(
     services: Sequence[ServiceRegistration],
     *,
+    pki: ServicePki,
     probes: Sequence[DependencyProbe] = (),
     tracer_provider: TracerProvider | None = None,
     probe_interval_s: float = 60,
 ) -> AsyncIterator[RunningServer]:
-    """A started server for `services` and a channel to it; both closed afterwards."""
+    """A started server for `services` (presenting the services process's certificate of `pki`) and a
+    channel to it as the gateway; both closed afterwards."""
     registry = new_registry()
     server, port = create_server(
         load_settings(grpc_port=0, metrics_port=0, health_probe_interval_s=probe_interval_s),
         ServerDeps(
             services=services,
-            identity=IdentityResolver(gateway_secret=GATEWAY_SECRET, token_verifier=NoTokenVerifier()),
+            identity=IdentityResolver(token_verifier=NoTokenVerifier()),
             registry=registry,
             tracer_provider=tracer_provider or create_tracer_provider(service="test", otlp_endpoint=None),
+            tls=pki.files(SERVICES),
             probes=probes,
         ),
     )
     await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:
-        yield RunningServer(server, port, registry, channel)
+        running = RunningServer(server, port, registry, pki, pki.channel(f"127.0.0.1:{port}", as_="gateway"))
+        try:
+            yield running
+        finally:
+            await running.close_channels()
     finally:
-        await channel.close()
         await server.stop()
 
 

@@ -244,7 +244,7 @@ async def at_the_edge(http_method: str, headers: dict[str, str]) -> str:
 
 async def in_a_service(grpc_method: str, headers: dict[str, str]) -> str:
     """The same, from a service's identity resolution of a call that needs a user."""
-    resolver = IdentityResolver(gateway_secret=None, token_verifier=FakeVerifier())
+    resolver = IdentityResolver(token_verifier=FakeVerifier())
     try:
         identity = (await resolver.resolve(headers, grpc_method)).require_user()
     except (Unauthenticated, PermissionDenied) as error:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway.render import render_envoy_config
+from gateway.render import SdsFiles, render_envoy_config, render_sds_resources
 from gateway.topology import (
     OTLP_CLUSTER,
     TlsListener,
@@ -26,30 +26,36 @@ from gateway.topology import (
     k8s_topology,
     local_topology,
 )
-from tests.support.envoy_types import EnvoyConfigTypeError, bootstrap_from
+from services.common.pki import TlsFiles
+from tests.support.envoy_types import EnvoyConfigTypeError, bootstrap_from, discovery_resources_from
 from tests.support.gateway import DESCRIPTOR_SET_PATH
 from tests.support.tls import self_signed_certificate
 
-SECRET = "unit-test-secret"
+# Rendering only names the certificate files.
+GATEWAY_TLS = TlsFiles.in_directory(Path("/etc/parley/pki"), "gateway")
 Config = dict[str, Any]
 
 
 def topologies() -> list[Topology]:
     return [
-        embedded_topology(50051, 50052, 8080, 9901, SECRET, descriptor_set_path=DESCRIPTOR_SET_PATH),
-        local_topology(SECRET, descriptor_set_path=DESCRIPTOR_SET_PATH),
-        k8s_topology(SECRET, descriptor_set_path=DESCRIPTOR_SET_PATH),
+        embedded_topology(
+            50051, 50052, 8080, 9901, gateway_tls=GATEWAY_TLS, descriptor_set_path=DESCRIPTOR_SET_PATH
+        ),
+        local_topology(gateway_tls=GATEWAY_TLS, descriptor_set_path=DESCRIPTOR_SET_PATH),
+        k8s_topology(gateway_tls=GATEWAY_TLS, descriptor_set_path=DESCRIPTOR_SET_PATH),
     ]
 
 
 def rendered(topology: Topology) -> Config:
-    config: Config = yaml.safe_load(render_envoy_config(topology))
+    config: Config = yaml.safe_load(
+        render_envoy_config(topology, sds=SdsFiles(Path("/etc/parley/envoy/envoy-sds")))
+    )
     return config
 
 
 @pytest.fixture(scope="module")
 def local_config() -> Config:
-    config = rendered(local_topology(SECRET, descriptor_set_path=DESCRIPTOR_SET_PATH))
+    config = rendered(local_topology(gateway_tls=GATEWAY_TLS, descriptor_set_path=DESCRIPTOR_SET_PATH))
     bootstrap_from(config)  # the baseline the mistakes are made in type-checks
     return config
 
@@ -82,6 +88,15 @@ def test_every_rendered_config_type_checks(topology: Topology, hardened: bool, t
         *([8443] if hardened else []),
     ]
     assert bootstrap.admin.address.socket_address.port_value == topology.admin_port
+
+
+def test_the_sds_files_type_check_as_secrets() -> None:
+    resources = render_sds_resources(topologies()[0])
+
+    assert set(resources) == {"certificate", "validation"}
+    for content in resources.values():
+        (secret,) = discovery_resources_from(yaml.safe_load(content))
+        assert secret.type_url == "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 
 
 def _cluster(config: Config, name: str) -> Config:

@@ -18,7 +18,7 @@ import yaml
 
 from gateway.descriptors import DescriptorIndex, MethodInfo, ServiceInfo, public_services
 from gateway.envoy_process import envoy_binary_path
-from gateway.render import render_envoy_config, write_envoy_config
+from gateway.render import SdsFiles, render_envoy_config, write_envoy_config
 from gateway.settings import ENVOY_DIR, GatewayConfigError, RoleRequirement, load_gateway_settings
 from gateway.topology import (
     TlsListener,
@@ -29,12 +29,16 @@ from gateway.topology import (
     local_topology,
 )
 from services.common.identity import JWT_CLAIM_HEADERS
+from services.common.pki import TlsFiles
 from services.common.ratelimit import load_rate_limit_config
 from services.common.token_rules import CLOCK_SKEW_S, MAX_LIFETIME_S
 from tests.support.gateway import DESCRIPTOR_SET_PATH, internal_service_names, public_service_names
+from tests.support.pki import ServicePki
 from tests.support.tls import self_signed_certificate
 
-SECRET = "unit-test-secret"
+# Rendering only names these files; tests that write or run a config use the session's PKI.
+GATEWAY_TLS = TlsFiles.in_directory(Path("/etc/parley/pki"), "gateway")
+SDS = SdsFiles(Path("/etc/parley/envoy/envoy-sds"))
 HTTP_LISTENER = "parley_http"
 HTTPS_LISTENER = "parley_https"
 EXT_AUTHZ = "envoy.filters.http.ext_authz"
@@ -55,9 +59,11 @@ ALLOWED_ORIGINS = ("https://app.parley.example", "http://localhost:5173")
 
 def all_topologies() -> list[Topology]:
     return [
-        embedded_topology(50051, 50052, 8080, 9901, SECRET, descriptor_set_path=DESCRIPTOR_SET_PATH),
-        local_topology(SECRET, descriptor_set_path=DESCRIPTOR_SET_PATH),
-        k8s_topology(SECRET, descriptor_set_path=DESCRIPTOR_SET_PATH),
+        embedded_topology(
+            50051, 50052, 8080, 9901, gateway_tls=GATEWAY_TLS, descriptor_set_path=DESCRIPTOR_SET_PATH
+        ),
+        local_topology(gateway_tls=GATEWAY_TLS, descriptor_set_path=DESCRIPTOR_SET_PATH),
+        k8s_topology(gateway_tls=GATEWAY_TLS, descriptor_set_path=DESCRIPTOR_SET_PATH),
     ]
 
 
@@ -70,17 +76,17 @@ def topology(request: pytest.FixtureRequest) -> Topology:
 def rendered(topology: Topology) -> dict[str, Any]:
     """The parsed config; rendering and parsing take ~1 s, so each topology is done once (a copy is
     returned, so a test may not change what another sees)."""
-    return copy.deepcopy(_parsed_config(repr(topology), topology.gateway_secret, topology))
+    return copy.deepcopy(_parsed_config(repr(topology), topology))
 
 
-_PARSED: dict[tuple[str, str], dict[str, Any]] = {}
+_PARSED: dict[str, dict[str, Any]] = {}
 
 
-def _parsed_config(key: str, secret: str, topology: Topology) -> dict[str, Any]:
-    if (key, secret) not in _PARSED:
+def _parsed_config(key: str, topology: Topology) -> dict[str, Any]:
+    if key not in _PARSED:
         loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-        _PARSED[(key, secret)] = yaml.load(render_envoy_config(topology), Loader=loader)
-    return _PARSED[(key, secret)]
+        _PARSED[key] = yaml.load(render_envoy_config(topology, sds=SDS), Loader=loader)
+    return _PARSED[key]
 
 
 def listeners(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -579,19 +585,46 @@ def test_spans_go_to_the_otlp_upstream_or_else_to_the_edge(topology: Topology) -
     assert by_address["otlp"]["type"] == "STATIC"
 
 
-def test_client_identity_headers_are_stripped_and_the_gateway_secret_added(topology: Topology) -> None:
+def test_client_identity_headers_are_stripped_and_no_credential_is_added(topology: Topology) -> None:
     hcm = connection_manager(rendered(topology))
 
     (early,) = hcm["early_header_mutation_extensions"]
     assert early["typed_config"]["mutations"] == [
         {"remove_on_match": {"key_matcher": {"prefix": "x-parley-"}}}
     ]
-    assert hcm["route_config"]["request_headers_to_add"] == [
-        {
-            "header": {"key": "x-parley-gateway-secret", "value": SECRET},
-            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+    # The gateway proves itself with its certificate; no request carries a bearer secret.
+    assert "request_headers_to_add" not in hcm["route_config"]
+
+
+def test_envoy_reaches_every_service_and_the_edge_over_mtls_with_its_workload_checked(
+    topology: Topology,
+) -> None:
+    by_name = clusters(rendered(topology))
+
+    for name in ("auth", "chat", "billing", "analytics", "edge"):
+        socket = by_name[name]["transport_socket"]
+        assert socket["name"] == "envoy.transport_sockets.tls"
+        context = socket["typed_config"]
+        assert context["@type"].endswith("tls.v3.UpstreamTlsContext")
+        assert context["sni"] == f"{name}.parley.local"
+        common = context["common_tls_context"]
+        assert common["alpn_protocols"] == ["h2"]
+        sds_source = {"path_config_source": {"path": str(SDS.certificate)}, "resource_api_version": "V3"}
+        assert common["tls_certificate_sds_secret_configs"] == [
+            {"name": "parley_workload_certificate", "sds_config": sds_source}
+        ]
+        validation = common["combined_validation_context"]
+        assert validation["default_validation_context"] == {
+            "match_typed_subject_alt_names": [
+                {"san_type": "URI", "matcher": {"exact": f"spiffe://parley.local/{name}"}}
+            ]
         }
-    ]
+        assert validation["validation_context_sds_secret_config"] == {
+            "name": "parley_service_ca",
+            "sds_config": {"path_config_source": {"path": str(SDS.validation)}, "resource_api_version": "V3"},
+        }
+    # The JWKS fetch goes to the gateway's own listener: no service, no certificate.
+    assert "transport_socket" not in by_name["gateway_self"]
 
 
 def test_request_ids_are_generated_and_envoy_is_not_named(topology: Topology) -> None:
@@ -680,7 +713,9 @@ def test_refusals_that_carry_their_own_details_pass_through(topology: Topology) 
 
 
 def test_tls_listener_is_rendered_only_with_tls_and_carries_hsts(tmp_path: Path) -> None:
-    plain = embedded_topology(50051, 50052, 8080, 9901, SECRET, descriptor_set_path=DESCRIPTOR_SET_PATH)
+    plain = embedded_topology(
+        50051, 50052, 8080, 9901, gateway_tls=GATEWAY_TLS, descriptor_set_path=DESCRIPTOR_SET_PATH
+    )
     settings = plain.settings
 
     plain_config = rendered(plain)
@@ -744,7 +779,11 @@ def test_cors_policy_lists_the_allowed_origins_and_refuses_a_wildcard(topology: 
 
 def test_embedded_topology_points_every_area_at_the_one_grpc_port() -> None:
     by_name = clusters(
-        rendered(embedded_topology(50051, 50052, 8080, 9901, SECRET, descriptor_set_path=DESCRIPTOR_SET_PATH))
+        rendered(
+            embedded_topology(
+                50051, 50052, 8080, 9901, gateway_tls=GATEWAY_TLS, descriptor_set_path=DESCRIPTOR_SET_PATH
+            )
+        )
     )
 
     for area in ("auth", "chat", "billing", "analytics"):
@@ -754,7 +793,9 @@ def test_embedded_topology_points_every_area_at_the_one_grpc_port() -> None:
 
 
 def test_local_topology_uses_one_port_per_service() -> None:
-    by_name = clusters(rendered(local_topology(SECRET, descriptor_set_path=DESCRIPTOR_SET_PATH)))
+    by_name = clusters(
+        rendered(local_topology(gateway_tls=GATEWAY_TLS, descriptor_set_path=DESCRIPTOR_SET_PATH))
+    )
 
     assert {area: endpoint(by_name[area]) for area in ("auth", "chat", "billing", "analytics")} == {
         "auth": ("127.0.0.1", 50061),
@@ -765,7 +806,7 @@ def test_local_topology_uses_one_port_per_service() -> None:
 
 
 def test_k8s_topology_resolves_service_names_with_strict_dns() -> None:
-    config = rendered(k8s_topology(SECRET, descriptor_set_path=DESCRIPTOR_SET_PATH))
+    config = rendered(k8s_topology(gateway_tls=GATEWAY_TLS, descriptor_set_path=DESCRIPTOR_SET_PATH))
     by_name = clusters(config)
 
     for area in ("auth", "chat", "billing", "analytics"):
@@ -777,32 +818,62 @@ def test_k8s_topology_resolves_service_names_with_strict_dns() -> None:
     assert listener_address["address"] == "0.0.0.0"
 
 
-def test_written_config_is_readable_by_its_owner_only(tmp_path: Path) -> None:
-    topology = embedded_topology(50051, 50052, 8080, 9901, SECRET, descriptor_set_path=DESCRIPTOR_SET_PATH)
+def test_written_config_and_its_sds_files_are_owner_only_and_name_the_pem_files(
+    tmp_path: Path, service_pki: ServicePki
+) -> None:
+    gateway = service_pki.files("gateway")
+    topology = embedded_topology(
+        50051, 50052, 8080, 9901, gateway_tls=gateway, descriptor_set_path=DESCRIPTOR_SET_PATH
+    )
 
     written = write_envoy_config(topology, tmp_path / "nested" / "envoy.yaml")
 
-    assert stat.S_IMODE(written.stat().st_mode) == 0o600
-    assert written.read_text() == render_envoy_config(topology)
+    sds = SdsFiles.beside(written)
+    assert sds.directory == tmp_path / "nested" / "envoy-sds"
+    assert stat.S_IMODE(sds.directory.stat().st_mode) == 0o700
+    for path in (written, sds.certificate, sds.validation):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert written.read_text() == render_envoy_config(topology, sds=sds)
+    (certificate,) = yaml.safe_load(sds.certificate.read_text())["resources"]
+    assert certificate["name"] == "parley_workload_certificate"
+    assert certificate["tls_certificate"] == {
+        "certificate_chain": {"filename": str(gateway.cert_file)},
+        "private_key": {"filename": str(gateway.key_file)},
+        "watched_directory": {"path": str(service_pki.directory)},
+    }
+    (validation,) = yaml.safe_load(sds.validation.read_text())["resources"]
+    assert validation["validation_context"] == {
+        "trusted_ca": {"filename": str(gateway.ca_file)},
+        "watched_directory": {"path": str(service_pki.directory)},
+    }
+    # Paths only: no PEM of any kind is copied into what Envoy's admin could show.
+    for path in (written, sds.certificate, sds.validation):
+        assert "-----BEGIN" not in path.read_text()
 
 
-def test_the_secret_stays_out_of_the_topology_repr() -> None:
-    topology = embedded_topology(50051, 50052, 8080, 9901, SECRET, descriptor_set_path=DESCRIPTOR_SET_PATH)
+def test_a_config_is_not_written_without_the_gateways_certificate(tmp_path: Path) -> None:
+    topology = embedded_topology(
+        50051, 50052, 8080, 9901, gateway_tls=GATEWAY_TLS, descriptor_set_path=DESCRIPTOR_SET_PATH
+    )
 
-    assert SECRET not in repr(topology)
+    with pytest.raises(GatewayConfigError, match=r"certificate files are missing: /etc/parley/pki/ca\.pem"):
+        write_envoy_config(topology, tmp_path / "envoy.yaml")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_topologies_reject_bad_input() -> None:
-    topology = embedded_topology(50051, 50052, 8080, 9901, SECRET, descriptor_set_path=DESCRIPTOR_SET_PATH)
+    topology = embedded_topology(
+        50051, 50052, 8080, 9901, gateway_tls=GATEWAY_TLS, descriptor_set_path=DESCRIPTOR_SET_PATH
+    )
 
     with pytest.raises(GatewayConfigError, match="no upstream for billing"):
         dataclasses.replace(
             topology, upstreams={k: v for k, v in topology.upstreams.items() if k != "billing"}
         )
-    with pytest.raises(GatewayConfigError, match="secret"):
-        dataclasses.replace(topology, gateway_secret="line\r\nbreak")
     with pytest.raises(GatewayConfigError, match="cannot read descriptor set"):
-        render_envoy_config(dataclasses.replace(topology, descriptor_set_path=Path("/nonexistent.binpb")))
+        render_envoy_config(
+            dataclasses.replace(topology, descriptor_set_path=Path("/nonexistent.binpb")), sds=SDS
+        )
 
 
 def test_settings_file_loads() -> None:
@@ -839,7 +910,10 @@ def assert_envoy_accepts(result: subprocess.CompletedProcess[str]) -> None:
 
 
 @pytest.mark.envoy
-def test_envoy_validates_the_rendered_config(topology: Topology, tmp_path: Path) -> None:
+def test_envoy_validates_the_rendered_config(
+    topology: Topology, tmp_path: Path, service_pki: ServicePki
+) -> None:
+    topology = dataclasses.replace(topology, gateway_tls=service_pki.files("gateway"))
     path = write_envoy_config(topology, tmp_path / f"{topology.name}.yaml")
 
     assert_envoy_accepts(envoy_validate(path))
@@ -847,11 +921,11 @@ def test_envoy_validates_the_rendered_config(topology: Topology, tmp_path: Path)
 
 @pytest.mark.envoy
 def test_envoy_validates_the_config_with_tls_cors_and_an_otlp_upstream(
-    topology: Topology, tmp_path: Path
+    topology: Topology, tmp_path: Path, service_pki: ServicePki
 ) -> None:
     collector = "otel-collector.observability.svc.cluster.local" if topology.name == "k8s" else "127.0.0.1"
     hardened = dataclasses.replace(
-        with_tls(topology, tmp_path),
+        with_tls(dataclasses.replace(topology, gateway_tls=service_pki.files("gateway")), tmp_path),
         cors_allowed_origins=ALLOWED_ORIGINS,
         otlp=Upstream("otlp", collector, 4317),
     )

@@ -16,6 +16,7 @@ from gateway import settings as gateway_settings
 from gateway.settings import SETTINGS_FILE, GatewayConfigError, load_gateway_settings
 from runtime.cli import EXIT_BAD_SETTINGS, main
 from services.common.settings import SettingsError
+from tests.support.pki import ServicePki
 
 Mutation = Callable[[dict[str, Any]], None]
 
@@ -226,9 +227,12 @@ def test_an_unreadable_or_broken_file_is_refused_in_one_line(tmp_path: Path) -> 
 
 
 @pytest.fixture
-def gateway_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+def gateway_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, service_pki: ServicePki) -> Path:
     """The environment `parley gateway` needs, isolated; returns where `--render` would write."""
-    monkeypatch.setenv("PARLEY_GATEWAY_SECRET", "unit-test-secret")
+    gateway = service_pki.files("gateway")
+    monkeypatch.setenv("PARLEY_SERVICE_CA_FILE", str(gateway.ca_file))
+    monkeypatch.setenv("PARLEY_SERVICE_CERT_FILE", str(gateway.cert_file))
+    monkeypatch.setenv("PARLEY_SERVICE_KEY_FILE", str(gateway.key_file))
     monkeypatch.setenv("PARLEY_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("GRPC_ENABLE_FORK_SUPPORT", "false")
     return tmp_path / "envoy.yaml"

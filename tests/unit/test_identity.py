@@ -53,6 +53,7 @@ from services.common.server import ServerDeps, ServiceRegistration, create_serve
 from services.common.settings import load_settings
 from services.common.telemetry import create_tracer_provider
 from services.common.token_rules import TokenRules
+from tests.support.pki import SERVICES, ServicePki
 from tests.support.servers import rich_status
 
 ISSUER = "parley-test"
@@ -73,10 +74,10 @@ def _b64(data: bytes) -> str:
 
 
 async def resolve_strictly(
-    resolver: IdentityResolver, metadata: Mapping[str, str], method: str = ""
+    resolver: IdentityResolver, metadata: Mapping[str, str], method: str = "", *, from_gateway: bool = False
 ) -> Identity:
     """Resolve and demand a user, as an RPC that needs one does: a refused credential raises here."""
-    return (await resolver.resolve(metadata, method)).require_user()
+    return (await resolver.resolve(metadata, method, from_gateway=from_gateway)).require_user()
 
 
 def _reason(error: pytest.ExceptionInfo[ParleyError]) -> str:
@@ -634,30 +635,25 @@ async def test_revoked_sessions_and_users_are_refused(
 # ---------------------------------------------------------------------------------------------------
 
 
-async def test_gateway_headers_need_the_gateway_secret() -> None:
-    resolver = IdentityResolver(gateway_secret="s3cret", token_verifier=NoTokenVerifier())
-    identity = await resolver.resolve(
-        {
-            "x-parley-gateway-secret": "s3cret",
-            "x-parley-user-id": "u1",
-            "x-parley-roles": encode_roles_header(["user", "admin"]),
-            "x-parley-plan": "team",
-            "x-parley-auth-method": "api_key",
-            "cookie": f"{ACCESS_TOKEN_COOKIE}=garbage",
-        },
-        POST_METHOD,
-    )
+async def test_identity_headers_are_believed_from_the_gateway_only() -> None:
+    resolver = IdentityResolver(token_verifier=NoTokenVerifier())
+    headers = {
+        "x-parley-user-id": "u1",
+        "x-parley-roles": encode_roles_header(["user", "admin"]),
+        "x-parley-plan": "team",
+        "x-parley-auth-method": "api_key",
+        "cookie": f"{ACCESS_TOKEN_COOKIE}=garbage",
+    }
+    identity = await resolver.resolve(headers, POST_METHOD, from_gateway=True)
     assert identity.user_id == "u1"
     assert identity.roles == frozenset({"user", "admin"})
     assert identity.auth_method == "api_key"
 
-    with pytest.raises(Unauthenticated) as wrong_secret:
-        await resolve_strictly(resolver, {"x-parley-gateway-secret": "guess", "x-parley-user-id": "u1"})
-    assert _reason(wrong_secret) == "UNTRUSTED_IDENTITY/gateway_secret"
-
-    with pytest.raises(Unauthenticated) as spoofed:
-        await resolve_strictly(resolver, {"x-parley-user-id": "u1"})
-    assert _reason(spoofed) == "UNTRUSTED_IDENTITY/identity_headers"
+    # From any other caller (its certificate names another workload), every identity header is refused.
+    for header in ("x-parley-user-id", "x-parley-roles", "x-parley-token-issued-at", "x-parley-session-id"):
+        with pytest.raises(Unauthenticated) as spoofed:
+            await resolve_strictly(resolver, {header: "u1"})
+        assert _reason(spoofed) == "UNTRUSTED_IDENTITY/identity_headers"
 
 
 def _vouched(auth_method: str | None = None, **times: int | str | None) -> dict[str, str]:
@@ -667,7 +663,6 @@ def _vouched(auth_method: str | None = None, **times: int | str | None) -> dict[
     values.update(times)
     names = {"iat": "issued-at", "nbf": "not-before", "exp": "expires-at"}
     headers = {
-        "x-parley-gateway-secret": "s3cret",
         "x-parley-user-id": "user-1",
         "x-parley-session-id": "session-1",
         "x-parley-roles": encode_roles_header(["user"]),
@@ -684,16 +679,14 @@ def _vouched(auth_method: str | None = None, **times: int | str | None) -> dict[
 
 @pytest.fixture
 def gateway_resolver(clock: Clock, revocations: InMemoryRevocationList) -> IdentityResolver:
-    return IdentityResolver(
-        gateway_secret="s3cret", token_verifier=NoTokenVerifier(), revocations=revocations, clock=clock
-    )
+    return IdentityResolver(token_verifier=NoTokenVerifier(), revocations=revocations, clock=clock)
 
 
 @pytest.mark.parametrize("auth_method", [None, "jwt", "cookie"])
 async def test_a_vouched_token_identity_with_its_time_claims_is_accepted(
     gateway_resolver: IdentityResolver, auth_method: str | None
 ) -> None:
-    identity = await resolve_strictly(gateway_resolver, _vouched(auth_method))
+    identity = await resolve_strictly(gateway_resolver, _vouched(auth_method), from_gateway=True)
     assert (identity.user_id, identity.session_id, identity.auth_method) == (
         "user-1",
         "session-1",
@@ -729,7 +722,7 @@ async def test_a_vouched_token_identity_breaking_a_token_rule_is_refused(
     times: dict[str, int | str | None],
     reason: str,
 ) -> None:
-    identity = await gateway_resolver.resolve(_vouched(auth_method, **times))
+    identity = await gateway_resolver.resolve(_vouched(auth_method, **times), from_gateway=True)
     assert not identity.is_authenticated
     with pytest.raises(Unauthenticated) as refused:
         identity.require_user()
@@ -742,26 +735,28 @@ async def test_a_vouched_identity_is_refused_once_its_session_or_user_is_revoked
     await revocations.revoke_session("session-1", until=clock() + TTL)
     for auth_method in (None, "cookie"):
         with pytest.raises(Unauthenticated) as revoked:
-            await resolve_strictly(gateway_resolver, _vouched(auth_method))
+            await resolve_strictly(gateway_resolver, _vouched(auth_method), from_gateway=True)
         assert _reason(revoked) == "SESSION_REVOKED"
         # Without its `iat` the identity is refused all the same, never waved through.
         with pytest.raises(Unauthenticated) as no_iat:
-            await resolve_strictly(gateway_resolver, _vouched(auth_method, iat=None))
+            await resolve_strictly(gateway_resolver, _vouched(auth_method, iat=None), from_gateway=True)
         assert _reason(no_iat) == "TOKEN_INVALID/missing_claim"
 
     other_session = {**_vouched(), "x-parley-session-id": "session-2"}
-    assert (await resolve_strictly(gateway_resolver, other_session)).session_id == "session-2"
+    assert (
+        await resolve_strictly(gateway_resolver, other_session, from_gateway=True)
+    ).session_id == "session-2"
     clock.advance(seconds=5)
     await revocations.revoke_user_tokens_before("user-1", clock(), until=clock() + TTL)
     with pytest.raises(Unauthenticated) as cut_off:
-        await resolve_strictly(gateway_resolver, other_session)
+        await resolve_strictly(gateway_resolver, other_session, from_gateway=True)
     assert _reason(cut_off) == "SESSION_REVOKED"
     issued_after = int(clock().timestamp()) + 1
     later = {
         **_vouched(iat=issued_after, nbf=issued_after, exp=issued_after + 900),
         "x-parley-session-id": "s-3",
     }
-    assert (await resolve_strictly(gateway_resolver, later)).session_id == "s-3"
+    assert (await resolve_strictly(gateway_resolver, later, from_gateway=True)).session_id == "s-3"
 
 
 async def test_an_api_key_identity_carries_no_token_and_needs_no_time_claims(
@@ -769,7 +764,7 @@ async def test_an_api_key_identity_carries_no_token_and_needs_no_time_claims(
 ) -> None:
     headers = {key: value for key, value in _vouched("api_key").items() if "-token-" not in key}
     del headers["x-parley-session-id"]
-    assert (await resolve_strictly(gateway_resolver, headers)).auth_method == "api_key"
+    assert (await resolve_strictly(gateway_resolver, headers, from_gateway=True)).auth_method == "api_key"
 
 
 @pytest.mark.parametrize(
@@ -785,7 +780,7 @@ async def test_vouched_headers_no_gateway_of_ours_sets_are_a_gateway_fault(
     gateway_resolver: IdentityResolver, headers: dict[str, str]
 ) -> None:
     with pytest.raises(Unauthenticated) as refused:
-        await gateway_resolver.resolve(headers)
+        await gateway_resolver.resolve(headers, from_gateway=True)
     assert _reason(refused) == "UNTRUSTED_IDENTITY/identity_headers"
 
 
@@ -795,17 +790,15 @@ async def test_roles_header_is_base64_json_and_anything_else_is_a_gateway_fault(
     assert decode_roles_header(encode_roles_header(["user", "admin"])) == frozenset({"user", "admin"})
     assert decode_roles_header("") == frozenset()
 
-    resolver = IdentityResolver(gateway_secret="s3cret", token_verifier=NoTokenVerifier())
+    resolver = IdentityResolver(token_verifier=NoTokenVerifier())
     for malformed in ("user,admin", base64.b64encode(b"not json").decode()):
         with pytest.raises(Unauthenticated) as refused:
-            await resolver.resolve(
-                {"x-parley-gateway-secret": "s3cret", "x-parley-user-id": "u1", "x-parley-roles": malformed}
-            )
+            await resolver.resolve({"x-parley-user-id": "u1", "x-parley-roles": malformed}, from_gateway=True)
         assert _reason(refused) == "UNTRUSTED_IDENTITY/identity_headers"
 
 
 async def test_no_credentials_is_anonymous_and_bearer_without_jwks_is_refused() -> None:
-    resolver = IdentityResolver(gateway_secret=None, token_verifier=NoTokenVerifier())
+    resolver = IdentityResolver(token_verifier=NoTokenVerifier())
     assert await resolver.resolve({}) is ANONYMOUS
     assert await resolver.resolve({"cookie": "theme=dark; lang=en"}, POST_METHOD) is ANONYMOUS
     with pytest.raises(Unauthenticated) as error:
@@ -819,14 +812,14 @@ async def test_no_credentials_is_anonymous_and_bearer_without_jwks_is_refused() 
 async def test_role_requirements() -> None:
     with pytest.raises(Unauthenticated):
         ANONYMOUS.require_user()
-    resolver = IdentityResolver(gateway_secret="s", token_verifier=NoTokenVerifier())
+    resolver = IdentityResolver(token_verifier=NoTokenVerifier())
     user = await resolver.resolve(
         {
-            "x-parley-gateway-secret": "s",
             "x-parley-user-id": "u",
             "x-parley-roles": encode_roles_header(["user"]),
             "x-parley-auth-method": "api_key",
-        }
+        },
+        from_gateway=True,
     )
     with pytest.raises(PermissionDenied) as error:
         user.require_role("admin")
@@ -856,7 +849,7 @@ def test_cookie_header_parsing() -> None:
 
 @pytest.fixture
 def resolver(verifier: CachedJwksVerifier) -> IdentityResolver:
-    return IdentityResolver(gateway_secret="s3cret", token_verifier=verifier)
+    return IdentityResolver(token_verifier=verifier)
 
 
 def _cookie(access: str | None, csrf: str | None = None, *extra: str) -> str:
@@ -985,7 +978,7 @@ class JwksOnlyAuth(auth_pb2_grpc.AuthServiceServicer):
 
 @pytest.fixture
 async def auth_server(
-    keys: SigningKeyStore,
+    keys: SigningKeyStore, service_pki: ServicePki
 ) -> AsyncIterator[Callable[[CachedJwksVerifier | None], Awaitable[int]]]:
     """Starts servers hosting JwksOnlyAuth; the argument is the verifier their identity chain uses."""
     servers = []
@@ -1001,11 +994,10 @@ async def auth_server(
                         auth_pb2_grpc.add_AuthServiceServicer_to_server,
                     )
                 ],
-                identity=IdentityResolver(
-                    gateway_secret="s3cret", token_verifier=verifier or NoTokenVerifier()
-                ),
+                identity=IdentityResolver(token_verifier=verifier or NoTokenVerifier()),
                 registry=new_registry(),
                 tracer_provider=create_tracer_provider(service="test", otlp_endpoint=None),
+                tls=service_pki.files(SERVICES),
             ),
         )
         await server.start()
@@ -1021,12 +1013,15 @@ async def test_over_grpc_the_jwks_is_fetched_and_cookie_calls_are_csrf_checked(
     auth_server: Callable[[CachedJwksVerifier | None], Awaitable[int]],
     issuer: AccessTokenIssuer,
     clock: Clock,
+    service_pki: ServicePki,
 ) -> None:
     jwks_port = await auth_server(None)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{jwks_port}") as jwks_channel:
+    # A service that verifies tokens itself fetches the JWKS as its own workload.
+    async with service_pki.channel(f"127.0.0.1:{jwks_port}", as_="chat") as jwks_channel:
         verifier = CachedJwksVerifier(grpc_jwks_fetcher(jwks_channel), rules=RULES, clock=clock)
         port = await auth_server(verifier)
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        # A direct caller with its own token: the operator's grpcurl, say.
+        async with service_pki.channel(f"127.0.0.1:{port}", as_="operator") as channel:
             stub = auth_pb2_grpc.AuthServiceStub(channel)
             token = await _issue(issuer)
 
@@ -1076,20 +1071,20 @@ async def test_the_auth_process_can_verify_with_its_own_store(
 async def test_a_request_the_gateway_vouches_for_without_identity_uses_its_own_token(
     signing_key: Ed25519PrivateKey, static_verifier: JwksTokenVerifier
 ) -> None:
-    """Until the gateway authenticates at the edge, it forwards the bearer token with only its secret."""
-    resolver = IdentityResolver(gateway_secret="s3cret", token_verifier=static_verifier)
+    """On an open route the gateway forwards the request without identity headers: its token decides."""
+    resolver = IdentityResolver(token_verifier=static_verifier)
     identity = await resolver.resolve(
-        {"x-parley-gateway-secret": "s3cret", "authorization": f"Bearer {_token(signing_key, _claims())}"}
+        {"authorization": f"Bearer {_token(signing_key, _claims())}"}, from_gateway=True
     )
     assert identity.user_id == "user-1"
-    assert await resolver.resolve({"x-parley-gateway-secret": "s3cret"}) is ANONYMOUS
+    assert await resolver.resolve({}, from_gateway=True) is ANONYMOUS
 
 
 async def test_a_refused_credential_leaves_the_caller_anonymous_until_a_user_is_required(
     static_verifier: JwksTokenVerifier,
 ) -> None:
     """A stale cookie or bad token must not lock a browser out of the open routes (sign-in)."""
-    resolver = IdentityResolver(gateway_secret=None, token_verifier=static_verifier)
+    resolver = IdentityResolver(token_verifier=static_verifier)
     identity = await resolver.resolve(
         {"authorization": "Bearer not-a-jwt"}, "/parley.auth.v1.AuthService/Login"
     )

@@ -46,8 +46,8 @@ def test_port_clash_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_secrets_are_never_echoed(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(SettingsError) as error:
-        load_settings(gateway_secret=["hunter2-marker"])
-    assert "PARLEY_GATEWAY_SECRET" in str(error.value)
+        load_settings(smtp_password=["hunter2-marker"], smtp_username="u")
+    assert "PARLEY_SMTP_PASSWORD" in str(error.value)
     assert "hunter2-marker" not in str(error.value)
 
 
@@ -86,4 +86,29 @@ def test_feature_lists_are_comma_separated(monkeypatch: pytest.MonkeyPatch) -> N
     assert load_settings().auth_require_verified_email_for == frozenset({"api_keys", "chat"})
     monkeypatch.setenv("PARLEY_AUTH_REQUIRE_VERIFIED_EMAIL_FOR", "api_keys,teleport")
     with pytest.raises(SettingsError, match="PARLEY_AUTH_REQUIRE_VERIFIED_EMAIL_FOR"):
+        load_settings()
+
+
+def test_the_service_certificate_defaults_to_the_data_dirs_pki(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PARLEY_DATA_DIR", "/srv/parley")
+    files = load_settings().service_tls_files("chat")
+    assert (files.ca_file, files.cert_file, files.key_file) == (
+        Path("/srv/parley/pki/ca.pem"),
+        Path("/srv/parley/pki/chat.pem"),
+        Path("/srv/parley/pki/chat-key.pem"),
+    )
+
+    monkeypatch.setenv("PARLEY_SERVICE_CERT_FILE", "/run/secrets/tls.crt")
+    monkeypatch.setenv("PARLEY_SERVICE_KEY_FILE", "/run/secrets/tls.key")
+    mounted = load_settings().service_tls_files("chat")
+    assert (mounted.ca_file, mounted.cert_file, mounted.key_file) == (
+        Path("/srv/parley/pki/ca.pem"),
+        Path("/run/secrets/tls.crt"),
+        Path("/run/secrets/tls.key"),
+    )
+
+
+def test_a_service_certificate_needs_its_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PARLEY_SERVICE_CERT_FILE", "/run/secrets/tls.crt")
+    with pytest.raises(SettingsError, match="service_cert_file and service_key_file must be set together"):
         load_settings()

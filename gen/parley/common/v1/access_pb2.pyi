@@ -5,7 +5,8 @@ Who may call an RPC, and how much a cached credential check may be trusted for i
 
 Read from the descriptors at run time: each service's caller check enforces `callers`, and the
 gateway's edge authorization reads `sensitive`. An RPC without the option is served to the
-gateway only and is not sensitive.
+gateway (and to the operator's grpcurl, which proves a user with a token, never by identity
+headers) and is not sensitive.
 """
 
 from collections import abc as _abc
@@ -40,8 +41,8 @@ class MethodAccess(_message.Message):
     @_builtins.property
     def callers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The workloads, by the name their service identity carries (e.g. "edge", "chat"), that may call
-        this RPC directly on a service port. Internal RPCs name their callers here; empty means the
-        gateway only.
+        this RPC directly on a service port: exactly these when set. Internal RPCs name their callers
+        here; empty means the gateway and the operator.
         """
 
     def __init__(

@@ -5,7 +5,8 @@ Who may call an RPC, and how much a cached credential check may be trusted for i
 
 Read from the descriptors at run time: each service's caller check enforces `callers`, and the
 gateway's edge authorization reads `sensitive`. An RPC without the option is served to the
-gateway only and is not sensitive.
+gateway (and to the operator's grpcurl, which proves a user with a token, never by identity
+headers) and is not sensitive.
 """
 
 from collections import abc as _abc

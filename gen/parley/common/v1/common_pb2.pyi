@@ -169,11 +169,13 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_UNSUPPORTED_API_VERSION: _ErrorReason.ValueType  # 11
     """The `Parley-API-Version` header names a version that does not exist (HTTP 400, code 3)."""
     ERROR_REASON_UNTRUSTED_IDENTITY: _ErrorReason.ValueType  # 12
-    """An identity header of the `x-parley-*` family arrived without the gateway's proof (code 16)."""
+    """An identity header of the `x-parley-*` family arrived from a caller that is not the gateway (code 16)."""
     ERROR_REASON_REQUEST_REJECTED: _ErrorReason.ValueType  # 13
     """The gateway refused the request for a reason no more specific value covers (HTTP 4xx, code 3)."""
     ERROR_REASON_GATEWAY_ERROR: _ErrorReason.ValueType  # 14
     """The gateway itself failed while handling the request (HTTP 5xx, code 13)."""
+    ERROR_REASON_CALLER_NOT_ALLOWED: _ErrorReason.ValueType  # 15
+    """The calling workload (its client certificate) may not call this method on a service port (code 7)."""
     ERROR_REASON_INVALID_ARGUMENT: _ErrorReason.ValueType  # 100
     """Generic request reasons (values 100-199).
 
@@ -367,11 +369,13 @@ ERROR_REASON_RATE_LIMITER_UNAVAILABLE: ErrorReason.ValueType  # 10
 ERROR_REASON_UNSUPPORTED_API_VERSION: ErrorReason.ValueType  # 11
 """The `Parley-API-Version` header names a version that does not exist (HTTP 400, code 3)."""
 ERROR_REASON_UNTRUSTED_IDENTITY: ErrorReason.ValueType  # 12
-"""An identity header of the `x-parley-*` family arrived without the gateway's proof (code 16)."""
+"""An identity header of the `x-parley-*` family arrived from a caller that is not the gateway (code 16)."""
 ERROR_REASON_REQUEST_REJECTED: ErrorReason.ValueType  # 13
 """The gateway refused the request for a reason no more specific value covers (HTTP 4xx, code 3)."""
 ERROR_REASON_GATEWAY_ERROR: ErrorReason.ValueType  # 14
 """The gateway itself failed while handling the request (HTTP 5xx, code 13)."""
+ERROR_REASON_CALLER_NOT_ALLOWED: ErrorReason.ValueType  # 15
+"""The calling workload (its client certificate) may not call this method on a service port (code 7)."""
 ERROR_REASON_INVALID_ARGUMENT: ErrorReason.ValueType  # 100
 """Generic request reasons (values 100-199).
 
