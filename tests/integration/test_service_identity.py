@@ -38,7 +38,7 @@ from runtime.process import build_services, identity_for, registrations_of, star
 from services.auth.signing_keys import generate_kek
 from services.common.context import ServiceContext
 from services.common.db import Database
-from services.common.identity import encode_roles_header
+from services.common.identity import API_KEY_AUTH_METHOD, AUTH_METHOD_HEADER, encode_roles_header
 from services.common.metrics import new_registry
 from services.common.migrate import upgrade_async
 from services.common.pki import CertificateSpec, Lifetimes, TlsFiles, ensure_pki, server_name
@@ -454,7 +454,10 @@ async def test_the_edge_checks_api_keys_with_auth(mesh: Mesh) -> None:
 async def test_the_gateway_reaches_everything_it_routes_and_its_identity_headers_count(mesh: Mesh) -> None:
     async with mesh.pki.channel(mesh.services, as_="gateway") as channel:
         me = await auth_pb2_grpc.AuthServiceStub(channel).GetCurrentUser(
-            auth_pb2.GetCurrentUserRequest(), metadata=(("x-parley-user-id", mesh.user_id),), timeout=5
+            auth_pb2.GetCurrentUserRequest(),
+            # an API-key identity: one resting on a token would need the token's time claims too
+            metadata=(("x-parley-user-id", mesh.user_id), (AUTH_METHOD_HEADER, API_KEY_AUTH_METHOD)),
+            timeout=5,
         )
         assert me.user.id == mesh.user_id
         assert len((await list_plans()(channel)).plans) == 3
