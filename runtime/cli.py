@@ -9,6 +9,11 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+# Before anything imports grpc, whose core reads it once: Parley forks only to exec a child (Envoy,
+# the edge), never to run Python that uses gRPC, so grpc's fork handlers would only log "skipping
+# fork() handlers" to stderr when a child starts while a call is in flight.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 from services.common.data_dir import prepare_data_dir, restrict_new_files_to_owner
 from services.common.listeners import PortInUseError
 from services.common.settings import (
@@ -232,9 +237,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Before anything can write a file: whatever any command or child creates is its owner's alone
     # (the data dir holds the database and mails with live reset links; services/common/data_dir.py).
     restrict_new_files_to_owner()
-    # Parley forks only to exec Envoy, never to run Python that uses gRPC; grpc's fork handlers would
-    # just log "skipping fork() handlers" noise on every child start.
-    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     given = list(sys.argv[1:] if argv is None else argv)
     if given[:1] == ["grpcurl"] and not {"-h", "--help"} & set(given[1:2]):
         arguments = _grpcurl_arguments(given)

@@ -14,26 +14,18 @@ from gateway.settings import load_gateway_settings
 from gateway.topology import embedded_topology
 from runtime.edge_process import EdgeChild
 from runtime.process import (
-    build_services,
     connectable_host,
-    identity_for,
+    host_services,
     install_stop_signals,
-    read_cache_for,
-    registrations_of,
-    revocation_list_for,
     set_up_observability,
     settle_heap,
-    start_services,
-    stop_services,
     until_stopped_or_exited,
 )
 from runtime.topologies import with_edge_settings
 from runtime.workers import EmbeddedWorkers
-from services.common.context import ServiceContext
 from services.common.contracts import descriptor_set_path
 from services.common.data_dir import prepare_data_dir
 from services.common.db import Database
-from services.common.health import DependencyProbe
 from services.common.listeners import ensure_free
 from services.common.metrics import serve_metrics
 from services.common.migrate import upgrade_async
@@ -47,7 +39,6 @@ from services.common.pki import (
     ensure_pki,
 )
 from services.common.ratelimit import DEFAULT_RATE_LIMITS_FILE, load_rate_limit_config
-from services.common.server import ServerDeps, create_server
 from services.common.settings import DEFAULT_DATA_DIR, PKI_DIR_NAME, SERVICE_NAMES, Settings
 from services.email.sending import MAIL_DIR_NAME
 
@@ -91,32 +82,14 @@ async def run_embedded(settings: Settings, *, stop: asyncio.Event | None = None)
     workers = EmbeddedWorkers(
         settings, database, registry=observability.registry, tracer_provider=observability.tracer_provider
     )
-    context = ServiceContext(
-        settings,
-        database,
-        revocation_list_for(settings),
-        embedded=True,
-        read_cache=read_cache_for(settings, observability.registry),
-    )
-    bundles = build_services(SERVICE_NAMES, context)
-    services_tls = pki.files(EMBEDDED_SERVICES)
-    identity = identity_for(settings, bundles, context, services_tls)
-    server, grpc_port = create_server(
-        settings,
-        ServerDeps(
-            services=registrations_of(bundles),
-            identity=identity.resolver,
-            registry=observability.registry,
-            tracer_provider=observability.tracer_provider,
-            tls=services_tls,
-            probes=[DependencyProbe("database", database.ping)],
-        ),
+    services = host_services(
+        settings, SERVICE_NAMES, database, pki.files(EMBEDDED_SERVICES), observability, embedded=True
     )
     grpc_host = connectable_host(settings.grpc_host)
-    edge = edge_child(settings, pki, auth_target=f"{grpc_host}:{grpc_port}", data_dir=data_dir)
+    edge = edge_child(settings, pki, auth_target=f"{grpc_host}:{services.port}", data_dir=data_dir)
     topology = with_edge_settings(
         embedded_topology(
-            grpc_port,
+            services.port,
             edge.port,
             settings.http_port,
             settings.envoy_admin_port,
@@ -138,13 +111,12 @@ async def run_embedded(settings: Settings, *, stop: asyncio.Event | None = None)
     )
     workers.start(stop)
     try:
-        await start_services(bundles)
-        await server.start()
+        await services.start()
         await edge.start()
         await envoy.start()
         addresses = EmbeddedAddresses(
             gateway_url=f"http://{settings.http_host}:{topology.http_port}",
-            grpc_target=f"{settings.grpc_host}:{grpc_port}",
+            grpc_target=f"{settings.grpc_host}:{services.port}",
             edge_target=edge.target,
             metrics_url=f"http://{settings.metrics_host}:{metrics.port}/metrics" if metrics else None,
             edge_metrics_url=(
@@ -167,11 +139,7 @@ async def run_embedded(settings: Settings, *, stop: asyncio.Event | None = None)
         # Before the server: the edge's credential-change stream, which never ends on its own, then
         # ends with it instead of holding the server's grace period.
         await edge.stop()
-        await server.stop()
-        await stop_services(bundles)
-        await identity.close()
-        await context.read_cache.close()
-        await context.revocations.aclose()
+        await services.stop()
         await workers.stop(settings.shutdown_grace_s)
         if metrics is not None:
             metrics.close()

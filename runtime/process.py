@@ -23,6 +23,8 @@ from services.common.cache import CacheMetrics, InMemoryReadCache, ReadCache, Re
 from services.common.call_context import current_method
 from services.common.context import ServiceBundle, ServiceContext
 from services.common.contracts import contract_files
+from services.common.db import Database
+from services.common.health import DependencyProbe
 from services.common.identity import (
     CachedJwksVerifier,
     IdentityResolver,
@@ -42,7 +44,7 @@ from services.common.revocation import (
     RevocationFeedMirror,
     RevocationList,
 )
-from services.common.server import ServiceRegistration
+from services.common.server import ParleyServer, ServerDeps, ServiceRegistration, create_server
 from services.common.service_tls import TlsMaterial, secure_channel_for
 from services.common.settings import ServiceName, Settings, SettingsError
 from services.common.telemetry import create_tracer_provider
@@ -183,6 +185,65 @@ def identity_for(
         verifier = NoTokenVerifier()
     resolver = IdentityResolver(token_verifier=verifier, revocations=context.revocations)
     return Identity(resolver, channel)
+
+
+@dataclass
+class HostedServices:
+    """Services of one process on their gRPC server, with what they hold open (`host_services`)."""
+
+    context: ServiceContext
+    bundles: list[ServiceBundle]
+    identity: Identity
+    server: ParleyServer
+    port: int
+
+    async def start(self) -> None:
+        await start_services(self.bundles)
+        await self.server.start()
+
+    async def stop(self) -> None:
+        # The edges' credential-change streams never end on their own: ended before the server's
+        # grace period, which is for the calls in flight.
+        self.context.revocations.credential_changes().close()
+        await self.server.stop()
+        await stop_services(self.bundles)
+        await self.identity.close()
+        await self.context.read_cache.close()
+        await self.context.revocations.aclose()
+
+
+def host_services(
+    settings: Settings,
+    names: Sequence[ServiceName],
+    database: Database,
+    tls: TlsFiles,
+    observability: Observability,
+    *,
+    embedded: bool,
+) -> HostedServices:
+    """The named services on one gRPC server (built, not started), as `parley up` and `parley serve`
+    host them: mTLS with `tls`, identity from auth's keys, and the database as a health dependency."""
+    context = ServiceContext(
+        settings,
+        database,
+        revocation_list_for(settings),
+        embedded=embedded,
+        read_cache=read_cache_for(settings, observability.registry),
+    )
+    bundles = build_services(names, context)
+    identity = identity_for(settings, bundles, context, tls)
+    server, port = create_server(
+        settings,
+        ServerDeps(
+            services=registrations_of(bundles),
+            identity=identity.resolver,
+            registry=observability.registry,
+            tracer_provider=observability.tracer_provider,
+            tls=tls,
+            probes=[DependencyProbe("database", database.ping)],
+        ),
+    )
+    return HostedServices(context, bundles, identity, server, port)
 
 
 def registrations_of(bundles: Sequence[ServiceBundle]) -> list[ServiceRegistration]:

@@ -10,26 +10,18 @@ from gateway.envoy_process import EnvoyProcess
 from gateway.topology import Topology
 from runtime.edge_wiring import serving_edge
 from runtime.process import (
-    build_services,
-    identity_for,
+    host_services,
     install_stop_signals,
-    read_cache_for,
-    registrations_of,
     revocation_list_for,
     service_tls_for,
     set_up_observability,
     settle_heap,
-    start_services,
-    stop_services,
     until_stopped_or_exited,
 )
-from services.common.context import ServiceContext
 from services.common.db import Database
-from services.common.health import DependencyProbe
 from services.common.metrics import serve_metrics
 from services.common.pki import EDGE
 from services.common.ratelimit import DEFAULT_RATE_LIMITS_FILE, load_rate_limit_config
-from services.common.server import ServerDeps, create_server
 from services.common.settings import DEFAULT_SERVICE_PORTS, ServiceName, Settings
 
 logger = logging.getLogger(__name__)
@@ -42,50 +34,25 @@ async def serve_service(name: ServiceName, settings: Settings, *, stop: asyncio.
     stop = stop or asyncio.Event()
     install_stop_signals(stop)
     database = Database(settings.resolved_database_url)
-    context = ServiceContext(
-        settings,
-        database,
-        revocation_list_for(settings),
-        embedded=False,
-        read_cache=read_cache_for(settings, observability.registry),
-    )
-    bundles = build_services([name], context)
-    identity = identity_for(settings, bundles, context, tls)
-    server, port = create_server(
-        settings,
-        ServerDeps(
-            services=registrations_of(bundles),
-            identity=identity.resolver,
-            registry=observability.registry,
-            tracer_provider=observability.tracer_provider,
-            tls=tls,
-            probes=[DependencyProbe("database", database.ping)],
-        ),
-    )
+    services = host_services(settings, [name], database, tls, observability, embedded=False)
     metrics = (
         serve_metrics(observability.registry, settings.metrics_host, settings.metrics_port)
         if (settings.metrics_port)
         else None
     )
     try:
-        await start_services(bundles)
-        await server.start()
+        await services.start()
         logger.info(
-            "serving %s", name, extra={"grpc_port": port, "metrics_port": metrics.port if metrics else None}
+            "serving %s",
+            name,
+            extra={"grpc_port": services.port, "metrics_port": metrics.port if metrics else None},
         )
-        sys.stdout.write(f"parley {name} serving gRPC on {settings.grpc_host}:{port}\n")
+        sys.stdout.write(f"parley {name} serving gRPC on {settings.grpc_host}:{services.port}\n")
         sys.stdout.flush()
         settle_heap()
         await stop.wait()
     finally:
-        # The edges' credential-change streams never end on their own: end them before the grace
-        # period, which is for the calls in flight.
-        context.revocations.credential_changes().close()
-        await server.stop()
-        await stop_services(bundles)
-        await identity.close()
-        await context.read_cache.close()
-        await context.revocations.aclose()
+        await services.stop()
         if metrics is not None:
             metrics.close()
         await database.dispose()
