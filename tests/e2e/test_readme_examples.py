@@ -330,8 +330,12 @@ def problem_with(outcome: Outcome) -> str | None:
         return None if 200 <= status < 300 else "expected a 2xx answer"
     if status != expected:
         return f"expected the documented error {expected}"
-    body = json.loads(outcome.stdout)
-    return None if {"code", "message", "details"} <= set(body) else "expected a google.rpc.Status body"
+    try:
+        body = json.loads(outcome.stdout)
+    except ValueError:
+        body = {}
+    is_status = isinstance(body, dict) and {"code", "message", "details"} <= set(body)
+    return None if is_status else "expected a google.rpc.Status body"
 
 
 @pytest.mark.envoy
