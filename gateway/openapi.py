@@ -594,6 +594,39 @@ def convert_path_template(template: str) -> tuple[str, list[PathVariable]]:
     return path, variables
 
 
+_TEMPLATE: Final = re.compile(r"\{[^{}]*\}")
+
+
+def path_shape(path: str) -> str:
+    """An OpenAPI path with its template names blanked: `/v1/a/{x}` and `/v1/a/{y}` are both `/v1/a/{}`."""
+    return _TEMPLATE.sub("{}", path)
+
+
+def check_one_template_per_path(paths: Mapping[str, Mapping[str, Schema]]) -> None:
+    """Refuse paths that differ only in their template names.
+
+    OpenAPI 3.1 calls such paths identical and forbids them (validators such as schemathesis stop on
+    them), and a client generator would see two resources where there is one. The fix is in the
+    contract: every http rule of that path binds the same field name.
+    """
+    by_shape: dict[str, list[str]] = {}
+    for path in paths:
+        by_shape.setdefault(path_shape(path), []).append(path)
+    clashes = [sorted(same_shape) for same_shape in by_shape.values() if len(same_shape) > 1]
+    if not clashes:
+        return
+
+    def described(path: str) -> str:
+        operation_ids = ", ".join(operation["operationId"] for operation in paths[path].values())
+        return f"{path} ({operation_ids})"
+
+    listed = "; ".join(" and ".join(map(described, same_shape)) for same_shape in sorted(clashes))
+    raise ValueError(
+        f"paths that differ only in template names (OpenAPI 3.1 forbids them; bind one field name "
+        f"in every http rule of the path): {listed}"
+    )
+
+
 def _verb_and_template(rule: http_pb2.HttpRule) -> tuple[str, str]:
     verb, template = binding_verb_and_path(rule)
     if not verb:
@@ -717,8 +750,8 @@ class _OperationBuilder:
         description = owner.field_comment(field_index)
         if _type_name(field) == HTTP_BODY_TYPE and field.label != FieldProto.LABEL_REPEATED:
             return _with_description({"content": _raw_body_content()}, description)
-        # A path variable inside the body field (`{conversation.id}` with body "conversation") is
-        # taken from the path, so the body schema leaves it out.
+        # A path variable inside the body field (`{widget.id}` with body "widget") is taken from the
+        # path, so the body schema leaves it out.
         inside_body = frozenset(
             path.removeprefix(f"{body}.") for path in path_bound if path.startswith(f"{body}.")
         )
@@ -795,6 +828,7 @@ def build_openapi(descriptor_set: bytes, *, title: str, version: str) -> dict[st
                     clash = path_item[verb]["operationId"]
                     raise ValueError(f"{verb.upper()} {path} is bound by both {clash} and {operation_id}")
                 path_item[verb] = operation
+    check_one_template_per_path(paths)
     return {
         "openapi": OPENAPI_VERSION,
         "info": {
@@ -828,7 +862,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    document = build_openapi(args.descriptor_set.read_bytes(), title=args.title, version=args.version)
+    try:
+        document = build_openapi(args.descriptor_set.read_bytes(), title=args.title, version=args.version)
+    except ValueError as error:
+        # A contract the document cannot describe: one line that names it, for scripts/gen's output.
+        logger.error("%s: %s", args.descriptor_set, error)  # noqa: TRY400 - one line, not a traceback
+        return 2
     args.out.write_text(render(document), encoding="utf-8")
     logger.info(
         "wrote %s: %d paths, %d schemas",

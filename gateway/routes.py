@@ -9,13 +9,14 @@ before any of those filters run.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from email.utils import format_datetime
 from typing import Any, Final
 
-from gateway.descriptors import MethodInfo, ServiceInfo
-from gateway.settings import Deprecation, GatewaySettings
+from gateway.descriptors import MethodInfo, ServiceInfo, binding_verb_and_path, http_bindings
+from gateway.settings import Deprecation, GatewayConfigError, GatewaySettings
 from services.common.identity import GATEWAY_HEADER_PREFIX, PLAN_HEADER, USER_ID_HEADER
 from services.common.ratelimit import RateLimitConfig, RouteDescriptor, RouteLimits
 
@@ -229,12 +230,45 @@ def _required_role(service: ServiceInfo, settings: GatewaySettings) -> str | Non
     return None
 
 
+_TEMPLATE_VARIABLE: Final = re.compile(r"\{[^{}=]+(?:=([^{}]*))?\}")
+
+
+def url_pattern(template: str) -> str:
+    """The URLs an http rule path template matches, with its variable names left out: `{id}` is `*`
+    and `{name=shelves/*}` is `shelves/*`, which is all the transcoder's path matcher sees."""
+    return _TEMPLATE_VARIABLE.sub(lambda variable: variable.group(1) or "*", template)
+
+
+def check_http_rules_unambiguous(services: Sequence[ServiceInfo]) -> None:
+    """Refuse two http bindings with the same method and URL pattern, e.g. `GET /v1/x/{a}` and
+    `GET /v1/x/{b}`: Envoy 1.40 accepts such a descriptor set (even `--mode validate`) and then
+    transcodes neither, so those URLs would reach the service as plain HTTP and fail."""
+    bound: dict[tuple[str, str], str] = {}
+    for service in services:
+        for method in service.methods:
+            if method.rule is None:
+                continue
+            for binding in http_bindings(method.rule):
+                verb, template = binding_verb_and_path(binding)
+                if not verb:
+                    continue
+                key = (verb, url_pattern(template))
+                name = f"{method_key(service, method)} ({verb.upper()} {template})"
+                if key in bound:
+                    raise GatewayConfigError(
+                        f"http rules {bound[key]} and {name} match the same URLs; the transcoder "
+                        "cannot tell them apart, so give them different paths or methods"
+                    )
+                bound[key] = name
+
+
 def method_routes(
     targets: Sequence[RouteTarget],
     settings: GatewaySettings,
     rate_limits: RateLimitConfig,
 ) -> list[dict[str, Any]]:
     """One Envoy route per public method, in the order of `targets`."""
+    check_http_rules_unambiguous([target.service for target in targets])
     services_by_package: Mapping[str, ServiceInfo] = {
         target.service.package: target.service for target in targets
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,12 @@ from openapi_spec_validator import validate
 from gateway.descriptors import DescriptorIndex
 from gateway.openapi import (
     build_openapi,
+    check_one_template_per_path,
     convert_path_template,
     error_model_schemas,
     first_sentence,
+    main,
+    path_shape,
     render,
     service_label,
 )
@@ -70,7 +74,7 @@ service WidgetService {
   // Updates a widget.
   rpc UpdateWidget(UpdateWidgetRequest) returns (Widget) {
     option (google.api.http) = {
-      patch: "/v1/widgets/{widget.id}"
+      patch: "/v1/shelves/{shelf_id}/widgets/{widget.id}"
       body: "widget"
     };
   }
@@ -238,6 +242,8 @@ message UpdateWidgetRequest {
   Widget widget = 1;
   // Fields to update.
   google.protobuf.FieldMask update_mask = 2;
+  // The shelf the widget is on.
+  string shelf_id = 3;
 }
 
 // Request for WatchWidgets.
@@ -337,7 +343,7 @@ def test_only_public_parley_rules_become_operations(doc: dict[str, Any]) -> None
         ("get", "/v1/widgets/{widget_id}"): "WidgetService_GetWidget_2",
         ("get", "/v1/shelves/{shelf_id}/widgets"): "WidgetService_ListWidgets",
         ("post", "/v1/shelves/{shelf_id}/widgets"): "WidgetService_CreateWidget",
-        ("patch", "/v1/widgets/{widget.id}"): "WidgetService_UpdateWidget",
+        ("patch", "/v1/shelves/{shelf_id}/widgets/{widget.id}"): "WidgetService_UpdateWidget",
         ("post", "/v1/widgets:watch"): "WidgetService_WatchWidgets",
         ("post", "/v1/uploads"): "WidgetService_Upload",
         ("delete", "/v1/widgets/{widget_id}"): "WidgetService_DeleteWidget",
@@ -438,12 +444,13 @@ def test_body_field_binding(doc: dict[str, Any]) -> None:
 
 
 def test_path_variable_inside_body_field_is_left_out_of_the_body(doc: dict[str, Any]) -> None:
-    update = doc["paths"]["/v1/widgets/{widget.id}"]["patch"]
+    update = doc["paths"]["/v1/shelves/{shelf_id}/widgets/{widget.id}"]["patch"]
     assert [(p["name"], p["in"]) for p in update["parameters"]] == [
+        ("shelf_id", "path"),
         ("widget.id", "path"),
         ("update_mask", "query"),
     ]
-    assert update["parameters"][0]["description"] == "The widget id."
+    assert update["parameters"][1]["description"] == "The widget id."
     body_schema = update["requestBody"]["content"]["application/json"]["schema"]
     assert body_schema["type"] == "object"
     assert "id" not in body_schema["properties"]
@@ -489,6 +496,59 @@ def test_a_required_field_the_services_cannot_enforce_stops_the_generator(tmp_pa
         ValueError, match="page_size is REQUIRED but a zero value cannot be told from an unset one"
     ):
         build_openapi(unenforceable, title="Widgets", version="v9")
+
+
+# The finding of issue 11: UpdateConversation bound `{conversation.id}` where Get and Delete bound
+# `{conversation_id}`, so one URL became two OpenAPI paths.
+RENAMED_TEMPLATE_PROTO = WIDGETS_PROTO.replace(
+    'patch: "/v1/shelves/{shelf_id}/widgets/{widget.id}"', 'patch: "/v1/widgets/{widget.id}"'
+)
+
+
+def test_paths_that_differ_only_in_template_names_stop_the_generator(tmp_path: Path) -> None:
+    clashing = compile_descriptor_set(tmp_path, {"parley/testing/v1/widgets.proto": RENAMED_TEMPLATE_PROTO})
+    with pytest.raises(ValueError, match="differ only in template names") as raised:
+        build_openapi(clashing, title="Widgets", version="v9")
+    assert str(raised.value).endswith(
+        "/v1/widgets/{widget.id} (WidgetService_UpdateWidget) and "
+        "/v1/widgets/{widget_id} (WidgetService_GetWidget_2, WidgetService_DeleteWidget)"
+    )
+
+
+def test_the_generator_command_names_the_clash_in_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    descriptor_set = tmp_path / "set.binpb"
+    descriptor_set.write_bytes(
+        compile_descriptor_set(tmp_path, {"parley/testing/v1/widgets.proto": RENAMED_TEMPLATE_PROTO})
+    )
+    out = tmp_path / "openapi.json"
+    assert main(["--descriptor-set", str(descriptor_set), "--out", str(out)]) == 2
+    assert not out.exists()
+    (record,) = caplog.records
+    assert "differ only in template names" in record.getMessage()
+    assert record.exc_info is None
+
+
+@pytest.mark.parametrize(
+    ("paths", "clashes"),
+    [
+        (["/v1/a/{x}", "/v1/a/{y}"], True),
+        (["/v1/a/{x}/b", "/v1/a/{x.y}/b"], True),
+        (["/v1/{name}:cancel", "/v1/{id}:cancel"], True),
+        (["/v1/a/{x}", "/v1/a/{x}/b", "/v1/b/{y}"], False),
+        (["/v1/a/{x}", "/v1/a/{x}:cancel"], False),
+        (["/v1/a/{x}", "/v2/a/{y}"], False),
+        (["/v1/a", "/v1/{a}"], False),
+    ],
+)
+def test_one_template_per_path_for_any_route_set(paths: list[str], clashes: bool) -> None:
+    route_set = {path: {"get": {"operationId": f"Op{number}"}} for number, path in enumerate(paths, start=1)}
+    if clashes:
+        with pytest.raises(ValueError, match="differ only in template names"):
+            check_one_template_per_path(route_set)
+    else:
+        check_one_template_per_path(route_set)
 
 
 def test_server_streaming_is_an_event_stream_of_the_message(doc: dict[str, Any]) -> None:
@@ -694,6 +754,21 @@ def test_real_document_matches_the_descriptor_set(real_doc: dict[str, Any]) -> N
         REAL_DESCRIPTOR_SET.read_bytes(), title=real_doc["info"]["title"], version=real_doc["info"]["version"]
     )
     assert render(rebuilt) == REAL_OPENAPI.read_text(encoding="utf-8"), "run scripts/gen"
+
+
+def test_real_document_has_one_template_per_path(real_doc: dict[str, Any]) -> None:
+    shapes = Counter(path_shape(path) for path in real_doc["paths"])
+    assert [shape for shape, count in shapes.items() if count > 1] == []
+    # Every conversation route of both versions names the conversation the same way.
+    for version in ("v1", "v2"):
+        conversation = [path for path in real_doc["paths"] if path.startswith(f"/{version}/conversations/")]
+        assert conversation
+        assert all(path.startswith(f"/{version}/conversations/{{conversation_id}}") for path in conversation)
+        assert set(real_doc["paths"][f"/{version}/conversations/{{conversation_id}}"]) == {
+            "get",
+            "patch",
+            "delete",
+        }
 
 
 def test_real_document_covers_every_public_http_rule(real_doc: dict[str, Any]) -> None:

@@ -692,11 +692,14 @@ class UpdateConversationRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    CONVERSATION_ID_FIELD_NUMBER: _builtins.int
     CONVERSATION_FIELD_NUMBER: _builtins.int
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    conversation_id: _builtins.str
+    """The id of the conversation to update, as in the other conversation RPCs."""
     @_builtins.property
     def conversation(self) -> Global___Conversation:
-        """The conversation with its id set and the new values of the fields in `update_mask`."""
+        """The new values of the fields in `update_mask`; its `id`, when set, must equal `conversation_id`."""
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
@@ -705,12 +708,13 @@ class UpdateConversationRequest(_message.Message):
     def __init__(
         self,
         *,
+        conversation_id: _builtins.str = ...,
         conversation: Global___Conversation | None = ...,
         update_mask: _field_mask_pb2.FieldMask | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation", "update_mask", b"update_mask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation", "update_mask", b"update_mask"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation", "conversation_id", b"conversation_id", "update_mask", b"update_mask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
