@@ -1,6 +1,6 @@
-"""Errors Envoy produces itself (no route, bad JSON, body too large, upstream down, refused
-credentials, rate limited, /healthz), rewritten into the Parley error shape: Envoy's
-`local_reply_config.mappers`.
+"""Errors Envoy produces itself (no route, a method the path does not serve, bad JSON, body too large,
+upstream down, refused credentials, rate limited, /healthz, requests refused before routing),
+rewritten into the Parley error shape: Envoy's `local_reply_config.mappers`.
 
 JSON clients get a `google.rpc.Status` body with an `ErrorInfo` and the request's `RequestInfo`, like
 the services' own errors; gRPC clients get Envoy's gRPC-shaped reply (grpc-status from the HTTP
@@ -24,6 +24,8 @@ from services.common.identity import GATEWAY_HEADER_PREFIX
 VERSION_ERROR_HEADER: Final = f"{GATEWAY_HEADER_PREFIX}api-version-error"
 MEDIA_TYPE_ERROR_HEADER: Final = f"{GATEWAY_HEADER_PREFIX}media-type-error"
 
+# Envoy's own explanation of a reply (the transcoder's parser message, "Bad Request", or nothing).
+_LOCAL_REPLY_BODY: Final = "%LOCAL_REPLY_BODY%"
 REQUEST_ID_HEADER: Final = "x-request-id"
 # The request's id, as every reply carries it in the x-request-id header.
 REQUEST_ID: Final = f"%REQ({REQUEST_ID_HEADER.upper()})%"
@@ -97,12 +99,9 @@ def _and(*filters: dict[str, Any]) -> dict[str, Any]:
     return {"and_filter": {"filters": list(filters)}}
 
 
-_LOCAL_REPLY_BODY: Final = "%LOCAL_REPLY_BODY%"
-
-
 def _passthrough(content_type: str | None = None) -> dict[str, Any]:
     """Keep the body the producing filter chose (ext_authz and the rate-limit service write their own)."""
-    override: dict[str, Any] = {"text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"}}
+    override: dict[str, Any] = {"text_format_source": {"inline_string": _LOCAL_REPLY_BODY}}
     if content_type:
         override["content_type"] = content_type
     return override
