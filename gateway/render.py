@@ -29,8 +29,14 @@ from gateway.routes import (
     EXT_AUTHZ_FILTER,
     RATE_LIMIT_FILTERS,
     RouteTarget,
+    ServedPath,
     edge_routes,
+    grpc_served_paths,
+    json_served_paths,
+    method_not_allowed_routes,
     method_routes,
+    route_not_found,
+    served_methods,
 )
 from gateway.settings import ENVOY_DIR, GatewayConfigError, GatewaySettings
 from gateway.topology import OTLP_CLUSTER, Topology, Upstream
@@ -57,6 +63,7 @@ MIB: Final = 1024 * 1024
 SELF_CLUSTER: Final = "gateway_self"
 DOCS_STYLE: Final = "body{font-family:sans-serif;margin:2em}td{padding:.2em 1em;border-bottom:1px solid #ddd}"
 JWKS_PATH: Final = "/.well-known/jwks.json"
+LIVEZ_PATH: Final = "/livez"
 TRANSCODER_FILTER: Final = "envoy.filters.http.grpc_json_transcoder"
 # Envoy's own JSON and OpenAPI documents are served from memory; the OpenAPI document is ~200 KiB.
 MAX_DIRECT_RESPONSE_BYTES: Final = 4 * MIB
@@ -197,6 +204,18 @@ def _docs_page(services: Sequence[ServiceInfo], settings: GatewaySettings) -> st
     )
 
 
+# The gateway's own pages (and /healthz, answered by the health-check filter) serve GET and HEAD.
+PAGE_METHODS: Final = served_methods(["GET"])
+
+
+def _page_match(path: str) -> dict[str, Any]:
+    method_regex = "|".join(sorted(PAGE_METHODS))
+    return {
+        "path": path,
+        "headers": [{"name": ":method", "string_match": {"safe_regex": {"regex": f"^(?:{method_regex})$"}}}],
+    }
+
+
 def _docs_routes(topology: Topology, services: Sequence[ServiceInfo]) -> list[dict[str, Any]]:
     settings = topology.settings
     # Answered by Envoy itself: no credentials, and no transcoder (it would refuse a path no RPC has).
@@ -211,7 +230,7 @@ def _docs_routes(topology: Topology, services: Sequence[ServiceInfo]) -> list[di
     routes: list[dict[str, Any]] = [
         {
             "name": "docs_page",
-            "match": {"path": settings.docs.page_path},
+            "match": _page_match(settings.docs.page_path),
             "direct_response": {"status": 200, "body": {"inline_string": _docs_page(services, settings)}},
             "response_headers_to_add": [
                 {"header": {"key": "content-type", "value": "text/html; charset=utf-8"}},
@@ -230,7 +249,7 @@ def _docs_routes(topology: Topology, services: Sequence[ServiceInfo]) -> list[di
         routes.append(
             {
                 "name": "openapi",
-                "match": {"path": settings.docs.openapi_path},
+                "match": _page_match(settings.docs.openapi_path),
                 "direct_response": {"status": 200, "body": {"filename": str(openapi_path)}},
                 "response_headers_to_add": [
                     {"header": {"key": "content-type", "value": "application/json"}},
@@ -240,13 +259,21 @@ def _docs_routes(topology: Topology, services: Sequence[ServiceInfo]) -> list[di
             }
         )
     # Browser preflights: the CORS filter answers them (off-list origins without CORS headers) once
-    # a forwarding route matches - it ignores direct responses. This one matches every OPTIONS
-    # request; only a non-preflight OPTIONS would reach its cluster, and the edge answers 404-like.
+    # a forwarding route matches - it ignores direct responses. Only a preflight (OPTIONS with Origin
+    # and Access-Control-Request-Method) takes this route, so none reaches its cluster; any other
+    # OPTIONS is a method the path does not serve (405) or a path with no route (404).
     routes.insert(
         0,
         {
             "name": "cors_preflight",
-            "match": {"prefix": "/", "headers": [{"name": ":method", "string_match": {"exact": "OPTIONS"}}]},
+            "match": {
+                "prefix": "/",
+                "headers": [
+                    {"name": ":method", "string_match": {"exact": "OPTIONS"}},
+                    {"name": "origin", "present_match": True},
+                    {"name": "access-control-request-method", "present_match": True},
+                ],
+            },
             "route": {"cluster": topology.edge.name, "timeout": "5s"},
             "typed_per_filter_config": open_route,
         },
@@ -255,7 +282,7 @@ def _docs_routes(topology: Topology, services: Sequence[ServiceInfo]) -> list[di
     routes.append(
         {
             "name": "livez",
-            "match": {"path": "/livez"},
+            "match": _page_match(LIVEZ_PATH),
             "direct_response": {"status": 200, "body": {"inline_string": '{"status":"ALIVE"}'}},
             "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}],
             "typed_per_filter_config": open_route,
@@ -377,10 +404,26 @@ def render_envoy_config(topology: Topology, *, sds: SdsFiles, template_dir: Path
         if area in SERVICE_NAMES
     ]
     targets = [RouteTarget(service, _cluster_for(service, topology.upstreams)) for service in services]
+    edge_services = [*REFLECTION_SERVICES, HEALTH_SERVICE]
+    docs_routes = _docs_routes(topology, services)
+    # What each path serves, from the same sources as the routes that serve it: the HTTP rules, the
+    # gRPC methods, the gateway's own pages (matched by path and method) and /healthz.
+    served = [
+        *json_served_paths(services),
+        *grpc_served_paths(services, edge_services),
+        *(
+            ServedPath(route["match"]["path"], PAGE_METHODS)
+            for route in docs_routes
+            if "direct_response" in route
+        ),
+        ServedPath(settings.healthz.path, PAGE_METHODS),
+    ]
     routes = [
-        *_docs_routes(topology, services),
+        *docs_routes,
         *method_routes(targets, settings, rate_limits),
-        *edge_routes([*REFLECTION_SERVICES, HEALTH_SERVICE], topology.edge.name, settings),
+        *edge_routes(edge_services, topology.edge.name, settings),
+        *method_not_allowed_routes(served),
+        route_not_found(),
     ]
 
     api_headers = list(settings.security_headers.items())
@@ -453,6 +496,7 @@ def render_envoy_config(topology: Topology, *, sds: SdsFiles, template_dir: Path
         auth_method_header=AUTH_METHOD_HEADER,
         user_id_header=USER_ID_HEADER,
         jwks_uri=f"http://127.0.0.1:{topology.http_port}{JWKS_PATH}",
+        page_methods=sorted(PAGE_METHODS),
         self_cluster=SELF_CLUSTER,
         trace_cluster=OTLP_CLUSTER if otlp else topology.edge.name,
         otlp=otlp,

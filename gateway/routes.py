@@ -10,7 +10,7 @@ before any of those filters run.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from email.utils import format_datetime
 from typing import Any, Final
@@ -38,6 +38,15 @@ EXT_AUTHZ_DISABLED = {
 JWT_FILTER = "envoy.filters.http.jwt_authn"
 # Where jwt_authn puts the verified payload, and the key ext_authz's answer uses for roles.
 JWT_PAYLOAD_METADATA_KEY = "jwt_payload"
+
+# What every request a service receives looks like: gRPC, gRPC-Web and the JSON requests the
+# transcoder rewrote are all POSTs with a gRPC content type (gRPC-Web's `application/grpc-web…` too).
+# Anything else on a method's path is answered by the gateway (405 or 404), never forwarded.
+GRPC_METHOD: Final = "POST"
+GRPC_REQUEST_HEADERS: Final = (
+    {"name": ":method", "string_match": {"exact": GRPC_METHOD}},
+    {"name": "content-type", "string_match": {"prefix": "application/grpc"}},
+)
 
 # Rate-limit stages: one ratelimit filter per failure mode, so a route picks its mode by stage.
 FAIL_OPEN_STAGE = 0
@@ -267,7 +276,8 @@ def method_routes(
     settings: GatewaySettings,
     rate_limits: RateLimitConfig,
 ) -> list[dict[str, Any]]:
-    """One Envoy route per public method, in the order of `targets`."""
+    """One Envoy route per public method, in the order of `targets`; each takes only gRPC requests
+    (`GRPC_REQUEST_HEADERS`), so nothing else ever reaches a service."""
     check_http_rules_unambiguous([target.service for target in targets])
     services_by_package: Mapping[str, ServiceInfo] = {
         target.service.package: target.service for target in targets
@@ -311,7 +321,7 @@ def method_routes(
                 per_filter[ROUTE_HEADERS_FILTER] = _required_role_header(role)
             entry: dict[str, Any] = {
                 "name": key,
-                "match": {"path": f"/{key}"},
+                "match": {"path": f"/{key}", "headers": [*GRPC_REQUEST_HEADERS]},
                 "route": route,
                 "response_headers_to_add": _version_headers(service, method, deprecation, successor),
             }
@@ -332,3 +342,227 @@ def edge_routes(services: Sequence[str], cluster: str, settings: GatewaySettings
         }
         for service in services
     ]
+
+
+# --- methods a path does not serve --------------------------------------------------------------
+#
+# The transcoder answers every JSON request whose method and path match an HTTP rule, and passes the
+# rest on unchanged (`reject_unknown_method: false`). Those reach the routes below: a path the gateway
+# serves with another method gets a 405 naming the methods it does serve (`Allow`), and any other
+# request the last route, a 404. Both are Envoy's own replies, shaped by gateway/local_replies.py.
+
+ALLOW_HEADER: Final = "Allow"
+# The order an Allow header lists methods in; others (custom verbs) follow alphabetically.
+_METHOD_ORDER: Final = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+# One path segment of a template variable (`{id}`, `*`), and any number of them (`**`).
+_SEGMENT_REGEX: Final = "[^/]+"
+_SEGMENTS_REGEX: Final = ".*"
+
+
+@dataclass(frozen=True)
+class ServedPath:
+    """A path the gateway answers, and the methods it answers there: an HTTP rule template
+    (`/v1/admin/users/{user_id}:disable`, matched like the transcoder matches it) or an exact path
+    (`/docs`, `/parley.billing.v1.BillingService/ListPlans`)."""
+
+    template: str
+    methods: frozenset[str]
+
+
+def served_methods(methods: Iterable[str]) -> frozenset[str]:
+    """The methods upper-cased, plus HEAD wherever GET is: the gateway answers HEAD like GET
+    (envoy/api_edge.lua.j2 turns it into a GET, and Envoy leaves the body out of the answer)."""
+    upper = {method.upper() for method in methods}
+    if "GET" in upper:
+        upper.add("HEAD")
+    return frozenset(upper)
+
+
+def allow_header_value(methods: Iterable[str]) -> str:
+    """`GET, HEAD, PATCH`: the methods in the usual order, for an Allow header."""
+    wanted = set(methods)
+    ordered = [method for method in _METHOD_ORDER if method in wanted]
+    return ", ".join([*ordered, *sorted(wanted.difference(_METHOD_ORDER))])
+
+
+def json_served_paths(services: Sequence[ServiceInfo]) -> list[ServedPath]:
+    """Every HTTP rule template of `services` (additional bindings included), with the methods bound
+    to it: what the transcoder maps."""
+    methods_by_template: dict[str, set[str]] = {}
+    for service in services:
+        for method in service.methods:
+            if method.rule is None:
+                continue
+            for binding in http_bindings(method.rule):
+                verb, path = binding_verb_and_path(binding)
+                if path:
+                    methods_by_template.setdefault(path, set()).add(verb)
+    return [
+        ServedPath(template, served_methods(verbs)) for template, verbs in sorted(methods_by_template.items())
+    ]
+
+
+def grpc_served_paths(services: Sequence[ServiceInfo], edge_services: Sequence[str]) -> list[ServedPath]:
+    """The gRPC path of every public method, and every method of the edge's services (reflection,
+    health): POST only."""
+    only_post = frozenset({GRPC_METHOD})
+    return [
+        *(
+            ServedPath(f"/{method_key(service, method)}", only_post)
+            for service in services
+            for method in service.methods
+        ),
+        *(ServedPath(f"/{service}/*", only_post) for service in edge_services),
+    ]
+
+
+@dataclass(frozen=True)
+class _PathShape:
+    """A template as the transcoder matches it: literal segments, `*` (one segment) or `**` (any
+    number), then an optional custom verb (`:disable`)."""
+
+    segments: tuple[str, ...]
+    verb: str
+
+    @classmethod
+    def of(cls, template: str) -> _PathShape:
+        expanded = url_pattern(template)
+        path, verb = expanded, ""
+        if expanded.rfind(":") > expanded.rfind("/"):
+            path, verb = expanded.rsplit(":", 1)
+        return cls(tuple(path.strip("/").split("/")), verb)
+
+    @property
+    def literal_segments(self) -> int:
+        return sum(segment not in ("*", "**") for segment in self.segments)
+
+    @property
+    def is_exact(self) -> bool:
+        return self.literal_segments == len(self.segments)
+
+    def path(self) -> str:
+        """The shape written out, `*` for a variable: the path itself when it is exact."""
+        return "/" + "/".join(self.segments) + (f":{self.verb}" if self.verb else "")
+
+    def regex(self) -> str:
+        """The RE2 pattern of the whole path (Envoy matches a route's regex against all of it)."""
+        parts = [
+            _SEGMENT_REGEX if segment == "*" else _SEGMENTS_REGEX if segment == "**" else re.escape(segment)
+            for segment in self.segments
+        ]
+        verb = f":{re.escape(self.verb)}" if self.verb else ""
+        return "/" + "/".join(parts) + verb
+
+    def overlaps(self, other: _PathShape) -> bool:
+        """Some path fits both regexes (a `*` also takes a last segment with a verb, `x:disable`)."""
+        if "**" in self.segments or "**" in other.segments:
+            return True
+        if len(self.segments) != len(other.segments):
+            return False
+        # If any path fits both, one of these does: each shape with its variables filled in from the
+        # other's literals (else any word).
+        both = (self.regex(), other.regex())
+        return any(
+            all(re.fullmatch(pattern, witness) for pattern in both)
+            for witness in (self._example(other), other._example(self))
+        )
+
+    def _example(self, other: _PathShape) -> str:
+        """A path of this shape: each variable as `other`'s literal segment there, or `x`."""
+        segments = [
+            ours if ours != "*" else theirs if theirs not in ("*", "**") else "x"
+            for ours, theirs in zip(self.segments, other.segments, strict=True)
+        ]
+        return "/" + "/".join(segments) + (f":{self.verb}" if self.verb else "")
+
+    def within(self, other: _PathShape) -> bool:
+        """Every path of this shape is also one of `other`'s (same verb, each segment as or less general)."""
+        if self.verb != other.verb or len(self.segments) != len(other.segments):
+            return False
+        return all(
+            (theirs == "*" and ours != "**") or theirs == ours
+            for ours, theirs in zip(self.segments, other.segments, strict=True)
+        )
+
+
+def method_not_allowed_routes(served: Sequence[ServedPath]) -> list[dict[str, Any]]:
+    """405 routes: for each served path, a request with a method it does not serve, and `Allow`
+    listing the ones it does.
+
+    A path can fit several templates (`/v1/users/me` and a `/v1/users/{id}` would both fit it); its
+    methods are then those of every template that covers it, and the narrower template comes first,
+    so the first route that matches a request names them all. A custom verb is part of the shape, as
+    for the transcoder: `/v1/admin/users/x:disable` is not the path `/v1/admin/users/{user_id}`.
+    """
+    methods_by_shape: dict[_PathShape, set[str]] = {}
+    for path in served:
+        methods_by_shape.setdefault(_PathShape.of(path.template), set()).update(path.methods)
+    allowed = {
+        shape: frozenset().union(
+            *(methods for other, methods in methods_by_shape.items() if shape.within(other))
+        )
+        for shape in methods_by_shape
+    }
+    ordered = sorted(
+        allowed,
+        key=lambda shape: (not shape.is_exact, not shape.verb, -shape.literal_segments, shape.regex()),
+    )
+    routes: list[dict[str, Any]] = []
+    for position, shape in enumerate(ordered):
+        routes.append(_method_not_allowed_route(shape, allowed[shape]))
+        if any(shape.overlaps(later) for later in ordered[position + 1 :]):
+            # A method this path serves must not meet a wider template's 405 further down: had the
+            # transcoder not mapped the request, it is no route (404).
+            routes.append(_not_mapped_route(shape))
+    return routes
+
+
+def _path_match(shape: _PathShape) -> dict[str, Any]:
+    # Exact paths are matched as such: Envoy's RE2 refuses long patterns (program size over 100).
+    return {"path": shape.path()} if shape.is_exact else {"safe_regex": {"regex": shape.regex()}}
+
+
+def _not_mapped_route(shape: _PathShape) -> dict[str, Any]:
+    return {
+        "name": f"not_mapped {shape.path()}",
+        "match": _path_match(shape),
+        "direct_response": {"status": 404},
+        "typed_per_filter_config": {EXT_AUTHZ_FILTER: EXT_AUTHZ_DISABLED},
+    }
+
+
+def _method_not_allowed_route(shape: _PathShape, methods: frozenset[str]) -> dict[str, Any]:
+    method_regex = "|".join(re.escape(method) for method in sorted(methods))
+    return {
+        "name": f"method_not_allowed {shape.path()}",
+        "match": {
+            **_path_match(shape),
+            "headers": [
+                {
+                    "name": ":method",
+                    "string_match": {"safe_regex": {"regex": f"^(?:{method_regex})$"}},
+                    "invert_match": True,
+                }
+            ],
+        },
+        "direct_response": {"status": 405},
+        "response_headers_to_add": [
+            {
+                "header": {"key": ALLOW_HEADER, "value": allow_header_value(methods)},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            }
+        ],
+        # Answered before any credential is asked for, like a 404: the methods of a path are public
+        # (the OpenAPI document lists them).
+        "typed_per_filter_config": {EXT_AUTHZ_FILTER: EXT_AUTHZ_DISABLED},
+    }
+
+
+def route_not_found() -> dict[str, Any]:
+    """The last route: whatever no other route took is a 404 (ROUTE_NOT_FOUND)."""
+    return {
+        "name": "route_not_found",
+        "match": {"prefix": "/"},
+        "direct_response": {"status": 404},
+        "typed_per_filter_config": {EXT_AUTHZ_FILTER: EXT_AUTHZ_DISABLED},
+    }

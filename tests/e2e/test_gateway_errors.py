@@ -197,16 +197,19 @@ async def test_unknown_path_is_a_json_404(client: httpx.AsyncClient) -> None:
     )
 
 
-async def test_wrong_method_on_a_known_path_is_a_json_404(client: httpx.AsyncClient) -> None:
+async def test_wrong_method_on_a_known_path_is_a_json_405(client: httpx.AsyncClient) -> None:
     response = await client.delete("/v1/auth/register")
 
+    # The methods a path does not serve: tests/e2e/test_gateway_methods.py.
     assert_gateway_error(
         response,
-        status=404,
-        code=5,
-        reason="ROUTE_NOT_FOUND",
-        message="No API route matches this method and path.",
+        status=405,
+        code=12,
+        reason="METHOD_NOT_ALLOWED",
+        message="This path does not serve the DELETE method; it serves POST.",
+        metadata={"method": "DELETE", "allow": "POST"},
     )
+    assert response.headers["allow"] == "POST"
 
 
 async def test_malformed_json_is_a_400_with_the_parser_message(client: httpx.AsyncClient) -> None:

@@ -16,9 +16,17 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway.descriptors import DescriptorIndex, MethodInfo, ServiceInfo, public_services
+from gateway.descriptors import (
+    DescriptorIndex,
+    MethodInfo,
+    ServiceInfo,
+    binding_verb_and_path,
+    http_bindings,
+    public_services,
+)
 from gateway.envoy_process import envoy_binary_path
 from gateway.render import SdsFiles, render_envoy_config, write_envoy_config
+from gateway.routes import ServedPath, method_not_allowed_routes
 from gateway.settings import ENVOY_DIR, GatewayConfigError, RoleRequirement, load_gateway_settings
 from gateway.topology import (
     TlsListener,
@@ -200,8 +208,9 @@ def test_transcoder_serves_exactly_the_public_services(topology: Topology) -> No
     assert not [name for name in transcoder["services"] if name.endswith("InternalService")]
     assert transcoder["proto_descriptor"] == str(DESCRIPTOR_SET_PATH.resolve())
     assert transcoder["convert_grpc_status"] is True
+    # Requests no HTTP rule maps go on to the routes, which answer 405 or 404 (not the transcoder).
     assert transcoder["request_validation_options"] == {
-        "reject_unknown_method": True,
+        "reject_unknown_method": False,
         "reject_unknown_query_parameters": True,
     }
     assert transcoder["print_options"]["always_print_primitive_fields"] is True
@@ -215,7 +224,7 @@ def test_every_public_method_has_exactly_one_route_to_its_area(topology: Topolog
     by_path: dict[str, list[dict[str, Any]]] = {}
     for route in all_routes:
         path = route["match"].get("path", "")
-        if path.startswith("/parley."):
+        if path.startswith("/parley.") and "route" in route:
             by_path.setdefault(path, []).append(route)
 
     expected = {f"/{method_key(service, method)}": service.area for service, method in public_methods()}
@@ -223,28 +232,208 @@ def test_every_public_method_has_exactly_one_route_to_its_area(topology: Topolog
     for path, area in expected.items():
         (route,) = by_path[path]
         assert route["name"] == path.removeprefix("/")
-        assert route["match"] == {"path": path}
+        # Only gRPC requests (gRPC, gRPC-Web, JSON the transcoder rewrote) reach a service.
+        assert route["match"] == {
+            "path": path,
+            "headers": [
+                {"name": ":method", "string_match": {"exact": "POST"}},
+                {"name": "content-type", "string_match": {"prefix": "application/grpc"}},
+            ],
+        }
         assert route["route"]["cluster"] == area
 
 
-def test_internal_services_have_no_route_and_nothing_catches_all(topology: Topology) -> None:
+def test_internal_services_have_no_route_and_nothing_forwards_every_path(topology: Topology) -> None:
     all_routes = routes(rendered(topology))
 
     for service in internal_service_names():
         assert not [route for route in all_routes if service in yaml.safe_dump(route)]
     assert not [route for route in all_routes if "InternalService" in yaml.safe_dump(route)]
     prefix_routes = {route["name"]: route["match"] for route in all_routes if "prefix" in route["match"]}
-    # The one prefix route that could match any path only takes OPTIONS (browser preflights) and is
-    # answered by the edge; the others are the edge's own gRPC services.
+    # The one forwarding prefix route that could match any path only takes browser preflights (the
+    # CORS filter answers them); the others are the edge's own gRPC services, and the last route,
+    # which answers everything else with a 404 and forwards nothing.
     assert prefix_routes == {
         "cors_preflight": {
             "prefix": "/",
-            "headers": [{"name": ":method", "string_match": {"exact": "OPTIONS"}}],
+            "headers": [
+                {"name": ":method", "string_match": {"exact": "OPTIONS"}},
+                {"name": "origin", "present_match": True},
+                {"name": "access-control-request-method", "present_match": True},
+            ],
         },
         **{service: {"prefix": f"/{service}/", "grpc": {}} for service in EDGE_SERVICES},
+        "route_not_found": {"prefix": "/"},
     }
     assert all_routes[0]["name"] == "cors_preflight"
     assert all_routes[0]["route"]["cluster"] == "edge"
+    assert all_routes[-1] == {
+        "name": "route_not_found",
+        "match": {"prefix": "/"},
+        "direct_response": {"status": 404},
+        "typed_per_filter_config": {EXT_AUTHZ: EXT_AUTHZ_OFF},
+    }
+
+
+# ---- methods a path does not serve ---------------------------------------------------------------
+
+# Methods a test asks every path about: the usual ones, a WebDAV one and the new QUERY.
+PROBED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "PROPFIND", "QUERY")
+HTTP_TEMPLATE_VARIABLE = re.compile(r"\{[^}]+\}")
+
+
+def _string_matches(matcher: dict[str, Any], value: str) -> bool:
+    if "exact" in matcher:
+        return bool(value == matcher["exact"])
+    if "prefix" in matcher:
+        return value.startswith(matcher["prefix"])
+    return re.fullmatch(matcher["safe_regex"]["regex"], value) is not None
+
+
+def first_route(config: dict[str, Any], method: str, path: str, **headers: str) -> dict[str, Any]:
+    """The route Envoy picks for a request the transcoder did not map (first match wins), as far as
+    these routes' matchers go: exact path, prefix or whole-path regex, `grpc`, and header matchers
+    (string_match, present_match, invert_match)."""
+    request = {":method": method, ":path": path, **{name.replace("_", "-"): v for name, v in headers.items()}}
+    for route in routes(config):
+        match = route["match"]
+        if "path" in match and path != match["path"]:
+            continue
+        if "prefix" in match and not path.startswith(match["prefix"]):
+            continue
+        if "safe_regex" in match and re.fullmatch(match["safe_regex"]["regex"], path) is None:
+            continue
+        if "grpc" in match and not request.get("content-type", "").startswith("application/grpc"):
+            continue
+        header_results = []
+        for header in match.get("headers", []):
+            value = request.get(header["name"])
+            if "present_match" in header:
+                matched = value is not None
+            else:
+                matched = value is not None and _string_matches(header["string_match"], value)
+            header_results.append(matched != header.get("invert_match", False))
+        if all(header_results):
+            return route
+    raise AssertionError(f"no route for {method} {path}")
+
+
+def allow_of(route: dict[str, Any]) -> str | None:
+    """The Allow header a 405 route sets; None for any other route."""
+    if route.get("direct_response", {}).get("status") != 405:
+        return None
+    (header,) = [h["header"] for h in route["response_headers_to_add"] if h["header"]["key"] == "Allow"]
+    value: str = header["value"]
+    return value
+
+
+def bound_methods_by_template() -> dict[str, set[str]]:
+    """Each HTTP rule template, variables written as `*`, with the methods bound to it (HEAD with GET)."""
+    found: dict[str, set[str]] = {}
+    for _, method in public_methods():
+        if method.rule is None:
+            continue
+        for binding in http_bindings(method.rule):
+            verb, template = binding_verb_and_path(binding)
+            if template:
+                found.setdefault(HTTP_TEMPLATE_VARIABLE.sub("*", template), set()).add(verb.upper())
+    for methods in found.values():
+        if "GET" in methods:
+            methods.add("HEAD")
+    return found
+
+
+def test_every_json_path_answers_the_methods_it_does_not_serve_with_a_405_naming_those_it_does(
+    topology: Topology,
+) -> None:
+    config = rendered(topology)
+    order = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+    for template, served in bound_methods_by_template().items():
+        path = template.replace("*", "some-id")
+        for method in PROBED_METHODS:
+            route = first_route(config, method, path)
+            if method in served:
+                # The transcoder maps it; were it ever to pass it on, no 405 would stand in the way.
+                assert allow_of(route) is None, (method, path)
+            else:
+                assert allow_of(route) == ", ".join(m for m in order if m in served), (method, path)
+                # Like a 404: no credential is asked for the answer.
+                assert per_filter(route) == {EXT_AUTHZ: EXT_AUTHZ_OFF}
+
+
+def test_a_custom_verb_is_part_of_the_path_it_names(topology: Topology) -> None:
+    config = rendered(topology)
+
+    # `:disable` is the POST-only DisableUser, not GetUser's `{user_id}` (the transcoder reads it so).
+    assert allow_of(first_route(config, "GET", "/v1/admin/users/u1:disable")) == "POST"
+    assert allow_of(first_route(config, "POST", "/v1/admin/users/u1")) == "GET, HEAD"
+    # A known verb on a path that has no such method is no path at all.
+    assert first_route(config, "GET", "/v1/billing/plans/p1:disable")["name"] == "route_not_found"
+
+
+def test_grpc_paths_and_the_gateways_own_pages_answer_other_methods_with_a_405(topology: Topology) -> None:
+    config = rendered(topology)
+    settings = topology.settings
+
+    for service, method in public_methods():
+        grpc_path = f"/{method_key(service, method)}"
+        assert allow_of(first_route(config, "GET", grpc_path)) == "POST"
+        assert allow_of(first_route(config, "OPTIONS", grpc_path, content_type="application/grpc")) == "POST"
+        # A POST that is not gRPC is not for any route: 404, never a service.
+        assert first_route(config, "POST", grpc_path, content_type="application/json")["name"] == (
+            "route_not_found"
+        )
+    for page in (settings.docs.page_path, settings.docs.openapi_path, "/livez", settings.healthz.path):
+        assert allow_of(first_route(config, "POST", page)) == "GET, HEAD", page
+        assert allow_of(first_route(config, "GET", page)) is None, page
+
+
+def test_only_a_preflight_takes_the_cors_route_and_unknown_paths_stay_404(topology: Topology) -> None:
+    config = rendered(topology)
+    preflight = {"origin": "https://app.parley.example", "access_control_request_method": "GET"}
+
+    assert first_route(config, "OPTIONS", "/v1/users/me", **preflight)["name"] == "cors_preflight"
+    assert first_route(config, "OPTIONS", "/no/such/path", **preflight)["name"] == "cors_preflight"
+    assert allow_of(first_route(config, "OPTIONS", "/v1/users/me")) == "GET, HEAD, PATCH"
+    assert first_route(config, "OPTIONS", "/no/such/path")["name"] == "route_not_found"
+    assert first_route(config, "GET", "/parley.auth.v1.AuthInternalService/CheckApiKey")["name"] == (
+        "route_not_found"
+    )
+
+
+def test_health_check_answers_only_get_and_head(topology: Topology) -> None:
+    health = http_filter(rendered(topology), "envoy.filters.http.health_check")
+
+    assert health["headers"] == [
+        {"name": ":path", "string_match": {"exact": topology.settings.healthz.path}},
+        {"name": ":method", "string_match": {"safe_regex": {"regex": "^(?:GET|HEAD)$"}}},
+    ]
+
+
+def test_a_path_that_fits_several_templates_allows_the_methods_of_all_of_them() -> None:
+    served = [
+        ServedPath("/v1/users/me", frozenset({"GET", "HEAD", "PATCH"})),
+        ServedPath("/v1/users/{user_id}", frozenset({"DELETE"})),
+        ServedPath("/v1/users/{user.id}:archive", frozenset({"POST"})),
+    ]
+
+    rendered_routes = method_not_allowed_routes(served)
+
+    assert [(route["name"], allow_of(route)) for route in rendered_routes] == [
+        # Exact paths first, then verbs, then the most literal segments: the narrowest shape wins,
+        # and ends the search for the methods it serves, which a wider shape's 405 would refuse.
+        ("method_not_allowed /v1/users/me", "GET, HEAD, PATCH, DELETE"),
+        ("not_mapped /v1/users/me", None),
+        ("method_not_allowed /v1/users/*:archive", "POST"),
+        ("not_mapped /v1/users/*:archive", None),
+        ("method_not_allowed /v1/users/*", "DELETE"),
+    ]
+    assert rendered_routes[1]["match"] == {"path": "/v1/users/me"}
+    assert rendered_routes[1]["direct_response"] == {"status": 404}
+    assert rendered_routes[2]["match"]["safe_regex"] == {"regex": "/v1/users/[^/]+:archive"}
+    assert rendered_routes[4]["match"]["headers"] == [
+        {"name": ":method", "string_match": {"safe_regex": {"regex": "^(?:DELETE)$"}}, "invert_match": True}
+    ]
 
 
 def test_reflection_and_health_route_to_the_edge_server_for_any_client(topology: Topology) -> None:
@@ -260,9 +449,10 @@ def test_docs_and_liveness_are_answered_by_envoy_without_credentials(topology: T
     by_name = routes_by_name(rendered(topology))
     settings = topology.settings
 
-    assert by_name["docs_page"]["match"] == {"path": settings.docs.page_path}
-    assert by_name["openapi"]["match"] == {"path": settings.docs.openapi_path}
-    assert by_name["livez"]["match"] == {"path": "/livez"}
+    get_or_head = [{"name": ":method", "string_match": {"safe_regex": {"regex": "^(?:GET|HEAD)$"}}}]
+    assert by_name["docs_page"]["match"] == {"path": settings.docs.page_path, "headers": get_or_head}
+    assert by_name["openapi"]["match"] == {"path": settings.docs.openapi_path, "headers": get_or_head}
+    assert by_name["livez"]["match"] == {"path": "/livez", "headers": get_or_head}
     assert by_name["livez"]["direct_response"]["body"]["inline_string"] == '{"status":"ALIVE"}'
     openapi_file = Path(by_name["openapi"]["direct_response"]["body"]["filename"])
     assert openapi_file == DESCRIPTOR_SET_PATH.resolve().parent / "openapi.json"
@@ -660,6 +850,7 @@ def test_local_replies_map_every_gateway_error_to_the_parley_shape(topology: Top
     }
 
     assert reasons == {
+        "METHOD_NOT_ALLOWED": 12,
         "UPSTREAM_UNAVAILABLE": 14,
         "ROUTE_NOT_FOUND": 5,
         "MALFORMED_REQUEST": 3,
@@ -676,15 +867,19 @@ def test_local_replies_map_every_gateway_error_to_the_parley_shape(topology: Top
         "GATEWAY_ERROR": 13,
     }
     infos = {}
-    for body in json_bodies:
+    for mapper, body in zip(mappers, json_bodies, strict=True):
         if body is not None and "details" in body:
             error_info, request_info = body["details"]
             assert error_info["domain"] == "parley.dev"
+            # A request refused before it had an id gets one in the reply header, which the body
+            # repeats; every other reply names the request's own id.
+            refused_before_routing = "x-request-id" in yaml.safe_dump(mapper["filter"])
             assert request_info == {
                 "@type": "type.googleapis.com/google.rpc.RequestInfo",
-                "request_id": "%REQ(X-REQUEST-ID)%",
+                "request_id": "%RESP(X-REQUEST-ID)%" if refused_before_routing else "%REQ(X-REQUEST-ID)%",
             }
-            infos[error_info["reason"]] = error_info
+            if not refused_before_routing:
+                infos[error_info["reason"]] = error_info
     assert infos["PERMISSION_DENIED"]["metadata"] == {"role": "%REQ(X-PARLEY-REQUIRED-ROLE)%"}
     assert infos["REQUEST_TOO_LARGE"]["metadata"] == {"max_request_bytes": str(topology.max_request_bytes)}
 

@@ -176,6 +176,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The gateway itself failed while handling the request (HTTP 5xx, code 13)."""
     ERROR_REASON_CALLER_NOT_ALLOWED: _ErrorReason.ValueType  # 15
     """The calling workload (its client certificate) may not call this method on a service port (code 7)."""
+    ERROR_REASON_METHOD_NOT_ALLOWED: _ErrorReason.ValueType  # 16
+    """The path exists but does not serve the request's method; the Allow header lists the ones it does (HTTP 405, code 12)."""
     ERROR_REASON_INVALID_ARGUMENT: _ErrorReason.ValueType  # 100
     """Generic request reasons (values 100-199).
 
@@ -376,6 +378,8 @@ ERROR_REASON_GATEWAY_ERROR: ErrorReason.ValueType  # 14
 """The gateway itself failed while handling the request (HTTP 5xx, code 13)."""
 ERROR_REASON_CALLER_NOT_ALLOWED: ErrorReason.ValueType  # 15
 """The calling workload (its client certificate) may not call this method on a service port (code 7)."""
+ERROR_REASON_METHOD_NOT_ALLOWED: ErrorReason.ValueType  # 16
+"""The path exists but does not serve the request's method; the Allow header lists the ones it does (HTTP 405, code 12)."""
 ERROR_REASON_INVALID_ARGUMENT: ErrorReason.ValueType  # 100
 """Generic request reasons (values 100-199).
 
