@@ -236,6 +236,7 @@ def run_pass(
     labels: dict[str, str],
     not_built: frozenset[str],
     timeout_s: float,
+    max_examples: int | None = None,
 ) -> PassSummary:
     """One schemathesis run with `credential`; its reports go to `output_dir/<credential>/`."""
     report_dir = output_dir / credential.name
@@ -263,6 +264,8 @@ def run_pass(
         "--report-ndjson-path",
         str(ndjson_report),
     ]
+    if max_examples is not None:
+        command += ["--max-examples", str(max_examples)]
     env = {**os.environ, "SCHEMATHESIS_HOOKS": HOOKS_MODULE}
     started = time.monotonic()
     timed_out = False
@@ -422,6 +425,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="run only this pass (repeatable; default both)",
     )
     parser.add_argument(
+        "--max-examples",
+        type=int,
+        default=None,
+        help="cases per operation instead of the config's, for a deeper local run",
+    )
+    parser.add_argument(
         "--without-known-defects",
         action="store_true",
         help="leave out tests/fuzz/known-defects.toml, to see those defects fail",
@@ -470,6 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         labels=labels,
                         not_built=not_built,
                         timeout_s=deadline - time.monotonic(),
+                        max_examples=args.max_examples,
                     )
                     summaries.append(summary)
                     _say(summary.line())

@@ -1,6 +1,6 @@
 """The gateway fuzz run's configuration (tests/fuzz/): every operation it names exists in the OpenAPI
-document, the not-built operations it lets answer 501 are exactly the RPCs nobody implemented, and
-its summary counts what the reports hold."""
+document, the not-built operations it lets answer 501 are exactly the RPCs nobody implemented, its
+summary counts what the reports hold, and Parley's own checks tell a Parley error from others."""
 
 from __future__ import annotations
 
@@ -11,9 +11,12 @@ from typing import Any
 
 import grpc
 import pytest
+import requests
+from schemathesis import Response
 
 from gateway.descriptors import DescriptorIndex
 from services.common.contracts import descriptor_set_bytes, openapi_path
+from tests.fuzz import hooks
 from tests.fuzz.gateway import (
     CONFIG_FILE,
     KNOWN_DEFECTS_FILE,
@@ -230,3 +233,83 @@ def test_the_summary_counts_responses_5xx_and_failures_per_check(tmp_path: Path)
         "GET http://gateway/v1/billing/plans",
     ]
     assert not summary.passed
+
+
+# --- Parley's own checks (tests/fuzz/hooks.py), on responses as the gateway gives them -------------------
+
+
+def gateway_response(status: int, body: object, *, headers: dict[str, list[str]] | None = None) -> Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return Response(
+        status_code=status,
+        headers=headers or {"content-type": ["application/json"]},
+        content=content,
+        request=requests.Request("GET", "http://gateway/v1/models").prepare(),
+        elapsed=0.01,
+        verify=False,
+    )
+
+
+def status_body(code: int, reason: str, message: str = "Something was refused.") -> dict[str, Any]:
+    return {
+        "code": code,
+        "message": message,
+        "details": [
+            {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": reason, "domain": "parley.dev"},
+            {"@type": "type.googleapis.com/google.rpc.RequestInfo", "request_id": "r-1"},
+        ],
+    }
+
+
+# The checks never look at the context or the case.
+UNUSED: Any = None
+
+
+def test_parley_error_shape_accepts_a_parley_status_and_ignores_successes() -> None:
+    assert hooks.parley_error_shape(UNUSED, gateway_response(400, status_body(3, "INVALID_ARGUMENT")), UNUSED)
+    assert hooks.parley_error_shape(UNUSED, gateway_response(200, {"models": []}), UNUSED) is None
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        # What a QUERY request got: a Status with an empty message (and a null request id).
+        gateway_response(400, status_body(3, "MALFORMED_REQUEST", message="")),
+        gateway_response(404, b"no healthy upstream", headers={"content-type": ["text/plain"]}),
+        gateway_response(400, {"code": 3, "message": "bad", "details": []}),
+        gateway_response(
+            403,
+            {
+                "code": 7,
+                "message": "Refused.",
+                "details": [
+                    {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "X", "domain": "x.io"}
+                ],
+            },
+        ),
+    ],
+    ids=["empty-message", "text-plain", "no-error-info", "foreign-domain"],
+)
+def test_parley_error_shape_refuses_other_errors(response: Response) -> None:
+    with pytest.raises(AssertionError):
+        hooks.parley_error_shape(UNUSED, response, UNUSED)
+
+
+def test_no_internals_leak() -> None:
+    assert hooks.no_internals_leak(UNUSED, gateway_response(200, {}), UNUSED)
+    leaking = gateway_response(200, {}, headers={"content-type": ["application/json"], "grpc-status": ["0"]})
+    with pytest.raises(AssertionError, match="grpc-status"):
+        hooks.no_internals_leak(UNUSED, leaking, UNUSED)
+    with pytest.raises(AssertionError, match="stack trace"):
+        hooks.no_internals_leak(
+            UNUSED, gateway_response(500, b"Traceback (most recent call last):\n"), UNUSED
+        )
+
+
+def test_a_501_must_be_not_implemented() -> None:
+    honest = gateway_response(501, status_body(12, "NOT_IMPLEMENTED"))
+    assert hooks.not_implemented_is_declared(UNUSED, honest, UNUSED)
+    with pytest.raises(AssertionError):
+        hooks.not_implemented_is_declared(
+            UNUSED, gateway_response(501, status_body(12, "UNAVAILABLE")), UNUSED
+        )
