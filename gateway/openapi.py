@@ -483,6 +483,8 @@ class SchemaRegistry:
                 properties[field.name] = self.field_schema(message, field_index)
             if field.name in enforced:
                 required.append(field.name)
+            else:
+                properties[field.name] = _admitting_null(properties[field.name])
         schema: Schema = {"type": "object", "properties": properties}
         if required:
             schema["required"] = required
@@ -503,6 +505,19 @@ class SchemaRegistry:
             else:
                 self._components[full_name] = self.object_schema(self._index.message(full_name))
         return self._components
+
+
+def _admitting_null(schema: Schema) -> Schema:
+    """`schema` with JSON `null` allowed as well. proto3 JSON reads `null` as "not set" for a field
+    of any type, so the gateway accepts it in every field that is not REQUIRED (a REQUIRED one is then
+    refused as missing); a document that said otherwise would call accepted requests invalid."""
+    if "$ref" in schema:
+        siblings = {key: value for key, value in schema.items() if key != "$ref"}
+        return {"anyOf": [{"$ref": schema["$ref"]}, {"type": "null"}], **siblings}
+    kind = schema.get("type")
+    if isinstance(kind, str) and kind != "null":
+        return {**schema, "type": [kind, "null"]}
+    return schema  # no type (google.protobuf.Value) or already a null: `null` fits as it is
 
 
 def _field_behaviors(field: FieldProto) -> set[int]:

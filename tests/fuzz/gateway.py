@@ -42,7 +42,6 @@ from tests.support.polling import eventually_sync
 
 CONFIG_FILE = Path(__file__).with_name("schemathesis.toml")
 # Defects the run found in code other work owns, each to be deleted when fixed (see the file).
-KNOWN_DEFECTS_FILE = Path(__file__).with_name("known-defects.toml")
 HOOKS_MODULE = "tests.fuzz.hooks"
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
 DEFAULT_OUTPUT_DIR = REPO_ROOT / "var" / "test-output"
@@ -204,12 +203,9 @@ def _toml_list(values: Sequence[str]) -> str:
     return "[" + ", ".join(json.dumps(value) for value in values) + "]"
 
 
-def effective_config(
-    not_built: Sequence[str], *, known_defects: bool = True, extra: Path | None = None
-) -> str:
-    """tests/fuzz/schemathesis.toml, plus the not-built operations' 501 allowance, the known defects'
-    exclusions unless `known_defects` is false, and `extra` (a local config for an investigation,
-    never the committed run)."""
+def effective_config(not_built: Sequence[str], *, extra: Path | None = None) -> str:
+    """tests/fuzz/schemathesis.toml, plus the not-built operations' 501 allowance and `extra` (a local
+    config for an investigation, never the committed run)."""
     text = CONFIG_FILE.read_text(encoding="utf-8").rstrip() + "\n"
     if not_built:
         text += (
@@ -218,8 +214,6 @@ def effective_config(
             f"include-operation-id = {_toml_list(sorted(not_built))}\n"
             f"checks.not_a_server_error.expected-statuses = {_toml_list(NOT_BUILT_STATUSES)}\n"
         )
-    if known_defects:
-        text += f"\n# {KNOWN_DEFECTS_FILE.name}\n" + KNOWN_DEFECTS_FILE.read_text(encoding="utf-8")
     if extra is not None:
         text += f"\n# Local additions from {extra}\n" + extra.read_text(encoding="utf-8")
     tomllib.loads(text)  # fail here, with the line, rather than inside schemathesis
@@ -431,11 +425,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="cases per operation instead of the config's, for a deeper local run",
     )
     parser.add_argument(
-        "--without-known-defects",
-        action="store_true",
-        help="leave out tests/fuzz/known-defects.toml, to see those defects fail",
-    )
-    parser.add_argument(
         "--extra-config",
         type=Path,
         default=None,
@@ -452,9 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     not_built = not_built_operations()
     config = output_dir / "schemathesis.toml"
     config.write_text(
-        effective_config(
-            sorted(not_built), known_defects=not args.without_known_defects, extra=args.extra_config
-        ),
+        effective_config(sorted(not_built), extra=args.extra_config),
         encoding="utf-8",
     )
     summaries: list[PassSummary] = []

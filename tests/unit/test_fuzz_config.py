@@ -19,7 +19,6 @@ from services.common.contracts import descriptor_set_bytes, openapi_path
 from tests.fuzz import hooks
 from tests.fuzz.gateway import (
     CONFIG_FILE,
-    KNOWN_DEFECTS_FILE,
     NOT_BUILT_STATUSES,
     effective_config,
     operation_labels,
@@ -58,9 +57,8 @@ def not_built(tmp_path_factory: pytest.TempPathFactory) -> frozenset[str]:
     return not_built_operations(tmp_path_factory.mktemp("wiring"))
 
 
-@pytest.mark.parametrize("config_file", [CONFIG_FILE, KNOWN_DEFECTS_FILE], ids=lambda path: path.name)
-def test_every_operation_the_config_names_exists(config_file: Path) -> None:
-    config = tomllib.loads(config_file.read_text(encoding="utf-8"))
+def test_every_operation_the_config_names_exists() -> None:
+    config = tomllib.loads(CONFIG_FILE.read_text(encoding="utf-8"))
     named = named_operation_ids(config)
     assert named
     assert set(named) <= openapi_operation_ids()
@@ -135,9 +133,7 @@ def test_each_not_built_operation_reaches_the_unimplemented_placeholder(
 
 
 def test_the_effective_config_lets_only_not_built_operations_answer_501() -> None:
-    text = effective_config(
-        ["BillingService_GetSubscription", "ChatService_ListConversations"], known_defects=False
-    )
+    text = effective_config(["BillingService_GetSubscription", "ChatService_ListConversations"])
     config = tomllib.loads(text)
     allowances = [
         table
@@ -150,8 +146,6 @@ def test_the_effective_config_lets_only_not_built_operations_answer_501() -> Non
         "ChatService_ListConversations",
     ]
     assert allowances[0]["checks"]["not_a_server_error"]["expected-statuses"] == NOT_BUILT_STATUSES
-    assert "known-defects" not in text
-    assert KNOWN_DEFECTS_FILE.read_text(encoding="utf-8") in effective_config([], known_defects=True)
 
 
 def scenario(label: str, exchanges: list[tuple[str, int, list[tuple[str, str]]]]) -> str:

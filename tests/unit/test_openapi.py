@@ -618,58 +618,82 @@ def test_message_schema_fields(doc: dict[str, Any]) -> None:
         "Oneof `owner`: at most one of `user_id`, `team_id` is set. Who owns the widget."
     )
     props = widget["properties"]
-    assert props["id"] == {"type": "string", "description": "The widget id."}
-    assert props["size_bytes"] == {"type": "string", "format": "int64", "description": "Its size in bytes."}
+    # No Widget field is REQUIRED, so each admits `null`, which proto3 JSON reads as "not set".
+    assert props["id"] == {"type": ["string", "null"], "description": "The widget id."}
+    assert props["size_bytes"] == {
+        "type": ["string", "null"],
+        "format": "int64",
+        "description": "Its size in bytes.",
+    }
     assert props["serial"] == {
-        "type": "string",
+        "type": ["string", "null"],
         "format": "int64",
         "description": "The factory serial number.",
     }
     assert props["checksum"] == {
-        "type": "string",
+        "type": ["string", "null"],
         "format": "int64",
         "description": "A checksum of the contents.",
     }
-    assert props["count"] == {"type": "integer", "format": "int32", "description": "How many are in stock."}
-    assert props["weight"] == {"type": "number", "format": "double", "description": "Weight in kilograms."}
-    assert props["active"] == {"type": "boolean", "description": "Whether it is on sale."}
+    assert props["count"] == {
+        "type": ["integer", "null"],
+        "format": "int32",
+        "description": "How many are in stock.",
+    }
+    assert props["weight"] == {
+        "type": ["number", "null"],
+        "format": "double",
+        "description": "Weight in kilograms.",
+    }
+    assert props["active"] == {"type": ["boolean", "null"], "description": "Whether it is on sale."}
     assert props["blob"]["format"] == "byte"
-    assert props["color"] == {"$ref": f"{REF}{NS}.Color", "description": "Its colour."}
-    assert props["tags"] == {"type": "array", "items": {"type": "string"}, "description": "Free-form tags."}
+    assert props["color"] == {
+        "anyOf": [{"$ref": f"{REF}{NS}.Color"}, {"type": "null"}],
+        "description": "Its colour.",
+    }
+    assert props["tags"] == {
+        "type": ["array", "null"],
+        "items": {"type": "string"},
+        "description": "Free-form tags.",
+    }
     assert props["counters"] == {
-        "type": "object",
+        "type": ["object", "null"],
         "additionalProperties": {"type": "string", "format": "int64"},
         "description": "Named counters.",
     }
     assert props["create_time"] == {
-        "type": "string",
+        "type": ["string", "null"],
         "format": "date-time",
         "description": "When it was created.",
     }
     assert props["ttl"] == {
-        "type": "string",
+        "type": ["string", "null"],
         "pattern": r"^-?\d+(\.\d+)?s$",
         "description": "How long it lives.",
     }
     assert props["attributes"] == {
-        "type": "object",
+        "type": ["object", "null"],
         "additionalProperties": True,
         "description": "Arbitrary attributes.",
     }
-    assert props["limit"] == {"type": "integer", "format": "int32", "description": "An optional limit."}
-    assert props["view_mask"] == {"type": "string", "description": "Which fields to show."}
+    assert props["limit"] == {
+        "type": ["integer", "null"],
+        "format": "int32",
+        "description": "An optional limit.",
+    }
+    assert props["view_mask"] == {"type": ["string", "null"], "description": "Which fields to show."}
     assert props["user_id"]["description"] == (
         "Owned by a user.\n\nMember of oneof `owner`: at most one of its fields is set."
     )
     assert props["parts"] == {
-        "type": "array",
+        "type": ["array", "null"],
         "items": {"$ref": f"{REF}{NS}.Widget.Part"},
         "description": "Its parts.",
     }
     assert props["etag"]["readOnly"] is True
     assert props["legacy"]["deprecated"] is True
     # proto3 `optional` is a synthetic oneof, not one to document.
-    assert props["nickname"] == {"type": "string", "description": "A nickname, when set."}
+    assert props["nickname"] == {"type": ["string", "null"], "description": "A nickname, when set."}
     assert "required" not in widget
 
 

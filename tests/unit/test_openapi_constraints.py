@@ -216,3 +216,35 @@ def test_page_sizes_publish_their_floor(document: Schema) -> None:
     parameters = document["paths"]["/v1/billing/plans"]["get"]["parameters"]
     page_size = next(p for p in parameters if p["name"] == "page_size")
     assert page_size["schema"] == {"type": "integer", "format": "int32", "minimum": 0}
+
+
+def admits_null(schema: Schema) -> bool:
+    kind = schema.get("type")
+    if "$ref" in schema:
+        return False
+    if "type" not in schema and "anyOf" not in schema:
+        return True  # google.protobuf.Value: any JSON value
+    return (
+        kind == "null"
+        or (isinstance(kind, list) and "null" in kind)
+        or {"type": "null"} in schema.get("anyOf", [])
+    )
+
+
+def test_exactly_the_fields_that_are_not_required_admit_null(
+    document: Schema, index: DescriptorIndex, required: RequiredFields
+) -> None:
+    """proto3 JSON reads `null` as "not set", so the gateway takes it in any field; a REQUIRED field
+    is then refused as missing. The fuzz run's negative_data_rejection check sent `null` where the
+    document said it was invalid and got a 200 (PATCH /v1/users/me `{"display_name": null}`)."""
+    checked = 0
+    for name, schema in document["components"]["schemas"].items():
+        if not name.startswith("parley.") or schema.get("type") != "object" or name in index.enums:
+            continue
+        enforced = {rule.name for rule in required.rules_for(runtime_type(name)).required}
+        for field_name, field_schema in schema["properties"].items():
+            assert admits_null(field_schema) == (field_name not in enforced), f"{name}.{field_name}"
+            checked += 1
+    assert checked > 200
+    user = document["components"]["schemas"]["parley.auth.v1.User"]["properties"]
+    assert user["display_name"]["type"] == ["string", "null"]
