@@ -23,7 +23,7 @@ from parley.auth.v1 import auth_pb2, auth_pb2_grpc
 from parley.chat.v2 import chat_pb2 as chat_v2_pb2
 from parley.chat.v2 import chat_pb2_grpc as chat_v2_pb2_grpc
 from services.common.errors import details_of
-from tests.support.parley_process import EmbeddedPorts, ParleyProcess
+from tests.support.parley_process import EmbeddedPorts, ParleyProcess, parley_up_serving
 
 pytestmark = pytest.mark.envoy
 
@@ -51,16 +51,8 @@ class Deployment:
 @pytest.fixture(scope="module")
 def parley(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     data_dir = tmp_path_factory.mktemp("parley-contract")
-    ports = EmbeddedPorts()
-    process = ParleyProcess(
-        ["up"], env={**ports.env(), "PARLEY_DATA_DIR": str(data_dir)}, log_path=data_dir / "parley.log"
-    )
-    process.start()
-    try:
-        process.wait_until_http_ok(f"http://127.0.0.1:{ports.http}/healthz")
+    with parley_up_serving(data_dir, log_path=data_dir / "parley.log") as (process, ports):
         yield Deployment(process, ports)
-    finally:
-        process.terminate()
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ import pytest
 
 from tests.support.look_alikes import fullwidth, mathematical_bold
 from tests.support.outbox import email_requests
-from tests.support.parley_process import PARLEY, EmbeddedPorts, ParleyProcess
+from tests.support.parley_process import PARLEY, parley_up_serving
 from tests.support.polling import eventually_sync
 
 pytestmark = pytest.mark.envoy
@@ -47,17 +47,11 @@ class Parley:
 def parley(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Parley]:
     root = tmp_path_factory.mktemp("email-spellings")
     data_dir = root / "var"
-    ports = EmbeddedPorts()
-    process = ParleyProcess(
-        ["up"], env={**ports.env(), "PARLEY_DATA_DIR": str(data_dir)}, log_path=root / "parley.log"
-    )
-    process.start()
-    try:
-        process.wait_until_http_ok(f"http://127.0.0.1:{ports.http}/healthz")
-        with httpx.Client(base_url=f"http://127.0.0.1:{ports.http}", timeout=15.0) as client:
-            yield Parley(client, data_dir)
-    finally:
-        process.terminate()
+    with (
+        parley_up_serving(data_dir, log_path=root / "parley.log") as (_, ports),
+        httpx.Client(base_url=f"http://127.0.0.1:{ports.http}", timeout=15.0) as client,
+    ):
+        yield Parley(client, data_dir)
 
 
 def local_part(label: str) -> str:

@@ -26,7 +26,7 @@ from typing import Any, Final
 
 import pytest
 
-from tests.support.parley_process import REPO_ROOT, EmbeddedPorts, ParleyProcess
+from tests.support.parley_process import REPO_ROOT, EmbeddedPorts, parley_up_serving
 from tests.support.polling import eventually_sync
 
 README: Final = REPO_ROOT / "README.md"
@@ -225,17 +225,9 @@ class RunningParley:
 @pytest.fixture(scope="module")
 def parley_up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningParley]:
     data_dir = tmp_path_factory.mktemp("readme-parley-data")
-    ports = EmbeddedPorts()
-    process = ParleyProcess(
-        ["up"], env={**ports.env(), "PARLEY_DATA_DIR": str(data_dir)}, log_path=data_dir / "parley.log"
-    )
-    process.start()
-    try:
-        process.wait_until_http_ok(f"http://127.0.0.1:{ports.http}/healthz")
+    with parley_up_serving(data_dir, log_path=data_dir / "parley.log") as (process, ports):
         eventually_sync(lambda: "Parley is up" in process.output(), what="`parley up` announcing itself")
         yield RunningParley(ports, data_dir)
-    finally:
-        process.terminate()
 
 
 def with_test_addresses(command: str, ports: EmbeddedPorts) -> str:

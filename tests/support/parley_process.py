@@ -6,7 +6,8 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -173,6 +174,20 @@ class ParleyProcess:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+@contextmanager
+def parley_up_serving(data_dir: Path, *, log_path: Path) -> Iterator[tuple[ParleyProcess, EmbeddedPorts]]:
+    """`parley up` on free ports with `data_dir`, from its gateway answering /healthz until the block
+    ends."""
+    ports = EmbeddedPorts()
+    process = ParleyProcess(["up"], env={**ports.env(), "PARLEY_DATA_DIR": str(data_dir)}, log_path=log_path)
+    process.start()
+    try:
+        process.wait_until_http_ok(f"http://127.0.0.1:{ports.http}/healthz")
+        yield process, ports
+    finally:
+        process.terminate()
 
 
 def children_of(pid: int) -> list[int]:
