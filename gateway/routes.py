@@ -10,7 +10,7 @@ before any of those filters run.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from email.utils import format_datetime
 from typing import Any, Final
@@ -248,27 +248,36 @@ def url_pattern(template: str) -> str:
     return _TEMPLATE_VARIABLE.sub(lambda variable: variable.group(1) or "*", template)
 
 
-def check_http_rules_unambiguous(services: Sequence[ServiceInfo]) -> None:
-    """Refuse two http bindings with the same method and URL pattern, e.g. `GET /v1/x/{a}` and
-    `GET /v1/x/{b}`: Envoy 1.40 accepts such a descriptor set (even `--mode validate`) and then
-    transcodes neither, so those URLs would reach the service as plain HTTP and fail."""
-    bound: dict[tuple[str, str], str] = {}
+def http_rule_bindings(
+    services: Sequence[ServiceInfo],
+) -> Iterator[tuple[ServiceInfo, MethodInfo, str, str]]:
+    """Each http binding of `services` (additional bindings included) as (service, method, verb,
+    path template); verb and template are empty for a binding without a pattern."""
     for service in services:
         for method in service.methods:
             if method.rule is None:
                 continue
             for binding in http_bindings(method.rule):
                 verb, template = binding_verb_and_path(binding)
-                if not verb:
-                    continue
-                key = (verb, url_pattern(template))
-                name = f"{method_key(service, method)} ({verb.upper()} {template})"
-                if key in bound:
-                    raise GatewayConfigError(
-                        f"http rules {bound[key]} and {name} match the same URLs; the transcoder "
-                        "cannot tell them apart, so give them different paths or methods"
-                    )
-                bound[key] = name
+                yield service, method, verb, template
+
+
+def check_http_rules_unambiguous(services: Sequence[ServiceInfo]) -> None:
+    """Refuse two http bindings with the same method and URL pattern, e.g. `GET /v1/x/{a}` and
+    `GET /v1/x/{b}`: Envoy 1.40 accepts such a descriptor set (even `--mode validate`) and then
+    transcodes neither, so those URLs would reach the service as plain HTTP and fail."""
+    bound: dict[tuple[str, str], str] = {}
+    for service, method, verb, template in http_rule_bindings(services):
+        if not verb:
+            continue
+        key = (verb, url_pattern(template))
+        name = f"{method_key(service, method)} ({verb.upper()} {template})"
+        if key in bound:
+            raise GatewayConfigError(
+                f"http rules {bound[key]} and {name} match the same URLs; the transcoder "
+                "cannot tell them apart, so give them different paths or methods"
+            )
+        bound[key] = name
 
 
 def method_routes(
@@ -389,14 +398,9 @@ def json_served_paths(services: Sequence[ServiceInfo]) -> list[ServedPath]:
     """Every HTTP rule template of `services` (additional bindings included), with the methods bound
     to it: what the transcoder maps."""
     methods_by_template: dict[str, set[str]] = {}
-    for service in services:
-        for method in service.methods:
-            if method.rule is None:
-                continue
-            for binding in http_bindings(method.rule):
-                verb, path = binding_verb_and_path(binding)
-                if path:
-                    methods_by_template.setdefault(path, set()).add(verb)
+    for _, _, verb, path in http_rule_bindings(services):
+        if path:
+            methods_by_template.setdefault(path, set()).add(verb)
     return [
         ServedPath(template, served_methods(verbs)) for template, verbs in sorted(methods_by_template.items())
     ]
