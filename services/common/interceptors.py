@@ -24,6 +24,7 @@ import inspect
 import logging
 import time
 import uuid
+from abc import abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
@@ -173,8 +174,9 @@ class _WrappingInterceptor(grpc.aio.ServerInterceptor):
         self._wrapped[method] = (handler, wrapped)
         return wrapped
 
+    @abstractmethod
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        raise NotImplementedError
+        """The handler for `method` with this interceptor's steps around it (called once per method)."""
 
 
 def authorized_caller(
