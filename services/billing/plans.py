@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
+from parley.common.v1 import common_pb2
 from services.billing.ports import CATALOG_KEY, PLAN_CACHE, BillingUnitsOfWork
 from services.common.cache import InMemoryReadCache, ReadCache
 from services.common.errors import NotFound
@@ -39,6 +40,17 @@ class Plan:
     @property
     def hard_stop(self) -> bool:
         return self.overage_price_per_1k_tokens is None
+
+
+_PLAN_TIERS: Final = {
+    "free": common_pb2.PLAN_TIER_FREE,
+    "pro": common_pb2.PLAN_TIER_PRO,
+    "team": common_pb2.PLAN_TIER_TEAM,
+}
+
+
+def plan_tier_to_proto(tier: str) -> common_pb2.PlanTier.ValueType:
+    return _PLAN_TIERS.get(tier, common_pb2.PLAN_TIER_UNSPECIFIED)
 
 
 # Plans change a few times a year, and every change drops the cached catalog after commit; the TTL

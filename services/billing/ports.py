@@ -9,12 +9,15 @@ stale so the after-commit hooks drop cached copies. The SQL implementation is
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING, Final, Protocol
 
 from services.common.unit_of_work import Outbox, UnitsOfWork
 
 if TYPE_CHECKING:
+    from services.billing.ledger import CreditAccount, LedgerEntry, LedgerSums, Reservation, SettledUsage
     from services.billing.plans import Plan
+    from services.billing.subscriptions import Subscription
 
 # The read cache's name for the plan catalog; every plan write marks its one entry stale.
 PLAN_CACHE: Final = "billing.plans.v1"
@@ -37,11 +40,104 @@ class PlanRepository(Protocol):
         ...
 
 
+class DuplicateReservation(Exception):  # noqa: N818 - named for the condition, like KeyError.
+    """A reservation with this account and request id exists already (a concurrent retry won)."""
+
+
+class SubscriptionRepository(Protocol):
+    async def current(self, user_id: str, *, for_update: bool = False) -> Subscription | None:
+        """The user's subscription that has not ended; `for_update` locks it until the unit ends."""
+        ...
+
+    async def by_id(self, subscription_id: str, *, for_update: bool = False) -> Subscription | None: ...
+
+    async def add(self, subscription: Subscription) -> bool:
+        """Insert it; False (and nothing written) when the user already has a current subscription."""
+        ...
+
+    async def save(self, subscription: Subscription) -> None:
+        """Write its mutable fields (plan, status, period, pending changes, end)."""
+        ...
+
+
+class CreditAccountRepository(Protocol):
+    """The cached balances (`credit_accounts`): one row per account, the sums of its current period."""
+
+    async def get(self, account_id: str, *, for_update: bool = False) -> CreditAccount | None: ...
+
+    async def open(self, account: CreditAccount) -> None:
+        """Insert the account's row, or replace it with a new period's (a rollover)."""
+        ...
+
+    async def hold(self, account_id: str, tokens: int, *, now: datetime) -> CreditAccount | None:
+        """Add `tokens` to the reserved sum in one conditional update, if the account's period is
+        current at `now` and, on a hard-stop plan, its remaining tokens cover them; the account
+        after the hold, or None when it was not made (nothing changed)."""
+        ...
+
+    async def apply(self, account_id: str, entry: LedgerEntry, *, now: datetime) -> CreditAccount:
+        """Add the entry's deltas to the sums; the account after."""
+        ...
+
+    async def mark_notified(self, account_id: str, percent: int) -> None:
+        """Record that the usage threshold `percent` was announced this period."""
+        ...
+
+
+class LedgerRepository(Protocol):
+    """The append-only credit ledger (`credit_ledger_entries`)."""
+
+    async def append(
+        self, account_id: str, period_start: datetime, entry: LedgerEntry, *, now: datetime
+    ) -> str:
+        """Add the entry; its id."""
+        ...
+
+    async def sums(self, account_id: str, period_start: datetime) -> LedgerSums:
+        """The sums of every entry of the account's period: what the cached balance must equal."""
+        ...
+
+
+class ReservationRepository(Protocol):
+    async def add(self, reservation: Reservation) -> None:
+        """Insert it; `DuplicateReservation` when its (account, request id) exists already."""
+        ...
+
+    async def by_request(self, account_id: str, request_id: str) -> Reservation | None: ...
+
+    async def get(self, reservation_id: str, *, for_update: bool = False) -> Reservation | None: ...
+
+    async def close(self, reservation: Reservation) -> bool:
+        """Write a closed reservation's outcome if it is still held; False when another call closed
+        it first (nothing written)."""
+        ...
+
+    async def held_past(self, moment: datetime, *, limit: int) -> Sequence[Reservation]:
+        """Up to `limit` held reservations that expired before `moment`, oldest first."""
+        ...
+
+    async def usage_by_model(self, account_id: str, period_start: datetime) -> Sequence[SettledUsage]:
+        """The settled usage of the account's period per model."""
+        ...
+
+
 class BillingUnitOfWork(Protocol):
     """One transaction of the billing service, with its repositories and its outbox."""
 
     @property
     def plans(self) -> PlanRepository: ...
+
+    @property
+    def subscriptions(self) -> SubscriptionRepository: ...
+
+    @property
+    def accounts(self) -> CreditAccountRepository: ...
+
+    @property
+    def ledger(self) -> LedgerRepository: ...
+
+    @property
+    def reservations(self) -> ReservationRepository: ...
 
     @property
     def outbox(self) -> Outbox: ...

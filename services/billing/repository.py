@@ -7,16 +7,27 @@ catalog stale (`services.billing.plans.PlanCatalog` reads it), and the after-com
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from functools import cached_property
-from typing import Final
+from typing import Any, Final, cast
 
-from sqlalchemy import select
+from sqlalchemy import Table, func, insert, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.billing.models import PlanRecord
+from services.billing.ledger import CreditAccount, LedgerEntry, LedgerSums, Reservation, SettledUsage
+from services.billing.models import (
+    CreditAccountRecord,
+    LedgerEntryRecord,
+    PlanRecord,
+    ReservationRecord,
+    SubscriptionRecord,
+)
 from services.billing.plans import Plan
-from services.billing.ports import CATALOG_KEY, PLAN_CACHE, BillingUnitOfWork
+from services.billing.ports import CATALOG_KEY, PLAN_CACHE, BillingUnitOfWork, DuplicateReservation
+from services.billing.subscriptions import Subscription
 from services.common.db import Database
+from services.common.models import new_id
 from services.common.money import Money
 from services.common.sql_unit_of_work import SqlOutbox, SqlTransaction, SqlUnitsOfWork
 from services.common.unit_of_work import Changes
@@ -38,6 +49,22 @@ class SqlBillingUnitOfWork:
     @cached_property
     def plans(self) -> SqlPlanRepository:
         return SqlPlanRepository(self._transaction.session, self._transaction.changes)
+
+    @cached_property
+    def subscriptions(self) -> SqlSubscriptionRepository:
+        return SqlSubscriptionRepository(self._transaction.session)
+
+    @cached_property
+    def accounts(self) -> SqlCreditAccountRepository:
+        return SqlCreditAccountRepository(self._transaction.session)
+
+    @cached_property
+    def ledger(self) -> SqlLedgerRepository:
+        return SqlLedgerRepository(self._transaction.session)
+
+    @cached_property
+    def reservations(self) -> SqlReservationRepository:
+        return SqlReservationRepository(self._transaction.session)
 
     @property
     def outbox(self) -> SqlOutbox:
@@ -98,3 +125,345 @@ def _to_plan(row: PlanRecord) -> Plan:
         create_time=row.created_at,
         retire_time=row.retired_at,
     )
+
+
+def _insert_for(session: AsyncSession):  # type: ignore[no-untyped-def]
+    """The dialect's INSERT, which has ON CONFLICT."""
+    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+
+
+class SqlSubscriptionRepository:
+    """Rows of `subscriptions`."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    async def current(self, user_id: str, *, for_update: bool = False) -> Subscription | None:
+        statement = select(SubscriptionRecord).where(
+            SubscriptionRecord.user_id == user_id, SubscriptionRecord.ended_at.is_(None)
+        )
+        if for_update:
+            statement = statement.with_for_update()
+        record = (await self._session.scalars(statement)).first()
+        return None if record is None else _to_subscription(record)
+
+    async def by_id(self, subscription_id: str, *, for_update: bool = False) -> Subscription | None:
+        record = await self._session.get(SubscriptionRecord, subscription_id, with_for_update=for_update)
+        return None if record is None else _to_subscription(record)
+
+    async def add(self, subscription: Subscription) -> bool:
+        statement = (
+            _insert_for(self._session)(SubscriptionRecord)
+            .values(
+                **_subscription_values(subscription), id=subscription.id, created_at=subscription.create_time
+            )
+            .on_conflict_do_nothing(index_elements=["user_id"], index_where=text("ended_at IS NULL"))
+            .returning(SubscriptionRecord.id)
+        )
+        return (await self._session.execute(statement)).first() is not None
+
+    async def save(self, subscription: Subscription) -> None:
+        await self._session.execute(
+            update(SubscriptionRecord)
+            .where(SubscriptionRecord.id == subscription.id)
+            .values(**_subscription_values(subscription))
+            .execution_options(synchronize_session=False)
+        )
+
+
+def _subscription_values(subscription: Subscription) -> dict[str, object]:
+    return {
+        "user_id": subscription.user_id,
+        "plan_id": subscription.plan_id,
+        "status": subscription.status,
+        "current_period_start": subscription.current_period_start,
+        "current_period_end": subscription.current_period_end,
+        "cancel_at_period_end": subscription.cancel_at_period_end,
+        "pending_plan_id": subscription.pending_plan_id,
+        "ended_at": subscription.end_time,
+        "updated_at": subscription.update_time,
+    }
+
+
+def _to_subscription(record: SubscriptionRecord) -> Subscription:
+    return Subscription(
+        id=record.id,
+        user_id=record.user_id,
+        plan_id=record.plan_id,
+        status=record.status,  # type: ignore[arg-type]
+        current_period_start=record.current_period_start,
+        current_period_end=record.current_period_end,
+        cancel_at_period_end=record.cancel_at_period_end,
+        pending_plan_id=record.pending_plan_id,
+        create_time=record.created_at,
+        update_time=record.updated_at,
+        end_time=record.ended_at,
+    )
+
+
+_ACCOUNT = cast(Table, CreditAccountRecord.__table__)
+_ACCOUNT_COLUMNS = (
+    _ACCOUNT.c.account_id,
+    _ACCOUNT.c.plan_id,
+    _ACCOUNT.c.hard_stop,
+    _ACCOUNT.c.period_start,
+    _ACCOUNT.c.period_end,
+    _ACCOUNT.c.included_tokens,
+    _ACCOUNT.c.purchased_tokens,
+    _ACCOUNT.c.used_tokens,
+    _ACCOUNT.c.reserved_tokens,
+    _ACCOUNT.c.notified_percent,
+)
+
+
+def _to_account(row: Any) -> CreditAccount:
+    return CreditAccount(
+        account_id=row.account_id,
+        plan_id=row.plan_id,
+        hard_stop=row.hard_stop,
+        period_start=row.period_start,
+        period_end=row.period_end,
+        included_tokens=row.included_tokens,
+        purchased_tokens=row.purchased_tokens,
+        used_tokens=row.used_tokens,
+        reserved_tokens=row.reserved_tokens,
+        notified_percent=row.notified_percent,
+    )
+
+
+class SqlCreditAccountRepository:
+    """Rows of `credit_accounts`, in Core statements: reserve and settle run them on every generation."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    async def get(self, account_id: str, *, for_update: bool = False) -> CreditAccount | None:
+        statement = select(*_ACCOUNT_COLUMNS).where(_ACCOUNT.c.account_id == account_id)
+        if for_update:
+            statement = statement.with_for_update()
+        row = (await self._session.execute(statement)).first()
+        return None if row is None else _to_account(row)
+
+    async def open(self, account: CreditAccount) -> None:
+        values = {
+            "plan_id": account.plan_id,
+            "hard_stop": account.hard_stop,
+            "period_start": account.period_start,
+            "period_end": account.period_end,
+            "included_tokens": account.included_tokens,
+            "purchased_tokens": account.purchased_tokens,
+            "used_tokens": account.used_tokens,
+            "reserved_tokens": account.reserved_tokens,
+            "notified_percent": account.notified_percent,
+            "updated_at": account.period_start,
+        }
+        statement = _insert_for(self._session)(_ACCOUNT).values(account_id=account.account_id, **values)
+        await self._session.execute(
+            statement.on_conflict_do_update(index_elements=[_ACCOUNT.c.account_id], set_=values)
+        )
+
+    async def hold(self, account_id: str, tokens: int, *, now: datetime) -> CreditAccount | None:
+        remaining = (
+            _ACCOUNT.c.included_tokens
+            + _ACCOUNT.c.purchased_tokens
+            - _ACCOUNT.c.used_tokens
+            - _ACCOUNT.c.reserved_tokens
+        )
+        statement = (
+            update(_ACCOUNT)
+            .where(
+                _ACCOUNT.c.account_id == account_id,
+                _ACCOUNT.c.period_end > now,
+                (_ACCOUNT.c.hard_stop.is_(False)) | (remaining >= tokens),
+            )
+            .values(reserved_tokens=_ACCOUNT.c.reserved_tokens + tokens, updated_at=now)
+            .returning(*_ACCOUNT_COLUMNS)
+        )
+        row = (await self._session.execute(statement)).first()
+        return None if row is None else _to_account(row)
+
+    async def apply(self, account_id: str, entry: LedgerEntry, *, now: datetime) -> CreditAccount:
+        statement = (
+            update(_ACCOUNT)
+            .where(_ACCOUNT.c.account_id == account_id)
+            .values(
+                included_tokens=_ACCOUNT.c.included_tokens + entry.included_delta,
+                purchased_tokens=_ACCOUNT.c.purchased_tokens + entry.purchased_delta,
+                used_tokens=_ACCOUNT.c.used_tokens + entry.used_delta,
+                reserved_tokens=_ACCOUNT.c.reserved_tokens + entry.reserved_delta,
+                updated_at=now,
+            )
+            .returning(*_ACCOUNT_COLUMNS)
+        )
+        return _to_account((await self._session.execute(statement)).one())
+
+    async def mark_notified(self, account_id: str, percent: int) -> None:
+        await self._session.execute(
+            update(_ACCOUNT).where(_ACCOUNT.c.account_id == account_id).values(notified_percent=percent)
+        )
+
+
+_LEDGER = cast(Table, LedgerEntryRecord.__table__)
+
+
+class SqlLedgerRepository:
+    """Rows of `credit_ledger_entries`: inserted, summed, never updated or deleted."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    async def append(
+        self, account_id: str, period_start: datetime, entry: LedgerEntry, *, now: datetime
+    ) -> str:
+        entry_id = new_id()
+        await self._session.execute(
+            insert(_LEDGER).values(
+                id=entry_id,
+                account_id=account_id,
+                period_start=period_start,
+                kind=entry.kind,
+                included_delta=entry.included_delta,
+                purchased_delta=entry.purchased_delta,
+                used_delta=entry.used_delta,
+                reserved_delta=entry.reserved_delta,
+                reservation_id=entry.reservation_id,
+                reason=entry.reason,
+                created_at=now,
+            )
+        )
+        return entry_id
+
+    async def sums(self, account_id: str, period_start: datetime) -> LedgerSums:
+        row = (
+            await self._session.execute(
+                select(
+                    func.coalesce(func.sum(_LEDGER.c.included_delta), 0),
+                    func.coalesce(func.sum(_LEDGER.c.purchased_delta), 0),
+                    func.coalesce(func.sum(_LEDGER.c.used_delta), 0),
+                    func.coalesce(func.sum(_LEDGER.c.reserved_delta), 0),
+                ).where(_LEDGER.c.account_id == account_id, _LEDGER.c.period_start == period_start)
+            )
+        ).one()
+        return LedgerSums(int(row[0]), int(row[1]), int(row[2]), int(row[3]))
+
+
+_RESERVATION = cast(Table, ReservationRecord.__table__)
+_RESERVATION_COLUMNS = tuple(_RESERVATION.c)
+
+
+def _to_reservation(row: Any) -> Reservation:
+    return Reservation(
+        id=row.id,
+        request_id=row.request_id,
+        account_id=row.account_id,
+        status=row.status,
+        period_start=row.period_start,
+        reserved_tokens=row.reserved_tokens,
+        settled_tokens=row.settled_tokens,
+        model=row.model,
+        provider=row.provider,
+        input_tokens=row.input_tokens,
+        output_tokens=row.output_tokens,
+        create_time=row.created_at,
+        expire_time=row.expires_at,
+        close_time=row.closed_at,
+    )
+
+
+class SqlReservationRepository:
+    """Rows of `credit_reservations`."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    async def add(self, reservation: Reservation) -> None:
+        statement = (
+            _insert_for(self._session)(_RESERVATION)
+            .values(
+                id=reservation.id,
+                account_id=reservation.account_id,
+                request_id=reservation.request_id,
+                status=reservation.status,
+                period_start=reservation.period_start,
+                reserved_tokens=reservation.reserved_tokens,
+                settled_tokens=reservation.settled_tokens,
+                model=reservation.model,
+                provider=reservation.provider,
+                input_tokens=reservation.input_tokens,
+                output_tokens=reservation.output_tokens,
+                created_at=reservation.create_time,
+                expires_at=reservation.expire_time,
+                closed_at=reservation.close_time,
+            )
+            .on_conflict_do_nothing(index_elements=["account_id", "request_id"])
+            .returning(_RESERVATION.c.id)
+        )
+        if (await self._session.execute(statement)).first() is None:
+            raise DuplicateReservation(reservation.request_id)
+
+    async def by_request(self, account_id: str, request_id: str) -> Reservation | None:
+        row = (
+            await self._session.execute(
+                select(*_RESERVATION_COLUMNS).where(
+                    _RESERVATION.c.account_id == account_id, _RESERVATION.c.request_id == request_id
+                )
+            )
+        ).first()
+        return None if row is None else _to_reservation(row)
+
+    async def get(self, reservation_id: str, *, for_update: bool = False) -> Reservation | None:
+        statement = select(*_RESERVATION_COLUMNS).where(_RESERVATION.c.id == reservation_id)
+        if for_update:
+            statement = statement.with_for_update()
+        row = (await self._session.execute(statement)).first()
+        return None if row is None else _to_reservation(row)
+
+    async def close(self, reservation: Reservation) -> bool:
+        result = await self._session.execute(
+            update(_RESERVATION)
+            .where(_RESERVATION.c.id == reservation.id, _RESERVATION.c.status == "held")
+            .values(
+                status=reservation.status,
+                settled_tokens=reservation.settled_tokens,
+                model=reservation.model,
+                provider=reservation.provider,
+                input_tokens=reservation.input_tokens,
+                output_tokens=reservation.output_tokens,
+                closed_at=reservation.close_time,
+            )
+            .returning(_RESERVATION.c.id)
+        )
+        return result.first() is not None
+
+    async def held_past(self, moment: datetime, *, limit: int) -> Sequence[Reservation]:
+        statement = (
+            select(*_RESERVATION_COLUMNS)
+            .where(_RESERVATION.c.status == "held", _RESERVATION.c.expires_at < moment)
+            .order_by(_RESERVATION.c.expires_at)
+            .limit(limit)
+        )
+        if self._session.get_bind().dialect.name == "postgresql":
+            # Two sweepers (replicas) take different rows instead of waiting on each other's.
+            statement = statement.with_for_update(skip_locked=True)
+        rows = (await self._session.execute(statement)).all()
+        return [_to_reservation(row) for row in rows]
+
+    async def usage_by_model(self, account_id: str, period_start: datetime) -> Sequence[SettledUsage]:
+        rows = (
+            await self._session.execute(
+                select(
+                    _RESERVATION.c.model,
+                    func.sum(_RESERVATION.c.input_tokens),
+                    func.sum(_RESERVATION.c.output_tokens),
+                    func.count(),
+                )
+                .where(
+                    _RESERVATION.c.account_id == account_id,
+                    _RESERVATION.c.status == "settled",
+                    _RESERVATION.c.closed_at >= period_start,
+                )
+                .group_by(_RESERVATION.c.model)
+                .order_by(_RESERVATION.c.model)
+            )
+        ).all()
+        return [SettledUsage(row[0], int(row[1]), int(row[2]), int(row[3])) for row in rows]

@@ -6,9 +6,6 @@ nullability in the type, ids are strings (time-ordered UUIDs), and times are tim
 
 from __future__ import annotations
 
-import secrets
-import time
-import uuid
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Final
 
@@ -18,6 +15,7 @@ from sqlalchemy.types import TypeDecorator
 
 # The default of the timestamp columns below.
 from services.common.clock import utc_now
+from services.common.ids import UUID_LENGTH, new_id
 
 # Names for indexes and constraints, so migrations can refer to them by a name that is the same on
 # every database (PostgreSQL and SQLite name unnamed constraints differently, or not at all).
@@ -28,26 +26,6 @@ NAMING_CONVENTION: Final[dict[str, str]] = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
-
-UUID_LENGTH: Final = 36
-
-
-def uuid7() -> uuid.UUID:
-    """A version-7 UUID (RFC 9562): 48 bits of Unix milliseconds, then 74 random bits.
-
-    Ids made this way sort by creation time, so new rows land at the right edge of the primary-key
-    index instead of at random pages. Python gains `uuid.uuid7` only in 3.14.
-    """
-    unix_ms = time.time_ns() // 1_000_000
-    value = (unix_ms & ((1 << 48) - 1)) << 80 | secrets.randbits(80)
-    value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
-    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 9562 variant
-    return uuid.UUID(int=value)
-
-
-def new_id() -> str:
-    """A new primary-key value: a time-ordered UUID in its canonical 36-character text form."""
-    return str(uuid7())
 
 
 class UTCDateTime(TypeDecorator[datetime]):

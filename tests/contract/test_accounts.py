@@ -34,13 +34,11 @@ from tests.support.auth_accounts import (
     build_world,
     email_token,
     fast_settings,
-    outbox,
-    payloads,
-    refusal,
     shape,
     user_events,
     violations,
 )
+from tests.support.domain import outbox, payloads, refusal
 
 IP = "203.0.113.7"
 

@@ -28,7 +28,8 @@ from services.common.errors import (
 )
 from services.common.redis_multiplex import MultiplexedRedis
 from services.common.revocation import InMemoryRevocationList, RedisRevocationList, RevocationList
-from tests.support.auth_accounts import START, Clock, set_disabled, user_events
+from tests.support.auth_accounts import set_disabled, user_events
+from tests.support.domain import START, Clock
 
 KEY_FORMAT = re.compile(r"pk_[a-z2-7]{12}_[A-Za-z0-9_-]{43}")
 CACHE_TTL_S = 30.0

@@ -21,11 +21,9 @@ from tests.support.auth_accounts import (
     AuthWorld,
     build_world,
     email_token,
-    outbox,
-    payloads,
-    refusal,
     violations,
 )
+from tests.support.domain import outbox, payloads, refusal
 
 IP = "192.0.2.44"
 

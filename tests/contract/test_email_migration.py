@@ -14,7 +14,8 @@ from services.auth.models import UserRecord
 from services.common.db import Database
 from services.common.errors import Unauthenticated
 from services.common.migrate import upgrade_async
-from tests.support.auth_accounts import START, STRONG_PASSWORD, build_world, refusal
+from tests.support.auth_accounts import STRONG_PASSWORD, build_world
+from tests.support.domain import START, refusal
 from tests.support.look_alikes import fullwidth, mathematical_bold
 
 BEFORE = "4f0d1e597c9e"  # the auth revision before the respelling

@@ -19,11 +19,10 @@ from tests.support.auth_accounts import (
     AuthWorld,
     build_world,
     fast_settings,
-    payloads,
-    refusal,
     shape,
     violations,
 )
+from tests.support.domain import payloads, refusal
 from tests.support.look_alikes import fullwidth, mathematical_bold
 
 ALICE = "alice@example.com"

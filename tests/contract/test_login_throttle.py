@@ -23,10 +23,9 @@ from tests.support.auth_accounts import (
     AuthWorld,
     build_world,
     fast_settings,
-    payloads,
-    refusal,
     shape,
 )
+from tests.support.domain import payloads, refusal
 
 IP = "198.51.100.23"
 OTHER_IP = "2001:db8::1"

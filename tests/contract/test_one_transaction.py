@@ -39,11 +39,10 @@ from tests.support.auth_accounts import (
     CHEAP_ARGON2,
     OTHER_PASSWORD,
     STRONG_PASSWORD,
-    Clock,
     fast_settings,
-    outbox,
     set_disabled,
 )
+from tests.support.domain import Clock, outbox
 
 IP = "203.0.113.9"
 NEW_PASSWORD = "amber-orchard-kettle-19"

@@ -26,7 +26,8 @@ from services.auth.sessions import (
 from services.common.db import Database
 from services.common.errors import NotFound, ParleyError, PermissionDenied, Unauthenticated
 from services.common.revocation import InMemoryRevocationList
-from tests.support.auth_accounts import START, Clock, set_disabled, user_events
+from tests.support.auth_accounts import set_disabled, user_events
+from tests.support.domain import START, Clock
 
 FIREFOX_ON_LINUX = "Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Gecko/20100101 Firefox/133.0"
 ACCESS_TTL = timedelta(minutes=15)

@@ -36,7 +36,7 @@ from services.common.db import Database
 from services.common.migrate import upgrade_async
 from services.common.streams import stream_key
 from services.email.worker import EMAIL_CONSUMER
-from tests.support.auth_accounts import outbox
+from tests.support.domain import outbox
 from tests.support.email_pipeline import (
     MAIL_FROM,
     PUBLIC_BASE_URL,

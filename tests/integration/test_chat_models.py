@@ -17,11 +17,11 @@ from parley.chat.v1 import chat_pb2, chat_pb2_grpc
 from parley.chat.v2 import chat_pb2 as chat_v2_pb2
 from parley.chat.v2 import chat_pb2_grpc as chat_v2_pb2_grpc
 from parley.common.v1 import common_pb2
-from services.chat.catalog import ModelCatalog, UnitPrice, load_model_catalog
 from services.chat.wiring import build_bundle
 from services.common.context import ServiceContext
 from services.common.db import Database
 from services.common.http_cache import etag_matches, strong_etag
+from services.common.model_catalog import ModelCatalog, UnitPrice, load_model_catalog
 from services.common.revocation import InMemoryRevocationList
 from services.common.settings import load_settings
 from tests.support.databases import fresh_sqlite_url

@@ -3,14 +3,11 @@ clock, the services wired over a test database, and readers for the outbox and e
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from datetime import timedelta
+from typing import Any
 
-import pytest
-from google.protobuf.message import Message
-from sqlalchemy import select, update
+from sqlalchemy import update
 
 from parley.events.v1 import events_pb2
 from services.auth.accounts import AccountService, AccountSettings, User
@@ -22,33 +19,16 @@ from services.auth.repository import auth_units_of_work
 from services.auth.sessions import SessionManager
 from services.common.db import Database
 from services.common.errors import ParleyError
-from services.common.events import event_type_for, payload_of
-from services.common.outbox import OutboxEvent
+from services.common.events import event_type_for
 from services.common.revocation import InMemoryRevocationList
 from services.common.sql_unit_of_work import SqlUnitsOfWork
+from tests.support.domain import START, Clock, PayloadT, outbox, payloads
 
-START = datetime(2031, 3, 1, 12, 0, tzinfo=UTC)
 ACCESS_TTL = timedelta(minutes=15)
 # Real argon2id, at the smallest cost argon2 accepts, so each hash takes well under a millisecond.
 CHEAP_ARGON2 = Argon2Parameters(time_cost=1, memory_cost_kib=64, parallelism=1)
 STRONG_PASSWORD = "violet-harbour-lantern-42"
 OTHER_PASSWORD = "copper-meadow-falcon-77"
-
-ErrorT = TypeVar("ErrorT", bound=ParleyError)
-PayloadT = TypeVar("PayloadT", bound=Message)
-
-
-class Clock:
-    """A settable clock shared by every component under test."""
-
-    def __init__(self, now: datetime = START) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, delta: timedelta) -> None:
-        self.now += delta
 
 
 @dataclass
@@ -111,35 +91,6 @@ def build_world(database: Database, *, settings: AccountSettings | None = None) 
     return AuthWorld(database, units, clock, hasher, policy, sessions, revocations, accounts, admin)
 
 
-@dataclass(frozen=True)
-class StoredEvent:
-    type: str
-    subject: str
-    source: str
-    event: events_pb2.Event
-    payload: Message
-
-
-async def outbox(database: Database, event_type: str | None = None) -> list[StoredEvent]:
-    """The events in the outbox, oldest first (only those of `event_type` when given)."""
-    async with database.unit_of_work(read_only=True) as session:
-        rows = list(await session.scalars(select(OutboxEvent).order_by(OutboxEvent.sequence)))
-    found = []
-    for row in rows:
-        event = events_pb2.Event.FromString(row.payload)
-        assert event.type == row.event_type
-        found.append(StoredEvent(row.event_type, row.subject, row.source, event, payload_of(event)))
-    return [item for item in found if event_type is None or item.type == event_type]
-
-
-async def payloads(database: Database, event_type: str, kind: type[PayloadT]) -> list[PayloadT]:
-    found = []
-    for item in await outbox(database, event_type):
-        assert isinstance(item.payload, kind)
-        found.append(item.payload)
-    return found
-
-
 async def user_events(database: Database, payload_type: type[PayloadT]) -> list[PayloadT]:
     """The payloads of the outbox events carrying `payload_type`, in order, each checked to come
     from auth with the user it is about as its subject."""
@@ -171,13 +122,6 @@ async def email_token(database: Database, user_id: str, purpose: str) -> str:
     ]
     assert mails, f"no {template} email for {user_id}"
     return mails[-1].params["token"]
-
-
-async def refusal(awaitable: Awaitable[object], kind: type[ErrorT]) -> ErrorT:
-    """The error `awaitable` raises, checked to be a `kind`."""
-    with pytest.raises(kind) as raised:
-        await awaitable
-    return raised.value
 
 
 def shape(error: ParleyError) -> tuple[object, ...]:

@@ -8,7 +8,9 @@ import pytest
 import yaml
 
 from parley.chat.v2 import chat_pb2 as chat_v2_pb2
-from services.chat.catalog import (
+from services.chat.servicer import PART_KINDS_V2
+from services.common.errors import InvalidArgument
+from services.common.model_catalog import (
     CONTENT_PART_KINDS,
     SHIPPED_CATALOG,
     ChatModel,
@@ -17,8 +19,6 @@ from services.chat.catalog import (
     UnitPrice,
     load_model_catalog,
 )
-from services.chat.servicer import PART_KINDS_V2
-from services.common.errors import InvalidArgument
 
 
 def entry(**overrides: object) -> dict[str, object]:

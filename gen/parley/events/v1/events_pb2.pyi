@@ -291,6 +291,7 @@ class Event(_message.Message):
     GENERATION_COMPLETED_FIELD_NUMBER: _builtins.int
     GENERATION_FAILED_FIELD_NUMBER: _builtins.int
     SUBSCRIPTION_CHANGED_FIELD_NUMBER: _builtins.int
+    SUBSCRIPTION_PERIOD_ENDED_FIELD_NUMBER: _builtins.int
     INVOICE_CREATED_FIELD_NUMBER: _builtins.int
     INVOICE_PAID_FIELD_NUMBER: _builtins.int
     INVOICE_UNCOLLECTIBLE_FIELD_NUMBER: _builtins.int
@@ -409,6 +410,12 @@ class Event(_message.Message):
         """subscription.changed: a subscription was created or changed plan or status."""
 
     @_builtins.property
+    def subscription_period_ended(self) -> Global___SubscriptionPeriodEnded:
+        """subscription.period_ended: a subscription's period reached its end; written when the period
+        starts with `deliver_after` set to its end, and consumed by billing, which rolls it over.
+        """
+
+    @_builtins.property
     def invoice_created(self) -> Global___InvoiceCreated:
         """invoice.created: an invoice was finalized."""
 
@@ -491,6 +498,7 @@ class Event(_message.Message):
         generation_completed: Global___GenerationCompleted | None = ...,
         generation_failed: Global___GenerationFailed | None = ...,
         subscription_changed: Global___SubscriptionChanged | None = ...,
+        subscription_period_ended: Global___SubscriptionPeriodEnded | None = ...,
         invoice_created: Global___InvoiceCreated | None = ...,
         invoice_paid: Global___InvoicePaid | None = ...,
         invoice_uncollectible: Global___InvoiceUncollectible | None = ...,
@@ -505,11 +513,11 @@ class Event(_message.Message):
         usage_recorded: Global___UsageRecorded | None = ...,
         usage_threshold_crossed: Global___UsageThresholdCrossed | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["api_key_created", b"api_key_created", "api_key_revoked", b"api_key_revoked", "conversation_created", b"conversation_created", "credits_granted", b"credits_granted", "credits_released", b"credits_released", "credits_reserved", b"credits_reserved", "credits_settled", b"credits_settled", "credits_topped_up", b"credits_topped_up", "email_failed", b"email_failed", "email_requested", b"email_requested", "email_sent", b"email_sent", "generation_completed", b"generation_completed", "generation_failed", b"generation_failed", "invoice_created", b"invoice_created", "invoice_paid", b"invoice_paid", "invoice_uncollectible", b"invoice_uncollectible", "message_created", b"message_created", "payload", b"payload", "payment_failed", b"payment_failed", "payment_refunded", b"payment_refunded", "payment_succeeded", b"payment_succeeded", "session_reuse_detected", b"session_reuse_detected", "session_revoked", b"session_revoked", "subscription_changed", b"subscription_changed", "time", b"time", "trace_context", b"trace_context", "usage_recorded", b"usage_recorded", "usage_threshold_crossed", b"usage_threshold_crossed", "user_disabled", b"user_disabled", "user_email_verified", b"user_email_verified", "user_enabled", b"user_enabled", "user_locked", b"user_locked", "user_login_failed", b"user_login_failed", "user_login_succeeded", b"user_login_succeeded", "user_password_changed", b"user_password_changed", "user_password_reset", b"user_password_reset", "user_registered", b"user_registered", "user_role_changed", b"user_role_changed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["api_key_created", b"api_key_created", "api_key_revoked", b"api_key_revoked", "conversation_created", b"conversation_created", "credits_granted", b"credits_granted", "credits_released", b"credits_released", "credits_reserved", b"credits_reserved", "credits_settled", b"credits_settled", "credits_topped_up", b"credits_topped_up", "email_failed", b"email_failed", "email_requested", b"email_requested", "email_sent", b"email_sent", "generation_completed", b"generation_completed", "generation_failed", b"generation_failed", "invoice_created", b"invoice_created", "invoice_paid", b"invoice_paid", "invoice_uncollectible", b"invoice_uncollectible", "message_created", b"message_created", "payload", b"payload", "payment_failed", b"payment_failed", "payment_refunded", b"payment_refunded", "payment_succeeded", b"payment_succeeded", "session_reuse_detected", b"session_reuse_detected", "session_revoked", b"session_revoked", "subscription_changed", b"subscription_changed", "subscription_period_ended", b"subscription_period_ended", "time", b"time", "trace_context", b"trace_context", "usage_recorded", b"usage_recorded", "usage_threshold_crossed", b"usage_threshold_crossed", "user_disabled", b"user_disabled", "user_email_verified", b"user_email_verified", "user_enabled", b"user_enabled", "user_locked", b"user_locked", "user_login_failed", b"user_login_failed", "user_login_succeeded", b"user_login_succeeded", "user_password_changed", b"user_password_changed", "user_password_reset", b"user_password_reset", "user_registered", b"user_registered", "user_role_changed", b"user_role_changed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_created", b"api_key_created", "api_key_revoked", b"api_key_revoked", "conversation_created", b"conversation_created", "credits_granted", b"credits_granted", "credits_released", b"credits_released", "credits_reserved", b"credits_reserved", "credits_settled", b"credits_settled", "credits_topped_up", b"credits_topped_up", "email_failed", b"email_failed", "email_requested", b"email_requested", "email_sent", b"email_sent", "generation_completed", b"generation_completed", "generation_failed", b"generation_failed", "id", b"id", "invoice_created", b"invoice_created", "invoice_paid", b"invoice_paid", "invoice_uncollectible", b"invoice_uncollectible", "message_created", b"message_created", "payload", b"payload", "payment_failed", b"payment_failed", "payment_refunded", b"payment_refunded", "payment_succeeded", b"payment_succeeded", "session_reuse_detected", b"session_reuse_detected", "session_revoked", b"session_revoked", "source", b"source", "subject", b"subject", "subscription_changed", b"subscription_changed", "time", b"time", "trace_context", b"trace_context", "type", b"type", "usage_recorded", b"usage_recorded", "usage_threshold_crossed", b"usage_threshold_crossed", "user_disabled", b"user_disabled", "user_email_verified", b"user_email_verified", "user_enabled", b"user_enabled", "user_locked", b"user_locked", "user_login_failed", b"user_login_failed", "user_login_succeeded", b"user_login_succeeded", "user_password_changed", b"user_password_changed", "user_password_reset", b"user_password_reset", "user_registered", b"user_registered", "user_role_changed", b"user_role_changed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_created", b"api_key_created", "api_key_revoked", b"api_key_revoked", "conversation_created", b"conversation_created", "credits_granted", b"credits_granted", "credits_released", b"credits_released", "credits_reserved", b"credits_reserved", "credits_settled", b"credits_settled", "credits_topped_up", b"credits_topped_up", "email_failed", b"email_failed", "email_requested", b"email_requested", "email_sent", b"email_sent", "generation_completed", b"generation_completed", "generation_failed", b"generation_failed", "id", b"id", "invoice_created", b"invoice_created", "invoice_paid", b"invoice_paid", "invoice_uncollectible", b"invoice_uncollectible", "message_created", b"message_created", "payload", b"payload", "payment_failed", b"payment_failed", "payment_refunded", b"payment_refunded", "payment_succeeded", b"payment_succeeded", "session_reuse_detected", b"session_reuse_detected", "session_revoked", b"session_revoked", "source", b"source", "subject", b"subject", "subscription_changed", b"subscription_changed", "subscription_period_ended", b"subscription_period_ended", "time", b"time", "trace_context", b"trace_context", "type", b"type", "usage_recorded", b"usage_recorded", "usage_threshold_crossed", b"usage_threshold_crossed", "user_disabled", b"user_disabled", "user_email_verified", b"user_email_verified", "user_enabled", b"user_enabled", "user_locked", b"user_locked", "user_login_failed", b"user_login_failed", "user_login_succeeded", b"user_login_succeeded", "user_password_changed", b"user_password_changed", "user_password_reset", b"user_password_reset", "user_registered", b"user_registered", "user_role_changed", b"user_role_changed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["user_registered", "user_email_verified", "user_login_succeeded", "user_login_failed", "user_locked", "session_revoked", "session_reuse_detected", "user_password_changed", "user_password_reset", "api_key_created", "api_key_revoked", "user_role_changed", "user_disabled", "user_enabled", "email_requested", "email_sent", "email_failed", "conversation_created", "message_created", "generation_completed", "generation_failed", "subscription_changed", "invoice_created", "invoice_paid", "invoice_uncollectible", "payment_succeeded", "payment_failed", "payment_refunded", "credits_granted", "credits_reserved", "credits_settled", "credits_released", "credits_topped_up", "usage_recorded", "usage_threshold_crossed"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["user_registered", "user_email_verified", "user_login_succeeded", "user_login_failed", "user_locked", "session_revoked", "session_reuse_detected", "user_password_changed", "user_password_reset", "api_key_created", "api_key_revoked", "user_role_changed", "user_disabled", "user_enabled", "email_requested", "email_sent", "email_failed", "conversation_created", "message_created", "generation_completed", "generation_failed", "subscription_changed", "subscription_period_ended", "invoice_created", "invoice_paid", "invoice_uncollectible", "payment_succeeded", "payment_failed", "payment_refunded", "credits_granted", "credits_reserved", "credits_settled", "credits_released", "credits_topped_up", "usage_recorded", "usage_threshold_crossed"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
@@ -1360,6 +1368,44 @@ class GenerationFailed(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GenerationFailed: _TypeAlias = GenerationFailed  # noqa: Y015
+
+@_typing.final
+class SubscriptionPeriodEnded(_message.Message):
+    """A subscription's period reached its end (billing's own timer: delivered no earlier than the end)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBSCRIPTION_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    PERIOD_START_TIME_FIELD_NUMBER: _builtins.int
+    PERIOD_END_TIME_FIELD_NUMBER: _builtins.int
+    subscription_id: _builtins.str
+    """The subscription's id."""
+    user_id: _builtins.str
+    """The subscriber's id."""
+    @_builtins.property
+    def period_start_time(self) -> _timestamp_pb2.Timestamp:
+        """The start of the period that ended."""
+
+    @_builtins.property
+    def period_end_time(self) -> _timestamp_pb2.Timestamp:
+        """The end of the period that ended."""
+
+    def __init__(
+        self,
+        *,
+        subscription_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        period_start_time: _timestamp_pb2.Timestamp | None = ...,
+        period_end_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["period_end_time", b"period_end_time", "period_start_time", b"period_start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["period_end_time", b"period_end_time", "period_start_time", b"period_start_time", "subscription_id", b"subscription_id", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubscriptionPeriodEnded: _TypeAlias = SubscriptionPeriodEnded  # noqa: Y015
 
 @_typing.final
 class SubscriptionChanged(_message.Message):

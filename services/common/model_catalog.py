@@ -1,7 +1,8 @@
 """The model catalog: which models exist, what they cost and accept, and how the catalog is listed.
 
-The catalog is data (`data/model-catalog.yaml`), read once at start. No I/O types here beyond the
-loader; the servicers encode these values for chat v1 and v2.
+The catalog is data (`data/model-catalog.yaml`), read once at start. It is shared because two
+services read it: chat routes and lists models with it, and billing prices usage with it. No I/O
+types here beyond the loader; the chat servicers encode these values for chat v1 and v2.
 """
 
 from __future__ import annotations
@@ -71,6 +72,11 @@ class UnitPrice:
         sign = -1 if value < 0 else 1
         return cls(currency_code, sign * whole, sign * nanos)
 
+    @property
+    def total_nanos(self) -> int:
+        """The price in billionths of a minor unit."""
+        return self.amount_minor * NANOS_PER_MINOR + self.minor_nanos
+
 
 @dataclass(frozen=True)
 class ChatModel:
@@ -85,6 +91,20 @@ class ChatModel:
     output_price_per_1k_tokens: UnitPrice
     allowed_plans: tuple[str, ...]
     accepted_part_kinds: tuple[str, ...]
+
+    def usage_cost_minor(self, input_tokens: int, output_tokens: int) -> int:
+        """What one generation's tokens cost at this model's prices, in whole minor units.
+
+        Rounded half up once, on the sum (ADR 6: rounding happens once, where a cost is charged).
+        """
+        if input_tokens < 0 or output_tokens < 0:
+            raise ValueError("token counts must not be negative")
+        nanos_times_1k = (
+            input_tokens * self.input_price_per_1k_tokens.total_nanos
+            + output_tokens * self.output_price_per_1k_tokens.total_nanos
+        )
+        per_minor = 1000 * NANOS_PER_MINOR
+        return (nanos_times_1k + per_minor // 2) // per_minor
 
 
 class ModelCatalog:
