@@ -17,8 +17,10 @@ from runtime.process import (
     connectable_host,
     host_services,
     install_stop_signals,
+    run_background,
     set_up_observability,
     settle_heap,
+    subscriptions_of,
     until_stopped_or_exited,
 )
 from runtime.topologies import with_edge_settings
@@ -79,11 +81,15 @@ async def run_embedded(settings: Settings, *, stop: asyncio.Event | None = None)
     await upgrade_async(database_url)
     database = Database(database_url)
 
-    workers = EmbeddedWorkers(
-        settings, database, registry=observability.registry, tracer_provider=observability.tracer_provider
-    )
     services = host_services(
         settings, SERVICE_NAMES, database, pki.files(EMBEDDED_SERVICES), observability, embedded=True
+    )
+    workers = EmbeddedWorkers(
+        settings,
+        database,
+        registry=observability.registry,
+        tracer_provider=observability.tracer_provider,
+        subscriptions=subscriptions_of(services.bundles),
     )
     grpc_host = connectable_host(settings.grpc_host)
     edge = edge_child(settings, pki, auth_target=f"{grpc_host}:{services.port}", data_dir=data_dir)
@@ -110,6 +116,7 @@ async def run_embedded(settings: Settings, *, stop: asyncio.Event | None = None)
         else None
     )
     workers.start(stop)
+    background = asyncio.create_task(run_background(services.bundles, stop), name="service-background")
     try:
         await services.start()
         await edge.start()
@@ -141,6 +148,7 @@ async def run_embedded(settings: Settings, *, stop: asyncio.Event | None = None)
         await edge.stop()
         await services.stop()
         await workers.stop(settings.shutdown_grace_s)
+        await background
         if metrics is not None:
             metrics.close()
         await database.dispose()

@@ -21,6 +21,7 @@ from redis.backoff import NoBackoff
 
 from services.common.cache import CacheMetrics, InMemoryReadCache, ReadCache, RedisReadCache
 from services.common.call_context import current_method
+from services.common.consumers import EventSubscription
 from services.common.context import ServiceBundle, ServiceContext
 from services.common.contracts import contract_files
 from services.common.db import Database
@@ -248,6 +249,15 @@ def host_services(
 
 def registrations_of(bundles: Sequence[ServiceBundle]) -> list[ServiceRegistration]:
     return [registration for bundle in bundles for registration in bundle.registrations]
+
+
+def subscriptions_of(bundles: Sequence[ServiceBundle]) -> list[EventSubscription]:
+    return [subscription for bundle in bundles for subscription in bundle.subscriptions]
+
+
+async def run_background(bundles: Sequence[ServiceBundle], stop: asyncio.Event) -> None:
+    """Every service's background loops, until `stop` is set."""
+    await asyncio.gather(*(loop(stop) for bundle in bundles for loop in bundle.background))
 
 
 async def start_services(bundles: Sequence[ServiceBundle]) -> None:

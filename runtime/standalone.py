@@ -13,16 +13,19 @@ from runtime.process import (
     host_services,
     install_stop_signals,
     revocation_list_for,
+    run_background,
     service_tls_for,
     set_up_observability,
     settle_heap,
+    subscriptions_of,
     until_stopped_or_exited,
 )
+from runtime.workers import run_service_consumers
 from services.common.db import Database
 from services.common.metrics import serve_metrics
 from services.common.pki import EDGE
 from services.common.ratelimit import DEFAULT_RATE_LIMITS_FILE, load_rate_limit_config
-from services.common.settings import DEFAULT_SERVICE_PORTS, ServiceName, Settings
+from services.common.settings import DEFAULT_SERVICE_PORTS, ServiceName, Settings, SettingsError
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +38,12 @@ async def serve_service(name: ServiceName, settings: Settings, *, stop: asyncio.
     install_stop_signals(stop)
     database = Database(settings.resolved_database_url)
     services = host_services(settings, [name], database, tls, observability, embedded=False)
+    subscriptions = subscriptions_of(services.bundles)
+    if subscriptions and settings.redis_url is None:
+        raise SettingsError(
+            f"parley serve {name} needs PARLEY_REDIS_URL: it consumes events from Redis Streams "
+            "(embedded mode, `parley up`, runs its consumers in process instead)"
+        )
     metrics = (
         serve_metrics(observability.registry, settings.metrics_host, settings.metrics_port)
         if (settings.metrics_port)
@@ -50,8 +59,20 @@ async def serve_service(name: ServiceName, settings: Settings, *, stop: asyncio.
         sys.stdout.write(f"parley {name} serving gRPC on {settings.grpc_host}:{services.port}\n")
         sys.stdout.flush()
         settle_heap()
-        await stop.wait()
+        await asyncio.gather(
+            stop.wait(),
+            run_background(services.bundles, stop),
+            run_service_consumers(
+                subscriptions,
+                database,
+                settings.redis_url or "",
+                stop,
+                registry=observability.registry,
+                tracer_provider=observability.tracer_provider,
+            ),
+        )
     finally:
+        stop.set()
         await services.stop()
         if metrics is not None:
             metrics.close()

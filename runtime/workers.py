@@ -28,6 +28,7 @@ from services.common.consumers import (
     Consumer,
     ConsumerMetrics,
     EventSource,
+    EventSubscription,
     InProcessSource,
     RedisStreamSource,
 )
@@ -110,6 +111,64 @@ def email_consumer(
     )
 
 
+def subscription_consumer(
+    subscription: EventSubscription,
+    source: EventSource,
+    *,
+    database: Database,
+    member: str,
+    metrics: ConsumerMetrics | None = None,
+    tracer_provider: TracerProvider | None = None,
+) -> Consumer:
+    """A service's consumer (`ServiceBundle.subscriptions`) on one source; its handler records each
+    event as processed in the transaction of its effect."""
+    return Consumer(
+        subscription.consumer,
+        subscription.handler,
+        source,
+        SqlProcessedEvents(database),
+        member=member,
+        block_s=CONSUMER_BLOCK_S,
+        handler_records_processing=True,
+        event_types=subscription.event_types,
+        metrics=metrics,
+        tracer_provider=tracer_provider,
+    )
+
+
+async def run_service_consumers(
+    subscriptions: Sequence[EventSubscription],
+    database: Database,
+    redis_url: str,
+    stop: asyncio.Event,
+    *,
+    registry: CollectorRegistry,
+    tracer_provider: TracerProvider,
+) -> None:
+    """`parley serve`: each subscription's consumer group on the streams of its sources, until `stop`."""
+    if not subscriptions:
+        return
+    client = _stream_client(redis_url)
+    member = member_name()
+    metrics = ConsumerMetrics(registry)
+    consumers = [
+        subscription_consumer(
+            subscription,
+            RedisStreamSource(client, stream=stream_key(source), group=subscription.consumer),
+            database=database,
+            member=member,
+            metrics=metrics,
+            tracer_provider=tracer_provider,
+        )
+        for subscription in subscriptions
+        for source in subscription.sources
+    ]
+    try:
+        await asyncio.gather(*(consumer.run(stop) for consumer in consumers))
+    finally:
+        await client.aclose()
+
+
 class EmbeddedWorkers:
     """The outbox relay and the email consumer of `parley up`, as tasks of the one process.
 
@@ -126,6 +185,7 @@ class EmbeddedWorkers:
         *,
         registry: CollectorRegistry,
         tracer_provider: TracerProvider,
+        subscriptions: Sequence[EventSubscription] = (),
     ) -> None:
         dispatcher = InProcessDispatcher()
         self.relay = OutboxRelay(database, dispatcher)
@@ -134,15 +194,33 @@ class EmbeddedWorkers:
         )
         dispatcher.subscribe(EMAIL_CONSUMER, source.deliver, {EMAIL_REQUESTED_TYPE})
         self._mail_limiter = rate_limiter_for(settings.redis_url)
+        consumer_metrics = ConsumerMetrics(registry)
         self.email = email_consumer(
             settings,
             source,
             database=database,
             limiter=self._mail_limiter,
             member=member_name(),
-            metrics=ConsumerMetrics(registry),
+            metrics=consumer_metrics,
             tracer_provider=tracer_provider,
         )
+        # The services' own consumers (e.g. billing's), each its own group on the one in-process stream.
+        self.service_consumers: list[Consumer] = []
+        for subscription in subscriptions:
+            service_source = InProcessSource(
+                stream=EMBEDDED_STREAM, group=subscription.consumer, dead_letters=SqlDeadLetters(database)
+            )
+            dispatcher.subscribe(subscription.consumer, service_source.deliver, subscription.event_types)
+            self.service_consumers.append(
+                subscription_consumer(
+                    subscription,
+                    service_source,
+                    database=database,
+                    member=member_name(),
+                    metrics=consumer_metrics,
+                    tracer_provider=tracer_provider,
+                )
+            )
         self._pipeline_metrics = EventPipelineMetrics(registry)
         self._database = database
         self._settings = settings
@@ -152,6 +230,10 @@ class EmbeddedWorkers:
         self._tasks = [
             asyncio.create_task(self.relay.run(stop), name="outbox-relay"),
             asyncio.create_task(self.email.run(stop), name="email-consumer"),
+            *(
+                asyncio.create_task(consumer.run(stop), name=f"{consumer.name}-consumer")
+                for consumer in self.service_consumers
+            ),
             asyncio.create_task(
                 keep_pipeline_history_pruned(stop, self._database, self._settings), name="event-housekeeping"
             ),

@@ -37,8 +37,8 @@ from services.common.errors import (
     QuotaViolation,
     ResourceExhausted,
 )
-from services.common.model_catalog import ModelCatalog
 from services.common.ids import new_id
+from services.common.model_catalog import ModelCatalog
 from services.common.money import Money
 
 if TYPE_CHECKING:

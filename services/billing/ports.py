@@ -139,6 +139,11 @@ class BillingUnitOfWork(Protocol):
     @property
     def reservations(self) -> ReservationRepository: ...
 
+    def record_processed(self, consumer: str, event_id: str) -> None:
+        """Record that `consumer` handled the event, committed with the handler's effect (a second
+        commit of the same record fails, and the effect is rolled back with it)."""
+        ...
+
     @property
     def outbox(self) -> Outbox: ...
 

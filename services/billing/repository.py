@@ -27,8 +27,9 @@ from services.billing.plans import Plan
 from services.billing.ports import CATALOG_KEY, PLAN_CACHE, BillingUnitOfWork, DuplicateReservation
 from services.billing.subscriptions import Subscription
 from services.common.db import Database
-from services.common.models import new_id
+from services.common.ids import new_id
 from services.common.money import Money
+from services.common.processed_events import record_processed
 from services.common.sql_unit_of_work import SqlOutbox, SqlTransaction, SqlUnitsOfWork
 from services.common.unit_of_work import Changes
 
@@ -69,6 +70,9 @@ class SqlBillingUnitOfWork:
     @property
     def outbox(self) -> SqlOutbox:
         return self._transaction.outbox
+
+    def record_processed(self, consumer: str, event_id: str) -> None:
+        record_processed(self._transaction.session, consumer, event_id)
 
 
 class SqlPlanRepository:

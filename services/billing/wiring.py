@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from parley.billing.v1 import billing_pb2, billing_pb2_grpc
+from services.billing.event_handlers import billing_subscription, reservation_sweeper
 from services.billing.ledger import CreditLedger
 from services.billing.plans import PlanCatalog
 from services.billing.repository import billing_units_of_work
@@ -34,4 +35,8 @@ def build(context: ServiceContext) -> ServiceBundle:
     others = contract_only_services(
         billing_pb2, billing_pb2_grpc, except_services=["BillingService", "BillingInternalService"]
     )
-    return ServiceBundle(registrations=[public, internal, *others])
+    return ServiceBundle(
+        registrations=[public, internal, *others],
+        subscriptions=[billing_subscription(units, subscriptions)],
+        background=[reservation_sweeper(ledger)],
+    )

@@ -15,8 +15,8 @@ from parley.chat.v1 import chat_pb2, chat_pb2_grpc
 from parley.chat.v2 import chat_pb2 as chat_v2_pb2
 from parley.chat.v2 import chat_pb2_grpc as chat_v2_pb2_grpc
 from parley.common.v1 import common_pb2
-from services.common.model_catalog import CONTENT_PART_KINDS, ChatModel, ModelCatalog, UnitPrice
 from services.common.http_cache import CATALOG_CACHE, send_cache_headers
+from services.common.model_catalog import CONTENT_PART_KINDS, ChatModel, ModelCatalog, UnitPrice
 
 # The catalog's part kind names and their v2 enum values: "image_url" -> CONTENT_PART_KIND_IMAGE_URL.
 PART_KINDS_V2: Final[Mapping[str, chat_v2_pb2.ContentPartKind.ValueType]] = {

@@ -5,9 +5,9 @@ from __future__ import annotations
 from parley.chat.v1 import chat_pb2, chat_pb2_grpc
 from parley.chat.v2 import chat_pb2 as chat_v2_pb2
 from parley.chat.v2 import chat_pb2_grpc as chat_v2_pb2_grpc
-from services.common.model_catalog import ModelCatalog, load_model_catalog
 from services.chat.servicer import ChatServicer, ChatServicerV2
 from services.common.context import ServiceBundle, ServiceContext
+from services.common.model_catalog import ModelCatalog, load_model_catalog
 from services.common.server import ServiceRegistration
 
 

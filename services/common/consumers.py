@@ -677,6 +677,21 @@ class ConsumerMetrics:
 
 
 @dataclass(frozen=True)
+class EventSubscription:
+    """A service's event consumer, run wherever the service is hosted.
+
+    `parley up` feeds it from the outbox relay in process; `parley serve` reads the Redis streams of
+    `sources` (one per producing service) as the consumer group `consumer`. The handler records each
+    event as processed in its own transaction (`Consumer(handler_records_processing=True)`).
+    """
+
+    consumer: str
+    handler: EventHandler
+    event_types: frozenset[str]
+    sources: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class CurrentDelivery:
     """What a handler may need beyond the event: for writing its own idempotency record."""
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from services.common.cache import InMemoryReadCache, ReadCache
+from services.common.consumers import EventSubscription
 from services.common.db import Database
 from services.common.identity import JwksFetcher
 from services.common.revocation import RevocationList
@@ -38,3 +40,7 @@ class ServiceBundle:
     on_start: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     # Awaited once after the server stopped (e.g. close connections the service opened itself).
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # The events the service consumes, wherever it is hosted.
+    subscriptions: list[EventSubscription] = field(default_factory=list)
+    # Loops the service runs while it is hosted (e.g. a sweeper); each returns once `stop` is set.
+    background: list[Callable[[asyncio.Event], Awaitable[None]]] = field(default_factory=list)
