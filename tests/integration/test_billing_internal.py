@@ -1,4 +1,4 @@
-"""BillingInternalService over real gRPC and mTLS, on SQLite and PostgreSQL: what chat calls, and who else may not.
+"""BillingInternalService over real gRPC and mTLS, on SQLite and PostgreSQL: what chat calls, and who may not.
 
 The production server chain (`create_server`: identity, caller check, validation, error mapping)
 hosts billing's wiring; clients present the workload certificates of tests/support/pki.py.

@@ -1,0 +1,85 @@
+"""Billing through `parley up`'s gateway, as a web client sees it: a new user lands on the free plan
+(billing consumed `user.registered`) and reads their subscription and live usage; the internal
+service is not routable."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.support.outbox import read_events
+from tests.support.parley_process import parley_up_serving
+from tests.support.polling import eventually_sync
+
+PASSWORD = "amber-lighthouse-quartz-58"
+
+
+def ok(response: httpx.Response) -> dict[str, Any]:
+    assert response.status_code == 200, f"{response.request.method} {response.request.url}: {response.text}"
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def reason_of(response: httpx.Response) -> str:
+    [info] = [detail for detail in response.json()["details"] if detail["@type"].endswith("ErrorInfo")]
+    reason: str = info["reason"]
+    return reason
+
+
+def test_a_new_user_is_on_free_and_reads_subscription_and_usage_through_the_gateway(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    with (
+        parley_up_serving(data_dir, log_path=tmp_path / "parley-up.log") as (process, ports),
+        httpx.Client(base_url=f"http://127.0.0.1:{ports.http}", timeout=10.0) as client,
+    ):
+        email = f"billing-{uuid.uuid4().hex[:10]}@example.com"
+        registered = ok(
+            client.post(
+                "/v1/auth/register", json={"email": email, "password": PASSWORD, "display_name": "Billing"}
+            )
+        )
+        user_id = registered["user"]["id"]
+
+        # No billing call has been made: the subscription comes from consuming user.registered.
+        def started() -> list[object] | None:
+            return read_events(data_dir / "parley.db", "subscription.changed", subject=user_id) or None
+
+        [created] = eventually_sync(
+            started, what="billing starting the new user's subscription", alive=process.check_alive
+        )
+        assert created.source == "billing"
+        assert created.subscription_changed.plan_id == "free"
+
+        anonymous = client.get("/v1/billing/usage")
+        assert anonymous.status_code == 401
+        assert reason_of(anonymous) == "UNAUTHENTICATED"
+
+        login = ok(client.post("/v1/auth/login", json={"email": email, "password": PASSWORD}))
+        headers = {"authorization": f"Bearer {login['tokens']['access_token']}"}
+        subscription = ok(client.get("/v1/billing/subscription", headers=headers))
+        assert subscription["subscription"]["user_id"] == user_id
+        assert subscription["subscription"]["plan_id"] == "free"
+        assert subscription["subscription"]["status"] == "SUBSCRIPTION_STATUS_ACTIVE"
+        assert subscription["plan"]["hard_stop"] is True
+
+        usage = ok(client.get("/v1/billing/usage", headers=headers))
+        balance = usage["balance"]
+        # int64 fields are JSON strings (proto3 JSON mapping).
+        assert (balance["included_tokens"], balance["remaining_tokens"]) == ("100000", "100000")
+        assert balance["period_start_time"] == subscription["subscription"]["current_period_start_time"]
+        assert usage.get("models", []) == []
+
+        internal = client.post(
+            "/parley.billing.v1.BillingInternalService/ReserveCredits",
+            json={
+                "request_id": "r",
+                "user_id": user_id,
+                "estimate": {"model": "parley-local", "input_tokens": 1},
+            },
+            headers={**headers, "content-type": "application/json"},
+        )
+        assert internal.status_code == 404
+        assert reason_of(internal) == "ROUTE_NOT_FOUND"
