@@ -16,58 +16,30 @@ import pytest
 from google.rpc import error_details_pb2
 
 from parley.billing.v1 import billing_pb2, billing_pb2_grpc
-from runtime.process import build_services, identity_for, registrations_of, start_services, stop_services
-from services.common.context import ServiceContext
 from services.common.db import Database
-from services.common.metrics import new_registry
 from services.common.migrate import upgrade_async
-from services.common.revocation import InMemoryRevocationList
-from services.common.server import ServerDeps, create_server
-from services.common.settings import load_settings
-from services.common.telemetry import create_tracer_provider
-from tests.support.pki import SERVICES, ServicePki
-from tests.support.servers import rich_status
+from tests.support.pki import ServicePki
+from tests.support.servers import RunningServer, hosted, rich_status, serving
 
 RESERVE = "parley.billing.v1.BillingInternalService/ReserveCredits"
 
 
 @dataclass
 class Billing:
-    pki: ServicePki
-    target: str
+    running: RunningServer
 
     def internal(self, *, as_: str = "chat") -> billing_pb2_grpc.BillingInternalServiceStub:
-        return billing_pb2_grpc.BillingInternalServiceStub(
-            self.pki.channel(self.target, as_=as_, server="billing")
-        )
+        return billing_pb2_grpc.BillingInternalServiceStub(self.running.channel_as(as_))
 
 
 @pytest.fixture
 async def billing(database_url: str, service_pki: ServicePki) -> AsyncIterator[Billing]:
     await upgrade_async(database_url)
-    settings = load_settings(database_url=database_url, grpc_port=0, metrics_port=0)
     database = Database(database_url)
-    context = ServiceContext(settings, database, InMemoryRevocationList(), embedded=False)
-    bundles = build_services(["billing"], context)
-    await start_services(bundles)
-    identity = identity_for(settings, bundles, context, service_pki.files(SERVICES))
-    server, port = create_server(
-        settings,
-        ServerDeps(
-            services=registrations_of(bundles),
-            identity=identity.resolver,
-            registry=new_registry(),
-            tracer_provider=create_tracer_provider(service="test", otlp_endpoint=None),
-            tls=service_pki.files(SERVICES),
-        ),
-    )
-    await server.start()
     try:
-        yield Billing(service_pki, f"127.0.0.1:{port}")
+        async with serving(hosted(["billing"], database), pki=service_pki) as running:
+            yield Billing(running)
     finally:
-        await server.stop()
-        await stop_services(bundles)
-        await identity.close()
         await database.dispose()
 
 
