@@ -203,7 +203,7 @@ async def test_bad_estimates_and_usage_are_invalid_arguments(billing: Billing) -
 
 async def test_a_hard_stop_refuses_what_the_balance_does_not_cover(billing: Billing) -> None:
     user = new_id()
-    big, _ = await billing.ledger.reserve("req-1", user, estimate(FREE_ALLOWANCE - 500))
+    await billing.ledger.reserve("req-1", user, estimate(FREE_ALLOWANCE - 500))
     refused = await refusal(billing.ledger.reserve("req-2", user, estimate(501)), ResourceExhausted)
     assert refused.reason == "INSUFFICIENT_CREDITS"
     [violation] = refused.quota_violations

@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 
+from parley.events.v1 import events_pb2
 from tests.support.outbox import read_events
 from tests.support.parley_process import parley_up_serving
 from tests.support.polling import eventually_sync
@@ -44,7 +45,7 @@ def test_a_new_user_is_on_free_and_reads_subscription_and_usage_through_the_gate
         user_id = registered["user"]["id"]
 
         # No billing call has been made: the subscription comes from consuming user.registered.
-        def started() -> list[object] | None:
+        def started() -> list[events_pb2.Event] | None:
             return read_events(data_dir / "parley.db", "subscription.changed", subject=user_id) or None
 
         [created] = eventually_sync(
