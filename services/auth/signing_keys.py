@@ -17,11 +17,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import hashlib
 import json
 import logging
-import os
 import secrets
 import time
 from collections.abc import Callable
@@ -43,6 +41,7 @@ from cryptography.hazmat.primitives.serialization import (
 
 from services.auth.ports import AuthUnitsOfWork, StoredSigningKey
 from services.common.clock import utc_now
+from services.common.data_dir import secret_file
 
 logger = logging.getLogger(__name__)
 
@@ -127,23 +126,7 @@ def load_kek(value: str | None, file: Path | None, *, embedded_data_dir: Path | 
 
 
 def _embedded_kek(path: Path) -> bytes:
-    if not path.exists():
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # Write a private temporary file, then link it into place: the link fails if another
-        # process won the race, and nobody ever reads a half-written key.
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(descriptor, "w", encoding="ascii") as handle:
-                handle.write(generate_kek() + "\n")
-            with contextlib.suppress(FileExistsError):
-                os.link(temporary, path)
-                logger.info("created a key-encryption key for embedded mode at %s", path)
-        finally:
-            temporary.unlink(missing_ok=True)
-    if path.stat().st_mode & 0o077:
-        logger.warning("the key-encryption key file %s is readable by other users; chmod 600 it", path)
-    return _decode_kek(path.read_text(encoding="ascii"), source=str(path))
+    return _decode_kek(secret_file(path, generate_kek), source=str(path))
 
 
 def public_jwk(private_key: Ed25519PrivateKey) -> dict[str, str]:

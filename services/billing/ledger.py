@@ -402,6 +402,17 @@ class CreditLedger:
             account = await self._release(uow, released, now, events_pb2.CREDIT_RELEASE_REASON_RELEASED)
             return released, account
 
+    async def top_up(
+        self, uow: BillingUnitOfWork, account_id: str, tokens: int, *, reason: str, now: datetime
+    ) -> tuple[str, CreditAccount]:
+        """Add prepaid tokens within the caller's unit of work (a paid credit pack); (entry id, account)."""
+        if tokens <= 0:
+            raise ValueError("a top-up adds a positive number of tokens")
+        account = await self._account(uow, account_id, now)
+        entry = LedgerEntry("top_up", purchased_delta=tokens, reason=reason)
+        entry_id = await uow.ledger.append(account.account_id, account.period_start, entry, now=now)
+        return entry_id, await uow.accounts.apply(account.account_id, entry, now=now)
+
     async def release_expired(self, *, limit: int = SWEEP_BATCH) -> int:
         """Release up to `limit` reservations held past their expiry (the sweeper's one pass)."""
         now = self._clock()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, BigInteger, Boolean, Index, Integer, String, UniqueConstraint, text
+from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Index, Integer, String, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from services.common.models import UUID_LENGTH, Base, Timestamps, UuidPrimaryKey
@@ -117,3 +117,125 @@ class ReservationRecord(UuidPrimaryKey, Base):
     created_at: Mapped[datetime]
     expires_at: Mapped[datetime]
     closed_at: Mapped[datetime | None]
+
+
+class CreditPackRecord(Base):
+    """A prepaid bundle of tokens on sale (retired packs stay for the invoices that name them)."""
+
+    __tablename__ = "credit_packs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    display_name: Mapped[str] = mapped_column(String(100))
+    tokens: Mapped[int] = mapped_column(BigInteger)
+    currency_code: Mapped[str] = mapped_column(String(3))
+    price_minor: Mapped[int] = mapped_column(BigInteger)
+    sort_order: Mapped[int] = mapped_column(Integer)
+    retired_at: Mapped[datetime | None]
+
+
+class InvoiceRecord(UuidPrimaryKey, Base):
+    """An invoice; `number` is given when it is finalized, gapless per year (`invoice_number_counters`)."""
+
+    __tablename__ = "invoices"
+    __table_args__ = (Index(None, "user_id", "created_at", "id"),)
+
+    number: Mapped[str | None] = mapped_column(String(16), unique=True)
+    user_id: Mapped[str] = mapped_column(String(UUID_LENGTH))
+    status: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(String(16))
+    currency_code: Mapped[str] = mapped_column(String(3))
+    subtotal_minor: Mapped[int] = mapped_column(BigInteger)
+    tax_minor: Mapped[int] = mapped_column(BigInteger)
+    total_minor: Mapped[int] = mapped_column(BigInteger)
+    amount_paid_minor: Mapped[int] = mapped_column(BigInteger)
+    period_start: Mapped[datetime | None]
+    period_end: Mapped[datetime | None]
+    created_at: Mapped[datetime]
+    finalized_at: Mapped[datetime | None]
+    due_at: Mapped[datetime | None]
+    paid_at: Mapped[datetime | None]
+    closed_at: Mapped[datetime | None]
+
+
+class InvoiceLineRecord(UuidPrimaryKey, Base):
+    """One line of an invoice, in the order it was written (`position`)."""
+
+    __tablename__ = "invoice_lines"
+    __table_args__ = (UniqueConstraint("invoice_id", "position"),)
+
+    invoice_id: Mapped[str] = mapped_column(
+        String(UUID_LENGTH), ForeignKey("invoices.id", ondelete="CASCADE")
+    )
+    position: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(24))
+    description: Mapped[str] = mapped_column(String(200))
+    quantity: Mapped[int] = mapped_column(BigInteger)
+    unit_price_minor: Mapped[int] = mapped_column(BigInteger)
+    amount_minor: Mapped[int] = mapped_column(BigInteger)
+    plan_id: Mapped[str | None] = mapped_column(String(32))
+    credit_pack_id: Mapped[str | None] = mapped_column(String(32))
+    period_start: Mapped[datetime | None]
+    period_end: Mapped[datetime | None]
+
+
+class InvoiceNumberCounterRecord(Base):
+    """The last invoice number given in a year; incremented in the finalizing transaction, so gapless."""
+
+    __tablename__ = "invoice_number_counters"
+
+    year: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    last_number: Mapped[int] = mapped_column(Integer)
+
+
+class CheckoutSessionRecord(UuidPrimaryKey, Base):
+    """A payment-provider checkout for a plan or a credit pack, idempotent on (user, request id)."""
+
+    __tablename__ = "checkout_sessions"
+    __table_args__ = (
+        UniqueConstraint("user_id", "request_id"),
+        UniqueConstraint("provider", "provider_session_id"),
+    )
+
+    user_id: Mapped[str] = mapped_column(String(UUID_LENGTH))
+    request_id: Mapped[str] = mapped_column(String(128))
+    provider: Mapped[str] = mapped_column(String(16))
+    provider_session_id: Mapped[str] = mapped_column(String(128))
+    url: Mapped[str] = mapped_column(String(500))
+    status: Mapped[str] = mapped_column(String(16))
+    plan_id: Mapped[str | None] = mapped_column(String(32))
+    credit_pack_id: Mapped[str | None] = mapped_column(String(32))
+    invoice_id: Mapped[str] = mapped_column(String(UUID_LENGTH))
+    currency_code: Mapped[str] = mapped_column(String(3))
+    amount_minor: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+    completed_at: Mapped[datetime | None]
+
+
+class PaymentRecord(UuidPrimaryKey, Base):
+    """One payment attempt for an invoice, as the provider reported it."""
+
+    __tablename__ = "payments"
+    __table_args__ = (Index(None, "invoice_id"),)
+
+    invoice_id: Mapped[str] = mapped_column(String(UUID_LENGTH))
+    user_id: Mapped[str] = mapped_column(String(UUID_LENGTH))
+    provider: Mapped[str] = mapped_column(String(16))
+    provider_payment_id: Mapped[str] = mapped_column(String(128))
+    status: Mapped[str] = mapped_column(String(16))
+    currency_code: Mapped[str] = mapped_column(String(3))
+    amount_minor: Mapped[int] = mapped_column(BigInteger)
+    failure_reason: Mapped[str | None] = mapped_column(String(64))
+    attempt: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime]
+
+
+class WebhookEventRecord(Base):
+    """A provider event already applied: webhooks are processed once per (provider, event id)."""
+
+    __tablename__ = "webhook_events"
+
+    provider: Mapped[str] = mapped_column(String(16), primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    event_type: Mapped[str] = mapped_column(String(64))
+    received_at: Mapped[datetime]

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Final, Protocol
 from services.common.unit_of_work import Outbox, UnitsOfWork
 
 if TYPE_CHECKING:
+    from services.billing.checkout import CheckoutSession, CreditPack, Payment
+    from services.billing.invoices import Invoice, InvoiceStatus
     from services.billing.ledger import CreditAccount, LedgerEntry, LedgerSums, Reservation, SettledUsage
     from services.billing.plans import Plan
     from services.billing.subscriptions import Subscription
@@ -121,6 +123,65 @@ class ReservationRepository(Protocol):
         ...
 
 
+class CreditPackRepository(Protocol):
+    async def all_packs(self) -> Sequence[CreditPack]:
+        """Every pack, retired ones included."""
+        ...
+
+    async def get(self, credit_pack_id: str) -> CreditPack | None: ...
+
+
+class InvoiceRepository(Protocol):
+    async def add(self, invoice: Invoice) -> None:
+        """Insert the invoice with its lines."""
+        ...
+
+    async def get(self, invoice_id: str, *, for_update: bool = False) -> Invoice | None: ...
+
+    async def save(self, invoice: Invoice) -> None:
+        """Write its state, amounts paid and times (lines and number never change once written)."""
+        ...
+
+    async def next_number(self, year: int) -> int:
+        """The next invoice sequence number of `year`; the counter stays locked until the unit ends,
+        so numbers are given in commit order with no gaps."""
+        ...
+
+    async def list_for_user(
+        self, user_id: str, *, status: InvoiceStatus | None, after: tuple[datetime, str] | None, limit: int
+    ) -> Sequence[Invoice]:
+        """The user's invoices by (create time, id) descending, strictly after `after`."""
+        ...
+
+
+class CheckoutRepository(Protocol):
+    async def add(self, session: CheckoutSession) -> bool:
+        """Insert it; False (nothing written) when the user has a session with its request id."""
+        ...
+
+    async def by_request(self, user_id: str, request_id: str) -> CheckoutSession | None: ...
+
+    async def by_provider_session(
+        self, provider: str, provider_session_id: str, *, for_update: bool = False
+    ) -> CheckoutSession | None: ...
+
+    async def save(self, session: CheckoutSession) -> None:
+        """Write its status and completion time."""
+        ...
+
+
+class PaymentRepository(Protocol):
+    async def add(self, payment: Payment) -> None: ...
+
+    async def count_for_invoice(self, invoice_id: str) -> int: ...
+
+
+class WebhookEventRepository(Protocol):
+    async def record(self, provider: str, event_id: str, event_type: str, *, now: datetime) -> bool:
+        """Record a provider event as applied; False when it was recorded before (a redelivery)."""
+        ...
+
+
 class BillingUnitOfWork(Protocol):
     """One transaction of the billing service, with its repositories and its outbox."""
 
@@ -138,6 +199,21 @@ class BillingUnitOfWork(Protocol):
 
     @property
     def reservations(self) -> ReservationRepository: ...
+
+    @property
+    def credit_packs(self) -> CreditPackRepository: ...
+
+    @property
+    def invoices(self) -> InvoiceRepository: ...
+
+    @property
+    def checkouts(self) -> CheckoutRepository: ...
+
+    @property
+    def payments(self) -> PaymentRepository: ...
+
+    @property
+    def webhook_events(self) -> WebhookEventRepository: ...
 
     def record_processed(self, consumer: str, event_id: str) -> None:
         """Record that `consumer` handled the event, committed with the handler's effect (a second

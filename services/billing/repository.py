@@ -15,13 +15,22 @@ from sqlalchemy import Table, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.billing.checkout import CheckoutSession, CreditPack, Payment
+from services.billing.invoices import Invoice, InvoiceStatus, LineItem
 from services.billing.ledger import CreditAccount, LedgerEntry, LedgerSums, Reservation, SettledUsage
 from services.billing.models import (
+    CheckoutSessionRecord,
     CreditAccountRecord,
+    CreditPackRecord,
+    InvoiceLineRecord,
+    InvoiceNumberCounterRecord,
+    InvoiceRecord,
     LedgerEntryRecord,
+    PaymentRecord,
     PlanRecord,
     ReservationRecord,
     SubscriptionRecord,
+    WebhookEventRecord,
 )
 from services.billing.plans import Plan
 from services.billing.ports import CATALOG_KEY, PLAN_CACHE, BillingUnitOfWork, DuplicateReservation
@@ -66,6 +75,26 @@ class SqlBillingUnitOfWork:
     @cached_property
     def reservations(self) -> SqlReservationRepository:
         return SqlReservationRepository(self._transaction.session)
+
+    @cached_property
+    def credit_packs(self) -> SqlCreditPackRepository:
+        return SqlCreditPackRepository(self._transaction.session)
+
+    @cached_property
+    def invoices(self) -> SqlInvoiceRepository:
+        return SqlInvoiceRepository(self._transaction.session)
+
+    @cached_property
+    def checkouts(self) -> SqlCheckoutRepository:
+        return SqlCheckoutRepository(self._transaction.session)
+
+    @cached_property
+    def payments(self) -> SqlPaymentRepository:
+        return SqlPaymentRepository(self._transaction.session)
+
+    @cached_property
+    def webhook_events(self) -> SqlWebhookEventRepository:
+        return SqlWebhookEventRepository(self._transaction.session)
 
     @property
     def outbox(self) -> SqlOutbox:
@@ -471,3 +500,300 @@ class SqlReservationRepository:
             )
         ).all()
         return [SettledUsage(row[0], int(row[1]), int(row[2]), int(row[3])) for row in rows]
+
+
+class SqlCreditPackRepository:
+    """Rows of `credit_packs`."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    async def all_packs(self) -> Sequence[CreditPack]:
+        return [_to_pack(row) for row in (await self._session.scalars(select(CreditPackRecord))).all()]
+
+    async def get(self, credit_pack_id: str) -> CreditPack | None:
+        row = await self._session.get(CreditPackRecord, credit_pack_id)
+        return None if row is None else _to_pack(row)
+
+
+def _to_pack(row: CreditPackRecord) -> CreditPack:
+    return CreditPack(
+        id=row.id,
+        display_name=row.display_name,
+        tokens=row.tokens,
+        price=Money(row.currency_code, row.price_minor),
+        sort_order=row.sort_order,
+        retired=row.retired_at is not None,
+    )
+
+
+_INVOICE = cast(Table, InvoiceRecord.__table__)
+_INVOICE_LINE = cast(Table, InvoiceLineRecord.__table__)
+_COUNTER = cast(Table, InvoiceNumberCounterRecord.__table__)
+
+
+class SqlInvoiceRepository:
+    """Rows of `invoices` and `invoice_lines`, and the per-year counters of `invoice_number_counters`."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    async def add(self, invoice: Invoice) -> None:
+        await self._session.execute(insert(_INVOICE).values(id=invoice.id, **_invoice_values(invoice)))
+        if invoice.lines:
+            await self._session.execute(
+                insert(_INVOICE_LINE),
+                [
+                    {
+                        "id": new_id(),
+                        "invoice_id": invoice.id,
+                        "position": position,
+                        "kind": line.kind,
+                        "description": line.description,
+                        "quantity": line.quantity,
+                        "unit_price_minor": line.unit_price_minor,
+                        "amount_minor": line.amount_minor,
+                        "plan_id": line.plan_id,
+                        "credit_pack_id": line.credit_pack_id,
+                        "period_start": line.period_start,
+                        "period_end": line.period_end,
+                    }
+                    for position, line in enumerate(invoice.lines)
+                ],
+            )
+
+    async def get(self, invoice_id: str, *, for_update: bool = False) -> Invoice | None:
+        statement = select(_INVOICE).where(_INVOICE.c.id == invoice_id)
+        if for_update:
+            statement = statement.with_for_update()
+        row = (await self._session.execute(statement)).first()
+        if row is None:
+            return None
+        return (await self._with_lines([row]))[0]
+
+    async def save(self, invoice: Invoice) -> None:
+        await self._session.execute(
+            update(_INVOICE).where(_INVOICE.c.id == invoice.id).values(**_invoice_values(invoice))
+        )
+
+    async def next_number(self, year: int) -> int:
+        statement = (
+            _insert_for(self._session)(_COUNTER)
+            .values(year=year, last_number=1)
+            .on_conflict_do_update(
+                index_elements=[_COUNTER.c.year], set_={"last_number": _COUNTER.c.last_number + 1}
+            )
+            .returning(_COUNTER.c.last_number)
+        )
+        number: int = (await self._session.execute(statement)).scalar_one()
+        return number
+
+    async def list_for_user(
+        self, user_id: str, *, status: InvoiceStatus | None, after: tuple[datetime, str] | None, limit: int
+    ) -> Sequence[Invoice]:
+        statement = select(_INVOICE).where(_INVOICE.c.user_id == user_id)
+        if status is not None:
+            statement = statement.where(_INVOICE.c.status == status)
+        if after is not None:
+            created, invoice_id = after
+            statement = statement.where(
+                (_INVOICE.c.created_at < created)
+                | ((_INVOICE.c.created_at == created) & (_INVOICE.c.id < invoice_id))
+            )
+        statement = statement.order_by(_INVOICE.c.created_at.desc(), _INVOICE.c.id.desc()).limit(limit)
+        return await self._with_lines((await self._session.execute(statement)).all())
+
+    async def _with_lines(self, rows: Sequence[Any]) -> list[Invoice]:
+        if not rows:
+            return []
+        lines: dict[str, list[LineItem]] = {row.id: [] for row in rows}
+        found = await self._session.execute(
+            select(_INVOICE_LINE)
+            .where(_INVOICE_LINE.c.invoice_id.in_(list(lines)))
+            .order_by(_INVOICE_LINE.c.invoice_id, _INVOICE_LINE.c.position)
+        )
+        for line in found.all():
+            lines[line.invoice_id].append(
+                LineItem(
+                    kind=line.kind,
+                    description=line.description,
+                    quantity=line.quantity,
+                    unit_price_minor=line.unit_price_minor,
+                    amount_minor=line.amount_minor,
+                    plan_id=line.plan_id,
+                    credit_pack_id=line.credit_pack_id,
+                    period_start=line.period_start,
+                    period_end=line.period_end,
+                )
+            )
+        return [_to_invoice(row, lines[row.id]) for row in rows]
+
+
+def _invoice_values(invoice: Invoice) -> dict[str, object]:
+    return {
+        "number": invoice.number,
+        "user_id": invoice.user_id,
+        "status": invoice.status,
+        "reason": invoice.reason,
+        "currency_code": invoice.currency_code,
+        "subtotal_minor": invoice.subtotal_minor,
+        "tax_minor": invoice.tax_minor,
+        "total_minor": invoice.total_minor,
+        "amount_paid_minor": invoice.amount_paid_minor,
+        "period_start": invoice.period_start,
+        "period_end": invoice.period_end,
+        "created_at": invoice.create_time,
+        "finalized_at": invoice.finalize_time,
+        "due_at": invoice.due_time,
+        "paid_at": invoice.paid_time,
+        "closed_at": invoice.close_time,
+    }
+
+
+def _to_invoice(row: Any, lines: Sequence[LineItem]) -> Invoice:
+    return Invoice(
+        id=row.id,
+        number=row.number,
+        user_id=row.user_id,
+        status=row.status,
+        reason=row.reason,
+        currency_code=row.currency_code,
+        lines=tuple(lines),
+        subtotal_minor=row.subtotal_minor,
+        tax_minor=row.tax_minor,
+        total_minor=row.total_minor,
+        amount_paid_minor=row.amount_paid_minor,
+        period_start=row.period_start,
+        period_end=row.period_end,
+        create_time=row.created_at,
+        finalize_time=row.finalized_at,
+        due_time=row.due_at,
+        paid_time=row.paid_at,
+        close_time=row.closed_at,
+    )
+
+
+_CHECKOUT = cast(Table, CheckoutSessionRecord.__table__)
+
+
+class SqlCheckoutRepository:
+    """Rows of `checkout_sessions`."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    async def add(self, session: CheckoutSession) -> bool:
+        statement = (
+            _insert_for(self._session)(_CHECKOUT)
+            .values(
+                id=session.id,
+                user_id=session.user_id,
+                request_id=session.request_id,
+                provider=session.provider,
+                provider_session_id=session.provider_session_id,
+                url=session.url,
+                status=session.status,
+                plan_id=session.plan_id,
+                credit_pack_id=session.credit_pack_id,
+                invoice_id=session.invoice_id,
+                currency_code=session.amount.currency_code,
+                amount_minor=session.amount.amount_minor,
+                created_at=session.create_time,
+                expires_at=session.expire_time,
+                completed_at=session.complete_time,
+            )
+            .on_conflict_do_nothing(index_elements=["user_id", "request_id"])
+            .returning(_CHECKOUT.c.id)
+        )
+        return (await self._session.execute(statement)).first() is not None
+
+    async def by_request(self, user_id: str, request_id: str) -> CheckoutSession | None:
+        return await self._first(
+            select(_CHECKOUT).where(_CHECKOUT.c.user_id == user_id, _CHECKOUT.c.request_id == request_id)
+        )
+
+    async def by_provider_session(
+        self, provider: str, provider_session_id: str, *, for_update: bool = False
+    ) -> CheckoutSession | None:
+        statement = select(_CHECKOUT).where(
+            _CHECKOUT.c.provider == provider, _CHECKOUT.c.provider_session_id == provider_session_id
+        )
+        return await self._first(statement.with_for_update() if for_update else statement)
+
+    async def save(self, session: CheckoutSession) -> None:
+        await self._session.execute(
+            update(_CHECKOUT)
+            .where(_CHECKOUT.c.id == session.id)
+            .values(status=session.status, completed_at=session.complete_time)
+        )
+
+    async def _first(self, statement: Any) -> CheckoutSession | None:
+        row = (await self._session.execute(statement)).first()
+        if row is None:
+            return None
+        return CheckoutSession(
+            id=row.id,
+            user_id=row.user_id,
+            request_id=row.request_id,
+            provider=row.provider,
+            provider_session_id=row.provider_session_id,
+            url=row.url,
+            status=row.status,
+            plan_id=row.plan_id,
+            credit_pack_id=row.credit_pack_id,
+            invoice_id=row.invoice_id,
+            amount=Money(row.currency_code, row.amount_minor),
+            create_time=row.created_at,
+            expire_time=row.expires_at,
+            complete_time=row.completed_at,
+        )
+
+
+_PAYMENT = cast(Table, PaymentRecord.__table__)
+
+
+class SqlPaymentRepository:
+    """Rows of `payments`."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    async def add(self, payment: Payment) -> None:
+        await self._session.execute(
+            insert(_PAYMENT).values(
+                id=payment.id,
+                invoice_id=payment.invoice_id,
+                user_id=payment.user_id,
+                provider=payment.provider,
+                provider_payment_id=payment.provider_payment_id,
+                status=payment.status,
+                currency_code=payment.amount.currency_code,
+                amount_minor=payment.amount.amount_minor,
+                failure_reason=payment.failure_reason,
+                attempt=payment.attempt,
+                created_at=payment.create_time,
+            )
+        )
+
+    async def count_for_invoice(self, invoice_id: str) -> int:
+        count: int = (
+            await self._session.execute(select(func.count()).where(_PAYMENT.c.invoice_id == invoice_id))
+        ).scalar_one()
+        return count
+
+
+class SqlWebhookEventRepository:
+    """Rows of `webhook_events`."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    async def record(self, provider: str, event_id: str, event_type: str, *, now: datetime) -> bool:
+        table = cast(Table, WebhookEventRecord.__table__)
+        statement = (
+            _insert_for(self._session)(table)
+            .values(provider=provider, event_id=event_id, event_type=event_type, received_at=now)
+            .on_conflict_do_nothing(index_elements=["provider", "event_id"])
+            .returning(table.c.event_id)
+        )
+        return (await self._session.execute(statement)).first() is not None

@@ -2,26 +2,42 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+from typing import Final
+
 import grpc
+from google.protobuf.message import Message
 
 from parley.billing.v1 import billing_pb2, billing_pb2_grpc
+from parley.common.v1 import common_pb2
+from services.billing.checkout import Checkout, CheckoutSession
+from services.billing.invoices import Invoice, InvoiceBook, InvoiceStatus
 from services.billing.ledger import CreditAccount, CreditLedger, Estimate, Reservation, Usage
 from services.billing.plans import Plan, PlanCatalog, plan_tier_to_proto
 from services.billing.subscriptions import Subscription, SubscriptionManager, subscription_status_to_proto
+from services.billing.webhook_signatures import SIGNATURE_HEADER
 from services.common.call_context import current_identity
 from services.common.encoding import money_to_proto, timestamp_to_proto
 from services.common.http_cache import CATALOG_CACHE, send_cache_headers
+from services.common.money import Money
 
 
 class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
     """The public billing API; RPCs not overridden here answer UNIMPLEMENTED until they are built."""
 
     def __init__(
-        self, catalog: PlanCatalog, subscriptions: SubscriptionManager, ledger: CreditLedger
+        self,
+        catalog: PlanCatalog,
+        subscriptions: SubscriptionManager,
+        ledger: CreditLedger,
+        checkout: Checkout,
+        invoices: InvoiceBook,
     ) -> None:
         self._catalog = catalog
         self._subscriptions = subscriptions
         self._ledger = ledger
+        self._checkout = checkout
+        self._invoices = invoices
 
     async def ListPlans(
         self, request: billing_pb2.ListPlansRequest, context: grpc.aio.ServicerContext
@@ -68,6 +84,74 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
                 for model in usage.models
             ],
             overage_cost=money_to_proto(usage.overage_cost),
+        )
+
+    async def ListCreditPacks(
+        self, request: billing_pb2.ListCreditPacksRequest, context: grpc.aio.ServicerContext
+    ) -> billing_pb2.ListCreditPacksResponse:
+        page = await self._checkout.list_credit_packs(
+            page_size=request.page_size, page_token=request.page_token
+        )
+        reply = billing_pb2.ListCreditPacksResponse(
+            credit_packs=[
+                billing_pb2.CreditPack(
+                    id=pack.id,
+                    display_name=pack.display_name,
+                    tokens=pack.tokens,
+                    price=money_to_proto(pack.price),
+                )
+                for pack in page.items
+            ],
+            next_page_token=page.next_page_token,
+        )
+        return await send_cache_headers(context, reply, CATALOG_CACHE)
+
+    async def CreateCheckoutSession(
+        self, request: billing_pb2.CreateCheckoutSessionRequest, context: grpc.aio.ServicerContext
+    ) -> billing_pb2.CreateCheckoutSessionResponse:
+        caller = current_identity.get().require_user()
+        session = await self._checkout.create_session(
+            caller.user_id,
+            request.request_id,
+            credit_pack_id=request.credit_pack_id,
+            plan_id=request.plan_id,
+            success_url=request.success_url,
+            cancel_url=request.cancel_url,
+        )
+        return billing_pb2.CreateCheckoutSessionResponse(checkout_session=checkout_session_to_proto(session))
+
+    async def HandleWebhook(
+        self, request: billing_pb2.HandleWebhookRequest, context: grpc.aio.ServicerContext
+    ) -> billing_pb2.HandleWebhookResponse:
+        signature = next(
+            (value for key, value in context.invocation_metadata() or () if key == SIGNATURE_HEADER), None
+        )
+        outcome = await self._checkout.handle_webhook(
+            request.provider, request.body.data, signature if isinstance(signature, str) else None
+        )
+        return billing_pb2.HandleWebhookResponse(event_id=outcome.event_id, duplicate=outcome.duplicate)
+
+    async def ListInvoices(
+        self, request: billing_pb2.ListInvoicesRequest, context: grpc.aio.ServicerContext
+    ) -> billing_pb2.ListInvoicesResponse:
+        caller = current_identity.get().require_user()
+        page = await self._invoices.list_invoices(
+            caller.user_id,
+            page_size=request.page_size,
+            page_token=request.page_token,
+            status=_INVOICE_STATUS_NAMES.get(request.status),
+        )
+        return billing_pb2.ListInvoicesResponse(
+            invoices=[invoice_to_proto(invoice) for invoice in page.items],
+            next_page_token=page.next_page_token,
+        )
+
+    async def GetInvoice(
+        self, request: billing_pb2.GetInvoiceRequest, context: grpc.aio.ServicerContext
+    ) -> billing_pb2.GetInvoiceResponse:
+        caller = current_identity.get().require_user()
+        return billing_pb2.GetInvoiceResponse(
+            invoice=invoice_to_proto(await self._invoices.get_invoice(caller.user_id, request.invoice_id))
         )
 
 
@@ -149,6 +233,93 @@ def reservation_to_proto(reservation: Reservation) -> billing_pb2.CreditReservat
     if reservation.close_time is not None:
         message.close_time.CopyFrom(timestamp_to_proto(reservation.close_time))
     return message
+
+
+_INVOICE_STATUSES: Final[dict[InvoiceStatus, billing_pb2.InvoiceStatus.ValueType]] = {
+    "draft": billing_pb2.INVOICE_STATUS_DRAFT,
+    "open": billing_pb2.INVOICE_STATUS_OPEN,
+    "paid": billing_pb2.INVOICE_STATUS_PAID,
+    "void": billing_pb2.INVOICE_STATUS_VOID,
+    "uncollectible": billing_pb2.INVOICE_STATUS_UNCOLLECTIBLE,
+}
+_INVOICE_STATUS_NAMES: Final[dict[int, InvoiceStatus]] = {
+    value: key for key, value in _INVOICE_STATUSES.items()
+}
+_INVOICE_REASONS: Final = {
+    "period_end": billing_pb2.INVOICE_REASON_PERIOD_END,
+    "upgrade": billing_pb2.INVOICE_REASON_UPGRADE,
+    "top_up": billing_pb2.INVOICE_REASON_TOP_UP,
+}
+_LINE_KINDS: Final = {
+    "subscription": billing_pb2.LINE_ITEM_KIND_SUBSCRIPTION,
+    "overage": billing_pb2.LINE_ITEM_KIND_OVERAGE,
+    "credits": billing_pb2.LINE_ITEM_KIND_CREDITS,
+    "proration_credit": billing_pb2.LINE_ITEM_KIND_PRORATION_CREDIT,
+}
+_CHECKOUT_STATUSES: Final = {
+    "open": billing_pb2.CHECKOUT_SESSION_STATUS_OPEN,
+    "complete": billing_pb2.CHECKOUT_SESSION_STATUS_COMPLETE,
+    "expired": billing_pb2.CHECKOUT_SESSION_STATUS_EXPIRED,
+}
+
+
+def invoice_to_proto(invoice: Invoice) -> billing_pb2.Invoice:
+    def money(amount_minor: int) -> common_pb2.Money:
+        return money_to_proto(Money(invoice.currency_code, amount_minor))
+
+    message = billing_pb2.Invoice(
+        id=invoice.id,
+        number=invoice.number or "",
+        user_id=invoice.user_id,
+        status=_INVOICE_STATUSES[invoice.status],
+        reason=_INVOICE_REASONS[invoice.reason],
+        subtotal=money(invoice.subtotal_minor),
+        tax=money(invoice.tax_minor),
+        total=money(invoice.total_minor),
+        amount_paid=money(invoice.amount_paid_minor),
+        create_time=timestamp_to_proto(invoice.create_time),
+    )
+    for line in invoice.lines:
+        item = message.line_items.add(
+            kind=_LINE_KINDS[line.kind],
+            description=line.description,
+            quantity=line.quantity,
+            unit_price=money(line.unit_price_minor),
+            amount=money(line.amount_minor),
+            plan_id=line.plan_id or "",
+            credit_pack_id=line.credit_pack_id or "",
+        )
+        _set_time(item, "period_start_time", line.period_start)
+        _set_time(item, "period_end_time", line.period_end)
+    for field, moment in (
+        ("period_start_time", invoice.period_start),
+        ("period_end_time", invoice.period_end),
+        ("finalize_time", invoice.finalize_time),
+        ("due_time", invoice.due_time),
+        ("paid_time", invoice.paid_time),
+        ("close_time", invoice.close_time),
+    ):
+        _set_time(message, field, moment)
+    return message
+
+
+def checkout_session_to_proto(session: CheckoutSession) -> billing_pb2.CheckoutSession:
+    return billing_pb2.CheckoutSession(
+        id=session.id,
+        provider=session.provider,
+        provider_session_id=session.provider_session_id,
+        url=session.url,
+        status=_CHECKOUT_STATUSES[session.status],
+        plan_id=session.plan_id or "",
+        credit_pack_id=session.credit_pack_id or "",
+        amount=money_to_proto(session.amount),
+        expire_time=timestamp_to_proto(session.expire_time),
+    )
+
+
+def _set_time(message: Message, field: str, moment: datetime | None) -> None:
+    if moment is not None:
+        getattr(message, field).CopyFrom(timestamp_to_proto(moment))
 
 
 def balance_to_proto(account: CreditAccount) -> billing_pb2.Balance:

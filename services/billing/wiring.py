@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from secrets import token_urlsafe
+from typing import Final
+
 from parley.billing.v1 import billing_pb2, billing_pb2_grpc
+from services.billing.checkout import Checkout
 from services.billing.event_handlers import billing_subscription, reservation_sweeper
+from services.billing.invoices import InvoiceBook
 from services.billing.ledger import CreditLedger
+from services.billing.payments import PaymentProvider, SandboxPaymentProvider
 from services.billing.plans import PlanCatalog
 from services.billing.repository import billing_units_of_work
 from services.billing.servicer import BillingInternalServicer, BillingServicer
 from services.billing.subscriptions import SubscriptionManager
 from services.common.cache import read_cache_invalidation
 from services.common.context import ServiceBundle, ServiceContext
+from services.common.data_dir import secret_file
 from services.common.model_catalog import load_model_catalog
 from services.common.server import ServiceRegistration, contract_only_services
 
@@ -21,10 +29,14 @@ def build(context: ServiceContext) -> ServiceBundle:
     plans = PlanCatalog(units, context.read_cache)
     subscriptions = SubscriptionManager(units, plans)
     ledger = CreditLedger(units, subscriptions, load_model_catalog())
+    provider, unconfigured = payment_provider(context)
+    checkout = Checkout(units, subscriptions, ledger, provider, unconfigured_reason=unconfigured)
     public = ServiceRegistration(
         full_name=billing_pb2.DESCRIPTOR.services_by_name["BillingService"].full_name,
         # The RPCs BillingServicer does not override yet answer UNIMPLEMENTED (see contract_only).
-        servicer=BillingServicer(plans, subscriptions, ledger),  # type: ignore[abstract]
+        servicer=BillingServicer(  # type: ignore[abstract]
+            plans, subscriptions, ledger, checkout, InvoiceBook(units)
+        ),
         add_to_server=billing_pb2_grpc.add_BillingServiceServicer_to_server,
     )
     internal = ServiceRegistration(
@@ -40,3 +52,27 @@ def build(context: ServiceContext) -> ServiceBundle:
         subscriptions=[billing_subscription(units, subscriptions)],
         background=[reservation_sweeper(ledger)],
     )
+
+
+# Where embedded mode keeps the sandbox's webhook signing secret, under the data dir.
+EMBEDDED_WEBHOOK_SECRET_PATH: Final = Path("secrets") / "billing-webhook"
+
+
+def payment_provider(context: ServiceContext) -> tuple[PaymentProvider | None, str]:
+    """The configured provider, or None with the reason payments are off (a deployment without webhook
+    secrets still serves everything else; its payment RPCs answer PAYMENT_PROVIDER_UNAVAILABLE)."""
+    settings = context.settings
+    configured = settings.billing_webhook_secrets
+    if configured is not None:
+        secrets = [secret.strip() for secret in configured.get_secret_value().split(",") if secret.strip()]
+    elif context.embedded:
+        secrets = [secret_file(settings.data_dir / EMBEDDED_WEBHOOK_SECRET_PATH, _new_webhook_secret)]
+    else:
+        secrets = []
+    if not secrets:
+        return None, "set PARLEY_BILLING_WEBHOOK_SECRETS to the payment provider's webhook signing secrets"
+    return SandboxPaymentProvider(secrets), ""
+
+
+def _new_webhook_secret() -> str:
+    return "whsec_" + token_urlsafe(32)

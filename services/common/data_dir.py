@@ -20,9 +20,12 @@ code run without the CLI, as in tests, is private too.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import secrets
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
@@ -65,3 +68,27 @@ def _take_away_group_and_other_access(path: Path) -> None:
         return
     except PermissionError:
         logger.warning("cannot make %s owner-only: it belongs to another user; chmod go-rwx it", path)
+
+
+def secret_file(path: Path, make: Callable[[], str]) -> str:
+    """The secret kept in `path`, made with `make()` on first use (embedded mode's generated secrets).
+
+    The file is written privately under a temporary name and then linked into place: the link fails
+    if another process won the race, so every process reads the same secret and nobody reads half
+    of one.
+    """
+    if not path.exists():
+        path.parent.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE)
+        try:
+            with os.fdopen(descriptor, "w", encoding="ascii") as handle:
+                handle.write(make() + "\n")
+            with contextlib.suppress(FileExistsError):
+                os.link(temporary, path)
+                logger.info("created %s for embedded mode", path)
+        finally:
+            temporary.unlink(missing_ok=True)
+    if path.stat().st_mode & 0o077:
+        logger.warning("the secret file %s is readable by other users; chmod 600 it", path)
+    return path.read_text(encoding="ascii").strip()

@@ -165,6 +165,18 @@ class Settings(BaseSettings):
         default=None, description="Rate-limit rules for the gateway; envoy/ratelimits.yaml when unset."
     )
 
+    billing_payment_provider: Literal["sandbox"] = Field(
+        default="sandbox",
+        description="Where payments go: sandbox (offline, test cards decide the outcome).",
+    )
+    billing_webhook_secrets: SecretStr | None = Field(
+        default=None,
+        description=(
+            "The payment provider's webhook signing secrets, comma-separated (several while one is "
+            "rotated); embedded mode makes one in data_dir/secrets when unset."
+        ),
+    )
+
     public_base_url: str = Field(
         default=f"http://127.0.0.1:{DEFAULT_HTTP_PORT}",
         description="Where users reach Parley; every link in an email starts with it.",

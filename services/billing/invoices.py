@@ -1,0 +1,132 @@
+"""Invoices: what a user is billed, numbered without gaps per year once finalized.
+
+An invoice is made as a draft with its lines, then finalized in the same transaction that takes the
+next number of its year from `invoice_number_counters` (a row updated under lock, so numbers are
+sequential and gapless even across replicas). States: draft → open → paid, void or uncollectible.
+Amounts are whole minor units of one currency; tax is 0 unless a rate is configured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Final, Literal
+
+from services.billing.ports import BillingUnitsOfWork
+from services.common.errors import NotFound
+from services.common.ids import new_id
+from services.common.pagination import BY_TIME, Page, keyset_page
+
+InvoiceStatus = Literal["draft", "open", "paid", "void", "uncollectible"]
+InvoiceReason = Literal["period_end", "upgrade", "top_up"]
+LineKind = Literal["subscription", "overage", "credits", "proration_credit"]
+
+# Basis points of tax on every invoice (0: no tax is configured).
+DEFAULT_TAX_BASIS_POINTS: Final = 0
+
+
+@dataclass(frozen=True)
+class LineItem:
+    kind: LineKind
+    description: str
+    quantity: int
+    unit_price_minor: int
+    amount_minor: int
+    plan_id: str | None = None
+    credit_pack_id: str | None = None
+    period_start: datetime | None = None
+    period_end: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Invoice:
+    id: str
+    number: str | None
+    user_id: str
+    status: InvoiceStatus
+    reason: InvoiceReason
+    currency_code: str
+    lines: tuple[LineItem, ...]
+    subtotal_minor: int
+    tax_minor: int
+    total_minor: int
+    amount_paid_minor: int
+    period_start: datetime | None
+    period_end: datetime | None
+    create_time: datetime
+    finalize_time: datetime | None
+    due_time: datetime | None
+    paid_time: datetime | None
+    close_time: datetime | None
+
+
+def draft_invoice(
+    user_id: str,
+    reason: InvoiceReason,
+    currency_code: str,
+    lines: Sequence[LineItem],
+    *,
+    now: datetime,
+    tax_basis_points: int = DEFAULT_TAX_BASIS_POINTS,
+    period: tuple[datetime, datetime] | None = None,
+) -> Invoice:
+    """A draft with its totals: subtotal is the lines' sum, tax rounds half up once on the subtotal."""
+    subtotal = sum(line.amount_minor for line in lines)
+    tax = (subtotal * tax_basis_points + 5_000) // 10_000 if subtotal > 0 else 0
+    return Invoice(
+        id=new_id(),
+        number=None,
+        user_id=user_id,
+        status="draft",
+        reason=reason,
+        currency_code=currency_code,
+        lines=tuple(lines),
+        subtotal_minor=subtotal,
+        tax_minor=tax,
+        total_minor=subtotal + tax,
+        amount_paid_minor=0,
+        period_start=None if period is None else period[0],
+        period_end=None if period is None else period[1],
+        create_time=now,
+        finalize_time=None,
+        due_time=None,
+        paid_time=None,
+        close_time=None,
+    )
+
+
+def invoice_number(year: int, sequence: int) -> str:
+    """The printed number: the year and the invoice's place in it, e.g. "2031-000042"."""
+    return f"{year}-{sequence:06d}"
+
+
+class InvoiceBook:
+    """The caller's invoices, newest first, and one by id (only the owner sees it)."""
+
+    def __init__(self, units: BillingUnitsOfWork) -> None:
+        self._units = units
+
+    async def list_invoices(
+        self, user_id: str, *, page_size: int, page_token: str, status: InvoiceStatus | None
+    ) -> Page[Invoice]:
+        async def fetch(after: tuple[datetime, str] | None, limit: int) -> Sequence[Invoice]:
+            async with self._units.read() as uow:
+                return await uow.invoices.list_for_user(user_id, status=status, after=after, limit=limit)
+
+        return await keyset_page(
+            page_size=page_size,
+            page_token=page_token,
+            query=("invoices", user_id, status or ""),
+            sort_key=BY_TIME,
+            position=lambda invoice: (invoice.create_time, invoice.id),
+            fetch=fetch,
+        )
+
+    async def get_invoice(self, user_id: str, invoice_id: str) -> Invoice:
+        async with self._units.read() as uow:
+            invoice = await uow.invoices.get(invoice_id)
+        if invoice is None or invoice.user_id != user_id:
+            # Someone else's invoice is as absent as one that does not exist: ids do not leak.
+            raise NotFound("There is no such invoice.", reason="NOT_FOUND")
+        return invoice

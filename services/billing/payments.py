@@ -1,0 +1,225 @@
+"""Payment providers: the port billing takes payments through, Stripe-shaped events, and the sandbox.
+
+A provider does two things for billing: it opens a checkout (a page where the user pays an amount)
+and it reports what happened as signed webhook events. Both adapters speak Stripe's event shapes and
+signature scheme, so one parser (`parse_event`) and one check (`webhook_signatures.verify`) serve:
+
+- `sandbox` (this module) is deterministic and offline, and the default in embedded mode. Its
+  checkout "page" is an address nobody serves; a payment is what `SandboxPaymentProvider.pay`
+  produces: the signed webhook the sandbox would send when the user pays with a test card.
+- `stripe` uses the official SDK (configured by keys).
+
+The events billing acts on, and what it reads from them:
+
+- `checkout.session.completed` with payment_status "paid": paid. Reads the session id
+  (object.id), payment_intent, amount_total and currency.
+- `payment_intent.payment_failed`: failed. Reads object.id, metadata.parley_checkout_session (the
+  provider's session id, set when the checkout is opened) and last_payment_error.
+- `payment_intent.requires_action`: the user must act. Reads object.id and the same metadata.
+
+Every other type is acknowledged and ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Final, Literal, Protocol
+
+from services.billing.webhook_signatures import DEFAULT_TOLERANCE, sign, verify
+from services.common.errors import InvalidArgument
+from services.common.ids import new_id
+from services.common.money import Money
+
+EventKind = Literal["paid", "failed", "requires_action", "ignored"]
+
+# Test cards of the sandbox and what paying with each does (Stripe's test numbers, same outcomes).
+SUCCEEDS: Final = "4242424242424242"
+DECLINED: Final = "4000000000000002"
+INSUFFICIENT_FUNDS: Final = "4000000000009995"
+REQUIRES_ACTION: Final = "4000002500003155"
+_CARD_OUTCOMES: Final[Mapping[str, tuple[str, str]]] = {
+    SUCCEEDS: ("checkout.session.completed", ""),
+    DECLINED: ("payment_intent.payment_failed", "card_declined"),
+    INSUFFICIENT_FUNDS: ("payment_intent.payment_failed", "insufficient_funds"),
+    REQUIRES_ACTION: ("payment_intent.requires_action", ""),
+}
+# Bounds on what a webhook body may make us parse.
+MAX_WEBHOOK_BYTES: Final = 64 * 1024
+
+
+@dataclass(frozen=True)
+class CheckoutRequest:
+    """What billing asks a provider to collect."""
+
+    checkout_id: str
+    amount: Money
+    description: str
+    success_url: str
+    cancel_url: str
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class ProviderCheckout:
+    provider_session_id: str
+    url: str
+
+
+@dataclass(frozen=True)
+class ProviderEvent:
+    """A verified webhook event, reduced to what billing acts on."""
+
+    event_id: str
+    event_type: str
+    kind: EventKind
+    provider_session_id: str = ""
+    provider_payment_id: str = ""
+    amount: Money | None = None
+    # The ErrorReason of a failed payment: PAYMENT_DECLINED or PAYMENT_INSUFFICIENT_FUNDS.
+    failure_reason: str = ""
+
+
+class PaymentProvider(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    async def create_checkout(self, request: CheckoutRequest) -> ProviderCheckout:
+        """Open a checkout; PAYMENT_PROVIDER_UNAVAILABLE (UNAVAILABLE) when the provider cannot be reached."""
+        ...
+
+    def verify_event(self, body: bytes, signature_header: str | None, *, now: datetime) -> ProviderEvent:
+        """The event in a webhook delivery, if the provider signed it (INVALID_ARGUMENT otherwise)."""
+        ...
+
+
+def parse_event(body: bytes) -> ProviderEvent:
+    """A Stripe-shaped event; WEBHOOK_PAYLOAD_INVALID when the body is not one."""
+    try:
+        document = json.loads(body)
+        event_id = _text(document, "id")
+        event_type = _text(document, "type")
+        data = _object(document["data"]["object"])
+        if event_type == "checkout.session.completed":
+            if data.get("payment_status") != "paid":
+                return ProviderEvent(event_id, event_type, "ignored")
+            return ProviderEvent(
+                event_id,
+                event_type,
+                "paid",
+                provider_session_id=_text(data, "id"),
+                provider_payment_id=_text(data, "payment_intent"),
+                amount=Money(_text(data, "currency").upper(), _whole(data, "amount_total")),
+            )
+        if event_type in ("payment_intent.payment_failed", "payment_intent.requires_action"):
+            metadata = data.get("metadata") or {}
+            session = _text(metadata, "parley_checkout_session")
+            if event_type == "payment_intent.requires_action":
+                return ProviderEvent(
+                    event_id, event_type, "requires_action", session, provider_payment_id=_text(data, "id")
+                )
+            error = data.get("last_payment_error") or {}
+            code = error.get("decline_code") or error.get("code") or ""
+            reason = "PAYMENT_INSUFFICIENT_FUNDS" if code == "insufficient_funds" else "PAYMENT_DECLINED"
+            return ProviderEvent(
+                event_id,
+                event_type,
+                "failed",
+                session,
+                provider_payment_id=_text(data, "id"),
+                failure_reason=reason,
+            )
+        return ProviderEvent(event_id, event_type, "ignored")
+    except (ValueError, KeyError, TypeError) as error:
+        raise InvalidArgument(
+            f"The webhook body is not a payment event this endpoint understands: {error}.",
+            reason="WEBHOOK_PAYLOAD_INVALID",
+        ) from None
+
+
+def _object(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise TypeError("data.object is not an object")
+    return value
+
+
+def _text(document: Any, key: str) -> str:
+    value = document[key]
+    if not isinstance(value, str) or not value or len(value) > 255:
+        raise ValueError(f"{key} must be a non-empty string of at most 255 characters")
+    return value
+
+
+def _whole(document: Any, key: str) -> int:
+    value = document[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{key} must be a non-negative integer")
+    return value
+
+
+def check_body_size(body: bytes) -> None:
+    if len(body) > MAX_WEBHOOK_BYTES:
+        raise InvalidArgument(
+            f"A webhook body is at most {MAX_WEBHOOK_BYTES} bytes.", reason="WEBHOOK_PAYLOAD_INVALID"
+        )
+
+
+class SandboxPaymentProvider:
+    """The offline provider: checkouts nobody serves, and payments by test card (`pay`)."""
+
+    name: Final = "sandbox"
+
+    def __init__(
+        self,
+        webhook_secrets: Sequence[str],
+        *,
+        base_url: str = "https://sandbox.parley.invalid",
+        tolerance: timedelta = DEFAULT_TOLERANCE,
+    ) -> None:
+        if not webhook_secrets:
+            raise ValueError("the sandbox signs its webhooks: give it at least one secret")
+        self._secrets = tuple(webhook_secrets)
+        self._base_url = base_url.rstrip("/")
+        self._tolerance = tolerance
+
+    async def create_checkout(self, request: CheckoutRequest) -> ProviderCheckout:
+        session_id = f"cs_sandbox_{request.checkout_id.replace('-', '')}"
+        return ProviderCheckout(session_id, f"{self._base_url}/checkout/{session_id}")
+
+    def verify_event(self, body: bytes, signature_header: str | None, *, now: datetime) -> ProviderEvent:
+        check_body_size(body)
+        verify(body, signature_header, self._secrets, now=now, tolerance=self._tolerance)
+        return parse_event(body)
+
+    def pay(self, provider_session_id: str, amount: Money, card: str, *, at: datetime) -> tuple[bytes, str]:
+        """The webhook (body, signature header) the sandbox sends when the user pays with `card`."""
+        try:
+            event_type, failure = _CARD_OUTCOMES[card]
+        except KeyError:
+            raise InvalidArgument(
+                f"The sandbox knows the test cards {', '.join(_CARD_OUTCOMES)}.", reason="INVALID_ARGUMENT"
+            ) from None
+        payment_id = f"pi_sandbox_{new_id().replace('-', '')}"
+        event: dict[str, Any] = {"id": f"evt_sandbox_{new_id().replace('-', '')}", "type": event_type}
+        if event_type == "checkout.session.completed":
+            event["data"] = {
+                "object": {
+                    "id": provider_session_id,
+                    "payment_status": "paid",
+                    "payment_intent": payment_id,
+                    "amount_total": amount.amount_minor,
+                    "currency": amount.currency_code.lower(),
+                }
+            }
+        else:
+            intent: dict[str, Any] = {
+                "id": payment_id,
+                "metadata": {"parley_checkout_session": provider_session_id},
+            }
+            if failure:
+                intent["last_payment_error"] = {"code": "card_declined", "decline_code": failure}
+            event["data"] = {"object": intent}
+        body = json.dumps(event, separators=(",", ":")).encode()
+        return body, sign(body, self._secrets[0], at=at)
