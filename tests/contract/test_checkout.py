@@ -219,7 +219,7 @@ async def test_invoice_numbers_are_gapless_per_year_under_concurrency(world: Wor
     await asyncio.gather(*(world.checkout.create_session(user, "buy", credit_pack_id=PACK) for user in users))
     world.clock.advance(timedelta(days=366))
     await world.checkout.create_session(users[0], "next-year", credit_pack_id=PACK)
-    numbers = []
+    numbers: list[str] = []
     for user in users:
         page = await world.invoices.list_invoices(user, page_size=0, page_token="", status=None)
         numbers.extend(invoice.number or "" for invoice in page.items)
