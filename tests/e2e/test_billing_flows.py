@@ -5,12 +5,16 @@ service is not routable."""
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from parley.events.v1 import events_pb2
+from services.billing.payments import SUCCEEDS, SandboxPaymentProvider
+from services.billing.webhook_signatures import sign
+from services.common.money import Money
 from tests.support.outbox import read_events
 from tests.support.parley_process import parley_up_serving
 from tests.support.polling import eventually_sync
@@ -84,3 +88,71 @@ def test_a_new_user_is_on_free_and_reads_subscription_and_usage_through_the_gate
         )
         assert internal.status_code == 404
         assert reason_of(internal) == "ROUTE_NOT_FOUND"
+
+
+def test_a_top_up_is_paid_by_a_signed_webhook_through_the_gateway_and_credited_at_once(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "data"
+    with (
+        parley_up_serving(data_dir, log_path=tmp_path / "parley-up.log") as (_process, ports),
+        httpx.Client(base_url=f"http://127.0.0.1:{ports.http}", timeout=10.0) as client,
+    ):
+        email = f"top-up-{uuid.uuid4().hex[:10]}@example.com"
+        ok(
+            client.post(
+                "/v1/auth/register", json={"email": email, "password": PASSWORD, "display_name": "Top"}
+            )
+        )
+        login = ok(client.post("/v1/auth/login", json={"email": email, "password": PASSWORD}))
+        headers = {"authorization": f"Bearer {login['tokens']['access_token']}"}
+
+        packs = ok(client.get("/v1/billing/credit-packs"))
+        assert [pack["id"] for pack in packs["credit_packs"]] == ["tokens-1m", "tokens-5m"]
+        opened = ok(
+            client.post(
+                "/v1/billing/checkout",
+                json={"request_id": "buy-1", "credit_pack_id": "tokens-1m"},
+                headers=headers,
+            )
+        )["checkout_session"]
+        assert opened["status"] == "CHECKOUT_SESSION_STATUS_OPEN"
+        assert (opened["amount"]["currency_code"], opened["amount"]["amount_minor"]) == ("USD", "1000")
+
+        # What the sandbox sends when the user pays: signed with the secret `parley up` made.
+        secret = (data_dir / "secrets" / "billing-webhook").read_text().strip()
+        sandbox = SandboxPaymentProvider([secret])
+        body, signature = sandbox.pay(
+            opened["provider_session_id"], Money("USD", 1_000), SUCCEEDS, at=datetime.now(UTC)
+        )
+        webhook = {"content-type": "application/json", "stripe-signature": signature}
+
+        tampered = client.post(
+            "/v1/billing/webhooks/sandbox", content=body.replace(b"1000", b"1001"), headers=webhook
+        )
+        assert tampered.status_code == 400, tampered.text
+        assert reason_of(tampered) == "WEBHOOK_SIGNATURE_INVALID"
+        stale_signature = sign(body, secret, at=datetime.now(UTC) - timedelta(minutes=6))
+        stale = client.post(
+            "/v1/billing/webhooks/sandbox",
+            content=body,
+            headers={**webhook, "stripe-signature": stale_signature},
+        )
+        assert stale.status_code == 400, stale.text
+        assert reason_of(stale) == "WEBHOOK_SIGNATURE_EXPIRED"
+        assert (
+            ok(client.get("/v1/billing/usage", headers=headers))["balance"].get("purchased_tokens", "0")
+            == "0"
+        )
+
+        applied = ok(client.post("/v1/billing/webhooks/sandbox", content=body, headers=webhook))
+        assert applied["duplicate"] is False
+        replayed = ok(client.post("/v1/billing/webhooks/sandbox", content=body, headers=webhook))
+        assert (replayed["event_id"], replayed["duplicate"]) == (applied["event_id"], True)
+
+        balance = ok(client.get("/v1/billing/usage", headers=headers))["balance"]
+        assert (balance["purchased_tokens"], balance["remaining_tokens"]) == ("1000000", "1100000")
+        [invoice] = ok(client.get("/v1/billing/invoices", headers=headers))["invoices"]
+        assert (invoice["status"], invoice["reason"]) == ("INVOICE_STATUS_PAID", "INVOICE_REASON_TOP_UP")
+        assert (invoice["total"]["currency_code"], invoice["total"]["amount_minor"]) == ("USD", "1000")
+        assert ok(client.get(f"/v1/billing/invoices/{invoice['id']}", headers=headers))["invoice"] == invoice
