@@ -230,10 +230,8 @@ class Checkout:
     async def _apply(
         self, uow: BillingUnitOfWork, provider: str, event: ProviderEvent, now: datetime
     ) -> None:
-        session = await uow.checkouts.by_provider_session(
-            provider, event.provider_session_id, for_update=True
-        )
-        if session is None or session.status == "complete":
+        session = await uow.checkouts.get(event.checkout_id, for_update=True)
+        if session is None or session.provider != provider or session.status == "complete":
             # Not ours, or paid already (a late failure or a repeated payment): nothing changes.
             return
         invoice = await uow.invoices.get(session.invoice_id, for_update=True)

@@ -11,10 +11,10 @@ signature scheme, so one parser (`parse_event`) and one check (`webhook_signatur
 
 The events billing acts on, and what it reads from them:
 
-- `checkout.session.completed` with payment_status "paid": paid. Reads the session id
-  (object.id), payment_intent, amount_total and currency.
-- `payment_intent.payment_failed`: failed. Reads object.id, metadata.parley_checkout_session (the
-  provider's session id, set when the checkout is opened) and last_payment_error.
+- `checkout.session.completed` with payment_status "paid": paid. Reads client_reference_id (our
+  checkout id, given when the checkout is opened), payment_intent, amount_total and currency.
+- `payment_intent.payment_failed`: failed. Reads object.id, metadata.parley_checkout_id (our checkout
+  id, given to the payment intent when the checkout is opened) and last_payment_error.
 - `payment_intent.requires_action`: the user must act. Reads object.id and the same metadata.
 
 Every other type is acknowledged and ignored.
@@ -75,7 +75,8 @@ class ProviderEvent:
     event_id: str
     event_type: str
     kind: EventKind
-    provider_session_id: str = ""
+    # Our checkout session's id, as we gave it to the provider when the checkout was opened.
+    checkout_id: str = ""
     provider_payment_id: str = ""
     amount: Money | None = None
     # The ErrorReason of a failed payment: PAYMENT_DECLINED or PAYMENT_INSUFFICIENT_FUNDS.
@@ -109,16 +110,20 @@ def parse_event(body: bytes) -> ProviderEvent:
                 event_id,
                 event_type,
                 "paid",
-                provider_session_id=_text(data, "id"),
+                checkout_id=_text(data, "client_reference_id"),
                 provider_payment_id=_text(data, "payment_intent"),
                 amount=Money(_text(data, "currency").upper(), _whole(data, "amount_total")),
             )
         if event_type in ("payment_intent.payment_failed", "payment_intent.requires_action"):
             metadata = data.get("metadata") or {}
-            session = _text(metadata, "parley_checkout_session")
+            checkout_id = _text(metadata, "parley_checkout_id")
             if event_type == "payment_intent.requires_action":
                 return ProviderEvent(
-                    event_id, event_type, "requires_action", session, provider_payment_id=_text(data, "id")
+                    event_id,
+                    event_type,
+                    "requires_action",
+                    checkout_id,
+                    provider_payment_id=_text(data, "id"),
                 )
             error = data.get("last_payment_error") or {}
             code = error.get("decline_code") or error.get("code") or ""
@@ -127,7 +132,7 @@ def parse_event(body: bytes) -> ProviderEvent:
                 event_id,
                 event_type,
                 "failed",
-                session,
+                checkout_id,
                 provider_payment_id=_text(data, "id"),
                 failure_reason=reason,
             )
@@ -193,8 +198,11 @@ class SandboxPaymentProvider:
         verify(body, signature_header, self._secrets, now=now, tolerance=self._tolerance)
         return parse_event(body)
 
-    def pay(self, provider_session_id: str, amount: Money, card: str, *, at: datetime) -> tuple[bytes, str]:
-        """The webhook (body, signature header) the sandbox sends when the user pays with `card`."""
+    def pay(
+        self, checkout_id: str, provider_session_id: str, amount: Money, card: str, *, at: datetime
+    ) -> tuple[bytes, str]:
+        """The webhook (body, signature header) the sandbox sends when the user pays with `card` on
+        the checkout `provider_session_id` that billing opened as `checkout_id`."""
         try:
             event_type, failure = _CARD_OUTCOMES[card]
         except KeyError:
@@ -207,6 +215,7 @@ class SandboxPaymentProvider:
             event["data"] = {
                 "object": {
                     "id": provider_session_id,
+                    "client_reference_id": checkout_id,
                     "payment_status": "paid",
                     "payment_intent": payment_id,
                     "amount_total": amount.amount_minor,
@@ -216,7 +225,7 @@ class SandboxPaymentProvider:
         else:
             intent: dict[str, Any] = {
                 "id": payment_id,
-                "metadata": {"parley_checkout_session": provider_session_id},
+                "metadata": {"parley_checkout_id": checkout_id},
             }
             if failure:
                 intent["last_payment_error"] = {"code": "card_declined", "decline_code": failure}

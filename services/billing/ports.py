@@ -161,9 +161,7 @@ class CheckoutRepository(Protocol):
 
     async def by_request(self, user_id: str, request_id: str) -> CheckoutSession | None: ...
 
-    async def by_provider_session(
-        self, provider: str, provider_session_id: str, *, for_update: bool = False
-    ) -> CheckoutSession | None: ...
+    async def get(self, checkout_id: str, *, for_update: bool = False) -> CheckoutSession | None: ...
 
     async def save(self, session: CheckoutSession) -> None:
         """Write its status and completion time."""

@@ -712,12 +712,8 @@ class SqlCheckoutRepository:
             select(_CHECKOUT).where(_CHECKOUT.c.user_id == user_id, _CHECKOUT.c.request_id == request_id)
         )
 
-    async def by_provider_session(
-        self, provider: str, provider_session_id: str, *, for_update: bool = False
-    ) -> CheckoutSession | None:
-        statement = select(_CHECKOUT).where(
-            _CHECKOUT.c.provider == provider, _CHECKOUT.c.provider_session_id == provider_session_id
-        )
+    async def get(self, checkout_id: str, *, for_update: bool = False) -> CheckoutSession | None:
+        statement = select(_CHECKOUT).where(_CHECKOUT.c.id == checkout_id)
         return await self._first(statement.with_for_update() if for_update else statement)
 
     async def save(self, session: CheckoutSession) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from parley.common.v1 import common_pb2
 from parley.events.v1 import events_pb2
-from services.billing.checkout import Checkout
+from services.billing.checkout import Checkout, CheckoutSession
 from services.billing.invoices import InvoiceBook
 from services.billing.ledger import CreditLedger
 from services.billing.payments import (
@@ -49,8 +49,13 @@ class World:
     ledger: CreditLedger
     invoices: InvoiceBook
 
-    async def pay(self, provider_session_id: str, card: str = SUCCEEDS, amount: Money = PACK_PRICE) -> bool:
-        body, header = self.provider.pay(provider_session_id, amount, card, at=self.clock())
+    def delivery(
+        self, session: CheckoutSession, card: str = SUCCEEDS, amount: Money = PACK_PRICE
+    ) -> tuple[bytes, str]:
+        return self.provider.pay(session.id, session.provider_session_id, amount, card, at=self.clock())
+
+    async def pay(self, session: CheckoutSession, card: str = SUCCEEDS, amount: Money = PACK_PRICE) -> bool:
+        body, header = self.delivery(session, card, amount)
         return (await self.checkout.handle_webhook("sandbox", body, header)).duplicate
 
 
@@ -96,7 +101,7 @@ async def test_a_paid_top_up_credits_the_balance_at_once(world: World) -> None:
         ("credits", PACK, 1_000)
     ]
 
-    assert await world.pay(session.provider_session_id) is False
+    assert await world.pay(session) is False
     balance = await world.ledger.balance(user)
     assert balance.purchased_tokens == 1_000_000
     assert balance.remaining_tokens == 100_000 + 1_000_000
@@ -116,12 +121,12 @@ async def test_a_paid_top_up_credits_the_balance_at_once(world: World) -> None:
 async def test_a_replayed_webhook_changes_nothing(world: World) -> None:
     user = new_id()
     session = await world.checkout.create_session(user, "buy-1", credit_pack_id=PACK)
-    body, header = world.provider.pay(session.provider_session_id, PACK_PRICE, SUCCEEDS, at=world.clock())
+    body, header = world.delivery(session)
     first = await world.checkout.handle_webhook("sandbox", body, header)
     again = await world.checkout.handle_webhook("sandbox", body, header)
     assert (first.duplicate, again.duplicate, again.event_id) == (False, True, first.event_id)
     # A second, different payment event for the same session (the provider retried) is no-op too.
-    assert await world.pay(session.provider_session_id) is False
+    assert await world.pay(session) is False
     assert (await world.ledger.balance(user)).purchased_tokens == 1_000_000
     assert len(await payloads(world.database, "credits.topped_up", events_pb2.CreditsToppedUp)) == 1
 
@@ -134,7 +139,7 @@ async def test_a_failed_payment_leaves_the_invoice_open_and_can_be_retried(
 ) -> None:
     user = new_id()
     session = await world.checkout.create_session(user, "buy-1", credit_pack_id=PACK)
-    await world.pay(session.provider_session_id, card)
+    await world.pay(session, card)
     failed = await payloads(world.database, "payment.failed", events_pb2.PaymentFailed)
     assert [(event.attempt, event.failure_reason) for event in failed] == [
         (1, common_pb2.ErrorReason.Value(f"ERROR_REASON_{reason}"))
@@ -143,17 +148,17 @@ async def test_a_failed_payment_leaves_the_invoice_open_and_can_be_retried(
     [invoice] = (await world.invoices.list_invoices(user, page_size=0, page_token="", status=None)).items
     assert invoice.status == "open"
 
-    await world.pay(session.provider_session_id, SUCCEEDS)
+    await world.pay(session, SUCCEEDS)
     assert (await world.ledger.balance(user)).purchased_tokens == 1_000_000
     # A failure reported after the payment succeeded (out of order) is ignored.
-    await world.pay(session.provider_session_id, DECLINED)
+    await world.pay(session, DECLINED)
     assert len(await payloads(world.database, "payment.failed", events_pb2.PaymentFailed)) == 1
 
 
 async def test_requires_action_records_the_attempt_and_owes_nothing(world: World) -> None:
     user = new_id()
     session = await world.checkout.create_session(user, "buy-1", credit_pack_id=PACK)
-    await world.pay(session.provider_session_id, REQUIRES_ACTION)
+    await world.pay(session, REQUIRES_ACTION)
     [invoice] = (await world.invoices.list_invoices(user, page_size=0, page_token="", status=None)).items
     assert invoice.status == "open"
     assert await payloads(world.database, "payment.failed", events_pb2.PaymentFailed) == []
@@ -162,7 +167,7 @@ async def test_requires_action_records_the_attempt_and_owes_nothing(world: World
 async def test_tampered_stale_and_unsigned_webhooks_are_refused_and_change_nothing(world: World) -> None:
     user = new_id()
     session = await world.checkout.create_session(user, "buy-1", credit_pack_id=PACK)
-    body, header = world.provider.pay(session.provider_session_id, PACK_PRICE, SUCCEEDS, at=world.clock())
+    body, header = world.delivery(session)
 
     tampered = body.replace(b'"amount_total":1000', b'"amount_total":1001')
     for bad_body, bad_header, reason in (
@@ -176,9 +181,7 @@ async def test_tampered_stale_and_unsigned_webhooks_are_refused_and_change_nothi
         )
         assert refused.reason == reason
 
-    wrong_amount, wrong_header = world.provider.pay(
-        session.provider_session_id, Money("USD", 1), SUCCEEDS, at=world.clock()
-    )
+    wrong_amount, wrong_header = world.delivery(session, amount=Money("USD", 1))
     refused = await refusal(
         world.checkout.handle_webhook("sandbox", wrong_amount, wrong_header), InvalidArgument
     )

@@ -123,7 +123,7 @@ def test_a_top_up_is_paid_by_a_signed_webhook_through_the_gateway_and_credited_a
         secret = (data_dir / "secrets" / "billing-webhook").read_text().strip()
         sandbox = SandboxPaymentProvider([secret])
         body, signature = sandbox.pay(
-            opened["provider_session_id"], Money("USD", 1_000), SUCCEEDS, at=datetime.now(UTC)
+            opened["id"], opened["provider_session_id"], Money("USD", 1_000), SUCCEEDS, at=datetime.now(UTC)
         )
         webhook = {"content-type": "application/json", "stripe-signature": signature}
 
