@@ -22,11 +22,12 @@ from parley.events.v1 import events_pb2
 from services.billing.invoices import Invoice, LineItem, draft_invoice, invoice_number
 from services.billing.ledger import CreditLedger
 from services.billing.payments import CheckoutRequest, PaymentProvider, ProviderEvent
+from services.billing.plans import Plan
 from services.billing.ports import BillingUnitOfWork, BillingUnitsOfWork
-from services.billing.subscriptions import SubscriptionManager
+from services.billing.subscriptions import PPM, Subscription, SubscriptionManager, remaining_fraction_ppm
 from services.common.clock import Clock, utc_now
 from services.common.encoding import money_to_proto, timestamp_to_proto
-from services.common.errors import InvalidArgument, NotFound, Unavailable, Unimplemented
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.common.ids import new_id
 from services.common.money import Money
 from services.common.pagination import BY_INTEGER, Page, keyset_page
@@ -64,6 +65,30 @@ class CheckoutSession:
     create_time: datetime
     expire_time: datetime
     complete_time: datetime | None
+    # For an upgrade: the share of the period left when it was priced, in millionths.
+    upgrade_fraction_ppm: int | None = None
+
+
+@dataclass(frozen=True)
+class PlanChange:
+    """What ChangeSubscription did: the subscription, when the change takes effect, and for an
+    upgrade the invoice to pay and the checkout to pay it at."""
+
+    subscription: Subscription
+    effective_time: datetime
+    invoice: Invoice | None
+    checkout_session: CheckoutSession | None
+
+
+@dataclass(frozen=True)
+class _Purchase:
+    invoice: Invoice
+    description: str
+    fraction_ppm: int | None
+
+    @property
+    def invoice_amount(self) -> Money:
+        return Money(self.invoice.currency_code, self.invoice.total_minor)
 
 
 @dataclass(frozen=True)
@@ -124,6 +149,21 @@ class Checkout:
             fetch=fetch,
         )
 
+    async def change_plan(self, user_id: str, request_id: str, plan_id: str) -> PlanChange:
+        """ChangeSubscription: an upgrade is paid through a checkout and takes effect once paid; a
+        move to a plan that costs no more is scheduled for the end of the period."""
+        plan = await self._subscriptions.plan(plan_id)
+        subscription, current = await self._subscriptions.current(user_id)
+        if plan.retired and plan.id != subscription.plan_id:
+            raise FailedPrecondition(f"The plan {plan.id!r} is no longer offered.", reason="PLAN_RETIRED")
+        if _is_upgrade(current, plan):
+            session = await self.create_session(user_id, request_id, plan_id=plan.id)
+            async with self._units.read() as uow:
+                invoice = await uow.invoices.get(session.invoice_id)
+            return PlanChange(subscription, session.create_time, invoice, session)
+        scheduled = await self._subscriptions.schedule_downgrade(user_id, plan)
+        return PlanChange(scheduled, scheduled.current_period_end, None, None)
+
     async def create_session(
         self,
         user_id: str,
@@ -134,52 +174,32 @@ class Checkout:
         success_url: str = "",
         cancel_url: str = "",
     ) -> CheckoutSession:
-        """A checkout for a credit pack; a repeat of `request_id` returns the same session."""
+        """A checkout for a credit pack or an upgrade; a repeat of `request_id` returns the same session."""
         provider = self._configured()
-        if plan_id:
-            raise Unimplemented(
-                "Buying a plan through checkout comes with plan changes; buy a credit pack for now.",
-                reason="NOT_IMPLEMENTED",
+        if bool(credit_pack_id) == bool(plan_id):
+            raise InvalidArgument(
+                "Name one thing to buy: a credit_pack_id or a plan_id.", reason="REQUIRED_FIELD"
             )
-        if not credit_pack_id:
-            raise InvalidArgument("Name a credit_pack_id to buy.", reason="REQUIRED_FIELD")
         async with self._units.read() as uow:
             existing = await uow.checkouts.by_request(user_id, request_id)
-            pack = await uow.credit_packs.get(credit_pack_id)
         if existing is not None:
-            return _same_purchase(existing, credit_pack_id)
-        if pack is None or pack.retired:
-            raise NotFound(
-                f"There is no credit pack {credit_pack_id!r} on sale.", reason="CREDIT_PACK_NOT_FOUND"
-            )
-
+            return _same_purchase(existing, credit_pack_id=credit_pack_id, plan_id=plan_id)
         now = self._clock()
+        purchase = await (
+            self._pack_purchase(user_id, credit_pack_id, now)
+            if credit_pack_id
+            else self._upgrade_purchase(user_id, plan_id, now)
+        )
         checkout_id = new_id()
         opened = await provider.create_checkout(
             CheckoutRequest(
                 checkout_id=checkout_id,
-                amount=pack.price,
-                description=f"{pack.display_name} for Parley",
+                amount=purchase.invoice_amount,
+                description=purchase.description,
                 success_url=success_url,
                 cancel_url=cancel_url,
                 expires_at=now + CHECKOUT_TTL,
             )
-        )
-        invoice = draft_invoice(
-            user_id,
-            "top_up",
-            pack.price.currency_code,
-            [
-                LineItem(
-                    kind="credits",
-                    description=pack.display_name,
-                    quantity=1,
-                    unit_price_minor=pack.price.amount_minor,
-                    amount_minor=pack.price.amount_minor,
-                    credit_pack_id=pack.id,
-                )
-            ],
-            now=now,
         )
         session = CheckoutSession(
             id=checkout_id,
@@ -189,24 +209,92 @@ class Checkout:
             provider_session_id=opened.provider_session_id,
             url=opened.url,
             status="open",
-            plan_id=None,
-            credit_pack_id=pack.id,
-            invoice_id=invoice.id,
-            amount=pack.price,
+            plan_id=plan_id or None,
+            credit_pack_id=credit_pack_id or None,
+            invoice_id=purchase.invoice.id,
+            amount=purchase.invoice_amount,
             create_time=now,
             expire_time=now + CHECKOUT_TTL,
             complete_time=None,
+            upgrade_fraction_ppm=purchase.fraction_ppm,
         )
         async with self._units.write() as uow:
             # The session first: if a concurrent call with this request id won, nothing else is
             # written, so no invoice number is spent on the loser.
             if await uow.checkouts.add(session):
-                await self._finalize(uow, invoice, now=now, due=session.expire_time)
+                await self._finalize(uow, purchase.invoice, now=now, due=session.expire_time)
                 return session
         async with self._units.read() as uow:
             winner = await uow.checkouts.by_request(user_id, request_id)
         assert winner is not None, "add() lost only to a committed session with this request id"
-        return _same_purchase(winner, credit_pack_id)
+        return _same_purchase(winner, credit_pack_id=credit_pack_id, plan_id=plan_id)
+
+    async def _pack_purchase(self, user_id: str, credit_pack_id: str, now: datetime) -> _Purchase:
+        async with self._units.read() as uow:
+            pack = await uow.credit_packs.get(credit_pack_id)
+        if pack is None or pack.retired:
+            raise NotFound(
+                f"There is no credit pack {credit_pack_id!r} on sale.", reason="CREDIT_PACK_NOT_FOUND"
+            )
+        line = LineItem(
+            kind="credits",
+            description=pack.display_name,
+            quantity=1,
+            unit_price_minor=pack.price.amount_minor,
+            amount_minor=pack.price.amount_minor,
+            credit_pack_id=pack.id,
+        )
+        invoice = draft_invoice(user_id, "top_up", pack.price.currency_code, [line], now=now)
+        return _Purchase(invoice, f"{pack.display_name} for Parley", None)
+
+    async def _upgrade_purchase(self, user_id: str, plan_id: str, now: datetime) -> _Purchase:
+        plan = await self._subscriptions.plan(plan_id)
+        subscription, current = await self._subscriptions.current(user_id)
+        if plan.retired:
+            raise FailedPrecondition(f"The plan {plan.id!r} is no longer offered.", reason="PLAN_RETIRED")
+        if plan.id == current.id:
+            raise FailedPrecondition(f"The subscription is on {plan.id!r} already.", reason="ALREADY_ON_PLAN")
+        if plan.monthly_price.currency_code != current.monthly_price.currency_code:
+            raise FailedPrecondition(
+                "The new plan is priced in another currency than the current one.", reason="CURRENCY_MISMATCH"
+            )
+        if not _is_upgrade(current, plan):
+            raise InvalidArgument(
+                f"{plan.id!r} costs no more than {current.id!r}: change to it with ChangeSubscription, "
+                "which schedules it for the end of the period.",
+                reason="INVALID_ARGUMENT",
+            )
+        fraction = remaining_fraction_ppm(subscription, now)
+        period = (now, subscription.current_period_end)
+        lines = [
+            LineItem(
+                kind="subscription",
+                description=f"{plan.display_name} plan, the rest of the current period",
+                quantity=1,
+                unit_price_minor=plan.monthly_price.amount_minor,
+                amount_minor=_prorated(plan.monthly_price.amount_minor, fraction),
+                plan_id=plan.id,
+                period_start=period[0],
+                period_end=period[1],
+            )
+        ]
+        if current.monthly_price.amount_minor:
+            lines.append(
+                LineItem(
+                    kind="proration_credit",
+                    description=f"Unused {current.display_name} plan for the rest of the period",
+                    quantity=1,
+                    unit_price_minor=-current.monthly_price.amount_minor,
+                    amount_minor=-_prorated(current.monthly_price.amount_minor, fraction),
+                    plan_id=current.id,
+                    period_start=period[0],
+                    period_end=period[1],
+                )
+            )
+        invoice = draft_invoice(
+            user_id, "upgrade", plan.monthly_price.currency_code, lines, now=now, period=period
+        )
+        return _Purchase(invoice, f"Upgrade to the {plan.display_name} plan", fraction)
 
     async def handle_webhook(
         self, provider_name: str, body: bytes, signature_header: str | None
@@ -300,6 +388,12 @@ class Checkout:
         now: datetime,
     ) -> None:
         """Give the user what they paid for."""
+        if session.plan_id is not None:
+            plan = await self._subscriptions.plan(session.plan_id)
+            await self._subscriptions.apply_upgrade(
+                uow, session.user_id, plan, fraction_ppm=session.upgrade_fraction_ppm or 0, now=now
+            )
+            return
         if session.credit_pack_id is None:
             return
         pack = await uow.credit_packs.get(session.credit_pack_id)
@@ -373,10 +467,19 @@ class Checkout:
         return self._provider
 
 
-def _same_purchase(session: CheckoutSession, credit_pack_id: str) -> CheckoutSession:
-    if session.credit_pack_id != credit_pack_id:
+def _same_purchase(session: CheckoutSession, *, credit_pack_id: str, plan_id: str) -> CheckoutSession:
+    if (session.credit_pack_id or "", session.plan_id or "") != (credit_pack_id, plan_id):
         raise InvalidArgument(
             "This request_id was used for another checkout; use a new one for a new purchase.",
             reason="REQUEST_ID_REUSED",
         )
     return session
+
+
+def _is_upgrade(current: Plan, plan: Plan) -> bool:
+    return plan.id != current.id and plan.monthly_price.amount_minor > current.monthly_price.amount_minor
+
+
+def _prorated(amount_minor: int, fraction_ppm: int) -> int:
+    """`amount_minor` times the share, rounded half up to whole minor units."""
+    return (amount_minor * fraction_ppm + PPM // 2) // PPM

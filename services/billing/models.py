@@ -207,6 +207,8 @@ class CheckoutSessionRecord(UuidPrimaryKey, Base):
     invoice_id: Mapped[str] = mapped_column(String(UUID_LENGTH))
     currency_code: Mapped[str] = mapped_column(String(3))
     amount_minor: Mapped[int] = mapped_column(BigInteger)
+    # For an upgrade: the share of the period left when it was priced, in millionths.
+    upgrade_fraction_ppm: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime]
     expires_at: Mapped[datetime]
     completed_at: Mapped[datetime | None]

@@ -81,6 +81,10 @@ class CreditAccountRepository(Protocol):
         """Add the entry's deltas to the sums; the account after."""
         ...
 
+    async def change_plan(self, account_id: str, plan_id: str, *, hard_stop: bool) -> None:
+        """The account's plan changed within the period (an upgrade)."""
+        ...
+
     async def mark_notified(self, account_id: str, percent: int) -> None:
         """Record that the usage threshold `percent` was announced this period."""
         ...

@@ -330,6 +330,13 @@ class SqlCreditAccountRepository:
         )
         return _to_account((await self._session.execute(statement)).one())
 
+    async def change_plan(self, account_id: str, plan_id: str, *, hard_stop: bool) -> None:
+        await self._session.execute(
+            update(_ACCOUNT)
+            .where(_ACCOUNT.c.account_id == account_id)
+            .values(plan_id=plan_id, hard_stop=hard_stop)
+        )
+
     async def mark_notified(self, account_id: str, percent: int) -> None:
         await self._session.execute(
             update(_ACCOUNT).where(_ACCOUNT.c.account_id == account_id).values(notified_percent=percent)
@@ -698,6 +705,7 @@ class SqlCheckoutRepository:
                 invoice_id=session.invoice_id,
                 currency_code=session.amount.currency_code,
                 amount_minor=session.amount.amount_minor,
+                upgrade_fraction_ppm=session.upgrade_fraction_ppm,
                 created_at=session.create_time,
                 expires_at=session.expire_time,
                 completed_at=session.complete_time,
@@ -742,6 +750,7 @@ class SqlCheckoutRepository:
             create_time=row.created_at,
             expire_time=row.expires_at,
             complete_time=row.completed_at,
+            upgrade_fraction_ppm=row.upgrade_fraction_ppm,
         )
 
 

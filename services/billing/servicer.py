@@ -86,6 +86,35 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
             overage_cost=money_to_proto(usage.overage_cost),
         )
 
+    async def ChangeSubscription(
+        self, request: billing_pb2.ChangeSubscriptionRequest, context: grpc.aio.ServicerContext
+    ) -> billing_pb2.ChangeSubscriptionResponse:
+        caller = current_identity.get().require_user()
+        change = await self._checkout.change_plan(caller.user_id, request.request_id, request.plan_id)
+        reply = billing_pb2.ChangeSubscriptionResponse(
+            subscription=subscription_to_proto(change.subscription),
+            effective_time=timestamp_to_proto(change.effective_time),
+        )
+        if change.invoice is not None:
+            reply.invoice.CopyFrom(invoice_to_proto(change.invoice))
+        if change.checkout_session is not None:
+            reply.checkout_session.CopyFrom(checkout_session_to_proto(change.checkout_session))
+        return reply
+
+    async def CancelSubscription(
+        self, request: billing_pb2.CancelSubscriptionRequest, context: grpc.aio.ServicerContext
+    ) -> billing_pb2.CancelSubscriptionResponse:
+        caller = current_identity.get().require_user()
+        subscription = await self._subscriptions.cancel(caller.user_id)
+        return billing_pb2.CancelSubscriptionResponse(subscription=subscription_to_proto(subscription))
+
+    async def ResumeSubscription(
+        self, request: billing_pb2.ResumeSubscriptionRequest, context: grpc.aio.ServicerContext
+    ) -> billing_pb2.ResumeSubscriptionResponse:
+        caller = current_identity.get().require_user()
+        subscription = await self._subscriptions.resume(caller.user_id)
+        return billing_pb2.ResumeSubscriptionResponse(subscription=subscription_to_proto(subscription))
+
     async def ListCreditPacks(
         self, request: billing_pb2.ListCreditPacksRequest, context: grpc.aio.ServicerContext
     ) -> billing_pb2.ListCreditPacksResponse:

@@ -28,11 +28,14 @@ from services.billing.plans import Plan, PlanCatalog, plan_tier_to_proto
 from services.billing.ports import BillingUnitOfWork, BillingUnitsOfWork
 from services.common.clock import Clock, utc_now
 from services.common.encoding import money_to_proto, timestamp_to_proto
+from services.common.errors import FailedPrecondition
 from services.common.ids import new_id
 
 SubscriptionStatus = Literal["active", "incomplete", "past_due", "cancelled"]
 
 FREE_PLAN_ID: Final = "free"
+# Millionths: the unit of proration shares.
+PPM: Final = 1_000_000
 
 _STATUSES: Final = {
     "active": billing_pb2.SUBSCRIPTION_STATUS_ACTIVE,
@@ -106,6 +109,122 @@ class SubscriptionManager:
         """`subscription.period_ended`: roll the period over if it has ended (a no-op otherwise)."""
         await self.ensure_current(uow, user_id, self._clock())
 
+    async def schedule_downgrade(self, user_id: str, plan: Plan) -> Subscription:
+        """Move to `plan` (which costs no more) when the period ends; a repeat changes nothing."""
+        now = self._clock()
+        async with self._units.write() as uow:
+            subscription = await self._current(uow, user_id, now)
+            if subscription.plan_id == plan.id and subscription.pending_plan_id is None:
+                raise _already_on(plan)
+            if subscription.pending_plan_id == plan.id and not subscription.cancel_at_period_end:
+                return subscription
+            if subscription.plan_id == plan.id:  # back to the plan in effect: the pending change is undone
+                return await self._resume(uow, subscription, now)
+            changed = replace(
+                subscription, pending_plan_id=plan.id, cancel_at_period_end=False, update_time=now
+            )
+            await uow.subscriptions.save(changed)
+            current_plan = await self.plan(subscription.plan_id)
+            self._record_change(
+                uow,
+                changed,
+                current_plan,
+                events_pb2.SUBSCRIPTION_CHANGE_KIND_DOWNGRADE_SCHEDULED,
+                previous=None,
+                now=now,
+            )
+            return changed
+
+    async def cancel(self, user_id: str) -> Subscription:
+        """End the paid plan when the period ends (back to free); a repeat changes nothing."""
+        now = self._clock()
+        async with self._units.write() as uow:
+            subscription = await self._current(uow, user_id, now)
+            if subscription.plan_id == FREE_PLAN_ID:
+                raise FailedPrecondition(
+                    "The free plan has nothing to cancel.", reason="SUBSCRIPTION_NOT_CANCELLABLE"
+                )
+            if subscription.cancel_at_period_end:
+                return subscription
+            changed = replace(subscription, cancel_at_period_end=True, pending_plan_id=None, update_time=now)
+            await uow.subscriptions.save(changed)
+            plan = await self.plan(subscription.plan_id)
+            self._record_change(
+                uow,
+                changed,
+                plan,
+                events_pb2.SUBSCRIPTION_CHANGE_KIND_CANCEL_SCHEDULED,
+                previous=None,
+                now=now,
+            )
+            return changed
+
+    async def resume(self, user_id: str) -> Subscription:
+        """Undo a scheduled cancellation or downgrade before the period ends."""
+        now = self._clock()
+        async with self._units.write() as uow:
+            subscription = await self._current(uow, user_id, now)
+            if not subscription.cancel_at_period_end and subscription.pending_plan_id is None:
+                raise FailedPrecondition(
+                    "Nothing is scheduled to change at the end of the period.",
+                    reason="SUBSCRIPTION_NOT_CANCELLING",
+                )
+            return await self._resume(uow, subscription, now)
+
+    async def apply_upgrade(
+        self, uow: BillingUnitOfWork, user_id: str, plan: Plan, *, fraction_ppm: int, now: datetime
+    ) -> Subscription:
+        """A paid upgrade takes effect at once: the plan changes within the current period, and the
+        allowance grows by the new plan's extra tokens for the share of the period that was paid."""
+        account = await self.ensure_current(uow, user_id, now)
+        subscription = await uow.subscriptions.current(user_id, for_update=True)
+        assert subscription is not None
+        if subscription.plan_id == plan.id:
+            return subscription
+        previous = await self.plan(subscription.plan_id)
+        upgraded = replace(
+            subscription, plan_id=plan.id, pending_plan_id=None, cancel_at_period_end=False, update_time=now
+        )
+        await uow.subscriptions.save(upgraded)
+        extra_tokens = max(0, plan.included_tokens - previous.included_tokens) * fraction_ppm // PPM
+        entry = LedgerEntry("grant", included_delta=extra_tokens, reason=f"upgrade to {plan.id}")
+        entry_id = await uow.ledger.append(user_id, account.period_start, entry, now=now)
+        await uow.accounts.apply(user_id, entry, now=now)
+        await uow.accounts.change_plan(user_id, plan.id, hard_stop=plan.hard_stop)
+        uow.outbox.record(
+            subject=user_id,
+            payload=events_pb2.CreditsGranted(
+                user_id=user_id,
+                ledger_entry_id=entry_id,
+                tokens=extra_tokens,
+                reason=events_pb2.CREDIT_GRANT_REASON_UPGRADE,
+                plan_id=plan.id,
+                period_start_time=timestamp_to_proto(account.period_start),
+                period_end_time=timestamp_to_proto(account.period_end),
+            ),
+        )
+        self._record_change(
+            uow, upgraded, plan, events_pb2.SUBSCRIPTION_CHANGE_KIND_UPGRADED, previous=previous, now=now
+        )
+        return upgraded
+
+    async def _current(self, uow: BillingUnitOfWork, user_id: str, now: datetime) -> Subscription:
+        await self.ensure_current(uow, user_id, now)
+        subscription = await uow.subscriptions.current(user_id, for_update=True)
+        assert subscription is not None
+        return subscription
+
+    async def _resume(
+        self, uow: BillingUnitOfWork, subscription: Subscription, now: datetime
+    ) -> Subscription:
+        resumed = replace(subscription, cancel_at_period_end=False, pending_plan_id=None, update_time=now)
+        await uow.subscriptions.save(resumed)
+        plan = await self.plan(subscription.plan_id)
+        self._record_change(
+            uow, resumed, plan, events_pb2.SUBSCRIPTION_CHANGE_KIND_RESUMED, previous=None, now=now
+        )
+        return resumed
+
     async def ensure_current(self, uow: BillingUnitOfWork, user_id: str, now: datetime) -> CreditAccount:
         """The user's credit account for the period containing `now`: the subscription is started on
         free if there is none, and rolled over if its period ended."""
@@ -153,35 +272,72 @@ class SubscriptionManager:
     async def _roll_over(self, uow: BillingUnitOfWork, subscription: Subscription, now: datetime) -> None:
         previous_plan = await self.plan(subscription.plan_id)
         account = await uow.accounts.get(subscription.user_id, for_update=True)
+        carried = {
+            "carried_purchased": 0 if account is None else account.purchased_available,
+            "carried_reserved": 0 if account is None else account.reserved_tokens,
+        }
         if subscription.cancel_at_period_end:
-            next_plan_id = FREE_PLAN_ID
-            kind = events_pb2.SUBSCRIPTION_CHANGE_KIND_CANCELLED
-        elif subscription.pending_plan_id:
-            next_plan_id = subscription.pending_plan_id
+            # The paid subscription ends at its period's end; a new one on free starts there.
+            ended_at = subscription.current_period_end
+            ended = replace(
+                subscription,
+                status="cancelled",
+                cancel_at_period_end=False,
+                end_time=ended_at,
+                update_time=now,
+            )
+            await uow.subscriptions.save(ended)
+            self._record_change(
+                uow,
+                ended,
+                previous_plan,
+                events_pb2.SUBSCRIPTION_CHANGE_KIND_CANCELLED,
+                previous=previous_plan,
+                now=now,
+            )
+            free = await self.plan(FREE_PLAN_ID)
+            start, end = period_containing(ended_at, now)
+            successor = Subscription(
+                id=new_id(),
+                user_id=subscription.user_id,
+                plan_id=free.id,
+                status="active",
+                current_period_start=start,
+                current_period_end=end,
+                cancel_at_period_end=False,
+                pending_plan_id=None,
+                create_time=ended_at,
+                update_time=now,
+                end_time=None,
+            )
+            await uow.subscriptions.add(successor)
+            await self._open_period(uow, successor, free, now=now, **carried)
+            self._record_change(
+                uow,
+                successor,
+                free,
+                events_pb2.SUBSCRIPTION_CHANGE_KIND_CREATED,
+                previous=previous_plan,
+                now=now,
+            )
+            return
+        if subscription.pending_plan_id:
+            plan = await self.plan(subscription.pending_plan_id)
             kind = events_pb2.SUBSCRIPTION_CHANGE_KIND_DOWNGRADED
         else:
-            next_plan_id = subscription.plan_id
+            plan = previous_plan
             kind = events_pb2.SUBSCRIPTION_CHANGE_KIND_RENEWED
-        plan = await self.plan(next_plan_id)
         start, end = period_containing(subscription.create_time, now)
         renewed = replace(
             subscription,
             plan_id=plan.id,
             current_period_start=start,
             current_period_end=end,
-            cancel_at_period_end=False,
             pending_plan_id=None,
             update_time=now,
         )
         await uow.subscriptions.save(renewed)
-        await self._open_period(
-            uow,
-            renewed,
-            plan,
-            carried_purchased=0 if account is None else account.purchased_available,
-            carried_reserved=0 if account is None else account.reserved_tokens,
-            now=now,
-        )
+        await self._open_period(uow, renewed, plan, now=now, **carried)
         self._record_change(uow, renewed, plan, kind, previous=previous_plan, now=now)
 
     async def _open_period(
@@ -274,6 +430,17 @@ class SubscriptionManager:
             change.previous_plan_id = previous.id
             change.previous_monthly_price.CopyFrom(money_to_proto(previous.monthly_price))
         uow.outbox.record(subject=subscription.user_id, payload=change)
+
+
+def remaining_fraction_ppm(subscription: Subscription, now: datetime) -> int:
+    """The share of the current period still ahead at `now`, in millionths (upgrades are prorated by it)."""
+    whole = (subscription.current_period_end - subscription.current_period_start).total_seconds()
+    left = (subscription.current_period_end - now).total_seconds()
+    return max(0, min(PPM, round(PPM * left / whole))) if whole > 0 else 0
+
+
+def _already_on(plan: Plan) -> FailedPrecondition:
+    return FailedPrecondition(f"The subscription is on {plan.id!r} already.", reason="ALREADY_ON_PLAN")
 
 
 def subscription_status_to_proto(status: SubscriptionStatus) -> billing_pb2.SubscriptionStatus.ValueType:

@@ -33,10 +33,7 @@ def build(context: ServiceContext) -> ServiceBundle:
     checkout = Checkout(units, subscriptions, ledger, provider, unconfigured_reason=unconfigured)
     public = ServiceRegistration(
         full_name=billing_pb2.DESCRIPTOR.services_by_name["BillingService"].full_name,
-        # The RPCs BillingServicer does not override yet answer UNIMPLEMENTED (see contract_only).
-        servicer=BillingServicer(  # type: ignore[abstract]
-            plans, subscriptions, ledger, checkout, InvoiceBook(units)
-        ),
+        servicer=BillingServicer(plans, subscriptions, ledger, checkout, InvoiceBook(units)),
         add_to_server=billing_pb2_grpc.add_BillingServiceServicer_to_server,
     )
     internal = ServiceRegistration(

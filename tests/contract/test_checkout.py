@@ -29,7 +29,7 @@ from services.billing.repository import billing_units_of_work
 from services.billing.subscriptions import SubscriptionManager
 from services.billing.webhook_signatures import sign
 from services.common.db import Database
-from services.common.errors import InvalidArgument, NotFound, Unavailable, Unimplemented
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.common.ids import new_id
 from services.common.model_catalog import load_model_catalog
 from services.common.money import Money
@@ -48,6 +48,7 @@ class World:
     checkout: Checkout
     ledger: CreditLedger
     invoices: InvoiceBook
+    checkout_subscriptions: SubscriptionManager
 
     def delivery(
         self, session: CheckoutSession, card: str = SUCCEEDS, amount: Money = PACK_PRICE
@@ -66,7 +67,7 @@ def build(database: Database, provider: SandboxPaymentProvider | None) -> World:
     ledger = CreditLedger(units, subscriptions, load_model_catalog(), clock=clock)
     checkout = Checkout(units, subscriptions, ledger, provider, unconfigured_reason="no secrets", clock=clock)
     assert provider is not None
-    return World(database, clock, provider, checkout, ledger, InvoiceBook(units))
+    return World(database, clock, provider, checkout, ledger, InvoiceBook(units), subscriptions)
 
 
 @pytest.fixture
@@ -255,8 +256,6 @@ async def test_unknown_packs_plans_and_a_missing_provider_are_typed_errors(datab
     user = new_id()
     missing = await refusal(world.checkout.create_session(user, "r", credit_pack_id="tokens-9t"), NotFound)
     assert missing.reason == "CREDIT_PACK_NOT_FOUND"
-    plan = await refusal(world.checkout.create_session(user, "r", plan_id="pro"), Unimplemented)
-    assert plan.reason == "NOT_IMPLEMENTED"
     nothing = await refusal(world.checkout.create_session(user, "r"), InvalidArgument)
     assert nothing.reason == "REQUIRED_FIELD"
 
@@ -270,3 +269,127 @@ async def test_unknown_packs_plans_and_a_missing_provider_are_typed_errors(datab
     off = await refusal(unconfigured.create_session(user, "r", credit_pack_id=PACK), Unavailable)
     assert off.reason == "PAYMENT_PROVIDER_UNAVAILABLE"
     assert "PARLEY_BILLING_WEBHOOK_SECRETS" in off.message
+
+
+# ---- plan changes -------------------------------------------------------------------------------
+
+
+async def test_an_upgrade_is_prorated_paid_through_checkout_and_takes_effect_at_once(world: World) -> None:
+    user = new_id()
+    await world.ledger.balance(user)  # on free since START
+    world.clock.advance(timedelta(days=15, hours=12))  # 31-day March: half the period is left
+    change = await world.checkout.change_plan(user, "up-1", "pro")
+    assert change.subscription.plan_id == "free"  # nothing changes before the payment
+    assert change.checkout_session is not None and change.invoice is not None
+    assert (change.invoice.reason, change.invoice.status) == ("upgrade", "open")
+    assert [(line.kind, line.amount_minor) for line in change.invoice.lines] == [("subscription", 1_000)]
+    assert change.checkout_session.amount == Money("USD", 1_000)
+
+    await world.pay(change.checkout_session, amount=Money("USD", 1_000))
+    subscription, plan = await world.checkout_subscriptions.current(user)
+    assert (subscription.plan_id, plan.id) == ("pro", "pro")
+    assert subscription.current_period_end == change.subscription.current_period_end  # same period
+    balance = await world.ledger.balance(user)
+    assert (balance.plan_id, balance.hard_stop) == ("pro", False)
+    # Pro includes 2,000,000 tokens against free's 100,000: half the difference is granted.
+    assert balance.included_tokens == 100_000 + 950_000
+    cached, derived = await world.ledger.derived_sums(user)
+    assert cached == derived
+    kinds = [
+        change.kind
+        for change in await payloads(world.database, "subscription.changed", events_pb2.SubscriptionChanged)
+    ]
+    assert kinds == [
+        events_pb2.SUBSCRIPTION_CHANGE_KIND_CREATED,
+        events_pb2.SUBSCRIPTION_CHANGE_KIND_UPGRADED,
+    ]
+    grants = await payloads(world.database, "credits.granted", events_pb2.CreditsGranted)
+    assert [(grant.reason, grant.tokens) for grant in grants][-1] == (
+        events_pb2.CREDIT_GRANT_REASON_UPGRADE,
+        950_000,
+    )
+
+
+async def test_an_upgrade_between_paid_plans_credits_the_unused_part_of_the_old_one(world: World) -> None:
+    user = new_id()
+    await world.ledger.balance(user)
+    first = await world.checkout.change_plan(user, "up-1", "pro")
+    assert first.checkout_session is not None
+    await world.pay(first.checkout_session, amount=first.checkout_session.amount)
+    world.clock.advance(timedelta(days=15, hours=12))
+    second = await world.checkout.change_plan(user, "up-2", "team")
+    assert second.invoice is not None and second.checkout_session is not None
+    # Team 5,000 for half a period, less pro's 2,000 for the same half.
+    assert [(line.kind, line.amount_minor) for line in second.invoice.lines] == [
+        ("subscription", 2_500),
+        ("proration_credit", -1_000),
+    ]
+    assert second.invoice.total_minor == 1_500
+
+
+async def test_downgrades_and_cancellations_wait_for_the_period_end_and_can_be_undone(world: World) -> None:
+    user = new_id()
+    await world.ledger.balance(user)
+    upgrade = await world.checkout.change_plan(user, "up", "team")
+    assert upgrade.checkout_session is not None
+    await world.pay(upgrade.checkout_session, amount=upgrade.checkout_session.amount)
+
+    down = await world.checkout.change_plan(user, "down", "pro")
+    assert (down.subscription.plan_id, down.subscription.pending_plan_id) == ("team", "pro")
+    assert down.effective_time == down.subscription.current_period_end
+    assert (await world.checkout.change_plan(user, "down-again", "pro")).subscription == down.subscription
+    resumed = await world.checkout_subscriptions.resume(user)
+    assert resumed.pending_plan_id is None
+    not_pending = await refusal(world.checkout_subscriptions.resume(user), FailedPrecondition)
+    assert not_pending.reason == "SUBSCRIPTION_NOT_CANCELLING"
+
+    cancelled = await world.checkout_subscriptions.cancel(user)
+    assert cancelled.cancel_at_period_end is True
+    assert (await world.checkout_subscriptions.cancel(user)) == cancelled
+    world.clock.advance(timedelta(days=32))
+    after, plan = await world.checkout_subscriptions.current(user)
+    assert (after.plan_id, after.status, plan.hard_stop) == ("free", "active", True)
+    assert after.id != cancelled.id
+    assert after.create_time == cancelled.current_period_end
+    balance = await world.ledger.balance(user)
+    assert (balance.plan_id, balance.included_tokens) == ("free", 100_000)
+    kinds = [
+        change.kind
+        for change in await payloads(world.database, "subscription.changed", events_pb2.SubscriptionChanged)
+    ]
+    assert kinds[-2:] == [
+        events_pb2.SUBSCRIPTION_CHANGE_KIND_CANCELLED,
+        events_pb2.SUBSCRIPTION_CHANGE_KIND_CREATED,
+    ]
+
+
+async def test_a_scheduled_downgrade_applies_at_the_period_end(world: World) -> None:
+    user = new_id()
+    await world.ledger.balance(user)
+    upgrade = await world.checkout.change_plan(user, "up", "team")
+    assert upgrade.checkout_session is not None
+    await world.pay(upgrade.checkout_session, amount=upgrade.checkout_session.amount)
+    await world.checkout.change_plan(user, "down", "pro")
+    world.clock.advance(timedelta(days=32))
+    subscription, _ = await world.checkout_subscriptions.current(user)
+    assert (subscription.plan_id, subscription.pending_plan_id) == ("pro", None)
+    assert (await world.ledger.balance(user)).included_tokens == 2_000_000
+
+
+async def test_plan_changes_refuse_what_makes_no_sense(world: World) -> None:
+    user = new_id()
+    await world.ledger.balance(user)
+    same = await refusal(world.checkout.change_plan(user, "r1", "free"), FailedPrecondition)
+    assert same.reason == "ALREADY_ON_PLAN"
+    unknown = await refusal(world.checkout.change_plan(user, "r2", "platinum"), NotFound)
+    assert unknown.reason == "PLAN_NOT_FOUND"
+    free_cancel = await refusal(world.checkout_subscriptions.cancel(user), FailedPrecondition)
+    assert free_cancel.reason == "SUBSCRIPTION_NOT_CANCELLABLE"
+    both = await refusal(
+        world.checkout.create_session(user, "r3", credit_pack_id=PACK, plan_id="pro"), InvalidArgument
+    )
+    assert both.reason == "REQUIRED_FIELD"
+    first = await world.checkout.change_plan(user, "up", "pro")
+    assert first.checkout_session is not None
+    reused = await refusal(world.checkout.change_plan(user, "up", "team"), InvalidArgument)
+    assert reused.reason == "REQUEST_ID_REUSED"

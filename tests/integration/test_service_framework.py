@@ -92,12 +92,14 @@ async def test_forged_page_token_is_refused(running: RunningServer) -> None:
 
 async def test_contract_only_rpcs_answer_unimplemented_honestly(running: RunningServer) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await billing(running).ListInvoices(billing_pb2.ListInvoicesRequest())
+        await chat_pb2_grpc.ChatServiceStub(running.channel).ListConversations(
+            chat_pb2.ListConversationsRequest()
+        )
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
     info = rich_status(caught.value)["ErrorInfo"]
     assert isinstance(info, error_details_pb2.ErrorInfo)
     assert info.reason == "NOT_IMPLEMENTED"
-    assert info.metadata["method"] == "parley.billing.v1.BillingService/ListInvoices"
+    assert info.metadata["method"] == "parley.chat.v1.ChatService/ListConversations"
 
 
 async def test_server_streaming_rpcs_go_through_the_same_chain(running: RunningServer) -> None:

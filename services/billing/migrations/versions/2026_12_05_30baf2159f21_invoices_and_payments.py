@@ -50,6 +50,7 @@ def upgrade() -> None:
         sa.Column("invoice_id", sa.String(length=36), nullable=False),
         sa.Column("currency_code", sa.String(length=3), nullable=False),
         sa.Column("amount_minor", sa.BigInteger(), nullable=False),
+        sa.Column("upgrade_fraction_ppm", sa.Integer(), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("completed_at", sa.DateTime(timezone=True), nullable=True),
