@@ -19,7 +19,7 @@ from typing import Final, Literal
 
 from parley.common.v1 import common_pb2
 from parley.events.v1 import events_pb2
-from services.billing.invoices import Invoice, LineItem, draft_invoice, invoice_number
+from services.billing.invoices import Invoice, LineItem, draft_invoice, finalize
 from services.billing.ledger import CreditLedger
 from services.billing.payments import CheckoutRequest, PaymentProvider, ProviderEvent
 from services.billing.plans import Plan
@@ -222,7 +222,7 @@ class Checkout:
             # The session first: if a concurrent call with this request id won, nothing else is
             # written, so no invoice number is spent on the loser.
             if await uow.checkouts.add(session):
-                await self._finalize(uow, purchase.invoice, now=now, due=session.expire_time)
+                await finalize(uow, purchase.invoice, now=now, due=session.expire_time)
                 return session
         async with self._units.read() as uow:
             winner = await uow.checkouts.by_request(user_id, request_id)
@@ -413,27 +413,6 @@ class Checkout:
                 payment_id=payment.id,
             ),
         )
-
-    async def _finalize(
-        self, uow: BillingUnitOfWork, invoice: Invoice, *, now: datetime, due: datetime
-    ) -> Invoice:
-        sequence = await uow.invoices.next_number(now.year)
-        finalized = replace(
-            invoice, status="open", number=invoice_number(now.year, sequence), finalize_time=now, due_time=due
-        )
-        await uow.invoices.add(finalized)
-        uow.outbox.record(
-            subject=finalized.user_id,
-            payload=events_pb2.InvoiceCreated(
-                invoice_id=finalized.id,
-                number=finalized.number or "",
-                user_id=finalized.user_id,
-                subtotal=money_to_proto(Money(finalized.currency_code, finalized.subtotal_minor)),
-                tax=money_to_proto(Money(finalized.currency_code, finalized.tax_minor)),
-                total=money_to_proto(Money(finalized.currency_code, finalized.total_minor)),
-            ),
-        )
-        return finalized
 
     @staticmethod
     def _payment(

@@ -9,13 +9,16 @@ Amounts are whole minor units of one currency; tax is 0 unless a rate is configu
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Final, Literal
 
-from services.billing.ports import BillingUnitsOfWork
+from parley.events.v1 import events_pb2
+from services.billing.ports import BillingUnitOfWork, BillingUnitsOfWork
+from services.common.encoding import money_to_proto
 from services.common.errors import NotFound
 from services.common.ids import new_id
+from services.common.money import Money
 from services.common.pagination import BY_TIME, Page, keyset_page
 
 InvoiceStatus = Literal["draft", "open", "paid", "void", "uncollectible"]
@@ -99,6 +102,26 @@ def draft_invoice(
 def invoice_number(year: int, sequence: int) -> str:
     """The printed number: the year and the invoice's place in it, e.g. "2031-000042"."""
     return f"{year}-{sequence:06d}"
+
+
+async def finalize(uow: BillingUnitOfWork, invoice: Invoice, *, now: datetime, due: datetime) -> Invoice:
+    sequence = await uow.invoices.next_number(now.year)
+    finalized = replace(
+        invoice, status="open", number=invoice_number(now.year, sequence), finalize_time=now, due_time=due
+    )
+    await uow.invoices.add(finalized)
+    uow.outbox.record(
+        subject=finalized.user_id,
+        payload=events_pb2.InvoiceCreated(
+            invoice_id=finalized.id,
+            number=finalized.number or "",
+            user_id=finalized.user_id,
+            subtotal=money_to_proto(Money(finalized.currency_code, finalized.subtotal_minor)),
+            tax=money_to_proto(Money(finalized.currency_code, finalized.tax_minor)),
+            total=money_to_proto(Money(finalized.currency_code, finalized.total_minor)),
+        ),
+    )
+    return finalized
 
 
 class InvoiceBook:

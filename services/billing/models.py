@@ -241,3 +241,26 @@ class WebhookEventRecord(Base):
     event_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     event_type: Mapped[str] = mapped_column(String(64))
     received_at: Mapped[datetime]
+
+
+class PaymentMethodRecord(Base):
+    """The payment method a user's renewals are charged to: the one of their last paid checkout."""
+
+    __tablename__ = "payment_methods"
+
+    user_id: Mapped[str] = mapped_column(String(UUID_LENGTH), primary_key=True)
+    provider: Mapped[str] = mapped_column(String(16))
+    provider_payment_method: Mapped[str] = mapped_column(String(128))
+    updated_at: Mapped[datetime]
+
+
+class BillingCustomerRecord(Base):
+    """Who billing mails about a user's account: copied from auth's `user.registered` and
+    `user.email_verified` events (billing never reads auth's tables)."""
+
+    __tablename__ = "billing_customers"
+
+    user_id: Mapped[str] = mapped_column(String(UUID_LENGTH), primary_key=True)
+    email: Mapped[str] = mapped_column(String(320))
+    display_name: Mapped[str] = mapped_column(String(100))
+    updated_at: Mapped[datetime]

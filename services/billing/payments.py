@@ -22,6 +22,7 @@ Every other type is acknowledged and ignored.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -34,18 +35,31 @@ from services.common.ids import new_id
 from services.common.money import Money
 
 EventKind = Literal["paid", "failed", "requires_action", "ignored"]
+ChargeStatus = Literal["succeeded", "failed", "requires_action"]
 
 # Test cards of the sandbox and what paying with each does (Stripe's test numbers, same outcomes).
 SUCCEEDS: Final = "4242424242424242"
 DECLINED: Final = "4000000000000002"
 INSUFFICIENT_FUNDS: Final = "4000000000009995"
 REQUIRES_ACTION: Final = "4000002500003155"
+# Pays at checkout, then every later charge to it is declined (Stripe's "attach, then fail" card).
+FAILS_LATER: Final = "4000000000000341"
 _CARD_OUTCOMES: Final[Mapping[str, tuple[str, str]]] = {
     SUCCEEDS: ("checkout.session.completed", ""),
     DECLINED: ("payment_intent.payment_failed", "card_declined"),
     INSUFFICIENT_FUNDS: ("payment_intent.payment_failed", "insufficient_funds"),
     REQUIRES_ACTION: ("payment_intent.requires_action", ""),
+    FAILS_LATER: ("checkout.session.completed", ""),
 }
+# What a later (off-session) charge to a saved card does.
+_CHARGE_OUTCOMES: Final[Mapping[str, tuple[ChargeStatus, str]]] = {
+    SUCCEEDS: ("succeeded", ""),
+    DECLINED: ("failed", "PAYMENT_DECLINED"),
+    INSUFFICIENT_FUNDS: ("failed", "PAYMENT_INSUFFICIENT_FUNDS"),
+    REQUIRES_ACTION: ("requires_action", ""),
+    FAILS_LATER: ("failed", "PAYMENT_DECLINED"),
+}
+_SANDBOX_METHOD_PREFIX: Final = "pm_sandbox_"
 # Bounds on what a webhook body may make us parse.
 MAX_WEBHOOK_BYTES: Final = 64 * 1024
 
@@ -81,6 +95,18 @@ class ProviderEvent:
     amount: Money | None = None
     # The ErrorReason of a failed payment: PAYMENT_DECLINED or PAYMENT_INSUFFICIENT_FUNDS.
     failure_reason: str = ""
+    # The payment method a paid checkout saved for later charges (renewals), when it says.
+    payment_method: str = ""
+
+
+@dataclass(frozen=True)
+class ChargeResult:
+    """The outcome of charging a saved payment method."""
+
+    status: ChargeStatus
+    provider_payment_id: str
+    # The ErrorReason of a failure: PAYMENT_DECLINED or PAYMENT_INSUFFICIENT_FUNDS.
+    failure_reason: str = ""
 
 
 class PaymentProvider(Protocol):
@@ -93,6 +119,13 @@ class PaymentProvider(Protocol):
 
     def verify_event(self, body: bytes, signature_header: str | None, *, now: datetime) -> ProviderEvent:
         """The event in a webhook delivery, if the provider signed it (INVALID_ARGUMENT otherwise)."""
+        ...
+
+    async def charge(
+        self, payment_method: str, amount: Money, *, idempotency_key: str, description: str
+    ) -> ChargeResult:
+        """Charge a saved payment method without the user (a renewal); a repeat of
+        `idempotency_key` returns the first outcome. PAYMENT_PROVIDER_UNAVAILABLE when unreachable."""
         ...
 
 
@@ -113,6 +146,7 @@ def parse_event(body: bytes) -> ProviderEvent:
                 checkout_id=_text(data, "client_reference_id"),
                 provider_payment_id=_text(data, "payment_intent"),
                 amount=Money(_text(data, "currency").upper(), _whole(data, "amount_total")),
+                payment_method=_text(data, "payment_method") if "payment_method" in data else "",
             )
         if event_type in ("payment_intent.payment_failed", "payment_intent.requires_action"):
             metadata = data.get("metadata") or {}
@@ -198,6 +232,15 @@ class SandboxPaymentProvider:
         verify(body, signature_header, self._secrets, now=now, tolerance=self._tolerance)
         return parse_event(body)
 
+    async def charge(
+        self, payment_method: str, amount: Money, *, idempotency_key: str, description: str
+    ) -> ChargeResult:
+        card = payment_method.removeprefix(_SANDBOX_METHOD_PREFIX)
+        status, failure = _CHARGE_OUTCOMES.get(card, ("failed", "PAYMENT_DECLINED"))
+        # Deterministic per idempotency key, as a real provider's retry of the same key would be.
+        payment_id = "pi_sandbox_" + hashlib.sha256(idempotency_key.encode()).hexdigest()[:24]
+        return ChargeResult(status, payment_id, failure)
+
     def pay(
         self, checkout_id: str, provider_session_id: str, amount: Money, card: str, *, at: datetime
     ) -> tuple[bytes, str]:
@@ -220,6 +263,7 @@ class SandboxPaymentProvider:
                     "payment_intent": payment_id,
                     "amount_total": amount.amount_minor,
                     "currency": amount.currency_code.lower(),
+                    "payment_method": _SANDBOX_METHOD_PREFIX + card,
                 }
             }
         else:

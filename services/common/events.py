@@ -44,6 +44,7 @@ EVENT_TYPES: Final[Mapping[str, str]] = MappingProxyType(
         "generation_failed": "generation.failed",
         "subscription_changed": "subscription.changed",
         "subscription_period_ended": "subscription.period_ended",
+        "invoice_payment_due": "invoice.payment_due",
         "invoice_created": "invoice.created",
         "invoice_paid": "invoice.paid",
         "invoice_uncollectible": "invoice.uncollectible",

@@ -295,6 +295,7 @@ class Event(_message.Message):
     INVOICE_CREATED_FIELD_NUMBER: _builtins.int
     INVOICE_PAID_FIELD_NUMBER: _builtins.int
     INVOICE_UNCOLLECTIBLE_FIELD_NUMBER: _builtins.int
+    INVOICE_PAYMENT_DUE_FIELD_NUMBER: _builtins.int
     PAYMENT_SUCCEEDED_FIELD_NUMBER: _builtins.int
     PAYMENT_FAILED_FIELD_NUMBER: _builtins.int
     PAYMENT_REFUNDED_FIELD_NUMBER: _builtins.int
@@ -428,6 +429,12 @@ class Event(_message.Message):
         """invoice.uncollectible: dunning gave up on an invoice."""
 
     @_builtins.property
+    def invoice_payment_due(self) -> Global___InvoicePaymentDue:
+        """invoice.payment_due: an attempt to collect an invoice from the saved payment method is due;
+        billing writes it for itself (with `deliver_after` for dunning retries) and consumes it.
+        """
+
+    @_builtins.property
     def payment_succeeded(self) -> Global___PaymentSucceeded:
         """payment.succeeded: a payment was confirmed by the provider."""
 
@@ -502,6 +509,7 @@ class Event(_message.Message):
         invoice_created: Global___InvoiceCreated | None = ...,
         invoice_paid: Global___InvoicePaid | None = ...,
         invoice_uncollectible: Global___InvoiceUncollectible | None = ...,
+        invoice_payment_due: Global___InvoicePaymentDue | None = ...,
         payment_succeeded: Global___PaymentSucceeded | None = ...,
         payment_failed: Global___PaymentFailed | None = ...,
         payment_refunded: Global___PaymentRefunded | None = ...,
@@ -513,11 +521,11 @@ class Event(_message.Message):
         usage_recorded: Global___UsageRecorded | None = ...,
         usage_threshold_crossed: Global___UsageThresholdCrossed | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["api_key_created", b"api_key_created", "api_key_revoked", b"api_key_revoked", "conversation_created", b"conversation_created", "credits_granted", b"credits_granted", "credits_released", b"credits_released", "credits_reserved", b"credits_reserved", "credits_settled", b"credits_settled", "credits_topped_up", b"credits_topped_up", "email_failed", b"email_failed", "email_requested", b"email_requested", "email_sent", b"email_sent", "generation_completed", b"generation_completed", "generation_failed", b"generation_failed", "invoice_created", b"invoice_created", "invoice_paid", b"invoice_paid", "invoice_uncollectible", b"invoice_uncollectible", "message_created", b"message_created", "payload", b"payload", "payment_failed", b"payment_failed", "payment_refunded", b"payment_refunded", "payment_succeeded", b"payment_succeeded", "session_reuse_detected", b"session_reuse_detected", "session_revoked", b"session_revoked", "subscription_changed", b"subscription_changed", "subscription_period_ended", b"subscription_period_ended", "time", b"time", "trace_context", b"trace_context", "usage_recorded", b"usage_recorded", "usage_threshold_crossed", b"usage_threshold_crossed", "user_disabled", b"user_disabled", "user_email_verified", b"user_email_verified", "user_enabled", b"user_enabled", "user_locked", b"user_locked", "user_login_failed", b"user_login_failed", "user_login_succeeded", b"user_login_succeeded", "user_password_changed", b"user_password_changed", "user_password_reset", b"user_password_reset", "user_registered", b"user_registered", "user_role_changed", b"user_role_changed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["api_key_created", b"api_key_created", "api_key_revoked", b"api_key_revoked", "conversation_created", b"conversation_created", "credits_granted", b"credits_granted", "credits_released", b"credits_released", "credits_reserved", b"credits_reserved", "credits_settled", b"credits_settled", "credits_topped_up", b"credits_topped_up", "email_failed", b"email_failed", "email_requested", b"email_requested", "email_sent", b"email_sent", "generation_completed", b"generation_completed", "generation_failed", b"generation_failed", "invoice_created", b"invoice_created", "invoice_paid", b"invoice_paid", "invoice_payment_due", b"invoice_payment_due", "invoice_uncollectible", b"invoice_uncollectible", "message_created", b"message_created", "payload", b"payload", "payment_failed", b"payment_failed", "payment_refunded", b"payment_refunded", "payment_succeeded", b"payment_succeeded", "session_reuse_detected", b"session_reuse_detected", "session_revoked", b"session_revoked", "subscription_changed", b"subscription_changed", "subscription_period_ended", b"subscription_period_ended", "time", b"time", "trace_context", b"trace_context", "usage_recorded", b"usage_recorded", "usage_threshold_crossed", b"usage_threshold_crossed", "user_disabled", b"user_disabled", "user_email_verified", b"user_email_verified", "user_enabled", b"user_enabled", "user_locked", b"user_locked", "user_login_failed", b"user_login_failed", "user_login_succeeded", b"user_login_succeeded", "user_password_changed", b"user_password_changed", "user_password_reset", b"user_password_reset", "user_registered", b"user_registered", "user_role_changed", b"user_role_changed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_created", b"api_key_created", "api_key_revoked", b"api_key_revoked", "conversation_created", b"conversation_created", "credits_granted", b"credits_granted", "credits_released", b"credits_released", "credits_reserved", b"credits_reserved", "credits_settled", b"credits_settled", "credits_topped_up", b"credits_topped_up", "email_failed", b"email_failed", "email_requested", b"email_requested", "email_sent", b"email_sent", "generation_completed", b"generation_completed", "generation_failed", b"generation_failed", "id", b"id", "invoice_created", b"invoice_created", "invoice_paid", b"invoice_paid", "invoice_uncollectible", b"invoice_uncollectible", "message_created", b"message_created", "payload", b"payload", "payment_failed", b"payment_failed", "payment_refunded", b"payment_refunded", "payment_succeeded", b"payment_succeeded", "session_reuse_detected", b"session_reuse_detected", "session_revoked", b"session_revoked", "source", b"source", "subject", b"subject", "subscription_changed", b"subscription_changed", "subscription_period_ended", b"subscription_period_ended", "time", b"time", "trace_context", b"trace_context", "type", b"type", "usage_recorded", b"usage_recorded", "usage_threshold_crossed", b"usage_threshold_crossed", "user_disabled", b"user_disabled", "user_email_verified", b"user_email_verified", "user_enabled", b"user_enabled", "user_locked", b"user_locked", "user_login_failed", b"user_login_failed", "user_login_succeeded", b"user_login_succeeded", "user_password_changed", b"user_password_changed", "user_password_reset", b"user_password_reset", "user_registered", b"user_registered", "user_role_changed", b"user_role_changed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_created", b"api_key_created", "api_key_revoked", b"api_key_revoked", "conversation_created", b"conversation_created", "credits_granted", b"credits_granted", "credits_released", b"credits_released", "credits_reserved", b"credits_reserved", "credits_settled", b"credits_settled", "credits_topped_up", b"credits_topped_up", "email_failed", b"email_failed", "email_requested", b"email_requested", "email_sent", b"email_sent", "generation_completed", b"generation_completed", "generation_failed", b"generation_failed", "id", b"id", "invoice_created", b"invoice_created", "invoice_paid", b"invoice_paid", "invoice_payment_due", b"invoice_payment_due", "invoice_uncollectible", b"invoice_uncollectible", "message_created", b"message_created", "payload", b"payload", "payment_failed", b"payment_failed", "payment_refunded", b"payment_refunded", "payment_succeeded", b"payment_succeeded", "session_reuse_detected", b"session_reuse_detected", "session_revoked", b"session_revoked", "source", b"source", "subject", b"subject", "subscription_changed", b"subscription_changed", "subscription_period_ended", b"subscription_period_ended", "time", b"time", "trace_context", b"trace_context", "type", b"type", "usage_recorded", b"usage_recorded", "usage_threshold_crossed", b"usage_threshold_crossed", "user_disabled", b"user_disabled", "user_email_verified", b"user_email_verified", "user_enabled", b"user_enabled", "user_locked", b"user_locked", "user_login_failed", b"user_login_failed", "user_login_succeeded", b"user_login_succeeded", "user_password_changed", b"user_password_changed", "user_password_reset", b"user_password_reset", "user_registered", b"user_registered", "user_role_changed", b"user_role_changed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["user_registered", "user_email_verified", "user_login_succeeded", "user_login_failed", "user_locked", "session_revoked", "session_reuse_detected", "user_password_changed", "user_password_reset", "api_key_created", "api_key_revoked", "user_role_changed", "user_disabled", "user_enabled", "email_requested", "email_sent", "email_failed", "conversation_created", "message_created", "generation_completed", "generation_failed", "subscription_changed", "subscription_period_ended", "invoice_created", "invoice_paid", "invoice_uncollectible", "payment_succeeded", "payment_failed", "payment_refunded", "credits_granted", "credits_reserved", "credits_settled", "credits_released", "credits_topped_up", "usage_recorded", "usage_threshold_crossed"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["user_registered", "user_email_verified", "user_login_succeeded", "user_login_failed", "user_locked", "session_revoked", "session_reuse_detected", "user_password_changed", "user_password_reset", "api_key_created", "api_key_revoked", "user_role_changed", "user_disabled", "user_enabled", "email_requested", "email_sent", "email_failed", "conversation_created", "message_created", "generation_completed", "generation_failed", "subscription_changed", "subscription_period_ended", "invoice_created", "invoice_paid", "invoice_uncollectible", "invoice_payment_due", "payment_succeeded", "payment_failed", "payment_refunded", "credits_granted", "credits_reserved", "credits_settled", "credits_released", "credits_topped_up", "usage_recorded", "usage_threshold_crossed"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
@@ -1368,6 +1376,36 @@ class GenerationFailed(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GenerationFailed: _TypeAlias = GenerationFailed  # noqa: Y015
+
+@_typing.final
+class InvoicePaymentDue(_message.Message):
+    """An attempt to collect an invoice is due (billing's own timer for renewals and dunning retries)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INVOICE_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    invoice_id: _builtins.str
+    """The invoice's id."""
+    user_id: _builtins.str
+    """The billed user's id."""
+    attempt: _builtins.int
+    """The attempt this is: 1 for the first, then each retry."""
+    def __init__(
+        self,
+        *,
+        invoice_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "invoice_id", b"invoice_id", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InvoicePaymentDue: _TypeAlias = InvoicePaymentDue  # noqa: Y015
 
 @_typing.final
 class SubscriptionPeriodEnded(_message.Message):

@@ -159,8 +159,27 @@ def upgrade() -> None:
         sa.UniqueConstraint("invoice_id", "position", name=op.f("uq_invoice_lines_invoice_id_position")),
     )
 
+    op.create_table(
+        "payment_methods",
+        sa.Column("user_id", sa.String(length=36), nullable=False),
+        sa.Column("provider", sa.String(length=16), nullable=False),
+        sa.Column("provider_payment_method", sa.String(length=128), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("user_id", name=op.f("pk_payment_methods")),
+    )
+    op.create_table(
+        "billing_customers",
+        sa.Column("user_id", sa.String(length=36), nullable=False),
+        sa.Column("email", sa.String(length=320), nullable=False),
+        sa.Column("display_name", sa.String(length=100), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("user_id", name=op.f("pk_billing_customers")),
+    )
+
 
 def downgrade() -> None:
+    op.drop_table("billing_customers")
+    op.drop_table("payment_methods")
     op.drop_table("invoice_lines")
     op.drop_table("webhook_events")
     with op.batch_alter_table("payments", schema=None) as batch_op:
