@@ -23,7 +23,7 @@ from services.billing.invoices import Invoice, LineItem, draft_invoice, finalize
 from services.billing.ledger import CreditLedger
 from services.billing.payments import CheckoutRequest, PaymentProvider, ProviderEvent
 from services.billing.plans import Plan
-from services.billing.ports import BillingUnitOfWork, BillingUnitsOfWork
+from services.billing.ports import BillingUnitOfWork, BillingUnitsOfWork, SavedPaymentMethod
 from services.billing.subscriptions import PPM, Subscription, SubscriptionManager, remaining_fraction_ppm
 from services.common.clock import Clock, utc_now
 from services.common.encoding import money_to_proto, timestamp_to_proto
@@ -336,6 +336,11 @@ class Checkout:
             paid = replace(invoice, status="paid", amount_paid_minor=invoice.total_minor, paid_time=now)
             await uow.invoices.save(paid)
             await uow.checkouts.save(replace(session, status="complete", complete_time=now))
+            if event.payment_method:
+                # Renewals are charged to the method of the user's last paid checkout.
+                await uow.payment_methods.save(
+                    session.user_id, SavedPaymentMethod(provider, event.payment_method), now=now
+                )
             await self._deliver(uow, session, paid, payment, now)
             uow.outbox.record(
                 subject=invoice.user_id,

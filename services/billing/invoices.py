@@ -11,10 +11,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 from parley.events.v1 import events_pb2
 from services.billing.ports import BillingUnitOfWork, BillingUnitsOfWork
+
+if TYPE_CHECKING:
+    from services.billing.ledger import CreditAccount
+    from services.billing.plans import Plan
 from services.common.encoding import money_to_proto
 from services.common.errors import NotFound
 from services.common.ids import new_id
@@ -122,6 +126,64 @@ async def finalize(uow: BillingUnitOfWork, invoice: Invoice, *, now: datetime, d
         ),
     )
     return finalized
+
+
+def overage_charge_minor(overage_tokens: int, price_per_1k_minor: int) -> int:
+    """A period's overage in whole minor units, rounded up once on the period's total."""
+    return -(-overage_tokens * price_per_1k_minor // 1000)
+
+
+async def invoice_period_end(
+    uow: BillingUnitOfWork,
+    user_id: str,
+    *,
+    ended_plan: Plan,
+    ended: CreditAccount | None,
+    next_plan: Plan,
+    next_period: tuple[datetime, datetime],
+    now: datetime,
+) -> Invoice | None:
+    """The invoice of a period end, finalized and queued for collection; None when nothing is owed."""
+    lines: list[LineItem] = []
+    if next_plan.monthly_price.amount_minor > 0:
+        lines.append(
+            LineItem(
+                kind="subscription",
+                description=f"{next_plan.display_name} plan",
+                quantity=1,
+                unit_price_minor=next_plan.monthly_price.amount_minor,
+                amount_minor=next_plan.monthly_price.amount_minor,
+                plan_id=next_plan.id,
+                period_start=next_period[0],
+                period_end=next_period[1],
+            )
+        )
+    overage_price = ended_plan.overage_price_per_1k_tokens
+    if ended is not None and overage_price is not None and ended.overage_tokens > 0:
+        thousands = -(-ended.overage_tokens // 1000)
+        lines.append(
+            LineItem(
+                kind="overage",
+                description=f"{ended.overage_tokens} tokens beyond the allowance",
+                quantity=thousands,
+                unit_price_minor=overage_price.amount_minor,
+                amount_minor=overage_charge_minor(ended.overage_tokens, overage_price.amount_minor),
+                plan_id=ended_plan.id,
+                period_start=ended.period_start,
+                period_end=ended.period_end,
+            )
+        )
+    if sum(line.amount_minor for line in lines) <= 0:
+        return None
+    invoice = draft_invoice(
+        user_id, "period_end", next_plan.monthly_price.currency_code, lines, now=now, period=next_period
+    )
+    invoice = await finalize(uow, invoice, now=now, due=now)
+    uow.outbox.record(
+        subject=user_id,
+        payload=events_pb2.InvoicePaymentDue(invoice_id=invoice.id, user_id=user_id, attempt=1),
+    )
+    return invoice
 
 
 class InvoiceBook:

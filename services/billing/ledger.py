@@ -27,6 +27,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Final, Literal
 
 from parley.events.v1 import events_pb2
+from services.billing.mail import request_mail
 from services.billing.ports import BillingUnitOfWork, BillingUnitsOfWork, DuplicateReservation
 from services.common.clock import Clock, utc_now
 from services.common.encoding import money_to_proto, timestamp_to_proto
@@ -543,6 +544,16 @@ class CreditLedger:
                     period_start_time=timestamp_to_proto(account.period_start),
                     period_end_time=timestamp_to_proto(account.period_end),
                 ),
+            )
+            await request_mail(
+                uow,
+                account.account_id,
+                f"quota_{threshold}",
+                {
+                    "used_tokens": str(account.used_tokens),
+                    "included_tokens": str(account.included_tokens),
+                    "period_end_time": account.period_end.isoformat(),
+                },
             )
         if crossed:
             await uow.accounts.mark_notified(account.account_id, max(crossed))

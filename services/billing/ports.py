@@ -9,6 +9,7 @@ stale so the after-commit hooks drop cached copies. The SQL implementation is
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Final, Protocol
 
@@ -184,6 +185,37 @@ class WebhookEventRepository(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class SavedPaymentMethod:
+    provider: str
+    provider_payment_method: str
+
+
+@dataclass(frozen=True)
+class Customer:
+    """Who billing mails about an account."""
+
+    user_id: str
+    email: str
+    display_name: str
+
+
+class PaymentMethodRepository(Protocol):
+    async def get(self, user_id: str) -> SavedPaymentMethod | None: ...
+
+    async def save(self, user_id: str, method: SavedPaymentMethod, *, now: datetime) -> None:
+        """Make `method` the one the user's renewals are charged to."""
+        ...
+
+
+class CustomerRepository(Protocol):
+    async def get(self, user_id: str) -> Customer | None: ...
+
+    async def save(self, customer: Customer, *, now: datetime) -> None:
+        """Insert the customer, or update their address and name."""
+        ...
+
+
 class BillingUnitOfWork(Protocol):
     """One transaction of the billing service, with its repositories and its outbox."""
 
@@ -216,6 +248,12 @@ class BillingUnitOfWork(Protocol):
 
     @property
     def webhook_events(self) -> WebhookEventRepository: ...
+
+    @property
+    def payment_methods(self) -> PaymentMethodRepository: ...
+
+    @property
+    def customers(self) -> CustomerRepository: ...
 
     def record_processed(self, consumer: str, event_id: str) -> None:
         """Record that `consumer` handled the event, committed with the handler's effect (a second

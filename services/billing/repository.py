@@ -19,6 +19,7 @@ from services.billing.checkout import CheckoutSession, CreditPack, Payment
 from services.billing.invoices import Invoice, InvoiceStatus, LineItem
 from services.billing.ledger import CreditAccount, LedgerEntry, LedgerSums, Reservation, SettledUsage
 from services.billing.models import (
+    BillingCustomerRecord,
     CheckoutSessionRecord,
     CreditAccountRecord,
     CreditPackRecord,
@@ -26,6 +27,7 @@ from services.billing.models import (
     InvoiceNumberCounterRecord,
     InvoiceRecord,
     LedgerEntryRecord,
+    PaymentMethodRecord,
     PaymentRecord,
     PlanRecord,
     ReservationRecord,
@@ -33,7 +35,14 @@ from services.billing.models import (
     WebhookEventRecord,
 )
 from services.billing.plans import Plan
-from services.billing.ports import CATALOG_KEY, PLAN_CACHE, BillingUnitOfWork, DuplicateReservation
+from services.billing.ports import (
+    CATALOG_KEY,
+    PLAN_CACHE,
+    BillingUnitOfWork,
+    Customer,
+    DuplicateReservation,
+    SavedPaymentMethod,
+)
 from services.billing.subscriptions import Subscription
 from services.common.db import Database
 from services.common.ids import new_id
@@ -95,6 +104,14 @@ class SqlBillingUnitOfWork:
     @cached_property
     def webhook_events(self) -> SqlWebhookEventRepository:
         return SqlWebhookEventRepository(self._transaction.session)
+
+    @cached_property
+    def payment_methods(self) -> SqlPaymentMethodRepository:
+        return SqlPaymentMethodRepository(self._transaction.session)
+
+    @cached_property
+    def customers(self) -> SqlCustomerRepository:
+        return SqlCustomerRepository(self._transaction.session)
 
     @property
     def outbox(self) -> SqlOutbox:
@@ -802,3 +819,47 @@ class SqlWebhookEventRepository:
             .returning(table.c.event_id)
         )
         return (await self._session.execute(statement)).first() is not None
+
+
+class SqlPaymentMethodRepository:
+    """Rows of `payment_methods`."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    async def get(self, user_id: str) -> SavedPaymentMethod | None:
+        row = await self._session.get(PaymentMethodRecord, user_id)
+        return None if row is None else SavedPaymentMethod(row.provider, row.provider_payment_method)
+
+    async def save(self, user_id: str, method: SavedPaymentMethod, *, now: datetime) -> None:
+        table = cast(Table, PaymentMethodRecord.__table__)
+        values = {
+            "provider": method.provider,
+            "provider_payment_method": method.provider_payment_method,
+            "updated_at": now,
+        }
+        await self._session.execute(
+            _insert_for(self._session)(table)
+            .values(user_id=user_id, **values)
+            .on_conflict_do_update(index_elements=[table.c.user_id], set_=values)
+        )
+
+
+class SqlCustomerRepository:
+    """Rows of `billing_customers`."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    async def get(self, user_id: str) -> Customer | None:
+        row = await self._session.get(BillingCustomerRecord, user_id)
+        return None if row is None else Customer(row.user_id, row.email, row.display_name)
+
+    async def save(self, customer: Customer, *, now: datetime) -> None:
+        table = cast(Table, BillingCustomerRecord.__table__)
+        values = {"email": customer.email, "display_name": customer.display_name, "updated_at": now}
+        await self._session.execute(
+            _insert_for(self._session)(table)
+            .values(user_id=customer.user_id, **values)
+            .on_conflict_do_update(index_elements=[table.c.user_id], set_=values)
+        )

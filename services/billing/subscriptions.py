@@ -23,6 +23,7 @@ from typing import Final, Literal
 
 from parley.billing.v1 import billing_pb2
 from parley.events.v1 import events_pb2
+from services.billing.invoices import invoice_period_end
 from services.billing.ledger import CreditAccount, LedgerEntry
 from services.billing.plans import Plan, PlanCatalog, plan_tier_to_proto
 from services.billing.ports import BillingUnitOfWork, BillingUnitsOfWork
@@ -272,54 +273,8 @@ class SubscriptionManager:
     async def _roll_over(self, uow: BillingUnitOfWork, subscription: Subscription, now: datetime) -> None:
         previous_plan = await self.plan(subscription.plan_id)
         account = await uow.accounts.get(subscription.user_id, for_update=True)
-        carried = {
-            "carried_purchased": 0 if account is None else account.purchased_available,
-            "carried_reserved": 0 if account is None else account.reserved_tokens,
-        }
         if subscription.cancel_at_period_end:
-            # The paid subscription ends at its period's end; a new one on free starts there.
-            ended_at = subscription.current_period_end
-            ended = replace(
-                subscription,
-                status="cancelled",
-                cancel_at_period_end=False,
-                end_time=ended_at,
-                update_time=now,
-            )
-            await uow.subscriptions.save(ended)
-            self._record_change(
-                uow,
-                ended,
-                previous_plan,
-                events_pb2.SUBSCRIPTION_CHANGE_KIND_CANCELLED,
-                previous=previous_plan,
-                now=now,
-            )
-            free = await self.plan(FREE_PLAN_ID)
-            start, end = period_containing(ended_at, now)
-            successor = Subscription(
-                id=new_id(),
-                user_id=subscription.user_id,
-                plan_id=free.id,
-                status="active",
-                current_period_start=start,
-                current_period_end=end,
-                cancel_at_period_end=False,
-                pending_plan_id=None,
-                create_time=ended_at,
-                update_time=now,
-                end_time=None,
-            )
-            await uow.subscriptions.add(successor)
-            await self._open_period(uow, successor, free, now=now, **carried)
-            self._record_change(
-                uow,
-                successor,
-                free,
-                events_pb2.SUBSCRIPTION_CHANGE_KIND_CREATED,
-                previous=previous_plan,
-                now=now,
-            )
+            await self._replace_with_free(uow, subscription, subscription.current_period_end, account, now)
             return
         if subscription.pending_plan_id:
             plan = await self.plan(subscription.pending_plan_id)
@@ -337,8 +292,103 @@ class SubscriptionManager:
             update_time=now,
         )
         await uow.subscriptions.save(renewed)
-        await self._open_period(uow, renewed, plan, now=now, **carried)
+        await self._open_period(uow, renewed, plan, now=now, **_carried(account))
         self._record_change(uow, renewed, plan, kind, previous=previous_plan, now=now)
+        await invoice_period_end(
+            uow,
+            subscription.user_id,
+            ended_plan=previous_plan,
+            ended=account,
+            next_plan=plan,
+            next_period=(start, end),
+            now=now,
+        )
+
+    async def mark_past_due(self, uow: BillingUnitOfWork, user_id: str, now: datetime) -> None:
+        """A renewal payment failed: the subscription is past due while dunning retries."""
+        subscription = await uow.subscriptions.current(user_id, for_update=True)
+        if subscription is None or subscription.status == "past_due":
+            return
+        past_due = replace(subscription, status="past_due", update_time=now)
+        await uow.subscriptions.save(past_due)
+        plan = await self.plan(past_due.plan_id)
+        self._record_change(
+            uow, past_due, plan, events_pb2.SUBSCRIPTION_CHANGE_KIND_PAST_DUE, previous=None, now=now
+        )
+
+    async def mark_paid_up(self, uow: BillingUnitOfWork, user_id: str, now: datetime) -> None:
+        """A payment succeeded: a past-due subscription is active again."""
+        subscription = await uow.subscriptions.current(user_id, for_update=True)
+        if subscription is None or subscription.status != "past_due":
+            return
+        active = replace(subscription, status="active", update_time=now)
+        await uow.subscriptions.save(active)
+        plan = await self.plan(active.plan_id)
+        self._record_change(
+            uow, active, plan, events_pb2.SUBSCRIPTION_CHANGE_KIND_REACTIVATED, previous=None, now=now
+        )
+
+    async def end_for_nonpayment(self, uow: BillingUnitOfWork, user_id: str, now: datetime) -> None:
+        """Dunning gave up: the paid subscription ends now, and the user is on free from now."""
+        subscription = await uow.subscriptions.current(user_id, for_update=True)
+        if subscription is None or subscription.plan_id == FREE_PLAN_ID:
+            return
+        account = await uow.accounts.get(user_id, for_update=True)
+        await self._replace_with_free(uow, subscription, now, account, now)
+
+    async def _replace_with_free(
+        self,
+        uow: BillingUnitOfWork,
+        subscription: Subscription,
+        ended_at: datetime,
+        account: CreditAccount | None,
+        now: datetime,
+    ) -> None:
+        """End `subscription` at `ended_at` and start a new one on free there, with its own period."""
+        previous_plan = await self.plan(subscription.plan_id)
+        ended = replace(
+            subscription, status="cancelled", cancel_at_period_end=False, end_time=ended_at, update_time=now
+        )
+        await uow.subscriptions.save(ended)
+        self._record_change(
+            uow,
+            ended,
+            previous_plan,
+            events_pb2.SUBSCRIPTION_CHANGE_KIND_CANCELLED,
+            previous=previous_plan,
+            now=now,
+        )
+        free = await self.plan(FREE_PLAN_ID)
+        start, end = period_containing(ended_at, now)
+        successor = Subscription(
+            id=new_id(),
+            user_id=subscription.user_id,
+            plan_id=free.id,
+            status="active",
+            current_period_start=start,
+            current_period_end=end,
+            cancel_at_period_end=False,
+            pending_plan_id=None,
+            create_time=ended_at,
+            update_time=now,
+            end_time=None,
+        )
+        await uow.subscriptions.add(successor)
+        await self._open_period(uow, successor, free, now=now, **_carried(account))
+        self._record_change(
+            uow, successor, free, events_pb2.SUBSCRIPTION_CHANGE_KIND_CREATED, previous=previous_plan, now=now
+        )
+        if ended_at == subscription.current_period_end:
+            # The period ran to its end: its overage is still owed.
+            await invoice_period_end(
+                uow,
+                subscription.user_id,
+                ended_plan=previous_plan,
+                ended=account,
+                next_plan=free,
+                next_period=(start, end),
+                now=now,
+            )
 
     async def _open_period(
         self,
@@ -430,6 +480,14 @@ class SubscriptionManager:
             change.previous_plan_id = previous.id
             change.previous_monthly_price.CopyFrom(money_to_proto(previous.monthly_price))
         uow.outbox.record(subject=subscription.user_id, payload=change)
+
+
+def _carried(account: CreditAccount | None) -> dict[str, int]:
+    """What a new period takes over from the account's last one: unused prepaid tokens, open holds."""
+    return {
+        "carried_purchased": 0 if account is None else account.purchased_available,
+        "carried_reserved": 0 if account is None else account.reserved_tokens,
+    }
 
 
 def remaining_fraction_ppm(subscription: Subscription, now: datetime) -> int:

@@ -8,6 +8,7 @@ from typing import Final
 
 from parley.billing.v1 import billing_pb2, billing_pb2_grpc
 from services.billing.checkout import Checkout
+from services.billing.collections import Collections
 from services.billing.event_handlers import billing_subscription, reservation_sweeper
 from services.billing.invoices import InvoiceBook
 from services.billing.ledger import CreditLedger
@@ -46,7 +47,9 @@ def build(context: ServiceContext) -> ServiceBundle:
     )
     return ServiceBundle(
         registrations=[public, internal, *others],
-        subscriptions=[billing_subscription(units, subscriptions)],
+        subscriptions=[
+            billing_subscription(units, subscriptions, Collections(units, subscriptions, provider))
+        ],
         background=[reservation_sweeper(ledger)],
     )
 
