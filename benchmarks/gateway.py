@@ -823,6 +823,7 @@ async def running_microservices_setup(
     async with running_microservices(
         directory,
         database_url,
+        redis_url,
         service_env={
             name: {**shared, "PARLEY_METRICS_PORT": str(metrics_ports[name])} for name in SERVICE_NAMES
         },

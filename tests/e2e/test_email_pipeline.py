@@ -222,7 +222,7 @@ async def test_sign_up_and_password_reset_mails_arrive_and_their_links_work(
         async with pipeline_workers(tmp_path) as workers:
             await start_both(workers, config)
             email_worker = workers.started[1].process
-            async with running_microservices(tmp_path, postgres_url) as mesh:
+            async with running_microservices(tmp_path, postgres_url, redis_url) as mesh:
                 try:
                     await mesh.gateway.wait_for_http_status(
                         f"{mesh.gateway_url}/healthz", 200, timeout_s=30.0

@@ -207,10 +207,10 @@ async def test_migrate_creates_the_schema_once_on_postgres_and_sqlite(
 
 
 async def test_microservices_serve_json_and_grpc_through_the_gateway(
-    postgres_url: str, tmp_path: Path
+    postgres_url: str, tmp_path: Path, redis_url: str
 ) -> None:
     await migrate(postgres_url)
-    async with running_microservices(tmp_path, postgres_url) as mesh:
+    async with running_microservices(tmp_path, postgres_url, redis_url) as mesh:
         try:
             await mesh.gateway.wait_for_http_status(f"{mesh.gateway_url}/healthz", 200, timeout_s=WAIT_S)
 
@@ -262,10 +262,10 @@ async def test_microservices_serve_json_and_grpc_through_the_gateway(
 
 
 async def test_the_gateway_authenticates_callers_with_the_auth_service(
-    postgres_url: str, tmp_path: Path
+    postgres_url: str, tmp_path: Path, redis_url: str
 ) -> None:
     await migrate(postgres_url)
-    async with running_microservices(tmp_path, postgres_url) as mesh:
+    async with running_microservices(tmp_path, postgres_url, redis_url) as mesh:
         try:
             await mesh.gateway.wait_for_http_status(f"{mesh.gateway_url}/healthz", 200, timeout_s=WAIT_S)
             async with httpx.AsyncClient(base_url=mesh.gateway_url, timeout=10.0) as client:
@@ -296,7 +296,9 @@ async def test_the_gateway_authenticates_callers_with_the_auth_service(
 # --- health follows the database -----------------------------------------------------------------
 
 
-async def test_health_follows_the_database_end_to_end(postgres_url: str, tmp_path: Path) -> None:
+async def test_health_follows_the_database_end_to_end(
+    postgres_url: str, tmp_path: Path, redis_url: str
+) -> None:
     await migrate(postgres_url)
     database = make_url(postgres_url)
     proxy = TcpProxy(database.host or "127.0.0.1", database.port or 5432)
@@ -306,6 +308,7 @@ async def test_health_follows_the_database_end_to_end(postgres_url: str, tmp_pat
         async with running_microservices(
             tmp_path,
             postgres_url,
+            redis_url,
             database_urls={"billing": billing_url},
             service_env={"billing": {"PARLEY_HEALTH_PROBE_INTERVAL_S": "0.3"}},
         ) as mesh:
@@ -321,8 +324,10 @@ async def test_health_follows_the_database_end_to_end(postgres_url: str, tmp_pat
                 await wait_for_grpc_health(mesh, "billing", BILLING_SERVICE, "NOT_SERVING", owner=billing)
                 async with httpx.AsyncClient(base_url=mesh.gateway_url, timeout=10.0) as client:
                     # Until Envoy's health checks catch up, calls still reach billing, whose database is
-                    # gone: that must be UNAVAILABLE from the service too, never INTERNAL (a 500).
-                    early = await client.get("/v1/billing/plans")
+                    # gone: that must be UNAVAILABLE from the service too, never INTERNAL (a 500). The
+                    # credit packs are read from the database on every call (the plan catalog may be
+                    # answered from the Redis read cache, which outlives the database here).
+                    early = await client.get("/v1/billing/credit-packs")
                     # Envoy needs two failed checks, one interval apart, before it stops routing.
                     billing_answered = loop.time() - cut_at < envoy_health_check_interval_s()
                     assert_parley_error(
@@ -460,9 +465,9 @@ async def test_the_rendered_k8s_config_passes_envoy_validation(tmp_path: Path) -
 # --- shutdown ------------------------------------------------------------------------------------
 
 
-async def test_sigterm_stops_every_process_cleanly(postgres_url: str, tmp_path: Path) -> None:
+async def test_sigterm_stops_every_process_cleanly(postgres_url: str, tmp_path: Path, redis_url: str) -> None:
     await migrate(postgres_url)
-    async with running_microservices(tmp_path, postgres_url) as mesh:
+    async with running_microservices(tmp_path, postgres_url, redis_url) as mesh:
         envoy_pids = children_of(mesh.gateway.pid)
         assert envoy_pids, f"parley gateway should run Envoy as a child:\n{mesh.gateway.output()[-4000:]}"
         assert all("envoy" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace") for pid in envoy_pids)

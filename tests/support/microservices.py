@@ -97,6 +97,7 @@ class Microservices:
 async def running_microservices(
     directory: Path,
     database_url: str,
+    redis_url: str,
     *,
     database_urls: Mapping[ServiceName, str] | None = None,
     service_env: Mapping[ServiceName, Mapping[str, str]] | None = None,
@@ -104,6 +105,7 @@ async def running_microservices(
 ) -> AsyncIterator[Microservices]:
     """Start all five processes at once and yield when each has said it is listening.
 
+    `redis_url` is where the services' event consumers read the streams (billing needs it).
     `database_urls` replaces the database URL of single services (e.g. billing behind a proxy);
     `service_env` adds variables to single services, `gateway_env` to the gateway. Whatever is
     still running at the end is killed. Each process is given its certificate by file, as k8s does.
@@ -119,6 +121,7 @@ async def running_microservices(
             ["serve", name, "--port", str(grpc_ports[name])],
             env={
                 "PARLEY_DATABASE_URL": (database_urls or {}).get(name, database_url),
+                "PARLEY_REDIS_URL": redis_url,
                 **certificate_env(pki.files(name)),
                 "PARLEY_AUTH_KEY_ENCRYPTION_KEY": kek,
                 "PARLEY_AUTH_TARGET": f"127.0.0.1:{grpc_ports['auth']}",
