@@ -35,7 +35,7 @@ from services.billing.repository import billing_units_of_work
 from services.billing.stripe_provider import StripePaymentProvider
 from services.billing.subscriptions import SubscriptionManager
 from services.billing.webhook_signatures import sign
-from services.billing.wiring import payment_provider
+from services.billing.wiring import build, payment_provider
 from services.common.context import ServiceContext
 from services.common.db import Database
 from services.common.errors import (
@@ -61,6 +61,16 @@ API_KEY = "sk_test_51ParleyLocalOnly0123456789abcdefDoNotLeak"
 SECRET = "whsec_current_secret"
 OLD_SECRET = "whsec_rotated_out_secret"
 SESSIONS = "/v1/checkout/sessions"
+PAYMENT_METHODS = "/v1/payment_methods/"
+PAYMENT_INTENTS = "/v1/payment_intents"
+CUSTOMER = "cus_test_parley"
+# Stripe's test payment methods, and the card error (code, decline code) an off-session charge gets.
+SAVED_CARDS = {
+    "pm_card_visa": ("", ""),
+    "pm_card_chargeDeclined": ("card_declined", "generic_decline"),
+    "pm_card_chargeDeclinedInsufficientFunds": ("card_declined", "insufficient_funds"),
+    "pm_card_authenticationRequired": ("authentication_required", "authentication_required"),
+}
 REQUEST = CheckoutRequest(
     checkout_id="0d6f4f2e-7a51-4a8e-9a53-1f0c2b7d9e10",
     amount=Money("USD", 1_000),
@@ -110,6 +120,7 @@ class FakeStripe:
     received: list[Received] = field(default_factory=list)
     # Sessions as the fake opened them, by id, so tests can compare what the provider returned.
     sessions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    intents: list[dict[str, Any]] = field(default_factory=list)
     _server: asyncio.Server | None = None
     _handlers: set[asyncio.Task[None]] = field(default_factory=set)
     _released: asyncio.Event = field(default_factory=asyncio.Event)
@@ -143,7 +154,7 @@ class FakeStripe:
             except (asyncio.IncompleteReadError, ConnectionError):
                 return
             self.received.append(request)
-            behaviour = self.script.popleft() if self.script else self._open_session(request)
+            behaviour = self.script.popleft() if self.script else self._answer(request)
             if isinstance(behaviour, Hang):
                 await self._released.wait()
             elif isinstance(behaviour, Answer):
@@ -156,10 +167,16 @@ class FakeStripe:
                 await writer.wait_closed()
             self._handlers.discard(task)
 
-    def _open_session(self, request: Received) -> Answer:
-        if (request.method, request.path) != ("POST", SESSIONS):
-            return stripe_error(404, type="invalid_request_error", message="Unrecognized request URL.")
-        form = request.form
+    def _answer(self, request: Received) -> Answer:
+        if (request.method, request.path) == ("POST", SESSIONS):
+            return self._open_session(request.form)
+        if request.method == "GET" and request.path.startswith(PAYMENT_METHODS):
+            return self._payment_method(request.path.removeprefix(PAYMENT_METHODS))
+        if (request.method, request.path) == ("POST", PAYMENT_INTENTS):
+            return self._charge(request.form)
+        return stripe_error(404, type="invalid_request_error", message="Unrecognized request URL.")
+
+    def _open_session(self, form: dict[str, str]) -> Answer:
         session_id = f"cs_test_{token_hex(24)}"
         session = {
             "id": session_id,
@@ -184,6 +201,45 @@ class FakeStripe:
         }
         self.sessions[session_id] = session
         return Answer(200, session)
+
+    def _payment_method(self, method_id: str) -> Answer:
+        if method_id not in SAVED_CARDS:
+            return stripe_error(
+                404,
+                type="invalid_request_error",
+                code="resource_missing",
+                param="payment_method",
+                message=f"No such PaymentMethod: '{method_id}'",
+            )
+        card = {"brand": "visa", "last4": "4242", "exp_month": 12, "exp_year": 2034}
+        return Answer(
+            200,
+            {"id": method_id, "object": "payment_method", "type": "card", "customer": CUSTOMER, "card": card},
+        )
+
+    def _charge(self, form: dict[str, str]) -> Answer:
+        intent = {
+            "id": f"pi_{token_hex(12)}",
+            "object": "payment_intent",
+            "amount": int(form["amount"]),
+            "currency": form["currency"],
+            "customer": form.get("customer"),
+            "payment_method": form["payment_method"],
+            "status": "succeeded",
+        }
+        self.intents.append(intent)
+        code, decline_code = SAVED_CARDS[form["payment_method"]]
+        if not code:
+            return Answer(200, intent)
+        failed = {**intent, "status": "requires_payment_method"}
+        error = {
+            "type": "card_error",
+            "code": code,
+            "decline_code": decline_code,
+            "message": "Your card was declined.",
+            "payment_intent": failed,
+        }
+        return Answer(402, {"error": error})
 
 
 async def _read_request(reader: asyncio.StreamReader) -> Received:
@@ -252,7 +308,9 @@ async def test_a_checkout_is_a_stripe_session_in_payment_mode_for_one_line_item(
         "line_items[0][price_data][unit_amount]": "1000",
         "line_items[0][price_data][product_data][name]": "1M tokens for Parley",
         "client_reference_id": REQUEST.checkout_id,
+        "customer_creation": "always",
         "payment_intent_data[metadata][parley_checkout_id]": REQUEST.checkout_id,
+        "payment_intent_data[setup_future_usage]": "off_session",
         "expires_at": str(int(REQUEST.expires_at.timestamp())),
         "success_url": REQUEST.success_url,
         "cancel_url": REQUEST.cancel_url,
@@ -414,6 +472,79 @@ async def test_an_unreachable_stripe_is_unavailable() -> None:
     finally:
         await unreachable.aclose()
     assert refused.reason == "PAYMENT_PROVIDER_UNAVAILABLE"
+
+
+@pytest.mark.parametrize(
+    ("card", "status", "failure_reason"),
+    [
+        ("pm_card_visa", "succeeded", ""),
+        ("pm_card_chargeDeclined", "failed", "PAYMENT_DECLINED"),
+        ("pm_card_chargeDeclinedInsufficientFunds", "failed", "PAYMENT_INSUFFICIENT_FUNDS"),
+        ("pm_card_authenticationRequired", "requires_action", ""),
+    ],
+)
+async def test_a_saved_card_is_charged_off_session_with_its_customer(
+    fake: FakeStripe, provider: StripePaymentProvider, card: str, status: str, failure_reason: str
+) -> None:
+    result = await provider.charge(
+        card, Money("EUR", 2_900), idempotency_key="invoice-7:1", description="Parley invoice 2031-000007"
+    )
+
+    [intent] = fake.intents
+    assert (result.status, result.provider_payment_id, result.failure_reason) == (
+        status,
+        intent["id"],
+        failure_reason,
+    )
+    lookup, create = fake.received
+    assert (lookup.method, lookup.path) == ("GET", f"{PAYMENT_METHODS}{card}")
+    assert (create.method, create.path) == ("POST", PAYMENT_INTENTS)
+    assert create.form == {
+        "amount": "2900",
+        "currency": "eur",
+        "customer": CUSTOMER,
+        "payment_method": card,
+        "off_session": "true",
+        "confirm": "true",
+        "description": "Parley invoice 2031-000007",
+    }
+    assert create.headers["idempotency-key"] == "invoice-7:1"
+
+
+async def test_a_saved_card_stripe_no_longer_has_is_a_declined_charge(
+    fake: FakeStripe, provider: StripePaymentProvider
+) -> None:
+    result = await provider.charge(
+        "pm_detached", Money("USD", 1_000), idempotency_key="invoice-8:1", description="Parley invoice"
+    )
+    assert (result.status, result.provider_payment_id, result.failure_reason) == (
+        "failed",
+        "",
+        "PAYMENT_DECLINED",
+    )
+    assert fake.intents == []
+
+
+@pytest.mark.parametrize(
+    "behaviour",
+    [
+        pytest.param(stripe_error(500, type="api_error", message="An unknown error occurred"), id="500"),
+        pytest.param(stripe_error(401, type="invalid_request_error", message="Invalid API Key"), id="401"),
+        pytest.param(Hang(), id="hang"),
+    ],
+)
+async def test_a_charge_stripe_cannot_take_now_is_unavailable(
+    fake: FakeStripe, provider: StripePaymentProvider, behaviour: Behaviour
+) -> None:
+    fake.then(behaviour)
+    refused = await refusal(
+        provider.charge(
+            "pm_card_visa", Money("USD", 1_000), idempotency_key="invoice-9:1", description="Parley invoice"
+        ),
+        Unavailable,
+    )
+    assert refused.reason == "PAYMENT_PROVIDER_UNAVAILABLE"
+    assert fake.intents == []
 
 
 def completed_event(checkout_id: str, session_id: str, amount: Money) -> bytes:
@@ -578,5 +709,10 @@ async def test_wiring_builds_stripe_only_with_a_key_and_stripes_signing_secrets(
         assert isinstance(built, StripePaymentProvider)
         assert reason == ""
         await built.aclose()
+        # The billing process closes Stripe's connections when it stops.
+        bundle = build(ServiceContext(load_settings(), database, InMemoryRevocationList(), embedded=embedded))
+        assert len(bundle.on_stop) == 1
+        for step in bundle.on_stop:
+            await step()
     finally:
         await database.dispose()
