@@ -6,6 +6,8 @@ from pathlib import Path
 from secrets import token_urlsafe
 from typing import Final
 
+from pydantic import SecretStr
+
 from parley.billing.v1 import billing_pb2, billing_pb2_grpc
 from services.billing.checkout import Checkout
 from services.billing.collections import Collections
@@ -16,6 +18,7 @@ from services.billing.payments import PaymentProvider, SandboxPaymentProvider
 from services.billing.plans import PlanCatalog
 from services.billing.repository import billing_units_of_work
 from services.billing.servicer import BillingInternalServicer, BillingServicer
+from services.billing.stripe_provider import StripePaymentProvider
 from services.billing.subscriptions import SubscriptionManager
 from services.common.cache import read_cache_invalidation
 from services.common.context import ServiceBundle, ServiceContext
@@ -51,6 +54,7 @@ def build(context: ServiceContext) -> ServiceBundle:
             billing_subscription(units, subscriptions, Collections(units, subscriptions, provider))
         ],
         background=[reservation_sweeper(ledger)],
+        on_stop=[provider.aclose] if isinstance(provider, StripePaymentProvider) else [],
     )
 
 
@@ -65,13 +69,19 @@ def payment_provider(context: ServiceContext) -> tuple[PaymentProvider | None, s
     configured = settings.billing_webhook_secrets
     if configured is not None:
         secrets = [secret.strip() for secret in configured.get_secret_value().split(",") if secret.strip()]
-    elif context.embedded:
+    elif context.embedded and settings.billing_payment_provider == "sandbox":
+        # Stripe issues its signing secret; one made here would verify nothing Stripe sends.
         secrets = [secret_file(settings.data_dir / EMBEDDED_WEBHOOK_SECRET_PATH, _new_webhook_secret)]
     else:
         secrets = []
     if not secrets:
         return None, "set PARLEY_BILLING_WEBHOOK_SECRETS to the payment provider's webhook signing secrets"
-    return SandboxPaymentProvider(secrets), ""
+    if settings.billing_payment_provider == "sandbox":
+        return SandboxPaymentProvider(secrets), ""
+    api_key = (settings.billing_stripe_api_key or SecretStr("")).get_secret_value().strip()
+    if not api_key:
+        return None, "set PARLEY_BILLING_STRIPE_API_KEY to the Stripe account's secret API key"
+    return StripePaymentProvider(SecretStr(api_key), secrets, api_base=settings.billing_stripe_api_base), ""
 
 
 def _new_webhook_secret() -> str:

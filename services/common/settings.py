@@ -165,16 +165,26 @@ class Settings(BaseSettings):
         default=None, description="Rate-limit rules for the gateway; envoy/ratelimits.yaml when unset."
     )
 
-    billing_payment_provider: Literal["sandbox"] = Field(
+    billing_payment_provider: Literal["sandbox", "stripe"] = Field(
         default="sandbox",
-        description="Where payments go: sandbox (offline, test cards decide the outcome).",
+        description=(
+            "Where payments go: sandbox (offline, test cards decide the outcome) or stripe "
+            "(billing_stripe_api_key and billing_webhook_secrets required)."
+        ),
     )
     billing_webhook_secrets: SecretStr | None = Field(
         default=None,
         description=(
             "The payment provider's webhook signing secrets, comma-separated (several while one is "
-            "rotated); embedded mode makes one in data_dir/secrets when unset."
+            "rotated); embedded mode makes one in data_dir/secrets for the sandbox when unset."
         ),
+    )
+    billing_stripe_api_key: SecretStr | None = Field(
+        default=None, description="The Stripe account's secret API key (sk_... or a restricted rk_...)."
+    )
+    billing_stripe_api_base: str | None = Field(
+        default=None,
+        description="Where the Stripe SDK sends API calls; Stripe's own API when unset (set in tests only).",
     )
 
     public_base_url: str = Field(
@@ -256,6 +266,17 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not an absolute http(s) URL")
         if parts.query or parts.fragment:
             raise ValueError("must not carry a query or fragment: links append their own path and query")
+        return value.rstrip("/")
+
+    @field_validator("billing_stripe_api_base")
+    @classmethod
+    def _stripe_api_base(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"{value!r} is not an absolute http(s) URL")
+        # The SDK appends paths that start with "/v1/".
         return value.rstrip("/")
 
     @field_validator("mail_from")
