@@ -319,6 +319,12 @@ class Checkout:
         self, uow: BillingUnitOfWork, provider: str, event: ProviderEvent, now: datetime
     ) -> None:
         session = await uow.checkouts.get(event.checkout_id, for_update=True)
+        if session is not None and session.provider == provider and event.kind == "method":
+            if event.payment_method:
+                await uow.payment_methods.save(
+                    session.user_id, SavedPaymentMethod(provider, event.payment_method), now=now
+                )
+            return
         if session is None or session.provider != provider or session.status == "complete":
             # Not ours, or paid already (a late failure or a repeated payment): nothing changes.
             return

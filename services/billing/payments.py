@@ -16,6 +16,9 @@ The events billing acts on, and what it reads from them:
 - `payment_intent.payment_failed`: failed. Reads object.id, metadata.parley_checkout_id (our checkout
   id, given to the payment intent when the checkout is opened) and last_payment_error.
 - `payment_intent.requires_action`: the user must act. Reads object.id and the same metadata.
+- `payment_intent.succeeded` with that metadata: the card the checkout was paid with
+  (object.payment_method), saved for renewals. Payment-intent events without it are billing's own
+  renewal charges, whose outcome billing already recorded: they are ignored.
 
 Every other type is acknowledged and ignored.
 """
@@ -34,7 +37,7 @@ from services.common.errors import InvalidArgument
 from services.common.ids import new_id
 from services.common.money import Money
 
-EventKind = Literal["paid", "failed", "requires_action", "ignored"]
+EventKind = Literal["paid", "failed", "requires_action", "method", "ignored"]
 ChargeStatus = Literal["succeeded", "failed", "requires_action"]
 
 # Test cards of the sandbox and what paying with each does (Stripe's test numbers, same outcomes).
@@ -137,45 +140,57 @@ def parse_event(body: bytes) -> ProviderEvent:
         event_type = _text(document, "type")
         data = _object(document["data"]["object"])
         if event_type == "checkout.session.completed":
-            if data.get("payment_status") != "paid":
-                return ProviderEvent(event_id, event_type, "ignored")
-            return ProviderEvent(
-                event_id,
-                event_type,
-                "paid",
-                checkout_id=_text(data, "client_reference_id"),
-                provider_payment_id=_text(data, "payment_intent"),
-                amount=Money(_text(data, "currency").upper(), _whole(data, "amount_total")),
-                payment_method=_text(data, "payment_method") if "payment_method" in data else "",
-            )
-        if event_type in ("payment_intent.payment_failed", "payment_intent.requires_action"):
-            metadata = data.get("metadata") or {}
-            checkout_id = _text(metadata, "parley_checkout_id")
-            if event_type == "payment_intent.requires_action":
-                return ProviderEvent(
-                    event_id,
-                    event_type,
-                    "requires_action",
-                    checkout_id,
-                    provider_payment_id=_text(data, "id"),
-                )
-            error = data.get("last_payment_error") or {}
-            code = error.get("decline_code") or error.get("code") or ""
-            reason = "PAYMENT_INSUFFICIENT_FUNDS" if code == "insufficient_funds" else "PAYMENT_DECLINED"
-            return ProviderEvent(
-                event_id,
-                event_type,
-                "failed",
-                checkout_id,
-                provider_payment_id=_text(data, "id"),
-                failure_reason=reason,
-            )
+            return _checkout_completed(event_id, event_type, data)
+        if event_type.startswith("payment_intent."):
+            return _payment_intent(event_id, event_type, data)
         return ProviderEvent(event_id, event_type, "ignored")
     except (ValueError, KeyError, TypeError) as error:
         raise InvalidArgument(
             f"The webhook body is not a payment event this endpoint understands: {error}.",
             reason="WEBHOOK_PAYLOAD_INVALID",
         ) from None
+
+
+def _checkout_completed(event_id: str, event_type: str, data: dict[str, Any]) -> ProviderEvent:
+    if data.get("payment_status") != "paid":
+        return ProviderEvent(event_id, event_type, "ignored")
+    return ProviderEvent(
+        event_id,
+        event_type,
+        "paid",
+        checkout_id=_text(data, "client_reference_id"),
+        provider_payment_id=_text(data, "payment_intent"),
+        amount=Money(_text(data, "currency").upper(), _whole(data, "amount_total")),
+        payment_method=_text(data, "payment_method") if "payment_method" in data else "",
+    )
+
+
+def _payment_intent(event_id: str, event_type: str, data: dict[str, Any]) -> ProviderEvent:
+    metadata = data.get("metadata") or {}
+    if "parley_checkout_id" not in metadata:
+        # Renewal charges are made and their outcome recorded by billing itself; their
+        # payment-intent events carry no checkout and need nothing more.
+        return ProviderEvent(event_id, event_type, "ignored")
+    checkout_id = _text(metadata, "parley_checkout_id")
+    payment_id = _text(data, "id")
+    if event_type == "payment_intent.succeeded":
+        # Where a checkout's card is reported (Stripe's session object does not carry it).
+        method = _text(data, "payment_method") if data.get("payment_method") else ""
+        return ProviderEvent(
+            event_id, event_type, "method", checkout_id, provider_payment_id=payment_id, payment_method=method
+        )
+    if event_type == "payment_intent.requires_action":
+        return ProviderEvent(
+            event_id, event_type, "requires_action", checkout_id, provider_payment_id=payment_id
+        )
+    if event_type == "payment_intent.payment_failed":
+        error = data.get("last_payment_error") or {}
+        code = error.get("decline_code") or error.get("code") or ""
+        reason = "PAYMENT_INSUFFICIENT_FUNDS" if code == "insufficient_funds" else "PAYMENT_DECLINED"
+        return ProviderEvent(
+            event_id, event_type, "failed", checkout_id, provider_payment_id=payment_id, failure_reason=reason
+        )
+    return ProviderEvent(event_id, event_type, "ignored")
 
 
 def _object(value: Any) -> dict[str, Any]:

@@ -7,6 +7,8 @@ and the tests also send tampered, stale, replayed and out-of-order ones.
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -393,3 +395,40 @@ async def test_plan_changes_refuse_what_makes_no_sense(world: World) -> None:
     assert first.checkout_session is not None
     reused = await refusal(world.checkout.change_plan(user, "up", "team"), InvalidArgument)
     assert reused.reason == "REQUEST_ID_REUSED"
+
+
+async def test_the_card_is_saved_from_the_payment_intent_and_renewal_intents_are_ignored(
+    world: World,
+) -> None:
+    user = new_id()
+    session = await world.checkout.create_session(user, "buy-1", credit_pack_id=PACK)
+
+    def signed(event: Mapping[str, object]) -> tuple[bytes, str]:
+        body = json.dumps(event).encode()
+        return body, sign(body, SECRET, at=world.clock())
+
+    # As Stripe reports a checkout's card: on the payment intent, with our checkout in its metadata.
+    succeeded = {
+        "id": "evt_pi_ok",
+        "type": "payment_intent.succeeded",
+        "data": {
+            "object": {
+                "id": "pi_1",
+                "payment_method": "pm_card_visa",
+                "metadata": {"parley_checkout_id": session.id},
+            }
+        },
+    }
+    assert (await world.checkout.handle_webhook("sandbox", *signed(succeeded))).duplicate is False
+    # A renewal charge's own events carry no checkout: acknowledged, nothing changes.
+    renewal_failed = {
+        "id": "evt_pi_renewal",
+        "type": "payment_intent.payment_failed",
+        "data": {"object": {"id": "pi_2", "last_payment_error": {"decline_code": "insufficient_funds"}}},
+    }
+    assert (await world.checkout.handle_webhook("sandbox", *signed(renewal_failed))).duplicate is False
+    assert await payloads(world.database, "payment.failed", events_pb2.PaymentFailed) == []
+    async with billing_units_of_work(world.database).read() as uow:
+        saved = await uow.payment_methods.get(user)
+    assert saved is not None
+    assert (saved.provider, saved.provider_payment_method) == ("sandbox", "pm_card_visa")
