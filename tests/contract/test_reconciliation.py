@@ -149,7 +149,7 @@ async def test_after_a_month_the_ledger_and_the_invoices_agree_exactly(world: Wo
         if invoice.reason != "upgrade" or invoice.status != "paid":
             continue
         [fee] = [line for line in invoice.lines if line.kind == "subscription"]
-        fraction_ppm = shares[invoice.id]
+        fraction_ppm = shares[invoice.id] or 0
         assert fee.amount_minor == (fee.unit_price_minor * fraction_ppm + PPM // 2) // PPM
         expected_grants.append(
             (PLAN_INCLUDED[fee.plan_id or ""] - PLAN_INCLUDED["free"]) * fraction_ppm // PPM
