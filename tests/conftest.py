@@ -31,6 +31,7 @@ from redis.asyncio import Redis as AsyncRedis
 from services.common.db import Database
 from services.common.migrate import upgrade_async
 from tests.support.databases import (
+    DIALECTS,
     PostgresUnavailableError,
     drop_abandoned_test_databases,
     fresh_postgres_database,
@@ -179,7 +180,6 @@ def clickhouse_url() -> str:
 
 
 # Every port with a SQLite and a PostgreSQL adapter is tested on both through these two fixtures.
-DIALECTS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 
 
 @pytest.fixture(params=DIALECTS)

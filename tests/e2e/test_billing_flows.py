@@ -5,19 +5,24 @@ service is not routable."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from parley.events.v1 import events_pb2
 from services.billing.payments import SUCCEEDS, SandboxPaymentProvider
 from services.billing.webhook_signatures import sign
+from services.common.db import Database
 from services.common.money import Money
-from tests.support.outbox import read_events
-from tests.support.parley_process import parley_up_serving
-from tests.support.polling import eventually_sync
+from tests.support.databases import DIALECTS
+from tests.support.domain import outbox
+from tests.support.parley_process import ParleyProcess, parley_up_serving
+from tests.support.polling import eventually
 
 PASSWORD = "amber-lighthouse-quartz-58"
 
@@ -34,125 +39,142 @@ def reason_of(response: httpx.Response) -> str:
     return reason
 
 
-def test_a_new_user_is_on_free_and_reads_subscription_and_usage_through_the_gateway(tmp_path: Path) -> None:
+@dataclass
+class Up:
+    """`parley up` on one database, with its gateway client and its outbox."""
+
+    process: ParleyProcess
+    client: httpx.Client
+    data_dir: Path
+    database_url: str
+
+    async def events(self, event_type: str, subject: str) -> list[events_pb2.Event]:
+        database = Database(self.database_url)
+        try:
+            return [item.event for item in await outbox(database, event_type) if item.subject == subject]
+        finally:
+            await database.dispose()
+
+
+@pytest.fixture(params=DIALECTS)
+def up(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Up]:
+    """`parley up` on SQLite (its default) and on a fresh PostgreSQL database."""
     data_dir = tmp_path / "data"
+    env: dict[str, str] = {}
+    if request.param == "sqlite":
+        database_url = f"sqlite+aiosqlite:///{data_dir / 'parley.db'}"
+    else:
+        database_url = request.getfixturevalue("postgres_url")
+        env["PARLEY_DATABASE_URL"] = database_url
     with (
-        parley_up_serving(data_dir, log_path=tmp_path / "parley-up.log") as (process, ports),
+        parley_up_serving(data_dir, log_path=tmp_path / "parley-up.log", env=env) as (process, ports),
         httpx.Client(base_url=f"http://127.0.0.1:{ports.http}", timeout=10.0) as client,
     ):
-        email = f"billing-{uuid.uuid4().hex[:10]}@example.com"
-        registered = ok(
-            client.post(
-                "/v1/auth/register", json={"email": email, "password": PASSWORD, "display_name": "Billing"}
-            )
+        yield Up(process, client, data_dir, database_url)
+
+
+async def test_a_new_user_is_on_free_and_reads_subscription_and_usage_through_the_gateway(up: Up) -> None:
+    process, client = up.process, up.client
+    email = f"billing-{uuid.uuid4().hex[:10]}@example.com"
+    registered = ok(
+        client.post(
+            "/v1/auth/register", json={"email": email, "password": PASSWORD, "display_name": "Billing"}
         )
-        user_id = registered["user"]["id"]
+    )
+    user_id = registered["user"]["id"]
 
-        # No billing call has been made: the subscription comes from consuming user.registered.
-        def started() -> list[events_pb2.Event] | None:
-            return read_events(data_dir / "parley.db", "subscription.changed", subject=user_id) or None
+    # No billing call has been made: the subscription comes from consuming user.registered.
+    async def started() -> list[events_pb2.Event] | None:
+        return await up.events("subscription.changed", user_id) or None
 
-        [created] = eventually_sync(
-            started, what="billing starting the new user's subscription", alive=process.check_alive
+    [created] = await eventually(
+        started, what="billing starting the new user's subscription", alive=process.check_alive
+    )
+    assert created.source == "billing"
+    assert created.subscription_changed.plan_id == "free"
+
+    anonymous = client.get("/v1/billing/usage")
+    assert anonymous.status_code == 401
+    assert reason_of(anonymous) == "UNAUTHENTICATED"
+
+    login = ok(client.post("/v1/auth/login", json={"email": email, "password": PASSWORD}))
+    headers = {"authorization": f"Bearer {login['tokens']['access_token']}"}
+    subscription = ok(client.get("/v1/billing/subscription", headers=headers))
+    assert subscription["subscription"]["user_id"] == user_id
+    assert subscription["subscription"]["plan_id"] == "free"
+    assert subscription["subscription"]["status"] == "SUBSCRIPTION_STATUS_ACTIVE"
+    assert subscription["plan"]["hard_stop"] is True
+
+    usage = ok(client.get("/v1/billing/usage", headers=headers))
+    balance = usage["balance"]
+    # int64 fields are JSON strings (proto3 JSON mapping).
+    assert (balance["included_tokens"], balance["remaining_tokens"]) == ("100000", "100000")
+    assert balance["period_start_time"] == subscription["subscription"]["current_period_start_time"]
+    assert usage.get("models", []) == []
+
+    internal = client.post(
+        "/parley.billing.v1.BillingInternalService/ReserveCredits",
+        json={
+            "request_id": "r",
+            "user_id": user_id,
+            "estimate": {"model": "parley-local", "input_tokens": 1},
+        },
+        headers={**headers, "content-type": "application/json"},
+    )
+    assert internal.status_code == 404
+    assert reason_of(internal) == "ROUTE_NOT_FOUND"
+
+
+def test_a_top_up_is_paid_by_a_signed_webhook_through_the_gateway_and_credited_at_once(up: Up) -> None:
+    client, data_dir = up.client, up.data_dir
+    email = f"top-up-{uuid.uuid4().hex[:10]}@example.com"
+    ok(client.post("/v1/auth/register", json={"email": email, "password": PASSWORD, "display_name": "Top"}))
+    login = ok(client.post("/v1/auth/login", json={"email": email, "password": PASSWORD}))
+    headers = {"authorization": f"Bearer {login['tokens']['access_token']}"}
+
+    packs = ok(client.get("/v1/billing/credit-packs"))
+    assert [pack["id"] for pack in packs["credit_packs"]] == ["tokens-1m", "tokens-5m"]
+    opened = ok(
+        client.post(
+            "/v1/billing/checkout",
+            json={"request_id": "buy-1", "credit_pack_id": "tokens-1m"},
+            headers=headers,
         )
-        assert created.source == "billing"
-        assert created.subscription_changed.plan_id == "free"
+    )["checkout_session"]
+    assert opened["status"] == "CHECKOUT_SESSION_STATUS_OPEN"
+    assert (opened["amount"]["currency_code"], opened["amount"]["amount_minor"]) == ("USD", "1000")
 
-        anonymous = client.get("/v1/billing/usage")
-        assert anonymous.status_code == 401
-        assert reason_of(anonymous) == "UNAUTHENTICATED"
+    # What the sandbox sends when the user pays: signed with the secret `parley up` made.
+    secret = (data_dir / "secrets" / "billing-webhook").read_text().strip()
+    sandbox = SandboxPaymentProvider([secret])
+    body, signature = sandbox.pay(
+        opened["id"], opened["provider_session_id"], Money("USD", 1_000), SUCCEEDS, at=datetime.now(UTC)
+    )
+    webhook = {"content-type": "application/json", "stripe-signature": signature}
 
-        login = ok(client.post("/v1/auth/login", json={"email": email, "password": PASSWORD}))
-        headers = {"authorization": f"Bearer {login['tokens']['access_token']}"}
-        subscription = ok(client.get("/v1/billing/subscription", headers=headers))
-        assert subscription["subscription"]["user_id"] == user_id
-        assert subscription["subscription"]["plan_id"] == "free"
-        assert subscription["subscription"]["status"] == "SUBSCRIPTION_STATUS_ACTIVE"
-        assert subscription["plan"]["hard_stop"] is True
+    tampered = client.post(
+        "/v1/billing/webhooks/sandbox", content=body.replace(b"1000", b"1001"), headers=webhook
+    )
+    assert tampered.status_code == 400, tampered.text
+    assert reason_of(tampered) == "WEBHOOK_SIGNATURE_INVALID"
+    stale_signature = sign(body, secret, at=datetime.now(UTC) - timedelta(minutes=6))
+    stale = client.post(
+        "/v1/billing/webhooks/sandbox",
+        content=body,
+        headers={**webhook, "stripe-signature": stale_signature},
+    )
+    assert stale.status_code == 400, stale.text
+    assert reason_of(stale) == "WEBHOOK_SIGNATURE_EXPIRED"
+    assert ok(client.get("/v1/billing/usage", headers=headers))["balance"].get("purchased_tokens", "0") == "0"
 
-        usage = ok(client.get("/v1/billing/usage", headers=headers))
-        balance = usage["balance"]
-        # int64 fields are JSON strings (proto3 JSON mapping).
-        assert (balance["included_tokens"], balance["remaining_tokens"]) == ("100000", "100000")
-        assert balance["period_start_time"] == subscription["subscription"]["current_period_start_time"]
-        assert usage.get("models", []) == []
+    applied = ok(client.post("/v1/billing/webhooks/sandbox", content=body, headers=webhook))
+    assert applied["duplicate"] is False
+    replayed = ok(client.post("/v1/billing/webhooks/sandbox", content=body, headers=webhook))
+    assert (replayed["event_id"], replayed["duplicate"]) == (applied["event_id"], True)
 
-        internal = client.post(
-            "/parley.billing.v1.BillingInternalService/ReserveCredits",
-            json={
-                "request_id": "r",
-                "user_id": user_id,
-                "estimate": {"model": "parley-local", "input_tokens": 1},
-            },
-            headers={**headers, "content-type": "application/json"},
-        )
-        assert internal.status_code == 404
-        assert reason_of(internal) == "ROUTE_NOT_FOUND"
-
-
-def test_a_top_up_is_paid_by_a_signed_webhook_through_the_gateway_and_credited_at_once(
-    tmp_path: Path,
-) -> None:
-    data_dir = tmp_path / "data"
-    with (
-        parley_up_serving(data_dir, log_path=tmp_path / "parley-up.log") as (_process, ports),
-        httpx.Client(base_url=f"http://127.0.0.1:{ports.http}", timeout=10.0) as client,
-    ):
-        email = f"top-up-{uuid.uuid4().hex[:10]}@example.com"
-        ok(
-            client.post(
-                "/v1/auth/register", json={"email": email, "password": PASSWORD, "display_name": "Top"}
-            )
-        )
-        login = ok(client.post("/v1/auth/login", json={"email": email, "password": PASSWORD}))
-        headers = {"authorization": f"Bearer {login['tokens']['access_token']}"}
-
-        packs = ok(client.get("/v1/billing/credit-packs"))
-        assert [pack["id"] for pack in packs["credit_packs"]] == ["tokens-1m", "tokens-5m"]
-        opened = ok(
-            client.post(
-                "/v1/billing/checkout",
-                json={"request_id": "buy-1", "credit_pack_id": "tokens-1m"},
-                headers=headers,
-            )
-        )["checkout_session"]
-        assert opened["status"] == "CHECKOUT_SESSION_STATUS_OPEN"
-        assert (opened["amount"]["currency_code"], opened["amount"]["amount_minor"]) == ("USD", "1000")
-
-        # What the sandbox sends when the user pays: signed with the secret `parley up` made.
-        secret = (data_dir / "secrets" / "billing-webhook").read_text().strip()
-        sandbox = SandboxPaymentProvider([secret])
-        body, signature = sandbox.pay(
-            opened["id"], opened["provider_session_id"], Money("USD", 1_000), SUCCEEDS, at=datetime.now(UTC)
-        )
-        webhook = {"content-type": "application/json", "stripe-signature": signature}
-
-        tampered = client.post(
-            "/v1/billing/webhooks/sandbox", content=body.replace(b"1000", b"1001"), headers=webhook
-        )
-        assert tampered.status_code == 400, tampered.text
-        assert reason_of(tampered) == "WEBHOOK_SIGNATURE_INVALID"
-        stale_signature = sign(body, secret, at=datetime.now(UTC) - timedelta(minutes=6))
-        stale = client.post(
-            "/v1/billing/webhooks/sandbox",
-            content=body,
-            headers={**webhook, "stripe-signature": stale_signature},
-        )
-        assert stale.status_code == 400, stale.text
-        assert reason_of(stale) == "WEBHOOK_SIGNATURE_EXPIRED"
-        assert (
-            ok(client.get("/v1/billing/usage", headers=headers))["balance"].get("purchased_tokens", "0")
-            == "0"
-        )
-
-        applied = ok(client.post("/v1/billing/webhooks/sandbox", content=body, headers=webhook))
-        assert applied["duplicate"] is False
-        replayed = ok(client.post("/v1/billing/webhooks/sandbox", content=body, headers=webhook))
-        assert (replayed["event_id"], replayed["duplicate"]) == (applied["event_id"], True)
-
-        balance = ok(client.get("/v1/billing/usage", headers=headers))["balance"]
-        assert (balance["purchased_tokens"], balance["remaining_tokens"]) == ("1000000", "1100000")
-        [invoice] = ok(client.get("/v1/billing/invoices", headers=headers))["invoices"]
-        assert (invoice["status"], invoice["reason"]) == ("INVOICE_STATUS_PAID", "INVOICE_REASON_TOP_UP")
-        assert (invoice["total"]["currency_code"], invoice["total"]["amount_minor"]) == ("USD", "1000")
-        assert ok(client.get(f"/v1/billing/invoices/{invoice['id']}", headers=headers))["invoice"] == invoice
+    balance = ok(client.get("/v1/billing/usage", headers=headers))["balance"]
+    assert (balance["purchased_tokens"], balance["remaining_tokens"]) == ("1000000", "1100000")
+    [invoice] = ok(client.get("/v1/billing/invoices", headers=headers))["invoices"]
+    assert (invoice["status"], invoice["reason"]) == ("INVOICE_STATUS_PAID", "INVOICE_REASON_TOP_UP")
+    assert (invoice["total"]["currency_code"], invoice["total"]["amount_minor"]) == ("USD", "1000")
+    assert ok(client.get(f"/v1/billing/invoices/{invoice['id']}", headers=headers))["invoice"] == invoice

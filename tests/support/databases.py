@@ -14,7 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import pytest
 from sqlalchemy.engine import URL, make_url
+
+# The two SQL adapters, as fixture parameters: every port with both is tested on both.
+DIALECTS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 
 TEST_DATABASE_PREFIX = "parley_test_"
 CONNECT_TIMEOUT_SECONDS = 10.0

@@ -177,11 +177,15 @@ class ParleyProcess:
 
 
 @contextmanager
-def parley_up_serving(data_dir: Path, *, log_path: Path) -> Iterator[tuple[ParleyProcess, EmbeddedPorts]]:
-    """`parley up` on free ports with `data_dir`, from its gateway answering /healthz until the block
-    ends."""
+def parley_up_serving(
+    data_dir: Path, *, log_path: Path, env: Mapping[str, str] | None = None
+) -> Iterator[tuple[ParleyProcess, EmbeddedPorts]]:
+    """`parley up` on free ports with `data_dir` (and `env`, e.g. another database), from its gateway
+    answering /healthz until the block ends."""
     ports = EmbeddedPorts()
-    process = ParleyProcess(["up"], env={**ports.env(), "PARLEY_DATA_DIR": str(data_dir)}, log_path=log_path)
+    process = ParleyProcess(
+        ["up"], env={**ports.env(), "PARLEY_DATA_DIR": str(data_dir), **(env or {})}, log_path=log_path
+    )
     process.start()
     try:
         process.wait_until_http_ok(f"http://127.0.0.1:{ports.http}/healthz")
