@@ -365,6 +365,7 @@ class Checkout:
                     invoice_id=paid.id,
                     number=paid.number or "",
                     user_id=paid.user_id,
+                    plan_id=paid.plan_id,
                     total=money_to_proto(Money(paid.currency_code, paid.total_minor)),
                     payment_id=payment.id,
                     paid_time=timestamp_to_proto(now),

@@ -120,6 +120,7 @@ class Collections:
                 invoice_id=paid.id,
                 number=paid.number or "",
                 user_id=paid.user_id,
+                plan_id=paid.plan_id,
                 total=money_to_proto(total),
                 payment_id=payment.id,
                 paid_time=timestamp_to_proto(now),

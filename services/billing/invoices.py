@@ -13,13 +13,14 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Final, Literal
 
+from parley.billing.v1 import billing_pb2
 from parley.events.v1 import events_pb2
 from services.billing.ports import BillingUnitOfWork, BillingUnitsOfWork
 
 if TYPE_CHECKING:
     from services.billing.ledger import CreditAccount
     from services.billing.plans import Plan
-from services.common.encoding import money_to_proto
+from services.common.encoding import money_to_proto, timestamp_to_proto
 from services.common.errors import NotFound
 from services.common.ids import new_id
 from services.common.money import Money
@@ -28,6 +29,12 @@ from services.common.pagination import BY_TIME, Page, keyset_page
 InvoiceStatus = Literal["draft", "open", "paid", "void", "uncollectible"]
 InvoiceReason = Literal["period_end", "upgrade", "top_up"]
 LineKind = Literal["subscription", "overage", "credits", "proration_credit"]
+
+INVOICE_REASONS: Final[dict[InvoiceReason, billing_pb2.InvoiceReason.ValueType]] = {
+    "period_end": billing_pb2.INVOICE_REASON_PERIOD_END,
+    "upgrade": billing_pb2.INVOICE_REASON_UPGRADE,
+    "top_up": billing_pb2.INVOICE_REASON_TOP_UP,
+}
 
 # Basis points of tax on every invoice (0: no tax is configured).
 DEFAULT_TAX_BASIS_POINTS: Final = 0
@@ -66,6 +73,11 @@ class Invoice:
     due_time: datetime | None
     paid_time: datetime | None
     close_time: datetime | None
+
+    @property
+    def plan_id(self) -> str:
+        """The plan the invoice bills a fee for (empty for a credit pack)."""
+        return next((line.plan_id for line in self.lines if line.kind == "subscription" and line.plan_id), "")
 
 
 def draft_invoice(
@@ -109,22 +121,26 @@ def invoice_number(year: int, sequence: int) -> str:
 
 
 async def finalize(uow: BillingUnitOfWork, invoice: Invoice, *, now: datetime, due: datetime) -> Invoice:
+    """Number the draft (the next of its year, gapless), open it, store it and announce it."""
     sequence = await uow.invoices.next_number(now.year)
     finalized = replace(
         invoice, status="open", number=invoice_number(now.year, sequence), finalize_time=now, due_time=due
     )
     await uow.invoices.add(finalized)
-    uow.outbox.record(
-        subject=finalized.user_id,
-        payload=events_pb2.InvoiceCreated(
-            invoice_id=finalized.id,
-            number=finalized.number or "",
-            user_id=finalized.user_id,
-            subtotal=money_to_proto(Money(finalized.currency_code, finalized.subtotal_minor)),
-            tax=money_to_proto(Money(finalized.currency_code, finalized.tax_minor)),
-            total=money_to_proto(Money(finalized.currency_code, finalized.total_minor)),
-        ),
+    created = events_pb2.InvoiceCreated(
+        invoice_id=finalized.id,
+        number=finalized.number or "",
+        user_id=finalized.user_id,
+        plan_id=finalized.plan_id,
+        reason=INVOICE_REASONS[finalized.reason],
+        subtotal=money_to_proto(Money(finalized.currency_code, finalized.subtotal_minor)),
+        tax=money_to_proto(Money(finalized.currency_code, finalized.tax_minor)),
+        total=money_to_proto(Money(finalized.currency_code, finalized.total_minor)),
     )
+    if finalized.period_start is not None and finalized.period_end is not None:
+        created.period_start_time.CopyFrom(timestamp_to_proto(finalized.period_start))
+        created.period_end_time.CopyFrom(timestamp_to_proto(finalized.period_end))
+    uow.outbox.record(subject=finalized.user_id, payload=created)
     return finalized
 
 

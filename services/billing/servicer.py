@@ -11,7 +11,7 @@ from google.protobuf.message import Message
 from parley.billing.v1 import billing_pb2, billing_pb2_grpc
 from parley.common.v1 import common_pb2
 from services.billing.checkout import Checkout, CheckoutSession
-from services.billing.invoices import Invoice, InvoiceBook, InvoiceStatus
+from services.billing.invoices import INVOICE_REASONS, Invoice, InvoiceBook, InvoiceStatus
 from services.billing.ledger import CreditAccount, CreditLedger, Estimate, Reservation, Usage
 from services.billing.plans import Plan, PlanCatalog, plan_tier_to_proto
 from services.billing.subscriptions import Subscription, SubscriptionManager, subscription_status_to_proto
@@ -274,11 +274,6 @@ _INVOICE_STATUSES: Final[dict[InvoiceStatus, billing_pb2.InvoiceStatus.ValueType
 _INVOICE_STATUS_NAMES: Final[dict[int, InvoiceStatus]] = {
     value: key for key, value in _INVOICE_STATUSES.items()
 }
-_INVOICE_REASONS: Final = {
-    "period_end": billing_pb2.INVOICE_REASON_PERIOD_END,
-    "upgrade": billing_pb2.INVOICE_REASON_UPGRADE,
-    "top_up": billing_pb2.INVOICE_REASON_TOP_UP,
-}
 _LINE_KINDS: Final = {
     "subscription": billing_pb2.LINE_ITEM_KIND_SUBSCRIPTION,
     "overage": billing_pb2.LINE_ITEM_KIND_OVERAGE,
@@ -301,7 +296,7 @@ def invoice_to_proto(invoice: Invoice) -> billing_pb2.Invoice:
         number=invoice.number or "",
         user_id=invoice.user_id,
         status=_INVOICE_STATUSES[invoice.status],
-        reason=_INVOICE_REASONS[invoice.reason],
+        reason=INVOICE_REASONS[invoice.reason],
         subtotal=money(invoice.subtotal_minor),
         tax=money(invoice.tax_minor),
         total=money(invoice.total_minor),
