@@ -10,10 +10,11 @@ import asyncio
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, timedelta
 
 import pytest
 
+from parley.billing.v1 import billing_pb2
 from parley.common.v1 import common_pb2
 from parley.events.v1 import events_pb2
 from services.billing.checkout import Checkout, CheckoutSession
@@ -310,6 +311,16 @@ async def test_an_upgrade_is_prorated_paid_through_checkout_and_takes_effect_at_
         events_pb2.CREDIT_GRANT_REASON_UPGRADE,
         950_000,
     )
+    # What revenue analytics read off the invoice events: plan, reason, period, amounts.
+    [created] = await payloads(world.database, "invoice.created", events_pb2.InvoiceCreated)
+    assert (created.plan_id, created.reason, created.total.amount_minor) == (
+        "pro",
+        billing_pb2.INVOICE_REASON_UPGRADE,
+        1_000,
+    )
+    assert created.period_end_time.ToDatetime(tzinfo=UTC) == change.subscription.current_period_end
+    [paid] = await payloads(world.database, "invoice.paid", events_pb2.InvoicePaid)
+    assert (paid.plan_id, paid.number) == ("pro", created.number)
 
 
 async def test_an_upgrade_between_paid_plans_credits_the_unused_part_of_the_old_one(world: World) -> None:
