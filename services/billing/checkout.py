@@ -401,7 +401,7 @@ class Checkout:
     ) -> None:
         """Give the user what they paid for."""
         if session.plan_id is not None:
-            plan = await self._subscriptions.plan(session.plan_id)
+            plan = await self._subscriptions.plan_in(uow, session.plan_id)
             await self._subscriptions.apply_upgrade(
                 uow, session.user_id, plan, fraction_ppm=session.upgrade_fraction_ppm or 0, now=now
             )

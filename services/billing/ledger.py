@@ -347,7 +347,7 @@ class CreditLedger:
             )
             account = await self._append(uow, before, entry, now)
             cost = self._cost(model, usage)
-            plan = await self._subscriptions.plan(account.plan_id)
+            plan = await self._subscriptions.plan_in(uow, account.plan_id)
             overage_tokens = account.overage_tokens - before.overage_tokens
             overage_charge = (
                 Money(self._currency_code, 0)

@@ -29,7 +29,7 @@ from services.billing.plans import Plan, PlanCatalog, plan_tier_to_proto
 from services.billing.ports import BillingUnitOfWork, BillingUnitsOfWork
 from services.common.clock import Clock, utc_now
 from services.common.encoding import money_to_proto, timestamp_to_proto
-from services.common.errors import FailedPrecondition
+from services.common.errors import FailedPrecondition, NotFound
 from services.common.ids import new_id
 
 SubscriptionStatus = Literal["active", "incomplete", "past_due", "cancelled"]
@@ -88,7 +88,17 @@ class SubscriptionManager:
         self._clock = clock
 
     async def plan(self, plan_id: str) -> Plan:
+        """A plan from the cached catalog; outside a unit of work only (a miss opens one to load it)."""
         return await self._plans.get_plan(plan_id)
+
+    async def plan_in(self, uow: BillingUnitOfWork, plan_id: str) -> Plan:
+        """A plan read in the caller's unit of work. Code holding a unit of work must use this, never
+        `plan`: loading the catalog would take a second pooled connection while this one is held,
+        and enough concurrent callers doing that exhaust the pool and wait on each other."""
+        plan = await uow.plans.get(plan_id)
+        if plan is None:
+            raise NotFound(f"There is no plan {plan_id!r}.", reason="PLAN_NOT_FOUND")
+        return plan
 
     async def current(self, user_id: str) -> tuple[Subscription, Plan]:
         """The user's subscription and its plan, started or rolled over first if due."""
@@ -125,7 +135,7 @@ class SubscriptionManager:
                 subscription, pending_plan_id=plan.id, cancel_at_period_end=False, update_time=now
             )
             await uow.subscriptions.save(changed)
-            current_plan = await self.plan(subscription.plan_id)
+            current_plan = await self.plan_in(uow, subscription.plan_id)
             self._record_change(
                 uow,
                 changed,
@@ -149,7 +159,7 @@ class SubscriptionManager:
                 return subscription
             changed = replace(subscription, cancel_at_period_end=True, pending_plan_id=None, update_time=now)
             await uow.subscriptions.save(changed)
-            plan = await self.plan(subscription.plan_id)
+            plan = await self.plan_in(uow, subscription.plan_id)
             self._record_change(
                 uow,
                 changed,
@@ -182,7 +192,7 @@ class SubscriptionManager:
         assert subscription is not None
         if subscription.plan_id == plan.id:
             return subscription
-        previous = await self.plan(subscription.plan_id)
+        previous = await self.plan_in(uow, subscription.plan_id)
         upgraded = replace(
             subscription, plan_id=plan.id, pending_plan_id=None, cancel_at_period_end=False, update_time=now
         )
@@ -220,7 +230,7 @@ class SubscriptionManager:
     ) -> Subscription:
         resumed = replace(subscription, cancel_at_period_end=False, pending_plan_id=None, update_time=now)
         await uow.subscriptions.save(resumed)
-        plan = await self.plan(subscription.plan_id)
+        plan = await self.plan_in(uow, subscription.plan_id)
         self._record_change(
             uow, resumed, plan, events_pb2.SUBSCRIPTION_CHANGE_KIND_RESUMED, previous=None, now=now
         )
@@ -247,7 +257,7 @@ class SubscriptionManager:
         return account
 
     async def _start_free(self, uow: BillingUnitOfWork, user_id: str, now: datetime) -> Subscription | None:
-        plan = await self.plan(FREE_PLAN_ID)
+        plan = await self.plan_in(uow, FREE_PLAN_ID)
         start, end = now, add_months(now, 1)
         subscription = Subscription(
             id=new_id(),
@@ -271,13 +281,13 @@ class SubscriptionManager:
         return subscription
 
     async def _roll_over(self, uow: BillingUnitOfWork, subscription: Subscription, now: datetime) -> None:
-        previous_plan = await self.plan(subscription.plan_id)
+        previous_plan = await self.plan_in(uow, subscription.plan_id)
         account = await uow.accounts.get(subscription.user_id, for_update=True)
         if subscription.cancel_at_period_end:
             await self._replace_with_free(uow, subscription, subscription.current_period_end, account, now)
             return
         if subscription.pending_plan_id:
-            plan = await self.plan(subscription.pending_plan_id)
+            plan = await self.plan_in(uow, subscription.pending_plan_id)
             kind = events_pb2.SUBSCRIPTION_CHANGE_KIND_DOWNGRADED
         else:
             plan = previous_plan
@@ -311,7 +321,7 @@ class SubscriptionManager:
             return
         past_due = replace(subscription, status="past_due", update_time=now)
         await uow.subscriptions.save(past_due)
-        plan = await self.plan(past_due.plan_id)
+        plan = await self.plan_in(uow, past_due.plan_id)
         self._record_change(
             uow, past_due, plan, events_pb2.SUBSCRIPTION_CHANGE_KIND_PAST_DUE, previous=None, now=now
         )
@@ -323,7 +333,7 @@ class SubscriptionManager:
             return
         active = replace(subscription, status="active", update_time=now)
         await uow.subscriptions.save(active)
-        plan = await self.plan(active.plan_id)
+        plan = await self.plan_in(uow, active.plan_id)
         self._record_change(
             uow, active, plan, events_pb2.SUBSCRIPTION_CHANGE_KIND_REACTIVATED, previous=None, now=now
         )
@@ -345,7 +355,7 @@ class SubscriptionManager:
         now: datetime,
     ) -> None:
         """End `subscription` at `ended_at` and start a new one on free there, with its own period."""
-        previous_plan = await self.plan(subscription.plan_id)
+        previous_plan = await self.plan_in(uow, subscription.plan_id)
         ended = replace(
             subscription, status="cancelled", cancel_at_period_end=False, end_time=ended_at, update_time=now
         )
@@ -358,7 +368,7 @@ class SubscriptionManager:
             previous=previous_plan,
             now=now,
         )
-        free = await self.plan(FREE_PLAN_ID)
+        free = await self.plan_in(uow, FREE_PLAN_ID)
         start, end = period_containing(ended_at, now)
         successor = Subscription(
             id=new_id(),

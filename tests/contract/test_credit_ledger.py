@@ -350,3 +350,15 @@ def test_periods_are_calendar_months_clamped_to_the_month_length() -> None:
         add_months(anchor, 14),
         add_months(anchor, 15),
     )
+
+
+async def test_many_first_calls_at_once_do_not_exhaust_the_connection_pool(billing: Billing) -> None:
+    # Each first call starts a subscription inside a unit of work; a plan read that took a second
+    # pooled connection there made concurrent first calls wait on each other until the pool timed out.
+    users = [new_id() for _ in range(64)]
+    balances = await asyncio.gather(*(billing.ledger.balance(user) for user in users))
+    assert {balance.plan_id for balance in balances} == {"free"}
+    settled = await asyncio.gather(
+        *(billing.ledger.reserve(f"first-{index}", new_id(), estimate(10)) for index in range(64))
+    )
+    assert len(settled) == 64
