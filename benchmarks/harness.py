@@ -14,7 +14,7 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -170,6 +170,30 @@ async def closed_loop(
 def _percentile(ordered: list[float], fraction: float) -> float:
     index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
     return ordered[index]
+
+
+def goal_check(value: float, goal: float, moonshot: float, *, at_most: bool) -> dict[str, object]:
+    """A figure against its goal and moonshot (`at_most`: lower is better)."""
+
+    def met(bound: float) -> bool:
+        return value <= bound if at_most else value >= bound
+
+    return {
+        "value": value,
+        "goal": goal,
+        "met": met(goal),
+        "moonshot": moonshot,
+        "moonshot_met": met(moonshot),
+    }
+
+
+def check_lines(checks: Mapping[str, Mapping[str, object]]) -> list[str]:
+    """One line per `goal_check`, as the benchmarks print them."""
+    return [
+        f"check {name}: {c['value']} (goal {c['goal']}: {'met' if c['met'] else 'NOT met'}; "
+        f"moonshot {c['moonshot']}: {'met' if c['moonshot_met'] else 'not met'})"
+        for name, c in checks.items()
+    ]
 
 
 def print_report(report: Report, path: Path) -> None:
