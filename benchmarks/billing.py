@@ -30,6 +30,9 @@ settlements of reservations in flight used beyond their estimates) is 0 here, si
 more than it reserved; used and reserved tokens equal what the client was granted and settled; and
 each cached balance equals the sums its ledger derives (`CreditLedger.derived_sums`, SQL).
 
+Beside each workload's figures: this process's CPU milliseconds per call (client and server,
+every thread; PostgreSQL's own CPU is not in it), steadier than throughput on a shared machine.
+
 Caveats: client and server share one process and event loop, so the client's protobuf and HTTP/2
 work is in every figure (the ratios are the comparable numbers). Logging is at WARNING.
 """
@@ -42,6 +45,7 @@ import contextlib
 import math
 import os
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -300,8 +304,11 @@ class DatabaseRun:
     chat: Chat
     book: Book
     errors: dict[str, str] = field(default_factory=dict)
+    # This process's CPU (client and server, every thread) per call, warm-up included.
+    cpu_ms_per_call: dict[str, float] = field(default_factory=dict)
 
     async def measure(self, workload: Workload, *, concurrency: int, baseline: str) -> Measurement:
+        cpu_before = time.process_time()
         measurement = await closed_loop(
             workload.name,
             workload,
@@ -310,6 +317,8 @@ class DatabaseRun:
             max_seconds=self.arguments.seconds,
             warmup=concurrency,
         )
+        cpu_ms = (time.process_time() - cpu_before) * 1000
+        self.cpu_ms_per_call[workload.name] = round(cpu_ms / (measurement.requests + concurrency), 3)
         self.report.measurements.append(measurement)
         self.report.baseline_of[workload.name] = baseline
         if workload.first_error is not None:
@@ -319,7 +328,11 @@ class DatabaseRun:
     async def start_users(self, count: int) -> list[str]:
         """New users, each started on the free plan by one GetBalance (not timed)."""
         users = [new_id() for _ in range(count)]
-        balances = await bounded_map(self.chat.balance, users, at_once=SETUP_CONCURRENCY)
+        # One call first, alone: starting a user reads the plan catalog inside its write unit of
+        # work, and while the catalog is not cached yet, that read needs a second pooled connection.
+        # Dozens of concurrent first calls then hold the whole pool waiting for it (a 30 s stall).
+        balances = [await self.chat.balance(users[0])]
+        balances += await bounded_map(self.chat.balance, users[1:], at_once=SETUP_CONCURRENCY)
         for user, balance in zip(users, balances, strict=True):
             if (balance.included_tokens, balance.hard_stop) != (FREE_ALLOWANCE, True):
                 raise RuntimeError(f"a new user's balance is not the free plan's: {balance}")
@@ -412,6 +425,7 @@ class DatabaseOutcome:
     # INSUFFICIENT_CREDITS refusals in the timed workloads (sized so that there are none).
     refusals_in_timed_workloads: dict[str, int]
     spending: Spending
+    cpu_ms_per_call: dict[str, float]
     first_errors: dict[str, str]
     examples: list[str]
 
@@ -440,6 +454,7 @@ async def _run_on(dialect: str, arguments: argparse.Namespace, report: Report) -
         ledger_mismatches=ledger_mismatches,
         refusals_in_timed_workloads=refusals,
         spending=spending,
+        cpu_ms_per_call=bench.cpu_ms_per_call,
         first_errors=bench.errors,
         examples=examples,
     )
@@ -603,9 +618,13 @@ def _checks(
 
 
 def _print_details(report: Report, failed: Sequence[str]) -> None:
-    lines = [f"{'workload':34} {'mean ms':>8}"]
-    lines += [f"{m.name:34} {m.mean_ms:8.2f}" for m in report.measurements]
     databases = report.notes.get("databases")
+    cpu: dict[str, float] = {}
+    if isinstance(databases, dict):
+        for outcome in databases.values():
+            cpu.update(outcome["cpu_ms_per_call"])
+    lines = [f"{'workload':34} {'mean ms':>8} {'cpu ms/call':>11}"]
+    lines += [f"{m.name:34} {m.mean_ms:8.2f} {cpu.get(m.name, 0.0):11.3f}" for m in report.measurements]
     if isinstance(databases, dict):
         for dialect, outcome in databases.items():
             spending = outcome["spending"]
