@@ -6,7 +6,8 @@ The billing service is hosted in this process exactly as `parley serve billing` 
 the server of PARLEY_TEST_POSTGRES_URL and dropped after it) and then a SQLite file, both in one run
 by default (`--databases` picks). The client is chat: the `chat` workload's certificate, the only
 caller BillingInternalService admits, on one channel. (The server logs that it cannot verify bearer
-tokens: no auth runs here, and chat presents none.)
+tokens: no auth runs here, and chat presents none.) Billing's event consumers and background loops
+(the reservation sweeper) do not run: none of them is on the reserve/settle path.
 
 Per database, for each `--concurrency` (1 and 32 callers by default), each workload stops at
 `--requests` or `--seconds`, whichever comes first:
