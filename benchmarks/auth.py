@@ -28,8 +28,8 @@ import asyncio
 import contextlib
 import os
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Final
 
@@ -38,7 +38,7 @@ import uvloop
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
-from benchmarks.harness import Measurement, Report, closed_loop, print_report
+from benchmarks.harness import Measurement, Report, Workload, closed_loop, print_report, scratch_database
 from parley.auth.v1 import auth_pb2, auth_pb2_grpc
 from runtime.process import (
     identity_for,
@@ -60,9 +60,7 @@ from services.common.pki import GATEWAY, MICROSERVICES_CERTIFICATES, PkiReport, 
 from services.common.server import ParleyServer, ServerDeps, ServiceRegistration, create_server
 from services.common.service_tls import secure_channel_for
 from services.common.settings import Settings, load_settings
-from tests.support.databases import fresh_postgres_database
 
-DEFAULT_POSTGRES_URL: Final = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 BASELINE: Final = "GetJwks"
 PASSWORD: Final = "violet-harbour-lantern-42"  # noqa: S105 - the benchmark accounts' password
 USERS: Final = 8
@@ -83,29 +81,6 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
 
 
 @dataclass
-class Workload:
-    """A named operation and the first failure it hit (a benchmark counts errors; this says which)."""
-
-    name: str
-    call: Callable[[int], Awaitable[object]]
-    first_error: str | None = field(default=None, init=False)
-
-    async def __call__(self, index: int) -> object:
-        try:
-            return await self.call(index)
-        except Exception as error:
-            if self.first_error is None:
-                self.first_error = _describe(error)
-            raise
-
-
-def _describe(error: Exception) -> str:
-    if isinstance(error, grpc.aio.AioRpcError):
-        return f"{error.code().name}: {error.details()}"
-    return f"{type(error).__name__}: {error}"
-
-
-@dataclass
 class Servers:
     """The two servers of a run: the auth wiring as deployed, and a CheckApiKey one with no cache."""
 
@@ -116,7 +91,7 @@ class Servers:
 async def run(arguments: argparse.Namespace) -> Report:
     # The machine is shared: what else was running is part of the result.
     load_at_start = [round(load, 2) for load in os.getloadavg()]
-    async with _database_url(sqlite=arguments.sqlite) as (url, dialect):
+    async with scratch_database(sqlite=arguments.sqlite) as (url, dialect):
         await upgrade_async(url)
         settings = load_settings(
             database_url=url,
@@ -145,17 +120,6 @@ async def run(arguments: argparse.Namespace) -> Report:
         }
     )
     return report
-
-
-@contextlib.asynccontextmanager
-async def _database_url(*, sqlite: bool) -> AsyncIterator[tuple[str, str]]:
-    if sqlite:
-        with tempfile.TemporaryDirectory(prefix="parley-bench-") as directory:
-            yield f"sqlite+aiosqlite:///{Path(directory) / 'bench.db'}", "sqlite"
-        return
-    base = os.environ.get("PARLEY_TEST_POSTGRES_URL") or DEFAULT_POSTGRES_URL
-    async with fresh_postgres_database(base) as url:
-        yield url, "postgresql"
 
 
 @contextlib.asynccontextmanager

@@ -59,7 +59,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from benchmarks.harness import RESULTS_DIR, Measurement, Report, print_report
+from benchmarks.harness import RESULTS_DIR, Measurement, Report, check_lines, goal_check, print_report
 from gateway.topology import EDGE_CLUSTER
 from services.common.settings import SERVICE_NAMES
 from tests.support.databases import fresh_postgres_database
@@ -1073,19 +1073,6 @@ def _python_cpu_ms(report: Report, workload: str) -> float | None:
     return value
 
 
-def _check(value: float, goal: float, moonshot: float, *, at_most: bool) -> dict[str, object]:
-    def met(bound: float) -> bool:
-        return value <= bound if at_most else value >= bound
-
-    return {
-        "value": value,
-        "goal": goal,
-        "met": met(goal),
-        "moonshot": moonshot,
-        "moonshot_met": met(moonshot),
-    }
-
-
 def _checks(report: Report) -> dict[str, object]:
     by_name = {m.name: m for m in report.measurements}
     trivial, authenticated, open_loop = (
@@ -1097,18 +1084,18 @@ def _checks(report: Report) -> dict[str, object]:
         return {}
     versus_trivial = round(authenticated.per_second / trivial.per_second, 3) if trivial.per_second else 0.0
     python_cpu = _python_cpu_ms(report, AUTHENTICATED_READ) or 0.0
-    open_p99 = _check(open_loop.p99_ms, OPEN_LOOP_P99_MAX_MS, OPEN_LOOP_P99_MOONSHOT_MS, at_most=True)
+    open_p99 = goal_check(open_loop.p99_ms, OPEN_LOOP_P99_MAX_MS, OPEN_LOOP_P99_MOONSHOT_MS, at_most=True)
     open_p99["errors"] = open_loop.errors
     open_p99["met"] = bool(open_p99["met"]) and open_loop.errors == 0
     open_p99["moonshot_met"] = bool(open_p99["moonshot_met"]) and open_loop.errors == 0
     return {
         "auth_read_vs_trivial_throughput": versus_trivial,
         "checks": {
-            "authenticated read / trivial RPC, req/s at 32 connections": _check(
+            "authenticated read / trivial RPC, req/s at 32 connections": goal_check(
                 versus_trivial, AUTH_READ_VS_TRIVIAL_MIN, AUTH_READ_VS_TRIVIAL_MOONSHOT, at_most=False
             ),
             f"authenticated read at {open_loop.name} p99 ms, 0 errors": open_p99,
-            "python cpu ms per authenticated read": _check(
+            "python cpu ms per authenticated read": goal_check(
                 python_cpu,
                 PYTHON_CPU_PER_AUTH_READ_MAX_MS,
                 PYTHON_CPU_PER_AUTH_READ_MOONSHOT_MS,
@@ -1132,11 +1119,7 @@ def _print_details(report: Report, failures: Iterable[str]) -> None:
         )
     checks = report.notes.get("checks")
     if isinstance(checks, dict):
-        lines += [
-            f"check {name}: {c['value']} (goal {c['goal']}: {'met' if c['met'] else 'NOT met'}; "
-            f"moonshot {c['moonshot']}: {'met' if c['moonshot_met'] else 'not met'})"
-            for name, c in checks.items()
-        ]
+        lines += check_lines(checks)
     breakdowns = report.notes.get("where_the_time_goes")
     if isinstance(breakdowns, dict):
         lines += _time_split_rows(breakdowns)

@@ -7,17 +7,25 @@ and only ever aimed at loopback. Results carry ratios to a baseline measured in 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import platform
 import statistics
+import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Final
+
+import grpc
+
+from tests.support.databases import fresh_postgres_database
 
 RESULTS_DIR = Path("bench-results")
+DEFAULT_POSTGRES_URL: Final = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 
 
 @dataclass(frozen=True)
@@ -43,11 +51,17 @@ class Report:
     baseline: str
     measurements: list[Measurement] = field(default_factory=list)
     notes: dict[str, object] = field(default_factory=dict)
+    # Measurement name -> the baseline it is compared with, when not `baseline` (e.g. one baseline
+    # per concurrency or per database in a run that measures several).
+    baseline_of: dict[str, str] = field(default_factory=dict)
 
     def ratios(self) -> dict[str, float]:
         by_name = {m.name: m for m in self.measurements}
-        base = by_name[self.baseline].per_second
-        return {m.name: round(m.per_second / base, 4) if base else 0.0 for m in self.measurements}
+        ratios: dict[str, float] = {}
+        for m in self.measurements:
+            base = by_name[self.baseline_of.get(m.name, self.baseline)].per_second
+            ratios[m.name] = round(m.per_second / base, 4) if base else 0.0
+        return ratios
 
     def write(self) -> Path:
         RESULTS_DIR.mkdir(exist_ok=True)
@@ -62,12 +76,49 @@ class Report:
                 "platform": platform.platform(),
             },
             "baseline": self.baseline,
+            **({"baseline_of": self.baseline_of} if self.baseline_of else {}),
             "ratios_to_baseline": self.ratios(),
             "measurements": [asdict(m) for m in self.measurements],
             "notes": self.notes,
         }
         path.write_text(json.dumps(document, indent=2) + "\n")
         return path
+
+
+@dataclass
+class Workload:
+    """A named operation and the first failure it hit (a benchmark counts errors; this says which)."""
+
+    name: str
+    call: Callable[[int], Awaitable[object]]
+    first_error: str | None = field(default=None, init=False)
+
+    async def __call__(self, index: int) -> object:
+        try:
+            return await self.call(index)
+        except Exception as error:
+            if self.first_error is None:
+                self.first_error = describe_error(error)
+            raise
+
+
+def describe_error(error: Exception) -> str:
+    if isinstance(error, grpc.aio.AioRpcError):
+        return f"{error.code().name}: {error.details()}"
+    return f"{type(error).__name__}: {error}"
+
+
+@contextlib.asynccontextmanager
+async def scratch_database(*, sqlite: bool) -> AsyncIterator[tuple[str, str]]:
+    """(URL, dialect) of a brand-new database for one run: a SQLite file in a temporary folder, or a
+    PostgreSQL database created on the server of PARLEY_TEST_POSTGRES_URL and dropped after."""
+    if sqlite:
+        with tempfile.TemporaryDirectory(prefix="parley-bench-") as directory:
+            yield f"sqlite+aiosqlite:///{Path(directory) / 'bench.db'}", "sqlite"
+        return
+    base = os.environ.get("PARLEY_TEST_POSTGRES_URL") or DEFAULT_POSTGRES_URL
+    async with fresh_postgres_database(base) as url:
+        yield url, "postgresql"
 
 
 async def closed_loop(
@@ -119,6 +170,30 @@ async def closed_loop(
 def _percentile(ordered: list[float], fraction: float) -> float:
     index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
     return ordered[index]
+
+
+def goal_check(value: float, goal: float, moonshot: float, *, at_most: bool) -> dict[str, object]:
+    """A figure against its goal and moonshot (`at_most`: lower is better)."""
+
+    def met(bound: float) -> bool:
+        return value <= bound if at_most else value >= bound
+
+    return {
+        "value": value,
+        "goal": goal,
+        "met": met(goal),
+        "moonshot": moonshot,
+        "moonshot_met": met(moonshot),
+    }
+
+
+def check_lines(checks: Mapping[str, Mapping[str, object]]) -> list[str]:
+    """One line per `goal_check`, as the benchmarks print them."""
+    return [
+        f"check {name}: {c['value']} (goal {c['goal']}: {'met' if c['met'] else 'NOT met'}; "
+        f"moonshot {c['moonshot']}: {'met' if c['moonshot_met'] else 'not met'})"
+        for name, c in checks.items()
+    ]
 
 
 def print_report(report: Report, path: Path) -> None:
