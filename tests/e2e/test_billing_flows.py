@@ -178,3 +178,61 @@ def test_a_top_up_is_paid_by_a_signed_webhook_through_the_gateway_and_credited_a
     assert (invoice["status"], invoice["reason"]) == ("INVOICE_STATUS_PAID", "INVOICE_REASON_TOP_UP")
     assert (invoice["total"]["currency_code"], invoice["total"]["amount_minor"]) == ("USD", "1000")
     assert ok(client.get(f"/v1/billing/invoices/{invoice['id']}", headers=headers))["invoice"] == invoice
+
+
+def sign_up(client: httpx.Client, name: str) -> dict[str, str]:
+    """A new user's bearer header."""
+    email = f"{name}-{uuid.uuid4().hex[:10]}@example.com"
+    ok(client.post("/v1/auth/register", json={"email": email, "password": PASSWORD, "display_name": name}))
+    login = ok(client.post("/v1/auth/login", json={"email": email, "password": PASSWORD}))
+    return {"authorization": f"Bearer {login['tokens']['access_token']}"}
+
+
+def test_upgrade_cancel_and_resume_through_the_gateway(up: Up) -> None:
+    client = up.client
+    headers = sign_up(client, "Changer")
+    change = ok(
+        client.post(
+            "/v1/billing/subscription:change", json={"request_id": "up-1", "plan_id": "pro"}, headers=headers
+        )
+    )
+    assert change["subscription"]["plan_id"] == "free"
+    assert change["invoice"]["reason"] == "INVOICE_REASON_UPGRADE"
+    session = change["checkout_session"]
+    amount = Money(session["amount"]["currency_code"], int(session["amount"]["amount_minor"]))
+    secret = (up.data_dir / "secrets" / "billing-webhook").read_text().strip()
+    body, signature = SandboxPaymentProvider([secret]).pay(
+        session["id"], session["provider_session_id"], amount, SUCCEEDS, at=datetime.now(UTC)
+    )
+    ok(
+        client.post(
+            "/v1/billing/webhooks/sandbox",
+            content=body,
+            headers={"content-type": "application/json", "stripe-signature": signature},
+        )
+    )
+    subscription = ok(client.get("/v1/billing/subscription", headers=headers))
+    assert (subscription["subscription"]["plan_id"], subscription["plan"]["hard_stop"]) == ("pro", False)
+
+    cancelled = ok(
+        client.post("/v1/billing/subscription:cancel", json={"request_id": "c-1"}, headers=headers)
+    )
+    assert cancelled["subscription"]["cancel_at_period_end"] is True
+    resumed = ok(client.post("/v1/billing/subscription:resume", json={"request_id": "r-1"}, headers=headers))
+    assert resumed["subscription"]["cancel_at_period_end"] is False
+    again = client.post("/v1/billing/subscription:resume", json={"request_id": "r-2"}, headers=headers)
+    assert again.status_code == 400, again.text
+    assert reason_of(again) == "SUBSCRIPTION_NOT_CANCELLING"
+
+    down = ok(
+        client.post(
+            "/v1/billing/subscription:change", json={"request_id": "down", "plan_id": "free"}, headers=headers
+        )
+    )
+    assert (down["subscription"]["plan_id"], down["subscription"]["pending_plan_id"]) == ("pro", "free")
+    assert down["effective_time"] == down["subscription"]["current_period_end_time"]
+    unknown = client.post(
+        "/v1/billing/subscription:change", json={"request_id": "x", "plan_id": "platinum"}, headers=headers
+    )
+    assert unknown.status_code == 404, unknown.text
+    assert reason_of(unknown) == "PLAN_NOT_FOUND"
