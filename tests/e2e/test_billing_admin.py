@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
+from tests.support.databases import DIALECTS
 from tests.support.parley_process import PARLEY, REPO_ROOT, parley_up_serving
 
 PASSWORD = "copper-meadow-signal-73"
@@ -50,16 +52,23 @@ def offered(client: httpx.Client, **params: str) -> list[str]:
     return [plan["id"] for plan in ok(client.get("/v1/billing/plans", params=params))["plans"]]
 
 
-def test_an_admin_adds_and_retires_a_plan_through_the_gateway(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dialect", DIALECTS)
+def test_an_admin_adds_and_retires_a_plan_through_the_gateway(
+    request: pytest.FixtureRequest, tmp_path: Path, dialect: str
+) -> None:
     data_dir = tmp_path / "data"
+    # `parley up` on SQLite (its default) and on a fresh PostgreSQL database; the CLI uses the same one.
+    env = {"PARLEY_DATA_DIR": str(data_dir)}
+    if dialect == "postgresql":
+        env["PARLEY_DATABASE_URL"] = request.getfixturevalue("postgres_url")
     with (
-        parley_up_serving(data_dir, log_path=tmp_path / "parley-up.log") as (process, ports),
+        parley_up_serving(data_dir, log_path=tmp_path / "parley-up.log", env=env) as (process, ports),
         httpx.Client(base_url=f"http://127.0.0.1:{ports.http}", timeout=10.0) as client,
     ):
         admin_email = f"root-{uuid.uuid4().hex[:10]}@example.com"
         created_admin = subprocess.run(
             [str(PARLEY), "admin", "create-admin", "--email", admin_email, "--display-name", "Root"],
-            env={**os.environ, "PARLEY_DATA_DIR": str(data_dir), "PARLEY_ADMIN_PASSWORD": PASSWORD},
+            env={**os.environ, **env, "PARLEY_ADMIN_PASSWORD": PASSWORD},
             cwd=REPO_ROOT,
             capture_output=True,
             text=True,
