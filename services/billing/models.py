@@ -264,3 +264,23 @@ class BillingCustomerRecord(Base):
     email: Mapped[str] = mapped_column(String(320))
     display_name: Mapped[str] = mapped_column(String(100))
     updated_at: Mapped[datetime]
+
+
+class IdempotencyKeyRecord(Base):
+    """A request id a billing RPC has acted on, so a retry replays its outcome instead of acting twice.
+
+    Meant for every mutating billing RPC: `operation` names the RPC, `fingerprint` digests the
+    request's parameters (a different request under a used id is refused), and `result_key` names
+    what the first call produced (a plan id, a subscription id).
+    """
+
+    __tablename__ = "billing_idempotency_keys"
+
+    # Whose request ids these are (the caller's user id): two callers may pick the same request id.
+    scope: Mapped[str] = mapped_column(String(64), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    operation: Mapped[str] = mapped_column(String(64))
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    result_key: Mapped[str] = mapped_column(String(64))
+    # Indexed so old keys can be pruned by age once retries of them can no longer come.
+    created_at: Mapped[datetime] = mapped_column(index=True)

@@ -49,8 +49,16 @@ _PLAN_TIERS: Final = {
 }
 
 
+PLAN_TIERS: Final = tuple(_PLAN_TIERS)
+
+
 def plan_tier_to_proto(tier: str) -> common_pb2.PlanTier.ValueType:
     return _PLAN_TIERS.get(tier, common_pb2.PLAN_TIER_UNSPECIFIED)
+
+
+def plan_tier_from_proto(tier: common_pb2.PlanTier.ValueType) -> str:
+    """The tier's name; "" for UNSPECIFIED or a value this build does not know."""
+    return next((name for name, value in _PLAN_TIERS.items() if value == tier), "")
 
 
 # Plans change a few times a year, and every change drops the cached catalog after commit; the TTL

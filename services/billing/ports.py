@@ -17,6 +17,7 @@ from services.common.unit_of_work import Outbox, UnitsOfWork
 
 if TYPE_CHECKING:
     from services.billing.checkout import CheckoutSession, CreditPack, Payment
+    from services.billing.idempotency import IdempotencyKey
     from services.billing.invoices import Invoice, InvoiceStatus
     from services.billing.ledger import CreditAccount, LedgerEntry, LedgerSums, Reservation, SettledUsage
     from services.billing.plans import Plan
@@ -40,6 +41,15 @@ class PlanRepository(Protocol):
         """Insert the plan, or update the one with its id (its create_time stays as stored); the
         cached catalog is dropped once the unit of work commits. The price and the overage price
         must share one currency (ValueError otherwise)."""
+        ...
+
+    async def add(self, plan: Plan) -> bool:
+        """Insert a new plan; False (and nothing written) when a plan with its id exists, even one a
+        concurrent unit of work has not committed yet. Drops the cached catalog like `save`."""
+        ...
+
+    async def get_for_update(self, plan_id: str) -> Plan | None:
+        """`get`, locking the plan's row until the unit of work ends."""
         ...
 
 
@@ -216,6 +226,16 @@ class CustomerRepository(Protocol):
         ...
 
 
+class IdempotencyKeyRepository(Protocol):
+    """The request ids billing's mutating RPCs have acted on (`billing_idempotency_keys`)."""
+
+    async def claim(self, key: IdempotencyKey) -> IdempotencyKey | None:
+        """Insert the key unless its (scope, request id) is taken; None when inserted, else the key
+        that holds it (nothing written). A claim racing an uncommitted one for the same id waits
+        for that unit of work to end."""
+        ...
+
+
 class BillingUnitOfWork(Protocol):
     """One transaction of the billing service, with its repositories and its outbox."""
 
@@ -248,6 +268,9 @@ class BillingUnitOfWork(Protocol):
 
     @property
     def webhook_events(self) -> WebhookEventRepository: ...
+
+    @property
+    def idempotency_keys(self) -> IdempotencyKeyRepository: ...
 
     @property
     def payment_methods(self) -> PaymentMethodRepository: ...

@@ -16,6 +16,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.billing.checkout import CheckoutSession, CreditPack, Payment
+from services.billing.idempotency import IdempotencyKey
 from services.billing.invoices import Invoice, InvoiceStatus, LineItem
 from services.billing.ledger import CreditAccount, LedgerEntry, LedgerSums, Reservation, SettledUsage
 from services.billing.models import (
@@ -23,6 +24,7 @@ from services.billing.models import (
     CheckoutSessionRecord,
     CreditAccountRecord,
     CreditPackRecord,
+    IdempotencyKeyRecord,
     InvoiceLineRecord,
     InvoiceNumberCounterRecord,
     InvoiceRecord,
@@ -106,6 +108,10 @@ class SqlBillingUnitOfWork:
         return SqlWebhookEventRepository(self._transaction.session)
 
     @cached_property
+    def idempotency_keys(self) -> SqlIdempotencyKeyRepository:
+        return SqlIdempotencyKeyRepository(self._transaction.session)
+
+    @cached_property
     def payment_methods(self) -> SqlPaymentMethodRepository:
         return SqlPaymentMethodRepository(self._transaction.session)
 
@@ -157,6 +163,43 @@ class SqlPlanRepository:
         record.retired_at = plan.retire_time
         await self._session.flush()
         self._changes.mark_stale(PLAN_CACHE, CATALOG_KEY)
+
+    async def add(self, plan: Plan) -> bool:
+        overage = plan.overage_price_per_1k_tokens
+        if overage is not None and overage.currency_code != plan.monthly_price.currency_code:
+            raise ValueError("a plan's overage price must be in the currency of its monthly price")
+        statement = (
+            _insert_for(self._session)(_PLAN)
+            .values(
+                id=plan.id,
+                display_name=plan.display_name,
+                description=plan.description,
+                tier=plan.tier,
+                currency_code=plan.monthly_price.currency_code,
+                monthly_price_minor=plan.monthly_price.amount_minor,
+                included_tokens=plan.included_tokens,
+                overage_price_per_1k_tokens_minor=None if overage is None else overage.amount_minor,
+                allowed_models=list(plan.allowed_models),
+                rate_limit_tier=plan.rate_limit_tier,
+                sort_order=plan.sort_order,
+                retired_at=plan.retire_time,
+                created_at=plan.create_time,
+                updated_at=plan.create_time,
+            )
+            .on_conflict_do_nothing(index_elements=[_PLAN.c.id])
+            .returning(_PLAN.c.id)
+        )
+        if (await self._session.execute(statement)).first() is None:
+            return False
+        self._changes.mark_stale(PLAN_CACHE, CATALOG_KEY)
+        return True
+
+    async def get_for_update(self, plan_id: str) -> Plan | None:
+        row = await self._session.get(PlanRecord, plan_id, with_for_update=True)
+        return None if row is None else _to_plan(row)
+
+
+_PLAN = cast(Table, PlanRecord.__table__)
 
 
 def _to_plan(row: PlanRecord) -> Plan:
@@ -862,4 +905,48 @@ class SqlCustomerRepository:
             _insert_for(self._session)(table)
             .values(user_id=customer.user_id, **values)
             .on_conflict_do_update(index_elements=[table.c.user_id], set_=values)
+        )
+
+
+_IDEMPOTENCY_KEY = cast(Table, IdempotencyKeyRecord.__table__)
+
+
+class SqlIdempotencyKeyRepository:
+    """Rows of `billing_idempotency_keys`."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    async def claim(self, key: IdempotencyKey) -> IdempotencyKey | None:
+        # ON CONFLICT waits for an uncommitted insert of the same key, so the read below sees the
+        # claim of whichever unit of work committed it.
+        inserted = await self._session.execute(
+            _insert_for(self._session)(_IDEMPOTENCY_KEY)
+            .values(
+                scope=key.scope,
+                request_id=key.request_id,
+                operation=key.operation,
+                fingerprint=key.fingerprint,
+                result_key=key.result_key,
+                created_at=key.create_time,
+            )
+            .on_conflict_do_nothing(index_elements=[_IDEMPOTENCY_KEY.c.scope, _IDEMPOTENCY_KEY.c.request_id])
+            .returning(_IDEMPOTENCY_KEY.c.scope)
+        )
+        if inserted.first() is not None:
+            return None
+        row = (
+            await self._session.execute(
+                select(*_IDEMPOTENCY_KEY.c).where(
+                    _IDEMPOTENCY_KEY.c.scope == key.scope, _IDEMPOTENCY_KEY.c.request_id == key.request_id
+                )
+            )
+        ).one()
+        return IdempotencyKey(
+            scope=row.scope,
+            request_id=row.request_id,
+            operation=row.operation,
+            fingerprint=row.fingerprint,
+            result_key=row.result_key,
+            create_time=row.created_at,
         )

@@ -13,13 +13,15 @@ from parley.common.v1 import common_pb2
 from services.billing.checkout import Checkout, CheckoutSession
 from services.billing.invoices import INVOICE_REASONS, Invoice, InvoiceBook, InvoiceStatus
 from services.billing.ledger import CreditAccount, CreditLedger, Estimate, Reservation, Usage
-from services.billing.plans import Plan, PlanCatalog, plan_tier_to_proto
+from services.billing.plan_admin import PlanAdmin, PlanDraft, PriceDraft
+from services.billing.plans import Plan, PlanCatalog, plan_tier_from_proto, plan_tier_to_proto
 from services.billing.subscriptions import Subscription, SubscriptionManager, subscription_status_to_proto
 from services.billing.webhook_signatures import SIGNATURE_HEADER
 from services.common.call_context import current_identity
 from services.common.encoding import money_to_proto, timestamp_to_proto
 from services.common.http_cache import CATALOG_CACHE, send_cache_headers
 from services.common.money import Money
+from services.common.roles import ROLE_ADMIN
 
 
 class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
@@ -399,3 +401,47 @@ def plan_to_proto(plan: Plan) -> billing_pb2.Plan:
     if plan.retire_time is not None:
         message.retire_time.CopyFrom(timestamp_to_proto(plan.retire_time))
     return message
+
+
+class BillingAdminServicer(billing_pb2_grpc.BillingAdminServiceServicer):
+    """Plan catalog administration; every RPC needs the admin role."""
+
+    def __init__(self, admin: PlanAdmin) -> None:
+        self._admin = admin
+
+    async def CreatePlan(
+        self, request: billing_pb2.CreatePlanRequest, context: grpc.aio.ServicerContext
+    ) -> billing_pb2.CreatePlanResponse:
+        actor = current_identity.get().require_role(ROLE_ADMIN)
+        plan = await self._admin.create_plan(
+            request.request_id, plan_draft_from_proto(request.plan), actor_id=actor.user_id
+        )
+        return billing_pb2.CreatePlanResponse(plan=plan_to_proto(plan))
+
+    async def RetirePlan(
+        self, request: billing_pb2.RetirePlanRequest, context: grpc.aio.ServicerContext
+    ) -> billing_pb2.RetirePlanResponse:
+        actor = current_identity.get().require_role(ROLE_ADMIN)
+        plan = await self._admin.retire_plan(request.request_id, request.plan_id, actor_id=actor.user_id)
+        return billing_pb2.RetirePlanResponse(plan=plan_to_proto(plan))
+
+
+def plan_draft_from_proto(message: billing_pb2.Plan) -> PlanDraft:
+    """The plan a request submits; its OUTPUT_ONLY fields (retired, create and retire times) are ignored."""
+    overage = message.overage_price_per_1k_tokens if message.HasField("overage_price_per_1k_tokens") else None
+    return PlanDraft(
+        id=message.id,
+        display_name=message.display_name,
+        description=message.description,
+        tier=plan_tier_from_proto(message.tier),
+        monthly_price=_price_draft(message.monthly_price) if message.HasField("monthly_price") else None,
+        included_tokens=message.included_tokens,
+        overage_price_per_1k_tokens=None if overage is None else _price_draft(overage),
+        hard_stop=message.hard_stop,
+        allowed_models=tuple(message.allowed_models),
+        rate_limit_tier=message.rate_limit_tier,
+    )
+
+
+def _price_draft(message: common_pb2.Money) -> PriceDraft:
+    return PriceDraft(message.currency_code, message.amount_minor, message.minor_nanos)

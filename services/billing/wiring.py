@@ -15,15 +15,17 @@ from services.billing.event_handlers import billing_subscription, reservation_sw
 from services.billing.invoices import InvoiceBook
 from services.billing.ledger import CreditLedger
 from services.billing.payments import PaymentProvider, SandboxPaymentProvider
+from services.billing.plan_admin import PlanAdmin, plan_rate_limit_tiers
 from services.billing.plans import PlanCatalog
 from services.billing.repository import billing_units_of_work
-from services.billing.servicer import BillingInternalServicer, BillingServicer
+from services.billing.servicer import BillingAdminServicer, BillingInternalServicer, BillingServicer
 from services.billing.stripe_provider import StripePaymentProvider
 from services.billing.subscriptions import SubscriptionManager
 from services.common.cache import read_cache_invalidation
 from services.common.context import ServiceBundle, ServiceContext
 from services.common.data_dir import secret_file
 from services.common.model_catalog import load_model_catalog
+from services.common.ratelimit import load_rate_limit_config
 from services.common.server import ServiceRegistration, contract_only_services
 
 
@@ -32,7 +34,8 @@ def build(context: ServiceContext) -> ServiceBundle:
     units.after_commit(read_cache_invalidation(context.read_cache))
     plans = PlanCatalog(units, context.read_cache)
     subscriptions = SubscriptionManager(units, plans)
-    ledger = CreditLedger(units, subscriptions, load_model_catalog())
+    models = load_model_catalog()
+    ledger = CreditLedger(units, subscriptions, models)
     provider, unconfigured = payment_provider(context)
     checkout = Checkout(units, subscriptions, ledger, provider, unconfigured_reason=unconfigured)
     public = ServiceRegistration(
@@ -45,11 +48,19 @@ def build(context: ServiceContext) -> ServiceBundle:
         servicer=BillingInternalServicer(ledger),
         add_to_server=billing_pb2_grpc.add_BillingInternalServiceServicer_to_server,
     )
+    rate_limit_tiers = plan_rate_limit_tiers(load_rate_limit_config(context.settings.rate_limits_file))
+    admin = ServiceRegistration(
+        full_name=billing_pb2.DESCRIPTOR.services_by_name["BillingAdminService"].full_name,
+        servicer=BillingAdminServicer(PlanAdmin(units, models, rate_limit_tiers)),
+        add_to_server=billing_pb2_grpc.add_BillingAdminServiceServicer_to_server,
+    )
     others = contract_only_services(
-        billing_pb2, billing_pb2_grpc, except_services=["BillingService", "BillingInternalService"]
+        billing_pb2,
+        billing_pb2_grpc,
+        except_services=["BillingService", "BillingInternalService", "BillingAdminService"],
     )
     return ServiceBundle(
-        registrations=[public, internal, *others],
+        registrations=[public, internal, admin, *others],
         subscriptions=[
             billing_subscription(units, subscriptions, Collections(units, subscriptions, provider))
         ],
