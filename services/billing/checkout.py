@@ -27,7 +27,7 @@ from services.billing.ports import BillingUnitOfWork, BillingUnitsOfWork, SavedP
 from services.billing.subscriptions import PPM, Subscription, SubscriptionManager, remaining_fraction_ppm
 from services.common.clock import Clock, utc_now
 from services.common.encoding import money_to_proto, timestamp_to_proto
-from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.common.ids import new_id
 from services.common.money import Money
 from services.common.pagination import BY_INTEGER, Page, keyset_page
@@ -460,7 +460,7 @@ class Checkout:
 
 def _same_purchase(session: CheckoutSession, *, credit_pack_id: str, plan_id: str) -> CheckoutSession:
     if (session.credit_pack_id or "", session.plan_id or "") != (credit_pack_id, plan_id):
-        raise InvalidArgument(
+        raise AlreadyExists(
             "This request_id was used for another checkout; use a new one for a new purchase.",
             reason="REQUEST_ID_REUSED",
         )

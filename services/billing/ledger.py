@@ -32,6 +32,7 @@ from services.billing.ports import BillingUnitOfWork, BillingUnitsOfWork, Duplic
 from services.common.clock import Clock, utc_now
 from services.common.encoding import money_to_proto, timestamp_to_proto
 from services.common.errors import (
+    AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -593,7 +594,7 @@ def _check_usage(usage: Usage, models: ModelCatalog) -> str:
 
 def _same_request(existing: Reservation, estimate: Estimate) -> None:
     if (existing.model, existing.reserved_tokens) != (estimate.model, estimate.tokens):
-        raise InvalidArgument(
+        raise AlreadyExists(
             "This request_id was used for another reservation; use a new one for a new request.",
             reason="REQUEST_ID_REUSED",
         )

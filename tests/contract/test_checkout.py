@@ -32,7 +32,7 @@ from services.billing.repository import billing_units_of_work
 from services.billing.subscriptions import SubscriptionManager
 from services.billing.webhook_signatures import sign
 from services.common.db import Database
-from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.common.ids import new_id
 from services.common.model_catalog import load_model_catalog
 from services.common.money import Money
@@ -210,7 +210,7 @@ async def test_checkout_is_idempotent_on_its_request_id(world: World) -> None:
     first = await world.checkout.create_session(user, "buy-1", credit_pack_id=PACK)
     assert await world.checkout.create_session(user, "buy-1", credit_pack_id=PACK) == first
     reused = await refusal(
-        world.checkout.create_session(user, "buy-1", credit_pack_id="tokens-5m"), InvalidArgument
+        world.checkout.create_session(user, "buy-1", credit_pack_id="tokens-5m"), AlreadyExists
     )
     assert reused.reason == "REQUEST_ID_REUSED"
     together = await asyncio.gather(
@@ -404,7 +404,7 @@ async def test_plan_changes_refuse_what_makes_no_sense(world: World) -> None:
     assert both.reason == "REQUIRED_FIELD"
     first = await world.checkout.change_plan(user, "up", "pro")
     assert first.checkout_session is not None
-    reused = await refusal(world.checkout.change_plan(user, "up", "team"), InvalidArgument)
+    reused = await refusal(world.checkout.change_plan(user, "up", "team"), AlreadyExists)
     assert reused.reason == "REQUEST_ID_REUSED"
 
 

@@ -22,7 +22,13 @@ from services.billing.ports import BillingUnitOfWork
 from services.billing.repository import billing_units_of_work
 from services.billing.subscriptions import SubscriptionManager, add_months, period_containing
 from services.common.db import Database
-from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from services.common.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from services.common.model_catalog import load_model_catalog
 from services.common.models import new_id
 from services.common.outbox import OutboxEvent
@@ -155,7 +161,7 @@ async def test_every_call_is_idempotent_on_its_ids(billing: Billing) -> None:
     assert again == first
     assert account.reserved_tokens == 1_000
 
-    reused = await refusal(billing.ledger.reserve("req-1", user, estimate(5_000)), InvalidArgument)
+    reused = await refusal(billing.ledger.reserve("req-1", user, estimate(5_000)), AlreadyExists)
     assert reused.reason == "REQUEST_ID_REUSED"
 
     settled = await billing.ledger.settle(first.id, "req-1", usage(100, 100))
