@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import unicodedata
 from collections.abc import Callable, Sequence
@@ -61,7 +62,11 @@ from services.common.errors import (
 )
 from services.common.roles import ROLE_ADMIN, ROLE_USER
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_PLAN_ID: Final = "free"
+# The length of `users.plan_id`, as of billing's plan ids.
+PLAN_ID_MAX: Final = 32
 
 # `one_time_tokens.purpose` values.
 VERIFY_EMAIL_PURPOSE: Final = "verify_email"
@@ -118,6 +123,8 @@ class User:
     display_name: str
     roles: tuple[str, ...]
     plan_id: str
+    # The effective time of the newest subscription change applied to `plan_id` (`apply_plan_within`).
+    plan_changed_at: datetime | None
     email_verified_at: datetime | None
     last_login_at: datetime | None
     disabled_at: datetime | None
@@ -146,6 +153,7 @@ def encode_user(user: User) -> bytes:
             "display_name": user.display_name,
             "roles": list(user.roles),
             "plan_id": user.plan_id,
+            "plan_changed_at": _iso_or_none(user.plan_changed_at),
             "email_verified_at": _iso_or_none(user.email_verified_at),
             "last_login_at": _iso_or_none(user.last_login_at),
             "disabled_at": _iso_or_none(user.disabled_at),
@@ -164,6 +172,8 @@ def decode_user(data: bytes) -> User:
         display_name=fields["display_name"],
         roles=tuple(fields["roles"]),
         plan_id=fields["plan_id"],
+        # Absent from entries cached before the field existed (they live at most USER_CACHE_TTL_S).
+        plan_changed_at=_datetime_or_none(fields.get("plan_changed_at")),
         email_verified_at=_datetime_or_none(fields["email_verified_at"]),
         last_login_at=_datetime_or_none(fields["last_login_at"]),
         disabled_at=_datetime_or_none(fields["disabled_at"]),
@@ -275,6 +285,19 @@ class SignedIn:
 
     user: User
     started: StartedSession
+
+
+@dataclass(frozen=True)
+class PlanChange:
+    """A subscription change applied to a user (`apply_plan_within`), to be announced once committed."""
+
+    user: User
+    previous_plan_id: str
+
+    @property
+    def plan_changed(self) -> bool:
+        """False for a change that left the plan as it was (a renewal): only its time moved."""
+        return self.user.plan_id != self.previous_plan_id
 
 
 @dataclass(frozen=True)
@@ -821,6 +844,45 @@ class AccountService:
             if user.display_name != name:
                 user = await uow.users.save(replace(user, display_name=name), now=now)
             return user
+
+    # ---- plan ------------------------------------------------------------------------------------
+
+    async def apply_plan_within(
+        self, uow: AuthUnitOfWork, user_id: str, plan_id: str, effective_time: datetime
+    ) -> PlanChange | None:
+        """Put the user on `plan_id`, as billing's subscription change effective at `effective_time`
+        says, inside the caller's unit of work (the event consumer's, which records the event in
+        it too). The next access token a refresh mints carries the plan; tokens already issued keep
+        theirs until they expire. The caller must `await announce_plan_change(result)` after its
+        unit of work commits.
+
+        None, and nothing written, for an unknown user (billing may have ids auth never had) and
+        for a change older than the newest one applied: billing's events may arrive out of order.
+        A change to the plan the user is already on is applied all the same (only the time moves),
+        so that an older change arriving after it is recognised as older.
+        """
+        user = await uow.users.by_id(user_id, for_update=True)
+        if user is None:
+            logger.info("no user %s to put on plan %s; the subscription change is ignored", user_id, plan_id)
+            return None
+        if user.plan_changed_at is not None and effective_time < user.plan_changed_at:
+            logger.info(
+                "user %s: a subscription change effective at %s is older than the one applied (%s); ignored",
+                user_id,
+                effective_time.isoformat(),
+                user.plan_changed_at.isoformat(),
+            )
+            return None
+        saved = await uow.users.save(
+            replace(user, plan_id=plan_id, plan_changed_at=effective_time), now=self._clock()
+        )
+        return PlanChange(user=saved, previous_plan_id=user.plan_id)
+
+    async def announce_plan_change(self, change: PlanChange) -> None:
+        """Tell every cache of the user's credential decisions (API-key and cookie-session checks,
+        in every auth replica and gateway edge) that the plan they carry changed."""
+        if change.plan_changed:
+            await self._sessions.credentials_changed(change.user.id)
 
 
 @dataclass(frozen=True)

@@ -116,8 +116,9 @@ class UserRepository(Protocol):
     async def credentials_by_email(self, email: str) -> UserCredentials | None: ...
 
     async def save(self, user: User, *, now: datetime, password_hash: str | None = None) -> User:
-        """Write the user's mutable fields (display name, roles, plan, verification, last sign-in,
-        disabled), and the password hash when given; returns the user as stored (`updated_at=now`).
+        """Write the user's mutable fields (display name, roles, plan and when it changed,
+        verification, last sign-in, disabled), and the password hash when given; returns the user as
+        stored (`updated_at=now`).
 
         Marks the user's cached copies stale for after the commit.
         """
@@ -324,6 +325,11 @@ class AuthUnitOfWork(Protocol):
 
     @property
     def signing_keys(self) -> SigningKeyRepository: ...
+
+    def record_processed(self, consumer: str, event_id: str) -> None:
+        """Record that `consumer` handled the event, committed with the handler's effect (a second
+        commit of the same record fails, and the effect is rolled back with it)."""
+        ...
 
     @property
     def outbox(self) -> Outbox: ...

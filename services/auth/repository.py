@@ -71,6 +71,7 @@ from services.auth.throttle import ThrottleState
 from services.common.db import Database
 from services.common.hot_reads import HotRead
 from services.common.models import UTCDateTime, new_id
+from services.common.processed_events import record_processed
 from services.common.roles import ordered_roles
 from services.common.sql_unit_of_work import SqlOutbox, SqlTransaction, SqlUnitsOfWork
 
@@ -122,6 +123,9 @@ class SqlAuthUnitOfWork:
     def outbox(self) -> SqlOutbox:
         return self._transaction.outbox
 
+    def record_processed(self, consumer: str, event_id: str) -> None:
+        record_processed(self._transaction.session, consumer, event_id)
+
 
 # --------------------------------------------------------------------------------------------------
 # Users
@@ -145,6 +149,7 @@ def _user_of(record: UserRecord) -> User:
         display_name=record.display_name,
         roles=ordered_roles(record.roles),
         plan_id=record.plan_id,
+        plan_changed_at=record.plan_changed_at,
         email_verified_at=record.email_verified_at,
         last_login_at=record.last_login_at,
         disabled_at=record.disabled_at,
@@ -188,6 +193,7 @@ class SqlUserRepository:
             password_hash=password_hash,
             roles=list(roles),
             plan_id=plan_id,
+            plan_changed_at=None,
             email_verified_at=email_verified_at,
             last_login_at=None,
             disabled_at=None,
@@ -232,6 +238,7 @@ class SqlUserRepository:
             "display_name": user.display_name,
             "roles": list(user.roles),
             "plan_id": user.plan_id,
+            "plan_changed_at": user.plan_changed_at,
             "email_verified_at": user.email_verified_at,
             "last_login_at": user.last_login_at,
             "disabled_at": user.disabled_at,
@@ -252,6 +259,7 @@ class SqlUserRepository:
             display_name=user.display_name,
             roles=ordered_roles(user.roles),
             plan_id=user.plan_id,
+            plan_changed_at=user.plan_changed_at,
             email_verified_at=user.email_verified_at,
             last_login_at=user.last_login_at,
             disabled_at=user.disabled_at,

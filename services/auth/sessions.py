@@ -551,6 +551,11 @@ class SessionManager:
             await self._revocations.revoke_user_tokens_before(revoked.user_id, revoked.revoked_at, until)
         await self._revocations.credentials_changed(revoked.user_id)
 
+    async def credentials_changed(self, user_id: str) -> None:
+        """Tell the caches of the user's credential decisions that what they carry changed (e.g. the
+        plan), after the change committed; no session ends and no token is refused."""
+        await self._revocations.credentials_changed(user_id)
+
     async def check_session(self, session_id: str, csrf_token: str | None = None) -> SessionCheck:
         """Whether a cookie session may act now; when `csrf_token` is given, it must match the
         session's (compared in constant time).

@@ -10,6 +10,9 @@ after-commit hooks are where cached copies of changed users die: the read cache'
 replicas and the gateway's edges hear credential changes from the revocation list
 (`RevocationList.credentials_changed`, announced by the API-key and session managers), which
 `AuthInternalService.WatchCredentialChanges` streams to each edge.
+
+Auth consumes billing's `subscription.changed` as the consumer group `auth`
+(`services.auth.event_handlers`), so `parley serve auth` needs the streams' Redis.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from services.auth.accounts import AccountService, AccountSettings
 from services.auth.admin import AccountAdmin
 from services.auth.api_keys import API_KEYS_FEATURE, DEFAULT_CACHE_TTL_S, ApiKeyManager
 from services.auth.email_limits import EmailRateLimits
+from services.auth.event_handlers import auth_subscription
 from services.auth.login import LoginService
 from services.auth.passwords import Argon2Parameters, CommonPasswords, PasswordHasher, PasswordPolicy
 from services.auth.ports import AuthUnitOfWork
@@ -193,4 +197,6 @@ def build_bundle(
         jwks=signing_keys.jwks,
         on_start=[prepare],
         on_stop=[email_limiter.aclose],
+        # The plan follows billing's subscription changes.
+        subscriptions=[auth_subscription(parts.units, accounts)],
     )
