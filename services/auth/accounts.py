@@ -21,7 +21,7 @@ import time
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Final
 from urllib.parse import urlencode
 
@@ -123,8 +123,10 @@ class User:
     display_name: str
     roles: tuple[str, ...]
     plan_id: str
-    # The effective time of the newest subscription change applied to `plan_id` (`apply_plan_within`).
+    # The effective time of the newest subscription change applied to `plan_id`, and when billing
+    # recorded that change (`apply_plan_within`).
     plan_changed_at: datetime | None
+    plan_change_recorded_at: datetime | None
     email_verified_at: datetime | None
     last_login_at: datetime | None
     disabled_at: datetime | None
@@ -154,6 +156,7 @@ def encode_user(user: User) -> bytes:
             "roles": list(user.roles),
             "plan_id": user.plan_id,
             "plan_changed_at": _iso_or_none(user.plan_changed_at),
+            "plan_change_recorded_at": _iso_or_none(user.plan_change_recorded_at),
             "email_verified_at": _iso_or_none(user.email_verified_at),
             "last_login_at": _iso_or_none(user.last_login_at),
             "disabled_at": _iso_or_none(user.disabled_at),
@@ -172,8 +175,9 @@ def decode_user(data: bytes) -> User:
         display_name=fields["display_name"],
         roles=tuple(fields["roles"]),
         plan_id=fields["plan_id"],
-        # Absent from entries cached before the field existed (they live at most USER_CACHE_TTL_S).
+        # Absent from entries cached before the fields existed (they live at most USER_CACHE_TTL_S).
         plan_changed_at=_datetime_or_none(fields.get("plan_changed_at")),
+        plan_change_recorded_at=_datetime_or_none(fields.get("plan_change_recorded_at")),
         email_verified_at=_datetime_or_none(fields["email_verified_at"]),
         last_login_at=_datetime_or_none(fields["last_login_at"]),
         disabled_at=_datetime_or_none(fields["disabled_at"]),
@@ -848,34 +852,43 @@ class AccountService:
     # ---- plan ------------------------------------------------------------------------------------
 
     async def apply_plan_within(
-        self, uow: AuthUnitOfWork, user_id: str, plan_id: str, effective_time: datetime
+        self,
+        uow: AuthUnitOfWork,
+        user_id: str,
+        plan_id: str,
+        *,
+        effective_time: datetime,
+        recorded_at: datetime,
     ) -> PlanChange | None:
         """Put the user on `plan_id`, as billing's subscription change effective at `effective_time`
-        says, inside the caller's unit of work (the event consumer's, which records the event in
-        it too). The next access token a refresh mints carries the plan; tokens already issued keep
-        theirs until they expire. The caller must `await announce_plan_change(result)` after its
-        unit of work commits.
+        (and recorded by billing at `recorded_at`) says, inside the caller's unit of work (the event
+        consumer's, which records the event in it too). The next access token a refresh mints
+        carries the plan; tokens already issued keep theirs until they expire. The caller must
+        `await announce_plan_change(result)` after its unit of work commits.
 
         None, and nothing written, for an unknown user (billing may have ids auth never had) and
         for a change older than the newest one applied: billing's events may arrive out of order.
-        A change to the plan the user is already on is applied all the same (only the time moves),
-        so that an older change arriving after it is recognised as older.
+        Changes are ordered by effective time, then by when billing recorded them: billing records
+        several changes effective at one moment in one transaction (a period's roll-over and an
+        upgrade paid right after it), and the later-recorded one is the plan in effect. A change to
+        the plan the user is already on is applied all the same (only the times move), so that an
+        older change arriving after it is recognised as older.
         """
         user = await uow.users.by_id(user_id, for_update=True)
         if user is None:
             logger.info("no user %s to put on plan %s; the subscription change is ignored", user_id, plan_id)
             return None
-        if user.plan_changed_at is not None and effective_time < user.plan_changed_at:
+        if _plan_change_order(user) > (effective_time, recorded_at):
             logger.info(
-                "user %s: a subscription change effective at %s is older than the one applied (%s); ignored",
+                "user %s: a subscription change effective at %s predates the one applied; ignored",
                 user_id,
                 effective_time.isoformat(),
-                user.plan_changed_at.isoformat(),
             )
             return None
-        saved = await uow.users.save(
-            replace(user, plan_id=plan_id, plan_changed_at=effective_time), now=self._clock()
+        changed = replace(
+            user, plan_id=plan_id, plan_changed_at=effective_time, plan_change_recorded_at=recorded_at
         )
+        saved = await uow.users.save(changed, now=self._clock())
         return PlanChange(user=saved, previous_plan_id=user.plan_id)
 
     async def announce_plan_change(self, change: PlanChange) -> None:
@@ -926,6 +939,16 @@ def _mask_paths(update_mask: Sequence[str]) -> set[str]:
             ],
         )
     return paths
+
+
+_NO_PLAN_CHANGE: Final = (datetime.min.replace(tzinfo=UTC), datetime.min.replace(tzinfo=UTC))
+
+
+def _plan_change_order(user: User) -> tuple[datetime, datetime]:
+    """Where the user's last applied subscription change sits in billing's order of changes."""
+    if user.plan_changed_at is None or user.plan_change_recorded_at is None:
+        return _NO_PLAN_CHANGE
+    return user.plan_changed_at, user.plan_change_recorded_at
 
 
 def _clean_ip(client_ip: str) -> str:

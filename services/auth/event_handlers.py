@@ -2,7 +2,9 @@
 
 - `subscription.changed` (billing): the user's plan follows their subscription
   (`AccountService.apply_plan_within`), so the plan claim of the next access token a refresh mints
-  is the new plan.
+  is the new plan. A change that ends a subscription (status cancelled) names the plan that ended,
+  not the user's: billing starts the successor on free in the same transaction, and that change
+  (`CREATED`) is the one that moves the user.
 
 Each event's effect and its idempotency record commit in one unit of work, so a redelivery after a
 crash changes nothing; the credential caches hear of a changed plan after that commit.
@@ -13,6 +15,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Final
 
+from parley.billing.v1 import billing_pb2
 from parley.events.v1 import events_pb2
 from services.auth.accounts import PLAN_ID_MAX, AccountService
 from services.auth.ports import AuthUnitsOfWork
@@ -42,9 +45,15 @@ class AuthEventHandler:
                 f"subscription.changed {event.id} names no usable plan id ({len(change.plan_id)} characters)"
             )
         async with self._units.write() as uow:
-            applied = await self._accounts.apply_plan_within(
-                uow, change.user_id, change.plan_id, _effective_time(event)
-            )
+            applied = None
+            if change.status != billing_pb2.SUBSCRIPTION_STATUS_CANCELLED:
+                applied = await self._accounts.apply_plan_within(
+                    uow,
+                    change.user_id,
+                    change.plan_id,
+                    effective_time=_effective_time(event),
+                    recorded_at=event.time.ToDatetime(tzinfo=UTC),
+                )
             uow.record_processed(delivery.consumer, delivery.event_id)
         if applied is not None:
             await self._accounts.announce_plan_change(applied)

@@ -25,9 +25,11 @@ class UserRecord(UuidPrimaryKey, Timestamps, Base):
     # Role names, e.g. ["user"] or ["user", "admin"].
     roles: Mapped[list[str]] = mapped_column(JSON)
     plan_id: Mapped[str] = mapped_column(String(32), default="free")
-    # The effective time of the newest subscription change applied to `plan_id`; billing's changes
-    # may arrive out of order, and one older than this is ignored. None until billing's first.
+    # The effective time of the newest subscription change applied to `plan_id`, and when billing
+    # recorded it (its event's time), which orders changes effective at the same moment. Billing's
+    # changes may arrive out of order; an older one is ignored. None until billing's first.
     plan_changed_at: Mapped[datetime | None]
+    plan_change_recorded_at: Mapped[datetime | None]
     email_verified_at: Mapped[datetime | None]
     last_login_at: Mapped[datetime | None]
     disabled_at: Mapped[datetime | None]

@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 import pytest
 from sqlalchemy import select, update
 
+from parley.billing.v1 import billing_pb2
 from parley.events.v1 import events_pb2
 from runtime.workers import subscription_consumer
 from services.auth.accounts import AccountService, User
@@ -105,11 +106,14 @@ def subscription_changed(
     effective_time: datetime | None = EFFECTIVE,
     *,
     kind: events_pb2.SubscriptionChangeKind.ValueType = events_pb2.SUBSCRIPTION_CHANGE_KIND_UPGRADED,
+    status: billing_pb2.SubscriptionStatus.ValueType = billing_pb2.SUBSCRIPTION_STATUS_ACTIVE,
+    recorded_at: datetime = START,
     event_id: str | None = None,
 ) -> events_pb2.Event:
-    """The event as billing writes it (its id, envelope and the payload fields auth reads)."""
+    """The event as billing writes it (its id, envelope and the payload fields auth reads);
+    `recorded_at` is the envelope's time, when billing recorded the change."""
     change = events_pb2.SubscriptionChanged(
-        subscription_id=str(uuid.uuid4()), user_id=user_id, kind=kind, plan_id=plan_id
+        subscription_id=str(uuid.uuid4()), user_id=user_id, kind=kind, plan_id=plan_id, status=status
     )
     if effective_time is not None:
         change.effective_time.CopyFrom(timestamp_to_proto(effective_time))
@@ -118,7 +122,7 @@ def subscription_changed(
         type="subscription.changed",
         source="billing",
         subject=user_id,
-        time=timestamp_to_proto(START),
+        time=timestamp_to_proto(recorded_at),
         subscription_changed=change,
     )
 
@@ -196,10 +200,65 @@ async def test_an_older_change_arriving_after_a_newer_one_is_ignored(world: Worl
     assert sorted(await processed_ids(world.database)) == sorted([newer.id, older.id])
     assert world.heard.users == [user.id]
 
-    # A change at the same moment as the applied one is not older: it applies.
+    # A change at the same moment, recorded at the same moment, is not older: it applies.
     same_moment = subscription_changed(user.id, "pro", EFFECTIVE)
     assert await world.deliver(same_moment) == 1
     assert (await stored(world.database, user.id)).plan_id == "pro"
+
+
+async def test_changes_effective_at_one_moment_are_ordered_by_when_billing_recorded_them(
+    world: World,
+) -> None:
+    """Billing records a period's roll-over and an upgrade paid right after it in one transaction,
+    both effective at its `now`; the upgrade, recorded second, is the plan in effect."""
+    user = await world.register()
+    renewed = subscription_changed(
+        user.id, "free", EFFECTIVE, kind=events_pb2.SUBSCRIPTION_CHANGE_KIND_RENEWED, recorded_at=START
+    )
+    upgraded = subscription_changed(user.id, "pro", EFFECTIVE, recorded_at=START + timedelta(microseconds=40))
+
+    # The roll-over's handling failed and is retried after the upgrade went through.
+    assert await world.deliver(upgraded) == 1
+    assert await world.deliver(renewed) == 1
+
+    record = await stored(world.database, user.id)
+    assert (record.plan_id, record.plan_changed_at, record.plan_change_recorded_at) == (
+        "pro",
+        EFFECTIVE,
+        START + timedelta(microseconds=40),
+    )
+
+
+@pytest.mark.parametrize("in_order", [True, False], ids=["in-order", "reordered"])
+async def test_an_ended_subscription_does_not_move_the_user_its_free_successor_does(
+    world: World, in_order: bool
+) -> None:
+    """A subscription cancelled at its period end: billing records it ended (naming the plan that
+    ended) and a new one on free, in one transaction at one moment. The ended one is never applied,
+    so the order holds even when both were recorded within one clock tick."""
+    user = await world.register()
+    assert await world.deliver(subscription_changed(user.id, "pro", EFFECTIVE - timedelta(days=30))) == 1
+    ended = subscription_changed(
+        user.id,
+        "pro",
+        EFFECTIVE,
+        kind=events_pb2.SUBSCRIPTION_CHANGE_KIND_CANCELLED,
+        status=billing_pb2.SUBSCRIPTION_STATUS_CANCELLED,
+        recorded_at=START,
+    )
+    successor = subscription_changed(
+        user.id,
+        "free",
+        EFFECTIVE,
+        kind=events_pb2.SUBSCRIPTION_CHANGE_KIND_CREATED,
+        recorded_at=START,
+    )
+
+    for event in (ended, successor) if in_order else (successor, ended):
+        assert await world.deliver(event) == 1
+
+    assert (await stored(world.database, user.id)).plan_id == "free"
+    assert {ended.id, successor.id} <= set(await processed_ids(world.database))
 
 
 async def test_a_renewal_on_the_same_plan_moves_the_time_and_announces_nothing(world: World) -> None:
