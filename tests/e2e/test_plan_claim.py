@@ -1,24 +1,32 @@
-"""The plan claim follows billing through `parley up`: billing starts a new user's subscription on
-free and writes `subscription.changed`, auth consumes it (its group `auth`, in process), and the
-access token the next refresh mints says "free". An upgrade cannot be made through the API yet; the
-change of plan itself is proven in tests/integration/test_plan_claim.py.
+"""The plan claim follows billing through `parley up`'s gateway, on SQLite and on PostgreSQL: a new
+user's subscription starts on free and their refreshed token says "free"; they upgrade to pro, pay
+at the sandbox's checkout (its signed webhook), and the next refresh mints a token that says "pro",
+once auth consumed billing's `subscription.changed` (its group `auth`, in process).
 """
 
 from __future__ import annotations
 
-import sqlite3
 import uuid
-from contextlib import closing
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import jwt
+import pytest
+from sqlalchemy import select
 
 from parley.events.v1 import events_pb2
-from tests.support.outbox import read_events
-from tests.support.parley_process import parley_up_serving
-from tests.support.polling import eventually_sync
+from services.billing.payments import SUCCEEDS, SandboxPaymentProvider
+from services.common.db import Database
+from services.common.money import Money
+from services.common.processed_events import ProcessedEvent
+from tests.support.databases import DIALECTS
+from tests.support.domain import outbox
+from tests.support.parley_process import ParleyProcess, parley_up_serving
+from tests.support.polling import eventually
 
 PASSWORD = "amber-lighthouse-quartz-58"
 
@@ -30,49 +38,107 @@ def ok(response: httpx.Response) -> dict[str, Any]:
 
 
 def plan_claim(access_token: str) -> str:
-    # The signature is the gateway's to check (tests/e2e/test_auth_flows.py); here only the claim counts.
+    # Signatures are the gateway's to check (and tests/e2e/test_auth_flows.py's); here the claim counts.
     plan: str = jwt.decode(access_token, options={"verify_signature": False})["plan"]
     return plan
 
 
-def processed_by_auth(database: Path, event_id: str) -> bool:
-    uri = f"{database.resolve().as_uri()}?mode=ro"
-    with closing(sqlite3.connect(uri, uri=True, timeout=10.0)) as connection:
-        row = connection.execute(
-            "SELECT 1 FROM processed_events WHERE consumer = 'auth' AND event_id = ?", (event_id,)
-        ).fetchone()
-    return row is not None
+@dataclass
+class Up:
+    """`parley up` on one database, with its gateway client."""
+
+    process: ParleyProcess
+    client: httpx.Client
+    data_dir: Path
+    database_url: str
+
+    async def consumed_by_auth(self, user_id: str, kind: events_pb2.SubscriptionChangeKind.ValueType) -> bool:
+        """Whether billing wrote a `subscription.changed` of `kind` for the user and auth processed it."""
+        database = Database(self.database_url)
+        try:
+            written = [
+                item.event.id
+                for item in await outbox(database, "subscription.changed")
+                if item.subject == user_id and item.event.subscription_changed.kind == kind
+            ]
+            async with database.unit_of_work(read_only=True) as session:
+                processed = set(
+                    await session.scalars(
+                        select(ProcessedEvent.event_id).where(ProcessedEvent.consumer == "auth")
+                    )
+                )
+        finally:
+            await database.dispose()
+        return bool(written) and set(written) <= processed
 
 
-def test_a_new_users_refreshed_token_carries_the_plan_billing_started_them_on(tmp_path: Path) -> None:
+@pytest.fixture(params=DIALECTS)
+def up(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Up]:
+    """`parley up` on SQLite (its default) and on a fresh PostgreSQL database."""
     data_dir = tmp_path / "data"
-    database = data_dir / "parley.db"
+    env: dict[str, str] = {}
+    if request.param == "sqlite":
+        database_url = f"sqlite+aiosqlite:///{data_dir / 'parley.db'}"
+    else:
+        database_url = request.getfixturevalue("postgres_url")
+        env["PARLEY_DATABASE_URL"] = database_url
     with (
-        parley_up_serving(data_dir, log_path=tmp_path / "parley-up.log") as (process, ports),
+        parley_up_serving(data_dir, log_path=tmp_path / "parley-up.log", env=env) as (process, ports),
         httpx.Client(base_url=f"http://127.0.0.1:{ports.http}", timeout=10.0) as client,
     ):
-        email = f"plan-{uuid.uuid4().hex[:10]}@example.com"
-        account = {"email": email, "password": PASSWORD}
-        registered = ok(client.post("/v1/auth/register", json={**account, "display_name": "Plan"}))
-        user_id = registered["user"]["id"]
-        tokens = ok(client.post("/v1/auth/login", json=account))["tokens"]
+        yield Up(process, client, data_dir, database_url)
 
-        def started() -> list[events_pb2.Event] | None:
-            return read_events(database, "subscription.changed", subject=user_id) or None
 
-        [created] = eventually_sync(
-            started, what="billing starting the new user's subscription", alive=process.check_alive
+async def test_the_refreshed_token_carries_the_plan_from_free_to_a_paid_upgrade(up: Up) -> None:
+    client = up.client
+    account = {"email": f"plan-{uuid.uuid4().hex[:10]}@example.com", "password": PASSWORD}
+    user_id = ok(client.post("/v1/auth/register", json={**account, "display_name": "Plan"}))["user"]["id"]
+    tokens = ok(client.post("/v1/auth/login", json=account))["tokens"]
+
+    async def consumed(kind: events_pb2.SubscriptionChangeKind.ValueType) -> bool:
+        return await up.consumed_by_auth(user_id, kind)
+
+    # Billing starts the new user on free (it consumed user.registered), and auth follows.
+    await eventually(
+        lambda: consumed(events_pb2.SUBSCRIPTION_CHANGE_KIND_CREATED),
+        what="auth consuming the subscription billing started",
+        alive=up.process.check_alive,
+    )
+    tokens = ok(client.post("/v1/auth/refresh", json={"refresh_token": tokens["refresh_token"]}))["tokens"]
+    assert plan_claim(tokens["access_token"]) == "free"
+    before_upgrade = tokens["access_token"]
+    headers = {"authorization": f"Bearer {before_upgrade}"}
+
+    change = ok(
+        client.post(
+            "/v1/billing/subscription:change", json={"request_id": "up-1", "plan_id": "pro"}, headers=headers
         )
-        change = created.subscription_changed
-        assert (change.kind, change.plan_id) == (events_pb2.SUBSCRIPTION_CHANGE_KIND_CREATED, "free")
-        eventually_sync(
-            lambda: processed_by_auth(database, created.id),
-            what="auth consuming billing's subscription.changed",
-            alive=process.check_alive,
+    )
+    checkout = change["checkout_session"]
+    # What the sandbox sends when the user pays: signed with the secret `parley up` made.
+    secret = (up.data_dir / "secrets" / "billing-webhook").read_text().strip()
+    amount = Money(checkout["amount"]["currency_code"], int(checkout["amount"]["amount_minor"]))
+    body, signature = SandboxPaymentProvider([secret]).pay(
+        checkout["id"], checkout["provider_session_id"], amount, SUCCEEDS, at=datetime.now(UTC)
+    )
+    ok(
+        client.post(
+            "/v1/billing/webhooks/sandbox",
+            content=body,
+            headers={"content-type": "application/json", "stripe-signature": signature},
         )
+    )
+    await eventually(
+        lambda: consumed(events_pb2.SUBSCRIPTION_CHANGE_KIND_UPGRADED),
+        what="auth consuming the upgrade",
+        alive=up.process.check_alive,
+    )
 
-        refreshed = ok(client.post("/v1/auth/refresh", json={"refresh_token": tokens["refresh_token"]}))
-        access_token = refreshed["tokens"]["access_token"]
-        assert plan_claim(access_token) == "free"
-        me = ok(client.get("/v1/users/me", headers={"authorization": f"Bearer {access_token}"}))
-        assert me["user"]["plan_id"] == "free"
+    tokens = ok(client.post("/v1/auth/refresh", json={"refresh_token": tokens["refresh_token"]}))["tokens"]
+    assert plan_claim(tokens["access_token"]) == "pro"
+    upgraded = {"authorization": f"Bearer {tokens['access_token']}"}
+    assert ok(client.get("/v1/users/me", headers=upgraded))["user"]["plan_id"] == "pro"
+    assert ok(client.get("/v1/billing/subscription", headers=upgraded))["subscription"]["plan_id"] == "pro"
+    # The token minted before the upgrade still works and still says free: a plan change revokes nothing.
+    assert plan_claim(before_upgrade) == "free"
+    assert ok(client.get("/v1/users/me", headers=headers))["user"]["id"] == user_id

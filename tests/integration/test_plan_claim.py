@@ -4,7 +4,8 @@ run by the production `Consumer` on the in-process source that `parley up` feeds
 relay), a user signed in, billing's change delivered, and RefreshSession minting a token whose
 verified `plan` claim is the new plan.
 
-Billing cannot be upgraded through its API yet, so the test delivers the event billing would write.
+The test delivers the event billing writes for an upgrade; tests/e2e/test_plan_claim.py pays for a
+real one through `parley up`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import pytest
 
 from parley.auth.v1 import auth_pb2, auth_pb2_grpc
+from parley.billing.v1 import billing_pb2
 from parley.events.v1 import events_pb2
 from runtime.process import build_services, registrations_of, start_services, stop_services
 from runtime.workers import EMBEDDED_STREAM, member_name, subscription_consumer
@@ -97,6 +99,7 @@ def subscription_changed(user_id: str, plan_id: str) -> events_pb2.Event:
             subscription_id=str(uuid.uuid4()),
             user_id=user_id,
             kind=events_pb2.SUBSCRIPTION_CHANGE_KIND_UPGRADED,
+            status=billing_pb2.SUBSCRIPTION_STATUS_ACTIVE,
             previous_plan_id="free",
             plan_id=plan_id,
             effective_time=now,
