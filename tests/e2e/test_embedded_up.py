@@ -169,7 +169,8 @@ def test_envoy_admin_shows_no_secret(parley_up: tuple[ParleyProcess, EmbeddedPor
     """Finding 2 of issue 11: the admin interface on 127.0.0.1 showed the gateway's master secret."""
     documents = admin_documents(f"http://127.0.0.1:{parley_up[1].admin}")
     secret_files = [*(data_dir / "pki").glob("*-key.pem"), *(data_dir / "secrets").iterdir()]
-    assert len(secret_files) == 6, secret_files  # five private keys and the key-encryption key
+    # Five private keys, the key-encryption key and the sandbox's webhook signing secret.
+    assert len(secret_files) == 7, secret_files
     for name, document in documents.items():
         assert "PRIVATE KEY" not in document, name
         assert "gateway-secret" not in document, name

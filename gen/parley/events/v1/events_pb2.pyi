@@ -1475,7 +1475,7 @@ class SubscriptionChanged(_message.Message):
     plan_id: _builtins.str
     """The plan in effect after the change."""
     plan_tier: _common_pb2.PlanTier.ValueType
-    """The tier of `plan_id`, which auth puts in the next token's plan claim."""
+    """The tier of `plan_id` (auth puts `plan_id` itself in the next token's plan claim)."""
     status: _billing_pb2.SubscriptionStatus.ValueType
     """The status after the change."""
     pending_plan_id: _builtins.str
