@@ -110,6 +110,8 @@ class _InvoiceReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Invoice
     """A mid-period upgrade, prorated."""
     INVOICE_REASON_TOP_UP: _InvoiceReason.ValueType  # 3
     """A prepaid credit pack."""
+    INVOICE_REASON_CREDIT_NOTE: _InvoiceReason.ValueType  # 4
+    """A credit note: the negated lines of a refunded invoice (`credited_invoice_id`)."""
 
 class InvoiceReason(_InvoiceReason, metaclass=_InvoiceReasonEnumTypeWrapper):
     """Why an invoice was made."""
@@ -122,6 +124,8 @@ INVOICE_REASON_UPGRADE: InvoiceReason.ValueType  # 2
 """A mid-period upgrade, prorated."""
 INVOICE_REASON_TOP_UP: InvoiceReason.ValueType  # 3
 """A prepaid credit pack."""
+INVOICE_REASON_CREDIT_NOTE: InvoiceReason.ValueType  # 4
+"""A credit note: the negated lines of a refunded invoice (`credited_invoice_id`)."""
 Global___InvoiceReason: _TypeAlias = InvoiceReason  # noqa: Y015
 
 class _LineItemKind:
@@ -155,6 +159,54 @@ LINE_ITEM_KIND_CREDITS: LineItemKind.ValueType  # 3
 LINE_ITEM_KIND_PRORATION_CREDIT: LineItemKind.ValueType  # 4
 """A credit for the unused part of the previous plan on an upgrade; negative."""
 Global___LineItemKind: _TypeAlias = LineItemKind  # noqa: Y015
+
+class _LedgerEntryKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LedgerEntryKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LedgerEntryKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LEDGER_ENTRY_KIND_UNSPECIFIED: _LedgerEntryKind.ValueType  # 0
+    """Not set; never stored."""
+    LEDGER_ENTRY_KIND_GRANT: _LedgerEntryKind.ValueType  # 1
+    """A period's allowance, or the share of a new plan's allowance an upgrade adds."""
+    LEDGER_ENTRY_KIND_CARRY: _LedgerEntryKind.ValueType  # 2
+    """Unused prepaid tokens and open reservations carried into a new period."""
+    LEDGER_ENTRY_KIND_RESERVATION: _LedgerEntryKind.ValueType  # 3
+    """Tokens held for a generation."""
+    LEDGER_ENTRY_KIND_SETTLEMENT: _LedgerEntryKind.ValueType  # 4
+    """A generation's usage charged and its hold given back."""
+    LEDGER_ENTRY_KIND_RELEASE: _LedgerEntryKind.ValueType  # 5
+    """A hold given back without charge by its caller."""
+    LEDGER_ENTRY_KIND_EXPIRY: _LedgerEntryKind.ValueType  # 6
+    """A hold given back without charge by the sweeper after it expired."""
+    LEDGER_ENTRY_KIND_TOP_UP: _LedgerEntryKind.ValueType  # 7
+    """The prepaid tokens of a paid credit pack."""
+    LEDGER_ENTRY_KIND_ADJUSTMENT: _LedgerEntryKind.ValueType  # 8
+    """Prepaid tokens an admin added or took back, or a refunded credit pack's tokens taken back."""
+
+class LedgerEntryKind(_LedgerEntryKind, metaclass=_LedgerEntryKindEnumTypeWrapper):
+    """What a credit ledger entry records."""
+
+LEDGER_ENTRY_KIND_UNSPECIFIED: LedgerEntryKind.ValueType  # 0
+"""Not set; never stored."""
+LEDGER_ENTRY_KIND_GRANT: LedgerEntryKind.ValueType  # 1
+"""A period's allowance, or the share of a new plan's allowance an upgrade adds."""
+LEDGER_ENTRY_KIND_CARRY: LedgerEntryKind.ValueType  # 2
+"""Unused prepaid tokens and open reservations carried into a new period."""
+LEDGER_ENTRY_KIND_RESERVATION: LedgerEntryKind.ValueType  # 3
+"""Tokens held for a generation."""
+LEDGER_ENTRY_KIND_SETTLEMENT: LedgerEntryKind.ValueType  # 4
+"""A generation's usage charged and its hold given back."""
+LEDGER_ENTRY_KIND_RELEASE: LedgerEntryKind.ValueType  # 5
+"""A hold given back without charge by its caller."""
+LEDGER_ENTRY_KIND_EXPIRY: LedgerEntryKind.ValueType  # 6
+"""A hold given back without charge by the sweeper after it expired."""
+LEDGER_ENTRY_KIND_TOP_UP: LedgerEntryKind.ValueType  # 7
+"""The prepaid tokens of a paid credit pack."""
+LEDGER_ENTRY_KIND_ADJUSTMENT: LedgerEntryKind.ValueType  # 8
+"""Prepaid tokens an admin added or took back, or a refunded credit pack's tokens taken back."""
+Global___LedgerEntryKind: _TypeAlias = LedgerEntryKind  # noqa: Y015
 
 class _ReservationStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -453,6 +505,8 @@ class Invoice(_message.Message):
     DUE_TIME_FIELD_NUMBER: _builtins.int
     PAID_TIME_FIELD_NUMBER: _builtins.int
     CLOSE_TIME_FIELD_NUMBER: _builtins.int
+    CREDITED_INVOICE_ID_FIELD_NUMBER: _builtins.int
+    MEMO_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Opaque invoice id."""
     number: _builtins.str
@@ -463,6 +517,10 @@ class Invoice(_message.Message):
     """The lifecycle state."""
     reason: Global___InvoiceReason.ValueType
     """Why the invoice was made."""
+    credited_invoice_id: _builtins.str
+    """For a credit note: the invoice it refunds; empty on other invoices."""
+    memo: _builtins.str
+    """For a credit note: why it was issued, as the admin who refunded the invoice wrote it."""
     @_builtins.property
     def line_items(self) -> _containers.RepeatedCompositeFieldContainer[Global___InvoiceLineItem]:
         """The lines."""
@@ -531,10 +589,12 @@ class Invoice(_message.Message):
         due_time: _timestamp_pb2.Timestamp | None = ...,
         paid_time: _timestamp_pb2.Timestamp | None = ...,
         close_time: _timestamp_pb2.Timestamp | None = ...,
+        credited_invoice_id: _builtins.str = ...,
+        memo: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["amount_paid", b"amount_paid", "close_time", b"close_time", "create_time", b"create_time", "due_time", b"due_time", "finalize_time", b"finalize_time", "paid_time", b"paid_time", "period_end_time", b"period_end_time", "period_start_time", b"period_start_time", "subtotal", b"subtotal", "tax", b"tax", "total", b"total"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_paid", b"amount_paid", "close_time", b"close_time", "create_time", b"create_time", "due_time", b"due_time", "finalize_time", b"finalize_time", "id", b"id", "line_items", b"line_items", "number", b"number", "paid_time", b"paid_time", "period_end_time", b"period_end_time", "period_start_time", b"period_start_time", "reason", b"reason", "status", b"status", "subtotal", b"subtotal", "tax", b"tax", "total", b"total", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_paid", b"amount_paid", "close_time", b"close_time", "create_time", b"create_time", "credited_invoice_id", b"credited_invoice_id", "due_time", b"due_time", "finalize_time", b"finalize_time", "id", b"id", "line_items", b"line_items", "memo", b"memo", "number", b"number", "paid_time", b"paid_time", "period_end_time", b"period_end_time", "period_start_time", b"period_start_time", "reason", b"reason", "status", b"status", "subtotal", b"subtotal", "tax", b"tax", "total", b"total", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -763,6 +823,72 @@ class Balance(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Balance: _TypeAlias = Balance  # noqa: Y015
+
+@_typing.final
+class LedgerEntry(_message.Message):
+    """One append-only entry of a user's credit ledger: its signed effect on the sums of a period."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    INCLUDED_TOKENS_DELTA_FIELD_NUMBER: _builtins.int
+    PURCHASED_TOKENS_DELTA_FIELD_NUMBER: _builtins.int
+    USED_TOKENS_DELTA_FIELD_NUMBER: _builtins.int
+    RESERVED_TOKENS_DELTA_FIELD_NUMBER: _builtins.int
+    RESERVATION_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ACTOR_USER_ID_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    PERIOD_START_TIME_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Opaque entry id."""
+    kind: Global___LedgerEntryKind.ValueType
+    """What the entry records."""
+    included_tokens_delta: _builtins.int
+    """The change to the period's included tokens."""
+    purchased_tokens_delta: _builtins.int
+    """The change to the prepaid tokens."""
+    used_tokens_delta: _builtins.int
+    """The change to the settled tokens."""
+    reserved_tokens_delta: _builtins.int
+    """The change to the tokens held by reservations."""
+    reservation_id: _builtins.str
+    """The reservation the entry belongs to; empty if none."""
+    reason: _builtins.str
+    """Why the entry was made, e.g. "period allowance" or an admin's reason for an adjustment."""
+    actor_user_id: _builtins.str
+    """The admin who made an adjustment; empty for entries billing made on its own."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the entry was appended."""
+
+    @_builtins.property
+    def period_start_time(self) -> _timestamp_pb2.Timestamp:
+        """The start of the period whose sums the entry changes."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        kind: Global___LedgerEntryKind.ValueType = ...,
+        included_tokens_delta: _builtins.int = ...,
+        purchased_tokens_delta: _builtins.int = ...,
+        used_tokens_delta: _builtins.int = ...,
+        reserved_tokens_delta: _builtins.int = ...,
+        reservation_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        actor_user_id: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        period_start_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "period_start_time", b"period_start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor_user_id", b"actor_user_id", "create_time", b"create_time", "id", b"id", "included_tokens_delta", b"included_tokens_delta", "kind", b"kind", "period_start_time", b"period_start_time", "purchased_tokens_delta", b"purchased_tokens_delta", "reason", b"reason", "reservation_id", b"reservation_id", "reserved_tokens_delta", b"reserved_tokens_delta", "used_tokens_delta", b"used_tokens_delta"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LedgerEntry: _TypeAlias = LedgerEntry  # noqa: Y015
 
 @_typing.final
 class ModelUsage(_message.Message):
@@ -1613,6 +1739,306 @@ class RetirePlanResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RetirePlanResponse: _TypeAlias = RetirePlanResponse  # noqa: Y015
+
+@_typing.final
+class GetCustomerRequest(_message.Message):
+    """Request for BillingAdminService.GetCustomer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The user."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCustomerRequest: _TypeAlias = GetCustomerRequest  # noqa: Y015
+
+@_typing.final
+class GetCustomerResponse(_message.Message):
+    """Response for BillingAdminService.GetCustomer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBSCRIPTION_FIELD_NUMBER: _builtins.int
+    PLAN_FIELD_NUMBER: _builtins.int
+    BALANCE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def subscription(self) -> Global___Subscription:
+        """The user's current subscription."""
+
+    @_builtins.property
+    def plan(self) -> Global___Plan:
+        """The plan in effect."""
+
+    @_builtins.property
+    def balance(self) -> Global___Balance:
+        """The user's balance in the current period."""
+
+    def __init__(
+        self,
+        *,
+        subscription: Global___Subscription | None = ...,
+        plan: Global___Plan | None = ...,
+        balance: Global___Balance | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "plan", b"plan", "subscription", b"subscription"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "plan", b"plan", "subscription", b"subscription"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCustomerResponse: _TypeAlias = GetCustomerResponse  # noqa: Y015
+
+@_typing.final
+class ListLedgerEntriesRequest(_message.Message):
+    """Request for BillingAdminService.ListLedgerEntries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The user."""
+    page_size: _builtins.int
+    """The maximum number of entries to return; see the pagination rules in parley.common.v1."""
+    page_token: _builtins.str
+    """The token from a previous response's `next_page_token`."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListLedgerEntriesRequest: _TypeAlias = ListLedgerEntriesRequest  # noqa: Y015
+
+@_typing.final
+class ListLedgerEntriesResponse(_message.Message):
+    """Response for BillingAdminService.ListLedgerEntries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEDGER_ENTRIES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """The token for the next page; empty when there is none."""
+    @_builtins.property
+    def ledger_entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___LedgerEntry]:
+        """The entries, newest first."""
+
+    def __init__(
+        self,
+        *,
+        ledger_entries: _abc.Iterable[Global___LedgerEntry] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ledger_entries", b"ledger_entries", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListLedgerEntriesResponse: _TypeAlias = ListLedgerEntriesResponse  # noqa: Y015
+
+@_typing.final
+class ListCustomerInvoicesRequest(_message.Message):
+    """Request for BillingAdminService.ListCustomerInvoices."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The user."""
+    page_size: _builtins.int
+    """The maximum number of invoices to return; see the pagination rules in parley.common.v1."""
+    page_token: _builtins.str
+    """The token from a previous response's `next_page_token`."""
+    status: Global___InvoiceStatus.ValueType
+    """Only invoices in this state, when set."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        status: Global___InvoiceStatus.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "status", b"status", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCustomerInvoicesRequest: _TypeAlias = ListCustomerInvoicesRequest  # noqa: Y015
+
+@_typing.final
+class ListCustomerInvoicesResponse(_message.Message):
+    """Response for BillingAdminService.ListCustomerInvoices."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INVOICES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """The token for the next page; empty when there is none."""
+    @_builtins.property
+    def invoices(self) -> _containers.RepeatedCompositeFieldContainer[Global___Invoice]:
+        """The invoices, newest first."""
+
+    def __init__(
+        self,
+        *,
+        invoices: _abc.Iterable[Global___Invoice] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["invoices", b"invoices", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCustomerInvoicesResponse: _TypeAlias = ListCustomerInvoicesResponse  # noqa: Y015
+
+@_typing.final
+class AdjustCreditsRequest(_message.Message):
+    """Request for BillingAdminService.AdjustCredits."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """The idempotency key for this adjustment."""
+    user_id: _builtins.str
+    """The user whose balance to adjust."""
+    tokens: _builtins.int
+    """The prepaid tokens to add, or to take back when negative; never 0."""
+    reason: _builtins.str
+    """Why, for the audit trail: at most 200 characters."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        tokens: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "request_id", b"request_id", "tokens", b"tokens", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdjustCreditsRequest: _TypeAlias = AdjustCreditsRequest  # noqa: Y015
+
+@_typing.final
+class AdjustCreditsResponse(_message.Message):
+    """Response for BillingAdminService.AdjustCredits."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEDGER_ENTRY_FIELD_NUMBER: _builtins.int
+    BALANCE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def ledger_entry(self) -> Global___LedgerEntry:
+        """The adjustment's ledger entry."""
+
+    @_builtins.property
+    def balance(self) -> Global___Balance:
+        """The user's balance after the adjustment."""
+
+    def __init__(
+        self,
+        *,
+        ledger_entry: Global___LedgerEntry | None = ...,
+        balance: Global___Balance | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "ledger_entry", b"ledger_entry"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "ledger_entry", b"ledger_entry"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdjustCreditsResponse: _TypeAlias = AdjustCreditsResponse  # noqa: Y015
+
+@_typing.final
+class RefundInvoiceRequest(_message.Message):
+    """Request for BillingAdminService.RefundInvoice."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    INVOICE_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """The idempotency key for this refund."""
+    user_id: _builtins.str
+    """The billed user; an invoice of another user is NOT_FOUND."""
+    invoice_id: _builtins.str
+    """The paid invoice to refund in full."""
+    reason: _builtins.str
+    """Why, at most 200 characters; printed on the credit note as its memo, which the user sees."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        invoice_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["invoice_id", b"invoice_id", "reason", b"reason", "request_id", b"request_id", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RefundInvoiceRequest: _TypeAlias = RefundInvoiceRequest  # noqa: Y015
+
+@_typing.final
+class RefundInvoiceResponse(_message.Message):
+    """Response for BillingAdminService.RefundInvoice."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREDIT_NOTE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def credit_note(self) -> Global___Invoice:
+        """The credit note, paid by the refund."""
+
+    def __init__(
+        self,
+        *,
+        credit_note: Global___Invoice | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["credit_note", b"credit_note"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credit_note", b"credit_note"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RefundInvoiceResponse: _TypeAlias = RefundInvoiceResponse  # noqa: Y015
 
 @_typing.final
 class ReserveCreditsRequest(_message.Message):

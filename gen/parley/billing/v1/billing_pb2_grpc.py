@@ -589,7 +589,7 @@ class BillingService:
 
 
 class BillingAdminServiceStub:
-    """Plan catalog administration; every RPC requires the admin role.
+    """Plan catalog and customer administration; every RPC requires the admin role.
     """
 
     def __init__(self, channel):
@@ -608,10 +608,35 @@ class BillingAdminServiceStub:
                 request_serializer=parley_dot_billing_dot_v1_dot_billing__pb2.RetirePlanRequest.SerializeToString,
                 response_deserializer=parley_dot_billing_dot_v1_dot_billing__pb2.RetirePlanResponse.FromString,
                 _registered_method=True)
+        self.GetCustomer = channel.unary_unary(
+                '/parley.billing.v1.BillingAdminService/GetCustomer',
+                request_serializer=parley_dot_billing_dot_v1_dot_billing__pb2.GetCustomerRequest.SerializeToString,
+                response_deserializer=parley_dot_billing_dot_v1_dot_billing__pb2.GetCustomerResponse.FromString,
+                _registered_method=True)
+        self.ListLedgerEntries = channel.unary_unary(
+                '/parley.billing.v1.BillingAdminService/ListLedgerEntries',
+                request_serializer=parley_dot_billing_dot_v1_dot_billing__pb2.ListLedgerEntriesRequest.SerializeToString,
+                response_deserializer=parley_dot_billing_dot_v1_dot_billing__pb2.ListLedgerEntriesResponse.FromString,
+                _registered_method=True)
+        self.ListCustomerInvoices = channel.unary_unary(
+                '/parley.billing.v1.BillingAdminService/ListCustomerInvoices',
+                request_serializer=parley_dot_billing_dot_v1_dot_billing__pb2.ListCustomerInvoicesRequest.SerializeToString,
+                response_deserializer=parley_dot_billing_dot_v1_dot_billing__pb2.ListCustomerInvoicesResponse.FromString,
+                _registered_method=True)
+        self.AdjustCredits = channel.unary_unary(
+                '/parley.billing.v1.BillingAdminService/AdjustCredits',
+                request_serializer=parley_dot_billing_dot_v1_dot_billing__pb2.AdjustCreditsRequest.SerializeToString,
+                response_deserializer=parley_dot_billing_dot_v1_dot_billing__pb2.AdjustCreditsResponse.FromString,
+                _registered_method=True)
+        self.RefundInvoice = channel.unary_unary(
+                '/parley.billing.v1.BillingAdminService/RefundInvoice',
+                request_serializer=parley_dot_billing_dot_v1_dot_billing__pb2.RefundInvoiceRequest.SerializeToString,
+                response_deserializer=parley_dot_billing_dot_v1_dot_billing__pb2.RefundInvoiceResponse.FromString,
+                _registered_method=True)
 
 
 class BillingAdminServiceServicer:
-    """Plan catalog administration; every RPC requires the admin role.
+    """Plan catalog and customer administration; every RPC requires the admin role.
     """
 
     def CreatePlan(self, request, context):
@@ -623,6 +648,53 @@ class BillingAdminServiceServicer:
 
     def RetirePlan(self, request, context):
         """Stops selling a plan; existing subscribers keep it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCustomer(self, request, context):
+        """Returns any user's subscription, plan and balance; NOT_FOUND for a user billing does not know.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListLedgerEntries(self, request, context):
+        """Lists a user's credit ledger entries across periods, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCustomerInvoices(self, request, context):
+        """Lists a user's invoices, credit notes included, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AdjustCredits(self, request, context):
+        """Adds prepaid tokens to a user's balance, or takes them back, as an audited ledger entry.
+
+        The entry (kind ADJUSTMENT) changes the prepaid sum, which carries across periods while it is
+        positive, and records the admin and the reason; `credits.granted` announces it with reason
+        ADJUSTMENT and the signed tokens. Taking tokens back may leave the balance below zero: a hard-stop
+        plan then refuses reservations until it is positive again, and an overage plan bills the tokens
+        used beyond it as overage.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RefundInvoice(self, request, context):
+        """Refunds a paid invoice in full through the payment provider and issues its credit note.
+
+        The credit note is a new invoice (reason CREDIT_NOTE) with the lines negated, numbered by the
+        same gapless counter and paid by the refund; `payment.refunded` announces it. A refunded credit
+        pack's tokens are taken back with an ADJUSTMENT ledger entry. Only a paid invoice that is not a
+        credit note and has no credit note yet can be refunded (else FAILED_PRECONDITION,
+        INVOICE_NOT_REFUNDABLE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -641,6 +713,31 @@ def add_BillingAdminServiceServicer_to_server(servicer, server):
                     request_deserializer=parley_dot_billing_dot_v1_dot_billing__pb2.RetirePlanRequest.FromString,
                     response_serializer=parley_dot_billing_dot_v1_dot_billing__pb2.RetirePlanResponse.SerializeToString,
             ),
+            'GetCustomer': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCustomer,
+                    request_deserializer=parley_dot_billing_dot_v1_dot_billing__pb2.GetCustomerRequest.FromString,
+                    response_serializer=parley_dot_billing_dot_v1_dot_billing__pb2.GetCustomerResponse.SerializeToString,
+            ),
+            'ListLedgerEntries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLedgerEntries,
+                    request_deserializer=parley_dot_billing_dot_v1_dot_billing__pb2.ListLedgerEntriesRequest.FromString,
+                    response_serializer=parley_dot_billing_dot_v1_dot_billing__pb2.ListLedgerEntriesResponse.SerializeToString,
+            ),
+            'ListCustomerInvoices': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCustomerInvoices,
+                    request_deserializer=parley_dot_billing_dot_v1_dot_billing__pb2.ListCustomerInvoicesRequest.FromString,
+                    response_serializer=parley_dot_billing_dot_v1_dot_billing__pb2.ListCustomerInvoicesResponse.SerializeToString,
+            ),
+            'AdjustCredits': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdjustCredits,
+                    request_deserializer=parley_dot_billing_dot_v1_dot_billing__pb2.AdjustCreditsRequest.FromString,
+                    response_serializer=parley_dot_billing_dot_v1_dot_billing__pb2.AdjustCreditsResponse.SerializeToString,
+            ),
+            'RefundInvoice': grpc.unary_unary_rpc_method_handler(
+                    servicer.RefundInvoice,
+                    request_deserializer=parley_dot_billing_dot_v1_dot_billing__pb2.RefundInvoiceRequest.FromString,
+                    response_serializer=parley_dot_billing_dot_v1_dot_billing__pb2.RefundInvoiceResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'parley.billing.v1.BillingAdminService', rpc_method_handlers)
@@ -650,7 +747,7 @@ def add_BillingAdminServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class BillingAdminService:
-    """Plan catalog administration; every RPC requires the admin role.
+    """Plan catalog and customer administration; every RPC requires the admin role.
     """
 
     @staticmethod
@@ -697,6 +794,141 @@ class BillingAdminService:
             '/parley.billing.v1.BillingAdminService/RetirePlan',
             parley_dot_billing_dot_v1_dot_billing__pb2.RetirePlanRequest.SerializeToString,
             parley_dot_billing_dot_v1_dot_billing__pb2.RetirePlanResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCustomer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/parley.billing.v1.BillingAdminService/GetCustomer',
+            parley_dot_billing_dot_v1_dot_billing__pb2.GetCustomerRequest.SerializeToString,
+            parley_dot_billing_dot_v1_dot_billing__pb2.GetCustomerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLedgerEntries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/parley.billing.v1.BillingAdminService/ListLedgerEntries',
+            parley_dot_billing_dot_v1_dot_billing__pb2.ListLedgerEntriesRequest.SerializeToString,
+            parley_dot_billing_dot_v1_dot_billing__pb2.ListLedgerEntriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCustomerInvoices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/parley.billing.v1.BillingAdminService/ListCustomerInvoices',
+            parley_dot_billing_dot_v1_dot_billing__pb2.ListCustomerInvoicesRequest.SerializeToString,
+            parley_dot_billing_dot_v1_dot_billing__pb2.ListCustomerInvoicesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdjustCredits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/parley.billing.v1.BillingAdminService/AdjustCredits',
+            parley_dot_billing_dot_v1_dot_billing__pb2.AdjustCreditsRequest.SerializeToString,
+            parley_dot_billing_dot_v1_dot_billing__pb2.AdjustCreditsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RefundInvoice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/parley.billing.v1.BillingAdminService/RefundInvoice',
+            parley_dot_billing_dot_v1_dot_billing__pb2.RefundInvoiceRequest.SerializeToString,
+            parley_dot_billing_dot_v1_dot_billing__pb2.RefundInvoiceResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -208,7 +208,7 @@ class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
 def add_BillingServiceServicer_to_server(servicer: BillingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
 class BillingAdminServiceStub:
-    """Plan catalog administration; every RPC requires the admin role."""
+    """Plan catalog and customer administration; every RPC requires the admin role."""
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -218,19 +218,67 @@ class BillingAdminServiceStub:
     """Adds a plan to the catalog."""
     RetirePlan: _grpc.UnaryUnaryMultiCallable[_billing_pb2.RetirePlanRequest, _billing_pb2.RetirePlanResponse]
     """Stops selling a plan; existing subscribers keep it."""
+    GetCustomer: _grpc.UnaryUnaryMultiCallable[_billing_pb2.GetCustomerRequest, _billing_pb2.GetCustomerResponse]
+    """Returns any user's subscription, plan and balance; NOT_FOUND for a user billing does not know."""
+    ListLedgerEntries: _grpc.UnaryUnaryMultiCallable[_billing_pb2.ListLedgerEntriesRequest, _billing_pb2.ListLedgerEntriesResponse]
+    """Lists a user's credit ledger entries across periods, newest first."""
+    ListCustomerInvoices: _grpc.UnaryUnaryMultiCallable[_billing_pb2.ListCustomerInvoicesRequest, _billing_pb2.ListCustomerInvoicesResponse]
+    """Lists a user's invoices, credit notes included, newest first."""
+    AdjustCredits: _grpc.UnaryUnaryMultiCallable[_billing_pb2.AdjustCreditsRequest, _billing_pb2.AdjustCreditsResponse]
+    """Adds prepaid tokens to a user's balance, or takes them back, as an audited ledger entry.
+
+    The entry (kind ADJUSTMENT) changes the prepaid sum, which carries across periods while it is
+    positive, and records the admin and the reason; `credits.granted` announces it with reason
+    ADJUSTMENT and the signed tokens. Taking tokens back may leave the balance below zero: a hard-stop
+    plan then refuses reservations until it is positive again, and an overage plan bills the tokens
+    used beyond it as overage.
+    """
+    RefundInvoice: _grpc.UnaryUnaryMultiCallable[_billing_pb2.RefundInvoiceRequest, _billing_pb2.RefundInvoiceResponse]
+    """Refunds a paid invoice in full through the payment provider and issues its credit note.
+
+    The credit note is a new invoice (reason CREDIT_NOTE) with the lines negated, numbered by the
+    same gapless counter and paid by the refund; `payment.refunded` announces it. A refunded credit
+    pack's tokens are taken back with an ADJUSTMENT ledger entry. Only a paid invoice that is not a
+    credit note and has no credit note yet can be refunded (else FAILED_PRECONDITION,
+    INVOICE_NOT_REFUNDABLE).
+    """
 
 @_typing.type_check_only
 class BillingAdminServiceAsyncStub(BillingAdminServiceStub):
-    """Plan catalog administration; every RPC requires the admin role."""
+    """Plan catalog and customer administration; every RPC requires the admin role."""
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreatePlan: _aio.UnaryUnaryMultiCallable[_billing_pb2.CreatePlanRequest, _billing_pb2.CreatePlanResponse]  # type: ignore[assignment]
     """Adds a plan to the catalog."""
     RetirePlan: _aio.UnaryUnaryMultiCallable[_billing_pb2.RetirePlanRequest, _billing_pb2.RetirePlanResponse]  # type: ignore[assignment]
     """Stops selling a plan; existing subscribers keep it."""
+    GetCustomer: _aio.UnaryUnaryMultiCallable[_billing_pb2.GetCustomerRequest, _billing_pb2.GetCustomerResponse]  # type: ignore[assignment]
+    """Returns any user's subscription, plan and balance; NOT_FOUND for a user billing does not know."""
+    ListLedgerEntries: _aio.UnaryUnaryMultiCallable[_billing_pb2.ListLedgerEntriesRequest, _billing_pb2.ListLedgerEntriesResponse]  # type: ignore[assignment]
+    """Lists a user's credit ledger entries across periods, newest first."""
+    ListCustomerInvoices: _aio.UnaryUnaryMultiCallable[_billing_pb2.ListCustomerInvoicesRequest, _billing_pb2.ListCustomerInvoicesResponse]  # type: ignore[assignment]
+    """Lists a user's invoices, credit notes included, newest first."""
+    AdjustCredits: _aio.UnaryUnaryMultiCallable[_billing_pb2.AdjustCreditsRequest, _billing_pb2.AdjustCreditsResponse]  # type: ignore[assignment]
+    """Adds prepaid tokens to a user's balance, or takes them back, as an audited ledger entry.
+
+    The entry (kind ADJUSTMENT) changes the prepaid sum, which carries across periods while it is
+    positive, and records the admin and the reason; `credits.granted` announces it with reason
+    ADJUSTMENT and the signed tokens. Taking tokens back may leave the balance below zero: a hard-stop
+    plan then refuses reservations until it is positive again, and an overage plan bills the tokens
+    used beyond it as overage.
+    """
+    RefundInvoice: _aio.UnaryUnaryMultiCallable[_billing_pb2.RefundInvoiceRequest, _billing_pb2.RefundInvoiceResponse]  # type: ignore[assignment]
+    """Refunds a paid invoice in full through the payment provider and issues its credit note.
+
+    The credit note is a new invoice (reason CREDIT_NOTE) with the lines negated, numbered by the
+    same gapless counter and paid by the refund; `payment.refunded` announces it. A refunded credit
+    pack's tokens are taken back with an ADJUSTMENT ledger entry. Only a paid invoice that is not a
+    credit note and has no credit note yet can be refunded (else FAILED_PRECONDITION,
+    INVOICE_NOT_REFUNDABLE).
+    """
 
 class BillingAdminServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Plan catalog administration; every RPC requires the admin role."""
+    """Plan catalog and customer administration; every RPC requires the admin role."""
 
     @_abc_1.abstractmethod
     def CreatePlan(
@@ -247,6 +295,60 @@ class BillingAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_billing_pb2.RetirePlanResponse, _abc.Awaitable[_billing_pb2.RetirePlanResponse]]:
         """Stops selling a plan; existing subscribers keep it."""
+
+    @_abc_1.abstractmethod
+    def GetCustomer(
+        self,
+        request: _billing_pb2.GetCustomerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_billing_pb2.GetCustomerResponse, _abc.Awaitable[_billing_pb2.GetCustomerResponse]]:
+        """Returns any user's subscription, plan and balance; NOT_FOUND for a user billing does not know."""
+
+    @_abc_1.abstractmethod
+    def ListLedgerEntries(
+        self,
+        request: _billing_pb2.ListLedgerEntriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_billing_pb2.ListLedgerEntriesResponse, _abc.Awaitable[_billing_pb2.ListLedgerEntriesResponse]]:
+        """Lists a user's credit ledger entries across periods, newest first."""
+
+    @_abc_1.abstractmethod
+    def ListCustomerInvoices(
+        self,
+        request: _billing_pb2.ListCustomerInvoicesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_billing_pb2.ListCustomerInvoicesResponse, _abc.Awaitable[_billing_pb2.ListCustomerInvoicesResponse]]:
+        """Lists a user's invoices, credit notes included, newest first."""
+
+    @_abc_1.abstractmethod
+    def AdjustCredits(
+        self,
+        request: _billing_pb2.AdjustCreditsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_billing_pb2.AdjustCreditsResponse, _abc.Awaitable[_billing_pb2.AdjustCreditsResponse]]:
+        """Adds prepaid tokens to a user's balance, or takes them back, as an audited ledger entry.
+
+        The entry (kind ADJUSTMENT) changes the prepaid sum, which carries across periods while it is
+        positive, and records the admin and the reason; `credits.granted` announces it with reason
+        ADJUSTMENT and the signed tokens. Taking tokens back may leave the balance below zero: a hard-stop
+        plan then refuses reservations until it is positive again, and an overage plan bills the tokens
+        used beyond it as overage.
+        """
+
+    @_abc_1.abstractmethod
+    def RefundInvoice(
+        self,
+        request: _billing_pb2.RefundInvoiceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_billing_pb2.RefundInvoiceResponse, _abc.Awaitable[_billing_pb2.RefundInvoiceResponse]]:
+        """Refunds a paid invoice in full through the payment provider and issues its credit note.
+
+        The credit note is a new invoice (reason CREDIT_NOTE) with the lines negated, numbered by the
+        same gapless counter and paid by the refund; `payment.refunded` announces it. A refunded credit
+        pack's tokens are taken back with an ADJUSTMENT ledger entry. Only a paid invoice that is not a
+        credit note and has no credit note yet can be refunded (else FAILED_PRECONDITION,
+        INVOICE_NOT_REFUNDABLE).
+        """
 
 def add_BillingAdminServiceServicer_to_server(servicer: BillingAdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

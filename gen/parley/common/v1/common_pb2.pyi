@@ -326,6 +326,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The payment provider could not be reached (code 14)."""
     ERROR_REASON_CURRENCY_MISMATCH: _ErrorReason.ValueType  # 419
     """Amounts in different currencies were combined (code 3)."""
+    ERROR_REASON_INVOICE_NOT_REFUNDABLE: _ErrorReason.ValueType  # 420
+    """The invoice cannot be refunded: it is not paid, is a credit note, or has a credit note already (code 9)."""
     ERROR_REASON_INVALID_TIME_RANGE: _ErrorReason.ValueType  # 500
     """Analytics reasons (values 500-599).
 
@@ -528,6 +530,8 @@ ERROR_REASON_PAYMENT_PROVIDER_UNAVAILABLE: ErrorReason.ValueType  # 418
 """The payment provider could not be reached (code 14)."""
 ERROR_REASON_CURRENCY_MISMATCH: ErrorReason.ValueType  # 419
 """Amounts in different currencies were combined (code 3)."""
+ERROR_REASON_INVOICE_NOT_REFUNDABLE: ErrorReason.ValueType  # 420
+"""The invoice cannot be refunded: it is not paid, is a credit note, or has a credit note already (code 9)."""
 ERROR_REASON_INVALID_TIME_RANGE: ErrorReason.ValueType  # 500
 """Analytics reasons (values 500-599).
 

@@ -218,7 +218,7 @@ class _CreditGrantReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Cre
     CREDIT_GRANT_REASON_UPGRADE: _CreditGrantReason.ValueType  # 2
     """The prorated allowance of an upgrade."""
     CREDIT_GRANT_REASON_ADJUSTMENT: _CreditGrantReason.ValueType  # 3
-    """A manual adjustment by an operator."""
+    """A manual adjustment by an admin (either sign), or a refunded credit pack's tokens taken back."""
 
 class CreditGrantReason(_CreditGrantReason, metaclass=_CreditGrantReasonEnumTypeWrapper):
     """Why tokens were granted."""
@@ -230,7 +230,7 @@ CREDIT_GRANT_REASON_PERIOD_ALLOWANCE: CreditGrantReason.ValueType  # 1
 CREDIT_GRANT_REASON_UPGRADE: CreditGrantReason.ValueType  # 2
 """The prorated allowance of an upgrade."""
 CREDIT_GRANT_REASON_ADJUSTMENT: CreditGrantReason.ValueType  # 3
-"""A manual adjustment by an operator."""
+"""A manual adjustment by an admin (either sign), or a refunded credit pack's tokens taken back."""
 Global___CreditGrantReason: _TypeAlias = CreditGrantReason  # noqa: Y015
 
 class _CreditReleaseReason:
@@ -448,7 +448,7 @@ class Event(_message.Message):
 
     @_builtins.property
     def credits_granted(self) -> Global___CreditsGranted:
-        """credits.granted: tokens were added to a user's ledger, e.g. the period allowance."""
+        """credits.granted: tokens were added to a user's ledger (or taken back by an adjustment), e.g. the period allowance."""
 
     @_builtins.property
     def credits_reserved(self) -> Global___CreditsReserved:
@@ -1788,6 +1788,8 @@ class PaymentRefunded(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     AMOUNT_FIELD_NUMBER: _builtins.int
     PROVIDER_FIELD_NUMBER: _builtins.int
+    CREDIT_NOTE_ID_FIELD_NUMBER: _builtins.int
+    PROVIDER_REFUND_ID_FIELD_NUMBER: _builtins.int
     payment_id: _builtins.str
     """The refunded payment's id."""
     invoice_id: _builtins.str
@@ -1796,6 +1798,10 @@ class PaymentRefunded(_message.Message):
     """The payer's id."""
     provider: _builtins.str
     """The payment provider."""
+    credit_note_id: _builtins.str
+    """The credit note that records the refund."""
+    provider_refund_id: _builtins.str
+    """The provider's id for the refund."""
     @_builtins.property
     def amount(self) -> _common_pb2.Money:
         """The amount refunded, positive."""
@@ -1808,10 +1814,12 @@ class PaymentRefunded(_message.Message):
         user_id: _builtins.str = ...,
         amount: _common_pb2.Money | None = ...,
         provider: _builtins.str = ...,
+        credit_note_id: _builtins.str = ...,
+        provider_refund_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "invoice_id", b"invoice_id", "payment_id", b"payment_id", "provider", b"provider", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "credit_note_id", b"credit_note_id", "invoice_id", b"invoice_id", "payment_id", b"payment_id", "provider", b"provider", "provider_refund_id", b"provider_refund_id", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1835,7 +1843,7 @@ class CreditsGranted(_message.Message):
     ledger_entry_id: _builtins.str
     """The ledger entry's id."""
     tokens: _builtins.int
-    """The tokens granted."""
+    """The tokens granted; negative for an adjustment that takes prepaid tokens back."""
     reason: Global___CreditGrantReason.ValueType
     """Why they were granted."""
     plan_id: _builtins.str
