@@ -93,6 +93,8 @@ class LedgerEntryRecord(UuidPrimaryKey, Base):
     reservation_id: Mapped[str | None] = mapped_column(String(UUID_LENGTH))
     reason: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime]
+    # The admin who made an adjustment; null for the entries billing makes on its own.
+    actor_id: Mapped[str | None] = mapped_column(String(UUID_LENGTH))
 
 
 class ReservationRecord(UuidPrimaryKey, Base):
@@ -137,7 +139,11 @@ class InvoiceRecord(UuidPrimaryKey, Base):
     """An invoice; `number` is given when it is finalized, gapless per year (`invoice_number_counters`)."""
 
     __tablename__ = "invoices"
-    __table_args__ = (Index(None, "user_id", "created_at", "id"),)
+    __table_args__ = (
+        Index(None, "user_id", "created_at", "id"),
+        # At most one credit note per invoice, so an invoice is never refunded twice.
+        Index(None, "credited_invoice_id", unique=True),
+    )
 
     number: Mapped[str | None] = mapped_column(String(16), unique=True)
     user_id: Mapped[str] = mapped_column(String(UUID_LENGTH))
@@ -155,6 +161,9 @@ class InvoiceRecord(UuidPrimaryKey, Base):
     due_at: Mapped[datetime | None]
     paid_at: Mapped[datetime | None]
     closed_at: Mapped[datetime | None]
+    # For a credit note: the invoice it refunds, and why (the admin's reason, shown on it).
+    credited_invoice_id: Mapped[str | None] = mapped_column(String(UUID_LENGTH))
+    memo: Mapped[str | None] = mapped_column(String(200))
 
 
 class InvoiceLineRecord(UuidPrimaryKey, Base):
