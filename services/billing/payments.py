@@ -1,7 +1,8 @@
 """Payment providers: the port billing takes payments through, Stripe-shaped events, and the sandbox.
 
 A provider does two things for billing: it opens a checkout (a page where the user pays an amount)
-and it reports what happened as signed webhook events. Both adapters speak Stripe's event shapes and
+and it reports what happened as signed webhook events. It also charges saved cards (renewals) and
+refunds payments (an admin's RefundInvoice). Both adapters speak Stripe's event shapes and
 signature scheme, so one parser (`parse_event`) and one check (`webhook_signatures.verify`) serve:
 
 - `sandbox` (this module) is deterministic and offline, and the default in embedded mode. Its
@@ -39,6 +40,8 @@ from services.common.money import Money
 
 EventKind = Literal["paid", "failed", "requires_action", "method", "ignored"]
 ChargeStatus = Literal["succeeded", "failed", "requires_action"]
+# "pending": accepted, the money on its way back (Stripe completes some card refunds later).
+RefundStatus = Literal["succeeded", "pending", "failed"]
 
 # Test cards of the sandbox and what paying with each does (Stripe's test numbers, same outcomes).
 SUCCEEDS: Final = "4242424242424242"
@@ -112,6 +115,17 @@ class ChargeResult:
     failure_reason: str = ""
 
 
+@dataclass(frozen=True)
+class RefundResult:
+    """The outcome of refunding a payment."""
+
+    status: RefundStatus
+    # The provider's id for the refund; empty when it refused to make one.
+    provider_refund_id: str
+    # Why the provider refused, in its own words (a code, never a secret); empty otherwise.
+    failure_reason: str = ""
+
+
 class PaymentProvider(Protocol):
     @property
     def name(self) -> str: ...
@@ -129,6 +143,11 @@ class PaymentProvider(Protocol):
     ) -> ChargeResult:
         """Charge a saved payment method without the user (a renewal); a repeat of
         `idempotency_key` returns the first outcome. PAYMENT_PROVIDER_UNAVAILABLE when unreachable."""
+        ...
+
+    async def refund(self, provider_payment_id: str, amount: Money, *, idempotency_key: str) -> RefundResult:
+        """Pay `amount` of the payment back to the user; a repeat of `idempotency_key` returns the
+        first outcome instead of refunding twice. PAYMENT_PROVIDER_UNAVAILABLE when unreachable."""
         ...
 
 
@@ -255,6 +274,13 @@ class SandboxPaymentProvider:
         # Deterministic per idempotency key, as a real provider's retry of the same key would be.
         payment_id = "pi_sandbox_" + hashlib.sha256(idempotency_key.encode()).hexdigest()[:24]
         return ChargeResult(status, payment_id, failure)
+
+    async def refund(self, provider_payment_id: str, amount: Money, *, idempotency_key: str) -> RefundResult:
+        """Every sandbox payment can be refunded; the refund id is the same for the same key."""
+        if not provider_payment_id or amount.amount_minor <= 0:
+            return RefundResult("failed", "", "nothing to refund")
+        refund_id = "re_sandbox_" + hashlib.sha256(idempotency_key.encode()).hexdigest()[:24]
+        return RefundResult("succeeded", refund_id)
 
     def pay(
         self, checkout_id: str, provider_session_id: str, amount: Money, card: str, *, at: datetime

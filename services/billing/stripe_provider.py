@@ -5,7 +5,8 @@ to be set up at Stripe beforehand but the webhook endpoint. The session names ou
 as `client_reference_id`, which `checkout.session.completed` carries back, and as
 `payment_intent_data.metadata.parley_checkout_id`, which the payment intent's failure events carry.
 It also creates a customer and keeps the card for off-session use, which is what `charge` (renewals)
-needs: an off-session PaymentIntent on that card and its customer, confirmed at once.
+needs: an off-session PaymentIntent on that card and its customer, confirmed at once. A refund (an
+admin's RefundInvoice) is a Refund of the payment's PaymentIntent, for the amount paid.
 
 Webhooks are checked by `webhook_signatures.verify` and parsed by `parse_event`, exactly as the
 sandbox's are; the SDK's own webhook helper is deliberately unused, so one implementation decides
@@ -24,7 +25,8 @@ set. What Stripe answers becomes a ParleyError or a charge's outcome:
   FAILED_PRECONDITION with the same reasons, the code the contract gives both (common.proto);
 - other 400 and 404 answers: for a checkout, INVALID_ARGUMENT on `success_url` or `cancel_url` when
   Stripe names one of them (the caller gave them), else INTERNAL, logged with Stripe's request id,
-  as we sent what Stripe refuses; for a charge, a declined charge (the saved card is gone).
+  as we sent what Stripe refuses; for a charge, a declined charge (the saved card is gone); for a
+  refund, a refused refund with Stripe's code (the payment is refunded already, disputed, or gone).
 
 Neither our errors nor our log lines include the API key or Stripe's messages. Stripe's messages
 about keys quote a masked key, and they still stay out.
@@ -40,7 +42,7 @@ from typing import Final
 import httpx
 import stripe
 from pydantic import SecretStr
-from stripe.params import PaymentIntentCreateParams
+from stripe.params import PaymentIntentCreateParams, RefundCreateParams
 from stripe.params.checkout import SessionCreateParams
 
 from services.billing.payments import (
@@ -48,6 +50,7 @@ from services.billing.payments import (
     CheckoutRequest,
     ProviderCheckout,
     ProviderEvent,
+    RefundResult,
     check_body_size,
     parse_event,
 )
@@ -69,8 +72,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_CONNECT_TIMEOUT: Final = timedelta(seconds=5)
 DEFAULT_READ_TIMEOUT: Final = timedelta(seconds=20)
 # The SDK retries connection failures, 409 and 5xx with backoff. Every create carries an idempotency
-# key (the checkout id, or the caller's for a charge), so a retry returns what the first attempt
-# made rather than open a second session or charge twice.
+# key (the checkout id, or the caller's for a charge or a refund), so a retry returns what the first
+# attempt made rather than open a second session, charge twice or refund twice.
 DEFAULT_NETWORK_RETRIES: Final = 1
 # Caller-supplied parameters of CreateCheckoutSession that Stripe validates for us.
 _CALLER_FIELDS: Final = frozenset({"success_url", "cancel_url"})
@@ -184,6 +187,34 @@ class StripePaymentProvider:
         # Cards settle at once; an asynchronous method (a bank debit) would still be "processing".
         logger.warning("Stripe left the charge %s %s; it counts as declined", intent.id, intent.status)
         return ChargeResult("failed", intent.id, "PAYMENT_DECLINED")
+
+    async def refund(self, provider_payment_id: str, amount: Money, *, idempotency_key: str) -> RefundResult:
+        """A Refund of the payment's PaymentIntent (our payments' provider ids are PaymentIntent ids)."""
+        params: RefundCreateParams = {"payment_intent": provider_payment_id, "amount": amount.amount_minor}
+        try:
+            refund = await self._client.v1.refunds.create_async(params, {"idempotency_key": idempotency_key})
+        except (stripe.InvalidRequestError, stripe.IdempotencyError, stripe.CardError) as error:
+            # Refunded already (at Stripe's dashboard, say), disputed, or the intent is unknown:
+            # retrying cannot change that, so it is a refusal for the admin to look into.
+            logger.warning(
+                "Stripe refused to refund %s: HTTP %s, code %s, Stripe request %s",
+                provider_payment_id,
+                error.http_status,
+                error.code,
+                error.request_id or "none",
+            )
+            return RefundResult("failed", "", error.code or "refused")
+        except stripe.StripeError as error:
+            raise _unavailable(error, f"refund {provider_payment_id}") from None
+        if refund.status == "succeeded":
+            return RefundResult("succeeded", refund.id)
+        if refund.status in ("pending", "requires_action"):
+            # Card refunds that Stripe finishes later; a later failure is not reported back yet.
+            logger.info(
+                "Stripe accepted refund %s of %s as %s", refund.id, provider_payment_id, refund.status
+            )
+            return RefundResult("pending", refund.id)
+        return RefundResult("failed", refund.id, refund.failure_reason or refund.status or "failed")
 
     def verify_event(self, body: bytes, signature_header: str | None, *, now: datetime) -> ProviderEvent:
         check_body_size(body)
