@@ -33,7 +33,8 @@ from services.common.money import Money
 from services.common.pagination import BY_INTEGER, Page, keyset_page
 
 CheckoutStatus = Literal["open", "complete", "expired"]
-PaymentStatus = Literal["succeeded", "failed", "requires_action"]
+# "refunded": money paid back, recorded on the credit note with a negative amount.
+PaymentStatus = Literal["succeeded", "failed", "requires_action", "refunded"]
 
 # How long a checkout accepts payment (Stripe's default for checkout sessions).
 CHECKOUT_TTL: Final = timedelta(hours=24)

@@ -75,8 +75,19 @@ async def claim_request_id(uow: BillingUnitOfWork, key: IdempotencyKey) -> str |
     claim commits with the change), else the result key of the earlier call with the same
     parameters (replay it). REQUEST_ID_REUSED when the earlier call had other parameters."""
     earlier = await uow.idempotency_keys.claim(key)
-    if earlier is None:
-        return None
+    return None if earlier is None else _replay(earlier, key)
+
+
+async def replayed_result(uow: BillingUnitOfWork, key: IdempotencyKey) -> str | None:
+    """The result key of an earlier call that claimed the key's request id with the same parameters,
+    without claiming it; None when no call has. For a call that must act outside its unit of work
+    before it claims (a refund at the payment provider), so a retry of a finished call or a reused
+    id stops here. REQUEST_ID_REUSED when the earlier call had other parameters."""
+    earlier = await uow.idempotency_keys.find(key.scope, key.request_id)
+    return None if earlier is None else _replay(earlier, key)
+
+
+def _replay(earlier: IdempotencyKey, key: IdempotencyKey) -> str:
     if (earlier.operation, earlier.fingerprint) != (key.operation, key.fingerprint):
         raise AlreadyExists(
             "This request_id was used for another request; use a new one for a new request.",

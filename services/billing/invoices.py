@@ -4,6 +4,9 @@ An invoice is made as a draft with its lines, then finalized in the same transac
 next number of its year from `invoice_number_counters` (a row updated under lock, so numbers are
 sequential and gapless even across replicas). States: draft → open → paid, void or uncollectible.
 Amounts are whole minor units of one currency; tax is 0 unless a rate is configured.
+
+A refund is a credit note: an invoice of its own (reason "credit_note"), numbered by the same
+counter, whose lines negate the refunded invoice's and which names it (`credited_invoice_id`).
 """
 
 from __future__ import annotations
@@ -27,13 +30,14 @@ from services.common.money import Money
 from services.common.pagination import BY_TIME, Page, keyset_page
 
 InvoiceStatus = Literal["draft", "open", "paid", "void", "uncollectible"]
-InvoiceReason = Literal["period_end", "upgrade", "top_up"]
+InvoiceReason = Literal["period_end", "upgrade", "top_up", "credit_note"]
 LineKind = Literal["subscription", "overage", "credits", "proration_credit"]
 
 INVOICE_REASONS: Final[dict[InvoiceReason, billing_pb2.InvoiceReason.ValueType]] = {
     "period_end": billing_pb2.INVOICE_REASON_PERIOD_END,
     "upgrade": billing_pb2.INVOICE_REASON_UPGRADE,
     "top_up": billing_pb2.INVOICE_REASON_TOP_UP,
+    "credit_note": billing_pb2.INVOICE_REASON_CREDIT_NOTE,
 }
 
 # Basis points of tax on every invoice (0: no tax is configured).
@@ -73,6 +77,9 @@ class Invoice:
     due_time: datetime | None
     paid_time: datetime | None
     close_time: datetime | None
+    # For a credit note: the invoice it refunds, and the admin's reason printed on it.
+    credited_invoice_id: str | None = None
+    memo: str | None = None
 
     @property
     def plan_id(self) -> str:

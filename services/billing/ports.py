@@ -17,6 +17,7 @@ from services.common.unit_of_work import Outbox, UnitsOfWork
 
 if TYPE_CHECKING:
     from services.billing.checkout import CheckoutSession, CreditPack, Payment
+    from services.billing.customer_admin import LedgerRecord
     from services.billing.idempotency import IdempotencyKey
     from services.billing.invoices import Invoice, InvoiceStatus
     from services.billing.ledger import CreditAccount, LedgerEntry, LedgerSums, Reservation, SettledUsage
@@ -115,6 +116,23 @@ class LedgerRepository(Protocol):
         ...
 
 
+class LedgerRecordRepository(Protocol):
+    """The ledger's entries as stored, with their ids, times and actors: what admins read, and the
+    adjustments they append (`credit_ledger_entries` too)."""
+
+    async def add(self, record: LedgerRecord) -> None:
+        """Append the entry with its id, time and actor (the cached balance is the caller's)."""
+        ...
+
+    async def get(self, entry_id: str) -> LedgerRecord | None: ...
+
+    async def list_for_account(
+        self, account_id: str, *, after: tuple[datetime, str] | None, limit: int
+    ) -> Sequence[LedgerRecord]:
+        """The account's entries of every period by (create time, id) descending, strictly after `after`."""
+        ...
+
+
 class ReservationRepository(Protocol):
     async def add(self, reservation: Reservation) -> None:
         """Insert it; `DuplicateReservation` when its (account, request id) exists already."""
@@ -168,6 +186,10 @@ class InvoiceRepository(Protocol):
         """The user's invoices by (create time, id) descending, strictly after `after`."""
         ...
 
+    async def credit_note_for(self, invoice_id: str) -> Invoice | None:
+        """The credit note that refunds the invoice, if one was issued (at most one is)."""
+        ...
+
 
 class CheckoutRepository(Protocol):
     async def add(self, session: CheckoutSession) -> bool:
@@ -187,6 +209,10 @@ class PaymentRepository(Protocol):
     async def add(self, payment: Payment) -> None: ...
 
     async def count_for_invoice(self, invoice_id: str) -> int: ...
+
+    async def succeeded_for_invoice(self, invoice_id: str) -> Payment | None:
+        """The payment that paid the invoice, if one did."""
+        ...
 
 
 class WebhookEventRepository(Protocol):
@@ -235,6 +261,10 @@ class IdempotencyKeyRepository(Protocol):
         for that unit of work to end."""
         ...
 
+    async def find(self, scope: str, request_id: str) -> IdempotencyKey | None:
+        """The key that holds (scope, request id), if a committed call claimed it."""
+        ...
+
 
 class BillingUnitOfWork(Protocol):
     """One transaction of the billing service, with its repositories and its outbox."""
@@ -250,6 +280,9 @@ class BillingUnitOfWork(Protocol):
 
     @property
     def ledger(self) -> LedgerRepository: ...
+
+    @property
+    def ledger_records(self) -> LedgerRecordRepository: ...
 
     @property
     def reservations(self) -> ReservationRepository: ...

@@ -16,6 +16,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.billing.checkout import CheckoutSession, CreditPack, Payment
+from services.billing.customer_admin import LedgerRecord
 from services.billing.idempotency import IdempotencyKey
 from services.billing.invoices import Invoice, InvoiceStatus, LineItem
 from services.billing.ledger import CreditAccount, LedgerEntry, LedgerSums, Reservation, SettledUsage
@@ -82,6 +83,10 @@ class SqlBillingUnitOfWork:
     @cached_property
     def ledger(self) -> SqlLedgerRepository:
         return SqlLedgerRepository(self._transaction.session)
+
+    @cached_property
+    def ledger_records(self) -> SqlLedgerRecordRepository:
+        return SqlLedgerRecordRepository(self._transaction.session)
 
     @cached_property
     def reservations(self) -> SqlReservationRepository:
@@ -670,6 +675,12 @@ class SqlInvoiceRepository:
         statement = statement.order_by(_INVOICE.c.created_at.desc(), _INVOICE.c.id.desc()).limit(limit)
         return await self._with_lines((await self._session.execute(statement)).all())
 
+    async def credit_note_for(self, invoice_id: str) -> Invoice | None:
+        row = (
+            await self._session.execute(select(_INVOICE).where(_INVOICE.c.credited_invoice_id == invoice_id))
+        ).first()
+        return None if row is None else (await self._with_lines([row]))[0]
+
     async def _with_lines(self, rows: Sequence[Any]) -> list[Invoice]:
         if not rows:
             return []
@@ -714,6 +725,8 @@ def _invoice_values(invoice: Invoice) -> dict[str, object]:
         "due_at": invoice.due_time,
         "paid_at": invoice.paid_time,
         "closed_at": invoice.close_time,
+        "credited_invoice_id": invoice.credited_invoice_id,
+        "memo": invoice.memo,
     }
 
 
@@ -737,6 +750,8 @@ def _to_invoice(row: Any, lines: Sequence[LineItem]) -> Invoice:
         due_time=row.due_at,
         paid_time=row.paid_at,
         close_time=row.closed_at,
+        credited_invoice_id=row.credited_invoice_id,
+        memo=row.memo,
     )
 
 
@@ -846,6 +861,30 @@ class SqlPaymentRepository:
         ).scalar_one()
         return count
 
+    async def succeeded_for_invoice(self, invoice_id: str) -> Payment | None:
+        row = (
+            await self._session.execute(
+                select(_PAYMENT)
+                .where(_PAYMENT.c.invoice_id == invoice_id, _PAYMENT.c.status == "succeeded")
+                .order_by(_PAYMENT.c.created_at.desc(), _PAYMENT.c.id.desc())
+                .limit(1)
+            )
+        ).first()
+        if row is None:
+            return None
+        return Payment(
+            id=row.id,
+            invoice_id=row.invoice_id,
+            user_id=row.user_id,
+            provider=row.provider,
+            provider_payment_id=row.provider_payment_id,
+            status=row.status,
+            amount=Money(row.currency_code, row.amount_minor),
+            failure_reason=row.failure_reason,
+            attempt=row.attempt,
+            create_time=row.created_at,
+        )
+
 
 class SqlWebhookEventRepository:
     """Rows of `webhook_events`."""
@@ -935,13 +974,20 @@ class SqlIdempotencyKeyRepository:
         )
         if inserted.first() is not None:
             return None
+        found = await self.find(key.scope, key.request_id)
+        assert found is not None, "the insert stood back only for a committed key"
+        return found
+
+    async def find(self, scope: str, request_id: str) -> IdempotencyKey | None:
         row = (
             await self._session.execute(
                 select(*_IDEMPOTENCY_KEY.c).where(
-                    _IDEMPOTENCY_KEY.c.scope == key.scope, _IDEMPOTENCY_KEY.c.request_id == key.request_id
+                    _IDEMPOTENCY_KEY.c.scope == scope, _IDEMPOTENCY_KEY.c.request_id == request_id
                 )
             )
-        ).one()
+        ).first()
+        if row is None:
+            return None
         return IdempotencyKey(
             scope=row.scope,
             request_id=row.request_id,
@@ -950,3 +996,66 @@ class SqlIdempotencyKeyRepository:
             result_key=row.result_key,
             create_time=row.created_at,
         )
+
+
+class SqlLedgerRecordRepository:
+    """Rows of `credit_ledger_entries` read back whole, and the adjustments admins append; apart
+    from `SqlLedgerRepository`, which reservations and settlements append through on every call."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    async def add(self, record: LedgerRecord) -> None:
+        entry = record.entry
+        await self._session.execute(
+            insert(_LEDGER).values(
+                id=record.id,
+                account_id=record.account_id,
+                period_start=record.period_start,
+                kind=entry.kind,
+                included_delta=entry.included_delta,
+                purchased_delta=entry.purchased_delta,
+                used_delta=entry.used_delta,
+                reserved_delta=entry.reserved_delta,
+                reservation_id=entry.reservation_id,
+                reason=entry.reason,
+                created_at=record.create_time,
+                actor_id=record.actor_id,
+            )
+        )
+
+    async def get(self, entry_id: str) -> LedgerRecord | None:
+        row = (await self._session.execute(select(_LEDGER).where(_LEDGER.c.id == entry_id))).first()
+        return None if row is None else _to_ledger_record(row)
+
+    async def list_for_account(
+        self, account_id: str, *, after: tuple[datetime, str] | None, limit: int
+    ) -> Sequence[LedgerRecord]:
+        statement = select(_LEDGER).where(_LEDGER.c.account_id == account_id)
+        if after is not None:
+            created, entry_id = after
+            statement = statement.where(
+                (_LEDGER.c.created_at < created)
+                | ((_LEDGER.c.created_at == created) & (_LEDGER.c.id < entry_id))
+            )
+        statement = statement.order_by(_LEDGER.c.created_at.desc(), _LEDGER.c.id.desc()).limit(limit)
+        return [_to_ledger_record(row) for row in (await self._session.execute(statement)).all()]
+
+
+def _to_ledger_record(row: Any) -> LedgerRecord:
+    return LedgerRecord(
+        id=row.id,
+        account_id=row.account_id,
+        period_start=row.period_start,
+        entry=LedgerEntry(
+            kind=row.kind,
+            included_delta=row.included_delta,
+            purchased_delta=row.purchased_delta,
+            used_delta=row.used_delta,
+            reserved_delta=row.reserved_delta,
+            reservation_id=row.reservation_id,
+            reason=row.reason,
+        ),
+        actor_id=row.actor_id,
+        create_time=row.created_at,
+    )
