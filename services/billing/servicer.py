@@ -11,8 +11,9 @@ from google.protobuf.message import Message
 from parley.billing.v1 import billing_pb2, billing_pb2_grpc
 from parley.common.v1 import common_pb2
 from services.billing.checkout import Checkout, CheckoutSession
+from services.billing.customer_admin import CustomerAdmin, LedgerRecord
 from services.billing.invoices import INVOICE_REASONS, Invoice, InvoiceBook, InvoiceStatus
-from services.billing.ledger import CreditAccount, CreditLedger, Estimate, Reservation, Usage
+from services.billing.ledger import CreditAccount, CreditLedger, EntryKind, Estimate, Reservation, Usage
 from services.billing.plan_admin import PlanAdmin, PlanDraft, PriceDraft
 from services.billing.plans import Plan, PlanCatalog, plan_tier_from_proto, plan_tier_to_proto
 from services.billing.subscriptions import Subscription, SubscriptionManager, subscription_status_to_proto
@@ -317,6 +318,10 @@ def invoice_to_proto(invoice: Invoice) -> billing_pb2.Invoice:
         )
         _set_time(item, "period_start_time", line.period_start)
         _set_time(item, "period_end_time", line.period_end)
+    if invoice.credited_invoice_id is not None:
+        message.credited_invoice_id = invoice.credited_invoice_id
+    if invoice.memo is not None:
+        message.memo = invoice.memo
     for field, moment in (
         ("period_start_time", invoice.period_start),
         ("period_end_time", invoice.period_end),
@@ -404,10 +409,11 @@ def plan_to_proto(plan: Plan) -> billing_pb2.Plan:
 
 
 class BillingAdminServicer(billing_pb2_grpc.BillingAdminServiceServicer):
-    """Plan catalog administration; every RPC needs the admin role."""
+    """Plan catalog and customer administration; every RPC needs the admin role."""
 
-    def __init__(self, admin: PlanAdmin) -> None:
+    def __init__(self, admin: PlanAdmin, customers: CustomerAdmin) -> None:
         self._admin = admin
+        self._customers = customers
 
     async def CreatePlan(
         self, request: billing_pb2.CreatePlanRequest, context: grpc.aio.ServicerContext
@@ -424,6 +430,94 @@ class BillingAdminServicer(billing_pb2_grpc.BillingAdminServiceServicer):
         actor = current_identity.get().require_role(ROLE_ADMIN)
         plan = await self._admin.retire_plan(request.request_id, request.plan_id, actor_id=actor.user_id)
         return billing_pb2.RetirePlanResponse(plan=plan_to_proto(plan))
+
+    async def GetCustomer(
+        self, request: billing_pb2.GetCustomerRequest, context: grpc.aio.ServicerContext
+    ) -> billing_pb2.GetCustomerResponse:
+        current_identity.get().require_role(ROLE_ADMIN)
+        customer = await self._customers.customer(request.user_id)
+        return billing_pb2.GetCustomerResponse(
+            subscription=subscription_to_proto(customer.subscription),
+            plan=plan_to_proto(customer.plan),
+            balance=balance_to_proto(customer.account),
+        )
+
+    async def ListLedgerEntries(
+        self, request: billing_pb2.ListLedgerEntriesRequest, context: grpc.aio.ServicerContext
+    ) -> billing_pb2.ListLedgerEntriesResponse:
+        current_identity.get().require_role(ROLE_ADMIN)
+        page = await self._customers.ledger_entries(
+            request.user_id, page_size=request.page_size, page_token=request.page_token
+        )
+        return billing_pb2.ListLedgerEntriesResponse(
+            ledger_entries=[ledger_entry_to_proto(record) for record in page.items],
+            next_page_token=page.next_page_token,
+        )
+
+    async def ListCustomerInvoices(
+        self, request: billing_pb2.ListCustomerInvoicesRequest, context: grpc.aio.ServicerContext
+    ) -> billing_pb2.ListCustomerInvoicesResponse:
+        current_identity.get().require_role(ROLE_ADMIN)
+        page = await self._customers.invoices(
+            request.user_id,
+            page_size=request.page_size,
+            page_token=request.page_token,
+            status=_INVOICE_STATUS_NAMES.get(request.status),
+        )
+        return billing_pb2.ListCustomerInvoicesResponse(
+            invoices=[invoice_to_proto(invoice) for invoice in page.items],
+            next_page_token=page.next_page_token,
+        )
+
+    async def AdjustCredits(
+        self, request: billing_pb2.AdjustCreditsRequest, context: grpc.aio.ServicerContext
+    ) -> billing_pb2.AdjustCreditsResponse:
+        actor = current_identity.get().require_role(ROLE_ADMIN)
+        adjustment = await self._customers.adjust_credits(
+            request.request_id, request.user_id, request.tokens, request.reason, actor_id=actor.user_id
+        )
+        return billing_pb2.AdjustCreditsResponse(
+            ledger_entry=ledger_entry_to_proto(adjustment.record),
+            balance=balance_to_proto(adjustment.account),
+        )
+
+    async def RefundInvoice(
+        self, request: billing_pb2.RefundInvoiceRequest, context: grpc.aio.ServicerContext
+    ) -> billing_pb2.RefundInvoiceResponse:
+        actor = current_identity.get().require_role(ROLE_ADMIN)
+        credit_note = await self._customers.refund_invoice(
+            request.request_id, request.user_id, request.invoice_id, request.reason, actor_id=actor.user_id
+        )
+        return billing_pb2.RefundInvoiceResponse(credit_note=invoice_to_proto(credit_note))
+
+
+_LEDGER_ENTRY_KINDS: Final[dict[EntryKind, billing_pb2.LedgerEntryKind.ValueType]] = {
+    "grant": billing_pb2.LEDGER_ENTRY_KIND_GRANT,
+    "carry": billing_pb2.LEDGER_ENTRY_KIND_CARRY,
+    "reservation": billing_pb2.LEDGER_ENTRY_KIND_RESERVATION,
+    "settlement": billing_pb2.LEDGER_ENTRY_KIND_SETTLEMENT,
+    "release": billing_pb2.LEDGER_ENTRY_KIND_RELEASE,
+    "expiry": billing_pb2.LEDGER_ENTRY_KIND_EXPIRY,
+    "top_up": billing_pb2.LEDGER_ENTRY_KIND_TOP_UP,
+    "adjustment": billing_pb2.LEDGER_ENTRY_KIND_ADJUSTMENT,
+}
+
+
+def ledger_entry_to_proto(record: LedgerRecord) -> billing_pb2.LedgerEntry:
+    entry = record.entry
+    return billing_pb2.LedgerEntry(
+        id=record.id,
+        kind=_LEDGER_ENTRY_KINDS[entry.kind],
+        included_tokens_delta=entry.included_delta,
+        purchased_tokens_delta=entry.purchased_delta,
+        used_tokens_delta=entry.used_delta,
+        reserved_tokens_delta=entry.reserved_delta,
+        reservation_id=entry.reservation_id or "",
+        reason=entry.reason,
+        actor_user_id=record.actor_id or "",
+        create_time=timestamp_to_proto(record.create_time),
+        period_start_time=timestamp_to_proto(record.period_start),
+    )
 
 
 def plan_draft_from_proto(message: billing_pb2.Plan) -> PlanDraft:

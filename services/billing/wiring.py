@@ -11,6 +11,7 @@ from pydantic import SecretStr
 from parley.billing.v1 import billing_pb2, billing_pb2_grpc
 from services.billing.checkout import Checkout
 from services.billing.collections import Collections
+from services.billing.customer_admin import CustomerAdmin
 from services.billing.event_handlers import billing_subscription, reservation_sweeper
 from services.billing.invoices import InvoiceBook
 from services.billing.ledger import CreditLedger
@@ -38,9 +39,10 @@ def build(context: ServiceContext) -> ServiceBundle:
     ledger = CreditLedger(units, subscriptions, models)
     provider, unconfigured = payment_provider(context)
     checkout = Checkout(units, subscriptions, ledger, provider, unconfigured_reason=unconfigured)
+    invoices = InvoiceBook(units)
     public = ServiceRegistration(
         full_name=billing_pb2.DESCRIPTOR.services_by_name["BillingService"].full_name,
-        servicer=BillingServicer(plans, subscriptions, ledger, checkout, InvoiceBook(units)),
+        servicer=BillingServicer(plans, subscriptions, ledger, checkout, invoices),
         add_to_server=billing_pb2_grpc.add_BillingServiceServicer_to_server,
     )
     internal = ServiceRegistration(
@@ -51,7 +53,10 @@ def build(context: ServiceContext) -> ServiceBundle:
     rate_limit_tiers = plan_rate_limit_tiers(load_rate_limit_config(context.settings.rate_limits_file))
     admin = ServiceRegistration(
         full_name=billing_pb2.DESCRIPTOR.services_by_name["BillingAdminService"].full_name,
-        servicer=BillingAdminServicer(PlanAdmin(units, models, rate_limit_tiers)),
+        servicer=BillingAdminServicer(
+            PlanAdmin(units, models, rate_limit_tiers),
+            CustomerAdmin(units, subscriptions, invoices, provider, unconfigured_reason=unconfigured),
+        ),
         add_to_server=billing_pb2_grpc.add_BillingAdminServiceServicer_to_server,
     )
     others = contract_only_services(
