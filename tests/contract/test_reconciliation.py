@@ -1,14 +1,15 @@
-"""Reconciliation: after a scripted month of usage, upgrades, top-ups and failed payments, the
-ledger and the invoices agree exactly, on each SQL adapter.
+"""Reconciliation: after a scripted month of usage, upgrades, top-ups, a refund and failed payments,
+the ledger and the invoices agree exactly, on each SQL adapter.
 
 What "agree" means, checked from the stored rows, not from the code's own bookkeeping:
 - every account's cached balance equals the sums of its ledger entries;
 - the tokens of paid credit-pack lines equal the ledger's top-up entries, and their money the packs'
-  prices;
+  prices; a refunded pack's credit-note line equals the adjustment that took its tokens back;
 - each overage line equals the overage the ledger derives for its period, at the plan's price;
 - each upgrade grant equals the plan difference times the share of the period that was invoiced;
-- money in equals money billed: succeeded payments sum to the paid invoices, and what dunning gave
-  up on is exactly the uncollectible invoices.
+- money in equals money billed: succeeded payments sum to the paid invoices, refunds to the credit
+  notes (so money in less money refunded is what the paid invoices and credit notes net to), and
+  what dunning gave up on is exactly the uncollectible invoices.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from datetime import timedelta
 
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from parley.events.v1 import events_pb2
 from services.billing.invoices import Invoice, overage_charge_minor
@@ -27,11 +29,13 @@ from services.billing.payments import DECLINED, FAILS_LATER, SUCCEEDS
 from services.billing.repository import billing_units_of_work
 from services.billing.subscriptions import PPM
 from services.common.db import Database
+from services.common.ids import new_id
 from tests.support.billing_world import World, billing_world
 from tests.support.domain import payloads
 
 PLAN_INCLUDED = {"free": 100_000, "pro": 2_000_000, "team": 10_000_000}
 PACK_TOKENS = {"tokens-1m": 1_000_000, "tokens-5m": 5_000_000}
+ADMIN = new_id()
 
 
 @pytest.fixture
@@ -61,8 +65,13 @@ async def scripted_month(world: World) -> dict[str, str]:
     retry = await world.checkout.create_session(users["retrier"], "pack", credit_pack_id="tokens-5m")
     await world.pay(retry, DECLINED)
     await world.pay(retry, SUCCEEDS)
+    # ... and refunded by an admin two days later.
+    world.clock.advance(timedelta(days=2))
+    await world.customer_admin.refund_invoice(
+        "refund", users["retrier"], retry.invoice_id, "bought by mistake", actor_id=ADMIN
+    )
 
-    world.clock.advance(timedelta(days=10))
+    world.clock.advance(timedelta(days=8))
     # upgrader: to pro ten days in, then into overage.
     await world.subscribe(users["upgrader"], "pro", SUCCEEDS)
     await use(world, users["upgrader"], "u1", 1_000_000)
@@ -78,6 +87,18 @@ async def scripted_month(world: World) -> dict[str, str]:
         world.clock.advance(timedelta(days=1))
         await world.run_due_timers()
     return users
+
+
+async def _payments_sum(session: AsyncSession, status: str) -> int:
+    """The amounts of the stored payments in `status`: received are positive, paid back negative."""
+    total: int = (
+        await session.execute(
+            select(func.coalesce(func.sum(PaymentRecord.amount_minor), 0)).where(
+                PaymentRecord.status == status
+            )
+        )
+    ).scalar_one()
+    return total
 
 
 async def test_after_a_month_the_ledger_and_the_invoices_agree_exactly(world: World) -> None:
@@ -103,16 +124,11 @@ async def test_after_a_month_the_ledger_and_the_invoices_agree_exactly(world: Wo
                 )
             ).all()
         )
-        paid_in = (
-            await session.execute(
-                select(func.coalesce(func.sum(PaymentRecord.amount_minor), 0)).where(
-                    PaymentRecord.status == "succeeded"
-                )
-            )
-        ).scalar_one()
+        paid_in, refunded = [await _payments_sum(session, status) for status in ("succeeded", "refunded")]
 
-    # Top-ups: tokens and money.
+    # Top-ups: tokens and money; a refunded pack's tokens come back off the ledger as an adjustment.
     top_up_tokens = sum(entry.purchased_delta for entry in entries if entry.kind == "top_up")
+    taken_back = sum(entry.purchased_delta for entry in entries if entry.kind == "adjustment")
     credit_lines = [
         line
         for invoice in invoices
@@ -120,8 +136,11 @@ async def test_after_a_month_the_ledger_and_the_invoices_agree_exactly(world: Wo
         for line in invoice.lines
         if line.kind == "credits"
     ]
-    assert top_up_tokens == sum(PACK_TOKENS[line.credit_pack_id or ""] for line in credit_lines) == 6_000_000
-    assert sum(line.amount_minor for line in credit_lines) == 1_000 + 4_500
+    bought = [line for line in credit_lines if line.amount_minor > 0]
+    credited = [line for line in credit_lines if line.amount_minor < 0]
+    assert top_up_tokens == sum(PACK_TOKENS[line.credit_pack_id or ""] for line in bought) == 6_000_000
+    assert -taken_back == sum(PACK_TOKENS[line.credit_pack_id or ""] for line in credited) == 5_000_000
+    assert sum(line.amount_minor for line in credit_lines) == 1_000 + 4_500 - 4_500
 
     # Overage: each overage line is the ledger's overage of its period at the plan's price.
     sums: dict[tuple[str, object], dict[str, int]] = defaultdict(lambda: defaultdict(int))
@@ -157,11 +176,20 @@ async def test_after_a_month_the_ledger_and_the_invoices_agree_exactly(world: Wo
     assert len(expected_grants) == 2
     assert upgrade_grants == sorted(expected_grants)
 
-    # Money: what came in is what the paid invoices billed; what did not is exactly the uncollectible.
-    paid = [invoice for invoice in invoices if invoice.status == "paid"]
+    # Money: what came in is what the paid invoices billed, what went back is what the credit notes
+    # credit, and what did not come in is exactly the uncollectible.
+    paid = [invoice for invoice in invoices if invoice.status == "paid" and invoice.reason != "credit_note"]
+    credit_notes = [invoice for invoice in invoices if invoice.reason == "credit_note"]
     assert paid_in == sum(invoice.total_minor for invoice in paid)
+    assert refunded == sum(credit_note.total_minor for credit_note in credit_notes) == -4_500
+    assert paid_in + refunded == sum(invoice.total_minor for invoice in paid + credit_notes)
+    assert {credit_note.credited_invoice_id for credit_note in credit_notes} <= {
+        invoice.id for invoice in paid
+    }
     succeeded = await payloads(world.database, "payment.succeeded", events_pb2.PaymentSucceeded)
     assert sum(event.amount.amount_minor for event in succeeded) == paid_in
+    refunds = await payloads(world.database, "payment.refunded", events_pb2.PaymentRefunded)
+    assert sum(event.amount.amount_minor for event in refunds) == -refunded
     uncollectible = [invoice for invoice in invoices if invoice.status == "uncollectible"]
     written_off = await payloads(world.database, "invoice.uncollectible", events_pb2.InvoiceUncollectible)
     assert [invoice.id for invoice in uncollectible] == [event.invoice_id for event in written_off]

@@ -1,5 +1,5 @@
-"""A billing world for domain tests: the real ledger, checkout, collections and consumer over one
-test database, a settable clock, and the sandbox paying by test card."""
+"""A billing world for domain tests: the real ledger, checkout, collections, customer admin and
+consumer over one test database, a settable clock, and the sandbox paying by test card."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from sqlalchemy import select
 from parley.events.v1 import events_pb2
 from services.billing.checkout import Checkout, CheckoutSession
 from services.billing.collections import Collections
+from services.billing.customer_admin import CustomerAdmin
 from services.billing.event_handlers import BILLING_CONSUMER, billing_subscription
 from services.billing.invoices import InvoiceBook
 from services.billing.ledger import CreditLedger
@@ -41,6 +42,7 @@ class World:
     consumer: Consumer
     source: InProcessSource
     delivered: set[str]
+    customer_admin: CustomerAdmin
 
     async def register(self, email: str) -> str:
         user = new_id()
@@ -97,15 +99,17 @@ class World:
         return [(events_pb2.Event.FromString(payload), deliver_after) for payload, deliver_after in rows]
 
 
-def billing_world(database: Database) -> World:
+def billing_world(database: Database, provider: SandboxPaymentProvider | None = None) -> World:
+    """The world over `database`, paying through `provider` (a new sandbox when None)."""
     clock = Clock()
     units = billing_units_of_work(database)
     subscriptions = SubscriptionManager(units, PlanCatalog(units), clock=clock)
     ledger = CreditLedger(units, subscriptions, load_model_catalog(), clock=clock)
-    provider = SandboxPaymentProvider([SECRET])
+    provider = provider or SandboxPaymentProvider([SECRET])
     checkout = Checkout(units, subscriptions, ledger, provider, clock=clock)
     collections = Collections(units, subscriptions, provider, clock=clock)
     subscription = billing_subscription(units, subscriptions, collections, clock=clock)
+    invoices = InvoiceBook(units)
     source = InProcessSource(stream="test", group=BILLING_CONSUMER)
     consumer = Consumer(
         BILLING_CONSUMER,
@@ -123,9 +127,10 @@ def billing_world(database: Database) -> World:
         provider,
         checkout,
         ledger,
-        InvoiceBook(units),
+        invoices,
         subscriptions,
         consumer,
         source,
         set(),
+        CustomerAdmin(units, subscriptions, invoices, provider, clock=clock),
     )
