@@ -1,7 +1,8 @@
 """The `stripe` payment provider against a local server that answers like Stripe's API.
 
 The official SDK makes real HTTP requests to `FakeStripe`, an asyncio server in the test that
-records what it was sent and answers like `POST /v1/checkout/sessions`, or fails as scripted: an
+records what it was sent and answers like `POST /v1/checkout/sessions` (and the payment method,
+payment intent and refund calls), or fails as scripted: an
 error status with Stripe's error body, a hang, or a connection closed without an answer. Webhooks are
 Stripe-shaped events signed with `sign`, the way Stripe signs them. Nothing reaches the internet.
 """
@@ -63,6 +64,7 @@ OLD_SECRET = "whsec_rotated_out_secret"
 SESSIONS = "/v1/checkout/sessions"
 PAYMENT_METHODS = "/v1/payment_methods/"
 PAYMENT_INTENTS = "/v1/payment_intents"
+REFUNDS = "/v1/refunds"
 CUSTOMER = "cus_test_parley"
 # Stripe's test payment methods, and the card error (code, decline code) an off-session charge gets.
 SAVED_CARDS = {
@@ -121,6 +123,7 @@ class FakeStripe:
     # Sessions as the fake opened them, by id, so tests can compare what the provider returned.
     sessions: dict[str, dict[str, Any]] = field(default_factory=dict)
     intents: list[dict[str, Any]] = field(default_factory=list)
+    refunds: list[dict[str, Any]] = field(default_factory=list)
     _server: asyncio.Server | None = None
     _handlers: set[asyncio.Task[None]] = field(default_factory=set)
     _released: asyncio.Event = field(default_factory=asyncio.Event)
@@ -174,6 +177,8 @@ class FakeStripe:
             return self._payment_method(request.path.removeprefix(PAYMENT_METHODS))
         if (request.method, request.path) == ("POST", PAYMENT_INTENTS):
             return self._charge(request.form)
+        if (request.method, request.path) == ("POST", REFUNDS):
+            return self._refund(request.form)
         return stripe_error(404, type="invalid_request_error", message="Unrecognized request URL.")
 
     def _open_session(self, form: dict[str, str]) -> Answer:
@@ -240,6 +245,18 @@ class FakeStripe:
             "payment_intent": failed,
         }
         return Answer(402, {"error": error})
+
+    def _refund(self, form: dict[str, str]) -> Answer:
+        refund = {
+            "id": f"re_{token_hex(12)}",
+            "object": "refund",
+            "amount": int(form["amount"]),
+            "currency": "usd",
+            "payment_intent": form["payment_intent"],
+            "status": "succeeded",
+        }
+        self.refunds.append(refund)
+        return Answer(200, refund)
 
 
 async def _read_request(reader: asyncio.StreamReader) -> Received:
@@ -545,6 +562,97 @@ async def test_a_charge_stripe_cannot_take_now_is_unavailable(
     )
     assert refused.reason == "PAYMENT_PROVIDER_UNAVAILABLE"
     assert fake.intents == []
+
+
+async def test_a_refund_is_a_stripe_refund_of_the_payment_intent_keyed_for_retries(
+    fake: FakeStripe, provider: StripePaymentProvider
+) -> None:
+    result = await provider.refund("pi_paid_once", Money("USD", 4_500), idempotency_key="refund:invoice-7")
+
+    [refund] = fake.refunds
+    assert (result.status, result.provider_refund_id, result.failure_reason) == (
+        "succeeded",
+        refund["id"],
+        "",
+    )
+    [sent] = fake.received
+    assert (sent.method, sent.path) == ("POST", REFUNDS)
+    assert sent.form == {"payment_intent": "pi_paid_once", "amount": "4500"}
+    assert sent.headers["idempotency-key"] == "refund:invoice-7"
+
+
+@pytest.mark.parametrize(
+    ("stripe_status", "status", "failure_reason"),
+    [
+        ("pending", "pending", ""),
+        ("requires_action", "pending", ""),
+        ("failed", "failed", "expired_or_canceled_card"),
+        ("canceled", "failed", "expired_or_canceled_card"),
+    ],
+)
+async def test_a_refund_stripe_finishes_later_is_pending_and_a_failed_one_failed(
+    fake: FakeStripe, provider: StripePaymentProvider, stripe_status: str, status: str, failure_reason: str
+) -> None:
+    refund = {
+        "id": "re_later",
+        "object": "refund",
+        "amount": 1_000,
+        "currency": "usd",
+        "status": stripe_status,
+        "failure_reason": failure_reason or None,
+    }
+    fake.then(Answer(200, refund))
+    result = await provider.refund("pi_paid_once", Money("USD", 1_000), idempotency_key="refund:invoice-8")
+    assert (result.status, result.provider_refund_id, result.failure_reason) == (
+        status,
+        "re_later",
+        failure_reason,
+    )
+
+
+async def test_a_refund_stripe_refuses_is_failed_with_its_code_and_logged(
+    fake: FakeStripe, provider: StripePaymentProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake.then(
+        stripe_error(
+            400,
+            type="invalid_request_error",
+            code="charge_already_refunded",
+            message="Charge ch_1 has already been refunded.",
+        )
+    )
+    with caplog.at_level(logging.WARNING):
+        result = await provider.refund(
+            "pi_paid_once", Money("USD", 1_000), idempotency_key="refund:invoice-9"
+        )
+    assert (result.status, result.provider_refund_id, result.failure_reason) == (
+        "failed",
+        "",
+        "charge_already_refunded",
+    )
+    [logged] = [record for record in caplog.records if record.name == "services.billing.stripe_provider"]
+    assert "charge_already_refunded" in logged.getMessage()
+    assert fake.refunds == []
+
+
+@pytest.mark.parametrize(
+    "behaviour",
+    [
+        pytest.param(stripe_error(500, type="api_error", message="An unknown error occurred"), id="500"),
+        pytest.param(stripe_error(401, type="invalid_request_error", message="Invalid API Key"), id="401"),
+        pytest.param(Hang(), id="hang"),
+        pytest.param(Cut(), id="closed-connection"),
+    ],
+)
+async def test_a_refund_stripe_cannot_take_now_is_unavailable(
+    fake: FakeStripe, provider: StripePaymentProvider, behaviour: Behaviour
+) -> None:
+    fake.then(behaviour)
+    refused = await refusal(
+        provider.refund("pi_paid_once", Money("USD", 1_000), idempotency_key="refund:invoice-10"), Unavailable
+    )
+    assert refused.reason == "PAYMENT_PROVIDER_UNAVAILABLE"
+    assert fake.refunds == []
 
 
 def completed_event(checkout_id: str, session_id: str, amount: Money) -> bytes:
