@@ -32,7 +32,7 @@ import random
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, cast
 from uuid import uuid4
 
 from google.protobuf.message import DecodeError, Message
@@ -44,9 +44,11 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
+    Table,
     Text,
     delete,
     func,
+    insert,
     select,
     text,
     union_all,
@@ -120,6 +122,10 @@ class OutboxEvent(Base):
     deliver_after: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
+# Inserts `outbox_row` rows: one statement, built once, for any number of them.
+INSERT_EVENTS: Final = insert(cast(Table, OutboxEvent.__table__))
+
+
 def current_trace_context() -> events_pb2.TraceContext | None:
     """The W3C trace context of the current OpenTelemetry span, or None outside any recorded trace."""
     carrier: dict[str, str] = {}
@@ -155,6 +161,29 @@ def add_event(
     `deliver_after` (timezone-aware UTC) delays the event: it is not relayed before that time. A
     time already past makes it due at once, like no delay.
     """
+    event, row = outbox_row(
+        source=source,
+        subject=subject,
+        payload=payload,
+        trace_context=trace_context,
+        deliver_after=deliver_after,
+    )
+    session.info[EVENTS_ADDED] = True
+    session.add(OutboxEvent(**row))
+    return event
+
+
+def outbox_row(
+    *,
+    source: str,
+    subject: str,
+    payload: Message,
+    trace_context: events_pb2.TraceContext | None = None,
+    deliver_after: datetime | None = None,
+) -> tuple[events_pb2.Event, dict[str, Any]]:
+    """An event's envelope and the `outbox_events` row that carries it, as `add_event` adds it; for
+    writers that insert rows themselves (`INSERT_EVENTS`), which then set `EVENTS_ADDED` or wake the
+    relay once they committed."""
     # A naive time's utcoffset() is None: refused too, since guessing its zone shifts it by hours.
     if deliver_after is not None and deliver_after.utcoffset() != timedelta(0):
         raise ValueError(f"deliver_after must be timezone-aware UTC, like utc_now(): {deliver_after!r}")
@@ -169,19 +198,16 @@ def add_event(
     if context is not None:
         event.trace_context.CopyFrom(context)
     getattr(event, field).CopyFrom(payload)
-    session.info[EVENTS_ADDED] = True
-    session.add(
-        OutboxEvent(
-            event_id=event.id,
-            source=source,
-            event_type=event.type,
-            subject=subject,
-            payload=event.SerializeToString(),
-            occurred_at=occurred_at,
-            deliver_after=deliver_after,
-        )
-    )
-    return event
+    row = {
+        "event_id": event.id,
+        "source": source,
+        "event_type": event.type,
+        "subject": subject,
+        "payload": event.SerializeToString(),
+        "occurred_at": occurred_at,
+        "deliver_after": deliver_after,
+    }
+    return event, row
 
 
 class PartialDispatch(Exception):  # noqa: N818 - it reports an outcome, not a programming error.

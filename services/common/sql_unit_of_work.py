@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.common.db import Database
 from services.common.hot_reads import HotRead, HotReads
-from services.common.outbox import add_event
+from services.common.outbox import EVENTS_ADDED, INSERT_EVENTS, outbox_row
 from services.common.unit_of_work import AfterCommitHook, Changes, StaleEntry
 
 logger = logging.getLogger(__name__)
@@ -46,23 +46,34 @@ def event_subject(value: str) -> str:
 
 
 class SqlOutbox:
-    """`Outbox` over the unit of work's session: events commit with the state change."""
+    """`Outbox` over the unit of work's session: events commit with the state change.
+
+    Recorded events are kept until `flush`, which the writing unit of work awaits before it commits:
+    their rows go in as one prebuilt INSERT instead of an ORM object each.
+    """
 
     def __init__(self, open_session: Callable[[], AsyncSession], *, source: str, writable: bool) -> None:
         self._open_session = open_session
         self._source = source
         self._writable = writable
+        self._rows: list[dict[str, Any]] = []
 
     def record(self, *, subject: str, payload: Message, deliver_after: datetime | None = None) -> None:
         if not self._writable:
             raise RuntimeError("a read-only unit of work cannot record events")
-        add_event(
-            self._open_session(),
-            source=self._source,
-            subject=event_subject(subject),
-            payload=payload,
-            deliver_after=deliver_after,
+        _, row = outbox_row(
+            source=self._source, subject=event_subject(subject), payload=payload, deliver_after=deliver_after
         )
+        self._rows.append(row)
+
+    async def flush(self) -> None:
+        """Insert the events recorded since the last flush, in the order they were recorded."""
+        if not self._rows:
+            return
+        rows, self._rows = self._rows, []
+        session = self._open_session()
+        session.info[EVENTS_ADDED] = True
+        await session.execute(INSERT_EVENTS, rows)
 
 
 @dataclass(frozen=True)
@@ -135,6 +146,7 @@ class SqlUnitsOfWork(Generic[UowT]):
                     read_only=False,
                 )
             )
+            await outbox.flush()
         stale = changes.stale
         if stale and self._hooks:
             await asyncio.shield(self._run_hooks(stale))
