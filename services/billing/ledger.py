@@ -118,6 +118,16 @@ class CreditAccount:
     def sums(self) -> LedgerSums:
         return LedgerSums(self.included_tokens, self.purchased_tokens, self.used_tokens, self.reserved_tokens)
 
+    def before(self, entry: LedgerEntry) -> CreditAccount:
+        """This account as it was before the entry's deltas were added (`applied` undone)."""
+        return replace(
+            self,
+            included_tokens=self.included_tokens - entry.included_delta,
+            purchased_tokens=self.purchased_tokens - entry.purchased_delta,
+            used_tokens=self.used_tokens - entry.used_delta,
+            reserved_tokens=self.reserved_tokens - entry.reserved_delta,
+        )
+
     def applied(self, entry: LedgerEntry) -> CreditAccount:
         """This account with the entry's deltas added (what `CreditAccountRepository.apply` stores)."""
         return replace(
@@ -239,34 +249,40 @@ class CreditLedger:
         does not cover the estimate.
         """
         _check_estimate(estimate, self._models)
-        # A concurrent call with the same request id can win the insert; the retry then finds it.
-        for _attempt in range(2):
+        # Most calls are new requests: the insert's conflict tells a repeat apart, and only then is
+        # the request id looked up (a repeat's hold is rolled back with the refused insert).
+        repeat = False
+        for _attempt in range(3):
             try:
-                return await self._reserve_once(request_id, account_id, estimate)
+                return await self._reserve_once(request_id, account_id, estimate, repeat=repeat)
             except DuplicateReservation:
-                continue
+                repeat = True
         raise FailedPrecondition(
             "Another call with this request_id is still being processed; retry it.",
             reason="CONCURRENT_MODIFICATION",
         )
 
     async def _reserve_once(
-        self, request_id: str, account_id: str, estimate: Estimate
+        self, request_id: str, account_id: str, estimate: Estimate, *, repeat: bool
     ) -> tuple[Reservation, CreditAccount]:
         now = self._clock()
         short_of: CreditAccount | None = None
         async with self._units.write() as uow:
-            existing = await uow.reservations.by_request(account_id, request_id)
-            if existing is not None:
-                _same_request(existing, estimate)
-                return existing, await self._account(uow, account_id, now)
-            account = await uow.accounts.hold(account_id, estimate.tokens, now=now)
+            account = None if repeat else await uow.accounts.hold(account_id, estimate.tokens, now=now)
             if account is None:
+                # Not held: a repeat (answered with its reservation, even once the balance is spent),
+                # no current account, or too little credit.
+                existing = await uow.reservations.by_request(account_id, request_id)
+                if existing is not None:
+                    _same_request(existing, estimate)
+                    return existing, await self._account(uow, account_id, now)
                 current = await uow.accounts.get(account_id)
-                if current is None or current.period_end <= now:
+                outdated = current is None or current.period_end <= now
+                if outdated:
                     # No account yet (the user.registered event is still on its way) or its period
                     # ended (the rollover event is late): bring it up to date, then try once more.
                     await self._subscriptions.ensure_current(uow, account_id, now)
+                if outdated or repeat:
                     account = await uow.accounts.hold(account_id, estimate.tokens, now=now)
             if account is None:
                 short_of = await self._account(uow, account_id, now)
@@ -315,38 +331,22 @@ class CreditLedger:
         model = _check_usage(usage, self._models)
         now = self._clock()
         async with self._units.write() as uow:
-            reservation = await self._held_or_closed(uow, reservation_id, request_id)
-            if reservation.status == "settled":
-                if (reservation.input_tokens, reservation.output_tokens, reservation.model) != (
-                    usage.input_tokens,
-                    usage.output_tokens,
-                    usage.model,
-                ):
-                    raise FailedPrecondition(
-                        "The reservation was settled already with another usage.", reason="RESERVATION_CLOSED"
-                    )
-                account = await self._account(uow, reservation.account_id, now)
-                return Settlement(reservation, account, self._cost(model, usage))
-            _still_held(reservation)
-            settled = replace(
-                reservation,
-                status="settled",
-                settled_tokens=usage.tokens,
-                model=usage.model,
-                provider=usage.provider,
-                input_tokens=usage.input_tokens,
-                output_tokens=usage.output_tokens,
-                close_time=now,
-            )
-            await self._close(uow, settled)
-            before = await self._account(uow, reservation.account_id, now)
+            settled = await uow.reservations.settle_if_held(reservation_id, request_id, usage, now=now)
+            if settled is None:
+                return await self._settled_already(uow, reservation_id, request_id, usage, now)
             entry = LedgerEntry(
                 "settlement",
                 used_delta=usage.tokens,
-                reserved_delta=-reservation.reserved_tokens,
-                reservation_id=reservation.id,
+                reserved_delta=-settled.reserved_tokens,
+                reservation_id=settled.id,
             )
-            account = await self._append(uow, before, entry, now)
+            account = await uow.accounts.apply_if_current(settled.account_id, entry, now=now)
+            if account is None:
+                # The period ended (its rollover event is late): the usage counts in the new one.
+                await self._subscriptions.ensure_current(uow, settled.account_id, now)
+                account = await uow.accounts.apply(settled.account_id, entry, now=now)
+            await uow.ledger.append(account.account_id, account.period_start, entry, now=now)
+            before = account.before(entry)
             cost = self._cost(model, usage)
             plan = await self._subscriptions.plan_in(uow, account.plan_id)
             overage_tokens = account.overage_tokens - before.overage_tokens
@@ -362,10 +362,10 @@ class CreditLedger:
             uow.outbox.record(
                 subject=account.account_id,
                 payload=events_pb2.CreditsSettled(
-                    reservation_id=reservation.id,
-                    request_id=reservation.request_id,
+                    reservation_id=settled.id,
+                    request_id=settled.request_id,
                     user_id=account.account_id,
-                    reserved_tokens=reservation.reserved_tokens,
+                    reserved_tokens=settled.reserved_tokens,
                     settled_tokens=usage.tokens,
                     cost=money_to_proto(cost),
                     model=usage.model,
@@ -377,8 +377,8 @@ class CreditLedger:
                 payload=events_pb2.UsageRecorded(
                     user_id=account.account_id,
                     plan_id=account.plan_id,
-                    request_id=reservation.request_id,
-                    reservation_id=reservation.id,
+                    request_id=settled.request_id,
+                    reservation_id=settled.id,
                     model=usage.model,
                     provider=usage.provider,
                     input_tokens=usage.input_tokens,
@@ -391,6 +391,29 @@ class CreditLedger:
             )
             await self._announce_thresholds(uow, account)
             return Settlement(settled, account, cost)
+
+    async def _settled_already(
+        self, uow: BillingUnitOfWork, reservation_id: str, request_id: str, usage: Usage, now: datetime
+    ) -> Settlement:
+        """A repeat's outcome: the reservation was settled on this usage; any other state is refused."""
+        reservation = await self._held_or_closed(uow, reservation_id, request_id)
+        if reservation.status != "settled":
+            _still_held(reservation)
+            # Held after all: it was closed and reopened in between, which nothing does.
+            raise FailedPrecondition(
+                "The reservation changed while it was settled; retry to see its outcome.",
+                reason="CONCURRENT_MODIFICATION",
+            )
+        if (reservation.input_tokens, reservation.output_tokens, reservation.model) != (
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.model,
+        ):
+            raise FailedPrecondition(
+                "The reservation was settled already with another usage.", reason="RESERVATION_CLOSED"
+            )
+        account = await self._account(uow, reservation.account_id, now)
+        return Settlement(reservation, account, self._cost(usage.model, usage))
 
     async def release(self, reservation_id: str, request_id: str) -> tuple[Reservation, CreditAccount]:
         """Give the hold back without charge; a repeat returns the same outcome."""

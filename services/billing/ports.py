@@ -20,7 +20,14 @@ if TYPE_CHECKING:
     from services.billing.customer_admin import LedgerRecord
     from services.billing.idempotency import IdempotencyKey
     from services.billing.invoices import Invoice, InvoiceStatus
-    from services.billing.ledger import CreditAccount, LedgerEntry, LedgerSums, Reservation, SettledUsage
+    from services.billing.ledger import (
+        CreditAccount,
+        LedgerEntry,
+        LedgerSums,
+        Reservation,
+        SettledUsage,
+        Usage,
+    )
     from services.billing.plans import Plan
     from services.billing.subscriptions import Subscription
 
@@ -93,6 +100,12 @@ class CreditAccountRepository(Protocol):
         """Add the entry's deltas to the sums; the account after."""
         ...
 
+    async def apply_if_current(
+        self, account_id: str, entry: LedgerEntry, *, now: datetime
+    ) -> CreditAccount | None:
+        """`apply`, if the account's period is current at `now`; None when it is not (nothing changed)."""
+        ...
+
     async def change_plan(self, account_id: str, plan_id: str, *, hard_stop: bool) -> None:
         """The account's plan changed within the period (an upgrade)."""
         ...
@@ -145,6 +158,13 @@ class ReservationRepository(Protocol):
     async def close(self, reservation: Reservation) -> bool:
         """Write a closed reservation's outcome if it is still held; False when another call closed
         it first (nothing written)."""
+        ...
+
+    async def settle_if_held(
+        self, reservation_id: str, request_id: str, usage: Usage, *, now: datetime
+    ) -> Reservation | None:
+        """Settle the reservation on `usage` at `now` in one conditional update, if it is held and
+        `request_id` is its own; the settled reservation, or None (nothing written) otherwise."""
         ...
 
     async def held_past(self, moment: datetime, *, limit: int) -> Sequence[Reservation]:

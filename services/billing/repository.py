@@ -11,7 +11,7 @@ from datetime import datetime
 from functools import cached_property
 from typing import Any, Final, cast
 
-from sqlalchemy import Table, func, insert, select, text, update
+from sqlalchemy import BigInteger, Table, bindparam, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -19,7 +19,14 @@ from services.billing.checkout import CheckoutSession, CreditPack, Payment
 from services.billing.customer_admin import LedgerRecord
 from services.billing.idempotency import IdempotencyKey
 from services.billing.invoices import Invoice, InvoiceStatus, LineItem
-from services.billing.ledger import CreditAccount, LedgerEntry, LedgerSums, Reservation, SettledUsage
+from services.billing.ledger import (
+    CreditAccount,
+    LedgerEntry,
+    LedgerSums,
+    Reservation,
+    SettledUsage,
+    Usage,
+)
 from services.billing.models import (
     BillingCustomerRecord,
     CheckoutSessionRecord,
@@ -49,6 +56,7 @@ from services.billing.ports import (
 from services.billing.subscriptions import Subscription
 from services.common.db import Database
 from services.common.ids import new_id
+from services.common.models import UTCDateTime
 from services.common.money import Money
 from services.common.processed_events import record_processed
 from services.common.sql_unit_of_work import SqlOutbox, SqlTransaction, SqlUnitsOfWork
@@ -329,6 +337,56 @@ def _to_account(row: Any) -> CreditAccount:
     )
 
 
+# Reserve and settle run these on every generation: built once, so a call only binds its values
+# (building a statement per call cost four times what running a prebuilt one does).
+_NOW = bindparam("now", type_=UTCDateTime())
+_ACCOUNT_ID = bindparam("account_id_", type_=_ACCOUNT.c.account_id.type)
+_REMAINING = (
+    _ACCOUNT.c.included_tokens
+    + _ACCOUNT.c.purchased_tokens
+    - _ACCOUNT.c.used_tokens
+    - _ACCOUNT.c.reserved_tokens
+)
+_TOKENS = bindparam("tokens", type_=BigInteger())
+_GET_ACCOUNT = select(*_ACCOUNT_COLUMNS).where(_ACCOUNT.c.account_id == _ACCOUNT_ID)
+_GET_ACCOUNT_FOR_UPDATE = _GET_ACCOUNT.with_for_update()
+_HOLD = (
+    update(_ACCOUNT)
+    .where(
+        _ACCOUNT.c.account_id == _ACCOUNT_ID,
+        _ACCOUNT.c.period_end > _NOW,
+        _ACCOUNT.c.hard_stop.is_(False) | (_REMAINING >= _TOKENS),
+    )
+    .values(
+        reserved_tokens=_ACCOUNT.c.reserved_tokens + _TOKENS,
+        updated_at=_NOW,
+    )
+    .returning(*_ACCOUNT_COLUMNS)
+)
+_APPLY = (
+    update(_ACCOUNT)
+    .where(_ACCOUNT.c.account_id == _ACCOUNT_ID)
+    .values(
+        included_tokens=_ACCOUNT.c.included_tokens + bindparam("included_delta", type_=BigInteger()),
+        purchased_tokens=_ACCOUNT.c.purchased_tokens + bindparam("purchased_delta", type_=BigInteger()),
+        used_tokens=_ACCOUNT.c.used_tokens + bindparam("used_delta", type_=BigInteger()),
+        reserved_tokens=_ACCOUNT.c.reserved_tokens + bindparam("reserved_delta", type_=BigInteger()),
+        updated_at=_NOW,
+    )
+    .returning(*_ACCOUNT_COLUMNS)
+)
+_APPLY_IF_CURRENT = _APPLY.where(_ACCOUNT.c.period_end > _NOW)
+
+
+def _deltas(entry: LedgerEntry) -> dict[str, int]:
+    return {
+        "included_delta": entry.included_delta,
+        "purchased_delta": entry.purchased_delta,
+        "used_delta": entry.used_delta,
+        "reserved_delta": entry.reserved_delta,
+    }
+
+
 class SqlCreditAccountRepository:
     """Rows of `credit_accounts`, in Core statements: reserve and settle run them on every generation."""
 
@@ -336,10 +394,8 @@ class SqlCreditAccountRepository:
         self._session = session
 
     async def get(self, account_id: str, *, for_update: bool = False) -> CreditAccount | None:
-        statement = select(*_ACCOUNT_COLUMNS).where(_ACCOUNT.c.account_id == account_id)
-        if for_update:
-            statement = statement.with_for_update()
-        row = (await self._session.execute(statement)).first()
+        statement = _GET_ACCOUNT_FOR_UPDATE if for_update else _GET_ACCOUNT
+        row = (await self._session.execute(statement, {"account_id_": account_id})).first()
         return None if row is None else _to_account(row)
 
     async def open(self, account: CreditAccount) -> None:
@@ -361,39 +417,20 @@ class SqlCreditAccountRepository:
         )
 
     async def hold(self, account_id: str, tokens: int, *, now: datetime) -> CreditAccount | None:
-        remaining = (
-            _ACCOUNT.c.included_tokens
-            + _ACCOUNT.c.purchased_tokens
-            - _ACCOUNT.c.used_tokens
-            - _ACCOUNT.c.reserved_tokens
-        )
-        statement = (
-            update(_ACCOUNT)
-            .where(
-                _ACCOUNT.c.account_id == account_id,
-                _ACCOUNT.c.period_end > now,
-                (_ACCOUNT.c.hard_stop.is_(False)) | (remaining >= tokens),
-            )
-            .values(reserved_tokens=_ACCOUNT.c.reserved_tokens + tokens, updated_at=now)
-            .returning(*_ACCOUNT_COLUMNS)
-        )
-        row = (await self._session.execute(statement)).first()
+        parameters = {"account_id_": account_id, "tokens": tokens, "now": now}
+        row = (await self._session.execute(_HOLD, parameters)).first()
         return None if row is None else _to_account(row)
 
     async def apply(self, account_id: str, entry: LedgerEntry, *, now: datetime) -> CreditAccount:
-        statement = (
-            update(_ACCOUNT)
-            .where(_ACCOUNT.c.account_id == account_id)
-            .values(
-                included_tokens=_ACCOUNT.c.included_tokens + entry.included_delta,
-                purchased_tokens=_ACCOUNT.c.purchased_tokens + entry.purchased_delta,
-                used_tokens=_ACCOUNT.c.used_tokens + entry.used_delta,
-                reserved_tokens=_ACCOUNT.c.reserved_tokens + entry.reserved_delta,
-                updated_at=now,
-            )
-            .returning(*_ACCOUNT_COLUMNS)
-        )
-        return _to_account((await self._session.execute(statement)).one())
+        parameters = {"account_id_": account_id, "now": now, **_deltas(entry)}
+        return _to_account((await self._session.execute(_APPLY, parameters)).one())
+
+    async def apply_if_current(
+        self, account_id: str, entry: LedgerEntry, *, now: datetime
+    ) -> CreditAccount | None:
+        parameters = {"account_id_": account_id, "now": now, **_deltas(entry)}
+        row = (await self._session.execute(_APPLY_IF_CURRENT, parameters)).first()
+        return None if row is None else _to_account(row)
 
     async def change_plan(self, account_id: str, plan_id: str, *, hard_stop: bool) -> None:
         await self._session.execute(
@@ -409,6 +446,22 @@ class SqlCreditAccountRepository:
 
 
 _LEDGER = cast(Table, LedgerEntryRecord.__table__)
+_APPEND = insert(_LEDGER)
+
+
+def _entry_row(
+    entry_id: str, account_id: str, period_start: datetime, entry: LedgerEntry, now: datetime
+) -> dict[str, object]:
+    return {
+        "id": entry_id,
+        "account_id": account_id,
+        "period_start": period_start,
+        "kind": entry.kind,
+        "reservation_id": entry.reservation_id,
+        "reason": entry.reason,
+        "created_at": now,
+        **_deltas(entry),
+    }
 
 
 class SqlLedgerRepository:
@@ -421,21 +474,7 @@ class SqlLedgerRepository:
         self, account_id: str, period_start: datetime, entry: LedgerEntry, *, now: datetime
     ) -> str:
         entry_id = new_id()
-        await self._session.execute(
-            insert(_LEDGER).values(
-                id=entry_id,
-                account_id=account_id,
-                period_start=period_start,
-                kind=entry.kind,
-                included_delta=entry.included_delta,
-                purchased_delta=entry.purchased_delta,
-                used_delta=entry.used_delta,
-                reserved_delta=entry.reserved_delta,
-                reservation_id=entry.reservation_id,
-                reason=entry.reason,
-                created_at=now,
-            )
-        )
+        await self._session.execute(_APPEND, _entry_row(entry_id, account_id, period_start, entry, now))
         return entry_id
 
     async def sums(self, account_id: str, period_start: datetime) -> LedgerSums:
@@ -454,6 +493,31 @@ class SqlLedgerRepository:
 
 _RESERVATION = cast(Table, ReservationRecord.__table__)
 _RESERVATION_COLUMNS = tuple(_RESERVATION.c)
+
+
+def _reservation_row(reservation: Reservation) -> dict[str, object]:
+    return {
+        "id": reservation.id,
+        "account_id": reservation.account_id,
+        "request_id": reservation.request_id,
+        "period_start": reservation.period_start,
+        "reserved_tokens": reservation.reserved_tokens,
+        "created_at": reservation.create_time,
+        "expires_at": reservation.expire_time,
+        **_closing_values(reservation),
+    }
+
+
+def _settled_values(usage: Usage, now: datetime) -> dict[str, object]:
+    return {
+        "status": "settled",
+        "settled_tokens": usage.tokens,
+        "model": usage.model,
+        "provider": usage.provider,
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "closed_at": now,
+    }
 
 
 def _to_reservation(row: Any) -> Reservation:
@@ -475,6 +539,41 @@ def _to_reservation(row: Any) -> Reservation:
     )
 
 
+_ADD_RESERVATION = {
+    name: dialect_insert(_RESERVATION)
+    .on_conflict_do_nothing(index_elements=[_RESERVATION.c.account_id, _RESERVATION.c.request_id])
+    .returning(_RESERVATION.c.id)
+    for name, dialect_insert in (("postgresql", postgresql.insert), ("sqlite", sqlite.insert))
+}
+_RESERVATION_ID = bindparam("reservation_id_", type_=_RESERVATION.c.id.type)
+_GET_RESERVATION = select(*_RESERVATION_COLUMNS).where(_RESERVATION.c.id == _RESERVATION_ID)
+_GET_RESERVATION_FOR_UPDATE = _GET_RESERVATION.with_for_update()
+_BY_REQUEST = select(*_RESERVATION_COLUMNS).where(
+    _RESERVATION.c.account_id == _ACCOUNT_ID,
+    _RESERVATION.c.request_id == bindparam("request_id_", type_=_RESERVATION.c.request_id.type),
+)
+# The closing columns come from the parameters: status, settled_tokens, model, provider,
+# input_tokens, output_tokens, closed_at.
+_CLOSE_HELD = update(_RESERVATION).where(
+    _RESERVATION.c.id == _RESERVATION_ID, _RESERVATION.c.status == "held"
+)
+_SETTLE_HELD = _CLOSE_HELD.where(
+    _RESERVATION.c.request_id == bindparam("request_id_", type_=_RESERVATION.c.request_id.type)
+).returning(*_RESERVATION_COLUMNS)
+
+
+def _closing_values(reservation: Reservation) -> dict[str, object]:
+    return {
+        "status": reservation.status,
+        "settled_tokens": reservation.settled_tokens,
+        "model": reservation.model,
+        "provider": reservation.provider,
+        "input_tokens": reservation.input_tokens,
+        "output_tokens": reservation.output_tokens,
+        "closed_at": reservation.close_time,
+    }
+
+
 class SqlReservationRepository:
     """Rows of `credit_reservations`."""
 
@@ -482,63 +581,35 @@ class SqlReservationRepository:
         self._session = session
 
     async def add(self, reservation: Reservation) -> None:
-        statement = (
-            _insert_for(self._session)(_RESERVATION)
-            .values(
-                id=reservation.id,
-                account_id=reservation.account_id,
-                request_id=reservation.request_id,
-                status=reservation.status,
-                period_start=reservation.period_start,
-                reserved_tokens=reservation.reserved_tokens,
-                settled_tokens=reservation.settled_tokens,
-                model=reservation.model,
-                provider=reservation.provider,
-                input_tokens=reservation.input_tokens,
-                output_tokens=reservation.output_tokens,
-                created_at=reservation.create_time,
-                expires_at=reservation.expire_time,
-                closed_at=reservation.close_time,
-            )
-            .on_conflict_do_nothing(index_elements=["account_id", "request_id"])
-            .returning(_RESERVATION.c.id)
-        )
-        if (await self._session.execute(statement)).first() is None:
+        statement = _ADD_RESERVATION[self._session.get_bind().dialect.name]
+        if (await self._session.execute(statement, _reservation_row(reservation))).first() is None:
             raise DuplicateReservation(reservation.request_id)
 
     async def by_request(self, account_id: str, request_id: str) -> Reservation | None:
-        row = (
-            await self._session.execute(
-                select(*_RESERVATION_COLUMNS).where(
-                    _RESERVATION.c.account_id == account_id, _RESERVATION.c.request_id == request_id
-                )
-            )
-        ).first()
+        parameters = {"account_id_": account_id, "request_id_": request_id}
+        row = (await self._session.execute(_BY_REQUEST, parameters)).first()
         return None if row is None else _to_reservation(row)
 
     async def get(self, reservation_id: str, *, for_update: bool = False) -> Reservation | None:
-        statement = select(*_RESERVATION_COLUMNS).where(_RESERVATION.c.id == reservation_id)
-        if for_update:
-            statement = statement.with_for_update()
-        row = (await self._session.execute(statement)).first()
+        statement = _GET_RESERVATION_FOR_UPDATE if for_update else _GET_RESERVATION
+        row = (await self._session.execute(statement, {"reservation_id_": reservation_id})).first()
         return None if row is None else _to_reservation(row)
 
     async def close(self, reservation: Reservation) -> bool:
-        result = await self._session.execute(
-            update(_RESERVATION)
-            .where(_RESERVATION.c.id == reservation.id, _RESERVATION.c.status == "held")
-            .values(
-                status=reservation.status,
-                settled_tokens=reservation.settled_tokens,
-                model=reservation.model,
-                provider=reservation.provider,
-                input_tokens=reservation.input_tokens,
-                output_tokens=reservation.output_tokens,
-                closed_at=reservation.close_time,
-            )
-            .returning(_RESERVATION.c.id)
-        )
+        parameters = {"reservation_id_": reservation.id, **_closing_values(reservation)}
+        result = await self._session.execute(_CLOSE_HELD.returning(_RESERVATION.c.id), parameters)
         return result.first() is not None
+
+    async def settle_if_held(
+        self, reservation_id: str, request_id: str, usage: Usage, *, now: datetime
+    ) -> Reservation | None:
+        parameters = {
+            "reservation_id_": reservation_id,
+            "request_id_": request_id,
+            **_settled_values(usage, now),
+        }
+        row = (await self._session.execute(_SETTLE_HELD, parameters)).first()
+        return None if row is None else _to_reservation(row)
 
     async def held_past(self, moment: datetime, *, limit: int) -> Sequence[Reservation]:
         statement = (
