@@ -3,7 +3,8 @@
 Every RPC is one unit of work (`Database.unit_of_work`): it commits when the block succeeds and
 rolls back on any exception, cancellation included. Repositories receive the session and never commit.
 Bounded single-statement reads on the request path may instead go through `Database.hot_reads`
-(see `services.common.hot_reads`), which skips the ORM and the transaction around one SELECT.
+(see `services.common.hot_reads`), which skips the ORM and the transaction around one SELECT, and
+the few writes every request makes through `Database.hot_writes` (`services.common.hot_writes`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 
 from services.common.errors import Unavailable
 from services.common.hot_reads import HotReads
+from services.common.hot_writes import HotWrites
 
 logger = logging.getLogger(__name__)
 
@@ -198,6 +200,12 @@ class Database:
         self.hot_reads: HotReads = HotReads.for_url(
             self.engine.url, self.engine.dialect, connect_timeout_s=connect_timeout_s
         )
+        self.hot_writes: HotWrites = HotWrites.for_url(
+            self.engine.url,
+            self.engine.dialect,
+            connect_timeout_s=connect_timeout_s,
+            writer_turn=self._writer_turn,
+        )
 
     def after_commit(self, hook: Callable[[Session], None]) -> None:
         """Call `hook(session)` after every commit of this Database's sessions, on the committing thread.
@@ -228,9 +236,19 @@ class Database:
         process and its own write waits for this one (it fails after `SQLITE_BUSY_TIMEOUT_MS`).
         Read, call, then write in a unit of work of its own.
         """
-        if read_only or self._sqlite_writer_turn is None:
-            async with self._transaction(read_only=read_only) as session:
+        if read_only:
+            async with self._transaction(read_only=True) as session:
                 yield session
+            return
+        async with self._writer_turn(), self._transaction(read_only=False) as session:
+            yield session
+
+    @asynccontextmanager
+    async def _writer_turn(self) -> AsyncIterator[None]:
+        """SQLite: this process's turn to write, held for the block (see `unit_of_work`); nothing to
+        wait for on PostgreSQL."""
+        if self._sqlite_writer_turn is None:
+            yield
             return
         try:
             async with asyncio.timeout(SQLITE_BUSY_TIMEOUT_MS / 1000):
@@ -241,8 +259,7 @@ class Database:
                 "is a unit of work nested inside another one?"
             ) from None
         try:
-            async with self._transaction(read_only=False) as session:
-                yield session
+            yield
         finally:
             self._sqlite_writer_turn.release()
 
@@ -310,4 +327,5 @@ class Database:
     async def dispose(self) -> None:
         """Close every pooled connection; call once at shutdown."""
         await self.hot_reads.close()
+        await self.hot_writes.close()
         await self.engine.dispose()

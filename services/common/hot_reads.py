@@ -36,6 +36,7 @@ from typing import Any, Final, Generic, TypeVar
 import asyncpg
 from sqlalchemy import Select
 from sqlalchemy.engine import URL, Dialect
+from sqlalchemy.sql.dml import UpdateBase
 
 from services.common.errors import Unavailable
 
@@ -54,7 +55,7 @@ Processor = Callable[[Any], Any]
 
 
 @dataclass(frozen=True)
-class CompiledRead:
+class CompiledStatement:
     """One statement compiled for one dialect, with what binding and decoding need."""
 
     sql: str
@@ -64,7 +65,7 @@ class CompiledRead:
     fixed_values: Mapping[str, Any]
     bind_processors: Mapping[str, Processor]
     result_processors: tuple[Processor | None, ...]
-    # A named tuple of the selected columns' keys.
+    # A named tuple of the selected (or returned) columns' keys.
     row_type: Callable[[Sequence[Any]], Any]
 
 
@@ -75,24 +76,27 @@ class HotRead(Generic[RowT]):
     def __init__(self, statement: Select[*tuple[Any, ...]], build: Callable[[Any], RowT]) -> None:
         self.statement = statement
         self.build = build
-        self._compiled: dict[str, CompiledRead] = {}
+        self._compiled: dict[str, CompiledStatement] = {}
 
-    def compiled_for(self, dialect: Dialect) -> CompiledRead:
+    def compiled_for(self, dialect: Dialect) -> CompiledStatement:
         compiled = self._compiled.get(dialect.name)
         if compiled is None:
-            compiled = self._compiled[dialect.name] = _compile(self.statement, dialect)
+            compiled = self._compiled[dialect.name] = compile_statement(self.statement, dialect)
         return compiled
 
 
-def _compile(statement: Select[*tuple[Any, ...]], dialect: Dialect) -> CompiledRead:
+def compile_statement(
+    statement: Select[*tuple[Any, ...]] | UpdateBase, dialect: Dialect
+) -> CompiledStatement:
+    """`statement` (a SELECT, or an INSERT, UPDATE or DELETE with or without RETURNING) for `dialect`."""
     compiled = statement.compile(dialect=dialect)
     if compiled.positiontup is None:
-        raise ValueError(f"hot reads need a positional paramstyle, not {dialect.paramstyle}")
+        raise ValueError(f"the hot path needs a positional paramstyle, not {dialect.paramstyle}")
     bind_processors: dict[str, Processor] = {}
     fixed: dict[str, Any] = {}
     for name, bind in compiled.binds.items():
         if bind.expanding:
-            raise ValueError(f"bind {name!r} expands (IN with a list); hot reads take fixed shapes")
+            raise ValueError(f"bind {name!r} expands (IN with a list); the hot path takes fixed shapes")
         processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
         if processor is not None:
             bind_processors[name] = processor
@@ -100,13 +104,13 @@ def _compile(statement: Select[*tuple[Any, ...]], dialect: Dialect) -> CompiledR
             fixed[name] = bind.effective_value
     result_processors = tuple(
         column.type.dialect_impl(dialect).result_processor(dialect, None)
-        for column in statement.selected_columns
+        for column in statement.exported_columns
     )
     # The fields are known only at run time; rename=True turns an unnamed column into `_<index>`.
     row_type = collections.namedtuple(  # type: ignore[misc]
-        "HotRow", [str(column.key) for column in statement.selected_columns], rename=True
+        "HotRow", [str(column.key) for column in statement.exported_columns], rename=True
     )
-    return CompiledRead(
+    return CompiledStatement(
         sql=compiled.string,
         parameter_order=tuple(compiled.positiontup),
         fixed_values=fixed,
@@ -116,7 +120,8 @@ def _compile(statement: Select[*tuple[Any, ...]], dialect: Dialect) -> CompiledR
     )
 
 
-def _arguments(compiled: CompiledRead, parameters: Mapping[str, Any]) -> list[Any]:
+def bind_arguments(compiled: CompiledStatement, parameters: Mapping[str, Any]) -> list[Any]:
+    """The driver's arguments for `compiled`, in order, from `parameters` by bind name."""
     values = []
     for name in compiled.parameter_order:
         value = parameters[name] if name in parameters else compiled.fixed_values[name]
@@ -125,7 +130,8 @@ def _arguments(compiled: CompiledRead, parameters: Mapping[str, Any]) -> list[An
     return values
 
 
-def _decoded(compiled: CompiledRead, row: Sequence[Any]) -> Any:
+def decode_row(compiled: CompiledStatement, row: Sequence[Any]) -> Any:
+    """A driver's row of `compiled` as a row with a typed attribute per column."""
     return compiled.row_type(
         [
             value if processor is None else processor(value)
@@ -144,20 +150,20 @@ class HotReads:
     def for_url(url: URL, dialect: Dialect, *, connect_timeout_s: float) -> HotReads:
         if dialect.name == "sqlite":
             return _SqliteReads(dialect, url.database or "")
-        return _PostgresReads(dialect, url, connect_timeout_s=connect_timeout_s)
+        return _PostgresReads(dialect, PostgresConnections(url, connect_timeout_s=connect_timeout_s))
 
     async def all(self, read: HotRead[RowT], **parameters: Any) -> list[RowT]:
         """Every row the statement returns, built into `RowT`s."""
         compiled = read.compiled_for(self.dialect)
-        rows = await self._fetch(compiled, _arguments(compiled, parameters))
-        return [read.build(_decoded(compiled, row)) for row in rows]
+        rows = await self._fetch(compiled, bind_arguments(compiled, parameters))
+        return [read.build(decode_row(compiled, row)) for row in rows]
 
     async def first(self, read: HotRead[RowT], **parameters: Any) -> RowT | None:
         """The first row, or None when there is none."""
         found = await self.all(read, **parameters)
         return found[0] if found else None
 
-    async def _fetch(self, compiled: CompiledRead, arguments: list[Any]) -> Sequence[Sequence[Any]]:
+    async def _fetch(self, compiled: CompiledStatement, arguments: list[Any]) -> Sequence[Sequence[Any]]:
         raise NotImplementedError
 
     async def close(self) -> None:
@@ -181,7 +187,7 @@ class _SqliteReads(HotReads):
             self._connection = connection
         return self._connection
 
-    async def _fetch(self, compiled: CompiledRead, arguments: list[Any]) -> Sequence[Sequence[Any]]:
+    async def _fetch(self, compiled: CompiledStatement, arguments: list[Any]) -> Sequence[Sequence[Any]]:
         with self._lock:
             try:
                 cursor = self._connected().execute(compiled.sql, arguments)
@@ -213,37 +219,47 @@ _POSTGRES_CONNECTION_ERRORS: Final = (
 
 
 class _PostgresReads(HotReads):
-    def __init__(
-        self,
-        dialect: Dialect,
-        url: URL,
-        *,
-        connect_timeout_s: float,
-        max_connections: int = DEFAULT_POSTGRES_CONNECTIONS,
-    ) -> None:
+    def __init__(self, dialect: Dialect, connections: PostgresConnections) -> None:
         super().__init__(dialect)
+        self._connections = connections
+
+    async def _fetch(self, compiled: CompiledStatement, arguments: list[Any]) -> Sequence[Sequence[Any]]:
+        async with self._connections.connection() as connection:
+            return await self._connections.fetch(connection, compiled.sql, arguments)
+
+    async def close(self) -> None:
+        await self._connections.close()
+
+
+class PostgresConnections:
+    """A few asyncpg connections of the hot path's own, each used by one statement (or one short
+    transaction) at a time. asyncpg prepares a statement once per connection and reuses it. A
+    connection that fails is dropped, and the call answers UNAVAILABLE like a unit of work does."""
+
+    def __init__(
+        self, url: URL, *, connect_timeout_s: float, max_connections: int = DEFAULT_POSTGRES_CONNECTIONS
+    ) -> None:
         self._dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
         self._connect_timeout_s = connect_timeout_s
         self._idle: list[asyncpg.Connection] = []
         # One slot per connection that may be open (idle or in use).
         self._slots = asyncio.Semaphore(max_connections)
 
-    async def _fetch(self, compiled: CompiledRead, arguments: list[Any]) -> Sequence[Sequence[Any]]:
-        async with self._connection() as connection:
-            rows: list[Any] = await connection.fetch(
-                compiled.sql, *arguments, timeout=self._connect_timeout_s * 10
-            )
+    async def fetch(self, connection: asyncpg.Connection, sql: str, arguments: list[Any]) -> list[Any]:
+        """The rows of one statement on `connection`, bounded in time like a unit of work's."""
+        rows: list[Any] = await connection.fetch(sql, *arguments, timeout=self._connect_timeout_s * 10)
         return rows
 
     @contextlib.asynccontextmanager
-    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection for the block's own use."""
         connection = await self._acquire()
         healthy = False
         try:
             yield connection
             healthy = True
         except _POSTGRES_CONNECTION_ERRORS as error:
-            logger.warning("a hot read lost its PostgreSQL connection: %s", error or type(error).__name__)
+            logger.warning("the hot path lost its PostgreSQL connection: %s", error or type(error).__name__)
             raise _database_unavailable() from error
         finally:
             await self._release(connection, healthy=healthy and not connection.is_closed())
@@ -264,7 +280,7 @@ class _PostgresReads(HotReads):
                 server_settings={"application_name": "parley"},
             )
         except _POSTGRES_CONNECTION_ERRORS as error:
-            logger.warning("hot reads cannot connect to PostgreSQL: %s", error or type(error).__name__)
+            logger.warning("the hot path cannot connect to PostgreSQL: %s", error or type(error).__name__)
             raise _database_unavailable() from error
         # JSON arrives decoded, as the SQLAlchemy dialect hands it over (its result processor is None).
         for type_name in ("json", "jsonb"):
@@ -284,6 +300,7 @@ class _PostgresReads(HotReads):
             self._slots.release()
 
     async def close(self) -> None:
+        """Close the idle connections; the next use opens new ones."""
         idle, self._idle = self._idle, []
         for connection in idle:
             with contextlib.suppress(*_POSTGRES_CONNECTION_ERRORS):

@@ -335,6 +335,7 @@ class OutboxRelay:
         self._wake = asyncio.Event()
         # Events committed in this process are relayed at once instead of at the next idle poll.
         db.after_commit(self._wake_if_events_committed)
+        db.hot_writes.after_events_committed(self.wake)
 
     def _wake_if_events_committed(self, session: Session) -> None:
         if session.info.pop(EVENTS_ADDED, False):
