@@ -12,6 +12,19 @@ updates per account (a row lock on PostgreSQL, the write lock on SQLite), so con
 reservations against one balance can never together take more than it holds, on any number of
 replicas.
 
+Reserving and settling are what every generation does, so each first tries `CreditFastPath`: one
+atomic write outside any unit of work, which holds row locks only while the database runs it (on
+PostgreSQL one statement), and either does everything or nothing. A reservation there is the
+conditional hold with the reservation, its ledger entry and its event; a request id already taken
+refuses the whole write. A settlement's events depend on the balance it lands on (the overage it
+makes, the usage thresholds it crosses), so the fast path only takes a settlement that makes no
+overage and crosses no threshold: its events are then the same for any usage up to a bound. They are
+computed from the reservation and account as read, and the write applies only if the account still
+has the plan, period, allowance and announced threshold that were read, and has used no more than
+that bound. Everything else (a repeat, a refusal, an account to start or roll over, a settlement
+with something to announce, or one the account moved away from) is done in a unit of work, which
+reads under locks and handles every case; the fast path declining costs one more round trip.
+
 The documented bound on going negative: a settlement charges what the generation really used, even
 beyond its reservation, because those tokens were produced. So a hard-stop balance can end below
 zero by at most what the settlements of the reservations in flight used beyond their estimates;
@@ -26,9 +39,16 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Final, Literal
 
+from google.protobuf.message import Message
+
 from parley.events.v1 import events_pb2
 from services.billing.mail import request_mail
-from services.billing.ports import BillingUnitOfWork, BillingUnitsOfWork, DuplicateReservation
+from services.billing.ports import (
+    BillingUnitOfWork,
+    BillingUnitsOfWork,
+    CreditFastPath,
+    DuplicateReservation,
+)
 from services.common.clock import Clock, utc_now
 from services.common.encoding import money_to_proto, timestamp_to_proto
 from services.common.errors import (
@@ -187,6 +207,53 @@ class Reservation:
 
 
 @dataclass(frozen=True)
+class NewReservation:
+    """A reservation as its caller makes it, before the account's hold places it in a period."""
+
+    id: str
+    request_id: str
+    account_id: str
+    reserved_tokens: int
+    model: str
+    create_time: datetime
+    expire_time: datetime
+
+    @property
+    def entry(self) -> LedgerEntry:
+        """Its ledger entry: the hold."""
+        return LedgerEntry("reservation", reserved_delta=self.reserved_tokens, reservation_id=self.id)
+
+    def held_in(self, period_start: datetime) -> Reservation:
+        """The reservation held in the account's period starting at `period_start`."""
+        return Reservation(
+            id=self.id,
+            request_id=self.request_id,
+            account_id=self.account_id,
+            status="held",
+            period_start=period_start,
+            reserved_tokens=self.reserved_tokens,
+            settled_tokens=0,
+            model=self.model,
+            provider="",
+            input_tokens=0,
+            output_tokens=0,
+            create_time=self.create_time,
+            expire_time=self.expire_time,
+            close_time=None,
+        )
+
+
+@dataclass(frozen=True)
+class SettlementBasis:
+    """What a settlement is computed from, read together without a lock."""
+
+    reservation: Reservation
+    account: CreditAccount
+    # The overage price of the account's plan (None on a hard-stop plan).
+    overage_price_per_1k_tokens: Money | None
+
+
+@dataclass(frozen=True)
 class SettledUsage:
     """The settled usage of one model in a period."""
 
@@ -230,10 +297,13 @@ class CreditLedger:
         currency_code: str = "USD",
         reservation_ttl: timedelta = DEFAULT_RESERVATION_TTL,
         clock: Clock = utc_now,
+        fast_path: CreditFastPath | None = None,
     ) -> None:
+        """Without `fast_path`, every reservation and settlement is a unit of work."""
         if reservation_ttl <= timedelta(0):
             raise ValueError("reservation_ttl must be positive")
         self._units = units
+        self._fast_path = fast_path
         self._subscriptions = subscriptions
         self._models = models
         self._currency_code = currency_code
@@ -249,78 +319,61 @@ class CreditLedger:
         does not cover the estimate.
         """
         _check_estimate(estimate, self._models)
-        # Most calls are new requests: the insert's conflict tells a repeat apart, and only then is
-        # the request id looked up (a repeat's hold is rolled back with the refused insert).
-        repeat = False
-        for _attempt in range(3):
+        now = self._clock()
+        new = NewReservation(
+            id=new_id(),
+            request_id=request_id,
+            account_id=account_id,
+            reserved_tokens=estimate.tokens,
+            model=estimate.model,
+            create_time=now,
+            expire_time=now + self._reservation_ttl,
+        )
+        if self._fast_path is not None:
             try:
-                return await self._reserve_once(request_id, account_id, estimate, repeat=repeat)
+                account = await self._fast_path.reserve(new, new.entry, _reserved_event(new))
             except DuplicateReservation:
-                repeat = True
+                account = None
+            if account is not None:
+                return new.held_in(account.period_start), account
+        # A repeat, a refusal, or an account to start or roll over first: a unit of work answers
+        # every case. A concurrent call with the same request id can win the insert; the retry
+        # then finds it.
+        for _attempt in range(2):
+            try:
+                return await self._reserve_once(new, estimate)
+            except DuplicateReservation:
+                continue
         raise FailedPrecondition(
             "Another call with this request_id is still being processed; retry it.",
             reason="CONCURRENT_MODIFICATION",
         )
 
     async def _reserve_once(
-        self, request_id: str, account_id: str, estimate: Estimate, *, repeat: bool
+        self, new: NewReservation, estimate: Estimate
     ) -> tuple[Reservation, CreditAccount]:
-        now = self._clock()
+        now, account_id = new.create_time, new.account_id
         short_of: CreditAccount | None = None
         async with self._units.write() as uow:
-            account = None if repeat else await uow.accounts.hold(account_id, estimate.tokens, now=now)
+            existing = await uow.reservations.by_request(account_id, new.request_id)
+            if existing is not None:
+                _same_request(existing, estimate)
+                return existing, await self._account(uow, account_id, now)
+            account = await uow.accounts.hold(account_id, new.reserved_tokens, now=now)
             if account is None:
-                # Not held: a repeat (answered with its reservation, even once the balance is spent),
-                # no current account, or too little credit.
-                existing = await uow.reservations.by_request(account_id, request_id)
-                if existing is not None:
-                    _same_request(existing, estimate)
-                    return existing, await self._account(uow, account_id, now)
                 current = await uow.accounts.get(account_id)
-                outdated = current is None or current.period_end <= now
-                if outdated:
+                if current is None or current.period_end <= now:
                     # No account yet (the user.registered event is still on its way) or its period
                     # ended (the rollover event is late): bring it up to date, then try once more.
                     await self._subscriptions.ensure_current(uow, account_id, now)
-                if outdated or repeat:
-                    account = await uow.accounts.hold(account_id, estimate.tokens, now=now)
+                    account = await uow.accounts.hold(account_id, new.reserved_tokens, now=now)
             if account is None:
                 short_of = await self._account(uow, account_id, now)
             else:
-                reservation = Reservation(
-                    id=new_id(),
-                    request_id=request_id,
-                    account_id=account_id,
-                    status="held",
-                    period_start=account.period_start,
-                    reserved_tokens=estimate.tokens,
-                    settled_tokens=0,
-                    model=estimate.model,
-                    provider="",
-                    input_tokens=0,
-                    output_tokens=0,
-                    create_time=now,
-                    expire_time=now + self._reservation_ttl,
-                    close_time=None,
-                )
+                reservation = new.held_in(account.period_start)
                 await uow.reservations.add(reservation)
-                await uow.ledger.append(
-                    account_id,
-                    account.period_start,
-                    LedgerEntry("reservation", reserved_delta=estimate.tokens, reservation_id=reservation.id),
-                    now=now,
-                )
-                uow.outbox.record(
-                    subject=account_id,
-                    payload=events_pb2.CreditsReserved(
-                        reservation_id=reservation.id,
-                        request_id=request_id,
-                        user_id=account_id,
-                        tokens=estimate.tokens,
-                        model=estimate.model,
-                        expire_time=timestamp_to_proto(reservation.expire_time),
-                    ),
-                )
+                await uow.ledger.append(account_id, account.period_start, new.entry, now=now)
+                uow.outbox.record(subject=account_id, payload=_reserved_event(new))
                 return reservation, account
         # Raised after the unit of work, so what `ensure_current` set up stays committed.
         assert short_of is not None
@@ -328,69 +381,104 @@ class CreditLedger:
 
     async def settle(self, reservation_id: str, request_id: str, usage: Usage) -> Settlement:
         """Charge the real usage and release the rest of the hold; a repeat returns the same outcome."""
-        model = _check_usage(usage, self._models)
+        _check_usage(usage)
         now = self._clock()
+        if self._fast_path is not None:
+            settlement = await self._settle_fast(self._fast_path, reservation_id, request_id, usage, now)
+            if settlement is not None:
+                return settlement
         async with self._units.write() as uow:
             settled = await uow.reservations.settle_if_held(reservation_id, request_id, usage, now=now)
             if settled is None:
                 return await self._settled_already(uow, reservation_id, request_id, usage, now)
-            entry = LedgerEntry(
-                "settlement",
-                used_delta=usage.tokens,
-                reserved_delta=-settled.reserved_tokens,
-                reservation_id=settled.id,
-            )
+            entry = _settlement_entry(settled)
             account = await uow.accounts.apply_if_current(settled.account_id, entry, now=now)
             if account is None:
                 # The period ended (its rollover event is late): the usage counts in the new one.
                 await self._subscriptions.ensure_current(uow, settled.account_id, now)
                 account = await uow.accounts.apply(settled.account_id, entry, now=now)
             await uow.ledger.append(account.account_id, account.period_start, entry, now=now)
-            before = account.before(entry)
-            cost = self._cost(model, usage)
+            cost = self._cost(usage.model, usage)
             plan = await self._subscriptions.plan_in(uow, account.plan_id)
-            overage_tokens = account.overage_tokens - before.overage_tokens
-            overage_charge = (
-                Money(self._currency_code, 0)
-                if plan.overage_price_per_1k_tokens is None
-                else Money(
-                    plan.overage_price_per_1k_tokens.currency_code,
-                    _per_1k(account.overage_tokens, plan.overage_price_per_1k_tokens.amount_minor)
-                    - _per_1k(before.overage_tokens, plan.overage_price_per_1k_tokens.amount_minor),
-                )
-            )
-            uow.outbox.record(
-                subject=account.account_id,
-                payload=events_pb2.CreditsSettled(
-                    reservation_id=settled.id,
-                    request_id=settled.request_id,
-                    user_id=account.account_id,
-                    reserved_tokens=settled.reserved_tokens,
-                    settled_tokens=usage.tokens,
-                    cost=money_to_proto(cost),
-                    model=usage.model,
-                    provider=usage.provider,
-                ),
-            )
-            uow.outbox.record(
-                subject=account.account_id,
-                payload=events_pb2.UsageRecorded(
-                    user_id=account.account_id,
-                    plan_id=account.plan_id,
-                    request_id=settled.request_id,
-                    reservation_id=settled.id,
-                    model=usage.model,
-                    provider=usage.provider,
-                    input_tokens=usage.input_tokens,
-                    output_tokens=usage.output_tokens,
-                    overage_tokens=overage_tokens,
-                    cost=money_to_proto(cost),
-                    overage_charge=money_to_proto(overage_charge),
-                    period_start_time=timestamp_to_proto(account.period_start),
-                ),
-            )
+            for event in self._settlement_events(
+                settled, account.before(entry), account, cost, plan.overage_price_per_1k_tokens
+            ):
+                uow.outbox.record(subject=account.account_id, payload=event)
             await self._announce_thresholds(uow, account)
             return Settlement(settled, account, cost)
+
+    async def _settle_fast(
+        self, fast_path: CreditFastPath, reservation_id: str, request_id: str, usage: Usage, now: datetime
+    ) -> Settlement | None:
+        """The settlement that crosses no usage threshold and goes into no overage, computed from the
+        reservation and account as read, and written in one atomic step that holds the account to
+        what the computation assumed. None when it is not such a settlement, or is no longer by the
+        time it is written, or is not a settlement at all (unknown, repeated, closed, expired): the
+        unit of work answers those."""
+        basis = await fast_path.settlement_basis(reservation_id)
+        if basis is None:
+            return None
+        reservation, before = basis.reservation, basis.account
+        if reservation.request_id != request_id or reservation.status != "held" or before.period_end <= now:
+            return None
+        most_used = _most_used_for_a_quiet_settlement(before, usage.tokens)
+        if before.used_tokens > most_used:
+            # What it announces depends on exactly how much was used: only a lock holds that still.
+            return None
+        settled = _settled(reservation, usage, now)
+        entry = _settlement_entry(settled)
+        cost = self._cost(usage.model, usage)
+        events = self._settlement_events(
+            settled, before, before.applied(entry), cost, basis.overage_price_per_1k_tokens
+        )
+        account = await fast_path.settle(settled, entry, events, expected=before, most_used=most_used)
+        return None if account is None else Settlement(settled, account, cost)
+
+    def _settlement_events(
+        self,
+        settled: Reservation,
+        before: CreditAccount,
+        after: CreditAccount,
+        cost: Money,
+        overage_price: Money | None,
+    ) -> list[Message]:
+        """CreditsSettled and UsageRecorded of a settlement that took the account from `before` to
+        `after` (the usage thresholds it crossed are `_announce_thresholds`')."""
+        overage_charge = (
+            Money(self._currency_code, 0)
+            if overage_price is None
+            else Money(
+                overage_price.currency_code,
+                _per_1k(after.overage_tokens, overage_price.amount_minor)
+                - _per_1k(before.overage_tokens, overage_price.amount_minor),
+            )
+        )
+        return [
+            events_pb2.CreditsSettled(
+                reservation_id=settled.id,
+                request_id=settled.request_id,
+                user_id=after.account_id,
+                reserved_tokens=settled.reserved_tokens,
+                settled_tokens=settled.settled_tokens,
+                cost=money_to_proto(cost),
+                model=settled.model,
+                provider=settled.provider,
+            ),
+            events_pb2.UsageRecorded(
+                user_id=after.account_id,
+                plan_id=after.plan_id,
+                request_id=settled.request_id,
+                reservation_id=settled.id,
+                model=settled.model,
+                provider=settled.provider,
+                input_tokens=settled.input_tokens,
+                output_tokens=settled.output_tokens,
+                overage_tokens=after.overage_tokens - before.overage_tokens,
+                cost=money_to_proto(cost),
+                overage_charge=money_to_proto(overage_charge),
+                period_start_time=timestamp_to_proto(after.period_start),
+            ),
+        ]
 
     async def _settled_already(
         self, uow: BillingUnitOfWork, reservation_id: str, request_id: str, usage: Usage, now: datetime
@@ -598,6 +686,55 @@ def _per_1k(tokens: int, price_minor: int) -> int:
     return -(-tokens * price_minor // 1000)
 
 
+def _reserved_event(new: NewReservation) -> events_pb2.CreditsReserved:
+    return events_pb2.CreditsReserved(
+        reservation_id=new.id,
+        request_id=new.request_id,
+        user_id=new.account_id,
+        tokens=new.reserved_tokens,
+        model=new.model,
+        expire_time=timestamp_to_proto(new.expire_time),
+    )
+
+
+def _settled(reservation: Reservation, usage: Usage, now: datetime) -> Reservation:
+    """The held `reservation` settled on `usage` at `now`."""
+    return replace(
+        reservation,
+        status="settled",
+        settled_tokens=usage.tokens,
+        model=usage.model,
+        provider=usage.provider,
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        close_time=now,
+    )
+
+
+def _settlement_entry(settled: Reservation) -> LedgerEntry:
+    """Charges what was used and gives back the whole hold."""
+    return LedgerEntry(
+        "settlement",
+        used_delta=settled.settled_tokens,
+        reserved_delta=-settled.reserved_tokens,
+        reservation_id=settled.id,
+    )
+
+
+def _most_used_for_a_quiet_settlement(account: CreditAccount, tokens: int) -> int:
+    """The most tokens `account` may have used for a settlement of `tokens` to cross no usage
+    threshold and go into no overage: up to there, what the settlement announces is the same
+    whatever exactly was used (no overage, no threshold event), as long as the plan, the period,
+    the included and purchased tokens and the thresholds announced stay as they are."""
+    most_used_after = account.included_tokens + account.purchased_tokens
+    upcoming = [percent for percent in USAGE_THRESHOLDS_PERCENT if percent > account.notified_percent]
+    if account.included_tokens > 0 and upcoming:
+        # `_announce_thresholds` announces p once used * 100 // included >= p, that is once
+        # used * 100 >= p * included.
+        most_used_after = min(most_used_after, (min(upcoming) * account.included_tokens - 1) // 100)
+    return most_used_after - tokens
+
+
 def _check_estimate(estimate: Estimate, models: ModelCatalog) -> None:
     if models.get(estimate.model) is None:
         raise InvalidArgument(f"There is no model {estimate.model!r}.", reason="MODEL_NOT_FOUND")
@@ -607,12 +744,11 @@ def _check_estimate(estimate: Estimate, models: ModelCatalog) -> None:
         )
 
 
-def _check_usage(usage: Usage, models: ModelCatalog) -> str:
+def _check_usage(usage: Usage) -> None:
     if usage.input_tokens < 0 or usage.output_tokens < 0:
         raise InvalidArgument("Token counts must not be negative.", reason="INVALID_ARGUMENT")
     if not usage.model:
         raise InvalidArgument("actual_usage.model is required.", reason="REQUIRED_FIELD")
-    return usage.model
 
 
 def _same_request(existing: Reservation, estimate: Estimate) -> None:

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Final, Protocol
 from services.common.unit_of_work import Outbox, UnitsOfWork
 
 if TYPE_CHECKING:
+    from google.protobuf.message import Message
+
     from services.billing.checkout import CheckoutSession, CreditPack, Payment
     from services.billing.customer_admin import LedgerRecord
     from services.billing.idempotency import IdempotencyKey
@@ -24,8 +26,10 @@ if TYPE_CHECKING:
         CreditAccount,
         LedgerEntry,
         LedgerSums,
+        NewReservation,
         Reservation,
         SettledUsage,
+        SettlementBasis,
         Usage,
     )
     from services.billing.plans import Plan
@@ -173,6 +177,48 @@ class ReservationRepository(Protocol):
 
     async def usage_by_model(self, account_id: str, period_start: datetime) -> Sequence[SettledUsage]:
         """The settled usage of the account's period per model."""
+        ...
+
+
+class CreditFastPath(Protocol):
+    """Reservation and settlement as one atomic write each, outside any unit of work: the calls
+    every generation makes, in their common case.
+
+    Each write does everything it says or nothing, and says which. When it did nothing, the ledger
+    does the call in a unit of work, which handles every case. Row locks are held only while the
+    database runs the write, so callers contending for one account wait the least they can.
+    """
+
+    async def reserve(
+        self, reservation: NewReservation, entry: LedgerEntry, event: Message
+    ) -> CreditAccount | None:
+        """Hold `reservation.reserved_tokens` on its account, with the reservation, its ledger
+        `entry` and `event` recorded in the account's current period; the account after the hold.
+        Held only if the account's period is current at the reservation's create time and, on a
+        hard-stop plan, the remaining tokens cover it: None otherwise (nothing written).
+        `DuplicateReservation` (nothing written) when the account has a reservation with its
+        request id."""
+        ...
+
+    async def settlement_basis(self, reservation_id: str) -> SettlementBasis | None:
+        """The reservation, its account and the overage price of the account's plan as they are
+        now, read without a lock; None when there is no such reservation."""
+        ...
+
+    async def settle(
+        self,
+        settled: Reservation,
+        entry: LedgerEntry,
+        events: Sequence[Message],
+        *,
+        expected: CreditAccount,
+        most_used: int,
+    ) -> CreditAccount | None:
+        """Write the reservation's outcome as `settled`, and `entry` to its account's sums and
+        ledger, with `events`, if the reservation is still held and the account still has the
+        plan, the period, the included and purchased tokens and the announced threshold of
+        `expected`, a period current at `settled.close_time`, and at most `most_used` tokens
+        used; the account after, or None (nothing written)."""
         ...
 
 

@@ -6,12 +6,29 @@ catalog stale (`services.billing.plans.PlanCatalog` reads it), and the after-com
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from functools import cached_property
 from typing import Any, Final, cast
 
-from sqlalchemy import BigInteger, Table, bindparam, func, insert, select, text, update
+from google.protobuf.message import Message
+from sqlalchemy import (
+    BigInteger,
+    BindParameter,
+    ColumnElement,
+    FromClause,
+    Insert,
+    Select,
+    Table,
+    bindparam,
+    exists,
+    func,
+    insert,
+    select,
+    text,
+    union_all,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -23,8 +40,10 @@ from services.billing.ledger import (
     CreditAccount,
     LedgerEntry,
     LedgerSums,
+    NewReservation,
     Reservation,
     SettledUsage,
+    SettlementBasis,
     Usage,
 )
 from services.billing.models import (
@@ -55,11 +74,14 @@ from services.billing.ports import (
 )
 from services.billing.subscriptions import Subscription
 from services.common.db import Database
+from services.common.hot_reads import HotRead
+from services.common.hot_writes import HotWrite, HotWriteBusy, UniqueViolation
 from services.common.ids import new_id
 from services.common.models import UTCDateTime
 from services.common.money import Money
+from services.common.outbox import OutboxEvent, outbox_row
 from services.common.processed_events import record_processed
-from services.common.sql_unit_of_work import SqlOutbox, SqlTransaction, SqlUnitsOfWork
+from services.common.sql_unit_of_work import SqlOutbox, SqlTransaction, SqlUnitsOfWork, event_subject
 from services.common.unit_of_work import Changes
 
 EVENT_SOURCE: Final = "billing"
@@ -452,10 +474,13 @@ _APPEND = insert(_LEDGER)
 def _entry_row(
     entry_id: str, account_id: str, period_start: datetime, entry: LedgerEntry, now: datetime
 ) -> dict[str, object]:
+    return {"account_id": account_id, "period_start": period_start, **_entry_values(entry_id, entry, now)}
+
+
+def _entry_values(entry_id: str, entry: LedgerEntry, now: datetime) -> dict[str, object]:
+    """An entry's row but for its account and period."""
     return {
         "id": entry_id,
-        "account_id": account_id,
-        "period_start": period_start,
         "kind": entry.kind,
         "reservation_id": entry.reservation_id,
         "reason": entry.reason,
@@ -546,20 +571,19 @@ _ADD_RESERVATION = {
     for name, dialect_insert in (("postgresql", postgresql.insert), ("sqlite", sqlite.insert))
 }
 _RESERVATION_ID = bindparam("reservation_id_", type_=_RESERVATION.c.id.type)
+_REQUEST_ID = bindparam("request_id_", type_=_RESERVATION.c.request_id.type)
 _GET_RESERVATION = select(*_RESERVATION_COLUMNS).where(_RESERVATION.c.id == _RESERVATION_ID)
 _GET_RESERVATION_FOR_UPDATE = _GET_RESERVATION.with_for_update()
 _BY_REQUEST = select(*_RESERVATION_COLUMNS).where(
     _RESERVATION.c.account_id == _ACCOUNT_ID,
-    _RESERVATION.c.request_id == bindparam("request_id_", type_=_RESERVATION.c.request_id.type),
+    _RESERVATION.c.request_id == _REQUEST_ID,
 )
 # The closing columns come from the parameters: status, settled_tokens, model, provider,
 # input_tokens, output_tokens, closed_at.
 _CLOSE_HELD = update(_RESERVATION).where(
     _RESERVATION.c.id == _RESERVATION_ID, _RESERVATION.c.status == "held"
 )
-_SETTLE_HELD = _CLOSE_HELD.where(
-    _RESERVATION.c.request_id == bindparam("request_id_", type_=_RESERVATION.c.request_id.type)
-).returning(*_RESERVATION_COLUMNS)
+_SETTLE_HELD = _CLOSE_HELD.where(_RESERVATION.c.request_id == _REQUEST_ID).returning(*_RESERVATION_COLUMNS)
 
 
 def _closing_values(reservation: Reservation) -> dict[str, object]:
@@ -643,6 +667,260 @@ class SqlReservationRepository:
             )
         ).all()
         return [SettledUsage(row[0], int(row[1]), int(row[2]), int(row[3])) for row in rows]
+
+
+# ---- the fast path: reserve and settle as one atomic write each --------------------------------
+
+_OUTBOX = cast(Table, OutboxEvent.__table__)
+# The `outbox_row` columns of an event.
+_EVENT_COLUMNS: Final = ("event_id", "source", "event_type", "subject", "payload", "occurred_at")
+
+
+def _binds(table: Table, prefix: str, names: Iterable[str]) -> dict[str, BindParameter[Any]]:
+    return {name: bindparam(f"{prefix}{name}", type_=table.c[name].type) for name in names}
+
+
+def _prefixed(values: Mapping[str, object], prefix: str) -> dict[str, object]:
+    return {f"{prefix}{name}": value for name, value in values.items()}
+
+
+def _rows_from(
+    table: Table,
+    prefix: str,
+    names: Sequence[str],
+    account: FromClause,
+    *,
+    copies: int = 1,
+    where: ColumnElement[bool] | None = None,
+) -> Insert:
+    """INSERT of `copies` rows per row of `account` (the account held or settled): their
+    `account_id` and `period_start` (when `table` has them) are the account's, and every other
+    column of `names` is bound, as `<prefix><copy>_<name>` when there are several copies."""
+    selects = []
+    for copy in range(copies):
+        binds = _binds(table, f"{prefix}{copy}_" if copies > 1 else prefix, names)
+        taken = {"account_id": account.c.account_id, "period_start": account.c.period_start}
+        columns = [taken[name] if name in taken else binds[name] for name in names]
+        one = select(*columns).select_from(account)
+        selects.append(one if where is None else one.where(where))
+    rows = selects[0] if copies == 1 else union_all(*selects)
+    return insert(table).from_select(list(names), rows, include_defaults=False)
+
+
+_NEW_RESERVATION_COLUMNS: Final = tuple(column.key for column in _RESERVATION.c)
+_ENTRY_COLUMNS: Final = tuple(column.key for column in _LEDGER.c)
+# Settling: the account must still be as the settlement was computed for (`CreditFastPath.settle`).
+_APPLY_AS_EXPECTED = _APPLY_IF_CURRENT.where(
+    _ACCOUNT.c.plan_id == bindparam("plan_id_", type_=_ACCOUNT.c.plan_id.type),
+    _ACCOUNT.c.period_start == bindparam("period_start_", type_=UTCDateTime()),
+    _ACCOUNT.c.included_tokens == bindparam("included_", type_=BigInteger()),
+    _ACCOUNT.c.purchased_tokens == bindparam("purchased_", type_=BigInteger()),
+    _ACCOUNT.c.notified_percent == bindparam("notified_", type_=_ACCOUNT.c.notified_percent.type),
+    _ACCOUNT.c.used_tokens <= bindparam("most_used", type_=BigInteger()),
+)
+_HELD_WITH_REQUEST = select(_RESERVATION.c.id).where(
+    _RESERVATION.c.id == _RESERVATION_ID,
+    _RESERVATION.c.request_id == _REQUEST_ID,
+    _RESERVATION.c.status == "held",
+)
+_CLOSE_AS_SETTLED = (
+    update(_RESERVATION)
+    .where(_RESERVATION.c.id == _RESERVATION_ID, _RESERVATION.c.status == "held")
+    .values(
+        {
+            **_binds(_RESERVATION, "s_", ("status", "settled_tokens", "model", "provider")),
+            **_binds(_RESERVATION, "s_", ("input_tokens", "output_tokens")),
+            "closed_at": _NOW,
+        }
+    )
+    .returning(_RESERVATION.c.id)
+)
+_SETTLED_EVENTS: Final = 2
+
+
+def _postgres_reserve() -> Select[Any]:
+    # One statement: the hold, and only if it was made, the reservation, its entry and its event.
+    # A taken request id fails the reservation's insert, and with it the whole statement.
+    held = _HOLD.cte("held")
+    return select(*held.c).add_cte(
+        _rows_from(_RESERVATION, "r_", _NEW_RESERVATION_COLUMNS, held).cte("reservation"),
+        _rows_from(_LEDGER, "e_", _ENTRY_COLUMNS, held).cte("entry"),
+        _rows_from(_OUTBOX, "o", _EVENT_COLUMNS, held).cte("event"),
+    )
+
+
+def _postgres_settle() -> Select[Any]:
+    # One statement: lock the reservation if it is held, apply the entry to the account if it is as
+    # expected, and only then close the reservation and add the entry and the events. The row locks
+    # last as long as the statement.
+    locked = _HELD_WITH_REQUEST.with_for_update().cte("locked")
+    account = _APPLY_AS_EXPECTED.where(exists(select(locked.c.id))).cte("account")
+    return select(*account.c).add_cte(
+        _CLOSE_AS_SETTLED.where(exists(select(account.c.account_id))).cte("settled"),
+        _rows_from(_LEDGER, "e_", _ENTRY_COLUMNS, account).cte("entry"),
+        _rows_from(_OUTBOX, "o", _EVENT_COLUMNS, account, copies=_SETTLED_EVENTS).cte("events"),
+    )
+
+
+_ACCOUNT_ROW = _ACCOUNT.c.account_id == _ACCOUNT_ID
+_POSTGRES_RESERVE = HotWrite(_postgres_reserve(), _to_account, records_events=True)
+_POSTGRES_SETTLE = HotWrite(_postgres_settle(), _to_account, records_events=True)
+# SQLite has no CTE that writes: the same steps, one statement each, in one transaction.
+_SQLITE_HOLD = HotWrite(_HOLD, _to_account)
+_SQLITE_SETTLE_ACCOUNT = HotWrite(_APPLY_AS_EXPECTED.where(exists(_HELD_WITH_REQUEST)), _to_account)
+_SQLITE_CLOSE_AS_SETTLED = HotWrite(_CLOSE_AS_SETTLED, lambda row: row.id)
+_SQLITE_ADD_RESERVATION = HotWrite(
+    _rows_from(_RESERVATION, "r_", _NEW_RESERVATION_COLUMNS, _ACCOUNT, where=_ACCOUNT_ROW), lambda row: row
+)
+_SQLITE_ADD_ENTRY = HotWrite(
+    _rows_from(_LEDGER, "e_", _ENTRY_COLUMNS, _ACCOUNT, where=_ACCOUNT_ROW), lambda row: row
+)
+_SQLITE_ADD_EVENT = HotWrite(
+    _rows_from(_OUTBOX, "o", _EVENT_COLUMNS, _ACCOUNT, where=_ACCOUNT_ROW),
+    lambda row: row,
+    records_events=True,
+)
+_SQLITE_ADD_SETTLED_EVENTS = HotWrite(
+    _rows_from(_OUTBOX, "o", _EVENT_COLUMNS, _ACCOUNT, copies=_SETTLED_EVENTS, where=_ACCOUNT_ROW),
+    lambda row: row,
+    records_events=True,
+)
+
+
+def _to_basis(row: Any) -> SettlementBasis:
+    overage = row.plan_overage_minor
+    return SettlementBasis(
+        reservation=_to_reservation(row),
+        account=CreditAccount(
+            **{column.key: getattr(row, f"account_{column.key}") for column in _ACCOUNT_COLUMNS}
+        ),
+        overage_price_per_1k_tokens=None if overage is None else Money(row.plan_currency_code, overage),
+    )
+
+
+_SETTLEMENT_BASIS = HotRead(
+    select(
+        *_RESERVATION_COLUMNS,
+        *(column.label(f"account_{column.key}") for column in _ACCOUNT_COLUMNS),
+        _PLAN.c.currency_code.label("plan_currency_code"),
+        _PLAN.c.overage_price_per_1k_tokens_minor.label("plan_overage_minor"),
+    )
+    .join_from(_RESERVATION, _ACCOUNT, _ACCOUNT.c.account_id == _RESERVATION.c.account_id)
+    .join(_PLAN, _PLAN.c.id == _ACCOUNT.c.plan_id)
+    .where(_RESERVATION.c.id == _RESERVATION_ID),
+    _to_basis,
+)
+
+
+def credit_fast_path(database: Database) -> SqlCreditFastPath:
+    """Billing's `CreditFastPath` over `database`'s hot path."""
+    return SqlCreditFastPath(database)
+
+
+class SqlCreditFastPath:
+    """`CreditFastPath` on the database's hot path: on PostgreSQL each write is one statement whose
+    CTEs hold, insert and return; on SQLite, one short transaction of a statement per step."""
+
+    def __init__(self, database: Database) -> None:
+        self._reads = database.hot_reads
+        self._writes = database.hot_writes
+        self._on_postgres = database.dialect_name == "postgresql"
+
+    async def reserve(
+        self, reservation: NewReservation, entry: LedgerEntry, event: Message
+    ) -> CreditAccount | None:
+        parameters = {
+            "account_id_": reservation.account_id,
+            "tokens": reservation.reserved_tokens,
+            "now": reservation.create_time,
+            **_prefixed(_new_reservation_row(reservation), "r_"),
+            **_prefixed(_entry_values(new_id(), entry, reservation.create_time), "e_"),
+            **_event_parameters(reservation.account_id, [event]),
+        }
+        try:
+            if self._on_postgres:
+                held = await self._writes.atomic(_POSTGRES_RESERVE, **parameters)
+            else:
+                held = await self._reserve_on_sqlite(parameters)
+        except UniqueViolation:
+            raise DuplicateReservation(reservation.request_id) from None
+        except HotWriteBusy:
+            return None
+        return held[0] if held else None
+
+    async def _reserve_on_sqlite(self, parameters: Mapping[str, Any]) -> list[CreditAccount]:
+        async with self._writes.transaction() as transaction:
+            held = await transaction.fetch(_SQLITE_HOLD, **parameters)
+            if held:
+                await transaction.fetch(_SQLITE_ADD_RESERVATION, **parameters)
+                await transaction.fetch(_SQLITE_ADD_ENTRY, **parameters)
+                await transaction.fetch(_SQLITE_ADD_EVENT, **parameters)
+            return held
+
+    async def settlement_basis(self, reservation_id: str) -> SettlementBasis | None:
+        return await self._reads.first(_SETTLEMENT_BASIS, reservation_id_=reservation_id)
+
+    async def settle(
+        self,
+        settled: Reservation,
+        entry: LedgerEntry,
+        events: Sequence[Message],
+        *,
+        expected: CreditAccount,
+        most_used: int,
+    ) -> CreditAccount | None:
+        if len(events) != _SETTLED_EVENTS:
+            raise ValueError(f"a settlement records {_SETTLED_EVENTS} events, not {len(events)}")
+        assert settled.close_time is not None
+        parameters = {
+            "account_id_": settled.account_id,
+            "reservation_id_": settled.id,
+            "request_id_": settled.request_id,
+            "now": settled.close_time,
+            "plan_id_": expected.plan_id,
+            "period_start_": expected.period_start,
+            "included_": expected.included_tokens,
+            "purchased_": expected.purchased_tokens,
+            "notified_": expected.notified_percent,
+            "most_used": most_used,
+            **_prefixed(_closing_values(settled), "s_"),
+            **_deltas(entry),
+            **_prefixed(_entry_values(new_id(), entry, settled.close_time), "e_"),
+            **_event_parameters(settled.account_id, events),
+        }
+        try:
+            if self._on_postgres:
+                accounts = await self._writes.atomic(_POSTGRES_SETTLE, **parameters)
+            else:
+                accounts = await self._settle_on_sqlite(parameters)
+        except HotWriteBusy:
+            return None
+        return accounts[0] if accounts else None
+
+    async def _settle_on_sqlite(self, parameters: Mapping[str, Any]) -> list[CreditAccount]:
+        async with self._writes.transaction() as transaction:
+            accounts = await transaction.fetch(_SQLITE_SETTLE_ACCOUNT, **parameters)
+            if accounts:
+                await transaction.fetch(_SQLITE_CLOSE_AS_SETTLED, **parameters)
+                await transaction.fetch(_SQLITE_ADD_ENTRY, **parameters)
+                await transaction.fetch(_SQLITE_ADD_SETTLED_EVENTS, **parameters)
+            return accounts
+
+
+def _new_reservation_row(reservation: NewReservation) -> dict[str, object]:
+    """Its row but for the period, which the statement takes from the account it holds."""
+    row = _reservation_row(reservation.held_in(reservation.create_time))
+    del row["period_start"]  # the stand-in above
+    return row
+
+
+def _event_parameters(account_id: str, events: Sequence[Message]) -> dict[str, object]:
+    parameters: dict[str, object] = {}
+    for copy, event in enumerate(events):
+        _, row = outbox_row(source=EVENT_SOURCE, subject=event_subject(account_id), payload=event)
+        prefix = f"o{copy}_" if len(events) > 1 else "o"
+        parameters.update(_prefixed({name: row[name] for name in _EVENT_COLUMNS}, prefix))
+    return parameters
 
 
 class SqlCreditPackRepository:

@@ -18,7 +18,7 @@ from services.billing.ledger import CreditLedger
 from services.billing.payments import PaymentProvider, SandboxPaymentProvider
 from services.billing.plan_admin import PlanAdmin, plan_rate_limit_tiers
 from services.billing.plans import PlanCatalog
-from services.billing.repository import billing_units_of_work
+from services.billing.repository import billing_units_of_work, credit_fast_path
 from services.billing.servicer import BillingAdminServicer, BillingInternalServicer, BillingServicer
 from services.billing.stripe_provider import StripePaymentProvider
 from services.billing.subscriptions import SubscriptionManager
@@ -36,7 +36,7 @@ def build(context: ServiceContext) -> ServiceBundle:
     plans = PlanCatalog(units, context.read_cache)
     subscriptions = SubscriptionManager(units, plans)
     models = load_model_catalog()
-    ledger = CreditLedger(units, subscriptions, models)
+    ledger = CreditLedger(units, subscriptions, models, fast_path=credit_fast_path(context.database))
     provider, unconfigured = payment_provider(context)
     checkout = Checkout(units, subscriptions, ledger, provider, unconfigured_reason=unconfigured)
     invoices = InvoiceBook(units)

@@ -28,7 +28,7 @@ from services.billing.payments import (
     SandboxPaymentProvider,
 )
 from services.billing.plans import PlanCatalog
-from services.billing.repository import billing_units_of_work
+from services.billing.repository import billing_units_of_work, credit_fast_path
 from services.billing.subscriptions import SubscriptionManager
 from services.billing.webhook_signatures import sign
 from services.common.db import Database
@@ -67,7 +67,10 @@ def build(database: Database, provider: SandboxPaymentProvider | None) -> World:
     clock = Clock()
     units = billing_units_of_work(database)
     subscriptions = SubscriptionManager(units, PlanCatalog(units), clock=clock)
-    ledger = CreditLedger(units, subscriptions, load_model_catalog(), clock=clock)
+    # As billing serves it: reserve and settle take the fast path when they can.
+    ledger = CreditLedger(
+        units, subscriptions, load_model_catalog(), clock=clock, fast_path=credit_fast_path(database)
+    )
     checkout = Checkout(units, subscriptions, ledger, provider, unconfigured_reason="no secrets", clock=clock)
     assert provider is not None
     return World(database, clock, provider, checkout, ledger, InvoiceBook(units), subscriptions)

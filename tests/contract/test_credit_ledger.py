@@ -19,7 +19,7 @@ from parley.events.v1 import events_pb2
 from services.billing.ledger import CreditAccount, CreditLedger, Estimate, Usage
 from services.billing.plans import PlanCatalog
 from services.billing.ports import BillingUnitOfWork
-from services.billing.repository import billing_units_of_work
+from services.billing.repository import billing_units_of_work, credit_fast_path
 from services.billing.subscriptions import SubscriptionManager, add_months, period_containing
 from services.common.db import Database
 from services.common.errors import (
@@ -54,12 +54,17 @@ class Billing:
         return await self.ledger.balance(user_id)
 
 
-@pytest.fixture
-def billing(database: Database) -> Billing:
+@pytest.fixture(params=["fast path", "units of work only"])
+def billing(database: Database, request: pytest.FixtureRequest) -> Billing:
+    """The ledger as served (its fast path first) and without the fast path, which is what it falls
+    back to: every guarantee holds either way."""
     clock = Clock()
     units = billing_units_of_work(database)
     subscriptions = SubscriptionManager(units, PlanCatalog(units), clock=clock)
-    ledger = CreditLedger(units, subscriptions, load_model_catalog(), reservation_ttl=TTL, clock=clock)
+    fast_path = credit_fast_path(database) if request.param == "fast path" else None
+    ledger = CreditLedger(
+        units, subscriptions, load_model_catalog(), reservation_ttl=TTL, clock=clock, fast_path=fast_path
+    )
     return Billing(database, clock, units, subscriptions, ledger)
 
 

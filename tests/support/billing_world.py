@@ -17,7 +17,7 @@ from services.billing.invoices import InvoiceBook
 from services.billing.ledger import CreditLedger
 from services.billing.payments import SandboxPaymentProvider
 from services.billing.plans import PlanCatalog
-from services.billing.repository import billing_units_of_work
+from services.billing.repository import billing_units_of_work, credit_fast_path
 from services.billing.subscriptions import SubscriptionManager
 from services.common.consumers import Consumer, InProcessSource
 from services.common.db import Database
@@ -104,7 +104,10 @@ def billing_world(database: Database, provider: SandboxPaymentProvider | None = 
     clock = Clock()
     units = billing_units_of_work(database)
     subscriptions = SubscriptionManager(units, PlanCatalog(units), clock=clock)
-    ledger = CreditLedger(units, subscriptions, load_model_catalog(), clock=clock)
+    # As billing serves it: reserve and settle take the fast path when they can.
+    ledger = CreditLedger(
+        units, subscriptions, load_model_catalog(), clock=clock, fast_path=credit_fast_path(database)
+    )
     provider = provider or SandboxPaymentProvider([SECRET])
     checkout = Checkout(units, subscriptions, ledger, provider, clock=clock)
     collections = Collections(units, subscriptions, provider, clock=clock)
