@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Final, Generic, TypeVar
 
@@ -264,8 +264,3 @@ _SQLITE_PRAGMAS: Final = (
     "PRAGMA foreign_keys=ON",
     f"PRAGMA busy_timeout={SQLITE_WRITE_BUSY_TIMEOUT_MS}",
 )
-
-
-def parameters_of(values: Mapping[str, Any], *, suffix: str) -> dict[str, Any]:
-    """`values` with `suffix` appended to every name: the binds of one of several like rows."""
-    return {f"{name}{suffix}": value for name, value in values.items()}
