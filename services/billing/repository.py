@@ -707,8 +707,36 @@ def _rows_from(
     return insert(table).from_select(list(names), rows, include_defaults=False)
 
 
-_NEW_RESERVATION_COLUMNS: Final = tuple(column.key for column in _RESERVATION.c)
-_ENTRY_COLUMNS: Final = tuple(column.key for column in _LEDGER.c)
+# What the fast path writes of a reservation and of an entry; other columns keep their defaults.
+_NEW_RESERVATION_COLUMNS: Final = (
+    "id",
+    "account_id",
+    "request_id",
+    "status",
+    "period_start",
+    "reserved_tokens",
+    "settled_tokens",
+    "model",
+    "provider",
+    "input_tokens",
+    "output_tokens",
+    "created_at",
+    "expires_at",
+    "closed_at",
+)
+_ENTRY_COLUMNS: Final = (
+    "id",
+    "account_id",
+    "period_start",
+    "kind",
+    "included_delta",
+    "purchased_delta",
+    "used_delta",
+    "reserved_delta",
+    "reservation_id",
+    "reason",
+    "created_at",
+)
 # Settling: the account must still be as the settlement was computed for (`CreditFastPath.settle`).
 _APPLY_AS_EXPECTED = _APPLY_IF_CURRENT.where(
     _ACCOUNT.c.plan_id == bindparam("plan_id_", type_=_ACCOUNT.c.plan_id.type),
