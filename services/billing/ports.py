@@ -3,7 +3,8 @@
 Same shape as every service (`services.common.unit_of_work`): `write()` and `read()` yield a
 `BillingUnitOfWork`; repositories return frozen dataclasses, never commit, and mark what they change
 stale so the after-commit hooks drop cached copies. The SQL implementation is
-`services.billing.repository`.
+`services.billing.repository`. Reserve and settle also have `CreditFastPath`: one atomic write each,
+outside any unit of work, for their common case (ADR 16).
 """
 
 from __future__ import annotations

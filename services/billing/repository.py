@@ -2,6 +2,8 @@
 
 Repositories share the unit of work's session and never commit; plan writes mark the cached
 catalog stale (`services.billing.plans.PlanCatalog` reads it), and the after-commit hook drops it.
+`SqlCreditFastPath` is reserve and settle on the database's hot path (`Database.hot_writes`), from
+the same tables and row mappings as the repositories.
 """
 
 from __future__ import annotations
