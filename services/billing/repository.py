@@ -686,6 +686,10 @@ def _prefixed(values: Mapping[str, object], prefix: str) -> dict[str, object]:
     return {f"{prefix}{name}": value for name, value in values.items()}
 
 
+def _copy_prefix(prefix: str, copy: int, copies: int) -> str:
+    return f"{prefix}{copy}_" if copies > 1 else f"{prefix}_"
+
+
 def _rows_from(
     table: Table,
     prefix: str,
@@ -697,10 +701,11 @@ def _rows_from(
 ) -> Insert:
     """INSERT of `copies` rows per row of `account` (the account held or settled): their
     `account_id` and `period_start` (when `table` has them) are the account's, and every other
-    column of `names` is bound, as `<prefix><copy>_<name>` when there are several copies."""
+    column of `names` is bound, as `<prefix>_<name>`, or `<prefix><copy>_<name>` when there are
+    several copies."""
     selects = []
     for copy in range(copies):
-        binds = _binds(table, f"{prefix}{copy}_" if copies > 1 else prefix, names)
+        binds = _binds(table, _copy_prefix(prefix, copy, copies), names)
         taken = {"account_id": account.c.account_id, "period_start": account.c.period_start}
         columns = [taken[name] if name in taken else binds[name] for name in names]
         one = select(*columns).select_from(account)
@@ -758,8 +763,11 @@ _CLOSE_AS_SETTLED = (
     .where(_RESERVATION.c.id == _RESERVATION_ID, _RESERVATION.c.status == "held")
     .values(
         {
-            **_binds(_RESERVATION, "s_", ("status", "settled_tokens", "model", "provider")),
-            **_binds(_RESERVATION, "s_", ("input_tokens", "output_tokens")),
+            **_binds(
+                _RESERVATION,
+                "s_",
+                ("status", "settled_tokens", "model", "provider", "input_tokens", "output_tokens"),
+            ),
             "closed_at": _NOW,
         }
     )
@@ -773,8 +781,8 @@ def _postgres_reserve() -> Select[Any]:
     # A taken request id fails the reservation's insert, and with it the whole statement.
     held = _HOLD.cte("held")
     return select(*held.c).add_cte(
-        _rows_from(_RESERVATION, "r_", _NEW_RESERVATION_COLUMNS, held).cte("reservation"),
-        _rows_from(_LEDGER, "e_", _ENTRY_COLUMNS, held).cte("entry"),
+        _rows_from(_RESERVATION, "r", _NEW_RESERVATION_COLUMNS, held).cte("reservation"),
+        _rows_from(_LEDGER, "e", _ENTRY_COLUMNS, held).cte("entry"),
         _rows_from(_OUTBOX, "o", _EVENT_COLUMNS, held).cte("event"),
     )
 
@@ -787,7 +795,7 @@ def _postgres_settle() -> Select[Any]:
     account = _APPLY_AS_EXPECTED.where(exists(select(locked.c.id))).cte("account")
     return select(*account.c).add_cte(
         _CLOSE_AS_SETTLED.where(exists(select(account.c.account_id))).cte("settled"),
-        _rows_from(_LEDGER, "e_", _ENTRY_COLUMNS, account).cte("entry"),
+        _rows_from(_LEDGER, "e", _ENTRY_COLUMNS, account).cte("entry"),
         _rows_from(_OUTBOX, "o", _EVENT_COLUMNS, account, copies=_SETTLED_EVENTS).cte("events"),
     )
 
@@ -800,10 +808,10 @@ _SQLITE_HOLD = HotWrite(_HOLD, _to_account)
 _SQLITE_SETTLE_ACCOUNT = HotWrite(_APPLY_AS_EXPECTED.where(exists(_HELD_WITH_REQUEST)), _to_account)
 _SQLITE_CLOSE_AS_SETTLED = HotWrite(_CLOSE_AS_SETTLED, lambda row: row.id)
 _SQLITE_ADD_RESERVATION = HotWrite(
-    _rows_from(_RESERVATION, "r_", _NEW_RESERVATION_COLUMNS, _ACCOUNT, where=_ACCOUNT_ROW), lambda row: row
+    _rows_from(_RESERVATION, "r", _NEW_RESERVATION_COLUMNS, _ACCOUNT, where=_ACCOUNT_ROW), lambda row: row
 )
 _SQLITE_ADD_ENTRY = HotWrite(
-    _rows_from(_LEDGER, "e_", _ENTRY_COLUMNS, _ACCOUNT, where=_ACCOUNT_ROW), lambda row: row
+    _rows_from(_LEDGER, "e", _ENTRY_COLUMNS, _ACCOUNT, where=_ACCOUNT_ROW), lambda row: row
 )
 _SQLITE_ADD_EVENT = HotWrite(
     _rows_from(_OUTBOX, "o", _EVENT_COLUMNS, _ACCOUNT, where=_ACCOUNT_ROW),
@@ -948,7 +956,7 @@ def _event_parameters(account_id: str, events: Sequence[Message]) -> dict[str, o
     parameters: dict[str, object] = {}
     for copy, event in enumerate(events):
         _, row = outbox_row(source=EVENT_SOURCE, subject=event_subject(account_id), payload=event)
-        prefix = f"o{copy}_" if len(events) > 1 else "o"
+        prefix = _copy_prefix("o", copy, len(events))
         parameters.update(_prefixed({name: row[name] for name in _EVENT_COLUMNS}, prefix))
     return parameters
 
