@@ -21,13 +21,13 @@ from parley.common.v1 import common_pb2
 from parley.events.v1 import events_pb2
 from services.billing.invoices import Invoice, LineItem, draft_invoice, finalize
 from services.billing.ledger import CreditLedger
-from services.billing.payments import CheckoutRequest, PaymentProvider, ProviderEvent
+from services.billing.payments import CheckoutRequest, PaymentProvider, ProviderEvent, require_provider
 from services.billing.plans import Plan
 from services.billing.ports import BillingUnitOfWork, BillingUnitsOfWork, SavedPaymentMethod
 from services.billing.subscriptions import PPM, Subscription, SubscriptionManager, remaining_fraction_ppm
 from services.common.clock import Clock, utc_now
 from services.common.encoding import money_to_proto, timestamp_to_proto
-from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from services.common.ids import new_id
 from services.common.money import Money
 from services.common.pagination import BY_INTEGER, Page, keyset_page
@@ -176,7 +176,7 @@ class Checkout:
         cancel_url: str = "",
     ) -> CheckoutSession:
         """A checkout for a credit pack or an upgrade; a repeat of `request_id` returns the same session."""
-        provider = self._configured()
+        provider = require_provider(self._provider, self._unconfigured_reason)
         if bool(credit_pack_id) == bool(plan_id):
             raise InvalidArgument(
                 "Name one thing to buy: a credit_pack_id or a plan_id.", reason="REQUIRED_FIELD"
@@ -301,7 +301,7 @@ class Checkout:
         self, provider_name: str, body: bytes, signature_header: str | None
     ) -> WebhookOutcome:
         """Verify and apply one webhook delivery."""
-        provider = self._configured()
+        provider = require_provider(self._provider, self._unconfigured_reason)
         if provider_name != provider.name:
             raise NotFound(
                 f"This deployment takes payments through {provider.name!r}, not {provider_name!r}.",
@@ -449,14 +449,6 @@ class Checkout:
             attempt=attempt,
             create_time=now,
         )
-
-    def _configured(self) -> PaymentProvider:
-        if self._provider is None:
-            raise Unavailable(
-                f"Payments are not configured on this deployment: {self._unconfigured_reason}",
-                reason="PAYMENT_PROVIDER_UNAVAILABLE",
-            )
-        return self._provider
 
 
 def _same_purchase(session: CheckoutSession, *, credit_pack_id: str, plan_id: str) -> CheckoutSession:

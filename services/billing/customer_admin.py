@@ -42,13 +42,13 @@ from services.billing.idempotency import (
 )
 from services.billing.invoices import Invoice, InvoiceBook, InvoiceStatus, draft_invoice, finalize
 from services.billing.ledger import CreditAccount, LedgerEntry
-from services.billing.payments import PaymentProvider, RefundResult
+from services.billing.payments import PaymentProvider, RefundResult, require_provider
 from services.billing.plans import Plan
 from services.billing.ports import BillingUnitOfWork, BillingUnitsOfWork
 from services.billing.subscriptions import Subscription, SubscriptionManager
 from services.common.clock import Clock, utc_now
 from services.common.encoding import money_to_proto, timestamp_to_proto
-from services.common.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, Unavailable
+from services.common.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from services.common.ids import new_id
 from services.common.money import Money
 from services.common.pagination import BY_TIME, Page, keyset_page
@@ -199,7 +199,7 @@ class CustomerAdmin:
         violations = request_id_violations(request_id) + _reason_violations(reason)
         if violations:
             raise _invalid(violations)
-        provider = self._configured()
+        provider = require_provider(self._provider, self._unconfigured_reason)
         reason = reason.strip()
         now = self._clock()
         key = IdempotencyKey(
@@ -339,14 +339,6 @@ class CustomerAdmin:
             ),
         )
         return record, account
-
-    def _configured(self) -> PaymentProvider:
-        if self._provider is None:
-            raise Unavailable(
-                f"Payments are not configured on this deployment: {self._unconfigured_reason}",
-                reason="PAYMENT_PROVIDER_UNAVAILABLE",
-            )
-        return self._provider
 
 
 async def _refundable_payment(uow: BillingUnitOfWork, invoice: Invoice, provider: str) -> Payment:

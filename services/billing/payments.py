@@ -34,7 +34,7 @@ from datetime import datetime, timedelta
 from typing import Any, Final, Literal, Protocol
 
 from services.billing.webhook_signatures import DEFAULT_TOLERANCE, sign, verify
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, Unavailable
 from services.common.ids import new_id
 from services.common.money import Money
 
@@ -317,3 +317,13 @@ class SandboxPaymentProvider:
             event["data"] = {"object": intent}
         body = json.dumps(event, separators=(",", ":")).encode()
         return body, sign(body, self._secrets[0], at=at)
+
+
+def require_provider(provider: PaymentProvider | None, unconfigured_reason: str) -> PaymentProvider:
+    """The deployment's provider, or UNAVAILABLE (PAYMENT_PROVIDER_UNAVAILABLE) naming what to set."""
+    if provider is None:
+        raise Unavailable(
+            f"Payments are not configured on this deployment: {unconfigured_reason}",
+            reason="PAYMENT_PROVIDER_UNAVAILABLE",
+        )
+    return provider

@@ -19,7 +19,7 @@ from services.billing.idempotency import (
     fingerprint,
     request_id_violations,
 )
-from services.billing.plans import PLAN_TIERS, Plan
+from services.billing.plans import PLAN_TIERS, Plan, plan_terms
 from services.billing.ports import BillingUnitOfWork, BillingUnitsOfWork
 from services.billing.subscriptions import FREE_PLAN_ID
 from services.common.clock import Clock, utc_now
@@ -108,7 +108,7 @@ class PlanAdmin:
             scope=actor_id,
             request_id=request_id,
             operation=CREATE_PLAN,
-            fingerprint=fingerprint(_terms_of(plan)),
+            fingerprint=fingerprint(plan_terms(plan)),
             result_key=plan.id,
             create_time=now,
         )
@@ -280,23 +280,6 @@ def _plan_of(draft: PlanDraft, monthly_price: PriceDraft, now: datetime) -> Plan
         create_time=now,
         retire_time=None,
     )
-
-
-def _terms_of(plan: Plan) -> dict[str, object]:
-    """What an admin chose about a plan: equal terms make a retry, other terms a reuse of its id."""
-    overage = plan.overage_price_per_1k_tokens
-    return {
-        "id": plan.id,
-        "display_name": plan.display_name,
-        "description": plan.description,
-        "tier": plan.tier,
-        "currency_code": plan.monthly_price.currency_code,
-        "monthly_price_minor": plan.monthly_price.amount_minor,
-        "included_tokens": plan.included_tokens,
-        "overage_price_per_1k_tokens_minor": None if overage is None else overage.amount_minor,
-        "allowed_models": list(plan.allowed_models),
-        "rate_limit_tier": plan.rate_limit_tier,
-    }
 
 
 def _sort_order_for(plan: Plan, catalog: Sequence[Plan]) -> int:

@@ -128,7 +128,8 @@ def decode_plans(data: bytes) -> list[Plan]:
     return [_plan_from_fields(fields) for fields in json.loads(data)]
 
 
-def _plan_fields(plan: Plan) -> dict[str, Any]:
+def plan_terms(plan: Plan) -> dict[str, Any]:
+    """What an admin chooses about a plan, as plain values (its catalog position and times aside)."""
     overage = plan.overage_price_per_1k_tokens
     return {
         "id": plan.id,
@@ -141,6 +142,12 @@ def _plan_fields(plan: Plan) -> dict[str, Any]:
         "overage_price_per_1k_tokens_minor": None if overage is None else overage.amount_minor,
         "allowed_models": list(plan.allowed_models),
         "rate_limit_tier": plan.rate_limit_tier,
+    }
+
+
+def _plan_fields(plan: Plan) -> dict[str, Any]:
+    return {
+        **plan_terms(plan),
         "sort_order": plan.sort_order,
         "create_time": plan.create_time.isoformat(),
         "retire_time": None if plan.retire_time is None else plan.retire_time.isoformat(),

@@ -4,8 +4,6 @@ signed-in user nor an anonymous caller may change it."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import uuid
 from pathlib import Path
 from typing import Any
@@ -14,7 +12,7 @@ import httpx
 import pytest
 
 from tests.support.databases import DIALECTS
-from tests.support.parley_process import PARLEY, REPO_ROOT, parley_up_serving
+from tests.support.parley_process import create_admin, parley_up_serving
 
 PASSWORD = "copper-meadow-signal-73"
 
@@ -66,16 +64,7 @@ def test_an_admin_adds_and_retires_a_plan_through_the_gateway(
         httpx.Client(base_url=f"http://127.0.0.1:{ports.http}", timeout=10.0) as client,
     ):
         admin_email = f"root-{uuid.uuid4().hex[:10]}@example.com"
-        created_admin = subprocess.run(
-            [str(PARLEY), "admin", "create-admin", "--email", admin_email, "--display-name", "Root"],
-            env={**os.environ, **env, "PARLEY_ADMIN_PASSWORD": PASSWORD},
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        assert created_admin.returncode == 0, created_admin.stdout + created_admin.stderr
+        create_admin(admin_email, PASSWORD, env=env)
         as_admin = bearer(client, admin_email)
         user_email = f"member-{uuid.uuid4().hex[:10]}@example.com"
         ok(

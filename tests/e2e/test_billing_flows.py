@@ -5,23 +5,16 @@ service is not routable."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from parley.events.v1 import events_pb2
 from services.billing.payments import SUCCEEDS, SandboxPaymentProvider
 from services.billing.webhook_signatures import sign
-from services.common.db import Database
 from services.common.money import Money
-from tests.support.databases import DIALECTS
-from tests.support.domain import outbox
-from tests.support.parley_process import ParleyProcess, parley_up_serving
+from tests.support.parley_process import Up
 from tests.support.polling import eventually
 
 PASSWORD = "amber-lighthouse-quartz-58"
@@ -37,40 +30,6 @@ def reason_of(response: httpx.Response) -> str:
     [info] = [detail for detail in response.json()["details"] if detail["@type"].endswith("ErrorInfo")]
     reason: str = info["reason"]
     return reason
-
-
-@dataclass
-class Up:
-    """`parley up` on one database, with its gateway client and its outbox."""
-
-    process: ParleyProcess
-    client: httpx.Client
-    data_dir: Path
-    database_url: str
-
-    async def events(self, event_type: str, subject: str) -> list[events_pb2.Event]:
-        database = Database(self.database_url)
-        try:
-            return [item.event for item in await outbox(database, event_type) if item.subject == subject]
-        finally:
-            await database.dispose()
-
-
-@pytest.fixture(params=DIALECTS)
-def up(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Up]:
-    """`parley up` on SQLite (its default) and on a fresh PostgreSQL database."""
-    data_dir = tmp_path / "data"
-    env: dict[str, str] = {}
-    if request.param == "sqlite":
-        database_url = f"sqlite+aiosqlite:///{data_dir / 'parley.db'}"
-    else:
-        database_url = request.getfixturevalue("postgres_url")
-        env["PARLEY_DATABASE_URL"] = database_url
-    with (
-        parley_up_serving(data_dir, log_path=tmp_path / "parley-up.log", env=env) as (process, ports),
-        httpx.Client(base_url=f"http://127.0.0.1:{ports.http}", timeout=10.0) as client,
-    ):
-        yield Up(process, client, data_dir, database_url)
 
 
 async def test_a_new_user_is_on_free_and_reads_subscription_and_usage_through_the_gateway(up: Up) -> None:

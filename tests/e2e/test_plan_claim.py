@@ -7,15 +7,11 @@ once auth consumed billing's `subscription.changed` (its group `auth`, in proces
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import httpx
 import jwt
-import pytest
 from sqlalchemy import select
 
 from parley.events.v1 import events_pb2
@@ -23,9 +19,8 @@ from services.billing.payments import SUCCEEDS, SandboxPaymentProvider
 from services.common.db import Database
 from services.common.money import Money
 from services.common.processed_events import ProcessedEvent
-from tests.support.databases import DIALECTS
 from tests.support.domain import outbox
-from tests.support.parley_process import ParleyProcess, parley_up_serving
+from tests.support.parley_process import Up
 from tests.support.polling import eventually
 
 PASSWORD = "amber-lighthouse-quartz-58"
@@ -43,50 +38,24 @@ def plan_claim(access_token: str) -> str:
     return plan
 
 
-@dataclass
-class Up:
-    """`parley up` on one database, with its gateway client."""
-
-    process: ParleyProcess
-    client: httpx.Client
-    data_dir: Path
-    database_url: str
-
-    async def consumed_by_auth(self, user_id: str, kind: events_pb2.SubscriptionChangeKind.ValueType) -> bool:
-        """Whether billing wrote a `subscription.changed` of `kind` for the user and auth processed it."""
-        database = Database(self.database_url)
-        try:
-            written = [
-                item.event.id
-                for item in await outbox(database, "subscription.changed")
-                if item.subject == user_id and item.event.subscription_changed.kind == kind
-            ]
-            async with database.unit_of_work(read_only=True) as session:
-                processed = set(
-                    await session.scalars(
-                        select(ProcessedEvent.event_id).where(ProcessedEvent.consumer == "auth")
-                    )
+async def consumed_by_auth(up: Up, user_id: str, kind: events_pb2.SubscriptionChangeKind.ValueType) -> bool:
+    """Whether billing wrote a `subscription.changed` of `kind` for the user and auth processed it."""
+    database = Database(up.database_url)
+    try:
+        written = [
+            item.event.id
+            for item in await outbox(database, "subscription.changed")
+            if item.subject == user_id and item.event.subscription_changed.kind == kind
+        ]
+        async with database.unit_of_work(read_only=True) as session:
+            processed = set(
+                await session.scalars(
+                    select(ProcessedEvent.event_id).where(ProcessedEvent.consumer == "auth")
                 )
-        finally:
-            await database.dispose()
-        return bool(written) and set(written) <= processed
-
-
-@pytest.fixture(params=DIALECTS)
-def up(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Up]:
-    """`parley up` on SQLite (its default) and on a fresh PostgreSQL database."""
-    data_dir = tmp_path / "data"
-    env: dict[str, str] = {}
-    if request.param == "sqlite":
-        database_url = f"sqlite+aiosqlite:///{data_dir / 'parley.db'}"
-    else:
-        database_url = request.getfixturevalue("postgres_url")
-        env["PARLEY_DATABASE_URL"] = database_url
-    with (
-        parley_up_serving(data_dir, log_path=tmp_path / "parley-up.log", env=env) as (process, ports),
-        httpx.Client(base_url=f"http://127.0.0.1:{ports.http}", timeout=10.0) as client,
-    ):
-        yield Up(process, client, data_dir, database_url)
+            )
+    finally:
+        await database.dispose()
+    return bool(written) and set(written) <= processed
 
 
 async def test_the_refreshed_token_carries_the_plan_from_free_to_a_paid_upgrade(up: Up) -> None:
@@ -96,7 +65,7 @@ async def test_the_refreshed_token_carries_the_plan_from_free_to_a_paid_upgrade(
     tokens = ok(client.post("/v1/auth/login", json=account))["tokens"]
 
     async def consumed(kind: events_pb2.SubscriptionChangeKind.ValueType) -> bool:
-        return await up.consumed_by_auth(user_id, kind)
+        return await consumed_by_auth(up, user_id, kind)
 
     # Billing starts the new user on free (it consumed user.registered), and auth follows.
     await eventually(

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import httpx
 
+from parley.events.v1 import events_pb2
+from services.common.db import Database
+from tests.support.domain import outbox
 from tests.support.gateway import free_port
 from tests.support.polling import eventually, eventually_sync
 from tests.support.rate_limits import generous_rate_limits
@@ -230,3 +233,34 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def create_admin(email: str, password: str, *, env: Mapping[str, str]) -> None:
+    """`parley admin create-admin` against the database `env` names (as an operator bootstraps one)."""
+    created = subprocess.run(
+        [str(PARLEY), "admin", "create-admin", "--email", email, "--display-name", "Root"],
+        env={**os.environ, **env, "PARLEY_ADMIN_PASSWORD": password},
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert created.returncode == 0, created.stdout + created.stderr
+
+
+@dataclass
+class Up:
+    """`parley up` on one database, with its gateway client and its outbox."""
+
+    process: ParleyProcess
+    client: httpx.Client
+    data_dir: Path
+    database_url: str
+
+    async def events(self, event_type: str, subject: str) -> list[events_pb2.Event]:
+        database = Database(self.database_url)
+        try:
+            return [item.event for item in await outbox(database, event_type) if item.subject == subject]
+        finally:
+            await database.dispose()
