@@ -559,7 +559,15 @@ def _enum_schema(enum: EnumInfo) -> Schema:
     description = "\n".join(value_lines)
     if enum.comment():
         description = f"{enum.comment()}\n\n{description}"
-    return {"type": "string", "enum": list(dict.fromkeys(names)), "description": description}
+    numbers = [value.number for value in enum.proto.value]
+    # The JSON mapping of protobuf takes an enum's number as well as its name (and the transcoder does).
+    return {
+        "anyOf": [
+            {"type": "string", "enum": list(dict.fromkeys(names))},
+            {"type": "integer", "enum": list(dict.fromkeys(numbers))},
+        ],
+        "description": description,
+    }
 
 
 # --- HTTP rules ---------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from services.billing.subscriptions import Subscription, SubscriptionManager, su
 from services.billing.webhook_signatures import SIGNATURE_HEADER
 from services.common.call_context import current_identity
 from services.common.encoding import money_to_proto, timestamp_to_proto
+from services.common.errors import FieldViolation, InvalidArgument
 from services.common.http_cache import CATALOG_CACHE, send_cache_headers
 from services.common.money import Money
 from services.common.roles import ROLE_ADMIN
@@ -167,6 +168,11 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
         self, request: billing_pb2.ListInvoicesRequest, context: grpc.aio.ServicerContext
     ) -> billing_pb2.ListInvoicesResponse:
         caller = current_identity.get().require_user()
+        if request.status and request.status not in _INVOICE_STATUS_NAMES:
+            raise InvalidArgument(
+                "status is not an invoice state.",
+                field_violations=[FieldViolation("status", "must be one of the InvoiceStatus values")],
+            )
         page = await self._invoices.list_invoices(
             caller.user_id,
             page_size=request.page_size,

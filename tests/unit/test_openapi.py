@@ -698,9 +698,12 @@ def test_message_schema_fields(doc: dict[str, Any]) -> None:
 
 
 def test_enum_schema(doc: dict[str, Any]) -> None:
+    # Names or numbers, as protobuf's JSON mapping (and the transcoder) take either.
     assert _schemas(doc)[f"{NS}.Color"] == {
-        "type": "string",
-        "enum": ["COLOR_UNSPECIFIED", "COLOR_RED"],
+        "anyOf": [
+            {"type": "string", "enum": ["COLOR_UNSPECIFIED", "COLOR_RED"]},
+            {"type": "integer", "enum": [0, 1]},
+        ],
         "description": "The colour of a widget.\n\n- `COLOR_UNSPECIFIED`: Not set.\n- `COLOR_RED`: Red.",
     }
 
