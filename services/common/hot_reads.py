@@ -29,6 +29,7 @@ import json
 import logging
 import sqlite3
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeVar
@@ -140,7 +141,7 @@ def decode_row(compiled: CompiledStatement, row: Sequence[Any]) -> Any:
     )
 
 
-class HotReads:
+class HotReads(ABC):
     """Runs `HotRead`s against one database (see the module docstring); create with `for_url`."""
 
     def __init__(self, dialect: Dialect) -> None:
@@ -163,9 +164,11 @@ class HotReads:
         found = await self.all(read, **parameters)
         return found[0] if found else None
 
+    @abstractmethod
     async def _fetch(self, compiled: CompiledStatement, arguments: list[Any]) -> Sequence[Sequence[Any]]:
-        raise NotImplementedError
+        """Run one compiled read on a connection of this database; its raw rows."""
 
+    @abstractmethod
     async def close(self) -> None:
         """Close the connections; the next read opens new ones."""
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Final, Generic, TypeVar
@@ -95,7 +96,7 @@ class HotWrite(Generic[RowT]):
         return compiled
 
 
-class HotTransaction:
+class HotTransaction(ABC):
     """The statements of one `HotWrites.transaction()`."""
 
     def __init__(self, dialect: Dialect) -> None:
@@ -109,11 +110,12 @@ class HotTransaction:
         self.records_events = self.records_events or write.records_events
         return [write.build(decode_row(compiled, row)) for row in rows]
 
+    @abstractmethod
     async def _run(self, compiled: CompiledStatement, arguments: list[Any]) -> list[Any]:
-        raise NotImplementedError
+        """Execute one compiled statement on this transaction's connection; its raw rows."""
 
 
-class HotWrites:
+class HotWrites(ABC):
     """Runs `HotWrite`s against one database (see the module docstring); create with `for_url`."""
 
     def __init__(self, dialect: Dialect) -> None:
@@ -141,10 +143,11 @@ class HotWrites:
         async with self.transaction() as transaction:
             return await transaction.fetch(write, **parameters)
 
+    @abstractmethod
     def transaction(self) -> AbstractAsyncContextManager[HotTransaction]:
         """One transaction: commits when the block ends, rolls back on any exception."""
-        raise NotImplementedError
 
+    @abstractmethod
     async def close(self) -> None:
         """Close the connections; the next write opens new ones."""
 
