@@ -19,7 +19,7 @@ import json
 import logging
 import time
 import unicodedata
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Final
@@ -48,7 +48,7 @@ from services.auth.throttle import (
     ThrottleKeys,
 )
 from services.common.cache import InMemoryReadCache, ReadCache
-from services.common.clock import utc_now
+from services.common.clock import Clock, utc_now
 from services.common.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -105,8 +105,6 @@ USER_CACHE_TTL_S: Final = 60.0
 
 # One message for every sign-in refused for its credentials, known email or not.
 INVALID_CREDENTIALS_MESSAGE: Final = "The email address or password is incorrect."
-
-Clock = Callable[[], datetime]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ writers), so two admins demoting or disabling each other at the same moment cann
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 
@@ -29,14 +29,12 @@ from services.auth.emails import EMAIL_MAX, email_violations, normalize_email
 from services.auth.passwords import PasswordHasher, PasswordPolicy
 from services.auth.ports import AuthUnitOfWork, AuthUnitsOfWork, EmailTaken, UserQuery
 from services.auth.sessions import RevokedSessions, RevokeReason, SessionManager
-from services.common.clock import utc_now
+from services.common.clock import Clock, utc_now
 from services.common.errors import FailedPrecondition, FieldViolation, InvalidArgument
 from services.common.pagination import BY_TIME, Page, keyset_page
 from services.common.roles import KNOWN_ROLES, ROLE_ADMIN, ROLE_USER, ordered_roles, role_values
 
 __all__ = ["AccountAdmin", "AdminBootstrap", "DisabledUser", "UserQuery"]
-
-Clock = Callable[[], datetime]
 
 
 @dataclass(frozen=True)

@@ -15,13 +15,13 @@ process memory would multiply by the number of replicas.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Final
 
-from services.common.clock import utc_now
+from services.common.clock import Clock, utc_now
 from services.common.errors import QuotaViolation, ResourceExhausted
 
 if TYPE_CHECKING:
@@ -34,8 +34,6 @@ MAX_KEY_SUBJECT_CHARS: Final = 320
 
 # The one message of every lockout reply, whatever locked and whether or not the account exists.
 LOCKED_MESSAGE: Final = "Too many failed sign-in attempts; try again later."
-
-Clock = Callable[[], datetime]
 
 
 class LockScope(StrEnum):

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Final, Literal
 from google.protobuf.message import Message
 
 from parley.events.v1 import events_pb2
+from services.billing.invoices import overage_charge_minor
 from services.billing.mail import request_mail
 from services.billing.ports import (
     BillingUnitOfWork,
@@ -449,8 +450,8 @@ class CreditLedger:
             if overage_price is None
             else Money(
                 overage_price.currency_code,
-                _per_1k(after.overage_tokens, overage_price.amount_minor)
-                - _per_1k(before.overage_tokens, overage_price.amount_minor),
+                overage_charge_minor(after.overage_tokens, overage_price.amount_minor)
+                - overage_charge_minor(before.overage_tokens, overage_price.amount_minor),
             )
         )
         return [
@@ -566,7 +567,8 @@ class CreditLedger:
             Money(plan.monthly_price.currency_code, 0)
             if overage_price is None
             else Money(
-                overage_price.currency_code, _per_1k(account.overage_tokens, overage_price.amount_minor)
+                overage_price.currency_code,
+                overage_charge_minor(account.overage_tokens, overage_price.amount_minor),
             )
         )
         return PeriodUsage(account, models, overage_cost)
@@ -678,12 +680,6 @@ class CreditLedger:
         # Usage of a model the catalog no longer lists (retired since) is still charged in tokens;
         # its money cost at list prices is unknown, so 0.
         return 0 if model is None else model.usage_cost_minor(input_tokens, output_tokens)
-
-
-def _per_1k(tokens: int, price_minor: int) -> int:
-    """Overage of `tokens` at `price_minor` per 1,000, rounded up to whole minor units per period
-    total (callers take differences of totals, so per-settlement amounts sum exactly)."""
-    return -(-tokens * price_minor // 1000)
 
 
 def _reserved_event(new: NewReservation) -> events_pb2.CreditsReserved:
